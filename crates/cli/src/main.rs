@@ -1,1 +1,40 @@
-fn main() {}
+//! `plexus`: the command. `serve` runs the server from a configuration file (or the embedded
+//! default); `connect` is a small netcat-like client for plexus' transports.
+
+mod connect;
+mod logging;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for usage and configuration errors (runtime failures exit 1).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plexus",
+    version,
+    about = "Event-driven multi-protocol network server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (the embedded default configuration without --config).
+    Serve(serve::ServeArgs),
+    /// Connect to a peer: standard input to it, its replies to standard output.
+    Connect(connect::ConnectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Connect(args) => connect::run(args),
+    }
+}

@@ -1,1 +1,51 @@
-//! placeholder
+//! plexus: an event-driven network server framework.
+//!
+//! A [`Server`] binds the listeners of a [`Config`], admits connections on an acceptor thread
+//! (ACL, connection caps, descriptor exhaustion), and hands each to one of N event loops
+//! (mio, one thread each) that owns it until it closes. Each listener names a [`Service`]:
+//! built in ([`builtin::Echo`], [`builtin::Chat`]) or your own, registered on the builder.
+//!
+//! ```no_run
+//! use plexus::{Config, Server, Service, Session, SessionHandler};
+//!
+//! struct Upper;
+//! struct UpperSession;
+//! impl Service for Upper {
+//!     fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+//!         Box::new(UpperSession)
+//!     }
+//! }
+//! impl SessionHandler for UpperSession {
+//!     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+//!         session.send(&data.to_ascii_uppercase());
+//!     }
+//! }
+//!
+//! let config = Config::parse(r#"
+//!     [[listener]]
+//!     name = "upper"
+//!     transport = "tcp"
+//!     addr = "127.0.0.1:0"
+//!     service = "upper"
+//! "#, "inline").unwrap();
+//! let server = Server::builder(config).service("upper", Upper).build().unwrap();
+//! println!("upper on {}", server.local_addr("upper").unwrap());
+//! server.run().unwrap();
+//! ```
+
+mod acceptor;
+mod admission;
+pub mod builtin;
+pub mod config;
+mod event_loop;
+mod metrics;
+mod outbound;
+mod server;
+mod service;
+mod session;
+
+pub use admission::RefusalReason;
+pub use config::{Config, ConfigError};
+pub use metrics::MetricsSnapshot;
+pub use server::{Error, Server, ServerBuilder, ServerHandle};
+pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};

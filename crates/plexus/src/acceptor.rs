@@ -1,0 +1,519 @@
+//! The acceptor: the thread that owns the TCP listeners, admits connections, hands them to
+//! event loops, and turns signals and shutdown requests into commands for the loops.
+//!
+//! Descriptor exhaustion (EMFILE/ENFILE) is handled the way nginx and libev advise: a spare
+//! descriptor is kept open; when `accept` fails for lack of descriptors the spare is closed,
+//! the waiting connections are accepted and closed at once (the client sees a clean close
+//! instead of hanging in the backlog), the spare is reopened, and accepting pauses with an
+//! exponential backoff. The listener is never polled in a tight loop.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use plexus_proto::Acl;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use socket2::{SockRef, TcpKeepalive};
+use tracing::{debug, error, info, warn};
+
+use crate::admission::{Admission, RefusalReason};
+use crate::event_loop::{Command, LoopHandle, NewSession};
+use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
+
+const WAKER: Token = Token(usize::MAX);
+const SIGNALS: Token = Token(usize::MAX - 1);
+/// Accepts per listener per turn, so one busy listener cannot starve the others.
+const ACCEPT_BUDGET: usize = 64;
+/// Waiting connections shed per turn while descriptors are exhausted.
+const SHED_BUDGET: usize = 64;
+const BACKOFF_START: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Refusals of one reason are logged at most once per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Socket options applied to each accepted connection.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketOptions {
+    pub(crate) nodelay: bool,
+    pub(crate) recv_buffer: usize,
+    pub(crate) send_buffer: usize,
+    pub(crate) keepalive: Option<Duration>,
+    pub(crate) linger: Option<Duration>,
+}
+
+impl SocketOptions {
+    fn apply(&self, stream: &TcpStream) -> io::Result<()> {
+        stream.set_nodelay(self.nodelay)?;
+        let socket = SockRef::from(stream);
+        if self.recv_buffer > 0 {
+            socket.set_recv_buffer_size(self.recv_buffer)?;
+        }
+        if self.send_buffer > 0 {
+            socket.set_send_buffer_size(self.send_buffer)?;
+        }
+        if let Some(idle) = self.keepalive {
+            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
+        }
+        if let Some(linger) = self.linger {
+            socket.set_linger(Some(linger))?;
+        }
+        Ok(())
+    }
+}
+
+/// A bound TCP listener and what its sessions need.
+pub(crate) struct BoundListener {
+    pub(crate) socket: TcpListener,
+    pub(crate) local: SocketAddr,
+    pub(crate) info: Arc<ListenerInfo>,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) acl: Acl,
+    pub(crate) options: SocketOptions,
+    /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`.
+    ready: bool,
+}
+
+impl BoundListener {
+    pub(crate) fn new(
+        socket: TcpListener,
+        local: SocketAddr,
+        info: Arc<ListenerInfo>,
+        service: Arc<dyn Service>,
+        acl: Acl,
+        options: SocketOptions,
+    ) -> Self {
+        BoundListener {
+            socket,
+            local,
+            info,
+            service,
+            acl,
+            options,
+            ready: true,
+        }
+    }
+}
+
+/// A request to stop, from a signal or a [`crate::ServerHandle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
+pub(crate) enum StopRequest {
+    None = 0,
+    Graceful = 1,
+    Fast = 2,
+}
+
+/// Shared between the acceptor and server handles.
+pub(crate) struct Control {
+    request: AtomicU8,
+    pub(crate) waker: Arc<Waker>,
+}
+
+impl Control {
+    pub(crate) fn request(&self, stop: StopRequest) {
+        self.request.fetch_max(stop as u8, Ordering::AcqRel);
+        let _ = self.waker.wake();
+    }
+
+    fn take(&self) -> StopRequest {
+        match self.request.swap(StopRequest::None as u8, Ordering::AcqRel) {
+            1 => StopRequest::Graceful,
+            2 => StopRequest::Fast,
+            _ => StopRequest::None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining,
+    Stopping,
+}
+
+/// Logs refusals of each reason at most once per interval, with a count of the rest.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last: [Option<Instant>; RefusalReason::ALL.len()],
+    suppressed: [u64; RefusalReason::ALL.len()],
+}
+
+impl RefusalLog {
+    fn record(
+        &mut self,
+        reason: RefusalReason,
+        peer: Option<SocketAddr>,
+        listener: &str,
+        now: Instant,
+    ) {
+        let slot = reason as usize;
+        if self.last[slot].is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL) {
+            self.suppressed[slot] += 1;
+            return;
+        }
+        let also = std::mem::take(&mut self.suppressed[slot]);
+        self.last[slot] = Some(now);
+        let peer = peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string());
+        warn!(
+            "refused connection reason={reason} peer={peer} listener={listener} \
+             (+{also} more refused for this reason in the last second)"
+        );
+    }
+}
+
+/// The acceptor thread's state.
+pub(crate) struct Acceptor {
+    poll: Poll,
+    listeners: Vec<BoundListener>,
+    signals: Option<Signals>,
+    control: Arc<Control>,
+    loops: Vec<LoopHandle>,
+    next_loop: usize,
+    admission: Arc<Admission>,
+    reserve: Option<File>,
+    paused_until: Option<Instant>,
+    backoff: Duration,
+    refusals: RefusalLog,
+    live_loops: Arc<AtomicUsize>,
+    started_loops: usize,
+    shutdown_grace: Duration,
+    phase: Phase,
+}
+
+impl Acceptor {
+    pub(crate) fn new(
+        mut listeners: Vec<BoundListener>,
+        handle_signals: bool,
+        admission: Arc<Admission>,
+        shutdown_grace: Duration,
+    ) -> io::Result<(Acceptor, Arc<Control>)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        for (index, listener) in listeners.iter_mut().enumerate() {
+            poll.registry()
+                .register(&mut listener.socket, Token(index), Interest::READABLE)?;
+        }
+        let signals = if handle_signals {
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
+            poll.registry()
+                .register(&mut signals, SIGNALS, Interest::READABLE)?;
+            Some(signals)
+        } else {
+            None
+        };
+        let control = Arc::new(Control {
+            request: AtomicU8::new(0),
+            waker,
+        });
+        let acceptor = Acceptor {
+            poll,
+            listeners,
+            signals,
+            control: Arc::clone(&control),
+            loops: Vec::new(),
+            next_loop: 0,
+            admission,
+            reserve: open_reserve(),
+            paused_until: None,
+            backoff: BACKOFF_START,
+            refusals: RefusalLog::default(),
+            live_loops: Arc::new(AtomicUsize::new(0)),
+            started_loops: 0,
+            shutdown_grace,
+            phase: Phase::Running,
+        };
+        Ok((acceptor, control))
+    }
+
+    /// The counter loops decrement when they exit, and the waker they use to say so.
+    pub(crate) fn exit_signal(&mut self, loops: usize) -> (Arc<AtomicUsize>, Arc<Waker>) {
+        self.live_loops.store(loops, Ordering::Release);
+        self.started_loops = loops;
+        (
+            Arc::clone(&self.live_loops),
+            Arc::clone(&self.control.waker),
+        )
+    }
+
+    pub(crate) fn set_loops(&mut self, loops: Vec<LoopHandle>) {
+        self.loops = loops;
+    }
+
+    /// Runs until every event loop has exited. Fails if a loop died while serving.
+    pub(crate) fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        let mut lost_loop = false;
+        while self.live_loops.load(Ordering::Acquire) > 0 {
+            if self.phase == Phase::Running
+                && self.live_loops.load(Ordering::Acquire) < self.started_loops
+            {
+                error!("an event loop stopped unexpectedly; stopping the server");
+                lost_loop = true;
+                self.stop_loops(StopRequest::Fast);
+            }
+            let timeout = self.poll_timeout(Instant::now());
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    error!("acceptor poll failed: {err}; stopping");
+                    self.stop_loops(StopRequest::Fast);
+                    return Err(err);
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    SIGNALS => self.read_signals(),
+                    Token(index) => {
+                        if let Some(listener) = self.listeners.get_mut(index) {
+                            listener.ready = true;
+                        }
+                    }
+                }
+            }
+            let request = self.control.take();
+            if request != StopRequest::None {
+                self.stop_loops(request);
+            }
+            let now = Instant::now();
+            if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
+                self.paused_until = None;
+                self.accept_ready(now);
+            }
+        }
+        if lost_loop {
+            return Err(io::Error::other("an event loop stopped unexpectedly"));
+        }
+        Ok(())
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if self.phase != Phase::Running {
+            return None;
+        }
+        if let Some(until) = self.paused_until {
+            return Some(until.saturating_duration_since(now));
+        }
+        self.listeners
+            .iter()
+            .any(|l| l.ready)
+            .then_some(Duration::ZERO)
+    }
+
+    fn read_signals(&mut self) {
+        let Some(signals) = self.signals.as_mut() else {
+            return;
+        };
+        let received: Vec<i32> = signals.pending().collect();
+        for signal in received {
+            match signal {
+                SIGTERM | SIGINT => {
+                    let name = if signal == SIGTERM {
+                        "SIGTERM"
+                    } else {
+                        "SIGINT"
+                    };
+                    let request = if self.phase == Phase::Running {
+                        info!("{name} received: graceful shutdown (again for a fast stop)");
+                        StopRequest::Graceful
+                    } else {
+                        info!("{name} received again: fast stop");
+                        StopRequest::Fast
+                    };
+                    self.stop_loops(request);
+                }
+                SIGQUIT => {
+                    info!("SIGQUIT received: fast stop");
+                    self.stop_loops(StopRequest::Fast);
+                }
+                SIGHUP => info!(
+                    "SIGHUP received: reload requested; this version has no settings that \
+                     change live (certificates and limits reload in later versions)"
+                ),
+                other => debug!(signal = other, "ignoring signal"),
+            }
+        }
+    }
+
+    fn stop_loops(&mut self, request: StopRequest) {
+        match request {
+            StopRequest::None => {}
+            StopRequest::Graceful if self.phase == Phase::Running => {
+                self.phase = Phase::Draining;
+                self.close_listeners();
+                let deadline = Instant::now() + self.shutdown_grace;
+                info!(
+                    grace = %humantime::format_duration(self.shutdown_grace),
+                    "stopped accepting; draining sessions"
+                );
+                self.broadcast_command(|| Command::Drain { deadline });
+            }
+            StopRequest::Graceful => {}
+            StopRequest::Fast => {
+                if self.phase != Phase::Stopping {
+                    self.phase = Phase::Stopping;
+                    self.close_listeners();
+                    self.broadcast_command(|| Command::Stop);
+                }
+            }
+        }
+    }
+
+    fn broadcast_command(&self, command: impl Fn() -> Command) {
+        for (index, handle) in self.loops.iter().enumerate() {
+            if handle.send(command()).is_err() {
+                warn!(
+                    event_loop = index,
+                    "event loop did not take the shutdown command (queue full or gone)"
+                );
+            }
+        }
+    }
+
+    fn close_listeners(&mut self) {
+        for mut listener in self.listeners.drain(..) {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+    }
+
+    fn accept_ready(&mut self, now: Instant) {
+        for index in 0..self.listeners.len() {
+            for _ in 0..ACCEPT_BUDGET {
+                if !self.listeners[index].ready {
+                    break;
+                }
+                match self.listeners[index].socket.accept() {
+                    Ok((stream, peer)) => self.dispatch(index, stream, peer, now),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        self.listeners[index].ready = false;
+                    }
+                    Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
+                        self.shed(index, &err, now);
+                        return;
+                    }
+                    Err(err) if is_transient_accept_error(&err) => {}
+                    Err(err) => {
+                        warn!(listener = %self.listeners[index].info.name, "accept failed: {err}; pausing");
+                        self.pause(now);
+                        return;
+                    }
+                }
+            }
+        }
+        self.backoff = BACKOFF_START;
+    }
+
+    /// Out of descriptors: close waiting connections with the help of the spare descriptor,
+    /// then pause accepting.
+    fn shed(&mut self, index: usize, err: &io::Error, now: Instant) {
+        let name = Arc::clone(&self.listeners[index].info.name);
+        self.reserve = None;
+        let mut shed = 0;
+        for _ in 0..SHED_BUDGET {
+            match self.listeners[index].socket.accept() {
+                Ok((stream, peer)) => {
+                    drop(stream);
+                    shed += 1;
+                    self.admission
+                        .record_refusal(RefusalReason::DescriptorsExhausted);
+                    self.refusals.record(
+                        RefusalReason::DescriptorsExhausted,
+                        Some(peer),
+                        &name,
+                        now,
+                    );
+                }
+                Err(_) => break,
+            }
+        }
+        self.reserve = open_reserve();
+        self.pause(now);
+        if shed == 0 {
+            self.admission
+                .record_refusal(RefusalReason::DescriptorsExhausted);
+            self.refusals
+                .record(RefusalReason::DescriptorsExhausted, None, &name, now);
+        }
+        warn!(
+            listener = %name,
+            "out of file descriptors ({err}); closed {shed} waiting connection(s), \
+             accepting again in {}",
+            humantime::format_duration(self.backoff)
+        );
+    }
+
+    fn pause(&mut self, now: Instant) {
+        self.paused_until = Some(now + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+    }
+
+    fn dispatch(&mut self, index: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
+        let listener = &self.listeners[index];
+        let ticket = match self.admission.admit(&listener.acl, peer.ip()) {
+            Ok(ticket) => ticket,
+            Err(reason) => {
+                self.refusals
+                    .record(reason, Some(peer), &listener.info.name, now);
+                return;
+            }
+        };
+        if let Err(err) = listener.options.apply(&stream) {
+            debug!(peer = %peer, "cannot set socket options: {err}");
+        }
+        let info = SessionInfo {
+            id: SessionId::next(),
+            peer,
+            local: stream.local_addr().unwrap_or(listener.local),
+            listener: Arc::clone(&listener.info),
+        };
+        let new = NewSession {
+            stream,
+            info,
+            service: Arc::clone(&listener.service),
+            ticket,
+        };
+        let target = self.least_loaded();
+        if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {
+            warn!(peer = %new.info.peer, event_loop = target, "event loop queue full; closing connection");
+        }
+    }
+
+    /// The loop with the fewest sessions, starting after the last choice so ties rotate.
+    fn least_loaded(&mut self) -> usize {
+        let count = self.loops.len();
+        let start = self.next_loop;
+        let best = (0..count)
+            .map(|offset| (start + offset) % count)
+            .min_by_key(|&index| {
+                self.loops[index]
+                    .stats
+                    .sessions_open
+                    .load(Ordering::Relaxed)
+            })
+            .unwrap_or(0);
+        self.next_loop = (best + 1) % count;
+        best
+    }
+}
+
+fn open_reserve() -> Option<File> {
+    File::open("/dev/null").ok()
+}
+
+/// Errors that concern one connection that died in the backlog, not the listener.
+fn is_transient_accept_error(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::PermissionDenied
+    )
+}

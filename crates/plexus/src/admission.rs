@@ -1,0 +1,228 @@
+//! Admission: whether a new connection may become a session (ACL, global and per-IP caps).
+//!
+//! An admitted connection gets a [`Ticket`] that the session carries; dropping the ticket
+//! (whatever ends the session) gives its place back, so the counts can never leak.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use plexus_proto::Acl;
+
+use crate::metrics::Metrics;
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalReason {
+    /// The global or the listener's ACL does not permit the client address.
+    Acl = 0,
+    /// `max_connections` sessions are already open.
+    MaxConnections = 1,
+    /// `max_connections_per_ip` sessions from this address are already open.
+    MaxConnectionsPerIp = 2,
+    /// The process ran out of file descriptors (EMFILE/ENFILE).
+    DescriptorsExhausted = 3,
+}
+
+impl RefusalReason {
+    /// Every reason, indexed by its discriminant.
+    pub const ALL: [RefusalReason; 4] = [
+        RefusalReason::Acl,
+        RefusalReason::MaxConnections,
+        RefusalReason::MaxConnectionsPerIp,
+        RefusalReason::DescriptorsExhausted,
+    ];
+
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Acl => "acl",
+            RefusalReason::MaxConnections => "max_connections",
+            RefusalReason::MaxConnectionsPerIp => "max_connections_per_ip",
+            RefusalReason::DescriptorsExhausted => "descriptors_exhausted",
+        }
+    }
+}
+
+impl fmt::Display for RefusalReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The admission policy and the live counts it enforces.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    global_acl: Acl,
+    max_connections: usize,
+    max_per_ip: usize,
+    open: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    pub(crate) fn new(
+        global_acl: Acl,
+        max_connections: usize,
+        max_per_ip: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Admission {
+            global_acl,
+            max_connections,
+            max_per_ip,
+            open: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    /// Admits a client of a listener with ACL `listener_acl`, or says why not (and counts it).
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        listener_acl: &Acl,
+        ip: IpAddr,
+    ) -> Result<Ticket, RefusalReason> {
+        let ip = ip.to_canonical();
+        let result = self.try_admit(listener_acl, ip);
+        match result {
+            Ok(()) => {
+                self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+                Ok(Ticket {
+                    admission: Arc::clone(self),
+                    ip,
+                })
+            }
+            Err(reason) => {
+                self.metrics.refused(reason);
+                Err(reason)
+            }
+        }
+    }
+
+    fn try_admit(&self, listener_acl: &Acl, ip: IpAddr) -> Result<(), RefusalReason> {
+        if !self.global_acl.permits(ip) || !listener_acl.permits(ip) {
+            return Err(RefusalReason::Acl);
+        }
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return Err(RefusalReason::MaxConnections);
+        }
+        if self.max_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= self.max_per_ip {
+                drop(per_ip);
+                self.open.fetch_sub(1, Ordering::AcqRel);
+                return Err(RefusalReason::MaxConnectionsPerIp);
+            }
+            *count += 1;
+        }
+        Ok(())
+    }
+
+    /// Counts a refusal decided outside [`Admission::admit`] (descriptor exhaustion).
+    pub(crate) fn record_refusal(&self, reason: RefusalReason) {
+        self.metrics.refused(reason);
+    }
+
+    fn release(&self, ip: IpAddr) {
+        if self.max_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A session's place in the admission counts, given back on drop.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.admission.release(self.ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    fn admission(acl: Acl, max: usize, per_ip: usize) -> Arc<Admission> {
+        Arc::new(Admission::new(
+            acl,
+            max,
+            per_ip,
+            Arc::new(Metrics::default()),
+        ))
+    }
+
+    #[test]
+    fn caps_refuse_the_excess_and_tickets_give_places_back() {
+        let admission = admission(Acl::default(), 2, 0);
+        let open = Acl::default();
+        let a = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let _b = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.3")).unwrap_err(),
+            RefusalReason::MaxConnections
+        );
+        drop(a);
+        assert!(admission.admit(&open, ip("127.0.0.3")).is_ok());
+        assert_eq!(
+            admission.metrics.refused[RefusalReason::MaxConnections as usize]
+                .load(Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn per_ip_cap_counts_mapped_ipv6_as_ipv4() {
+        let admission = admission(Acl::default(), 100, 1);
+        let open = Acl::default();
+        let _held = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("::ffff:127.0.0.1")).unwrap_err(),
+            RefusalReason::MaxConnectionsPerIp
+        );
+        assert!(admission.admit(&open, ip("127.0.0.2")).is_ok());
+        assert_eq!(
+            admission.open.load(Ordering::Relaxed),
+            2,
+            "refusal gave its global place back"
+        );
+    }
+
+    #[test]
+    fn global_and_listener_acls_both_apply() {
+        let global = Acl::new(vec![], vec!["127.0.0.2".parse().unwrap()]);
+        let listener = Acl::new(vec!["127.0.0.0/30".parse().unwrap()], vec![]);
+        let admission = admission(global, 100, 0);
+        assert!(admission.admit(&listener, ip("127.0.0.1")).is_ok());
+        assert_eq!(
+            admission.admit(&listener, ip("127.0.0.2")).unwrap_err(),
+            RefusalReason::Acl
+        );
+        assert_eq!(
+            admission.admit(&listener, ip("127.0.0.9")).unwrap_err(),
+            RefusalReason::Acl
+        );
+    }
+}

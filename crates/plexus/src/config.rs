@@ -1,0 +1,755 @@
+//! Configuration: the TOML schema (every key with its default), loading, and validation.
+//!
+//! [`Config`] is what the file says, with defaults filled in; it serialises back to TOML for
+//! `--print-config`. [`Config::validate`] checks what serde cannot (addresses, CIDRs,
+//! duplicates, limits that contradict each other) and reports every problem at once, each
+//! naming its key, so an operator fixes a file in one pass.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use plexus_proto::{Acl, Cidr};
+use serde::{Deserialize, Serialize};
+
+/// The embedded default configuration: what `plexus serve` runs without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// Bytes one read may add to a session's outbound queue (the event loop's read buffer size).
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
+
+/// A whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide settings.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Certificates for tls and dtls listeners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Settings of http services.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Settings of the built-in chat service.
+    #[serde(default)]
+    pub chat: ChatConfig,
+    /// The global access list, applied to every listener.
+    #[serde(default, skip_serializing_if = "AclConfig::is_empty")]
+    pub acl: AclConfig,
+    /// The listeners, in order.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// `[server]`: threads, limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Event-loop threads; 0 = one per CPU.
+    pub event_loops: usize,
+    /// Worker threads for blocking services; 0 = one per CPU.
+    pub workers: usize,
+    /// Sessions open at once, all listeners together.
+    pub max_connections: usize,
+    /// Sessions open at once from one client IP; 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// Bound on handshakes, PROXY headers and protocol detection.
+    #[serde(with = "human_duration")]
+    pub handshake_timeout: Duration,
+    /// A session with no byte in either direction for this long is closed.
+    #[serde(with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// Time established sessions get to finish after SIGTERM/SIGINT.
+    #[serde(with = "human_duration")]
+    pub shutdown_grace: Duration,
+    /// Queued outbound bytes above which a session is no longer read.
+    pub outbound_high_watermark: usize,
+    /// Queued outbound bytes below which reading resumes.
+    pub outbound_low_watermark: usize,
+    /// Queued outbound bytes beyond which a session is closed.
+    pub outbound_limit: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            event_loops: 0,
+            workers: 0,
+            max_connections: 10_000,
+            max_connections_per_ip: 0,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            outbound_high_watermark: 1024 * 1024,
+            outbound_low_watermark: 256 * 1024,
+            outbound_limit: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[tls]`: certificate and key files (absent = ephemeral self-signed certificate).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// `[http]`: limits and document root of http services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Directory of static files; absent = built-in pages only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root: Option<PathBuf>,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// The whole request head must arrive within this.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            root: None,
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[chat]`: settings of the built-in chat service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// Longest line a member may send; a longer one closes that member.
+    pub max_line_bytes: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            max_line_bytes: 8192,
+        }
+    }
+}
+
+/// `[acl]` or `[listener.acl]`: CIDR allow and deny lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AclConfig {
+    /// When non-empty, a client must match one of these.
+    pub allow: Vec<String>,
+    /// Clients matching one of these are refused; deny wins over allow.
+    pub deny: Vec<String>,
+}
+
+impl AclConfig {
+    fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// Transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Plain TCP.
+    Tcp,
+    /// TLS over TCP.
+    Tls,
+    /// Plain UDP datagrams.
+    Udp,
+    /// DTLS over UDP.
+    Dtls,
+}
+
+impl Transport {
+    /// The lowercase name used in the configuration and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
+            Transport::Udp => "udp",
+            Transport::Dtls => "dtls",
+        }
+    }
+
+    /// Whether this transport binds a TCP port (as opposed to a UDP one).
+    fn is_stream(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `[[listener]]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs.
+    pub name: String,
+    /// Transport to bind.
+    pub transport: Transport,
+    /// `IP:PORT` to bind; port 0 picks a free port.
+    pub addr: String,
+    /// Name of the service that handles its sessions.
+    pub service: String,
+    /// `HOST:PORT` for the forward service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Accept a PROXY v1/v2 header.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub proxy_protocol: bool,
+    /// ALPN protocols for tls listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// Listen backlog.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    /// Disable Nagle's algorithm on accepted sockets.
+    #[serde(default = "default_true")]
+    pub tcp_nodelay: bool,
+    /// SO_RCVBUF for accepted sockets; 0 = kernel default.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recv_buffer: usize,
+    /// SO_SNDBUF for accepted sockets; 0 = kernel default.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub send_buffer: usize,
+    /// TCP keepalive idle time; absent = off.
+    #[serde(
+        default,
+        with = "human_duration_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keepalive: Option<Duration>,
+    /// SO_LINGER; absent = kernel default.
+    #[serde(
+        default,
+        with = "human_duration_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub linger: Option<Duration>,
+    /// This listener's own access list, applied after the global one.
+    #[serde(default, skip_serializing_if = "AclConfig::is_empty")]
+    pub acl: AclConfig,
+}
+
+fn default_backlog() -> u32 {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+fn is_zero(value: &usize) -> bool {
+    *value == 0
+}
+
+/// One thing wrong with a configuration, tied to its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `listener[1].addr` (with the line, when known).
+    pub key: String,
+    /// What is wrong, in words an operator acts on.
+    pub message: String,
+}
+
+/// A configuration that could not be read or does not make sense.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file, or `<embedded default>`.
+    pub source: String,
+    /// Every problem found, at least one.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, problem) in self.problems.iter().enumerate() {
+            if index > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {}: {}", self.source, problem.key, problem.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl ConfigError {
+    fn single(source: &str, key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            source: source.to_owned(),
+            problems: vec![Problem {
+                key: key.into(),
+                message: message.into(),
+            }],
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `source` names it in error messages (a path, or `<embedded default>`).
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|err| {
+            let (key, message) = describe_toml_error(text, &err);
+            ConfigError::single(source, key, message)
+        })
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::single(&source, "file", format!("cannot read: {err}")))?;
+        Config::parse(&text, &source)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Config {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("the embedded default configuration is valid TOML (checked by a unit test)")
+    }
+
+    /// The configuration as TOML, as `--print-config` shows it.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every Config value serialises to TOML")
+    }
+
+    /// Checks everything serde cannot; `known_services` are the service names available.
+    /// Returns the listeners in a form the runtime binds, or every problem found.
+    pub fn validate(
+        &self,
+        source: &str,
+        known_services: &[&str],
+    ) -> Result<ValidConfig, ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+        let server = &self.server;
+
+        if server.max_connections == 0 {
+            problem("server.max_connections".into(), "must be at least 1".into());
+        }
+        if server.outbound_low_watermark >= server.outbound_high_watermark {
+            problem(
+                "server.outbound_low_watermark".into(),
+                format!(
+                    "{} must be less than outbound_high_watermark ({})",
+                    server.outbound_low_watermark, server.outbound_high_watermark
+                ),
+            );
+        }
+        if server.outbound_limit < server.outbound_high_watermark + READ_CHUNK {
+            problem(
+                "server.outbound_limit".into(),
+                format!(
+                    "{} must be at least outbound_high_watermark + {READ_CHUNK} (one read), i.e. {}",
+                    server.outbound_limit,
+                    server.outbound_high_watermark + READ_CHUNK
+                ),
+            );
+        }
+        for (key, value) in [
+            ("server.idle_timeout", server.idle_timeout),
+            ("server.handshake_timeout", server.handshake_timeout),
+            ("http.header_timeout", self.http.header_timeout),
+        ] {
+            if value.is_zero() {
+                problem(key.into(), "must be longer than 0s".into());
+            }
+        }
+        if self.chat.max_line_bytes == 0 {
+            problem("chat.max_line_bytes".into(), "must be at least 1".into());
+        }
+        if let Some(tls) = &self.tls {
+            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+                if let Some(path) = path {
+                    if let Err(err) = std::fs::File::open(path) {
+                        problem(key.into(), format!("cannot read {}: {err}", path.display()));
+                    }
+                }
+            }
+        }
+
+        let global_acl = parse_acl(&self.acl, "acl", &mut problem);
+
+        let mut listeners = Vec::new();
+        let mut names: HashMap<&str, usize> = HashMap::new();
+        let mut ports: HashMap<(bool, u16), (usize, IpAddr)> = HashMap::new();
+        for (index, listener) in self.listeners.iter().enumerate() {
+            let key = |field: &str| format!("listener[{index}].{field}");
+            if listener.name.is_empty() {
+                problem(key("name"), "must not be empty".into());
+            } else if let Some(first) = names.insert(&listener.name, index) {
+                problem(
+                    key("name"),
+                    format!(
+                        "duplicate listener name '{}' (also listener[{first}])",
+                        listener.name
+                    ),
+                );
+            }
+            if listener.transport != Transport::Tcp {
+                problem(
+                    key("transport"),
+                    format!(
+                        "transport '{}' is not available in this version of plexus yet (available: tcp)",
+                        listener.transport
+                    ),
+                );
+            }
+            if !known_services.contains(&listener.service.as_str()) {
+                let hint = match listener.service.as_str() {
+                    "http" | "forward" | "auto" => "is not available in this version of plexus yet",
+                    _ => "is not a known service",
+                };
+                problem(
+                    key("service"),
+                    format!(
+                        "'{}' {hint} (available: {})",
+                        listener.service,
+                        known_services.join(", ")
+                    ),
+                );
+            }
+            if listener.proxy_protocol {
+                problem(
+                    key("proxy_protocol"),
+                    "PROXY protocol is not available in this version of plexus yet".into(),
+                );
+            }
+            if listener.backlog == 0 {
+                problem(key("backlog"), "must be at least 1".into());
+            }
+            let addr = match listener.addr.parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    problem(
+                        key("addr"),
+                        format!(
+                            "'{}' is not an IP:PORT address (e.g. \"127.0.0.1:7000\" or \"[::1]:7000\")",
+                            listener.addr
+                        ),
+                    );
+                    None
+                }
+            };
+            if let Some(addr) = addr.filter(|addr| addr.port() != 0) {
+                let slot = (listener.transport.is_stream(), addr.port());
+                if let Some((other, other_ip)) = ports.get(&slot) {
+                    let overlaps = *other_ip == addr.ip()
+                        || other_ip.is_unspecified()
+                        || addr.ip().is_unspecified();
+                    if overlaps {
+                        problem(
+                            key("addr"),
+                            format!(
+                                "duplicate port: {} is already used by listener[{other}] ({})",
+                                addr, self.listeners[*other].name
+                            ),
+                        );
+                    }
+                } else {
+                    ports.insert(slot, (index, addr.ip()));
+                }
+            }
+            let acl = parse_acl(&listener.acl, &key("acl"), &mut problem);
+            if let Some(addr) = addr {
+                listeners.push(ValidListener {
+                    config: listener.clone(),
+                    addr,
+                    acl,
+                });
+            }
+        }
+        if self.listeners.is_empty() {
+            problem(
+                "listener".into(),
+                "at least one [[listener]] is required".into(),
+            );
+        }
+
+        if problems.is_empty() {
+            Ok(ValidConfig {
+                config: self.clone(),
+                global_acl,
+                listeners,
+            })
+        } else {
+            Err(ConfigError {
+                source: source.to_owned(),
+                problems,
+            })
+        }
+    }
+}
+
+/// A configuration that passed [`Config::validate`], with addresses and ACLs parsed.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    /// The configuration as written (with defaults).
+    pub config: Config,
+    /// The parsed global `[acl]`.
+    pub global_acl: Acl,
+    /// The listeners with parsed addresses and ACLs, in order.
+    pub listeners: Vec<ValidListener>,
+}
+
+/// A listener that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidListener {
+    /// The listener's table as written.
+    pub config: ListenerConfig,
+    /// The parsed bind address.
+    pub addr: SocketAddr,
+    /// The parsed `[listener.acl]`.
+    pub acl: Acl,
+}
+
+fn parse_acl(acl: &AclConfig, key: &str, problem: &mut impl FnMut(String, String)) -> Acl {
+    let mut parse = |list: &[String], field: &str| -> Vec<Cidr> {
+        list.iter()
+            .enumerate()
+            .filter_map(|(index, text)| match text.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr),
+                Err(err) => {
+                    problem(format!("{key}.{field}[{index}]"), err.to_string());
+                    None
+                }
+            })
+            .collect()
+    };
+    let allow = parse(&acl.allow, "allow");
+    let deny = parse(&acl.deny, "deny");
+    Acl::new(allow, deny)
+}
+
+/// Turns a TOML/serde error into (key path with line, one-line message).
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> (String, String) {
+    let message = err.message().trim().replace('\n', " ");
+    let Some(span) = err.span() else {
+        return ("document".into(), message);
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_number = before.matches('\n').count() + 1;
+    let mut table = String::new();
+    let mut listener_index: Option<usize> = None;
+    for line in before.lines() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
+            let header = header.trim();
+            if header == "listener" {
+                listener_index = Some(listener_index.map_or(0, |i| i + 1));
+            }
+            table = header.to_owned();
+        } else if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
+            table = header.trim().to_owned();
+        }
+    }
+    if let (Some(index), true) = (listener_index, table.starts_with("listener")) {
+        table = table.replacen("listener", &format!("listener[{index}]"), 1);
+    }
+    let current_line = text[before.rfind('\n').map_or(0, |i| i + 1)..]
+        .lines()
+        .next()
+        .unwrap_or("");
+    let key = current_line
+        .split_once('=')
+        .map(|(key, _)| key.trim().trim_matches('"').to_owned())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    let path = match key {
+        Some(key) if table.is_empty() => key,
+        Some(key) => format!("{table}.{key}"),
+        None if !table.is_empty() => table,
+        None => "document".into(),
+    };
+    (format!("line {line_number}: {path}"), message)
+}
+
+/// Serde adapter for durations written as `"10s"`, `"500ms"`, `"2m"`.
+mod human_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!(
+                "'{text}' is not a duration ({err}); write e.g. \"500ms\", \"10s\", \"2m\""
+            ))
+        })
+    }
+}
+
+/// Serde adapter for optional durations.
+mod human_duration_opt {
+    use serde::{Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::human_duration::serialize(value, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        super::human_duration::deserialize(d).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SERVICES: &[&str] = &["echo", "chat"];
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::parse(text, "t.toml") {
+            Err(err) => err.problems,
+            Ok(config) => config
+                .validate("t.toml", SERVICES)
+                .err()
+                .map_or(vec![], |e| e.problems),
+        }
+    }
+
+    #[test]
+    fn embedded_default_is_valid_and_round_trips() {
+        let config = Config::embedded_default();
+        let valid = config.validate("<embedded default>", SERVICES).unwrap();
+        let names: Vec<_> = valid
+            .listeners
+            .iter()
+            .map(|l| l.config.name.as_str())
+            .collect();
+        assert_eq!(names, ["tcp-echo", "chat"]);
+        assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
+        let again = Config::parse(&config.to_toml(), "printed").unwrap();
+        assert_eq!(again, config);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let found = problems("[server]\nmax_conections = 5\n");
+        assert_eq!(found.len(), 1);
+        assert!(found[0].key.contains("line 2"), "{found:?}");
+        assert!(found[0].message.contains("max_conections"), "{found:?}");
+    }
+
+    #[test]
+    fn wrong_type_names_table_and_key() {
+        let found = problems("[server]\nmax_connections = \"many\"\n");
+        assert_eq!(found[0].key, "line 2: server.max_connections", "{found:?}");
+    }
+
+    #[test]
+    fn bad_duration_is_explained() {
+        let found = problems("[server]\nidle_timeout = \"soon\"\n");
+        assert!(found[0].message.contains("not a duration"), "{found:?}");
+    }
+
+    #[test]
+    fn semantic_problems_are_all_reported_with_keys() {
+        let text = r#"
+[server]
+outbound_low_watermark = 2000000
+[acl]
+deny = ["10.0.0.300/8"]
+[[listener]]
+name = "a"
+transport = "tcp"
+addr = "127.0.0.1:7000"
+service = "echo"
+[[listener]]
+name = "a"
+transport = "tcp"
+addr = "127.0.0.1:7000"
+service = "nope"
+[[listener]]
+name = "c"
+transport = "tcp"
+addr = "localhost"
+service = "echo"
+"#;
+        let keys: Vec<_> = problems(text).into_iter().map(|p| p.key).collect();
+        for expected in [
+            "server.outbound_low_watermark",
+            "acl.deny[0]",
+            "listener[1].name",
+            "listener[1].addr",
+            "listener[1].service",
+            "listener[2].addr",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == expected),
+                "missing {expected} in {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn same_port_on_tcp_and_udp_is_not_a_duplicate_but_wildcard_overlap_is() {
+        let listeners = |a: &str, ta: &str, b: &str, tb: &str| {
+            format!(
+                "[[listener]]\nname=\"a\"\ntransport=\"{ta}\"\naddr=\"{a}\"\nservice=\"echo\"\n\
+                 [[listener]]\nname=\"b\"\ntransport=\"{tb}\"\naddr=\"{b}\"\nservice=\"echo\"\n"
+            )
+        };
+        let dup = |text: String| {
+            problems(&text)
+                .iter()
+                .any(|p| p.message.contains("duplicate port"))
+        };
+        assert!(!dup(listeners(
+            "127.0.0.1:7000",
+            "tcp",
+            "127.0.0.1:7000",
+            "udp"
+        )));
+        assert!(dup(listeners(
+            "0.0.0.0:7000",
+            "tcp",
+            "127.0.0.1:7000",
+            "tcp"
+        )));
+        assert!(!dup(listeners("127.0.0.1:0", "tcp", "127.0.0.1:0", "tcp")));
+    }
+
+    #[test]
+    fn listener_acl_table_attaches_to_its_listener() {
+        let text =
+            "[[listener]]\nname=\"a\"\ntransport=\"tcp\"\naddr=\"127.0.0.1:0\"\nservice=\"echo\"\n\
+                    [listener.acl]\ndeny=[\"127.0.0.2\"]\n";
+        let config = Config::parse(text, "t").unwrap();
+        let valid = config.validate("t", SERVICES).unwrap();
+        assert!(!valid.listeners[0].acl.permits("127.0.0.2".parse().unwrap()));
+        assert!(valid.listeners[0].acl.permits("127.0.0.1".parse().unwrap()));
+    }
+}

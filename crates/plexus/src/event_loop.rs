@@ -1,0 +1,546 @@
+//! The event loop: one thread, one mio `Poll`, exclusive owner of its sessions.
+//!
+//! Sockets are registered edge-triggered once and never re-registered: the loop remembers
+//! readiness in flags (`readable`, `write_blocked`) instead. Each turn it reads at most
+//! `MAX_READS_PER_TURN` times per session (fairness: a fast sender cannot starve the others;
+//! unfinished sessions go on a ready list served without blocking), hands the bytes to the
+//! session's handler, and flushes each touched session once with `writev`. A session whose
+//! outbound queue passes the high watermark is not read until it drains below the low one.
+//! Other threads talk to a loop only through its [`LoopHandle`] (channel + `mio::Waker`).
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+use plexus_proto::TimerWheel;
+use tracing::{debug, error, info};
+
+use crate::admission::Ticket;
+use crate::config::READ_CHUNK;
+use crate::metrics::LoopStats;
+use crate::service::{Broadcast, CloseReason, Service, Session, SessionId, SessionInfo};
+use crate::session::{SessionTable, TcpSession};
+
+const WAKER: Token = Token(usize::MAX);
+/// Reads per session per turn before the loop moves on to other sessions.
+const MAX_READS_PER_TURN: usize = 16;
+/// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
+const MAX_COMMANDS_PER_TURN: usize = 4096;
+/// Capacity of each loop's command channel.
+pub(crate) const COMMAND_QUEUE: usize = 65_536;
+/// During a graceful drain, a session with nothing queued and no traffic for this long is done.
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
+const TIMER_TICK: Duration = Duration::from_millis(10);
+const TIMER_SLOTS: usize = 4096;
+
+/// Work handed to a loop by another thread.
+pub(crate) enum Command {
+    /// Take ownership of an admitted connection.
+    Adopt(Box<NewSession>),
+    /// Deliver a broadcast from a session on another loop to this loop's members.
+    Broadcast(Broadcast),
+    /// Stop taking new sessions; finish the current ones, at the latest by `deadline`.
+    Drain { deadline: Instant },
+    /// Close everything now and exit.
+    Stop,
+}
+
+/// An admitted TCP connection on its way to a loop.
+pub(crate) struct NewSession {
+    pub(crate) stream: TcpStream,
+    pub(crate) info: SessionInfo,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) ticket: Ticket,
+}
+
+/// The limits a loop applies to each session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionLimits {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) high_watermark: usize,
+    pub(crate) low_watermark: usize,
+    pub(crate) outbound_limit: usize,
+}
+
+/// How other threads reach a loop.
+#[derive(Clone)]
+pub(crate) struct LoopHandle {
+    commands: Sender<Command>,
+    waker: Arc<Waker>,
+    pub(crate) stats: Arc<LoopStats>,
+}
+
+impl LoopHandle {
+    /// Queues a command and wakes the loop. Fails when the queue is full or the loop is gone.
+    pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
+        match self.commands.try_send(command) {
+            Ok(()) => {
+                // A failed wake means the loop is gone, which the next send reports.
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(TrySendError::Full(command) | TrySendError::Disconnected(command)) => Err(command),
+        }
+    }
+}
+
+/// Tells the controlling thread that a loop has exited, when dropped.
+pub(crate) struct ExitSignal {
+    pub(crate) live_loops: Arc<AtomicUsize>,
+    pub(crate) waker: Arc<Waker>,
+}
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            error!("event loop thread panicked; its sessions are lost");
+        }
+        self.live_loops.fetch_sub(1, Ordering::AcqRel);
+        let _ = self.waker.wake();
+    }
+}
+
+/// Timer payload: which session, and which session it was when armed (keys are reused).
+#[derive(Debug, Clone, Copy)]
+struct IdleCheck {
+    key: usize,
+    id: SessionId,
+}
+
+/// One event-loop thread's state.
+pub(crate) struct EventLoop {
+    index: usize,
+    poll: Poll,
+    commands: Receiver<Command>,
+    sessions: SessionTable,
+    timers: TimerWheel<IdleCheck>,
+    read_buf: Box<[u8]>,
+    /// Sessions that still have unread input (read budget ran out, or reading resumed).
+    ready: Vec<usize>,
+    /// Sessions with new outbound bytes or a pending close, flushed at the end of the turn.
+    flush_list: Vec<usize>,
+    broadcasts: Vec<Broadcast>,
+    peers: Vec<LoopHandle>,
+    limits: SessionLimits,
+    idle_limit: Duration,
+    stats: Arc<LoopStats>,
+    drain_deadline: Option<Instant>,
+    stopping: bool,
+}
+
+impl EventLoop {
+    /// Creates a loop and the handle other threads use to reach it.
+    pub(crate) fn new(
+        index: usize,
+        listeners: usize,
+        limits: SessionLimits,
+    ) -> io::Result<(EventLoop, LoopHandle)> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (sender, receiver) = crossbeam_channel::bounded(COMMAND_QUEUE);
+        let stats = Arc::new(LoopStats::default());
+        let handle = LoopHandle {
+            commands: sender,
+            waker,
+            stats: Arc::clone(&stats),
+        };
+        let now = Instant::now();
+        let event_loop = EventLoop {
+            index,
+            poll,
+            commands: receiver,
+            sessions: SessionTable::new(listeners),
+            timers: TimerWheel::new(TIMER_TICK, TIMER_SLOTS, now),
+            read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            ready: Vec::new(),
+            flush_list: Vec::new(),
+            broadcasts: Vec::new(),
+            peers: Vec::new(),
+            idle_limit: limits.idle_timeout,
+            limits,
+            stats,
+            drain_deadline: None,
+            stopping: false,
+        };
+        Ok((event_loop, handle))
+    }
+
+    /// Gives the loop the handles of every loop (itself included) for broadcasts.
+    pub(crate) fn set_peers(&mut self, peers: Vec<LoopHandle>) {
+        self.peers = peers;
+    }
+
+    /// Runs until drained or stopped, then signals `exit` (also when unwinding from a panic,
+    /// so the acceptor never waits for a loop that is gone).
+    pub(crate) fn run(mut self, exit: ExitSignal) {
+        let _exit = exit;
+        if let Err(err) = self.turns() {
+            error!(event_loop = self.index, "event loop failed: {err}");
+        }
+        self.close_all(CloseReason::ShutdownForced);
+    }
+
+    fn turns(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => return Err(err),
+            }
+            let now = Instant::now();
+            let mut woken = false;
+            for event in events.iter() {
+                if event.token() == WAKER {
+                    woken = true;
+                    continue;
+                }
+                let key = event.token().0;
+                let Some(session) = self.sessions.get_mut(key) else {
+                    continue;
+                };
+                if event.is_readable() || event.is_read_closed() || event.is_error() {
+                    session.readable = true;
+                }
+                if event.is_writable() || event.is_error() {
+                    session.write_blocked = false;
+                }
+                self.serve(key, now);
+            }
+            if woken {
+                self.run_commands(now);
+            }
+            for key in std::mem::take(&mut self.ready) {
+                self.serve(key, now);
+            }
+            self.flush_listed();
+            self.expire_timers(now);
+            if self.stopping {
+                return Ok(());
+            }
+            if let Some(deadline) = self.drain_deadline {
+                if self.sessions.is_empty() {
+                    return Ok(());
+                }
+                if now >= deadline {
+                    info!(
+                        event_loop = self.index,
+                        sessions = self.sessions.len(),
+                        "shutdown_grace ran out; closing the remaining sessions"
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        if !self.ready.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let timer = self.timers.next_wakeup();
+        let next = match (timer, self.drain_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map(|at| at.saturating_duration_since(now))
+    }
+
+    fn run_commands(&mut self, now: Instant) {
+        for _ in 0..MAX_COMMANDS_PER_TURN {
+            let Ok(command) = self.commands.try_recv() else {
+                return;
+            };
+            match command {
+                Command::Adopt(new) => self.adopt(*new, now),
+                Command::Broadcast(broadcast) => self.deliver_local(&broadcast),
+                Command::Drain { deadline } => self.start_drain(deadline, now),
+                Command::Stop => self.stopping = true,
+            }
+        }
+        // More commands are waiting: come back without blocking.
+        let _ = self.peers.get(self.index).map(|me| me.waker.wake());
+    }
+
+    fn adopt(&mut self, new: NewSession, now: Instant) {
+        let NewSession {
+            mut stream,
+            info,
+            service,
+            ticket,
+        } = new;
+        let key = self.sessions.vacant_key();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(err) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(key), interest)
+        {
+            error!(session = %info.id, "cannot register session with the event loop: {err}");
+            return;
+        }
+        let id = info.id;
+        let deadline = now + self.idle_limit;
+        let idle_timer = self.timers.insert(deadline, IdleCheck { key, id });
+        let mut session = TcpSession::new(stream, info, ticket, idle_timer, now);
+        // Until the service's open returns, events for this token find no handler to call.
+        session.readable = true;
+        let inserted = self.sessions.insert(session);
+        debug_assert_eq!(inserted, key);
+        LoopStats::add(&self.stats.sessions_open, 1);
+        let session = self.sessions.get_mut(key).expect("just inserted");
+        debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
+        let mut handle = Session {
+            info: &session.info,
+            outbound: &mut session.outbound,
+            closing: &mut session.closing,
+            broadcasts: &mut self.broadcasts,
+            outbound_limit: self.limits.outbound_limit,
+        };
+        session.handler = service.open(&mut handle);
+        self.after_callback(key);
+        self.ready.push(key);
+    }
+
+    /// Reads what the session has (within its budget), hands it to the handler, then flushes.
+    fn serve(&mut self, key: usize, now: Instant) {
+        let limits = &self.limits;
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let mut reads = 0;
+        while session.readable
+            && !session.read_paused
+            && !session.peer_eof
+            && session.closing.is_none()
+        {
+            if session.outbound.len() > limits.high_watermark {
+                session.read_paused = true;
+                LoopStats::add(&self.stats.read_pauses, 1);
+                break;
+            }
+            if reads == MAX_READS_PER_TURN {
+                self.ready.push(key);
+                break;
+            }
+            match session.stream.read(&mut self.read_buf) {
+                Ok(0) => {
+                    session.peer_eof = true;
+                    session.readable = false;
+                }
+                Ok(n) => {
+                    reads += 1;
+                    session.last_activity = now;
+                    LoopStats::add(&self.stats.bytes_in, n as u64);
+                    let mut handle = Session {
+                        info: &session.info,
+                        outbound: &mut session.outbound,
+                        closing: &mut session.closing,
+                        broadcasts: &mut self.broadcasts,
+                        outbound_limit: limits.outbound_limit,
+                    };
+                    session.handler.on_data(&mut handle, &self.read_buf[..n]);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => session.readable = false,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    session.closing = Some(CloseReason::Io(err.kind()));
+                }
+            }
+        }
+        self.after_callback(key);
+        self.flush(key, now);
+    }
+
+    /// Delivers the broadcasts a callback queued, and lists the session for flushing.
+    fn after_callback(&mut self, key: usize) {
+        if !self.broadcasts.is_empty() {
+            let broadcasts = std::mem::take(&mut self.broadcasts);
+            for broadcast in &broadcasts {
+                for (index, peer) in self.peers.iter().enumerate() {
+                    if index != self.index
+                        && peer.send(Command::Broadcast(broadcast.clone())).is_err()
+                    {
+                        debug!(
+                            event_loop = index,
+                            "broadcast not delivered: loop queue full"
+                        );
+                    }
+                }
+                self.deliver_local(broadcast);
+            }
+            self.broadcasts = broadcasts;
+            self.broadcasts.clear();
+        }
+        self.list_for_flush(key);
+    }
+
+    fn deliver_local(&mut self, broadcast: &Broadcast) {
+        let limit = self.limits.outbound_limit;
+        let mut touched = Vec::new();
+        self.sessions
+            .for_each_member(broadcast.listener, |key, member| {
+                if member.info.id == broadcast.except || member.closing.is_some() {
+                    return;
+                }
+                if member.outbound.len() + broadcast.data.len() > limit {
+                    member.closing = Some(CloseReason::OutboundOverflow);
+                } else {
+                    member.outbound.push_shared(broadcast.data.clone());
+                }
+                if !member.flush_listed {
+                    member.flush_listed = true;
+                    touched.push(key);
+                }
+            });
+        self.flush_list.extend(touched);
+    }
+
+    fn list_for_flush(&mut self, key: usize) {
+        if let Some(session) = self.sessions.get_mut(key) {
+            if !session.flush_listed {
+                session.flush_listed = true;
+                self.flush_list.push(key);
+            }
+        }
+    }
+
+    fn flush_listed(&mut self) {
+        let now = Instant::now();
+        let mut list = std::mem::take(&mut self.flush_list);
+        for key in list.drain(..) {
+            if let Some(session) = self.sessions.get_mut(key) {
+                session.flush_listed = false;
+                self.flush(key, now);
+            }
+        }
+        self.flush_list = list;
+    }
+
+    /// Writes queued bytes, applies the watermarks, and closes the session when it is done.
+    fn flush(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if let Some(reason) = session.closing.as_ref().filter(|reason| !reason.flushes()) {
+            let reason = reason.clone();
+            self.close(key, reason);
+            return;
+        }
+        if !session.outbound.is_empty() && !session.write_blocked {
+            match session.outbound.write_to(&mut session.stream) {
+                Ok(flushed) => {
+                    if flushed.written > 0 {
+                        session.last_activity = now;
+                        LoopStats::add(&self.stats.bytes_out, flushed.written as u64);
+                    }
+                    session.write_blocked = flushed.blocked;
+                }
+                Err(err) => {
+                    self.close(key, CloseReason::Io(err.kind()));
+                    return;
+                }
+            }
+        }
+        if session.read_paused && session.outbound.len() <= self.limits.low_watermark {
+            session.read_paused = false;
+            // The edge that announced the unread bytes is gone: come back to read them.
+            self.ready.push(key);
+        }
+        if session.outbound.is_empty() {
+            if let Some(reason) = session.closing.clone() {
+                self.close(key, reason);
+            } else if session.peer_eof {
+                self.close(key, CloseReason::PeerClosed);
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize, reason: CloseReason) {
+        let Some(mut session) = self.sessions.remove(key) else {
+            return;
+        };
+        self.timers.cancel(session.idle_timer);
+        LoopStats::sub(&self.stats.sessions_open, 1);
+        let counter = match reason {
+            CloseReason::IdleTimeout => Some(&self.stats.closed_idle_timeout),
+            CloseReason::OutboundOverflow => Some(&self.stats.closed_outbound_overflow),
+            CloseReason::Io(_) => Some(&self.stats.closed_io_error),
+            CloseReason::ShutdownForced => Some(&self.stats.closed_forced),
+            _ => None,
+        };
+        if let Some(counter) = counter {
+            LoopStats::add(counter, 1);
+        }
+        let info = &session.info;
+        match reason {
+            CloseReason::OutboundOverflow => info!(
+                session = %info.id, peer = %info.peer, listener = info.listener(),
+                queued = session.outbound.len(),
+                "closing session: outbound queue passed outbound_limit (peer not reading)"
+            ),
+            _ => debug!(session = %info.id, peer = %info.peer, "session closed: {reason}"),
+        }
+        session.outbound.clear();
+        session.handler.on_close(&session.info, &reason);
+        // Dropping the stream closes the socket (and deregisters it); the ticket gives back
+        // the session's admission place.
+    }
+
+    fn expire_timers(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        self.timers.poll_expired(now, &mut expired);
+        for IdleCheck { key, id } in expired {
+            let idle_limit = self.idle_limit;
+            let draining = self.drain_deadline.is_some();
+            let Some(session) = self.sessions.get_if(key, id) else {
+                continue;
+            };
+            let due = session.last_activity + idle_limit;
+            if now < due {
+                session.idle_timer = self.timers.insert(due, IdleCheck { key, id });
+                continue;
+            }
+            let reason = if draining && session.outbound.is_empty() {
+                CloseReason::Shutdown
+            } else {
+                CloseReason::IdleTimeout
+            };
+            self.close(key, reason);
+        }
+    }
+
+    fn start_drain(&mut self, deadline: Instant, now: Instant) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        self.drain_deadline = Some(deadline);
+        self.idle_limit = self.idle_limit.min(DRAIN_IDLE);
+        for key in self.sessions.keys() {
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            self.timers.cancel(session.idle_timer);
+            let id = session.info.id;
+            let due = (session.last_activity + self.idle_limit).max(now);
+            session.idle_timer = self.timers.insert(due, IdleCheck { key, id });
+        }
+        debug!(
+            event_loop = self.index,
+            sessions = self.sessions.len(),
+            "draining"
+        );
+    }
+
+    fn close_all(&mut self, reason: CloseReason) {
+        for key in self.sessions.keys() {
+            self.close(key, reason.clone());
+        }
+    }
+}

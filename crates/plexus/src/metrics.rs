@@ -1,0 +1,106 @@
+//! Counters every part of the runtime updates, read as one [`MetricsSnapshot`].
+//!
+//! Hot-path counters (bytes, reads) live in one [`LoopStats`] per event loop, written only by
+//! that loop's thread, so loops never contend on a cache line; the snapshot sums them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::admission::RefusalReason;
+
+/// Counters written by one event loop.
+#[derive(Debug, Default)]
+pub(crate) struct LoopStats {
+    pub(crate) sessions_open: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) closed_idle_timeout: AtomicU64,
+    pub(crate) closed_outbound_overflow: AtomicU64,
+    pub(crate) closed_io_error: AtomicU64,
+    pub(crate) closed_forced: AtomicU64,
+    pub(crate) read_pauses: AtomicU64,
+}
+
+impl LoopStats {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        // Single writer per counter: a relaxed load+store is enough and avoids a locked RMW.
+        counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    pub(crate) fn sub(counter: &AtomicU64, n: u64) {
+        counter.store(counter.load(Relaxed).wrapping_sub(n), Relaxed);
+    }
+}
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) accepted: AtomicU64,
+    pub(crate) refused: [AtomicU64; RefusalReason::ALL.len()],
+    pub(crate) loops: Vec<Arc<LoopStats>>,
+}
+
+impl Metrics {
+    pub(crate) fn refused(&self, reason: RefusalReason) {
+        self.refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> MetricsSnapshot {
+        let sum = |field: fn(&LoopStats) -> &AtomicU64| -> u64 {
+            self.loops
+                .iter()
+                .map(|stats| field(stats).load(Relaxed))
+                .sum()
+        };
+        MetricsSnapshot {
+            sessions_open: sum(|s| &s.sessions_open),
+            accepted: self.accepted.load(Relaxed),
+            refused: RefusalReason::ALL
+                .iter()
+                .map(|reason| (*reason, self.refused[*reason as usize].load(Relaxed)))
+                .collect(),
+            bytes_in: sum(|s| &s.bytes_in),
+            bytes_out: sum(|s| &s.bytes_out),
+            closed_idle_timeout: sum(|s| &s.closed_idle_timeout),
+            closed_outbound_overflow: sum(|s| &s.closed_outbound_overflow),
+            closed_io_error: sum(|s| &s.closed_io_error),
+            closed_forced: sum(|s| &s.closed_forced),
+            read_pauses: sum(|s| &s.read_pauses),
+        }
+    }
+}
+
+/// A point-in-time copy of the server's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// Sessions open now.
+    pub sessions_open: u64,
+    /// Connections admitted since start.
+    pub accepted: u64,
+    /// Connections refused since start, by reason.
+    pub refused: Vec<(RefusalReason, u64)>,
+    /// Bytes read from peers.
+    pub bytes_in: u64,
+    /// Bytes written to peers.
+    pub bytes_out: u64,
+    /// Sessions closed by `idle_timeout`.
+    pub closed_idle_timeout: u64,
+    /// Sessions closed because their outbound queue passed `outbound_limit`.
+    pub closed_outbound_overflow: u64,
+    /// Sessions closed by a socket error.
+    pub closed_io_error: u64,
+    /// Sessions cut off by the end of `shutdown_grace` or a fast stop.
+    pub closed_forced: u64,
+    /// Times a session stopped being read because its outbound queue passed the high watermark.
+    pub read_pauses: u64,
+}
+
+impl MetricsSnapshot {
+    /// Refusals for one reason.
+    pub fn refused(&self, reason: RefusalReason) -> u64 {
+        self.refused
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}

@@ -1,0 +1,314 @@
+//! The server: builds loops and the acceptor from a validated configuration, binds the
+//! listeners, and runs until shut down. This is the library's entry point.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread;
+
+use mio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::info;
+
+use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
+use crate::admission::Admission;
+use crate::builtin::{Chat, Echo};
+use crate::config::{Config, ConfigError, ValidConfig, ValidListener};
+use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
+use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::service::{ListenerInfo, Service};
+
+/// Why a server could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The configuration is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not be bound.
+    #[error("listener '{listener}': cannot listen on {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        listener: String,
+        /// The address it was to bind.
+        addr: SocketAddr,
+        /// What the operating system said.
+        source: io::Error,
+    },
+    /// A runtime resource (poll instance, thread) could not be created.
+    #[error("{what}: {source}")]
+    Runtime {
+        /// What was being created.
+        what: &'static str,
+        /// What the operating system said.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    fn runtime(what: &'static str) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Runtime { what, source }
+    }
+}
+
+/// Configures a [`Server`]: services beyond the built-in ones, signal handling.
+pub struct ServerBuilder {
+    config: Config,
+    source: String,
+    services: BTreeMap<String, Arc<dyn Service>>,
+    handle_signals: bool,
+}
+
+impl ServerBuilder {
+    /// Registers a service under `name`, for listeners with `service = "<name>"`.
+    /// A name already taken (built-in ones included) is replaced.
+    pub fn service(mut self, name: impl Into<String>, service: impl Service) -> Self {
+        self.services.insert(name.into(), Arc::new(service));
+        self
+    }
+
+    /// Whether SIGTERM/SIGINT/SIGQUIT/SIGHUP are handled as events (the CLI turns this on;
+    /// embedded servers usually stop through [`ServerHandle`]). Off by default.
+    pub fn handle_signals(mut self, enabled: bool) -> Self {
+        self.handle_signals = enabled;
+        self
+    }
+
+    /// Names errors after `source` (a file path) instead of `<config>`.
+    pub fn source_name(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Checks the configuration against the registered services without binding anything
+    /// (what `plexus serve --check` does).
+    pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
+        let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        self.config.validate(&self.source, &names)
+    }
+
+    /// Validates the configuration, binds every listener, and prepares the threads.
+    pub fn build(self) -> Result<Server, Error> {
+        let valid = self.validate()?;
+        let server = &valid.config.server;
+        if let Err(err) = plexus_sys::signal::ignore_sigpipe() {
+            tracing::warn!("cannot ignore SIGPIPE: {err}");
+        }
+
+        let loop_count = match server.event_loops {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let limits = SessionLimits {
+            idle_timeout: server.idle_timeout,
+            high_watermark: server.outbound_high_watermark,
+            low_watermark: server.outbound_low_watermark,
+            outbound_limit: server.outbound_limit,
+        };
+        let mut loops = Vec::with_capacity(loop_count);
+        let mut handles = Vec::with_capacity(loop_count);
+        for index in 0..loop_count {
+            let (event_loop, handle) = EventLoop::new(index, valid.listeners.len(), limits.clone())
+                .map_err(Error::runtime("cannot create an event loop"))?;
+            loops.push(event_loop);
+            handles.push(handle);
+        }
+        for event_loop in &mut loops {
+            event_loop.set_peers(handles.clone());
+        }
+        let metrics = Arc::new(Metrics {
+            loops: handles
+                .iter()
+                .map(|handle| Arc::clone(&handle.stats))
+                .collect(),
+            ..Metrics::default()
+        });
+        let admission = Arc::new(Admission::new(
+            valid.global_acl.clone(),
+            server.max_connections,
+            server.max_connections_per_ip,
+            Arc::clone(&metrics),
+        ));
+
+        let mut bound = Vec::with_capacity(valid.listeners.len());
+        for (index, listener) in valid.listeners.iter().enumerate() {
+            let service = Arc::clone(&self.services[&listener.config.service]);
+            bound.push(bind(index, listener, service)?);
+        }
+        let local_addrs = bound
+            .iter()
+            .zip(&valid.listeners)
+            .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
+            .collect::<Vec<_>>();
+        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
+            info!(
+                "listening name={name} transport={} addr={addr}",
+                listener.config.transport
+            );
+        }
+
+        let (acceptor, control) =
+            Acceptor::new(bound, self.handle_signals, admission, server.shutdown_grace)
+                .map_err(Error::runtime("cannot create the acceptor"))?;
+        Ok(Server {
+            acceptor,
+            loops,
+            handles,
+            local_addrs,
+            control,
+            metrics,
+        })
+    }
+}
+
+fn bind(
+    index: usize,
+    listener: &ValidListener,
+    service: Arc<dyn Service>,
+) -> Result<BoundListener, Error> {
+    let config = &listener.config;
+    let addr = listener.addr;
+    let bind_error = |source| Error::Bind {
+        listener: config.name.clone(),
+        addr,
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(bind_error)?;
+    socket.set_reuse_address(true).map_err(bind_error)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true).map_err(bind_error)?;
+    }
+    socket.set_nonblocking(true).map_err(bind_error)?;
+    socket.bind(&addr.into()).map_err(bind_error)?;
+    socket
+        .listen(config.backlog.min(i32::MAX as u32) as i32)
+        .map_err(bind_error)?;
+    let std_listener: std::net::TcpListener = socket.into();
+    let local = std_listener.local_addr().map_err(bind_error)?;
+    let options = SocketOptions {
+        nodelay: config.tcp_nodelay,
+        recv_buffer: config.recv_buffer,
+        send_buffer: config.send_buffer,
+        keepalive: config.keepalive,
+        linger: config.linger,
+    };
+    let info = Arc::new(ListenerInfo {
+        index,
+        name: config.name.as_str().into(),
+    });
+    Ok(BoundListener::new(
+        TcpListener::from_std(std_listener),
+        local,
+        info,
+        service,
+        listener.acl.clone(),
+        options,
+    ))
+}
+
+/// A server with its listeners bound, ready to [`run`](Server::run).
+pub struct Server {
+    acceptor: Acceptor,
+    loops: Vec<EventLoop>,
+    handles: Vec<LoopHandle>,
+    local_addrs: Vec<(String, SocketAddr)>,
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Starts configuring a server; `echo` and `chat` are registered already.
+    pub fn builder(config: Config) -> ServerBuilder {
+        let chat = Chat::new(config.chat.max_line_bytes);
+        let mut services: BTreeMap<String, Arc<dyn Service>> = BTreeMap::new();
+        services.insert("echo".into(), Arc::new(Echo));
+        services.insert("chat".into(), Arc::new(chat));
+        ServerBuilder {
+            config,
+            source: "<config>".into(),
+            services,
+            handle_signals: false,
+        }
+    }
+
+    /// The bound address of a listener (port 0 resolved), by name.
+    pub fn local_addr(&self, listener: &str) -> Option<SocketAddr> {
+        self.local_addrs
+            .iter()
+            .find(|(name, _)| name == listener)
+            .map(|(_, addr)| *addr)
+    }
+
+    /// Every listener's name and bound address, in configuration order.
+    pub fn local_addrs(&self) -> &[(String, SocketAddr)] {
+        &self.local_addrs
+    }
+
+    /// A handle to stop the server or read its metrics from another thread.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            control: Arc::clone(&self.control),
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+
+    /// Runs the event loops and the acceptor until the server is shut down (by a signal or a
+    /// [`ServerHandle`]) and every loop has finished.
+    pub fn run(self) -> Result<(), Error> {
+        let Server {
+            mut acceptor,
+            loops,
+            handles,
+            ..
+        } = self;
+        let (live_loops, waker) = acceptor.exit_signal(loops.len());
+        acceptor.set_loops(handles);
+        let mut threads = Vec::with_capacity(loops.len());
+        for (index, event_loop) in loops.into_iter().enumerate() {
+            let exit = ExitSignal {
+                live_loops: Arc::clone(&live_loops),
+                waker: Arc::clone(&waker),
+            };
+            let spawned = thread::Builder::new()
+                .name(format!("plexus-loop-{index}"))
+                .spawn(move || event_loop.run(exit));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                // The closure (and its ExitSignal) is dropped: the loop counts itself out,
+                // and the acceptor stops the others.
+                Err(source) => tracing::error!("cannot start event loop {index}: {source}"),
+            }
+        }
+        let result = acceptor.run().map_err(Error::runtime("acceptor failed"));
+        for thread in threads {
+            let _ = thread.join();
+        }
+        info!("stopped");
+        result
+    }
+}
+
+/// Stops a running server or reads its metrics; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct ServerHandle {
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+}
+
+impl ServerHandle {
+    /// Graceful stop: stop accepting, let sessions finish within `shutdown_grace`.
+    pub fn shutdown(&self) {
+        self.control.request(StopRequest::Graceful);
+    }
+
+    /// Fast stop: close every session now.
+    pub fn stop(&self) {
+        self.control.request(StopRequest::Fast);
+    }
+
+    /// The server's counters now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        self.metrics.snapshot()
+    }
+}

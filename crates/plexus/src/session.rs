@@ -1,0 +1,154 @@
+//! Sessions and the session table: the state an event loop keeps per connection.
+//!
+//! Each event loop owns one [`SessionTable`]: a slab of [`TcpSession`]s (the slab key is the
+//! mio token) plus, per listener, the set of local members that broadcasts reach. Together with
+//! the loops' command channels (see `event_loop`), this is plexus' session manager: ids are
+//! process-unique, membership is per listener, counts feed the metrics, and a broadcast reaches
+//! the members on every loop without any loop touching another's sessions.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use mio::net::TcpStream;
+use plexus_proto::TimerKey;
+use slab::Slab;
+
+use crate::admission::Ticket;
+use crate::outbound::OutboundQueue;
+use crate::service::{CloseReason, SessionHandler, SessionId, SessionInfo};
+
+impl SessionId {
+    /// The next id; ids start at 1 and are never reused within a process.
+    pub(crate) fn next() -> SessionId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        SessionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// One TCP connection owned by an event loop.
+pub(crate) struct TcpSession {
+    pub(crate) stream: TcpStream,
+    pub(crate) info: SessionInfo,
+    pub(crate) handler: Box<dyn SessionHandler>,
+    pub(crate) outbound: OutboundQueue,
+    /// Set when the session must end: flushing reasons wait for the queue to drain.
+    pub(crate) closing: Option<CloseReason>,
+    pub(crate) idle_timer: TimerKey,
+    pub(crate) last_activity: Instant,
+    /// An edge reported readability and the socket has not yet returned `WouldBlock`.
+    pub(crate) readable: bool,
+    /// The last write returned `WouldBlock`; wait for a writable event.
+    pub(crate) write_blocked: bool,
+    /// Not read because the outbound queue passed the high watermark.
+    pub(crate) read_paused: bool,
+    /// The peer sent FIN: flush what is queued, then close.
+    pub(crate) peer_eof: bool,
+    /// Already on the loop's flush list this turn.
+    pub(crate) flush_listed: bool,
+    member_slot: usize,
+    /// Holds the session's place in the admission counts until dropped.
+    _ticket: Ticket,
+}
+
+impl TcpSession {
+    pub(crate) fn new(
+        stream: TcpStream,
+        info: SessionInfo,
+        ticket: Ticket,
+        idle_timer: TimerKey,
+        now: Instant,
+    ) -> Self {
+        TcpSession {
+            stream,
+            info,
+            handler: Box::new(Opening),
+            outbound: OutboundQueue::default(),
+            closing: None,
+            idle_timer,
+            last_activity: now,
+            readable: false,
+            write_blocked: false,
+            read_paused: false,
+            peer_eof: false,
+            flush_listed: false,
+            member_slot: usize::MAX,
+            _ticket: ticket,
+        }
+    }
+}
+
+/// The handler a session has while its service's `open` runs (it receives no events).
+struct Opening;
+
+impl SessionHandler for Opening {
+    fn on_data(&mut self, _: &mut crate::service::Session<'_>, _: &[u8]) {}
+}
+
+/// One loop's sessions and their per-listener membership.
+pub(crate) struct SessionTable {
+    sessions: Slab<TcpSession>,
+    members: Vec<Slab<usize>>,
+}
+
+impl SessionTable {
+    pub(crate) fn new(listeners: usize) -> Self {
+        SessionTable {
+            sessions: Slab::new(),
+            members: (0..listeners).map(|_| Slab::new()).collect(),
+        }
+    }
+
+    /// The key the next inserted session will get (its mio token).
+    pub(crate) fn vacant_key(&self) -> usize {
+        self.sessions.vacant_key()
+    }
+
+    pub(crate) fn insert(&mut self, mut session: TcpSession) -> usize {
+        let key = self.sessions.vacant_key();
+        session.member_slot = self.members[session.info.listener.index].insert(key);
+        self.sessions.insert(session)
+    }
+
+    pub(crate) fn remove(&mut self, key: usize) -> Option<TcpSession> {
+        let session = self.sessions.try_remove(key)?;
+        self.members[session.info.listener.index].remove(session.member_slot);
+        Some(session)
+    }
+
+    pub(crate) fn get_mut(&mut self, key: usize) -> Option<&mut TcpSession> {
+        self.sessions.get_mut(key)
+    }
+
+    /// The session at `key` if it is still the one with `id` (keys are reused).
+    pub(crate) fn get_if(&mut self, key: usize, id: SessionId) -> Option<&mut TcpSession> {
+        self.sessions
+            .get_mut(key)
+            .filter(|session| session.info.id == id)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    pub(crate) fn keys(&self) -> Vec<usize> {
+        self.sessions.iter().map(|(key, _)| key).collect()
+    }
+
+    /// Calls `visit` for each of this loop's sessions on `listener`.
+    pub(crate) fn for_each_member(
+        &mut self,
+        listener: usize,
+        mut visit: impl FnMut(usize, &mut TcpSession),
+    ) {
+        let SessionTable { sessions, members } = self;
+        for (_, &key) in members[listener].iter() {
+            if let Some(session) = sessions.get_mut(key) {
+                visit(key, session);
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! Process-wide signal dispositions that cannot be expressed as events.
+//!
+//! Signals plexus reacts to (TERM, INT, HUP, QUIT) arrive as events through signal-hook's
+//! self-pipe in the runtime crate; this module only handles `SIGPIPE`, which must be ignored so
+//! that writing to a peer that reset the connection returns `EPIPE` instead of killing the process.
+
+use std::io;
+
+/// Sets `SIGPIPE` to `SIG_IGN` for the whole process.
+pub fn ignore_sigpipe() -> io::Result<()> {
+    // SAFETY: installing SIG_IGN has no handler code to be async-signal-safe, and `signal`
+    // only touches the process's disposition table.
+    let previous = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ignoring_sigpipe_succeeds_and_is_idempotent() {
+        super::ignore_sigpipe().unwrap();
+        super::ignore_sigpipe().unwrap();
+    }
+}
