@@ -202,7 +202,7 @@ mod tests {
             admission.admit(&open, ip("::ffff:127.0.0.1")).unwrap_err(),
             RefusalReason::MaxConnectionsPerIp
         );
-        assert!(admission.admit(&open, ip("127.0.0.2")).is_ok());
+        let _other = admission.admit(&open, ip("127.0.0.2")).unwrap();
         assert_eq!(
             admission.open.load(Ordering::Relaxed),
             2,
