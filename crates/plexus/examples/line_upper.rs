@@ -17,7 +17,10 @@ struct Upper;
 impl Service for Upper {
     fn open(&self, session: &mut Session<'_>) -> Box<dyn SessionHandler> {
         session.send(b"ready\n");
-        Box::new(UpperSession { lines: LineFramer::new(1024), count: 0 })
+        Box::new(UpperSession {
+            lines: LineFramer::new(1024),
+            count: 0,
+        })
     }
 }
 
@@ -48,12 +51,19 @@ impl SessionHandler for UpperSession {
     }
 
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
-        eprintln!("{} from {} closed after {} lines: {reason}", info.id(), info.peer(), self.count);
+        eprintln!(
+            "{} from {} closed after {} lines: {reason}",
+            info.id(),
+            info.peer(),
+            self.count
+        );
     }
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:7300".into());
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:7300".into());
     let config = Config::parse(
         &format!(
             "[server]\nevent_loops = 1\n\n[[listener]]\nname = \"upper\"\ntransport = \"tcp\"\n\
@@ -61,8 +71,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         "line_upper example",
     )?;
-    let server = Server::builder(config).service("upper", Upper).handle_signals(true).build()?;
-    eprintln!("line_upper listening on {}", server.local_addr("upper").expect("configured"));
+    let server = Server::builder(config)
+        .service("upper", Upper)
+        .handle_signals(true)
+        .build()?;
+    eprintln!(
+        "line_upper listening on {}",
+        server.local_addr("upper").expect("configured")
+    );
     server.run()?;
     Ok(())
 }

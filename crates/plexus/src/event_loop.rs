@@ -207,6 +207,10 @@ impl EventLoop {
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     session.readable = true;
                 }
+                if event.is_read_closed() || event.is_error() {
+                    // Final states: read until the socket says so, never infer "drained".
+                    session.read_closed = true;
+                }
                 if event.is_writable() || event.is_error() {
                     session.write_blocked = false;
                 }
@@ -336,6 +340,11 @@ impl EventLoop {
                 }
                 Ok(n) => {
                     reads += 1;
+                    // A short read drained the socket: the next byte brings a new edge, so
+                    // skip the read that would only return WouldBlock (as tokio does).
+                    if n < self.read_buf.len() && !session.read_closed {
+                        session.readable = false;
+                    }
                     session.last_activity = now;
                     LoopStats::add(&self.stats.bytes_in, n as u64);
                     let mut handle = Session {

@@ -43,6 +43,8 @@ pub(crate) struct TcpSession {
     pub(crate) read_paused: bool,
     /// The peer sent FIN: flush what is queued, then close.
     pub(crate) peer_eof: bool,
+    /// epoll reported read-closed or an error: keep reading until the socket returns it.
+    pub(crate) read_closed: bool,
     /// Already on the loop's flush list this turn.
     pub(crate) flush_listed: bool,
     member_slot: usize,
@@ -70,6 +72,7 @@ impl TcpSession {
             write_blocked: false,
             read_paused: false,
             peer_eof: false,
+            read_closed: false,
             flush_listed: false,
             member_slot: usize::MAX,
             _ticket: ticket,

@@ -38,13 +38,18 @@ fn config(extra: &str) -> Config {
 
 fn connect(addr: std::net::SocketAddr) -> TcpStream {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     stream
 }
 
 #[test]
 fn custom_service_serves_and_stops_through_its_handle() {
-    let server = Server::builder(config("")).service("count", Count).build().unwrap();
+    let server = Server::builder(config(""))
+        .service("count", Count)
+        .build()
+        .unwrap();
     let addr = server.local_addr("count").unwrap();
     let handle = server.handle();
     let running = thread::spawn(move || server.run());
@@ -92,10 +97,21 @@ fn refusals_are_counted_by_reason() {
     assert!(refused, "the second connection is over max_connections");
 
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&"127.0.0.9:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
-    socket.connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
+    socket
+        .bind(
+            &"127.0.0.9:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket
+        .connect_timeout(&addr.into(), Duration::from_secs(5))
+        .unwrap();
     let mut denied: TcpStream = socket.into();
-    denied.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    denied
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     assert!(matches!(denied.read(&mut buf), Ok(0) | Err(_)));
 
     let metrics = handle.metrics();
@@ -108,7 +124,10 @@ fn refusals_are_counted_by_reason() {
 
 #[test]
 fn unknown_service_is_a_config_error_naming_the_key() {
-    let err = Server::builder(config("")).build().err().expect("count is not registered");
+    let err = Server::builder(config(""))
+        .build()
+        .err()
+        .expect("count is not registered");
     let text = err.to_string();
     assert!(text.contains("listener[0].service"), "{text}");
     assert!(text.contains("'count'"), "{text}");
