@@ -1,6 +1,6 @@
 //! The only crate of plexus allowed to use `unsafe`.
 //!
-//! Every raw system call goes through the [`syscall!`] macro, which turns the C convention
+//! Every raw system call goes through the `syscall!` macro, which turns the C convention
 //! (`-1` and `errno`) into an [`std::io::Result`]. Each `unsafe` block carries a `// SAFETY:`
 //! line; the rest of plexus calls the safe functions exported here.
 
