@@ -70,6 +70,10 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let server = match builder.build() {
         Ok(server) => server,
         Err(plexus::Error::Config(err)) => return config_failure(&err),
+        Err(err @ plexus::Error::Tls(_)) => {
+            eprintln!("error: {source}: {err}");
+            return ExitCode::from(EXIT_USAGE);
+        }
         Err(err) => {
             eprintln!("error: {err}");
             return ExitCode::FAILURE;

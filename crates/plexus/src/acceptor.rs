@@ -23,8 +23,10 @@ use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, RefusalReason};
-use crate::event_loop::{Command, LoopHandle, NewSession};
+use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
+use crate::log_throttle::LogThrottle;
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
+use crate::tls::TlsContext;
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -34,8 +36,6 @@ const ACCEPT_BUDGET: usize = 64;
 const SHED_BUDGET: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Refusals of one reason are logged at most once per this interval.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Socket options applied to each accepted connection.
 #[derive(Debug, Clone)]
@@ -75,6 +75,8 @@ pub(crate) struct BoundListener {
     pub(crate) service: Arc<dyn Service>,
     pub(crate) acl: Acl,
     pub(crate) options: SocketOptions,
+    /// The rustls configuration of a tls listener.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`.
     ready: bool,
 }
@@ -87,6 +89,7 @@ impl BoundListener {
         service: Arc<dyn Service>,
         acl: Acl,
         options: SocketOptions,
+        tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Self {
         BoundListener {
             socket,
@@ -95,6 +98,7 @@ impl BoundListener {
             service,
             acl,
             options,
+            tls,
             ready: true,
         }
     }
@@ -138,13 +142,18 @@ enum Phase {
 }
 
 /// Logs refusals of each reason at most once per interval, with a count of the rest.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct RefusalLog {
-    last: [Option<Instant>; RefusalReason::ALL.len()],
-    suppressed: [u64; RefusalReason::ALL.len()],
+    throttles: [LogThrottle; RefusalReason::ALL.len()],
 }
 
 impl RefusalLog {
+    fn new() -> Self {
+        RefusalLog {
+            throttles: [LogThrottle::new(); RefusalReason::ALL.len()],
+        }
+    }
+
     fn record(
         &mut self,
         reason: RefusalReason,
@@ -152,13 +161,9 @@ impl RefusalLog {
         listener: &str,
         now: Instant,
     ) {
-        let slot = reason as usize;
-        if self.last[slot].is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL) {
-            self.suppressed[slot] += 1;
+        let Some(also) = self.throttles[reason as usize].allow(now) else {
             return;
-        }
-        let also = std::mem::take(&mut self.suppressed[slot]);
-        self.last[slot] = Some(now);
+        };
         let peer = peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string());
         warn!(
             "refused connection reason={reason} peer={peer} listener={listener} \
@@ -176,6 +181,7 @@ pub(crate) struct Acceptor {
     loops: Vec<LoopHandle>,
     next_loop: usize,
     admission: Arc<Admission>,
+    tls: Option<Arc<TlsContext>>,
     reserve: Option<File>,
     paused_until: Option<Instant>,
     backoff: Duration,
@@ -191,6 +197,7 @@ impl Acceptor {
         mut listeners: Vec<BoundListener>,
         handle_signals: bool,
         admission: Arc<Admission>,
+        tls: Option<Arc<TlsContext>>,
         shutdown_grace: Duration,
     ) -> io::Result<(Acceptor, Arc<Control>)> {
         let poll = Poll::new()?;
@@ -219,10 +226,11 @@ impl Acceptor {
             loops: Vec::new(),
             next_loop: 0,
             admission,
+            tls,
             reserve: open_reserve(),
             paused_until: None,
             backoff: BACKOFF_START,
-            refusals: RefusalLog::default(),
+            refusals: RefusalLog::new(),
             live_loops: Arc::new(AtomicUsize::new(0)),
             started_loops: 0,
             shutdown_grace,
@@ -333,12 +341,25 @@ impl Acceptor {
                     info!("SIGQUIT received: fast stop");
                     self.stop_loops(StopRequest::Fast);
                 }
-                SIGHUP => info!(
-                    "SIGHUP received: reload requested; this version has no settings that \
-                     change live (certificates and limits reload in later versions)"
-                ),
+                SIGHUP => self.reload(),
                 other => debug!(signal = other, "ignoring signal"),
             }
+        }
+    }
+
+    /// SIGHUP: re-read certificates; a failure keeps the ones in use.
+    fn reload(&self) {
+        match &self.tls {
+            Some(tls) if tls.has_files() => match tls.reload() {
+                Ok(count) => info!("SIGHUP received: reload done, {count} certificate(s) loaded"),
+                Err(err) => error!(
+                    "SIGHUP received: reload failed, keeping the previous certificates: {err}"
+                ),
+            },
+            _ => info!(
+                "SIGHUP received: reload requested; nothing to reload (no certificate files; \
+                 other settings reload in later versions)"
+            ),
         }
     }
 
@@ -473,11 +494,26 @@ impl Acceptor {
             local: stream.local_addr().unwrap_or(listener.local),
             listener: Arc::clone(&listener.info),
         };
+        let tls = match &listener.tls {
+            Some(config) => match self.admission.reserve_handshake() {
+                Ok(slot) => Some(TlsStart {
+                    config: Arc::clone(config),
+                    slot,
+                }),
+                Err(reason) => {
+                    self.refusals
+                        .record(reason, Some(peer), &listener.info.name, now);
+                    return;
+                }
+            },
+            None => None,
+        };
         let new = NewSession {
             stream,
             info,
             service: Arc::clone(&listener.service),
             ticket,
+            tls,
         };
         let target = self.least_loaded();
         if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {

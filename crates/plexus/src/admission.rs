@@ -24,15 +24,18 @@ pub enum RefusalReason {
     MaxConnectionsPerIp = 2,
     /// The process ran out of file descriptors (EMFILE/ENFILE).
     DescriptorsExhausted = 3,
+    /// `max_handshakes` TLS handshakes are already in flight.
+    HandshakeCapacity = 4,
 }
 
 impl RefusalReason {
     /// Every reason, indexed by its discriminant.
-    pub const ALL: [RefusalReason; 4] = [
+    pub const ALL: [RefusalReason; 5] = [
         RefusalReason::Acl,
         RefusalReason::MaxConnections,
         RefusalReason::MaxConnectionsPerIp,
         RefusalReason::DescriptorsExhausted,
+        RefusalReason::HandshakeCapacity,
     ];
 
     /// The label used in logs and metrics.
@@ -42,6 +45,7 @@ impl RefusalReason {
             RefusalReason::MaxConnections => "max_connections",
             RefusalReason::MaxConnectionsPerIp => "max_connections_per_ip",
             RefusalReason::DescriptorsExhausted => "descriptors_exhausted",
+            RefusalReason::HandshakeCapacity => "handshake_capacity",
         }
     }
 }
@@ -58,6 +62,8 @@ pub(crate) struct Admission {
     global_acl: Acl,
     max_connections: usize,
     max_per_ip: usize,
+    max_handshakes: usize,
+    handshakes: Arc<AtomicUsize>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     metrics: Arc<Metrics>,
@@ -68,12 +74,15 @@ impl Admission {
         global_acl: Acl,
         max_connections: usize,
         max_per_ip: usize,
+        max_handshakes: usize,
         metrics: Arc<Metrics>,
     ) -> Self {
         Admission {
             global_acl,
             max_connections,
             max_per_ip,
+            max_handshakes,
+            handshakes: Arc::new(AtomicUsize::new(0)),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             metrics,
@@ -125,6 +134,19 @@ impl Admission {
         Ok(())
     }
 
+    /// Reserves a place for one TLS handshake, or refuses (and counts) past `max_handshakes`.
+    pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
+        let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_handshakes {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.refused(RefusalReason::HandshakeCapacity);
+            return Err(RefusalReason::HandshakeCapacity);
+        }
+        Ok(HandshakeSlot {
+            in_flight: Arc::clone(&self.handshakes),
+        })
+    }
+
     /// Counts a refusal decided outside [`Admission::admit`] (descriptor exhaustion).
     pub(crate) fn record_refusal(&self, reason: RefusalReason) {
         self.metrics.refused(reason);
@@ -157,6 +179,19 @@ impl Drop for Ticket {
     }
 }
 
+/// A handshake's place among the `max_handshakes` in flight, given back on drop (when the
+/// handshake completes, or the session ends during it).
+#[derive(Debug)]
+pub(crate) struct HandshakeSlot {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,6 +205,7 @@ mod tests {
             acl,
             max,
             per_ip,
+            2,
             Arc::new(Metrics::default()),
         ))
     }
@@ -208,6 +244,19 @@ mod tests {
             2,
             "refusal gave its global place back"
         );
+    }
+
+    #[test]
+    fn handshake_slots_are_capped_and_given_back() {
+        let admission = admission(Acl::default(), 100, 0);
+        let first = admission.reserve_handshake().unwrap();
+        let _second = admission.reserve_handshake().unwrap();
+        assert_eq!(
+            admission.reserve_handshake().unwrap_err(),
+            RefusalReason::HandshakeCapacity
+        );
+        drop(first);
+        assert!(admission.reserve_handshake().is_ok());
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Sessions open at once from one client IP; 0 = unlimited.
     pub max_connections_per_ip: usize,
+    /// TLS handshakes in flight at once; more connections are refused.
+    pub max_handshakes: usize,
     /// Bound on handshakes, PROXY headers and protocol detection.
     #[serde(with = "human_duration")]
     pub handshake_timeout: Duration,
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             workers: 0,
             max_connections: 10_000,
             max_connections_per_ip: 0,
+            max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -91,13 +94,44 @@ impl Default for ServerConfig {
 }
 
 /// `[tls]`: certificate and key files (absent = ephemeral self-signed certificate).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cert: Option<PathBuf>,
     /// PEM private key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+    /// Session resumption with stateless tickets.
+    #[serde(default = "default_true")]
+    pub session_tickets: bool,
+    /// Extra certificates chosen by SNI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<SniConfig>,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            session_tickets: true,
+            sni: Vec::new(),
+        }
+    }
+}
+
+/// One `[[tls.sni]]` table: a certificate for the names a client may ask for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniConfig {
+    /// Exact names, or `*.suffix` for one label.
+    pub names: Vec<String>,
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
 }
 
 /// `[http]`: limits and document root of http services.
@@ -378,12 +412,37 @@ impl Config {
         if self.chat.max_line_bytes == 0 {
             problem("chat.max_line_bytes".into(), "must be at least 1".into());
         }
+        if server.max_handshakes == 0 {
+            problem("server.max_handshakes".into(), "must be at least 1".into());
+        }
         if let Some(tls) = &self.tls {
-            for (key, path) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                if let Some(path) = path {
-                    if let Err(err) = std::fs::File::open(path) {
-                        problem(key.into(), format!("cannot read {}: {err}", path.display()));
-                    }
+            let mut files = vec![];
+            match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => {
+                    files.push(("tls.cert".to_owned(), cert));
+                    files.push(("tls.key".to_owned(), key));
+                }
+                (Some(_), None) => {
+                    problem("tls.key".into(), "required when tls.cert is set".into())
+                }
+                (None, Some(_)) => {
+                    problem("tls.cert".into(), "required when tls.key is set".into())
+                }
+                (None, None) => {}
+            }
+            for (index, sni) in tls.sni.iter().enumerate() {
+                if sni.names.is_empty() || sni.names.iter().any(|name| name.trim().is_empty()) {
+                    problem(
+                        format!("tls.sni[{index}].names"),
+                        "must list at least one non-empty name".into(),
+                    );
+                }
+                files.push((format!("tls.sni[{index}].cert"), &sni.cert));
+                files.push((format!("tls.sni[{index}].key"), &sni.key));
+            }
+            for (key, path) in files {
+                if let Err(err) = std::fs::File::open(path) {
+                    problem(key, format!("cannot read {}: {err}", path.display()));
                 }
             }
         }
@@ -406,15 +465,26 @@ impl Config {
                     ),
                 );
             }
-            if listener.transport != Transport::Tcp {
+            if !listener.transport.is_stream() {
                 problem(
                     key("transport"),
                     format!(
-                        "transport '{}' is not available in this version of plexus yet (available: tcp)",
+                        "transport '{}' is not available in this version of plexus yet (available: tcp, tls)",
                         listener.transport
                     ),
                 );
             }
+            if !listener.alpn.is_empty() && listener.transport != Transport::Tls {
+                problem(key("alpn"), "only tls listeners negotiate ALPN".into());
+            }
+            if listener
+                .alpn
+                .iter()
+                .any(|protocol| protocol.is_empty() || protocol.len() > 255)
+            {
+                problem(key("alpn"), "each protocol must be 1 to 255 bytes".into());
+            }
+
             if !known_services.contains(&listener.service.as_str()) {
                 let hint = match listener.service.as_str() {
                     "http" | "forward" | "auto" => "is not available in this version of plexus yet",
@@ -649,7 +719,7 @@ mod tests {
             .iter()
             .map(|l| l.config.name.as_str())
             .collect();
-        assert_eq!(names, ["tcp-echo", "chat"]);
+        assert_eq!(names, ["tcp-echo", "tls-echo", "chat"]);
         assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
         let again = Config::parse(&config.to_toml(), "printed").unwrap();
         assert_eq!(again, config);

@@ -8,7 +8,7 @@
 //! outbound queue passes the high watermark is not read until it drains below the low one.
 //! Other threads talk to a loop only through its [`LoopHandle`] (channel + `mio::Waker`).
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,11 +19,15 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::TimerWheel;
 use tracing::{debug, error, info};
 
-use crate::admission::Ticket;
+use rustls::{ServerConfig, ServerConnection};
+
+use crate::admission::{HandshakeSlot, Ticket};
 use crate::config::READ_CHUNK;
+use crate::log_throttle::LogThrottle;
 use crate::metrics::LoopStats;
+use crate::outbound::{Flushed, OutboundQueue};
 use crate::service::{Broadcast, CloseReason, Service, Session, SessionId, SessionInfo};
-use crate::session::{SessionTable, TcpSession};
+use crate::session::{SessionTable, TcpSession, TlsState};
 
 const WAKER: Token = Token(usize::MAX);
 /// Reads per session per turn before the loop moves on to other sessions.
@@ -36,6 +40,8 @@ pub(crate) const COMMAND_QUEUE: usize = 65_536;
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 const TIMER_TICK: Duration = Duration::from_millis(10);
 const TIMER_SLOTS: usize = 4096;
+/// Plaintext handed to rustls per step: one full TLS record.
+const TLS_PLAINTEXT_CHUNK: usize = 16 * 1024;
 
 /// Work handed to a loop by another thread.
 pub(crate) enum Command {
@@ -55,12 +61,21 @@ pub(crate) struct NewSession {
     pub(crate) info: SessionInfo,
     pub(crate) service: Arc<dyn Service>,
     pub(crate) ticket: Ticket,
+    /// Present for tls listeners: the handshake runs on the loop before the service opens.
+    pub(crate) tls: Option<TlsStart>,
+}
+
+/// What a TLS session needs to start its handshake.
+pub(crate) struct TlsStart {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) slot: HandshakeSlot,
 }
 
 /// The limits a loop applies to each session.
 #[derive(Debug, Clone)]
 pub(crate) struct SessionLimits {
     pub(crate) idle_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     pub(crate) high_watermark: usize,
     pub(crate) low_watermark: usize,
     pub(crate) outbound_limit: usize,
@@ -104,11 +119,20 @@ impl Drop for ExitSignal {
     }
 }
 
-/// Timer payload: which session, and which session it was when armed (keys are reused).
+/// Timer payload: which session, which session it was when armed (keys are reused), and why.
 #[derive(Debug, Clone, Copy)]
-struct IdleCheck {
+struct TimerEntry {
     key: usize,
     id: SessionId,
+    kind: TimerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimerKind {
+    /// Check `last_activity` against the idle limit.
+    Idle,
+    /// The TLS handshake must be done by now.
+    Handshake,
 }
 
 /// One event-loop thread's state.
@@ -117,7 +141,7 @@ pub(crate) struct EventLoop {
     poll: Poll,
     commands: Receiver<Command>,
     sessions: SessionTable,
-    timers: TimerWheel<IdleCheck>,
+    timers: TimerWheel<TimerEntry>,
     read_buf: Box<[u8]>,
     /// Sessions that still have unread input (read budget ran out, or reading resumed).
     ready: Vec<usize>,
@@ -128,6 +152,7 @@ pub(crate) struct EventLoop {
     limits: SessionLimits,
     idle_limit: Duration,
     stats: Arc<LoopStats>,
+    tls_failures: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
 }
@@ -163,6 +188,7 @@ impl EventLoop {
             idle_limit: limits.idle_timeout,
             limits,
             stats,
+            tls_failures: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
         };
@@ -278,6 +304,7 @@ impl EventLoop {
             info,
             service,
             ticket,
+            tls,
         } = new;
         let key = self.sessions.vacant_key();
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -290,25 +317,53 @@ impl EventLoop {
             return;
         }
         let id = info.id;
-        let deadline = now + self.idle_limit;
-        let idle_timer = self.timers.insert(deadline, IdleCheck { key, id });
+        let idle_check = TimerEntry {
+            key,
+            id,
+            kind: TimerKind::Idle,
+        };
+        let idle_timer = self.timers.insert(now + self.idle_limit, idle_check);
         let mut session = TcpSession::new(stream, info, ticket, idle_timer, now);
-        // Until the service's open returns, events for this token find no handler to call.
+        // Read whatever arrived before registration (the first edge may predate it).
         session.readable = true;
+        let tls_service = match tls {
+            Some(TlsStart { config, slot }) => match ServerConnection::new(config) {
+                Ok(conn) => {
+                    let check = TimerEntry {
+                        key,
+                        id,
+                        kind: TimerKind::Handshake,
+                    };
+                    let timer = self
+                        .timers
+                        .insert(now + self.limits.handshake_timeout, check);
+                    session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
+                    None
+                }
+                Err(err) => {
+                    error!(session = %id, "cannot start a TLS session: {err}");
+                    self.timers.cancel(idle_timer);
+                    return;
+                }
+            },
+            None => Some(service),
+        };
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
         LoopStats::add(&self.stats.sessions_open, 1);
         let session = self.sessions.get_mut(key).expect("just inserted");
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
-        let mut handle = Session {
-            info: &session.info,
-            outbound: &mut session.outbound,
-            closing: &mut session.closing,
-            broadcasts: &mut self.broadcasts,
-            outbound_limit: self.limits.outbound_limit,
-        };
-        session.handler = service.open(&mut handle);
-        self.after_callback(key);
+        if let Some(service) = tls_service {
+            let mut handle = Session {
+                info: &session.info,
+                outbound: &mut session.outbound,
+                closing: &mut session.closing,
+                broadcasts: &mut self.broadcasts,
+                outbound_limit: self.limits.outbound_limit,
+            };
+            session.handler = service.open(&mut handle);
+            self.after_callback(key);
+        }
         self.ready.push(key);
     }
 
@@ -318,6 +373,10 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
+        if session.tls.is_some() {
+            self.serve_tls(key, now);
+            return;
+        }
         let mut reads = 0;
         while session.readable
             && !session.read_paused
@@ -360,6 +419,114 @@ impl EventLoop {
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
                     session.closing = Some(CloseReason::Io(err.kind()));
+                }
+            }
+        }
+        self.after_callback(key);
+        self.flush(key, now);
+    }
+
+    /// `serve` for TLS sessions: ciphertext from the socket into rustls (which answers the
+    /// handshake), plaintext from rustls to the handler. The service is opened when the
+    /// handshake completes.
+    fn serve_tls(&mut self, key: usize, now: Instant) {
+        let limits = &self.limits;
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let mut reads = 0;
+        while session.readable
+            && !session.read_paused
+            && !session.peer_eof
+            && session.closing.is_none()
+        {
+            if session.outbound.len() > limits.high_watermark {
+                session.read_paused = true;
+                LoopStats::add(&self.stats.read_pauses, 1);
+                break;
+            }
+            if reads == MAX_READS_PER_TURN {
+                self.ready.push(key);
+                break;
+            }
+            let Some(tls) = session.tls.as_mut() else {
+                return;
+            };
+            match tls.conn.read_tls(&mut session.stream) {
+                Ok(0) => {
+                    session.peer_eof = true;
+                    session.readable = false;
+                    continue;
+                }
+                Ok(n) => {
+                    reads += 1;
+                    session.last_activity = now;
+                    LoopStats::add(&self.stats.bytes_in, n as u64);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    session.readable = false;
+                    continue;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    session.closing = Some(CloseReason::Io(err.kind()));
+                    continue;
+                }
+            }
+            if let Err(err) = tls.conn.process_new_packets() {
+                // rustls queued an alert telling the peer why: one best-effort write, then close.
+                let _ = tls.conn.write_tls(&mut session.stream);
+                session.closing = Some(CloseReason::Tls(err));
+                break;
+            }
+            if tls.handshaking() && !tls.conn.is_handshaking() {
+                tls.handshake = None;
+                if let Some(timer) = tls.handshake_timer.take() {
+                    self.timers.cancel(timer);
+                }
+                LoopStats::add(&self.stats.handshakes_ok, 1);
+                debug!(
+                    session = %session.info.id,
+                    version = ?tls.conn.protocol_version(),
+                    alpn = ?tls.conn.alpn_protocol().map(String::from_utf8_lossy),
+                    sni = ?tls.conn.server_name(),
+                    "tls handshake complete"
+                );
+                let service = tls
+                    .pending_service
+                    .take()
+                    .expect("handshaking sessions have a service");
+                let mut handle = Session {
+                    info: &session.info,
+                    outbound: &mut session.outbound,
+                    closing: &mut session.closing,
+                    broadcasts: &mut self.broadcasts,
+                    outbound_limit: limits.outbound_limit,
+                };
+                session.handler = service.open(&mut handle);
+            }
+            while session.closing.is_none() {
+                match tls.conn.reader().read(&mut self.read_buf) {
+                    // The peer's close_notify: an orderly end of its data.
+                    Ok(0) => {
+                        session.peer_eof = true;
+                        break;
+                    }
+                    Ok(n) => {
+                        let mut handle = Session {
+                            info: &session.info,
+                            outbound: &mut session.outbound,
+                            closing: &mut session.closing,
+                            broadcasts: &mut self.broadcasts,
+                            outbound_limit: limits.outbound_limit,
+                        };
+                        session.handler.on_data(&mut handle, &self.read_buf[..n]);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(err) => {
+                        session.closing = Some(CloseReason::Io(err.kind()));
+                        break;
+                    }
                 }
             }
         }
@@ -432,7 +599,8 @@ impl EventLoop {
         self.flush_list = list;
     }
 
-    /// Writes queued bytes, applies the watermarks, and closes the session when it is done.
+    /// Writes queued bytes, applies the watermarks, and closes the session when it is done
+    /// (for TLS, after its close_notify went out).
     fn flush(&mut self, key: usize, now: Instant) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
@@ -442,8 +610,16 @@ impl EventLoop {
             self.close(key, reason);
             return;
         }
-        if !session.outbound.is_empty() && !session.write_blocked {
-            match session.outbound.write_to(&mut session.stream) {
+        let tls_pending = session
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.conn.wants_write());
+        if (!session.outbound.is_empty() || tls_pending) && !session.write_blocked {
+            let result = match session.tls.as_mut() {
+                Some(tls) => flush_tls(tls, &mut session.outbound, &mut session.stream),
+                None => session.outbound.write_to(&mut session.stream),
+            };
+            match result {
                 Ok(flushed) => {
                     if flushed.written > 0 {
                         session.last_activity = now;
@@ -462,13 +638,34 @@ impl EventLoop {
             // The edge that announced the unread bytes is gone: come back to read them.
             self.ready.push(key);
         }
-        if session.outbound.is_empty() {
-            if let Some(reason) = session.closing.clone() {
-                self.close(key, reason);
-            } else if session.peer_eof {
-                self.close(key, CloseReason::PeerClosed);
+        if !session.outbound.is_empty() {
+            return;
+        }
+        let finished = session
+            .closing
+            .clone()
+            .or_else(|| session.peer_eof.then_some(CloseReason::PeerClosed));
+        let Some(reason) = finished else { return };
+        if let Some(tls) = session.tls.as_mut() {
+            if !tls.handshaking() && !tls.close_notify_sent {
+                tls.conn.send_close_notify();
+                tls.close_notify_sent = true;
+                if !session.write_blocked {
+                    match flush_tls(tls, &mut session.outbound, &mut session.stream) {
+                        Ok(flushed) => session.write_blocked = flushed.blocked,
+                        Err(err) => {
+                            self.close(key, CloseReason::Io(err.kind()));
+                            return;
+                        }
+                    }
+                }
+            }
+            if tls.conn.wants_write() {
+                // close_notify still queued: the writable edge brings us back.
+                return;
             }
         }
+        self.close(key, reason);
     }
 
     fn close(&mut self, key: usize, reason: CloseReason) {
@@ -476,6 +673,14 @@ impl EventLoop {
             return;
         };
         self.timers.cancel(session.idle_timer);
+        if let Some(tls) = session.tls.as_mut() {
+            if let Some(timer) = tls.handshake_timer.take() {
+                self.timers.cancel(timer);
+            }
+            if tls.handshaking() {
+                self.handshake_failed(&session.info, &reason);
+            }
+        }
         LoopStats::sub(&self.stats.sessions_open, 1);
         let counter = match reason {
             CloseReason::IdleTimeout => Some(&self.stats.closed_idle_timeout),
@@ -505,15 +710,24 @@ impl EventLoop {
     fn expire_timers(&mut self, now: Instant) {
         let mut expired = Vec::new();
         self.timers.poll_expired(now, &mut expired);
-        for IdleCheck { key, id } in expired {
+        for TimerEntry { key, id, kind } in expired {
             let idle_limit = self.idle_limit;
             let draining = self.drain_deadline.is_some();
             let Some(session) = self.sessions.get_if(key, id) else {
                 continue;
             };
+            if kind == TimerKind::Handshake {
+                if let Some(tls) = session.tls.as_mut() {
+                    tls.handshake_timer = None;
+                    if tls.handshaking() {
+                        self.close(key, CloseReason::HandshakeTimeout);
+                    }
+                }
+                continue;
+            }
             let due = session.last_activity + idle_limit;
             if now < due {
-                session.idle_timer = self.timers.insert(due, IdleCheck { key, id });
+                session.idle_timer = self.timers.insert(due, TimerEntry { key, id, kind });
                 continue;
             }
             let reason = if draining && session.outbound.is_empty() {
@@ -522,6 +736,28 @@ impl EventLoop {
                 CloseReason::IdleTimeout
             };
             self.close(key, reason);
+        }
+    }
+
+    /// Counts a TLS session that ended before its handshake completed, and logs why
+    /// (at most once per second per loop).
+    fn handshake_failed(&mut self, info: &SessionInfo, reason: &CloseReason) {
+        let counter = match reason {
+            CloseReason::HandshakeTimeout => &self.stats.handshake_timeouts,
+            _ => &self.stats.handshakes_failed,
+        };
+        LoopStats::add(counter, 1);
+        let quiet = matches!(reason, CloseReason::Shutdown | CloseReason::ShutdownForced);
+        if quiet {
+            return;
+        }
+        if let Some(also) = self.tls_failures.allow(Instant::now()) {
+            info!(
+                "tls handshake failed peer={} listener={}: {reason} \
+                 (+{also} more failed handshakes in the last second)",
+                info.peer,
+                info.listener()
+            );
         }
     }
 
@@ -538,7 +774,14 @@ impl EventLoop {
             self.timers.cancel(session.idle_timer);
             let id = session.info.id;
             let due = (session.last_activity + self.idle_limit).max(now);
-            session.idle_timer = self.timers.insert(due, IdleCheck { key, id });
+            session.idle_timer = self.timers.insert(
+                due,
+                TimerEntry {
+                    key,
+                    id,
+                    kind: TimerKind::Idle,
+                },
+            );
         }
         debug!(
             event_loop = self.index,
@@ -551,5 +794,48 @@ impl EventLoop {
         for key in self.sessions.keys() {
             self.close(key, reason.clone());
         }
+    }
+}
+
+/// Moves queued plaintext through rustls and its records to the socket: one record's worth of
+/// plaintext at a time, and only when rustls has nothing left to write, so the bytes waiting
+/// for the peer are counted by the outbound queue (and its watermarks), not hidden in rustls.
+fn flush_tls(
+    tls: &mut TlsState,
+    outbound: &mut OutboundQueue,
+    stream: &mut TcpStream,
+) -> io::Result<Flushed> {
+    let mut written = 0;
+    loop {
+        while tls.conn.wants_write() {
+            match tls.conn.write_tls(stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Flushed {
+                        written,
+                        blocked: true,
+                    });
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(err),
+            }
+        }
+        if outbound.is_empty() || tls.handshaking() || tls.close_notify_sent {
+            return Ok(Flushed {
+                written,
+                blocked: false,
+            });
+        }
+        let chunk = outbound.front();
+        let take = chunk.len().min(TLS_PLAINTEXT_CHUNK);
+        let accepted = tls.conn.writer().write(&chunk[..take])?;
+        if accepted == 0 {
+            return Ok(Flushed {
+                written,
+                blocked: false,
+            });
+        }
+        outbound.consume(accepted);
     }
 }

@@ -38,14 +38,17 @@ mod admission;
 pub mod builtin;
 pub mod config;
 mod event_loop;
+mod log_throttle;
 mod metrics;
 mod outbound;
 mod server;
 mod service;
 mod session;
+mod tls;
 
 pub use admission::RefusalReason;
 pub use config::{Config, ConfigError};
 pub use metrics::MetricsSnapshot;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
+pub use tls::TlsError;

@@ -19,6 +19,9 @@ pub(crate) struct LoopStats {
     pub(crate) closed_io_error: AtomicU64,
     pub(crate) closed_forced: AtomicU64,
     pub(crate) read_pauses: AtomicU64,
+    pub(crate) handshakes_ok: AtomicU64,
+    pub(crate) handshakes_failed: AtomicU64,
+    pub(crate) handshake_timeouts: AtomicU64,
 }
 
 impl LoopStats {
@@ -66,6 +69,9 @@ impl Metrics {
             closed_io_error: sum(|s| &s.closed_io_error),
             closed_forced: sum(|s| &s.closed_forced),
             read_pauses: sum(|s| &s.read_pauses),
+            handshakes_ok: sum(|s| &s.handshakes_ok),
+            handshakes_failed: sum(|s| &s.handshakes_failed),
+            handshake_timeouts: sum(|s| &s.handshake_timeouts),
         }
     }
 }
@@ -93,6 +99,12 @@ pub struct MetricsSnapshot {
     pub closed_forced: u64,
     /// Times a session stopped being read because its outbound queue passed the high watermark.
     pub read_pauses: u64,
+    /// TLS handshakes completed.
+    pub handshakes_ok: u64,
+    /// TLS handshakes that failed (bad bytes, protocol errors, no common version or ALPN).
+    pub handshakes_failed: u64,
+    /// TLS handshakes cut off by `handshake_timeout`.
+    pub handshake_timeouts: u64,
 }
 
 impl MetricsSnapshot {

@@ -114,6 +114,18 @@ impl OutboundQueue {
         })
     }
 
+    /// The oldest queued bytes (one chunk), for a writer that takes them piecewise (TLS).
+    pub(crate) fn front(&self) -> &[u8] {
+        self.chunks
+            .front()
+            .map_or(&self.staging[..], |chunk| &chunk[..])
+    }
+
+    /// Drops the first `n` queued bytes (they were written).
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.advance(n);
+    }
+
     fn advance(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {

@@ -14,10 +14,11 @@ use tracing::info;
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
 use crate::builtin::{Chat, Echo};
-use crate::config::{Config, ConfigError, ValidConfig, ValidListener};
+use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::service::{ListenerInfo, Service};
+use crate::tls::{TlsContext, TlsError};
 
 /// Why a server could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,9 @@ pub enum Error {
         /// What the operating system said.
         source: io::Error,
     },
+    /// TLS certificates could not be loaded or generated.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
     /// A runtime resource (poll instance, thread) could not be created.
     #[error("{what}: {source}")]
     Runtime {
@@ -101,6 +105,7 @@ impl ServerBuilder {
         };
         let limits = SessionLimits {
             idle_timeout: server.idle_timeout,
+            handshake_timeout: server.handshake_timeout,
             high_watermark: server.outbound_high_watermark,
             low_watermark: server.outbound_low_watermark,
             outbound_limit: server.outbound_limit,
@@ -127,13 +132,26 @@ impl ServerBuilder {
             valid.global_acl.clone(),
             server.max_connections,
             server.max_connections_per_ip,
+            server.max_handshakes,
             Arc::clone(&metrics),
         ));
 
+        let uses_tls = valid
+            .listeners
+            .iter()
+            .any(|l| l.config.transport == Transport::Tls);
+        let tls = match uses_tls {
+            true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
+            false => None,
+        };
         let mut bound = Vec::with_capacity(valid.listeners.len());
         for (index, listener) in valid.listeners.iter().enumerate() {
             let service = Arc::clone(&self.services[&listener.config.service]);
-            bound.push(bind(index, listener, service)?);
+            let tls_config = match (&tls, listener.config.transport) {
+                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
+                _ => None,
+            };
+            bound.push(bind(index, listener, service, tls_config)?);
         }
         let local_addrs = bound
             .iter()
@@ -147,9 +165,14 @@ impl ServerBuilder {
             );
         }
 
-        let (acceptor, control) =
-            Acceptor::new(bound, self.handle_signals, admission, server.shutdown_grace)
-                .map_err(Error::runtime("cannot create the acceptor"))?;
+        let (acceptor, control) = Acceptor::new(
+            bound,
+            self.handle_signals,
+            admission,
+            tls,
+            server.shutdown_grace,
+        )
+        .map_err(Error::runtime("cannot create the acceptor"))?;
         Ok(Server {
             acceptor,
             loops,
@@ -165,6 +188,7 @@ fn bind(
     index: usize,
     listener: &ValidListener,
     service: Arc<dyn Service>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<BoundListener, Error> {
     let config = &listener.config;
     let addr = listener.addr;
@@ -204,6 +228,7 @@ fn bind(
         service,
         listener.acl.clone(),
         options,
+        tls,
     ))
 }
 

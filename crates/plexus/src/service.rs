@@ -89,7 +89,7 @@ impl SessionInfo {
 }
 
 /// Why a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum CloseReason {
     /// The peer closed its side and every queued byte was delivered.
@@ -98,6 +98,10 @@ pub enum CloseReason {
     Requested,
     /// No byte moved in either direction for `idle_timeout`.
     IdleTimeout,
+    /// The TLS handshake did not complete within `handshake_timeout`.
+    HandshakeTimeout,
+    /// The TLS layer failed: a bad handshake, a protocol violation, a bad record.
+    Tls(rustls::Error),
     /// The peer did not read and the outbound queue would pass `outbound_limit`.
     OutboundOverflow,
     /// A socket error (reset by peer, broken pipe, …).
@@ -124,6 +128,8 @@ impl fmt::Display for CloseReason {
             CloseReason::PeerClosed => f.write_str("peer closed"),
             CloseReason::Requested => f.write_str("closed by service"),
             CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::HandshakeTimeout => f.write_str("tls handshake timeout"),
+            CloseReason::Tls(err) => write!(f, "tls error: {err}"),
             CloseReason::OutboundOverflow => {
                 f.write_str("outbound queue passed outbound_limit (peer not reading)")
             }

@@ -13,9 +13,13 @@ use mio::net::TcpStream;
 use plexus_proto::TimerKey;
 use slab::Slab;
 
-use crate::admission::Ticket;
+use std::sync::Arc;
+
+use rustls::ServerConnection;
+
+use crate::admission::{HandshakeSlot, Ticket};
 use crate::outbound::OutboundQueue;
-use crate::service::{CloseReason, SessionHandler, SessionId, SessionInfo};
+use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 
 impl SessionId {
     /// The next id; ids start at 1 and are never reused within a process.
@@ -47,6 +51,8 @@ pub(crate) struct TcpSession {
     pub(crate) read_closed: bool,
     /// Already on the loop's flush list this turn.
     pub(crate) flush_listed: bool,
+    /// The TLS layer of a session on a tls listener (boxed: plain sessions stay small).
+    pub(crate) tls: Option<Box<TlsState>>,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -74,9 +80,43 @@ impl TcpSession {
             peer_eof: false,
             read_closed: false,
             flush_listed: false,
+            tls: None,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
+    }
+}
+
+/// A TLS session's protocol state.
+pub(crate) struct TlsState {
+    pub(crate) conn: ServerConnection,
+    /// Held until the handshake completes: counts against `max_handshakes`.
+    pub(crate) handshake: Option<HandshakeSlot>,
+    pub(crate) handshake_timer: Option<TimerKey>,
+    /// Opened once the handshake completes, so services only ever see established sessions.
+    pub(crate) pending_service: Option<Arc<dyn Service>>,
+    pub(crate) close_notify_sent: bool,
+}
+
+impl TlsState {
+    pub(crate) fn new(
+        conn: ServerConnection,
+        handshake: HandshakeSlot,
+        handshake_timer: TimerKey,
+        service: Arc<dyn Service>,
+    ) -> Self {
+        TlsState {
+            conn,
+            handshake: Some(handshake),
+            handshake_timer: Some(handshake_timer),
+            pending_service: Some(service),
+            close_notify_sent: false,
+        }
+    }
+
+    /// Whether the handshake is still running (the service has not been opened).
+    pub(crate) fn handshaking(&self) -> bool {
+        self.pending_service.is_some()
     }
 }
 
