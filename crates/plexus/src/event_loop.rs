@@ -143,6 +143,8 @@ pub(crate) struct EventLoop {
     sessions: SessionTable,
     timers: TimerWheel<TimerEntry>,
     read_buf: Box<[u8]>,
+    /// Where TLS sessions' decrypted bytes land (the ciphertext is in `read_buf`).
+    plain_buf: Box<[u8]>,
     /// Sessions that still have unread input (read budget ran out, or reading resumed).
     ready: Vec<usize>,
     /// Sessions with new outbound bytes or a pending close, flushed at the end of the turn.
@@ -181,6 +183,7 @@ impl EventLoop {
             sessions: SessionTable::new(listeners),
             timers: TimerWheel::new(TIMER_TICK, TIMER_SLOTS, now),
             read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
+            plain_buf: vec![0; TLS_PLAINTEXT_CHUNK].into_boxed_slice(),
             ready: Vec::new(),
             flush_list: Vec::new(),
             broadcasts: Vec::new(),
@@ -426,11 +429,10 @@ impl EventLoop {
         self.flush(key, now);
     }
 
-    /// `serve` for TLS sessions: ciphertext from the socket into rustls (which answers the
-    /// handshake), plaintext from rustls to the handler. The service is opened when the
-    /// handshake completes.
+    /// `serve` for TLS sessions: ciphertext from the socket (one read into the loop's buffer)
+    /// into rustls, which answers the handshake; plaintext from rustls to the handler. The
+    /// service is opened when the handshake completes.
     fn serve_tls(&mut self, key: usize, now: Instant) {
-        let limits = &self.limits;
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -440,7 +442,7 @@ impl EventLoop {
             && !session.peer_eof
             && session.closing.is_none()
         {
-            if session.outbound.len() > limits.high_watermark {
+            if session.outbound.len() > self.limits.high_watermark {
                 session.read_paused = true;
                 LoopStats::add(&self.stats.read_pauses, 1);
                 break;
@@ -449,20 +451,13 @@ impl EventLoop {
                 self.ready.push(key);
                 break;
             }
-            let Some(tls) = session.tls.as_mut() else {
-                return;
-            };
-            match tls.conn.read_tls(&mut session.stream) {
+            let n = match session.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     session.peer_eof = true;
                     session.readable = false;
                     continue;
                 }
-                Ok(n) => {
-                    reads += 1;
-                    session.last_activity = now;
-                    LoopStats::add(&self.stats.bytes_in, n as u64);
-                }
+                Ok(n) => n,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                     session.readable = false;
                     continue;
@@ -472,62 +467,37 @@ impl EventLoop {
                     session.closing = Some(CloseReason::Io(err.kind()));
                     continue;
                 }
+            };
+            reads += 1;
+            if n < self.read_buf.len() && !session.read_closed {
+                session.readable = false;
             }
-            if let Err(err) = tls.conn.process_new_packets() {
-                // rustls queued an alert telling the peer why: one best-effort write, then close.
-                let _ = tls.conn.write_tls(&mut session.stream);
-                session.closing = Some(CloseReason::Tls(err));
-                break;
-            }
-            if tls.handshaking() && !tls.conn.is_handshaking() {
-                tls.handshake = None;
-                if let Some(timer) = tls.handshake_timer.take() {
-                    self.timers.cancel(timer);
-                }
-                LoopStats::add(&self.stats.handshakes_ok, 1);
-                debug!(
-                    session = %session.info.id,
-                    version = ?tls.conn.protocol_version(),
-                    alpn = ?tls.conn.alpn_protocol().map(String::from_utf8_lossy),
-                    sni = ?tls.conn.server_name(),
-                    "tls handshake complete"
-                );
-                let service = tls
-                    .pending_service
-                    .take()
-                    .expect("handshaking sessions have a service");
-                let mut handle = Session {
-                    info: &session.info,
-                    outbound: &mut session.outbound,
-                    closing: &mut session.closing,
-                    broadcasts: &mut self.broadcasts,
-                    outbound_limit: limits.outbound_limit,
+            session.last_activity = now;
+            LoopStats::add(&self.stats.bytes_in, n as u64);
+            let mut ciphertext = &self.read_buf[..n];
+            while !ciphertext.is_empty() && session.closing.is_none() && !session.peer_eof {
+                let Some(tls) = session.tls.as_mut() else {
+                    return;
                 };
-                session.handler = service.open(&mut handle);
-            }
-            while session.closing.is_none() {
-                match tls.conn.reader().read(&mut self.read_buf) {
-                    // The peer's close_notify: an orderly end of its data.
+                match tls.conn.read_tls(&mut ciphertext) {
                     Ok(0) => {
-                        session.peer_eof = true;
+                        session.closing = Some(CloseReason::Io(io::ErrorKind::InvalidData));
                         break;
                     }
-                    Ok(n) => {
-                        let mut handle = Session {
-                            info: &session.info,
-                            outbound: &mut session.outbound,
-                            closing: &mut session.closing,
-                            broadcasts: &mut self.broadcasts,
-                            outbound_limit: limits.outbound_limit,
-                        };
-                        session.handler.on_data(&mut handle, &self.read_buf[..n]);
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                    Ok(_) => {}
                     Err(err) => {
                         session.closing = Some(CloseReason::Io(err.kind()));
                         break;
                     }
                 }
+                process_tls_records(
+                    session,
+                    &mut self.plain_buf,
+                    &mut self.broadcasts,
+                    &self.stats,
+                    &mut self.timers,
+                    self.limits.outbound_limit,
+                );
             }
         }
         self.after_callback(key);
@@ -679,6 +649,14 @@ impl EventLoop {
             }
             if tls.handshaking() {
                 self.handshake_failed(&session.info, &reason);
+            } else if !tls.close_notify_sent
+                && !matches!(reason, CloseReason::Io(_) | CloseReason::Tls(_))
+            {
+                // Closes decided by the server (idle timeout, drain, stop) still end the TLS
+                // session properly: one best-effort, non-blocking close_notify.
+                tls.conn.send_close_notify();
+                tls.close_notify_sent = true;
+                let _ = tls.conn.write_tls(&mut session.stream);
             }
         }
         LoopStats::sub(&self.stats.sessions_open, 1);
@@ -793,6 +771,76 @@ impl EventLoop {
     fn close_all(&mut self, reason: CloseReason) {
         for key in self.sessions.keys() {
             self.close(key, reason.clone());
+        }
+    }
+}
+
+/// After rustls took ciphertext: advances the handshake (opening the service when it
+/// completes), then hands every decrypted byte to the handler. A protocol error queues rustls'
+/// alert and closes the session.
+fn process_tls_records(
+    session: &mut TcpSession,
+    plain_buf: &mut [u8],
+    broadcasts: &mut Vec<Broadcast>,
+    stats: &LoopStats,
+    timers: &mut TimerWheel<TimerEntry>,
+    outbound_limit: usize,
+) {
+    let Some(tls) = session.tls.as_mut() else {
+        return;
+    };
+    if let Err(err) = tls.conn.process_new_packets() {
+        // rustls queued an alert telling the peer why; the flush before closing sends it.
+        let _ = tls.conn.write_tls(&mut session.stream);
+        session.closing = Some(CloseReason::Tls(err));
+        return;
+    }
+    if tls.handshaking() && !tls.conn.is_handshaking() {
+        tls.handshake = None;
+        if let Some(timer) = tls.handshake_timer.take() {
+            timers.cancel(timer);
+        }
+        LoopStats::add(&stats.handshakes_ok, 1);
+        debug!(
+            session = %session.info.id,
+            version = ?tls.conn.protocol_version(),
+            alpn = ?tls.conn.alpn_protocol().map(String::from_utf8_lossy),
+            sni = ?tls.conn.server_name(),
+            "tls handshake complete"
+        );
+        if let Some(service) = tls.pending_service.take() {
+            let mut handle = Session {
+                info: &session.info,
+                outbound: &mut session.outbound,
+                closing: &mut session.closing,
+                broadcasts,
+                outbound_limit,
+            };
+            session.handler = service.open(&mut handle);
+        }
+    }
+    while session.closing.is_none() {
+        match tls.conn.reader().read(plain_buf) {
+            // The peer's close_notify: an orderly end of its data.
+            Ok(0) => {
+                session.peer_eof = true;
+                return;
+            }
+            Ok(n) => {
+                let mut handle = Session {
+                    info: &session.info,
+                    outbound: &mut session.outbound,
+                    closing: &mut session.closing,
+                    broadcasts,
+                    outbound_limit,
+                };
+                session.handler.on_data(&mut handle, &plain_buf[..n]);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
+            Err(err) => {
+                session.closing = Some(CloseReason::Io(err.kind()));
+                return;
+            }
         }
     }
 }
