@@ -768,7 +768,8 @@ fn silent_clients_time_out_without_blocking_others() {
 
 /// 8 MiB through the TLS echo to a client that reads slowly: every byte comes back in order,
 /// the client's close_notify is answered with close_notify, and the server's peak memory grows
-/// by less than 4 MiB — a server without backpressure would buffer most of the 8 MiB (backpressure with the outbound watermarks).
+/// by less than 4 MiB (backpressure with the outbound watermarks; a server without it would
+/// buffer most of the 8 MiB).
 #[test]
 fn slow_reader_8mib_through_tls() {
     const TOTAL: u64 = 8 * MIB;
