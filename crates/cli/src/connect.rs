@@ -1,42 +1,75 @@
 //! `plexus connect`: a netcat-like client. Standard input goes to the peer, the peer's bytes
 //! go to standard output; when standard input ends the write side is shut down and the
 //! command exits once the peer has closed (every reply has arrived).
+//!
+//! This module parses the peer URL and dispatches on its scheme: `tcp://` is relayed here,
+//! `tls://` by [`crate::tls_client`]; `udp://` and `dtls://` are not available yet.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::thread;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::tls_client::{self, TlsOptions};
 use crate::EXIT_USAGE;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
-    /// Peer as SCHEME://HOST:PORT; scheme tcp (tls, udp and dtls arrive with their transports).
+    /// Peer as SCHEME://HOST:PORT; scheme tcp or tls (udp and dtls arrive with their
+    /// transports).
     url: String,
+    /// tls: accept any server certificate (no chain or name check; handshake signatures are
+    /// still verified). For testing only.
+    #[arg(long, conflicts_with = "ca")]
+    insecure: bool,
+    /// tls: trust only the certificates in this PEM file (instead of the system roots).
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// tls: server name to send (SNI) and to verify the certificate against; default HOST.
+    #[arg(long, value_name = "NAME")]
+    sni: Option<String>,
+    /// tls: offer this ALPN protocol (repeatable, in order of preference).
+    #[arg(long = "alpn", value_name = "P")]
+    alpn: Vec<String>,
 }
 
 pub(crate) fn run(args: ConnectArgs) -> ExitCode {
-    let target = match args.url.split_once("://") {
-        Some(("tcp", target)) => target,
-        Some((scheme @ ("tls" | "udp" | "dtls"), _)) => {
+    let (scheme, target) = match args.url.split_once("://") {
+        Some((scheme @ ("tcp" | "tls"), target)) => (scheme, target),
+        Some((scheme @ ("udp" | "dtls"), _)) => {
             eprintln!(
-                "error: {scheme}:// is not available in this version of plexus yet (use tcp://)"
+                "error: {scheme}:// is not available in this version of plexus yet \
+                 (use tcp:// or tls://)"
             );
             return ExitCode::from(EXIT_USAGE);
         }
         _ => {
             eprintln!(
-                "error: '{}' is not a peer address; expected tcp://HOST:PORT",
+                "error: '{}' is not a peer address; expected tcp://HOST:PORT or tls://HOST:PORT",
                 args.url
             );
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if scheme == "tls" {
+        let options = TlsOptions {
+            insecure: args.insecure,
+            ca: args.ca,
+            sni: args.sni,
+            alpn: args.alpn,
+        };
+        return tls_client::run(target, options);
+    }
+    if args.insecure || args.ca.is_some() || args.sni.is_some() || !args.alpn.is_empty() {
+        eprintln!("error: --insecure, --ca, --sni and --alpn apply to tls:// only");
+        return ExitCode::from(EXIT_USAGE);
+    }
     match connect_tcp(target) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -46,16 +79,22 @@ pub(crate) fn run(args: ConnectArgs) -> ExitCode {
     }
 }
 
-fn connect_tcp(target: &str) -> io::Result<()> {
+/// Resolves `target` (`HOST:PORT`) and connects to the first address that accepts, with a
+/// connect timeout; the error is the last address's.
+pub(crate) fn dial(target: &str) -> io::Result<TcpStream> {
     let addrs: Vec<_> = target.to_socket_addrs()?.collect();
     let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
     for addr in addrs {
         match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(stream) => return relay(stream),
+            Ok(stream) => return Ok(stream),
             Err(err) => last_error = err,
         }
     }
     Err(last_error)
+}
+
+fn connect_tcp(target: &str) -> io::Result<()> {
+    relay(dial(target)?)
 }
 
 fn relay(stream: TcpStream) -> io::Result<()> {

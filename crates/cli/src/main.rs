@@ -1,9 +1,12 @@
 //! `plexus`: the command. `serve` runs the server from a configuration file (or the embedded
-//! default); `connect` is a small netcat-like client for plexus' transports.
+//! default); `connect` is a small netcat-like client for plexus' transports; `cert` writes a
+//! self-signed certificate for tls listeners.
 
+mod cert;
 mod connect;
 mod logging;
 mod serve;
+mod tls_client;
 
 use std::process::ExitCode;
 
@@ -29,6 +32,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Connect to a peer: standard input to it, its replies to standard output.
     Connect(connect::ConnectArgs),
+    /// Write a self-signed certificate and key (DIR/cert.pem, DIR/key.pem).
+    Cert(cert::CertArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,5 +41,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Connect(args) => connect::run(args),
+        Command::Cert(args) => cert::run(args),
     }
 }
