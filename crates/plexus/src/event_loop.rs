@@ -381,20 +381,14 @@ impl EventLoop {
             return;
         }
         let mut reads = 0;
-        while session.readable
-            && !session.read_paused
-            && !session.peer_eof
-            && session.closing.is_none()
-        {
-            if session.outbound.len() > limits.high_watermark {
-                session.read_paused = true;
-                LoopStats::add(&self.stats.read_pauses, 1);
-                break;
-            }
-            if reads == MAX_READS_PER_TURN {
-                self.ready.push(key);
-                break;
-            }
+        while may_read(
+            session,
+            key,
+            reads,
+            self.limits.high_watermark,
+            &self.stats,
+            &mut self.ready,
+        ) {
             match session.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     session.peer_eof = true;
@@ -437,20 +431,14 @@ impl EventLoop {
             return;
         };
         let mut reads = 0;
-        while session.readable
-            && !session.read_paused
-            && !session.peer_eof
-            && session.closing.is_none()
-        {
-            if session.outbound.len() > self.limits.high_watermark {
-                session.read_paused = true;
-                LoopStats::add(&self.stats.read_pauses, 1);
-                break;
-            }
-            if reads == MAX_READS_PER_TURN {
-                self.ready.push(key);
-                break;
-            }
+        while may_read(
+            session,
+            key,
+            reads,
+            self.limits.high_watermark,
+            &self.stats,
+            &mut self.ready,
+        ) {
             let n = match session.stream.read(&mut self.read_buf) {
                 Ok(0) => {
                     session.peer_eof = true;
@@ -773,6 +761,32 @@ impl EventLoop {
             self.close(key, reason.clone());
         }
     }
+}
+
+/// Whether the loop reads `session` once more this turn. Not when reading is over for now;
+/// not past the outbound high watermark (reading pauses until the queue drains); not past the
+/// per-turn budget (the session goes on the ready list for the next turn).
+fn may_read(
+    session: &mut TcpSession,
+    key: usize,
+    reads: usize,
+    high_watermark: usize,
+    stats: &LoopStats,
+    ready: &mut Vec<usize>,
+) -> bool {
+    if !session.readable || session.read_paused || session.peer_eof || session.closing.is_some() {
+        return false;
+    }
+    if session.outbound.len() > high_watermark {
+        session.read_paused = true;
+        LoopStats::add(&stats.read_pauses, 1);
+        return false;
+    }
+    if reads == MAX_READS_PER_TURN {
+        ready.push(key);
+        return false;
+    }
+    true
 }
 
 /// After rustls took ciphertext: advances the handshake (opening the service when it
