@@ -52,6 +52,10 @@ pub struct ServerConfig {
     pub event_loops: usize,
     /// Worker threads for blocking services; 0 = one per CPU.
     pub workers: usize,
+    /// Blocking jobs waiting in the worker pool's queue, all sessions together.
+    pub worker_queue: usize,
+    /// Blocking jobs one session may have queued; more close the session.
+    pub worker_session_limit: usize,
     /// Sessions open at once, all listeners together.
     pub max_connections: usize,
     /// Sessions open at once from one client IP; 0 = unlimited.
@@ -80,6 +84,8 @@ impl Default for ServerConfig {
         ServerConfig {
             event_loops: 0,
             workers: 0,
+            worker_queue: 1024,
+            worker_session_limit: 65_536,
             max_connections: 10_000,
             max_connections_per_ip: 0,
             max_handshakes: 1024,
@@ -411,6 +417,14 @@ impl Config {
         }
         if self.chat.max_line_bytes == 0 {
             problem("chat.max_line_bytes".into(), "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("server.worker_queue", server.worker_queue),
+            ("server.worker_session_limit", server.worker_session_limit),
+        ] {
+            if value == 0 {
+                problem(key.into(), "must be at least 1".into());
+            }
         }
         if server.max_handshakes == 0 {
             problem("server.max_handshakes".into(), "must be at least 1".into());

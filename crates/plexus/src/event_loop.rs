@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -26,8 +27,9 @@ use crate::config::READ_CHUNK;
 use crate::log_throttle::LogThrottle;
 use crate::metrics::LoopStats;
 use crate::outbound::{Flushed, OutboundQueue};
-use crate::service::{Broadcast, CloseReason, Service, Session, SessionId, SessionInfo};
-use crate::session::{SessionTable, TcpSession, TlsState};
+use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
+use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
+use crate::worker::{Completion, CompletionSink, Origin, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
 /// Reads per session per turn before the loop moves on to other sessions.
@@ -40,6 +42,10 @@ pub(crate) const COMMAND_QUEUE: usize = 65_536;
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 const TIMER_TICK: Duration = Duration::from_millis(10);
 const TIMER_SLOTS: usize = 4096;
+/// A session with more blocking jobs than this waiting is not read until they drain…
+const WORK_HIGH_WATERMARK: usize = 64;
+/// …to this many.
+const WORK_LOW_WATERMARK: usize = 16;
 /// Plaintext handed to rustls per step: one full TLS record.
 const TLS_PLAINTEXT_CHUNK: usize = 16 * 1024;
 
@@ -79,6 +85,8 @@ pub(crate) struct SessionLimits {
     pub(crate) high_watermark: usize,
     pub(crate) low_watermark: usize,
     pub(crate) outbound_limit: usize,
+    /// Blocking jobs one session may have queued (`worker_session_limit`).
+    pub(crate) work_limit: usize,
 }
 
 /// How other threads reach a loop.
@@ -86,10 +94,19 @@ pub(crate) struct SessionLimits {
 pub(crate) struct LoopHandle {
     commands: Sender<Command>,
     waker: Arc<Waker>,
+    completions: Sender<Completion>,
     pub(crate) stats: Arc<LoopStats>,
 }
 
 impl LoopHandle {
+    /// How worker threads return results to this loop.
+    pub(crate) fn completion_sink(&self) -> CompletionSink {
+        CompletionSink {
+            sender: self.completions.clone(),
+            waker: Arc::clone(&self.waker),
+        }
+    }
+
     /// Queues a command and wakes the loop. Fails when the queue is full or the loop is gone.
     pub(crate) fn send(&self, command: Command) -> Result<(), Command> {
         match self.commands.try_send(command) {
@@ -140,6 +157,11 @@ pub(crate) struct EventLoop {
     index: usize,
     poll: Poll,
     commands: Receiver<Command>,
+    completions: Receiver<Completion>,
+    /// The worker pool's queue (absent only before the server wires it).
+    pool: Option<Submitter>,
+    /// Sessions whose next job found the pool's queue full.
+    waiting_for_pool: Vec<usize>,
     sessions: SessionTable,
     timers: TimerWheel<TimerEntry>,
     read_buf: Box<[u8]>,
@@ -165,14 +187,18 @@ impl EventLoop {
         index: usize,
         listeners: usize,
         limits: SessionLimits,
+        completion_capacity: usize,
     ) -> io::Result<(EventLoop, LoopHandle)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (sender, receiver) = crossbeam_channel::bounded(COMMAND_QUEUE);
         let stats = Arc::new(LoopStats::default());
+        let (completion_sender, completion_receiver) =
+            crossbeam_channel::bounded(completion_capacity.max(1));
         let handle = LoopHandle {
             commands: sender,
             waker,
+            completions: completion_sender,
             stats: Arc::clone(&stats),
         };
         let now = Instant::now();
@@ -180,6 +206,9 @@ impl EventLoop {
             index,
             poll,
             commands: receiver,
+            completions: completion_receiver,
+            pool: None,
+            waiting_for_pool: Vec::new(),
             sessions: SessionTable::new(listeners),
             timers: TimerWheel::new(TIMER_TICK, TIMER_SLOTS, now),
             read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
@@ -196,6 +225,11 @@ impl EventLoop {
             stopping: false,
         };
         Ok((event_loop, handle))
+    }
+
+    /// Gives the loop the worker pool's queue.
+    pub(crate) fn set_pool(&mut self, pool: Submitter) {
+        self.pool = Some(pool);
     }
 
     /// Gives the loop the handles of every loop (itself included) for broadcasts.
@@ -247,6 +281,7 @@ impl EventLoop {
             }
             if woken {
                 self.run_commands(now);
+                self.take_completions();
             }
             for key in std::mem::take(&mut self.ready) {
                 self.serve(key, now);
@@ -357,14 +392,15 @@ impl EventLoop {
         let session = self.sessions.get_mut(key).expect("just inserted");
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
-            let mut handle = Session {
-                info: &session.info,
-                outbound: &mut session.outbound,
-                closing: &mut session.closing,
+            let mut context = CallbackContext {
                 broadcasts: &mut self.broadcasts,
                 outbound_limit: self.limits.outbound_limit,
+                work_limit: self.limits.work_limit,
+                stats: &self.stats,
             };
-            session.handler = service.open(&mut handle);
+            session.callback(&mut context, |handler, handle| {
+                *handler = service.open(handle)
+            });
             self.after_callback(key);
         }
         self.ready.push(key);
@@ -403,14 +439,16 @@ impl EventLoop {
                     }
                     session.last_activity = now;
                     LoopStats::add(&self.stats.bytes_in, n as u64);
-                    let mut handle = Session {
-                        info: &session.info,
-                        outbound: &mut session.outbound,
-                        closing: &mut session.closing,
+                    let mut context = CallbackContext {
                         broadcasts: &mut self.broadcasts,
                         outbound_limit: limits.outbound_limit,
+                        work_limit: limits.work_limit,
+                        stats: &self.stats,
                     };
-                    session.handler.on_data(&mut handle, &self.read_buf[..n]);
+                    let data = &self.read_buf[..n];
+                    session.callback(&mut context, |handler, handle| {
+                        handler.on_data(handle, data)
+                    });
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => session.readable = false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -478,14 +516,13 @@ impl EventLoop {
                         break;
                     }
                 }
-                process_tls_records(
-                    session,
-                    &mut self.plain_buf,
-                    &mut self.broadcasts,
-                    &self.stats,
-                    &mut self.timers,
-                    self.limits.outbound_limit,
-                );
+                let mut context = CallbackContext {
+                    broadcasts: &mut self.broadcasts,
+                    outbound_limit: self.limits.outbound_limit,
+                    work_limit: self.limits.work_limit,
+                    stats: &self.stats,
+                };
+                process_tls_records(session, &mut self.plain_buf, &mut context, &mut self.timers);
             }
         }
         self.after_callback(key);
@@ -512,7 +549,83 @@ impl EventLoop {
             self.broadcasts = broadcasts;
             self.broadcasts.clear();
         }
+        self.submit_work(key);
         self.list_for_flush(key);
+    }
+
+    /// Hands the session's next blocking job to the pool, unless one is running already. If the
+    /// pool's queue is full the job stays first in the session's queue, retried when a job
+    /// finishes somewhere.
+    fn submit_work(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(job) = session.work.next() else {
+            return;
+        };
+        let Some(pool) = &self.pool else {
+            session.work.unsend(job);
+            session.closing = Some(CloseReason::WorkOverflow);
+            return;
+        };
+        let origin = Origin {
+            event_loop: self.index,
+            key,
+            id: session.info.id,
+        };
+        match pool.try_submit(Task { origin, job }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(task)) => {
+                session.work.unsend(task.job);
+                self.waiting_for_pool.push(key);
+            }
+            Err(TrySendError::Disconnected(task)) => {
+                session.work.unsend(task.job);
+                session.closing = Some(CloseReason::ShutdownForced);
+            }
+        }
+    }
+
+    /// Delivers the results of finished jobs to their sessions, in order, and starts each
+    /// session's next job.
+    fn take_completions(&mut self) {
+        let mut finished_any = false;
+        while let Ok(Completion { origin, reply }) = self.completions.try_recv() {
+            finished_any = true;
+            let Some(session) = self.sessions.get_if(origin.key, origin.id) else {
+                continue;
+            };
+            session.work.finished();
+            match reply {
+                None => {
+                    error!(
+                        session = %origin.id, peer = %session.info.peer,
+                        "blocking job panicked; closing this session only"
+                    );
+                    session.closing = Some(CloseReason::Panic);
+                }
+                Some(reply) => {
+                    let (data, close) = reply.into_parts();
+                    if session.closing.is_none() {
+                        if session.outbound.len() + data.len() > self.limits.outbound_limit {
+                            session.closing = Some(CloseReason::OutboundOverflow);
+                        } else {
+                            session.outbound.push_shared(Bytes::from(data));
+                            if close {
+                                session.closing = Some(CloseReason::Requested);
+                            }
+                        }
+                    }
+                }
+            }
+            self.submit_work(origin.key);
+            self.list_for_flush(origin.key);
+        }
+        if finished_any && !self.waiting_for_pool.is_empty() {
+            for key in std::mem::take(&mut self.waiting_for_pool) {
+                self.submit_work(key);
+            }
+        }
     }
 
     fn deliver_local(&mut self, broadcast: &Broadcast) {
@@ -591,12 +704,16 @@ impl EventLoop {
                 }
             }
         }
-        if session.read_paused && session.outbound.len() <= self.limits.low_watermark {
+        if session.read_paused
+            && session.outbound.len() <= self.limits.low_watermark
+            && session.work.len() <= WORK_LOW_WATERMARK
+        {
             session.read_paused = false;
             // The edge that announced the unread bytes is gone: come back to read them.
             self.ready.push(key);
         }
-        if !session.outbound.is_empty() {
+        if !session.outbound.is_empty() || (!session.work.is_idle() && session.closing.is_none()) {
+            // Replies of blocking jobs still to come are part of what the peer is owed.
             return;
         }
         let finished = session
@@ -691,6 +808,10 @@ impl EventLoop {
                 }
                 continue;
             }
+            if !session.work.is_idle() {
+                // A job is running for this session: it is busy, not idle.
+                session.last_activity = now;
+            }
             let due = session.last_activity + idle_limit;
             if now < due {
                 session.idle_timer = self.timers.insert(due, TimerEntry { key, id, kind });
@@ -777,7 +898,7 @@ fn may_read(
     if !session.readable || session.read_paused || session.peer_eof || session.closing.is_some() {
         return false;
     }
-    if session.outbound.len() > high_watermark {
+    if session.outbound.len() > high_watermark || session.work.len() > WORK_HIGH_WATERMARK {
         session.read_paused = true;
         LoopStats::add(&stats.read_pauses, 1);
         return false;
@@ -795,10 +916,8 @@ fn may_read(
 fn process_tls_records(
     session: &mut TcpSession,
     plain_buf: &mut [u8],
-    broadcasts: &mut Vec<Broadcast>,
-    stats: &LoopStats,
+    context: &mut CallbackContext<'_>,
     timers: &mut TimerWheel<TimerEntry>,
-    outbound_limit: usize,
 ) {
     let Some(tls) = session.tls.as_mut() else {
         return;
@@ -814,7 +933,7 @@ fn process_tls_records(
         if let Some(timer) = tls.handshake_timer.take() {
             timers.cancel(timer);
         }
-        LoopStats::add(&stats.handshakes_ok, 1);
+        LoopStats::add(&context.stats.handshakes_ok, 1);
         debug!(
             session = %session.info.id,
             version = ?tls.conn.protocol_version(),
@@ -823,17 +942,13 @@ fn process_tls_records(
             "tls handshake complete"
         );
         if let Some(service) = tls.pending_service.take() {
-            let mut handle = Session {
-                info: &session.info,
-                outbound: &mut session.outbound,
-                closing: &mut session.closing,
-                broadcasts,
-                outbound_limit,
-            };
-            session.handler = service.open(&mut handle);
+            session.callback(context, |handler, handle| *handler = service.open(handle));
         }
     }
     while session.closing.is_none() {
+        let Some(tls) = session.tls.as_mut() else {
+            return;
+        };
         match tls.conn.reader().read(plain_buf) {
             // The peer's close_notify: an orderly end of its data.
             Ok(0) => {
@@ -841,14 +956,8 @@ fn process_tls_records(
                 return;
             }
             Ok(n) => {
-                let mut handle = Session {
-                    info: &session.info,
-                    outbound: &mut session.outbound,
-                    closing: &mut session.closing,
-                    broadcasts,
-                    outbound_limit,
-                };
-                session.handler.on_data(&mut handle, &plain_buf[..n]);
+                let data = &plain_buf[..n];
+                session.callback(context, |handler, handle| handler.on_data(handle, data));
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
             Err(err) => {

@@ -45,6 +45,7 @@ mod server;
 mod service;
 mod session;
 mod tls;
+mod worker;
 
 pub use admission::RefusalReason;
 pub use config::{Config, ConfigError};
@@ -52,3 +53,4 @@ pub use metrics::MetricsSnapshot;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;
+pub use worker::Reply;

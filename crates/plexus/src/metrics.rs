@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::admission::RefusalReason;
+use crate::worker::PoolStats;
 
 /// Counters written by one event loop.
 #[derive(Debug, Default)]
@@ -22,6 +23,7 @@ pub(crate) struct LoopStats {
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) handler_panics: AtomicU64,
 }
 
 impl LoopStats {
@@ -41,6 +43,7 @@ pub(crate) struct Metrics {
     pub(crate) accepted: AtomicU64,
     pub(crate) refused: [AtomicU64; RefusalReason::ALL.len()],
     pub(crate) loops: Vec<Arc<LoopStats>>,
+    pub(crate) pool_stats: Arc<PoolStats>,
 }
 
 impl Metrics {
@@ -72,6 +75,10 @@ impl Metrics {
             handshakes_ok: sum(|s| &s.handshakes_ok),
             handshakes_failed: sum(|s| &s.handshakes_failed),
             handshake_timeouts: sum(|s| &s.handshake_timeouts),
+            handler_panics: sum(|s| &s.handler_panics),
+            jobs_queued: self.pool_stats.queued.load(Relaxed),
+            jobs_completed: self.pool_stats.completed.load(Relaxed),
+            job_panics: self.pool_stats.panics.load(Relaxed),
         }
     }
 }
@@ -105,6 +112,14 @@ pub struct MetricsSnapshot {
     pub handshakes_failed: u64,
     /// TLS handshakes cut off by `handshake_timeout`.
     pub handshake_timeouts: u64,
+    /// Sessions closed because an inline service handler panicked.
+    pub handler_panics: u64,
+    /// Blocking jobs in the worker pool's queue now (bounded by `worker_queue`).
+    pub jobs_queued: u64,
+    /// Blocking jobs finished.
+    pub jobs_completed: u64,
+    /// Blocking jobs that panicked (each closed its session).
+    pub job_panics: u64,
 }
 
 impl MetricsSnapshot {

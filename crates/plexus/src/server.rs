@@ -19,6 +19,7 @@ use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
+use crate::worker::WorkerPool;
 
 /// Why a server could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -109,23 +110,40 @@ impl ServerBuilder {
             high_watermark: server.outbound_high_watermark,
             low_watermark: server.outbound_low_watermark,
             outbound_limit: server.outbound_limit,
+            work_limit: server.worker_session_limit,
         };
+        let workers = match server.workers {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        // Results of jobs in flight (queued + running) always fit in a loop's channel.
+        let completion_capacity = server.worker_queue + workers;
         let mut loops = Vec::with_capacity(loop_count);
         let mut handles = Vec::with_capacity(loop_count);
         for index in 0..loop_count {
-            let (event_loop, handle) = EventLoop::new(index, valid.listeners.len(), limits.clone())
-                .map_err(Error::runtime("cannot create an event loop"))?;
+            let (event_loop, handle) = EventLoop::new(
+                index,
+                valid.listeners.len(),
+                limits.clone(),
+                completion_capacity,
+            )
+            .map_err(Error::runtime("cannot create an event loop"))?;
             loops.push(event_loop);
             handles.push(handle);
         }
+        let sinks = handles.iter().map(LoopHandle::completion_sink).collect();
+        let pool = WorkerPool::start(workers, server.worker_queue, sinks)
+            .map_err(Error::runtime("cannot start the worker pool"))?;
         for event_loop in &mut loops {
             event_loop.set_peers(handles.clone());
+            event_loop.set_pool(pool.submitter());
         }
         let metrics = Arc::new(Metrics {
             loops: handles
                 .iter()
                 .map(|handle| Arc::clone(&handle.stats))
                 .collect(),
+            pool_stats: Arc::clone(&pool.stats),
             ..Metrics::default()
         });
         let admission = Arc::new(Admission::new(
@@ -177,6 +195,7 @@ impl ServerBuilder {
             acceptor,
             loops,
             handles,
+            pool,
             local_addrs,
             control,
             metrics,
@@ -237,6 +256,7 @@ pub struct Server {
     acceptor: Acceptor,
     loops: Vec<EventLoop>,
     handles: Vec<LoopHandle>,
+    pool: WorkerPool,
     local_addrs: Vec<(String, SocketAddr)>,
     control: Arc<Control>,
     metrics: Arc<Metrics>,
@@ -283,6 +303,8 @@ impl Server {
     pub fn run(self) -> Result<(), Error> {
         let Server {
             mut acceptor,
+            pool,
+            metrics,
             loops,
             handles,
             ..
@@ -309,6 +331,9 @@ impl Server {
         for thread in threads {
             let _ = thread.join();
         }
+        drop(metrics);
+        // Every submitter lived in a loop, and the loops are gone: the workers finish.
+        pool.join();
         info!("stopped");
         result
     }

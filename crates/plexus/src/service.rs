@@ -14,6 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::outbound::OutboundQueue;
+use crate::worker::{Reply, WorkQueue};
 
 /// Handles the sessions of the listeners that name it. Shared across event-loop threads.
 pub trait Service: Send + Sync + 'static {
@@ -110,6 +111,10 @@ pub enum CloseReason {
     Shutdown,
     /// The server's `shutdown_grace` ran out, or a fast stop was requested.
     ShutdownForced,
+    /// The service's handler or one of its blocking jobs panicked.
+    Panic,
+    /// More blocking jobs were queued than `worker_session_limit` allows.
+    WorkOverflow,
 }
 
 impl CloseReason {
@@ -138,6 +143,10 @@ impl fmt::Display for CloseReason {
             CloseReason::ShutdownForced => {
                 f.write_str("server stopped before the session finished")
             }
+            CloseReason::Panic => f.write_str("service panicked"),
+            CloseReason::WorkOverflow => {
+                f.write_str("too many blocking jobs queued (worker_session_limit)")
+            }
         }
     }
 }
@@ -157,6 +166,8 @@ pub struct Session<'a> {
     pub(crate) closing: &'a mut Option<CloseReason>,
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
     pub(crate) outbound_limit: usize,
+    pub(crate) work: &'a mut WorkQueue,
+    pub(crate) work_limit: usize,
 }
 
 impl Session<'_> {
@@ -196,6 +207,22 @@ impl Session<'_> {
             except: self.info.id,
             data: Bytes::copy_from_slice(data),
         });
+    }
+
+    /// Runs `job` on the worker pool, for work that blocks (a database call, a file, a heavy
+    /// computation). Jobs of one session run one at a time, in the order they were spawned, and
+    /// what each writes into its [`Reply`] is sent in that order. While a session has many jobs
+    /// waiting, plexus stops reading it; past `worker_session_limit` jobs the session is closed.
+    /// A job that panics closes only its session.
+    pub fn spawn_blocking(&mut self, job: impl FnOnce(&mut Reply) + Send + 'static) {
+        if self.closing.is_some() {
+            return;
+        }
+        if self.work.len() >= self.work_limit {
+            *self.closing = Some(CloseReason::WorkOverflow);
+            return;
+        }
+        self.work.push(Box::new(job));
     }
 
     /// Closes the session once every queued byte has been written.

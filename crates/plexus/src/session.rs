@@ -17,9 +17,16 @@ use std::sync::Arc;
 
 use rustls::ServerConnection;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use tracing::error;
+
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::metrics::LoopStats;
 use crate::outbound::OutboundQueue;
+use crate::service::{Broadcast, Session};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
+use crate::worker::WorkQueue;
 
 impl SessionId {
     /// The next id; ids start at 1 and are never reused within a process.
@@ -53,6 +60,8 @@ pub(crate) struct TcpSession {
     pub(crate) flush_listed: bool,
     /// The TLS layer of a session on a tls listener (boxed: plain sessions stay small).
     pub(crate) tls: Option<Box<TlsState>>,
+    /// Blocking jobs of this session, run on the worker pool one at a time.
+    pub(crate) work: WorkQueue,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -81,8 +90,55 @@ impl TcpSession {
             read_closed: false,
             flush_listed: false,
             tls: None,
+            work: WorkQueue::default(),
             member_slot: usize::MAX,
             _ticket: ticket,
+        }
+    }
+}
+
+/// What a handler callback needs besides its session: the loop's shared parts.
+pub(crate) struct CallbackContext<'a> {
+    pub(crate) broadcasts: &'a mut Vec<Broadcast>,
+    pub(crate) outbound_limit: usize,
+    pub(crate) work_limit: usize,
+    pub(crate) stats: &'a LoopStats,
+}
+
+impl TcpSession {
+    /// Calls into the service with this session's [`Session`] handle. A panic in the service
+    /// closes this session only (logged with its id, counted); the loop and every other
+    /// session go on.
+    pub(crate) fn callback(
+        &mut self,
+        context: &mut CallbackContext<'_>,
+        call: impl FnOnce(&mut Box<dyn SessionHandler>, &mut Session<'_>),
+    ) {
+        let TcpSession {
+            info,
+            handler,
+            outbound,
+            closing,
+            work,
+            ..
+        } = self;
+        let mut handle = Session {
+            info,
+            outbound,
+            closing: &mut *closing,
+            broadcasts: &mut *context.broadcasts,
+            outbound_limit: context.outbound_limit,
+            work,
+            work_limit: context.work_limit,
+        };
+        let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
+        if outcome.is_err() {
+            error!(
+                session = %info.id, peer = %info.peer, listener = info.listener(),
+                "service handler panicked; closing this session only"
+            );
+            LoopStats::add(&context.stats.handler_panics, 1);
+            *closing = Some(CloseReason::Panic);
         }
     }
 }
