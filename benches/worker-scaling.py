@@ -3,6 +3,11 @@
 
 40 sessions each pipeline 10 lookups; every reply is checked, in order. Build first:
 cargo build --release -p plexus --example blocking_lookup; then run from the repository root."""
+import socket
+import subprocess
+import threading
+import time
+
 results = {}
 for workers in (1, 2, 4, 8):
     port = 7320 + workers
