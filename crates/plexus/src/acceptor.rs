@@ -24,6 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, RefusalReason};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
+use crate::forward::ForwardTarget;
 use crate::log_throttle::LogThrottle;
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
@@ -77,31 +78,11 @@ pub(crate) struct BoundListener {
     pub(crate) options: SocketOptions,
     /// The rustls configuration of a tls listener.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`.
-    ready: bool,
-}
-
-impl BoundListener {
-    pub(crate) fn new(
-        socket: TcpListener,
-        local: SocketAddr,
-        info: Arc<ListenerInfo>,
-        service: Arc<dyn Service>,
-        acl: Acl,
-        options: SocketOptions,
-        tls: Option<Arc<rustls::ServerConfig>>,
-    ) -> Self {
-        BoundListener {
-            socket,
-            local,
-            info,
-            service,
-            acl,
-            options,
-            tls,
-            ready: true,
-        }
-    }
+    /// Where a forward listener relays to.
+    pub(crate) forward: Option<ForwardTarget>,
+    /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`
+    /// (start with `true`: connections may be waiting before the first edge).
+    pub(crate) ready: bool,
 }
 
 /// A request to stop, from a signal or a [`crate::ServerHandle`].
@@ -514,6 +495,7 @@ impl Acceptor {
             service: Arc::clone(&listener.service),
             ticket,
             tls,
+            forward: listener.forward,
         };
         let target = self.least_loaded();
         if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {

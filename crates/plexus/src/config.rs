@@ -257,6 +257,9 @@ pub struct ListenerConfig {
     /// ALPN protocols for tls listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,
+    /// Forward listeners on plain TCP relay with splice(2) (zero copy); false = read/write copy.
+    #[serde(default = "default_true")]
+    pub splice: bool,
     /// Listen backlog.
     #[serde(default = "default_backlog")]
     pub backlog: u32,
@@ -501,7 +504,7 @@ impl Config {
 
             if !known_services.contains(&listener.service.as_str()) {
                 let hint = match listener.service.as_str() {
-                    "http" | "forward" | "auto" => "is not available in this version of plexus yet",
+                    "http" | "auto" => "is not available in this version of plexus yet",
                     _ => "is not a known service",
                 };
                 problem(
@@ -555,11 +558,36 @@ impl Config {
                 }
             }
             let acl = parse_acl(&listener.acl, &key("acl"), &mut problem);
+            let upstream = match (&listener.upstream, listener.service == "forward") {
+                (Some(upstream), true) => match resolve_upstream(upstream) {
+                    Ok(resolved) => Some(resolved),
+                    Err(err) => {
+                        problem(key("upstream"), format!("'{upstream}': {err}"));
+                        None
+                    }
+                },
+                (None, true) => {
+                    problem(
+                        key("upstream"),
+                        "required for service = \"forward\" (HOST:PORT)".into(),
+                    );
+                    None
+                }
+                (Some(_), false) => {
+                    problem(
+                        key("upstream"),
+                        "only forward listeners have an upstream".into(),
+                    );
+                    None
+                }
+                (None, false) => None,
+            };
             if let Some(addr) = addr {
                 listeners.push(ValidListener {
                     config: listener.clone(),
                     addr,
                     acl,
+                    upstream,
                 });
             }
         }
@@ -605,6 +633,19 @@ pub struct ValidListener {
     pub addr: SocketAddr,
     /// The parsed `[listener.acl]`.
     pub acl: Acl,
+    /// The resolved upstream of a forward listener.
+    pub upstream: Option<SocketAddr>,
+}
+
+/// Resolves `HOST:PORT` (once, at start).
+fn resolve_upstream(upstream: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    match upstream.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| "resolves to no address".to_owned()),
+        Err(err) => Err(format!("not a reachable HOST:PORT ({err})")),
+    }
 }
 
 fn parse_acl(acl: &AclConfig, key: &str, problem: &mut impl FnMut(String, String)) -> Acl {

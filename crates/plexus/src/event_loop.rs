@@ -24,6 +24,7 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::admission::{HandshakeSlot, Ticket};
 use crate::config::READ_CHUNK;
+use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::LoopStats;
 use crate::outbound::{Flushed, OutboundQueue};
@@ -69,6 +70,8 @@ pub(crate) struct NewSession {
     pub(crate) ticket: Ticket,
     /// Present for tls listeners: the handshake runs on the loop before the service opens.
     pub(crate) tls: Option<TlsStart>,
+    /// Present for forward listeners: where to relay.
+    pub(crate) forward: Option<ForwardTarget>,
 }
 
 /// What a TLS session needs to start its handshake.
@@ -150,6 +153,8 @@ enum TimerKind {
     Idle,
     /// The TLS handshake must be done by now.
     Handshake,
+    /// A forward session's upstream must be connected by now.
+    Connect,
 }
 
 /// One event-loop thread's state.
@@ -263,10 +268,14 @@ impl EventLoop {
                     woken = true;
                     continue;
                 }
-                let key = event.token().0;
+                let (key, upstream_side) = token_session(event.token());
                 let Some(session) = self.sessions.get_mut(key) else {
                     continue;
                 };
+                if upstream_side {
+                    self.upstream_event(key, event, now);
+                    continue;
+                }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
                     session.readable = true;
                 }
@@ -343,13 +352,14 @@ impl EventLoop {
             service,
             ticket,
             tls,
+            forward,
         } = new;
         let key = self.sessions.vacant_key();
         let interest = Interest::READABLE | Interest::WRITABLE;
         if let Err(err) = self
             .poll
             .registry()
-            .register(&mut stream, Token(key), interest)
+            .register(&mut stream, client_token(key), interest)
         {
             error!(session = %info.id, "cannot register session with the event loop: {err}");
             return;
@@ -386,6 +396,41 @@ impl EventLoop {
             },
             None => Some(service),
         };
+        if let Some(target) = forward {
+            let plain_client = session.tls.is_none();
+            let started = Relay::connect(target, plain_client).and_then(|mut relay| {
+                self.poll.registry().register(
+                    &mut relay.upstream,
+                    upstream_token(key),
+                    interest,
+                )?;
+                Ok(relay)
+            });
+            match started {
+                Ok(mut relay) => {
+                    let check = TimerEntry {
+                        key,
+                        id,
+                        kind: TimerKind::Connect,
+                    };
+                    let deadline = now + self.limits.handshake_timeout;
+                    relay.connect_timer = Some(self.timers.insert(deadline, check));
+                    session.relay = Some(Box::new(relay));
+                }
+                Err(err) => {
+                    info!(session = %id, upstream = %target.upstream, "forward: cannot connect upstream: {err}; closing client");
+                    self.timers.cancel(idle_timer);
+                    if let Some(timer) = session
+                        .tls
+                        .as_mut()
+                        .and_then(|tls| tls.handshake_timer.take())
+                    {
+                        self.timers.cancel(timer);
+                    }
+                    return;
+                }
+            }
+        }
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
         LoopStats::add(&self.stats.sessions_open, 1);
@@ -526,6 +571,42 @@ impl EventLoop {
             }
         }
         self.after_callback(key);
+        self.flush(key, now);
+    }
+
+    /// Readiness of a forward session's upstream socket: finish the connect, then relay.
+    fn upstream_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(relay) = session.relay.as_mut() else {
+            return;
+        };
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            relay.up_readable = true;
+        }
+        if event.is_writable() || event.is_error() {
+            relay.up_write_blocked = false;
+        }
+        if relay.connecting() {
+            match relay.check_connected() {
+                Ok(true) => {
+                    if let Some(timer) = relay.connect_timer.take() {
+                        self.timers.cancel(timer);
+                    }
+                    debug!(session = %session.info.id, upstream = %relay.target, "forward: upstream connected");
+                }
+                Ok(false) => return,
+                Err(err) => {
+                    info!(
+                        session = %session.info.id, upstream = %relay.target,
+                        "forward: upstream failed: {err}; closing client"
+                    );
+                    self.close(key, CloseReason::UpstreamFailed(err.kind()));
+                    return;
+                }
+            }
+        }
         self.flush(key, now);
     }
 
@@ -676,6 +757,13 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
+        if session.relay.is_some() && session.closing.is_none() {
+            let high = self.limits.high_watermark;
+            if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
+            {
+                session.closing = Some(reason);
+            }
+        }
         if let Some(reason) = session.closing.as_ref().filter(|reason| !reason.flushes()) {
             let reason = reason.clone();
             self.close(key, reason);
@@ -704,8 +792,10 @@ impl EventLoop {
                 }
             }
         }
+        let relay_backlog = session.relay.as_ref().map_or(0, |relay| relay.backlog());
         if session.read_paused
             && session.outbound.len() <= self.limits.low_watermark
+            && relay_backlog <= self.limits.low_watermark
             && session.work.len() <= WORK_LOW_WATERMARK
         {
             session.read_paused = false;
@@ -716,10 +806,15 @@ impl EventLoop {
             // Replies of blocking jobs still to come are part of what the peer is owed.
             return;
         }
+        // A forward session is done when both directions are (each side's FIN delivered).
+        let relay_done = session
+            .relay
+            .as_ref()
+            .is_none_or(|relay| relay.finished(session.peer_eof));
         let finished = session
             .closing
             .clone()
-            .or_else(|| session.peer_eof.then_some(CloseReason::PeerClosed));
+            .or_else(|| (session.peer_eof && relay_done).then_some(CloseReason::PeerClosed));
         let Some(reason) = finished else { return };
         if let Some(tls) = session.tls.as_mut() {
             if !tls.handshaking() && !tls.close_notify_sent {
@@ -748,6 +843,13 @@ impl EventLoop {
             return;
         };
         self.timers.cancel(session.idle_timer);
+        if let Some(timer) = session
+            .relay
+            .as_mut()
+            .and_then(|relay| relay.connect_timer.take())
+        {
+            self.timers.cancel(timer);
+        }
         if let Some(tls) = session.tls.as_mut() {
             if let Some(timer) = tls.handshake_timer.take() {
                 self.timers.cancel(timer);
@@ -799,6 +901,16 @@ impl EventLoop {
             let Some(session) = self.sessions.get_if(key, id) else {
                 continue;
             };
+            if kind == TimerKind::Connect {
+                if let Some(relay) = session.relay.as_mut() {
+                    relay.connect_timer = None;
+                    if relay.connecting() {
+                        info!(session = %id, upstream = %relay.target, "forward: upstream did not accept in time; closing client");
+                        self.close(key, CloseReason::UpstreamTimeout);
+                    }
+                }
+                continue;
+            }
             if kind == TimerKind::Handshake {
                 if let Some(tls) = session.tls.as_mut() {
                     tls.handshake_timer = None;
@@ -884,6 +996,20 @@ impl EventLoop {
     }
 }
 
+/// A session's client socket is token `2k`, its upstream (forward) socket `2k + 1`.
+fn client_token(key: usize) -> Token {
+    Token(key << 1)
+}
+
+fn upstream_token(key: usize) -> Token {
+    Token((key << 1) | 1)
+}
+
+/// The session key of a token, and whether it is the upstream side.
+fn token_session(token: Token) -> (usize, bool) {
+    (token.0 >> 1, token.0 & 1 == 1)
+}
+
 /// Whether the loop reads `session` once more this turn. Not when reading is over for now;
 /// not past the outbound high watermark (reading pauses until the queue drains); not past the
 /// per-turn budget (the session goes on the ready list for the next turn).
@@ -895,10 +1021,20 @@ fn may_read(
     stats: &LoopStats,
     ready: &mut Vec<usize>,
 ) -> bool {
-    if !session.readable || session.read_paused || session.peer_eof || session.closing.is_some() {
+    let relay = session.relay.as_deref();
+    if !session.readable
+        || session.read_paused
+        || session.peer_eof
+        || session.closing.is_some()
+        || relay.is_some_and(|relay| relay.spliced())
+    {
+        // (A spliced relay reads the client socket itself, in forward::pump.)
         return false;
     }
-    if session.outbound.len() > high_watermark || session.work.len() > WORK_HIGH_WATERMARK {
+    if session.outbound.len() > high_watermark
+        || relay.is_some_and(|relay| relay.backlog() > high_watermark)
+        || session.work.len() > WORK_HIGH_WATERMARK
+    {
         session.read_paused = true;
         LoopStats::add(&stats.read_pauses, 1);
         return false;

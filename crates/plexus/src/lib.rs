@@ -38,6 +38,7 @@ mod admission;
 pub mod builtin;
 pub mod config;
 mod event_loop;
+mod forward;
 mod log_throttle;
 mod metrics;
 mod outbound;

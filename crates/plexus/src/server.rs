@@ -16,6 +16,7 @@ use crate::admission::Admission;
 use crate::builtin::{Chat, Echo};
 use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
+use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
@@ -240,15 +241,20 @@ fn bind(
         index,
         name: config.name.as_str().into(),
     });
-    Ok(BoundListener::new(
-        TcpListener::from_std(std_listener),
+    Ok(BoundListener {
+        socket: TcpListener::from_std(std_listener),
         local,
         info,
         service,
-        listener.acl.clone(),
+        acl: listener.acl.clone(),
         options,
         tls,
-    ))
+        forward: listener.upstream.map(|upstream| ForwardTarget {
+            upstream,
+            splice: config.splice,
+        }),
+        ready: true,
+    })
 }
 
 /// A server with its listeners bound, ready to [`run`](Server::run).
@@ -269,6 +275,7 @@ impl Server {
         let mut services: BTreeMap<String, Arc<dyn Service>> = BTreeMap::new();
         services.insert("echo".into(), Arc::new(Echo));
         services.insert("chat".into(), Arc::new(chat));
+        services.insert("forward".into(), Arc::new(Forward));
         ServerBuilder {
             config,
             source: "<config>".into(),

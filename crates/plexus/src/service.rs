@@ -115,6 +115,10 @@ pub enum CloseReason {
     Panic,
     /// More blocking jobs were queued than `worker_session_limit` allows.
     WorkOverflow,
+    /// A forward session's upstream refused, reset or failed.
+    UpstreamFailed(std::io::ErrorKind),
+    /// A forward session's upstream did not accept the connection within `handshake_timeout`.
+    UpstreamTimeout,
 }
 
 impl CloseReason {
@@ -144,6 +148,8 @@ impl fmt::Display for CloseReason {
                 f.write_str("server stopped before the session finished")
             }
             CloseReason::Panic => f.write_str("service panicked"),
+            CloseReason::UpstreamFailed(kind) => write!(f, "upstream failed: {kind}"),
+            CloseReason::UpstreamTimeout => f.write_str("upstream connect timed out"),
             CloseReason::WorkOverflow => {
                 f.write_str("too many blocking jobs queued (worker_session_limit)")
             }
@@ -168,6 +174,8 @@ pub struct Session<'a> {
     pub(crate) outbound_limit: usize,
     pub(crate) work: &'a mut WorkQueue,
     pub(crate) work_limit: usize,
+    /// The upstream queue of a forward session.
+    pub(crate) relay: Option<&'a mut OutboundQueue>,
 }
 
 impl Session<'_> {
@@ -223,6 +231,13 @@ impl Session<'_> {
             return;
         }
         self.work.push(Box::new(job));
+    }
+
+    /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).
+    pub(crate) fn relay_upstream(&mut self, data: &[u8]) {
+        if let Some(queue) = self.relay.as_deref_mut() {
+            queue.push_copy(data);
+        }
     }
 
     /// Closes the session once every queued byte has been written.

@@ -22,6 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::forward::Relay;
 use crate::metrics::LoopStats;
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, Session};
@@ -62,6 +63,8 @@ pub(crate) struct TcpSession {
     pub(crate) tls: Option<Box<TlsState>>,
     /// Blocking jobs of this session, run on the worker pool one at a time.
     pub(crate) work: WorkQueue,
+    /// The upstream of a forward session.
+    pub(crate) relay: Option<Box<Relay>>,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -91,6 +94,7 @@ impl TcpSession {
             flush_listed: false,
             tls: None,
             work: WorkQueue::default(),
+            relay: None,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
@@ -120,6 +124,7 @@ impl TcpSession {
             outbound,
             closing,
             work,
+            relay,
             ..
         } = self;
         let mut handle = Session {
@@ -130,6 +135,7 @@ impl TcpSession {
             outbound_limit: context.outbound_limit,
             work,
             work_limit: context.work_limit,
+            relay: relay.as_deref_mut().map(|relay| &mut relay.to_upstream),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

@@ -21,6 +21,7 @@ macro_rules! syscall {
 
 pub mod rlimit;
 pub mod signal;
+pub mod splice;
 
 /// Whether an `accept` error means the process or the system ran out of file descriptors
 /// (`EMFILE` / `ENFILE`), the case a server must handle without spinning.

@@ -1,0 +1,161 @@
+//! `service = "forward"`: plexus relays to an upstream (here a second plexus running echo).
+//! Byte-exact in both directions (splice and copy), half-close carried through, a dead
+//! upstream closes the client promptly, and a tls listener terminates TLS for a plain upstream.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{connect, echo_config, Server, MIB};
+
+fn forward_config(upstream: SocketAddr, transport: &str, extra: &str) -> String {
+    format!(
+        "[server]\nevent_loops = 2\n\n[[listener]]\nname = \"fwd\"\ntransport = \"{transport}\"\n\
+         addr = \"127.0.0.1:0\"\nservice = \"forward\"\nupstream = \"{upstream}\"\n{extra}\n"
+    )
+}
+
+/// Byte `i` of the test stream (not periodic in any power of two).
+fn pattern(i: u64) -> u8 {
+    (i.wrapping_mul(31) ^ (i >> 7)) as u8
+}
+
+/// Sends `total` bytes through `stream` while reading the echo back, verifying every byte;
+/// then half-closes and expects EOF. Returns the bytes received.
+fn transfer_both_ways(stream: TcpStream, total: u64) -> u64 {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        let mut chunk = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        while sent < total {
+            let len = chunk.len().min((total - sent) as usize);
+            for (offset, byte) in chunk[..len].iter_mut().enumerate() {
+                *byte = pattern(sent + offset as u64);
+            }
+            writer.write_all(&chunk[..len]).unwrap();
+            sent += len as u64;
+        }
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut reader = stream;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = reader.read(&mut buf).expect("read echo");
+        if n == 0 {
+            break;
+        }
+        for (offset, byte) in buf[..n].iter().enumerate() {
+            let at = received + offset as u64;
+            assert_eq!(*byte, pattern(at), "byte {at} differs");
+        }
+        received += n as u64;
+    }
+    sender.join().unwrap();
+    received
+}
+
+#[test]
+fn hundred_mib_both_ways_through_splice() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config(upstream.addr("tcp-echo"), "tcp", ""));
+    let total = 100 * MIB;
+    let received = transfer_both_ways(connect(relay.addr("fwd")), total);
+    assert_eq!(
+        received, total,
+        "every byte back, then EOF (half-close travelled both ways)"
+    );
+}
+
+#[test]
+fn copy_mode_is_byte_exact_too() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config(
+        upstream.addr("tcp-echo"),
+        "tcp",
+        "splice = false",
+    ));
+    let total = 20 * MIB;
+    assert_eq!(transfer_both_ways(connect(relay.addr("fwd")), total), total);
+}
+
+#[test]
+fn dead_upstream_closes_the_client_promptly() {
+    // Bind and drop a listener: its port is (almost certainly) closed now.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let relay = Server::start(&forward_config(dead, "tcp", ""));
+    let mark = relay.log_mark();
+    let mut client = connect(relay.addr("fwd"));
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let result = client.read(&mut buf);
+    assert!(
+        matches!(result, Ok(0) | Err(_)),
+        "closed, not answered: {result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "closed promptly"
+    );
+    relay.assert_log(
+        mark,
+        Duration::from_secs(5),
+        "naming the upstream failure",
+        |line| line.contains("upstream") && line.contains("closing client"),
+    );
+    // The relay itself keeps accepting.
+    let _again = connect(relay.addr("fwd"));
+}
+
+#[test]
+fn tls_listener_terminates_tls_for_a_plain_upstream() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config(upstream.addr("tcp-echo"), "tls", ""));
+    let addr = relay.addr("fwd");
+    let mut client = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &addr.to_string(),
+            "-quiet",
+            "-tls1_3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl s_client");
+    let mut stdin = client.stdin.take().unwrap();
+    stdin.write_all(b"through the terminator\n").unwrap();
+    let mut stdout = client.stdout.take().unwrap();
+    let reader = thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 256];
+        while !got.ends_with(b"\n") {
+            match stdout.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        got
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !reader.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = client.kill();
+    let _ = client.wait();
+    drop(stdin);
+    let got = reader.join().unwrap();
+    assert_eq!(got, b"through the terminator\n");
+}
