@@ -38,7 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ),
         "offload_echo example",
     )?;
-    let server = Server::builder(config).service("offload", Offload).handle_signals(true).build()?;
+    let server = Server::builder(config)
+        .service("offload", Offload)
+        .handle_signals(true)
+        .build()?;
     for (name, addr) in server.local_addrs() {
         eprintln!("{name} listening on {addr}");
     }
