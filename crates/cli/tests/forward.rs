@@ -77,11 +77,14 @@ fn hundred_mib_both_ways_through_splice() {
 #[test]
 fn copy_mode_is_byte_exact_too() {
     let upstream = Server::start(&echo_config(""));
-    let relay = Server::start(&forward_config(
-        upstream.addr("tcp-echo"),
-        "tcp",
-        "splice = false",
-    ));
+    // Small watermarks: the relay's queues cross them constantly, so every pause/resume path
+    // between the two sockets is exercised (a lost wake-up here stalls the transfer).
+    let config = forward_config(upstream.addr("tcp-echo"), "tcp", "splice = false").replace(
+        "event_loops = 2",
+        "event_loops = 2\noutbound_high_watermark = 16384\noutbound_low_watermark = 4096\n\
+         outbound_limit = 131072",
+    );
+    let relay = Server::start(&config);
     let total = 20 * MIB;
     assert_eq!(transfer_both_ways(connect(relay.addr("fwd")), total), total);
 }
@@ -158,4 +161,31 @@ fn tls_listener_terminates_tls_for_a_plain_upstream() {
     drop(stdin);
     let got = reader.join().unwrap();
     assert_eq!(got, b"through the terminator\n");
+}
+
+/// Request/response bursts through copy mode: each 256 KiB burst ends with the upstream quiet,
+/// so bytes the relay left unread (its client queue was over the high watermark) produce no new
+/// edge; the relay itself must come back for them, or the round stalls.
+#[test]
+fn copy_mode_bursts_do_not_stall() {
+    let upstream = Server::start(&echo_config(""));
+    let config = forward_config(upstream.addr("tcp-echo"), "tcp", "splice = false").replace(
+        "event_loops = 2",
+        "event_loops = 2\noutbound_high_watermark = 16384\noutbound_low_watermark = 4096\n\
+         outbound_limit = 131072",
+    );
+    let relay = Server::start(&config);
+    let mut stream = connect(relay.addr("fwd"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let burst: Vec<u8> = (0..256 * 1024u64).map(pattern).collect();
+    let mut back = vec![0u8; burst.len()];
+    for round in 0..20 {
+        stream.write_all(&burst).unwrap();
+        stream
+            .read_exact(&mut back)
+            .unwrap_or_else(|err| panic!("round {round} stalled: {err}"));
+        assert!(back == burst, "round {round} differs");
+    }
 }

@@ -802,6 +802,12 @@ impl EventLoop {
             // The edge that announced the unread bytes is gone: come back to read them.
             self.ready.push(key);
         }
+        if session.outbound.len() <= self.limits.low_watermark
+            && session.relay.as_ref().is_some_and(|relay| relay.upstream_pending())
+        {
+            // Same for the upstream side of a forward session (copy mode).
+            self.ready.push(key);
+        }
         if !session.outbound.is_empty() || (!session.work.is_idle() && session.closing.is_none()) {
             // Replies of blocking jobs still to come are part of what the peer is owed.
             return;

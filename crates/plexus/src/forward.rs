@@ -123,6 +123,12 @@ impl Relay {
         client_eof && self.up_shut && self.up_eof && self.client_shut
     }
 
+    /// The upstream has unread bytes that copy mode left there because the client's queue was
+    /// full; once the queue drains, nothing but the loop will come back for them.
+    pub(crate) fn upstream_pending(&self) -> bool {
+        self.connected && self.pipes.is_none() && self.up_readable && !self.up_eof
+    }
+
     pub(crate) fn connecting(&self) -> bool {
         !self.connected
     }
