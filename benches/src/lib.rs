@@ -1,19 +1,25 @@
 //! Shared helpers for the plexus benchmark binaries.
 //!
-//! The crate ships three binaries (see `src/bin/`):
+//! The crate ships these binaries (see `src/bin/`):
 //!
 //! * `tokio-echo` — the idiomatic tokio echo server, used as the reference;
+//! * `tokio-rustls-echo` — the same over TLS (tokio-rustls, aws-lc-rs);
 //! * `mio-echo` — a minimal hand-written single-threaded mio echo loop, the
 //!   "how fast can the bare event loop go" baseline;
-//! * `echo-load` — the closed-loop load generator that drives any of them.
+//! * `echo-load` — the closed-loop load generator that drives any of them
+//!   (`--tls` for the TLS servers);
+//! * `handshake-load` — TLS handshakes per second (full or resumed).
 //!
 //! This library only holds the small pieces they share: a tiny
 //! `--flag value` command-line parser (to keep the dependency graph and the
-//! build time small on a 2-core machine) and a human duration parser.
+//! build time small on a 2-core machine), a human duration parser, and the
+//! TLS helpers in [`tls`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
+
+pub mod tls;
 
 /// A command-line error: printed with the usage text, exit status 2.
 #[derive(Debug)]
@@ -27,14 +33,16 @@ impl fmt::Display for ArgError {
 
 impl std::error::Error for ArgError {}
 
-/// Parsed `--name value` / `--name=value` options.
+/// Parsed `--name value` / `--name=value` options and `--flag` switches.
 ///
-/// Every option takes exactly one value; `--help`/`-h` is reported through
-/// [`Args::help`]. Unknown options are rejected by [`Args::finish`], so a
-/// typo never silently falls back to a default.
+/// Every option takes exactly one value, except the names declared as flags
+/// (see [`Args::from_env_with_flags`]), which take none; `--help`/`-h` is
+/// reported through [`Args::help`]. Unknown options are rejected by
+/// [`Args::finish`], so a typo never silently falls back to a default.
 #[derive(Debug, Default)]
 pub struct Args {
     values: HashMap<String, String>,
+    flags: HashSet<String>,
     help: bool,
 }
 
@@ -44,8 +52,22 @@ impl Args {
         Self::parse(std::env::args().skip(1))
     }
 
+    /// Parses the process arguments, treating `--NAME` for every NAME in
+    /// `flags` as a switch without a value.
+    pub fn from_env_with_flags(flags: &[&str]) -> Result<Self, ArgError> {
+        Self::parse_with_flags(std::env::args().skip(1), flags)
+    }
+
     /// Parses an explicit argument list (without the program name).
     pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Self, ArgError> {
+        Self::parse_with_flags(args, &[])
+    }
+
+    /// Parses an explicit argument list; the names in `flags` take no value.
+    pub fn parse_with_flags<I: IntoIterator<Item = String>>(
+        args: I,
+        flags: &[&str],
+    ) -> Result<Self, ArgError> {
         let mut out = Args::default();
         let mut it = args.into_iter();
         while let Some(arg) = it.next() {
@@ -56,6 +78,12 @@ impl Args {
             let Some(name) = arg.strip_prefix("--") else {
                 return Err(ArgError(format!("unexpected argument `{arg}`")));
             };
+            if flags.contains(&name) {
+                if !out.flags.insert(name.to_owned()) {
+                    return Err(ArgError(format!("option `--{name}` given twice")));
+                }
+                continue;
+            }
             let (name, value) = match name.split_once('=') {
                 Some((n, v)) => (n.to_owned(), v.to_owned()),
                 None => {
@@ -75,6 +103,11 @@ impl Args {
     /// Whether `--help` or `-h` was given.
     pub fn help(&self) -> bool {
         self.help
+    }
+
+    /// Removes the switch `--name` (declared as a flag) and tells whether it was given.
+    pub fn take_flag(&mut self, name: &str) -> bool {
+        self.flags.remove(name)
     }
 
     /// Removes and returns the raw value of `--name`, if given.
@@ -107,7 +140,7 @@ impl Args {
 
     /// Fails if any option was given that no `take*` call consumed.
     pub fn finish(self) -> Result<(), ArgError> {
-        let mut left: Vec<_> = self.values.into_keys().collect();
+        let mut left: Vec<_> = self.values.into_keys().chain(self.flags).collect();
         if left.is_empty() {
             return Ok(());
         }
@@ -135,6 +168,45 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(secs).ok()
+}
+
+/// Reads this thread's CPU time (ns) from `/proc/thread-self/schedstat`.
+pub fn cpu_time_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Latency summary of a histogram of nanoseconds, in microseconds (all
+/// zero for an empty histogram).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// 99.9th percentile.
+    pub p999_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl Latency {
+    /// Summarises `h` (values in nanoseconds).
+    pub fn from_hist(h: &hdrhistogram::Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            p50_us: us(h.value_at_quantile(0.50)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+            mean_us: h.mean() / 1000.0,
+        }
+    }
 }
 
 /// Prints `message` and `usage` on stderr and exits with status 2.
@@ -176,5 +248,22 @@ mod tests {
         assert!(a.finish().is_err());
         assert!(Args::parse(["--addr".to_string()]).is_err());
         assert!(Args::parse(["stray".to_string()]).is_err());
+    }
+
+    #[test]
+    fn flags() {
+        let v = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut a = Args::parse_with_flags(v(&["--tls", "--ca", "x.pem"]), &["tls", "resume"])
+            .expect("parse");
+        assert!(a.take_flag("tls"));
+        assert!(!a.take_flag("resume"));
+        assert_eq!(a.take("ca").as_deref(), Some("x.pem"));
+        a.finish().expect("nothing left");
+        let a = Args::parse_with_flags(v(&["--tls"]), &["tls"]).expect("parse");
+        assert!(
+            a.finish().is_err(),
+            "an unconsumed flag is an unknown option"
+        );
+        assert!(Args::parse_with_flags(v(&["--tls", "--tls"]), &["tls"]).is_err());
     }
 }
