@@ -803,7 +803,10 @@ impl EventLoop {
             self.ready.push(key);
         }
         if session.outbound.len() <= self.limits.low_watermark
-            && session.relay.as_ref().is_some_and(|relay| relay.upstream_pending())
+            && session
+                .relay
+                .as_ref()
+                .is_some_and(|relay| relay.upstream_pending())
         {
             // Same for the upstream side of a forward session (copy mode).
             self.ready.push(key);
