@@ -743,8 +743,12 @@ impl EventLoop {
         let now = Instant::now();
         let mut list = std::mem::take(&mut self.flush_list);
         for key in list.drain(..) {
-            if let Some(session) = self.sessions.get_mut(key) {
-                session.flush_listed = false;
+            // A session flushed directly since it was listed is not flushed again.
+            if self
+                .sessions
+                .get_mut(key)
+                .is_some_and(|session| session.flush_listed)
+            {
                 self.flush(key, now);
             }
         }
@@ -757,6 +761,8 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
+        // This flush covers any pending entry on the flush list (listing again re-arms it).
+        session.flush_listed = false;
         if session.relay.is_some() && session.closing.is_none() {
             let high = self.limits.high_watermark;
             if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
@@ -1068,7 +1074,8 @@ fn process_tls_records(
         return;
     };
     if let Err(err) = tls.conn.process_new_packets() {
-        // rustls queued an alert telling the peer why; the flush before closing sends it.
+        // rustls queued an alert telling the peer why. A TLS error closes without a flush,
+        // so this best-effort write is what sends it.
         let _ = tls.conn.write_tls(&mut session.stream);
         session.closing = Some(CloseReason::Tls(err));
         return;

@@ -87,7 +87,7 @@ impl OutboundQueue {
             match result {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
-                    self.advance(n);
+                    self.consume(n);
                     written += n;
                     if n < offered {
                         // A short write means the socket buffer is full; the writable edge
@@ -122,11 +122,7 @@ impl OutboundQueue {
     }
 
     /// Drops the first `n` queued bytes (they were written).
-    pub(crate) fn consume(&mut self, n: usize) {
-        self.advance(n);
-    }
-
-    fn advance(&mut self, mut n: usize) {
+    pub(crate) fn consume(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
