@@ -19,6 +19,11 @@ macro_rules! syscall {
     }};
 }
 
+pub mod daemon;
+pub mod listen_fds;
+pub mod notify;
+pub mod pidfile;
+pub mod privileges;
 pub mod rlimit;
 pub mod signal;
 pub mod splice;
