@@ -171,6 +171,10 @@ pub(crate) struct Acceptor {
     started_loops: usize,
     shutdown_grace: Duration,
     phase: Phase,
+    /// systemd's notification socket, when started by systemd with `Type=notify`.
+    notifier: Option<plexus_sys::notify::Notifier>,
+    /// `WATCHDOG=1` interval and when it is next due.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 impl Acceptor {
@@ -216,6 +220,8 @@ impl Acceptor {
             started_loops: 0,
             shutdown_grace,
             phase: Phase::Running,
+            notifier: None,
+            watchdog: None,
         };
         Ok((acceptor, control))
     }
@@ -232,6 +238,45 @@ impl Acceptor {
 
     pub(crate) fn set_loops(&mut self, loops: Vec<LoopHandle>) {
         self.loops = loops;
+    }
+
+    /// Reports lifecycle changes to systemd through `notifier`, and sends `WATCHDOG=1` every
+    /// `watchdog` (driven by this thread's poll timeout, so a stuck acceptor stops pinging).
+    pub(crate) fn set_systemd(
+        &mut self,
+        notifier: Option<plexus_sys::notify::Notifier>,
+        watchdog: Option<Duration>,
+    ) {
+        if notifier.is_some() {
+            self.watchdog = watchdog.map(|every| (every, Instant::now() + every));
+        }
+        self.notifier = notifier;
+    }
+
+    /// Sends `state` to systemd, if it is listening; a failure is logged once per call.
+    pub(crate) fn notify(&self, state: &str) {
+        if let Some(notifier) = &self.notifier {
+            if let Err(err) = notifier.notify(state) {
+                warn!(
+                    "cannot notify systemd ({}): {err}",
+                    state.replace('\n', " ")
+                );
+            }
+        }
+    }
+
+    /// How many listeners are open.
+    pub(crate) fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    fn ping_watchdog(&mut self, now: Instant) {
+        if let Some((every, due)) = self.watchdog {
+            if now >= due {
+                self.notify("WATCHDOG=1");
+                self.watchdog = Some((every, now + every));
+            }
+        }
     }
 
     /// Runs until every event loop has exited. Fails if a loop died while serving.
@@ -272,6 +317,7 @@ impl Acceptor {
                 self.stop_loops(request);
             }
             let now = Instant::now();
+            self.ping_watchdog(now);
             if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
                 self.paused_until = None;
                 self.accept_ready(now);
@@ -284,16 +330,23 @@ impl Acceptor {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.phase != Phase::Running {
-            return None;
+        let watchdog = self
+            .watchdog
+            .map(|(_, due)| due.saturating_duration_since(now));
+        let accept = if self.phase != Phase::Running {
+            None
+        } else if let Some(until) = self.paused_until {
+            Some(until.saturating_duration_since(now))
+        } else {
+            self.listeners
+                .iter()
+                .any(|l| l.ready)
+                .then_some(Duration::ZERO)
+        };
+        match (accept, watchdog) {
+            (Some(a), Some(w)) => Some(a.min(w)),
+            (a, w) => a.or(w),
         }
-        if let Some(until) = self.paused_until {
-            return Some(until.saturating_duration_since(now));
-        }
-        self.listeners
-            .iter()
-            .any(|l| l.ready)
-            .then_some(Duration::ZERO)
     }
 
     fn read_signals(&mut self) {
@@ -330,6 +383,15 @@ impl Acceptor {
 
     /// SIGHUP: re-read certificates; a failure keeps the ones in use.
     fn reload(&self) {
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            plexus_sys::notify::monotonic_usec()
+        ));
+        self.reload_certificates();
+        self.notify("READY=1\nSTATUS=reloaded");
+    }
+
+    fn reload_certificates(&self) {
         match &self.tls {
             Some(tls) if tls.has_files() => match tls.reload() {
                 Ok(count) => info!("SIGHUP received: reload done, {count} certificate(s) loaded"),
@@ -348,6 +410,7 @@ impl Acceptor {
         match request {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
+                self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
                 self.close_listeners();
                 let deadline = Instant::now() + self.shutdown_grace;
@@ -360,6 +423,9 @@ impl Acceptor {
             StopRequest::Graceful => {}
             StopRequest::Fast => {
                 if self.phase != Phase::Stopping {
+                    if self.phase == Phase::Running {
+                        self.notify("STOPPING=1\nSTATUS=stopping");
+                    }
                     self.phase = Phase::Stopping;
                     self.close_listeners();
                     self.broadcast_command(|| Command::Stop);

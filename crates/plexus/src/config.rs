@@ -254,6 +254,10 @@ pub struct ListenerConfig {
     /// Accept a PROXY v1/v2 header.
     #[serde(default, skip_serializing_if = "is_false")]
     pub proxy_protocol: bool,
+    /// Set SO_REUSEPORT before binding, so several processes can listen on the same port and
+    /// the kernel spreads connections among them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reuse_port: bool,
     /// ALPN protocols for tls listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,

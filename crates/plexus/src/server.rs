@@ -41,6 +41,12 @@ pub enum Error {
     /// TLS certificates could not be loaded or generated.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    /// An inherited descriptor (systemd socket activation) could not be used.
+    #[error("socket activation: {0}")]
+    Inherited(String),
+    /// The [`ServerBuilder::after_bind`] hook failed (e.g. privileges could not be dropped).
+    #[error("{0}")]
+    AfterBind(Box<dyn std::error::Error + Send + Sync>),
     /// A runtime resource (poll instance, thread) could not be created.
     #[error("{what}: {source}")]
     Runtime {
@@ -57,12 +63,17 @@ impl Error {
     }
 }
 
+/// What [`ServerBuilder::after_bind`] runs.
+type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+
 /// Configures a [`Server`]: services beyond the built-in ones, signal handling.
 pub struct ServerBuilder {
     config: Config,
     source: String,
     services: BTreeMap<String, Arc<dyn Service>>,
     handle_signals: bool,
+    systemd: bool,
+    after_bind: Option<AfterBindHook>,
 }
 
 impl ServerBuilder {
@@ -80,6 +91,28 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether to cooperate with systemd when it started the process (the CLI turns this on;
+    /// off by default): listeners take the sockets passed by socket activation
+    /// (`LISTEN_FDS`, matched by `LISTEN_FDNAMES` to listener names, else by position), and
+    /// `NOTIFY_SOCKET` receives `READY=1`, `RELOADING=1`, `STOPPING=1` and, when
+    /// `WATCHDOG_USEC` is set, `WATCHDOG=1`. Without those variables it changes nothing.
+    pub fn systemd(mut self, enabled: bool) -> Self {
+        self.systemd = enabled;
+        self
+    }
+
+    /// Runs `hook` in [`build`](Self::build) once every listener is bound and before any
+    /// thread starts — where a server started as root drops its privileges (ports below 1024
+    /// are bound by then) or enters a chroot. An error fails the build with
+    /// [`Error::AfterBind`].
+    pub fn after_bind(
+        mut self,
+        hook: impl FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'static,
+    ) -> Self {
+        self.after_bind = Some(Box::new(hook));
+        self
+    }
+
     /// Names errors after `source` (a file path) instead of `<config>`.
     pub fn source_name(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
@@ -93,12 +126,52 @@ impl ServerBuilder {
         self.config.validate(&self.source, &names)
     }
 
-    /// Validates the configuration, binds every listener, and prepares the threads.
+    /// Validates the configuration, binds every listener, and prepares the threads (none is
+    /// started before [`Server::run`], except the worker pool's, which starts after the
+    /// listeners are bound and the [`after_bind`](Self::after_bind) hook has run).
     pub fn build(self) -> Result<Server, Error> {
         let valid = self.validate()?;
         let server = &valid.config.server;
         if let Err(err) = plexus_sys::signal::ignore_sigpipe() {
             tracing::warn!("cannot ignore SIGPIPE: {err}");
+        }
+
+        let uses_tls = valid
+            .listeners
+            .iter()
+            .any(|l| l.config.transport == Transport::Tls);
+        let tls = match uses_tls {
+            true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
+            false => None,
+        };
+        let mut inherited = match self.systemd {
+            true => InheritedSockets::take(&valid.listeners)?,
+            false => InheritedSockets::default(),
+        };
+        let mut bound = Vec::with_capacity(valid.listeners.len());
+        for (index, listener) in valid.listeners.iter().enumerate() {
+            let service = Arc::clone(&self.services[&listener.config.service]);
+            let tls_config = match (&tls, listener.config.transport) {
+                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
+                _ => None,
+            };
+            let socket = inherited.remove(index);
+            bound.push(bind(index, listener, service, tls_config, socket)?);
+        }
+        inherited.warn_unused();
+        if let Some(hook) = self.after_bind {
+            hook().map_err(Error::AfterBind)?;
+        }
+        let local_addrs = bound
+            .iter()
+            .zip(&valid.listeners)
+            .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
+            .collect::<Vec<_>>();
+        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
+            info!(
+                "listening name={name} transport={} addr={addr}",
+                listener.config.transport
+            );
         }
 
         let loop_count = match server.event_loops {
@@ -155,35 +228,6 @@ impl ServerBuilder {
             Arc::clone(&metrics),
         ));
 
-        let uses_tls = valid
-            .listeners
-            .iter()
-            .any(|l| l.config.transport == Transport::Tls);
-        let tls = match uses_tls {
-            true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
-            false => None,
-        };
-        let mut bound = Vec::with_capacity(valid.listeners.len());
-        for (index, listener) in valid.listeners.iter().enumerate() {
-            let service = Arc::clone(&self.services[&listener.config.service]);
-            let tls_config = match (&tls, listener.config.transport) {
-                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
-                _ => None,
-            };
-            bound.push(bind(index, listener, service, tls_config)?);
-        }
-        let local_addrs = bound
-            .iter()
-            .zip(&valid.listeners)
-            .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
-            .collect::<Vec<_>>();
-        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
-            info!(
-                "listening name={name} transport={} addr={addr}",
-                listener.config.transport
-            );
-        }
-
         let (acceptor, control) = Acceptor::new(
             bound,
             self.handle_signals,
@@ -192,6 +236,10 @@ impl ServerBuilder {
             server.shutdown_grace,
         )
         .map_err(Error::runtime("cannot create the acceptor"))?;
+        let mut acceptor = acceptor;
+        if self.systemd {
+            acceptor.set_systemd(systemd_notifier(), plexus_sys::notify::watchdog_interval());
+        }
         Ok(Server {
             acceptor,
             loops,
@@ -204,11 +252,103 @@ impl ServerBuilder {
     }
 }
 
+/// The notifier for `$NOTIFY_SOCKET`; a broken variable is logged, not fatal (the service
+/// manager will report the missing readiness itself).
+fn systemd_notifier() -> Option<plexus_sys::notify::Notifier> {
+    match plexus_sys::notify::Notifier::from_env() {
+        Ok(notifier) => notifier,
+        Err(err) => {
+            tracing::warn!("NOTIFY_SOCKET is set but unusable: {err}; not notifying systemd");
+            None
+        }
+    }
+}
+
+/// Listening sockets passed by systemd socket activation, assigned to listeners: by name when
+/// `LISTEN_FDNAMES` names a listener, otherwise by position among the listeners.
+#[derive(Default)]
+struct InheritedSockets {
+    /// Per listener index, the socket it adopts.
+    assigned: BTreeMap<usize, (Socket, Option<String>)>,
+    /// Sockets no listener matched (closed with a warning).
+    unused: Vec<(usize, Option<String>)>,
+}
+
+impl InheritedSockets {
+    fn take(listeners: &[ValidListener]) -> Result<InheritedSockets, Error> {
+        let fds =
+            plexus_sys::listen_fds::take().map_err(|err| Error::Inherited(err.to_string()))?;
+        let mut sockets = InheritedSockets::default();
+        if fds.is_empty() {
+            return Ok(sockets);
+        }
+        let by_name = fds.iter().any(|fd| {
+            fd.name
+                .as_deref()
+                .is_some_and(|name| listeners.iter().any(|l| l.config.name == name))
+        });
+        for (position, fd) in fds.into_iter().enumerate() {
+            let target = match by_name {
+                true => listeners
+                    .iter()
+                    .position(|l| Some(l.config.name.as_str()) == fd.name.as_deref()),
+                false => (position < listeners.len()).then_some(position),
+            };
+            match target {
+                Some(index) if !sockets.assigned.contains_key(&index) => {
+                    let socket = Socket::from(fd.fd);
+                    check_inherited(&socket, position, &listeners[index].config.name)?;
+                    sockets.assigned.insert(index, (socket, fd.name));
+                }
+                _ => sockets.unused.push((position, fd.name)),
+            }
+        }
+        Ok(sockets)
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Socket> {
+        self.assigned.remove(&index).map(|(socket, _)| socket)
+    }
+
+    fn warn_unused(&self) {
+        for (position, name) in &self.unused {
+            tracing::warn!(
+                "socket activation: descriptor {} (name {}) matches no listener; closed",
+                position + 3,
+                name.as_deref().unwrap_or("-")
+            );
+        }
+    }
+}
+
+/// An inherited descriptor must be a listening TCP socket.
+fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(), Error> {
+    let fd = position + 3;
+    let problem = |what: String| {
+        Error::Inherited(format!("descriptor {fd} for listener '{listener}' {what}"))
+    };
+    match socket.r#type() {
+        Ok(Type::STREAM) => {}
+        Ok(_) => return Err(problem("is not a stream socket".into())),
+        Err(err) => return Err(problem(format!("is not a socket: {err}"))),
+    }
+    match socket.local_addr().map(|addr| addr.as_socket()) {
+        Ok(Some(_)) => {}
+        _ => return Err(problem("is not an IPv4/IPv6 socket".into())),
+    }
+    match socket.is_listener() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(problem("is not listening".into())),
+        Err(err) => Err(problem(format!("cannot be inspected: {err}"))),
+    }
+}
+
 fn bind(
     index: usize,
     listener: &ValidListener,
     service: Arc<dyn Service>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    inherited: Option<Socket>,
 ) -> Result<BoundListener, Error> {
     let config = &listener.config;
     let addr = listener.addr;
@@ -217,17 +357,38 @@ fn bind(
         addr,
         source,
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(bind_error)?;
-    socket.set_reuse_address(true).map_err(bind_error)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(bind_error)?;
-    }
-    socket.set_nonblocking(true).map_err(bind_error)?;
-    socket.bind(&addr.into()).map_err(bind_error)?;
-    socket
-        .listen(config.backlog.min(i32::MAX as u32) as i32)
-        .map_err(bind_error)?;
+    let socket = match inherited {
+        Some(socket) => {
+            socket.set_nonblocking(true).map_err(bind_error)?;
+            let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+            if local.is_some_and(|local| addr.port() != 0 && local != addr) {
+                tracing::warn!(
+                    "listener '{}': the inherited socket is bound to {}, not to the configured {addr}",
+                    config.name,
+                    local.map_or_else(String::new, |l| l.to_string()),
+                );
+            }
+            info!(listener = %config.name, "using the socket passed by the service manager");
+            socket
+        }
+        None => {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .map_err(bind_error)?;
+            socket.set_reuse_address(true).map_err(bind_error)?;
+            if config.reuse_port {
+                socket.set_reuse_port(true).map_err(bind_error)?;
+            }
+            if addr.is_ipv6() {
+                socket.set_only_v6(true).map_err(bind_error)?;
+            }
+            socket.set_nonblocking(true).map_err(bind_error)?;
+            socket.bind(&addr.into()).map_err(bind_error)?;
+            socket
+                .listen(config.backlog.min(i32::MAX as u32) as i32)
+                .map_err(bind_error)?;
+            socket
+        }
+    };
     let std_listener: std::net::TcpListener = socket.into();
     let local = std_listener.local_addr().map_err(bind_error)?;
     let options = SocketOptions {
@@ -281,6 +442,8 @@ impl Server {
             source: "<config>".into(),
             services,
             handle_signals: false,
+            systemd: false,
+            after_bind: None,
         }
     }
 
@@ -334,6 +497,12 @@ impl Server {
                 Err(source) => tracing::error!("cannot start event loop {index}: {source}"),
             }
         }
+        // Every listener is bound and every loop started: tell the service manager.
+        let listeners = acceptor.listener_count();
+        acceptor.notify(&format!(
+            "READY=1\nSTATUS=serving on {listeners} listener(s)\nMAINPID={}",
+            std::process::id()
+        ));
         let result = acceptor.run().map_err(Error::runtime("acceptor failed"));
         for thread in threads {
             let _ = thread.join();

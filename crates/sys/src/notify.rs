@@ -65,6 +65,20 @@ fn abstract_addr(_name: &[u8]) -> io::Result<SocketAddr> {
     ))
 }
 
+/// `CLOCK_MONOTONIC` in microseconds, for the `MONOTONIC_USEC=` field systemd wants next to
+/// `RELOADING=1` (required by `Type=notify-reload`).
+pub fn monotonic_usec() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
+    if syscall!(clock_gettime(libc::CLOCK_MONOTONIC, &mut now)).is_err() {
+        return 0;
+    }
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+}
+
 /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC` (as systemd advises), when that
 /// is set and `$WATCHDOG_PID`, if set, names this process.
 pub fn watchdog_interval() -> Option<Duration> {
