@@ -167,12 +167,6 @@ impl ServerBuilder {
             .zip(&valid.listeners)
             .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
             .collect::<Vec<_>>();
-        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
-            info!(
-                "listening name={name} transport={} addr={addr}",
-                listener.config.transport
-            );
-        }
 
         let loop_count = match server.event_loops {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
@@ -237,6 +231,14 @@ impl ServerBuilder {
         )
         .map_err(Error::runtime("cannot create the acceptor"))?;
         let mut acceptor = acceptor;
+        // Logged once signals are handled, so whoever waits for these lines may signal us.
+        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
+            info!(
+                "listening name={name} transport={} addr={addr}",
+                listener.config.transport
+            );
+        }
+
         if self.systemd {
             acceptor.set_systemd(systemd_notifier(), plexus_sys::notify::watchdog_interval());
         }
