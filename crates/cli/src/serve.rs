@@ -77,10 +77,16 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    // SIGHUP re-reads the same file (by absolute path: the daemon runs in `/`).
+    let reload_path = args.config.as_deref().map(absolute);
     let builder = Server::builder(config)
         .source_name(&source)
         .handle_signals(true)
-        .systemd(true);
+        .systemd(true)
+        .reload_from(move || match &reload_path {
+            Some(path) => Config::load(path),
+            None => Ok(Config::embedded_default()),
+        });
     if args.check {
         return match builder.validate() {
             Ok(valid) => {

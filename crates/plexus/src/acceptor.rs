@@ -22,10 +22,14 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
 
+use std::collections::BTreeMap;
+
 use crate::admission::{Admission, RefusalReason};
+use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
 use crate::forward::ForwardTarget;
 use crate::log_throttle::LogThrottle;
+use crate::reload::{self, Reloader};
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
@@ -175,6 +179,11 @@ pub(crate) struct Acceptor {
     notifier: Option<plexus_sys::notify::Notifier>,
     /// `WATCHDOG=1` interval and when it is next due.
     watchdog: Option<(Duration, Instant)>,
+    /// Where SIGHUP reloads the configuration from (certificates only without it).
+    reloader: Option<Reloader>,
+    /// The index (and mio token) the next listener added by a reload gets; never reused, so
+    /// a stale event or session of a removed listener cannot reach a new one.
+    next_listener_index: usize,
 }
 
 impl Acceptor {
@@ -187,9 +196,11 @@ impl Acceptor {
     ) -> io::Result<(Acceptor, Arc<Control>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        for (index, listener) in listeners.iter_mut().enumerate() {
+        let next_listener_index = listeners.len();
+        for listener in listeners.iter_mut() {
+            let token = Token(listener.info.index);
             poll.registry()
-                .register(&mut listener.socket, Token(index), Interest::READABLE)?;
+                .register(&mut listener.socket, token, Interest::READABLE)?;
         }
         let signals = if handle_signals {
             let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
@@ -222,7 +233,10 @@ impl Acceptor {
             phase: Phase::Running,
             notifier: None,
             watchdog: None,
+            reloader: None,
+            next_listener_index,
         };
+
         Ok((acceptor, control))
     }
 
@@ -265,6 +279,11 @@ impl Acceptor {
         }
     }
 
+    /// Makes SIGHUP reload the whole configuration from `reloader`.
+    pub(crate) fn set_reloader(&mut self, reloader: Reloader) {
+        self.reloader = Some(reloader);
+    }
+
     /// How many listeners are open.
     pub(crate) fn listener_count(&self) -> usize {
         self.listeners.len()
@@ -305,8 +324,11 @@ impl Acceptor {
                 match event.token() {
                     WAKER => {}
                     SIGNALS => self.read_signals(),
+                    // Tokens are listener indexes, stable across reloads (positions are not).
                     Token(index) => {
-                        if let Some(listener) = self.listeners.get_mut(index) {
+                        if let Some(listener) =
+                            self.listeners.iter_mut().find(|l| l.info.index == index)
+                        {
                             listener.ready = true;
                         }
                     }
@@ -381,14 +403,201 @@ impl Acceptor {
         }
     }
 
-    /// SIGHUP: re-read certificates; a failure keeps the ones in use.
-    fn reload(&self) {
+    /// SIGHUP: reload the configuration (or only the certificates, without a reload source).
+    fn reload(&mut self) {
+        if self.phase != Phase::Running {
+            info!("SIGHUP received while stopping: not reloading");
+            return;
+        }
         self.notify(&format!(
             "RELOADING=1\nMONOTONIC_USEC={}",
             plexus_sys::notify::monotonic_usec()
         ));
-        self.reload_certificates();
+        match self.reloader.take() {
+            Some(mut reloader) => {
+                self.reload_config(&mut reloader);
+                self.reloader = Some(reloader);
+            }
+            None => self.reload_certificates(),
+        }
         self.notify("READY=1\nSTATUS=reloaded");
+    }
+
+    /// Applies a new configuration: everything that can change live, in an order that can
+    /// still back out while nothing has changed (validation, then certificates).
+    fn reload_config(&mut self, reloader: &mut Reloader) {
+        let new = match reloader.load() {
+            Ok(new) => new,
+            Err(err) => {
+                for line in err.to_string().lines() {
+                    error!(
+                        "SIGHUP received: reload failed, keeping the running configuration: {line}"
+                    );
+                }
+                return;
+            }
+        };
+        let plan = reload::plan(&reloader.running, &new);
+        if !self.reload_tls(&reloader.running, &new) {
+            return;
+        }
+        for key in &plan.restart {
+            warn!("reload: not applied: {key}: needs a restart");
+        }
+        for name in &plan.removed {
+            if let Some(position) = self.listeners.iter().position(|l| &*l.info.name == name) {
+                let mut listener = self.listeners.remove(position);
+                let _ = self.poll.registry().deregister(&mut listener.socket);
+                info!(
+                    "reload: listener '{name}' removed (addr {}); its sessions stay until they end",
+                    listener.local
+                );
+            }
+        }
+        for &index in &plan.kept {
+            self.update_listener(&new.listeners[index]);
+        }
+        let mut not_bound = Vec::new();
+        for &index in &plan.added {
+            let listener = &new.listeners[index];
+            if let Err(err) = self.add_listener(listener, &reloader.services) {
+                error!(
+                    "reload: listener '{}' not added: {err}",
+                    listener.config.name
+                );
+                not_bound.push(listener.config.name.clone());
+            }
+        }
+        let server = &new.config.server;
+        self.admission.update(
+            new.global_acl.clone(),
+            server.max_connections,
+            server.max_connections_per_ip,
+            server.max_handshakes,
+        );
+        let limits = crate::server::session_limits(server);
+        for (index, handle) in self.loops.iter().enumerate() {
+            if handle.send(Command::SetLimits(limits.clone())).is_err() {
+                warn!(
+                    event_loop = index,
+                    "reload: event loop did not take the new limits (queue full)"
+                );
+            }
+        }
+        self.shutdown_grace = server.shutdown_grace;
+        reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
+        info!(
+            "SIGHUP received: reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
+            self.listeners.len(),
+            plan.added.len() - not_bound.len(),
+            plan.removed.len(),
+            plan.restart.len()
+        );
+    }
+
+    /// Reloads certificates from the new `[tls]` table (creating the TLS context if the first
+    /// tls listener arrives). False, with the reason logged, if the reload must stop here.
+    fn reload_tls(&mut self, running: &ValidConfig, new: &ValidConfig) -> bool {
+        let needs_tls = new
+            .listeners
+            .iter()
+            .any(|l| l.config.transport == Transport::Tls);
+        match &self.tls {
+            Some(tls) if tls.has_files() || running.config.tls != new.config.tls => {
+                match tls.reload_from(new.config.tls.as_ref()) {
+                    Ok(count) => info!("reload: {count} certificate(s) loaded"),
+                    Err(err) => {
+                        error!(
+                            "SIGHUP received: reload failed, keeping the previous certificates                              and the running configuration: {err}"
+                        );
+                        return false;
+                    }
+                }
+            }
+            Some(_) => {}
+            None if needs_tls => match TlsContext::new(new.config.tls.as_ref()) {
+                Ok(tls) => self.tls = Some(Arc::new(tls)),
+                Err(err) => {
+                    error!(
+                        "SIGHUP received: reload failed, keeping the running configuration:                          tls: {err}"
+                    );
+                    return false;
+                }
+            },
+            None => {}
+        }
+        true
+    }
+
+    /// A kept listener takes its new ACL, socket options, ALPN and upstream.
+    fn update_listener(&mut self, new: &ValidListener) {
+        let tls = match self.tls_config_for(new) {
+            Ok(tls) => tls,
+            Err(err) => {
+                error!(
+                    "reload: listener '{}': tls: {err}; keeping its previous settings",
+                    new.config.name
+                );
+                return;
+            }
+        };
+        let Some(listener) = self
+            .listeners
+            .iter_mut()
+            .find(|l| *l.info.name == new.config.name)
+        else {
+            return;
+        };
+        listener.acl = new.acl.clone();
+        listener.options = crate::server::socket_options(&new.config);
+        listener.forward = crate::server::forward_target(new);
+        if listener.tls.is_some() {
+            listener.tls = tls;
+        }
+    }
+
+    /// Binds a listener added by a reload and starts accepting on it.
+    fn add_listener(
+        &mut self,
+        new: &ValidListener,
+        services: &BTreeMap<String, Arc<dyn Service>>,
+    ) -> Result<(), crate::Error> {
+        // Validation checked the name against these services.
+        let service = services
+            .get(&new.config.service)
+            .map(Arc::clone)
+            .ok_or_else(|| crate::Error::Runtime {
+                what: "unknown service",
+                source: io::Error::other(new.config.service.clone()),
+            })?;
+        let tls = self.tls_config_for(new)?;
+        let index = self.next_listener_index;
+        let mut listener = crate::server::bind(index, new, service, tls, None)?;
+        self.poll
+            .registry()
+            .register(&mut listener.socket, Token(index), Interest::READABLE)
+            .map_err(|source| crate::Error::Runtime {
+                what: "cannot register the listener",
+                source,
+            })?;
+        self.next_listener_index += 1;
+        info!(
+            "listening name={} transport={} addr={} (added by reload)",
+            new.config.name, new.config.transport, listener.local
+        );
+        self.listeners.push(listener);
+        Ok(())
+    }
+
+    /// The rustls configuration of a tls listener, `None` for others.
+    fn tls_config_for(
+        &self,
+        listener: &ValidListener,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+        match (&self.tls, listener.config.transport) {
+            (Some(tls), Transport::Tls) => tls.server_config(&listener.config.alpn).map(Some),
+            _ => Ok(None),
+        }
     }
 
     fn reload_certificates(&self) {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use plexus_proto::Acl;
 
@@ -56,13 +56,14 @@ impl fmt::Display for RefusalReason {
     }
 }
 
-/// The admission policy and the live counts it enforces.
+/// The admission policy and the live counts it enforces. The policy can be replaced while
+/// running ([`Admission::update`], on SIGHUP); the counts carry over.
 #[derive(Debug)]
 pub(crate) struct Admission {
-    global_acl: Acl,
-    max_connections: usize,
-    max_per_ip: usize,
-    max_handshakes: usize,
+    global_acl: RwLock<Arc<Acl>>,
+    max_connections: AtomicUsize,
+    max_per_ip: AtomicUsize,
+    max_handshakes: AtomicUsize,
     handshakes: Arc<AtomicUsize>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -78,10 +79,10 @@ impl Admission {
         metrics: Arc<Metrics>,
     ) -> Self {
         Admission {
-            global_acl,
-            max_connections,
-            max_per_ip,
-            max_handshakes,
+            global_acl: RwLock::new(Arc::new(global_acl)),
+            max_connections: AtomicUsize::new(max_connections),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            max_handshakes: AtomicUsize::new(max_handshakes),
             handshakes: Arc::new(AtomicUsize::new(0)),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -98,11 +99,12 @@ impl Admission {
         let ip = ip.to_canonical();
         let result = self.try_admit(listener_acl, ip);
         match result {
-            Ok(()) => {
+            Ok(per_ip) => {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 Ok(Ticket {
                     admission: Arc::clone(self),
                     ip,
+                    per_ip,
                 })
             }
             Err(reason) => {
@@ -112,32 +114,60 @@ impl Admission {
         }
     }
 
-    fn try_admit(&self, listener_acl: &Acl, ip: IpAddr) -> Result<(), RefusalReason> {
-        if !self.global_acl.permits(ip) || !listener_acl.permits(ip) {
+    /// Replaces the policy (SIGHUP): new connections see it at once; sessions already admitted
+    /// keep their places. A per-IP cap turned on live counts only sessions admitted after it.
+    pub(crate) fn update(
+        &self,
+        global_acl: Acl,
+        max_connections: usize,
+        max_per_ip: usize,
+        max_handshakes: usize,
+    ) {
+        *self
+            .global_acl
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(global_acl);
+        self.max_connections
+            .store(max_connections, Ordering::Release);
+        self.max_per_ip.store(max_per_ip, Ordering::Release);
+        self.max_handshakes.store(max_handshakes, Ordering::Release);
+    }
+
+    /// Admits or refuses; `Ok(true)` when the session is counted against its IP's cap.
+    fn try_admit(&self, listener_acl: &Acl, ip: IpAddr) -> Result<bool, RefusalReason> {
+        let global_acl = Arc::clone(
+            &self
+                .global_acl
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        if !global_acl.permits(ip) || !listener_acl.permits(ip) {
             return Err(RefusalReason::Acl);
         }
         let previous = self.open.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_connections {
+        if previous >= self.max_connections.load(Ordering::Acquire) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(RefusalReason::MaxConnections);
         }
-        if self.max_per_ip > 0 {
+        let max_per_ip = self.max_per_ip.load(Ordering::Acquire);
+        if max_per_ip > 0 {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
+            if *count >= max_per_ip {
                 drop(per_ip);
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(RefusalReason::MaxConnectionsPerIp);
             }
             *count += 1;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Reserves a place for one TLS handshake, or refuses (and counts) past `max_handshakes`.
     pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
         let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_handshakes {
+        if previous >= self.max_handshakes.load(Ordering::Acquire) {
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
             self.metrics.refused(RefusalReason::HandshakeCapacity);
             return Err(RefusalReason::HandshakeCapacity);
@@ -152,8 +182,8 @@ impl Admission {
         self.metrics.refused(reason);
     }
 
-    fn release(&self, ip: IpAddr) {
-        if self.max_per_ip > 0 {
+    fn release(&self, ip: IpAddr, counted_per_ip: bool) {
+        if counted_per_ip {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
@@ -171,11 +201,13 @@ impl Admission {
 pub(crate) struct Ticket {
     admission: Arc<Admission>,
     ip: IpAddr,
+    /// Counted in the per-IP table (the cap was on when it was admitted).
+    per_ip: bool,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.admission.release(self.ip);
+        self.admission.release(self.ip, self.per_ip);
     }
 }
 

@@ -42,6 +42,7 @@ mod forward;
 mod log_throttle;
 mod metrics;
 mod outbound;
+mod reload;
 mod server;
 mod service;
 mod session;

@@ -14,10 +14,11 @@ use tracing::info;
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
 use crate::builtin::{Chat, Echo};
-use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
+use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::reload::{ReloadSource, Reloader};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
 use crate::worker::WorkerPool;
@@ -74,6 +75,7 @@ pub struct ServerBuilder {
     handle_signals: bool,
     systemd: bool,
     after_bind: Option<AfterBindHook>,
+    reload_source: Option<ReloadSource>,
 }
 
 impl ServerBuilder {
@@ -110,6 +112,18 @@ impl ServerBuilder {
         hook: impl FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'static,
     ) -> Self {
         self.after_bind = Some(Box::new(hook));
+        self
+    }
+
+    /// Where SIGHUP (with [`handle_signals`](Self::handle_signals)) gets the configuration
+    /// to reload: the CLI re-reads its file. Without it, SIGHUP reloads certificate files only.
+    /// Settings that can change live are applied, the others are logged as
+    /// `not applied: <key>: needs a restart`; an invalid configuration is logged and ignored.
+    pub fn reload_from(
+        mut self,
+        source: impl FnMut() -> Result<Config, ConfigError> + Send + 'static,
+    ) -> Self {
+        self.reload_source = Some(Box::new(source));
         self
     }
 
@@ -172,14 +186,7 @@ impl ServerBuilder {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let limits = SessionLimits {
-            idle_timeout: server.idle_timeout,
-            handshake_timeout: server.handshake_timeout,
-            high_watermark: server.outbound_high_watermark,
-            low_watermark: server.outbound_low_watermark,
-            outbound_limit: server.outbound_limit,
-            work_limit: server.worker_session_limit,
-        };
+        let limits = session_limits(server);
         let workers = match server.workers {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -231,6 +238,14 @@ impl ServerBuilder {
         )
         .map_err(Error::runtime("cannot create the acceptor"))?;
         let mut acceptor = acceptor;
+        if let Some(source) = self.reload_source {
+            acceptor.set_reloader(Reloader {
+                source,
+                source_name: self.source.clone(),
+                services: self.services.clone(),
+                running: valid.clone(),
+            });
+        }
         // Logged once signals are handled, so whoever waits for these lines may signal us.
         for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
             info!(
@@ -345,7 +360,20 @@ fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(
     }
 }
 
-fn bind(
+/// The limits event loops apply to sessions, from `[server]`.
+pub(crate) fn session_limits(server: &ServerConfig) -> SessionLimits {
+    SessionLimits {
+        idle_timeout: server.idle_timeout,
+        handshake_timeout: server.handshake_timeout,
+        high_watermark: server.outbound_high_watermark,
+        low_watermark: server.outbound_low_watermark,
+        outbound_limit: server.outbound_limit,
+        work_limit: server.worker_session_limit,
+    }
+}
+
+/// Binds (or adopts, when `inherited`) one listener's socket; `index` is its stable identity.
+pub(crate) fn bind(
     index: usize,
     listener: &ValidListener,
     service: Arc<dyn Service>,
@@ -393,13 +421,6 @@ fn bind(
     };
     let std_listener: std::net::TcpListener = socket.into();
     let local = std_listener.local_addr().map_err(bind_error)?;
-    let options = SocketOptions {
-        nodelay: config.tcp_nodelay,
-        recv_buffer: config.recv_buffer,
-        send_buffer: config.send_buffer,
-        keepalive: config.keepalive,
-        linger: config.linger,
-    };
     let info = Arc::new(ListenerInfo {
         index,
         name: config.name.as_str().into(),
@@ -410,13 +431,29 @@ fn bind(
         info,
         service,
         acl: listener.acl.clone(),
-        options,
+        options: socket_options(config),
         tls,
-        forward: listener.upstream.map(|upstream| ForwardTarget {
-            upstream,
-            splice: config.splice,
-        }),
+        forward: forward_target(listener),
         ready: true,
+    })
+}
+
+/// The options applied to each connection a listener accepts.
+pub(crate) fn socket_options(config: &crate::config::ListenerConfig) -> SocketOptions {
+    SocketOptions {
+        nodelay: config.tcp_nodelay,
+        recv_buffer: config.recv_buffer,
+        send_buffer: config.send_buffer,
+        keepalive: config.keepalive,
+        linger: config.linger,
+    }
+}
+
+/// Where a forward listener relays to.
+pub(crate) fn forward_target(listener: &ValidListener) -> Option<ForwardTarget> {
+    listener.upstream.map(|upstream| ForwardTarget {
+        upstream,
+        splice: listener.config.splice,
     })
 }
 
@@ -446,6 +483,7 @@ impl Server {
             handle_signals: false,
             systemd: false,
             after_bind: None,
+            reload_source: None,
         }
     }
 
