@@ -243,6 +243,37 @@ mod tests {
     }
 
     #[test]
+    fn an_updated_policy_applies_to_new_connections_and_counts_carry_over() {
+        let admission = admission(Acl::default(), 10, 0);
+        let open = Acl::default();
+        let a = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let b = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let deny: Acl = Acl::new(Vec::new(), vec!["127.0.0.9/32".parse().unwrap()]);
+        admission.update(deny, 3, 1, 2);
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.9")).unwrap_err(),
+            RefusalReason::Acl
+        );
+        // Two open before the update, the cap is now 3: one more place.
+        let c = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.3")).unwrap_err(),
+            RefusalReason::MaxConnections
+        );
+        drop((b, c));
+        // The per-IP cap counts sessions admitted after it was switched on.
+        let d = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.2")).unwrap_err(),
+            RefusalReason::MaxConnectionsPerIp
+        );
+        // Tickets from before the per-IP cap give back only their global place.
+        drop((a, d));
+        assert_eq!(admission.open.load(Ordering::Relaxed), 0);
+        assert!(admission.per_ip.lock().unwrap().is_empty());
+    }
+
+    #[test]
     fn caps_refuse_the_excess_and_tickets_give_places_back() {
         let admission = admission(Acl::default(), 2, 0);
         let open = Acl::default();

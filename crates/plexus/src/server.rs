@@ -495,7 +495,8 @@ impl Server {
             .map(|(_, addr)| *addr)
     }
 
-    /// Every listener's name and bound address, in configuration order.
+    /// Every listener's name and bound address, in configuration order (as built: listeners
+    /// added or removed by a later reload are logged, not reflected here).
     pub fn local_addrs(&self) -> &[(String, SocketAddr)] {
         &self.local_addrs
     }

@@ -104,6 +104,8 @@ impl Server {
             .arg(&config_path)
             .args(args)
             .env_remove("RUST_LOG")
+            // A test runner started by systemd must not have its manager notified by servers.
+            .env_remove("NOTIFY_SOCKET")
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
