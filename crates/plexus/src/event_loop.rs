@@ -26,8 +26,9 @@ use crate::admission::{HandshakeSlot, Ticket};
 use crate::config::READ_CHUNK;
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::LoopStats;
+use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::{Flushed, OutboundQueue};
+use crate::service::TimerRequest;
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, Submitter, Task};
@@ -155,6 +156,8 @@ enum TimerKind {
     Handshake,
     /// A forward session's upstream must be connected by now.
     Connect,
+    /// The deadline a service set with `Session::set_timer`.
+    Handler,
 }
 
 /// One event-loop thread's state.
@@ -181,6 +184,8 @@ pub(crate) struct EventLoop {
     limits: SessionLimits,
     idle_limit: Duration,
     stats: Arc<LoopStats>,
+    /// The server's counters, for services that report them (`Session::server_metrics`).
+    metrics: Option<Arc<Metrics>>,
     tls_failures: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
@@ -225,11 +230,17 @@ impl EventLoop {
             idle_limit: limits.idle_timeout,
             limits,
             stats,
+            metrics: None,
             tls_failures: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
         };
         Ok((event_loop, handle))
+    }
+
+    /// Gives the loop the server's counters (read by services through their session).
+    pub(crate) fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Gives the loop the worker pool's queue.
@@ -431,29 +442,33 @@ impl EventLoop {
                 }
             }
         }
+        let session_is_tls = session.tls.is_some();
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
         LoopStats::add(&self.stats.sessions_open, 1);
+        if session_is_tls {
+            LoopStats::add(&self.stats.tls_sessions_open, 1);
+        }
         let session = self.sessions.get_mut(key).expect("just inserted");
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
             let mut context = CallbackContext {
                 broadcasts: &mut self.broadcasts,
-                outbound_limit: self.limits.outbound_limit,
-                work_limit: self.limits.work_limit,
+                limits: &self.limits,
                 stats: &self.stats,
+                metrics: self.metrics.as_deref(),
             };
             session.callback(&mut context, |handler, handle| {
                 *handler = service.open(handle)
             });
-            self.after_callback(key);
+            self.after_callback(key, now);
         }
         self.ready.push(key);
     }
 
     /// Reads what the session has (within its budget), hands it to the handler, then flushes.
     fn serve(&mut self, key: usize, now: Instant) {
-        let limits = &self.limits;
+        self.deliver_drain(key);
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -486,9 +501,9 @@ impl EventLoop {
                     LoopStats::add(&self.stats.bytes_in, n as u64);
                     let mut context = CallbackContext {
                         broadcasts: &mut self.broadcasts,
-                        outbound_limit: limits.outbound_limit,
-                        work_limit: limits.work_limit,
+                        limits: &self.limits,
                         stats: &self.stats,
+                        metrics: self.metrics.as_deref(),
                     };
                     let data = &self.read_buf[..n];
                     session.callback(&mut context, |handler, handle| {
@@ -502,7 +517,7 @@ impl EventLoop {
                 }
             }
         }
-        self.after_callback(key);
+        self.after_callback(key, now);
         self.flush(key, now);
     }
 
@@ -563,14 +578,14 @@ impl EventLoop {
                 }
                 let mut context = CallbackContext {
                     broadcasts: &mut self.broadcasts,
-                    outbound_limit: self.limits.outbound_limit,
-                    work_limit: self.limits.work_limit,
+                    limits: &self.limits,
                     stats: &self.stats,
+                    metrics: self.metrics.as_deref(),
                 };
                 process_tls_records(session, &mut self.plain_buf, &mut context, &mut self.timers);
             }
         }
-        self.after_callback(key);
+        self.after_callback(key, now);
         self.flush(key, now);
     }
 
@@ -610,8 +625,10 @@ impl EventLoop {
         self.flush(key, now);
     }
 
-    /// Delivers the broadcasts a callback queued, and lists the session for flushing.
-    fn after_callback(&mut self, key: usize) {
+    /// Delivers the broadcasts a callback queued, applies its timer request, and lists the
+    /// session for flushing.
+    fn after_callback(&mut self, key: usize, now: Instant) {
+        self.apply_timer_request(key, now);
         if !self.broadcasts.is_empty() {
             let broadcasts = std::mem::take(&mut self.broadcasts);
             for broadcast in &broadcasts {
@@ -632,6 +649,63 @@ impl EventLoop {
         }
         self.submit_work(key);
         self.list_for_flush(key);
+    }
+
+    /// Arms or cancels the handler's deadline as its last callback asked.
+    fn apply_timer_request(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let request = std::mem::take(&mut session.timer_request);
+        if request == TimerRequest::Keep {
+            return;
+        }
+        if let Some(timer) = session.handler_timer.take() {
+            self.timers.cancel(timer);
+        }
+        if let TimerRequest::Set(after) = request {
+            let entry = TimerEntry {
+                key,
+                id: session.info.id,
+                kind: TimerKind::Handler,
+            };
+            session.handler_timer = Some(self.timers.insert(now + after, entry));
+        }
+    }
+
+    /// Calls the handler's `on_drain`, when the queue drained as it asked.
+    fn deliver_drain(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if !session.drain_due {
+            return;
+        }
+        session.drain_due = false;
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        session.callback(&mut context, |handler, handle| handler.on_drain(handle));
+    }
+
+    /// Calls the handler's `on_timer` (its deadline passed), then flushes what it queued.
+    fn deliver_timer(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        session.handler_timer = None;
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        session.callback(&mut context, |handler, handle| handler.on_timer(handle));
+        self.after_callback(key, now);
+        self.flush(key, now);
     }
 
     /// Hands the session's next blocking job to the pool, unless one is running already. If the
@@ -688,7 +762,7 @@ impl EventLoop {
                 Some(reply) => {
                     let (data, close) = reply.into_parts();
                     if session.closing.is_none() {
-                        if session.outbound.len() + data.len() > self.limits.outbound_limit {
+                        if session.outbound.memory_len() + data.len() > self.limits.outbound_limit {
                             session.closing = Some(CloseReason::OutboundOverflow);
                         } else {
                             session.outbound.push_shared(Bytes::from(data));
@@ -717,7 +791,7 @@ impl EventLoop {
                 if member.info.id == broadcast.except || member.closing.is_some() {
                     return;
                 }
-                if member.outbound.len() + broadcast.data.len() > limit {
+                if member.outbound.memory_len() + broadcast.data.len() > limit {
                     member.closing = Some(CloseReason::OutboundOverflow);
                 } else {
                     member.outbound.push_shared(broadcast.data.clone());
@@ -808,6 +882,15 @@ impl EventLoop {
             // The edge that announced the unread bytes is gone: come back to read them.
             self.ready.push(key);
         }
+        if session.drain_wanted
+            && session.closing.is_none()
+            && session.outbound.len() <= self.limits.low_watermark
+        {
+            // The producer that paused may go on: `serve` calls its on_drain next turn.
+            session.drain_wanted = false;
+            session.drain_due = true;
+            self.ready.push(key);
+        }
         if session.outbound.len() <= self.limits.low_watermark
             && session
                 .relay
@@ -858,6 +941,9 @@ impl EventLoop {
             return;
         };
         self.timers.cancel(session.idle_timer);
+        if let Some(timer) = session.handler_timer.take() {
+            self.timers.cancel(timer);
+        }
         if let Some(timer) = session
             .relay
             .as_mut()
@@ -882,11 +968,15 @@ impl EventLoop {
             }
         }
         LoopStats::sub(&self.stats.sessions_open, 1);
+        if session.tls.is_some() {
+            LoopStats::sub(&self.stats.tls_sessions_open, 1);
+        }
         let counter = match reason {
             CloseReason::IdleTimeout => Some(&self.stats.closed_idle_timeout),
             CloseReason::OutboundOverflow => Some(&self.stats.closed_outbound_overflow),
             CloseReason::Io(_) => Some(&self.stats.closed_io_error),
             CloseReason::ShutdownForced => Some(&self.stats.closed_forced),
+            CloseReason::UpstreamTimeout => Some(&self.stats.closed_upstream_timeout),
             _ => None,
         };
         if let Some(counter) = counter {
@@ -923,6 +1013,12 @@ impl EventLoop {
                         info!(session = %id, upstream = %relay.target, "forward: upstream did not accept in time; closing client");
                         self.close(key, CloseReason::UpstreamTimeout);
                     }
+                }
+                continue;
+            }
+            if kind == TimerKind::Handler {
+                if session.closing.is_none() {
+                    self.deliver_timer(key, now);
                 }
                 continue;
             }
@@ -1150,7 +1246,7 @@ fn flush_tls(
                 blocked: false,
             });
         }
-        let chunk = outbound.front();
+        let chunk = outbound.front(TLS_PLAINTEXT_CHUNK)?;
         let take = chunk.len().min(TLS_PLAINTEXT_CHUNK);
         let accepted = tls.conn.writer().write(&chunk[..take])?;
         if accepted == 0 {

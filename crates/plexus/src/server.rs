@@ -147,6 +147,9 @@ impl ServerBuilder {
             pool_stats: Arc::clone(&pool.stats),
             ..Metrics::default()
         });
+        for event_loop in &mut loops {
+            event_loop.set_metrics(Arc::clone(&metrics));
+        }
         let admission = Arc::new(Admission::new(
             valid.global_acl.clone(),
             server.max_connections,

@@ -22,10 +22,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
-use crate::metrics::LoopStats;
+use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
-use crate::service::{Broadcast, Session};
+use crate::service::{Broadcast, Session, TimerRequest};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -65,6 +66,13 @@ pub(crate) struct TcpSession {
     pub(crate) work: WorkQueue,
     /// The upstream of a forward session.
     pub(crate) relay: Option<Box<Relay>>,
+    /// The handler's deadline ([`Session::set_timer`]), and a change asked for in a callback.
+    pub(crate) handler_timer: Option<TimerKey>,
+    pub(crate) timer_request: TimerRequest,
+    /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
+    pub(crate) drain_wanted: bool,
+    /// The queue drained as asked: `on_drain` is called on the next `serve`.
+    pub(crate) drain_due: bool,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -95,6 +103,10 @@ impl TcpSession {
             tls: None,
             work: WorkQueue::default(),
             relay: None,
+            handler_timer: None,
+            timer_request: TimerRequest::Keep,
+            drain_wanted: false,
+            drain_due: false,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
@@ -104,9 +116,9 @@ impl TcpSession {
 /// What a handler callback needs besides its session: the loop's shared parts.
 pub(crate) struct CallbackContext<'a> {
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
-    pub(crate) outbound_limit: usize,
-    pub(crate) work_limit: usize,
+    pub(crate) limits: &'a SessionLimits,
     pub(crate) stats: &'a LoopStats,
+    pub(crate) metrics: Option<&'a Metrics>,
 }
 
 impl TcpSession {
@@ -125,6 +137,8 @@ impl TcpSession {
             closing,
             work,
             relay,
+            timer_request,
+            drain_wanted,
             ..
         } = self;
         let mut handle = Session {
@@ -132,10 +146,14 @@ impl TcpSession {
             outbound,
             closing: &mut *closing,
             broadcasts: &mut *context.broadcasts,
-            outbound_limit: context.outbound_limit,
+            outbound_limit: context.limits.outbound_limit,
             work,
-            work_limit: context.work_limit,
+            work_limit: context.limits.work_limit,
             relay: relay.as_deref_mut().map(|relay| &mut relay.to_upstream),
+            timer: timer_request,
+            drain_wanted,
+            high_watermark: context.limits.high_watermark,
+            metrics: context.metrics,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

@@ -20,6 +20,7 @@ macro_rules! syscall {
 }
 
 pub mod rlimit;
+pub mod sendfile;
 pub mod signal;
 pub mod splice;
 
