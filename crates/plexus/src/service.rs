@@ -134,6 +134,8 @@ pub enum CloseReason {
     UpstreamFailed(std::io::ErrorKind),
     /// A forward session's upstream did not accept the connection within `handshake_timeout`.
     UpstreamTimeout,
+    /// A `proxy_protocol` session's PROXY header was missing, malformed or late.
+    ProxyHeader,
 }
 
 impl CloseReason {
@@ -165,6 +167,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Panic => f.write_str("service panicked"),
             CloseReason::UpstreamFailed(kind) => write!(f, "upstream failed: {kind}"),
             CloseReason::UpstreamTimeout => f.write_str("upstream connect timed out"),
+            CloseReason::ProxyHeader => f.write_str("missing or malformed PROXY header"),
             CloseReason::WorkOverflow => {
                 f.write_str("too many blocking jobs queued (worker_session_limit)")
             }
@@ -178,6 +181,15 @@ pub(crate) struct Broadcast {
     pub(crate) listener: usize,
     pub(crate) except: SessionId,
     pub(crate) data: Bytes,
+}
+
+/// A plain session turning into a TLS session (the `auto` group found a ClientHello).
+pub(crate) struct TlsUpgrade {
+    pub(crate) config: Arc<rustls::ServerConfig>,
+    /// The bytes already read: the start of the ClientHello.
+    pub(crate) received: Vec<u8>,
+    /// Opened on the decrypted stream once the handshake completes.
+    pub(crate) service: Arc<dyn Service>,
 }
 
 /// A change to a session's handler timer, applied by the loop after the callback.
@@ -204,6 +216,7 @@ pub struct Session<'a> {
     pub(crate) drain_wanted: &'a mut bool,
     pub(crate) high_watermark: usize,
     pub(crate) metrics: Option<&'a Metrics>,
+    pub(crate) upgrade: &'a mut Option<Box<TlsUpgrade>>,
 }
 
 impl Session<'_> {
@@ -299,6 +312,22 @@ impl Session<'_> {
     /// metrics endpoint. `None` only for a session not running under a [`crate::Server`].
     pub fn server_metrics(&self) -> Option<MetricsSnapshot> {
         self.metrics.map(Metrics::snapshot)
+    }
+
+    /// Turns this plain session into a TLS session: `received` (bytes the handler read) is
+    /// the start of the ClientHello; once the handshake completes, `service` is opened on the
+    /// decrypted stream and replaces this handler.
+    pub(crate) fn start_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        received: Vec<u8>,
+        service: Arc<dyn Service>,
+    ) {
+        *self.upgrade = Some(Box::new(TlsUpgrade {
+            config,
+            received,
+            service,
+        }));
     }
 
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).

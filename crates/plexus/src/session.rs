@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use mio::net::TcpStream;
-use plexus_proto::TimerKey;
+use plexus_proto::{Acl, TimerKey};
 use slab::Slab;
 
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
-use crate::service::{Broadcast, Session, TimerRequest};
+use crate::service::{Broadcast, Session, TimerRequest, TlsUpgrade};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -73,6 +73,10 @@ pub(crate) struct TcpSession {
     pub(crate) drain_wanted: bool,
     /// The queue drained as asked: `on_drain` is called on the next `serve`.
     pub(crate) drain_due: bool,
+    /// The handler asked to switch this plain session to TLS (applied after its callback).
+    pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
+    /// A `proxy_protocol` session before its PROXY header is complete.
+    pub(crate) proxy: Option<Box<ProxyWait>>,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -107,9 +111,22 @@ impl TcpSession {
             timer_request: TimerRequest::Keep,
             drain_wanted: false,
             drain_due: false,
+            tls_upgrade: None,
+            proxy: None,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
+    }
+}
+
+impl TcpSession {
+    /// The session's admission ticket.
+    pub(crate) fn ticket(&self) -> &Ticket {
+        &self._ticket
+    }
+
+    pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
+        &mut self._ticket
     }
 }
 
@@ -139,6 +156,7 @@ impl TcpSession {
             relay,
             timer_request,
             drain_wanted,
+            tls_upgrade,
             ..
         } = self;
         let mut handle = Session {
@@ -154,6 +172,7 @@ impl TcpSession {
             drain_wanted,
             high_watermark: context.limits.high_watermark,
             metrics: context.metrics,
+            upgrade: tls_upgrade,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {
@@ -165,6 +184,17 @@ impl TcpSession {
             *closing = Some(CloseReason::Panic);
         }
     }
+}
+
+/// A session waiting for its PROXY header.
+pub(crate) struct ProxyWait {
+    /// Bytes read so far (at most `MAX_PROXY_HEADER`).
+    pub(crate) received: Vec<u8>,
+    /// The listener's ACL, applied to the client the header names.
+    pub(crate) acl: Arc<Acl>,
+    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
+    pub(crate) service: Option<Arc<dyn Service>>,
+    pub(crate) timer: TimerKey,
 }
 
 /// A TLS session's protocol state.

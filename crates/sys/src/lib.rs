@@ -19,6 +19,7 @@ macro_rules! syscall {
     }};
 }
 
+pub mod fs;
 pub mod rlimit;
 pub mod sendfile;
 pub mod signal;
