@@ -553,8 +553,7 @@ impl Config {
                 if listener.proxy_trusted.is_empty() {
                     problem(
                         key("proxy_trusted"),
-                        "must list the load balancers' addresses when proxy_protocol = true"
-                            .into(),
+                        "must list the load balancers' addresses when proxy_protocol = true".into(),
                     );
                 }
                 let trusted = listener

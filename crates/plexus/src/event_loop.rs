@@ -29,8 +29,8 @@ use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::{Flushed, OutboundQueue};
-use crate::service::{TimerRequest, TlsUpgrade};
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
+use crate::service::{TimerRequest, TlsUpgrade};
 use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, Submitter, Task};
 
@@ -611,7 +611,13 @@ impl EventLoop {
     }
 
     /// Applies a parsed PROXY header, then carries on as a session that just started.
-    fn proxy_header_done(&mut self, key: usize, header: ProxyHeader, consumed: usize, now: Instant) {
+    fn proxy_header_done(
+        &mut self,
+        key: usize,
+        header: ProxyHeader,
+        consumed: usize,
+        now: Instant,
+    ) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -649,11 +655,21 @@ impl EventLoop {
             metrics: self.metrics.as_deref(),
         };
         if session.tls.is_some() {
-            feed_ciphertext(session, rest, &mut self.plain_buf, &mut context, &mut self.timers);
+            feed_ciphertext(
+                session,
+                rest,
+                &mut self.plain_buf,
+                &mut context,
+                &mut self.timers,
+            );
         } else if let Some(service) = service {
-            session.callback(&mut context, |handler, handle| *handler = service.open(handle));
+            session.callback(&mut context, |handler, handle| {
+                *handler = service.open(handle)
+            });
             if !rest.is_empty() {
-                session.callback(&mut context, |handler, handle| handler.on_data(handle, rest));
+                session.callback(&mut context, |handler, handle| {
+                    handler.on_data(handle, rest)
+                });
             }
         }
         self.after_callback(key, now);
@@ -1150,7 +1166,10 @@ impl EventLoop {
         if let Some(timer) = session.handler_timer.take() {
             self.timers.cancel(timer);
         }
-        let proxy_pending = session.proxy.take().map(|wait| self.timers.cancel(wait.timer));
+        let proxy_pending = session
+            .proxy
+            .take()
+            .map(|wait| self.timers.cancel(wait.timer));
         if let Some(timer) = session
             .relay
             .as_mut()

@@ -166,9 +166,8 @@ impl ServerBuilder {
             Arc::clone(&metrics),
         ));
 
-        let is_auto = |l: &ValidListener| {
-            l.config.service == AUTO && !self.services.contains_key(AUTO)
-        };
+        let is_auto =
+            |l: &ValidListener| l.config.service == AUTO && !self.services.contains_key(AUTO);
         let uses_tls = valid
             .listeners
             .iter()

@@ -74,7 +74,10 @@ mod tests {
             .read_to_string(&mut text)
             .unwrap();
         assert_eq!(text, "inside");
-        assert!(open_beneath(&dir, Path::new("inner")).is_ok(), "symlink within the root");
+        assert!(
+            open_beneath(&dir, Path::new("inner")).is_ok(),
+            "symlink within the root"
+        );
         for escape in ["../secret", "escape", "sub/../../secret"] {
             let err = open_beneath(&dir, Path::new(escape)).unwrap_err();
             assert!(is_escape(&err), "{escape}: {err}");

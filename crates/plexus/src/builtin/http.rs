@@ -160,7 +160,10 @@ impl Http {
             }) {
                 Ok(dir) => Some(dir),
                 Err(err) => {
-                    warn!("http.root {}: {err}; serving built-in pages only", path.display());
+                    warn!(
+                        "http.root {}: {err}; serving built-in pages only",
+                        path.display()
+                    );
                     None
                 }
             }
@@ -228,8 +231,7 @@ impl HttpSession {
             match self.decoder.poll() {
                 Ok(None) => break,
                 Ok(Some(RequestEvent::Head(head))) => {
-                    if head.expect_continue && !matches!(head.method, Method::Get | Method::Head)
-                    {
+                    if head.expect_continue && !matches!(head.method, Method::Get | Method::Head) {
                         // Refuse before the client sends a body we would discard.
                         let started = Instant::now();
                         self.respond(session, &head, started);
@@ -279,8 +281,18 @@ impl HttpSession {
         let status = err.status();
         self.log_refusal(session, status, err);
         self.shared.stats.rejected(status);
-        let body = format!("{status} {}: {err}\n", plexus_proto::http::reason_phrase(status));
-        self.send_simple(session, status, "text/plain; charset=utf-8", body.as_bytes(), false, false);
+        let body = format!(
+            "{status} {}: {err}\n",
+            plexus_proto::http::reason_phrase(status)
+        );
+        self.send_simple(
+            session,
+            status,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            false,
+            false,
+        );
         self.done = true;
         session.close();
     }
@@ -311,26 +323,54 @@ impl HttpSession {
         match &head.method {
             Method::Get | Method::Head => {}
             Method::Options => {
-                self.send_with(session, 204, &[("Allow", b"GET, HEAD, OPTIONS")], b"", keep_alive, true);
+                self.send_with(
+                    session,
+                    204,
+                    &[("Allow", b"GET, HEAD, OPTIONS")],
+                    b"",
+                    keep_alive,
+                    true,
+                );
                 self.shared.stats.latency(started.elapsed());
                 return keep_alive;
             }
-            Method::Other(_) => {
-                let body = b"501 Not Implemented: unknown method\n";
+            Method::Other(method) => {
+                // Unknown semantics: nothing after this request can be trusted; close.
+                let why = format!("unknown method {method:?}");
+                self.log_refusal(session, 501, &why);
                 self.shared.stats.rejected(501);
-                self.send_simple(session, 501, "text/plain; charset=utf-8", body, keep_alive, head_only);
-                return keep_alive;
+                let body = b"501 Not Implemented: unknown method\n";
+                let mime = "text/plain; charset=utf-8";
+                self.send_simple(session, 501, mime, body, false, head_only);
+                return false;
             }
             _ => {
                 let body = b"405 Method Not Allowed: this server serves GET and HEAD\n";
-                self.send_with(session, 405, &[("Allow", b"GET, HEAD, OPTIONS"), ("Content-Type", b"text/plain; charset=utf-8")], body, keep_alive, false);
+                self.send_with(
+                    session,
+                    405,
+                    &[
+                        ("Allow", b"GET, HEAD, OPTIONS"),
+                        ("Content-Type", b"text/plain; charset=utf-8"),
+                    ],
+                    body,
+                    keep_alive,
+                    false,
+                );
                 self.shared.stats.latency(started.elapsed());
                 return keep_alive;
             }
         }
         match path {
             "/healthz" => {
-                self.send_simple(session, 200, "text/plain; charset=utf-8", b"ok", keep_alive, head_only);
+                self.send_simple(
+                    session,
+                    200,
+                    "text/plain; charset=utf-8",
+                    b"ok",
+                    keep_alive,
+                    head_only,
+                );
             }
             "/metrics" => {
                 let mut text = String::with_capacity(8 * 1024);
@@ -353,10 +393,23 @@ impl HttpSession {
         keep_alive
     }
 
-    fn serve_file(&mut self, session: &mut Session<'_>, head: &RequestHead, keep_alive: bool, head_only: bool) {
+    fn serve_file(
+        &mut self,
+        session: &mut Session<'_>,
+        head: &RequestHead,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
         let Some(root) = self.shared.root.as_ref() else {
             if head.target == "/" || head.target == "/index.html" {
-                self.send_simple(session, 200, "text/html; charset=utf-8", BUILTIN_INDEX.as_bytes(), keep_alive, head_only);
+                self.send_simple(
+                    session,
+                    200,
+                    "text/html; charset=utf-8",
+                    BUILTIN_INDEX.as_bytes(),
+                    keep_alive,
+                    head_only,
+                );
             } else {
                 self.not_found(session, keep_alive, head_only);
             }
@@ -365,9 +418,15 @@ impl HttpSession {
         let segments = match normalize_path(&head.target) {
             Ok(segments) => segments,
             Err(err) => {
-                debug!(session = %session.id(), target = %head.target, "http: refused path: {err}");
+                // A traversal attempt or an undecodable path: answer and close.
+                let why = format!("request target {:?}: {err}", head.target);
+                self.log_refusal(session, 400, &why);
+                self.shared.stats.rejected(400);
                 let body = format!("400 Bad Request: {err}\n");
-                self.send_simple(session, 400, "text/plain; charset=utf-8", body.as_bytes(), keep_alive, head_only);
+                let mime = "text/plain; charset=utf-8";
+                self.send_simple(session, 400, mime, body.as_bytes(), false, head_only);
+                self.done = true;
+                session.close();
                 return;
             }
         };
@@ -377,14 +436,17 @@ impl HttpSession {
             segments.iter().collect()
         };
         let (file, metadata, name) = match open_below(root, &relative) {
-            Ok((file, metadata)) if metadata.is_dir() => {
+            Ok((_, metadata)) if metadata.is_dir() => {
                 if !head.target.split('?').next().unwrap_or("").ends_with('/') {
                     let mut location = head.target.split('?').next().unwrap_or("/").to_owned();
                     location.push('/');
                     self.send_with(
                         session,
                         301,
-                        &[("Location", location.as_bytes()), ("Content-Type", b"text/plain; charset=utf-8")],
+                        &[
+                            ("Location", location.as_bytes()),
+                            ("Content-Type", b"text/plain; charset=utf-8"),
+                        ],
                         b"301 Moved Permanently\n",
                         keep_alive,
                         head_only,
@@ -392,7 +454,9 @@ impl HttpSession {
                     return;
                 }
                 match open_below(root, &relative.join("index.html")) {
-                    Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html".to_owned()),
+                    Ok((file, metadata)) if metadata.is_file() => {
+                        (file, metadata, "index.html".to_owned())
+                    }
                     _ => {
                         self.not_found(session, keep_alive, head_only);
                         return;
@@ -408,7 +472,14 @@ impl HttpSession {
             }
             Err(err) if plexus_sys::fs::is_escape(&err) => {
                 debug!(session = %session.id(), target = %head.target, "http: path leads outside the root");
-                self.send_simple(session, 403, "text/plain; charset=utf-8", b"403 Forbidden\n", keep_alive, head_only);
+                self.send_simple(
+                    session,
+                    403,
+                    "text/plain; charset=utf-8",
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
                 return;
             }
             Err(err)
@@ -419,7 +490,14 @@ impl HttpSession {
                 return;
             }
             Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
-                self.send_simple(session, 403, "text/plain; charset=utf-8", b"403 Forbidden\n", keep_alive, head_only);
+                self.send_simple(
+                    session,
+                    403,
+                    "text/plain; charset=utf-8",
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
                 return;
             }
             Err(err) => {
@@ -428,15 +506,22 @@ impl HttpSession {
                     target = %head.target,
                     "http: cannot open file: {err}"
                 );
-                self.send_simple(session, 500, "text/plain; charset=utf-8", b"500 Internal Server Error\n", keep_alive, head_only);
+                self.send_simple(
+                    session,
+                    500,
+                    "text/plain; charset=utf-8",
+                    b"500 Internal Server Error\n",
+                    keep_alive,
+                    head_only,
+                );
                 return;
             }
         };
         let len = metadata.len();
-        let modified = metadata
-            .modified()
-            .unwrap_or(UNIX_EPOCH);
-        let modified_nanos = modified.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
+        let modified_nanos = modified
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let etag = entity_tag(len, modified_nanos ^ u128::from(metadata.ino()));
         let last_modified = format_http_date(modified);
         let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
@@ -454,7 +539,10 @@ impl HttpSession {
             self.send_with(
                 session,
                 304,
-                &[("ETag", etag.as_bytes()), ("Last-Modified", last_modified.as_bytes())],
+                &[
+                    ("ETag", etag.as_bytes()),
+                    ("Last-Modified", last_modified.as_bytes()),
+                ],
                 b"",
                 keep_alive,
                 true,
@@ -478,7 +566,10 @@ impl HttpSession {
                 self.send_with(
                     session,
                     416,
-                    &[("Content-Range", content_range.as_bytes()), ("Content-Type", b"text/plain; charset=utf-8")],
+                    &[
+                        ("Content-Range", content_range.as_bytes()),
+                        ("Content-Type", b"text/plain; charset=utf-8"),
+                    ],
                     b"416 Range Not Satisfiable\n",
                     keep_alive,
                     head_only,
@@ -523,7 +614,14 @@ impl HttpSession {
     }
 
     fn not_found(&mut self, session: &mut Session<'_>, keep_alive: bool, head_only: bool) {
-        self.send_simple(session, 404, "text/plain; charset=utf-8", b"404 Not Found\n", keep_alive, head_only);
+        self.send_simple(
+            session,
+            404,
+            "text/plain; charset=utf-8",
+            b"404 Not Found\n",
+            keep_alive,
+            head_only,
+        );
     }
 
     fn send_simple(
@@ -535,7 +633,14 @@ impl HttpSession {
         keep_alive: bool,
         head_only: bool,
     ) {
-        self.send_with(session, status, &[("Content-Type", mime.as_bytes())], body, keep_alive, head_only);
+        self.send_with(
+            session,
+            status,
+            &[("Content-Type", mime.as_bytes())],
+            body,
+            keep_alive,
+            head_only,
+        );
     }
 
     /// Sends a response with a body from memory (Content-Length framed).
@@ -562,7 +667,13 @@ impl HttpSession {
     }
 
     /// Writes the status line and headers common to every response, then `headers`.
-    fn write_response_head(&self, out: &mut Vec<u8>, status: u16, headers: &[(&str, &[u8])], keep_alive: bool) {
+    fn write_response_head(
+        &self,
+        out: &mut Vec<u8>,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        keep_alive: bool,
+    ) {
         self.shared.stats.response(status);
         let date = http_date_now();
         let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
@@ -591,9 +702,20 @@ impl SessionHandler for HttpSession {
         if self.done || !self.decoder.head_in_progress() {
             return;
         }
-        self.log_refusal(session, 408, &"request head not complete within header_timeout");
+        self.log_refusal(
+            session,
+            408,
+            &"request head not complete within header_timeout",
+        );
         self.shared.stats.rejected(408);
-        self.send_simple(session, 408, "text/plain; charset=utf-8", b"408 Request Timeout\n", false, false);
+        self.send_simple(
+            session,
+            408,
+            "text/plain; charset=utf-8",
+            b"408 Request Timeout\n",
+            false,
+            false,
+        );
         self.done = true;
         session.close();
     }
