@@ -811,7 +811,7 @@ mod human_duration_opt {
 mod tests {
     use super::*;
 
-    const SERVICES: &[&str] = &["echo", "chat"];
+    const SERVICES: &[&str] = &["echo", "chat", "http", "auto"];
 
     fn problems(text: &str) -> Vec<Problem> {
         match Config::parse(text, "t.toml") {
@@ -832,7 +832,7 @@ mod tests {
             .iter()
             .map(|l| l.config.name.as_str())
             .collect();
-        assert_eq!(names, ["tcp-echo", "tls-echo", "chat"]);
+        assert_eq!(names, ["tcp-echo", "tls-echo", "chat", "http", "https"]);
         assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
         let again = Config::parse(&config.to_toml(), "printed").unwrap();
         assert_eq!(again, config);

@@ -212,7 +212,7 @@ struct HttpSession {
 impl HttpSession {
     fn new(shared: Arc<Shared>) -> Self {
         HttpSession {
-            decoder: RequestDecoder::new(shared.limits.clone()),
+            decoder: RequestDecoder::new(shared.limits),
             shared,
             current: None,
             header_timer_armed: false,
