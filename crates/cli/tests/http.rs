@@ -524,3 +524,25 @@ fn expect_100_continue_and_chunked_bodies_are_handled() {
     let refused = read_response(&mut stream, &mut buffered, false).unwrap();
     assert_eq!(refused.status, 405);
 }
+
+#[test]
+fn a_changed_file_is_served_fresh_once_file_cache_valid_has_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, "file_cache_valid = \"300ms\""));
+    let addr = server.addr("http");
+    assert_eq!(get(addr, "/hello.txt").body, b"hello, plexus\n");
+    std::fs::write(root.join("hello.txt"), b"changed!\n").unwrap();
+    let fresh = wait_until(Duration::from_secs(10), || {
+        get(addr, "/hello.txt").body == b"changed!\n"
+    });
+    assert!(fresh, "the new content was never served");
+    // A deleted file is gone too (no stale copy served forever).
+    std::fs::remove_file(root.join("hello.txt")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || get(
+        addr,
+        "/hello.txt"
+    )
+    .status
+        == 404));
+}

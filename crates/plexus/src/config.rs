@@ -156,6 +156,12 @@ pub struct HttpConfig {
     /// The whole request head must arrive within this.
     #[serde(with = "human_duration")]
     pub header_timeout: Duration,
+    /// Memory per event loop for small files (≤ 32 KiB) served without touching the disk;
+    /// 0 = off.
+    pub file_cache_bytes: usize,
+    /// How long a cached file is served before the file system is asked again.
+    #[serde(with = "human_duration")]
+    pub file_cache_valid: Duration,
 }
 
 impl Default for HttpConfig {
@@ -166,6 +172,8 @@ impl Default for HttpConfig {
             max_uri_bytes: 8 * 1024,
             max_body_bytes: 1024 * 1024,
             header_timeout: Duration::from_secs(10),
+            file_cache_bytes: 4 * 1024 * 1024,
+            file_cache_valid: Duration::from_secs(1),
         }
     }
 }

@@ -35,6 +35,23 @@ use crate::service::{Service, Session, SessionHandler};
 /// queued as file regions (sendfile on plain TCP).
 const INLINE_FILE_MAX: u64 = 32 * 1024;
 
+/// What a response needs to know about a file, computed once per open (or cache fill).
+struct FileMeta {
+    len: u64,
+    modified: SystemTime,
+    etag: String,
+    last_modified: String,
+    mime: &'static str,
+}
+
+/// Where a file's bytes come from.
+enum FileBody {
+    /// Cached (small files): no system call to serve it.
+    Memory(Bytes),
+    /// Open below the root: read (small) or sent with sendfile (large).
+    File(File),
+}
+
 /// The page served at `/` when no `[http].root` is configured.
 const BUILTIN_INDEX: &str = "<!doctype html>\n<html><head><title>plexus</title></head>\
 <body><h1>plexus</h1><p>It works. Configure <code>[http].root</code> to serve files; \
@@ -44,6 +61,83 @@ see <a href=\"/metrics\">/metrics</a> and <a href=\"/healthz\">/healthz</a>.</p>
 const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
 ];
+
+/// Small files kept in memory, per event-loop thread (no lock on the hot path), for at most
+/// `file_cache_valid` before the file is looked at again (as nginx's `open_file_cache_valid`).
+/// Bounded by `file_cache_bytes` per loop; when full it starts over (entries are cheap to refill).
+struct FileCache {
+    /// Tells this service's entries apart from another server's in the same thread.
+    id: usize,
+    capacity: usize,
+    valid: Duration,
+}
+
+struct CachedFile {
+    meta: Arc<FileMeta>,
+    body: Bytes,
+    filled: Instant,
+}
+
+#[derive(Default)]
+struct CacheStore {
+    entries: std::collections::HashMap<(usize, String), CachedFile>,
+    bytes: usize,
+}
+
+thread_local! {
+    static FILE_CACHE: std::cell::RefCell<CacheStore> = std::cell::RefCell::default();
+}
+
+impl FileCache {
+    fn new(capacity: usize, valid: Duration) -> FileCache {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        FileCache {
+            id: NEXT_ID.fetch_add(1, Relaxed) as usize,
+            capacity,
+            valid,
+        }
+    }
+
+    /// Whether a file of `len` bytes is kept in memory.
+    fn admits(&self, len: u64) -> bool {
+        len <= INLINE_FILE_MAX && (len as usize) <= self.capacity
+    }
+
+    fn get(&self, key: &str, now: Instant) -> Option<(Arc<FileMeta>, FileBody)> {
+        if self.capacity == 0 {
+            return None;
+        }
+        FILE_CACHE.with(|store| {
+            let store = store.borrow();
+            let entry = store.entries.get(&(self.id, key.to_owned()))?;
+            (now.duration_since(entry.filled) < self.valid).then(|| {
+                (
+                    Arc::clone(&entry.meta),
+                    FileBody::Memory(entry.body.clone()),
+                )
+            })
+        })
+    }
+
+    fn insert(&self, key: String, meta: Arc<FileMeta>, body: Bytes, now: Instant) {
+        FILE_CACHE.with(|store| {
+            let mut store = store.borrow_mut();
+            if store.bytes + body.len() > self.capacity {
+                store.entries.clear();
+                store.bytes = 0;
+            }
+            store.bytes += body.len();
+            let entry = CachedFile {
+                meta,
+                body,
+                filled: now,
+            };
+            if let Some(old) = store.entries.insert((self.id, key), entry) {
+                store.bytes -= old.body.len();
+            }
+        });
+    }
+}
 
 /// The http service. Shared by every http listener of a server.
 pub struct Http {
@@ -56,6 +150,7 @@ struct Shared {
     root_path: Option<PathBuf>,
     limits: Limits,
     header_timeout: Duration,
+    cache: FileCache,
     stats: HttpStats,
     /// Refused requests are logged at most once a second (a flood must not flood the log).
     refusals: Mutex<LogThrottle>,
@@ -180,6 +275,7 @@ impl Http {
                 root,
                 limits,
                 header_timeout: config.header_timeout,
+                cache: FileCache::new(config.file_cache_bytes, config.file_cache_valid),
                 stats: HttpStats::default(),
                 refusals: Mutex::new(LogThrottle::new()),
             }),
@@ -400,7 +496,7 @@ impl HttpSession {
         keep_alive: bool,
         head_only: bool,
     ) {
-        let Some(root) = self.shared.root.as_ref() else {
+        if self.shared.root.is_none() {
             if head.target == "/" || head.target == "/index.html" {
                 self.send_simple(
                     session,
@@ -414,7 +510,7 @@ impl HttpSession {
                 self.not_found(session, keep_alive, head_only);
             }
             return;
-        };
+        }
         let segments = match normalize_path(&head.target) {
             Ok(segments) => segments,
             Err(err) => {
@@ -430,123 +526,25 @@ impl HttpSession {
                 return;
             }
         };
-        let relative: PathBuf = if segments.is_empty() {
-            PathBuf::from(".")
-        } else {
-            segments.iter().collect()
+        let Some((meta, body)) = self.resolve(session, head, &segments, keep_alive, head_only)
+        else {
+            return;
         };
-        let (file, metadata, name) = match open_below(root, &relative) {
-            Ok((_, metadata)) if metadata.is_dir() => {
-                if !head.target.split('?').next().unwrap_or("").ends_with('/') {
-                    let mut location = head.target.split('?').next().unwrap_or("/").to_owned();
-                    location.push('/');
-                    self.send_with(
-                        session,
-                        301,
-                        &[
-                            ("Location", location.as_bytes()),
-                            ("Content-Type", b"text/plain; charset=utf-8"),
-                        ],
-                        b"301 Moved Permanently\n",
-                        keep_alive,
-                        head_only,
-                    );
-                    return;
-                }
-                match open_below(root, &relative.join("index.html")) {
-                    Ok((file, metadata)) if metadata.is_file() => {
-                        (file, metadata, "index.html".to_owned())
-                    }
-                    _ => {
-                        self.not_found(session, keep_alive, head_only);
-                        return;
-                    }
-                }
-            }
-            Ok((file, metadata)) if metadata.is_file() => {
-                (file, metadata, segments.last().cloned().unwrap_or_default())
-            }
-            Ok(_) => {
-                self.not_found(session, keep_alive, head_only);
-                return;
-            }
-            Err(err) if plexus_sys::fs::is_escape(&err) => {
-                debug!(session = %session.id(), target = %head.target, "http: path leads outside the root");
-                self.send_simple(
-                    session,
-                    403,
-                    "text/plain; charset=utf-8",
-                    b"403 Forbidden\n",
-                    keep_alive,
-                    head_only,
-                );
-                return;
-            }
-            Err(err)
-                if err.kind() == io::ErrorKind::NotFound
-                    || plexus_sys::fs::is_not_a_directory(&err) =>
-            {
-                self.not_found(session, keep_alive, head_only);
-                return;
-            }
-            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
-                self.send_simple(
-                    session,
-                    403,
-                    "text/plain; charset=utf-8",
-                    b"403 Forbidden\n",
-                    keep_alive,
-                    head_only,
-                );
-                return;
-            }
-            Err(err) => {
-                warn!(
-                    root = %self.shared.root_path.as_deref().unwrap_or(std::path::Path::new("?")).display(),
-                    target = %head.target,
-                    "http: cannot open file: {err}"
-                );
-                self.send_simple(
-                    session,
-                    500,
-                    "text/plain; charset=utf-8",
-                    b"500 Internal Server Error\n",
-                    keep_alive,
-                    head_only,
-                );
-                return;
-            }
-        };
-        let len = metadata.len();
-        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
-        let modified_nanos = modified
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let etag = entity_tag(len, modified_nanos ^ u128::from(metadata.ino()));
-        let last_modified = format_http_date(modified);
-        let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
-        let mime = content_type(extension);
-
+        let len = meta.len;
         // Conditional requests: If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
         let not_modified = match head.header("if-none-match") {
-            Some(value) => if_none_match(value, &etag),
+            Some(value) => if_none_match(value, &meta.etag),
             None => head
                 .header("if-modified-since")
                 .and_then(parse_http_date)
-                .is_some_and(|since| unix_seconds(modified) <= unix_seconds(since)),
+                .is_some_and(|since| unix_seconds(meta.modified) <= unix_seconds(since)),
         };
         if not_modified {
-            self.send_with(
-                session,
-                304,
-                &[
-                    ("ETag", etag.as_bytes()),
-                    ("Last-Modified", last_modified.as_bytes()),
-                ],
-                b"",
-                keep_alive,
-                true,
-            );
+            let validators = [
+                ("ETag", meta.etag.as_bytes()),
+                ("Last-Modified", meta.last_modified.as_bytes()),
+            ];
+            self.send_with(session, 304, &validators, b"", keep_alive, true);
             return;
         }
         let range = match head.header("range") {
@@ -579,38 +577,175 @@ impl HttpSession {
         };
         let length = count.to_string();
         let mut headers: Vec<(&str, &[u8])> = vec![
-            ("Content-Type", mime.as_bytes()),
+            ("Content-Type", meta.mime.as_bytes()),
             ("Content-Length", length.as_bytes()),
-            ("ETag", etag.as_bytes()),
-            ("Last-Modified", last_modified.as_bytes()),
+            ("ETag", meta.etag.as_bytes()),
+            ("Last-Modified", meta.last_modified.as_bytes()),
             ("Accept-Ranges", b"bytes"),
         ];
         if let Some(content_range) = &content_range {
             headers.push(("Content-Range", content_range.as_bytes()));
         }
-        let mut out = Vec::with_capacity(320);
+        let mut out = Vec::with_capacity(
+            320 + if count <= INLINE_FILE_MAX {
+                count as usize
+            } else {
+                0
+            },
+        );
         self.write_response_head(&mut out, status, &headers, keep_alive);
         if head_only || count == 0 {
             session.send(&out);
             return;
         }
-        if count <= INLINE_FILE_MAX {
-            let mut body = vec![0u8; count as usize];
-            match read_exact_at(&file, &mut body, start) {
-                Ok(()) => {
-                    out.extend_from_slice(&body);
-                    session.send_bytes(Bytes::from(out));
-                }
-                Err(err) => {
-                    warn!(target = %head.target, "http: cannot read file: {err}");
-                    self.done = true;
-                    session.close();
+        let (start, end) = (start as usize, (start + count) as usize);
+        match body {
+            FileBody::Memory(bytes) => {
+                // Head and body leave in one write.
+                out.extend_from_slice(&bytes[start..end]);
+                session.send(&out);
+            }
+            FileBody::File(file) if count <= INLINE_FILE_MAX => {
+                let mut body = vec![0u8; count as usize];
+                match read_exact_at(&file, &mut body, start as u64) {
+                    Ok(()) => {
+                        out.extend_from_slice(&body);
+                        session.send(&out);
+                    }
+                    Err(err) => {
+                        warn!(target = %head.target, "http: cannot read file: {err}");
+                        self.done = true;
+                        session.close();
+                    }
                 }
             }
-            return;
+            FileBody::File(file) => {
+                session.send(&out);
+                session.send_file(Arc::new(file), start as u64, count);
+            }
         }
-        session.send(&out);
-        session.send_file(Arc::new(file), start, count);
+    }
+
+    /// Finds the file a request names (through the per-loop cache of small files, or below the
+    /// root), or answers the request itself (redirect, 403, 404, 500) and returns `None`.
+    fn resolve(
+        &mut self,
+        session: &mut Session<'_>,
+        head: &RequestHead,
+        segments: &[String],
+        keep_alive: bool,
+        head_only: bool,
+    ) -> Option<(Arc<FileMeta>, FileBody)> {
+        let root = self.shared.root.as_ref()?;
+        let key = segments.join("/");
+        let now = Instant::now();
+        if let Some(hit) = self.shared.cache.get(&key, now) {
+            return Some(hit);
+        }
+        let relative: PathBuf = if segments.is_empty() {
+            PathBuf::from(".")
+        } else {
+            segments.iter().collect()
+        };
+        let text = "text/plain; charset=utf-8";
+        let (file, metadata, name) = match open_below(root, &relative) {
+            Ok((_, metadata)) if metadata.is_dir() => {
+                if !head.target.split('?').next().unwrap_or("").ends_with('/') {
+                    let mut location = head.target.split('?').next().unwrap_or("/").to_owned();
+                    location.push('/');
+                    self.send_with(
+                        session,
+                        301,
+                        &[
+                            ("Location", location.as_bytes()),
+                            ("Content-Type", text.as_bytes()),
+                        ],
+                        b"301 Moved Permanently\n",
+                        keep_alive,
+                        head_only,
+                    );
+                    return None;
+                }
+                match open_below(root, &relative.join("index.html")) {
+                    Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html"),
+                    _ => {
+                        self.not_found(session, keep_alive, head_only);
+                        return None;
+                    }
+                }
+            }
+            Ok((file, metadata)) if metadata.is_file() => {
+                (file, metadata, segments.last().map_or("", String::as_str))
+            }
+            Ok(_) => {
+                self.not_found(session, keep_alive, head_only);
+                return None;
+            }
+            Err(err) if plexus_sys::fs::is_escape(&err) => {
+                debug!(session = %session.id(), target = %head.target, "http: path leads outside the root");
+                self.send_simple(
+                    session,
+                    403,
+                    text,
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
+                return None;
+            }
+            Err(err)
+                if err.kind() == io::ErrorKind::NotFound
+                    || plexus_sys::fs::is_not_a_directory(&err) =>
+            {
+                self.not_found(session, keep_alive, head_only);
+                return None;
+            }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                self.send_simple(
+                    session,
+                    403,
+                    text,
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
+                return None;
+            }
+            Err(err) => {
+                warn!(
+                    root = %self.shared.root_path.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+                    target = %head.target,
+                    "http: cannot open file: {err}"
+                );
+                let body = b"500 Internal Server Error\n";
+                self.send_simple(session, 500, text, body, keep_alive, head_only);
+                return None;
+            }
+        };
+        let len = metadata.len();
+        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
+        let modified_nanos = modified
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+        let meta = Arc::new(FileMeta {
+            len,
+            modified,
+            etag: entity_tag(len, modified_nanos ^ u128::from(metadata.ino())),
+            last_modified: format_http_date(modified),
+            mime: content_type(extension),
+        });
+        if self.shared.cache.admits(len) {
+            let mut body = vec![0u8; len as usize];
+            if read_exact_at(&file, &mut body, 0).is_ok() {
+                let body = Bytes::from(body);
+                self.shared
+                    .cache
+                    .insert(key, Arc::clone(&meta), body.clone(), now);
+                return Some((meta, FileBody::Memory(body)));
+            }
+        }
+        Some((meta, FileBody::File(file)))
     }
 
     fn not_found(&mut self, session: &mut Session<'_>, keep_alive: bool, head_only: bool) {
