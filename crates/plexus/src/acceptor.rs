@@ -78,7 +78,9 @@ pub(crate) struct BoundListener {
     pub(crate) local: SocketAddr,
     pub(crate) info: Arc<ListenerInfo>,
     pub(crate) service: Arc<dyn Service>,
-    pub(crate) acl: Acl,
+    pub(crate) acl: Arc<Acl>,
+    /// For `proxy_protocol` listeners: the sources trusted to send a PROXY header.
+    pub(crate) proxy_trusted: Option<Acl>,
     pub(crate) options: SocketOptions,
     /// The rustls configuration of a tls listener.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
@@ -438,7 +440,7 @@ impl Acceptor {
             }
         };
         let plan = reload::plan(&reloader.running, &new);
-        if !self.reload_tls(&reloader.running, &new) {
+        if !self.reload_tls(&reloader.running, &new, &reloader.services) {
             return;
         }
         for key in &plan.restart {
@@ -460,7 +462,8 @@ impl Acceptor {
         let mut not_bound = Vec::new();
         for &index in &plan.added {
             let listener = &new.listeners[index];
-            if let Err(err) = self.add_listener(listener, &reloader.services) {
+            let handshake_timeout = new.config.server.handshake_timeout;
+            if let Err(err) = self.add_listener(listener, reloader, handshake_timeout) {
                 error!(
                     "reload: listener '{}' not added: {err}",
                     listener.config.name
@@ -497,11 +500,16 @@ impl Acceptor {
 
     /// Reloads certificates from the new `[tls]` table (creating the TLS context if the first
     /// tls listener arrives). False, with the reason logged, if the reload must stop here.
-    fn reload_tls(&mut self, running: &ValidConfig, new: &ValidConfig) -> bool {
+    fn reload_tls(
+        &mut self,
+        running: &ValidConfig,
+        new: &ValidConfig,
+        services: &BTreeMap<String, Arc<dyn Service>>,
+    ) -> bool {
         let needs_tls = new
             .listeners
             .iter()
-            .any(|l| l.config.transport == Transport::Tls);
+            .any(|l| crate::server::needs_tls(l, services));
         match &self.tls {
             Some(tls) if tls.has_files() || running.config.tls != new.config.tls => {
                 match tls.reload_from(new.config.tls.as_ref()) {
@@ -548,7 +556,8 @@ impl Acceptor {
         else {
             return;
         };
-        listener.acl = new.acl.clone();
+        listener.acl = Arc::new(new.acl.clone());
+        listener.proxy_trusted = new.proxy_trusted.clone();
         listener.options = crate::server::socket_options(&new.config);
         listener.forward = crate::server::forward_target(new);
         if listener.tls.is_some() {
@@ -560,16 +569,16 @@ impl Acceptor {
     fn add_listener(
         &mut self,
         new: &ValidListener,
-        services: &BTreeMap<String, Arc<dyn Service>>,
+        reloader: &Reloader,
+        handshake_timeout: Duration,
     ) -> Result<(), crate::Error> {
-        // Validation checked the name against these services.
-        let service = services
-            .get(&new.config.service)
-            .map(Arc::clone)
-            .ok_or_else(|| crate::Error::Runtime {
-                what: "unknown service",
-                source: io::Error::other(new.config.service.clone()),
-            })?;
+        let service = crate::server::listener_service(
+            new,
+            &reloader.services,
+            &reloader.http,
+            self.tls.as_ref(),
+            handshake_timeout,
+        )?;
         let tls = self.tls_config_for(new)?;
         let index = self.next_listener_index;
         let mut listener = crate::server::bind(index, new, service, tls, None)?;
@@ -733,7 +742,17 @@ impl Acceptor {
 
     fn dispatch(&mut self, index: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
         let listener = &self.listeners[index];
-        let ticket = match self.admission.admit(&listener.acl, peer.ip()) {
+        let admitted = match &listener.proxy_trusted {
+            // The balancer's address says nothing about the client: ACLs and per-IP caps wait
+            // for the PROXY header (read on the event loop).
+            Some(trusted) if trusted.permits(peer.ip()) => self.admission.admit_proxied(),
+            Some(_) => {
+                self.admission.record_refusal(RefusalReason::ProxyHeader);
+                Err(RefusalReason::ProxyHeader)
+            }
+            None => self.admission.admit(&listener.acl, peer.ip()),
+        };
+        let ticket = match admitted {
             Ok(ticket) => ticket,
             Err(reason) => {
                 self.refusals
@@ -771,6 +790,10 @@ impl Acceptor {
             ticket,
             tls,
             forward: listener.forward,
+            proxy: listener
+                .proxy_trusted
+                .as_ref()
+                .map(|_| Arc::clone(&listener.acl)),
         };
         let target = self.least_loaded();
         if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {

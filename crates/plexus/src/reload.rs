@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::builtin::Http;
 use crate::config::{Config, ConfigError, ListenerConfig, ValidConfig, ValidListener};
 use crate::service::Service;
 
@@ -27,6 +28,8 @@ pub(crate) struct Reloader {
     pub(crate) source: ReloadSource,
     pub(crate) source_name: String,
     pub(crate) services: BTreeMap<String, Arc<dyn Service>>,
+    /// The http service `auto` listeners hand HTTP sessions to.
+    pub(crate) http: Arc<Http>,
     /// What is in effect: the last configuration applied, with the restart-only settings it
     /// could not change kept at their running values.
     pub(crate) running: ValidConfig,
@@ -36,7 +39,11 @@ impl Reloader {
     /// Reads and validates the new configuration.
     pub(crate) fn load(&mut self) -> Result<ValidConfig, ConfigError> {
         let config = (self.source)()?;
-        let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        // Built per listener at bind time, as in `ServerBuilder::validate`.
+        if !self.services.contains_key("auto") {
+            names.push("auto");
+        }
         config.validate(&self.source_name, &names)
     }
 }

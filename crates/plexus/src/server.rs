@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
-use crate::builtin::{Chat, Echo};
+use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
@@ -72,11 +72,16 @@ pub struct ServerBuilder {
     config: Config,
     source: String,
     services: BTreeMap<String, Arc<dyn Service>>,
+    /// The built-in http service, which `auto` listeners hand HTTP sessions to.
+    http: Arc<Http>,
     handle_signals: bool,
     systemd: bool,
     after_bind: Option<AfterBindHook>,
     reload_source: Option<ReloadSource>,
 }
+
+/// The name of the protocol-group service, built per listener at bind time.
+const AUTO: &str = "auto";
 
 impl ServerBuilder {
     /// Registers a service under `name`, for listeners with `service = "<name>"`.
@@ -136,7 +141,10 @@ impl ServerBuilder {
     /// Checks the configuration against the registered services without binding anything
     /// (what `plexus serve --check` does).
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
-        let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        if !self.services.contains_key(AUTO) {
+            names.push(AUTO);
+        }
         self.config.validate(&self.source, &names)
     }
 
@@ -150,10 +158,7 @@ impl ServerBuilder {
             tracing::warn!("cannot ignore SIGPIPE: {err}");
         }
 
-        let uses_tls = valid
-            .listeners
-            .iter()
-            .any(|l| l.config.transport == Transport::Tls);
+        let uses_tls = valid.listeners.iter().any(|l| needs_tls(l, &self.services));
         let tls = match uses_tls {
             true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
             false => None,
@@ -164,7 +169,13 @@ impl ServerBuilder {
         };
         let mut bound = Vec::with_capacity(valid.listeners.len());
         for (index, listener) in valid.listeners.iter().enumerate() {
-            let service = Arc::clone(&self.services[&listener.config.service]);
+            let service = listener_service(
+                listener,
+                &self.services,
+                &self.http,
+                tls.as_ref(),
+                server.handshake_timeout,
+            )?;
             let tls_config = match (&tls, listener.config.transport) {
                 (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
                 _ => None,
@@ -221,6 +232,9 @@ impl ServerBuilder {
             pool_stats: Arc::clone(&pool.stats),
             ..Metrics::default()
         });
+        for event_loop in &mut loops {
+            event_loop.set_metrics(Arc::clone(&metrics));
+        }
         let admission = Arc::new(Admission::new(
             valid.global_acl.clone(),
             server.max_connections,
@@ -243,6 +257,7 @@ impl ServerBuilder {
                 source,
                 source_name: self.source.clone(),
                 services: self.services.clone(),
+                http: Arc::clone(&self.http),
                 running: valid.clone(),
             });
         }
@@ -360,6 +375,55 @@ fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(
     }
 }
 
+/// Whether a listener needs the TLS context: a tls listener, or an `auto` group (which detects
+/// and terminates TLS on a plain listener).
+pub(crate) fn needs_tls(
+    listener: &ValidListener,
+    services: &BTreeMap<String, Arc<dyn Service>>,
+) -> bool {
+    listener.config.transport == Transport::Tls || is_auto(listener, services)
+}
+
+fn is_auto(listener: &ValidListener, services: &BTreeMap<String, Arc<dyn Service>>) -> bool {
+    listener.config.service == AUTO && !services.contains_key(AUTO)
+}
+
+/// The service of one listener: the registered one, or for `auto` (unless a service of that
+/// name was registered) a protocol group built for this listener.
+pub(crate) fn listener_service(
+    listener: &ValidListener,
+    services: &BTreeMap<String, Arc<dyn Service>>,
+    http: &Arc<Http>,
+    tls: Option<&Arc<TlsContext>>,
+    handshake_timeout: std::time::Duration,
+) -> Result<Arc<dyn Service>, Error> {
+    if is_auto(listener, services) {
+        // TLS is detected (and terminated) by the group on plain listeners only.
+        let detect_tls = match (tls, listener.config.transport) {
+            (Some(tls), Transport::Tcp) => Some(tls.server_config(&listener.config.alpn)?),
+            _ => None,
+        };
+        return Ok(Arc::new(Auto::new(
+            Arc::clone(http),
+            detect_tls,
+            handshake_timeout,
+        )));
+    }
+    // Validation checked the name against these services.
+    services
+        .get(&listener.config.service)
+        .map(Arc::clone)
+        .ok_or_else(|| {
+            Error::Config(ConfigError {
+                source: String::new(),
+                problems: vec![crate::config::Problem {
+                    key: "service".into(),
+                    message: format!("unknown service '{}'", listener.config.service),
+                }],
+            })
+        })
+}
+
 /// The limits event loops apply to sessions, from `[server]`.
 pub(crate) fn session_limits(server: &ServerConfig) -> SessionLimits {
     SessionLimits {
@@ -430,7 +494,8 @@ pub(crate) fn bind(
         local,
         info,
         service,
-        acl: listener.acl.clone(),
+        acl: Arc::new(listener.acl.clone()),
+        proxy_trusted: listener.proxy_trusted.clone(),
         options: socket_options(config),
         tls,
         forward: forward_target(listener),
@@ -476,10 +541,13 @@ impl Server {
         services.insert("echo".into(), Arc::new(Echo));
         services.insert("chat".into(), Arc::new(chat));
         services.insert("forward".into(), Arc::new(Forward));
+        let http = Arc::new(Http::new(&config.http));
+        services.insert("http".into(), Arc::clone(&http) as Arc<dyn Service>);
         ServerBuilder {
             config,
             source: "<config>".into(),
             services,
+            http,
             handle_signals: false,
             systemd: false,
             after_bind: None,

@@ -20,11 +20,13 @@ macro_rules! syscall {
 }
 
 pub mod daemon;
+pub mod fs;
 pub mod listen_fds;
 pub mod notify;
 pub mod pidfile;
 pub mod privileges;
 pub mod rlimit;
+pub mod sendfile;
 pub mod signal;
 pub mod splice;
 
