@@ -217,3 +217,55 @@ impl Drop for EventWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(protocol: Protocol, level: Level, message: &[u8]) -> Vec<u8> {
+        let dir =
+            std::env::temp_dir().join(format!("plexus-log-{}-{:?}", std::process::id(), protocol));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("log.sock");
+        let _ = std::fs::remove_file(&path);
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        let sink = Sink::connect(path.to_str().unwrap(), protocol).unwrap();
+        sink.send(level, message);
+        let mut buf = vec![0u8; 4096];
+        let n = receiver.recv(&mut buf).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn syslog_datagrams_carry_facility_daemon_severity_tag_and_pid() {
+        let got = receive(Protocol::Syslog, Level::WARN, b"listening name=x\n");
+        let expected = format!("<28>plexus[{}]: listening name=x", std::process::id());
+        assert_eq!(String::from_utf8(got).unwrap(), expected);
+    }
+
+    #[test]
+    fn journald_datagrams_use_the_binary_message_field_so_newlines_survive() {
+        let got = receive(Protocol::Journald, Level::ERROR, b"two\nlines\n");
+        let mut expected = format!(
+            "PRIORITY=3\nSYSLOG_IDENTIFIER=plexus\nSYSLOG_PID={}\nMESSAGE\n",
+            std::process::id()
+        )
+        .into_bytes();
+        expected.extend_from_slice(&9u64.to_le_bytes());
+        expected.extend_from_slice(b"two\nlines\n");
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn a_missing_socket_is_named_in_the_error() {
+        let err = Sink::connect("/nonexistent/plexus/log.sock", Protocol::Journald).unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message
+                .contains("--log-target journald: cannot connect to /nonexistent/plexus/log.sock"),
+            "{message}"
+        );
+    }
+}
