@@ -193,3 +193,39 @@ fn socket_activation_hands_the_named_socket_to_its_listener_and_warns_about_the_
         "the unmatched socket is closed"
     );
 }
+
+#[test]
+fn socket_activation_without_names_matches_by_position() {
+    if !have_socket_activate() {
+        eprintln!("skipped: systemd-socket-activate is not installed (package systemd)");
+        return;
+    }
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let client = thread::spawn(move || {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match try_connect(addr) {
+                Ok(mut stream) => {
+                    assert_echo(&mut stream, b"by position\n");
+                    return;
+                }
+                Err(_) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+                Err(err) => panic!("connect to the activation socket {addr}: {err}"),
+            }
+        }
+    });
+    let listen = format!("--listen=127.0.0.1:{port}");
+    let server = Server::start_with(
+        &["systemd-socket-activate", &listen],
+        &[],
+        &[],
+        &echo_config(""),
+    );
+    client.join().expect("the first client was served");
+    assert_eq!(
+        server.addr("tcp-echo"),
+        addr,
+        "the first listener took descriptor 3"
+    );
+}

@@ -139,6 +139,13 @@ pub fn chroot(dir: &Path) -> Result<(), PrivilegeError> {
 /// Drops every supplementary group, then sets the group to `gid` and the user to `uid`
 /// (real, effective and saved), and verifies that `setuid(0)` now fails.
 pub fn drop_to(uid: u32, gid: u32) -> Result<(), PrivilegeError> {
+    // SAFETY: the get*id calls have no arguments and cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid != 0 && euid == uid && egid == gid {
+        // Already that user (e.g. `--user` naming the account plexus was started as): there is
+        // nothing to give up, and setgroups would fail without privileges.
+        return Ok(());
+    }
     let os = |what: &str| {
         let what = what.to_owned();
         move |source| PrivilegeError::Os { what, source }
