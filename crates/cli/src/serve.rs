@@ -152,7 +152,8 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
              (use --user NAME to drop them after binding)"
         );
     }
-    let chroot = args.chroot.clone();
+    // Resolved before a daemon's chdir("/") would change what a relative path means.
+    let chroot = args.chroot.as_deref().map(absolute);
     let builder = builder.after_bind(move || {
         if let Some(dir) = &chroot {
             privileges::chroot(dir)?;

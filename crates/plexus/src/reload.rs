@@ -136,6 +136,10 @@ fn fixed_fields_changed(old: &ListenerConfig, new: &ListenerConfig) -> Vec<&'sta
     if old.proxy_protocol != new.proxy_protocol {
         changed.push("proxy_protocol");
     }
+    // An `auto` group holds its TLS configuration (with the ALPN list) from when it was built.
+    if new.service == "auto" && old.alpn != new.alpn {
+        changed.push("alpn");
+    }
     changed
 }
 
@@ -182,6 +186,9 @@ fn keep_fixed_fields(current: &ValidListener, listener: &mut ValidListener) {
     new.backlog = old.backlog;
     new.reuse_port = old.reuse_port;
     new.proxy_protocol = old.proxy_protocol;
+    if new.service == "auto" {
+        new.alpn = old.alpn.clone();
+    }
     listener.addr = current.addr;
 }
 
