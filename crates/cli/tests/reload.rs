@@ -226,3 +226,22 @@ fn a_listener_that_cannot_be_bound_is_reported_and_the_rest_applies() {
         l.contains("listening name=busy")
     });
 }
+
+#[test]
+fn a_tls_listener_added_by_reload_serves_with_a_fresh_tls_context() {
+    let base = server_table("") + &listener("tcp-echo", "127.0.0.1:0");
+    let server = Server::start(&base);
+    let tls_listener = listener("tls-echo", "127.0.0.1:0").replace("\"tcp\"", "\"tls\"");
+    let mark = reload(&server, &(base + &tls_listener));
+    let added = server.assert_log(mark, LOG_WAIT, "adding the tls listener", |l| {
+        l.contains("listening name=tls-echo") && l.contains("transport=tls")
+    });
+    let (_, addr) = parse_listening(&added).unwrap();
+    let out = run_plexus(
+        &["connect", &format!("tls://{addr}"), "--insecure"],
+        Some(b"over tls, added live\n"),
+        Duration::from_secs(20),
+    );
+    out.assert_code(0);
+    assert_eq!(out.stdout, b"over tls, added live\n");
+}
