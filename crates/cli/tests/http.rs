@@ -546,3 +546,39 @@ fn a_changed_file_is_served_fresh_once_file_cache_valid_has_passed() {
     .status
         == 404));
 }
+
+#[test]
+fn a_pipelining_client_that_does_not_read_costs_neither_memory_nor_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, ""));
+    let addr = server.addr("http");
+    let fds = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let (rss_before, fds_before) = (rss_kib(server.pid()), fds(server.pid()));
+    // 2,000 pipelined requests for a 4 MiB file (8 GiB of responses) that nobody reads.
+    let mut greedy = connect_small_rcvbuf(addr, 4096);
+    let batch = "GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n".repeat(2000);
+    greedy.write_all(batch.as_bytes()).unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let (rss_after, fds_after) = (rss_kib(server.pid()), fds(server.pid()));
+    assert!(
+        fds_after <= fds_before + 8,
+        "pipelined requests hold descriptors: {fds_before} → {fds_after}"
+    );
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "pipelined requests hold memory: {rss_before} KiB → {rss_after} KiB"
+    );
+    // Everyone else is served meanwhile, and the greedy client gets its responses in order.
+    assert_eq!(get(addr, "/hello.txt").status, 200);
+    let mut buffered = Vec::new();
+    for _ in 0..3 {
+        let response = read_response(&mut greedy, &mut buffered, false).unwrap();
+        assert_eq!(response.status, 200);
+        assert!(check_pattern(0, &response.body).is_ok());
+    }
+}

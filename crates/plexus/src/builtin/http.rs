@@ -681,8 +681,12 @@ impl HttpSession {
                 self.not_found(session, keep_alive, head_only);
                 return None;
             }
-            Err(err) if plexus_sys::fs::is_escape(&err) => {
-                debug!(session = %session.id(), target = %head.target, "http: path leads outside the root");
+            Err(err)
+                if plexus_sys::fs::is_escape(&err)
+                    || err.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                // Outside the root (openat2 refused the path) or not readable by this process.
+                debug!(session = %session.id(), target = %head.target, "http: forbidden: {err}");
                 self.send_simple(
                     session,
                     403,
@@ -698,17 +702,6 @@ impl HttpSession {
                     || plexus_sys::fs::is_not_a_directory(&err) =>
             {
                 self.not_found(session, keep_alive, head_only);
-                return None;
-            }
-            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
-                self.send_simple(
-                    session,
-                    403,
-                    text,
-                    b"403 Forbidden\n",
-                    keep_alive,
-                    head_only,
-                );
                 return None;
             }
             Err(err) => {

@@ -335,8 +335,8 @@ pub struct RequestDecoder {
     /// Bytes of the current head or trailer section (from `pos`) already
     /// searched for the blank line, so a slow client's head is scanned once.
     scanned: usize,
-    /// The current head's request-target is known to be within the limit.
-    target_ok: bool,
+    /// The early request-target length check of the current head.
+    target: TargetScan,
     /// Chunked body bytes of the current message so far.
     body_total: u64,
 }
@@ -350,7 +350,7 @@ impl RequestDecoder {
             pos: 0,
             state: State::Head,
             scanned: 0,
-            target_ok: false,
+            target: TargetScan::default(),
             body_total: 0,
         }
     }
@@ -476,8 +476,15 @@ impl RequestDecoder {
                     }
                 }
                 State::ChunkSize => {
-                    let window = &self.pending()[..min(self.buffered(), MAX_CHUNK_LINE)];
-                    let Some(lf) = window.iter().position(|&b| b == b'\n') else {
+                    let window =
+                        &self.buf[self.pos..self.pos + min(self.buffered(), MAX_CHUNK_LINE)];
+                    let from = self.scanned.min(window.len());
+                    let Some(lf) = window[from..]
+                        .iter()
+                        .position(|&b| b == b'\n')
+                        .map(|i| from + i)
+                    else {
+                        self.scanned = window.len();
                         if window.len() >= MAX_CHUNK_LINE {
                             return Err(RequestError::ChunkLineTooLong {
                                 limit: MAX_CHUNK_LINE,
@@ -495,6 +502,7 @@ impl RequestDecoder {
                     };
                     let size = parse_chunk_size(line)?;
                     self.consume(lf + 1);
+                    self.scanned = 0;
                     self.body_total = self
                         .body_total
                         .checked_add(size)
@@ -574,9 +582,7 @@ impl RequestDecoder {
         let (end, next) = find_blank_line(window, from);
         self.scanned = next;
         let Some(end) = end else {
-            if !self.target_ok {
-                self.target_ok = check_partial_target(window, self.limits.max_uri_bytes)?;
-            }
+            self.target.advance(window, self.limits.max_uri_bytes)?;
             // A line completed since the last look: let httparse refuse a
             // malformed request line or field now instead of at the limit.
             if window[from.min(window_len)..].contains(&b'\n') {
@@ -597,7 +603,7 @@ impl RequestDecoder {
         let head = self.parse_head(&window[..end])?;
         self.consume(end);
         self.scanned = 0;
-        self.target_ok = false;
+        self.target = TargetScan::default();
         self.body_total = 0;
         self.state = match head.body {
             BodyLength::Empty | BodyLength::Length(0) => State::EndNext,
@@ -777,21 +783,40 @@ fn find_blank_line(window: &[u8], from: usize) -> (Option<usize>, usize) {
 }
 
 /// While the request line is incomplete, refuses a request-target that is
-/// already longer than `max_uri`. Returns whether the target is complete
-/// (and within the limit), so the check is not repeated.
-fn check_partial_target(window: &[u8], max_uri: usize) -> Result<bool, RequestError> {
-    let Some(sp) = window.iter().position(|&b| b == b' ' || b == b'\n') else {
-        return Ok(false);
-    };
-    let rest = &window[sp + 1..];
-    let end = rest
-        .iter()
-        .position(|&b| b == b' ' || b == b'\r' || b == b'\n');
-    let len = end.unwrap_or(rest.len());
-    if len > max_uri {
-        return Err(RequestError::UriTooLong { limit: max_uri });
+/// already longer than the limit. Incremental: each byte is looked at once,
+/// however slowly the line arrives.
+#[derive(Debug, Clone, Copy, Default)]
+struct TargetScan {
+    /// Bytes of the head already looked at.
+    scanned: usize,
+    /// Where the target starts (after the method's SP), once seen.
+    start: Option<usize>,
+    /// The target ended within the limit: nothing more to check.
+    done: bool,
+}
+
+impl TargetScan {
+    fn advance(&mut self, window: &[u8], max_uri: usize) -> Result<(), RequestError> {
+        if self.done {
+            return Ok(());
+        }
+        for (i, &b) in window.iter().enumerate().skip(self.scanned) {
+            match self.start {
+                None if b == b' ' || b == b'\n' => self.start = Some(i + 1),
+                None => {}
+                Some(_) if b == b' ' || b == b'\r' || b == b'\n' => {
+                    self.done = true;
+                    return Ok(());
+                }
+                Some(start) if i + 1 - start > max_uri => {
+                    return Err(RequestError::UriTooLong { limit: max_uri })
+                }
+                Some(_) => {}
+            }
+        }
+        self.scanned = window.len();
+        Ok(())
     }
-    Ok(end.is_some())
 }
 
 /// A header line that starts with SP or HTAB (obs-fold, RFC 9112 §5.2).
@@ -1214,6 +1239,18 @@ mod tests {
         decoder.push(b"a");
         let error = decoder.poll().unwrap_err();
         assert_eq!(error.status(), 414);
+        // Byte by byte: refused at the first target byte past the limit.
+        let mut decoder = RequestDecoder::new(limits);
+        let line = format!("GET /{}", "b".repeat(100));
+        let mut refused_at = None;
+        for (i, byte) in line.bytes().enumerate() {
+            decoder.push(&[byte]);
+            if decoder.poll().is_err() {
+                refused_at = Some(i + 1);
+                break;
+            }
+        }
+        assert_eq!(refused_at, Some("GET ".len() + 65));
         // With the default limits too, long before the head limit.
         let mut decoder = RequestDecoder::new(Limits::default());
         decoder.push(format!("GET /{}", "x".repeat(8192)).as_bytes());
