@@ -262,11 +262,16 @@ pub enum RequestError {
     /// Chunk data not followed by CRLF, or a chunk-size line not ended by CRLF.
     #[error("missing CRLF in chunked body")]
     BadChunkDelimiter,
-    /// The trailer section did not end within `max_head_bytes`, or has too
-    /// many fields.
-    #[error("trailer section larger than {limit} bytes or fields")]
+    /// The trailer section did not end within `max_head_bytes`.
+    #[error("trailer section larger than {limit} bytes")]
     TrailersTooLarge {
-        /// The limit that was passed.
+        /// `Limits::max_head_bytes`
+        limit: usize,
+    },
+    /// More trailer fields than `max_headers`.
+    #[error("more than {limit} trailer fields")]
+    TooManyTrailers {
+        /// `Limits::max_headers`
         limit: usize,
     },
     /// A malformed trailer field.
@@ -281,7 +286,8 @@ impl RequestError {
             RequestError::UriTooLong { .. } => 414,
             RequestError::HeadTooLarge { .. }
             | RequestError::TooManyHeaders { .. }
-            | RequestError::TrailersTooLarge { .. } => 431,
+            | RequestError::TrailersTooLarge { .. }
+            | RequestError::TooManyTrailers { .. } => 431,
             RequestError::BodyTooLarge { .. } => 413,
             RequestError::UnsupportedTransferCoding(_) => 501,
             RequestError::UnsupportedVersion(_) => 505,
@@ -552,7 +558,7 @@ impl RequestDecoder {
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         match httparse::parse_headers(section, &mut headers) {
             Ok(httparse::Status::Complete((n, _))) if n == end => Ok(()),
-            Err(httparse::Error::TooManyHeaders) => Err(RequestError::TrailersTooLarge {
+            Err(httparse::Error::TooManyHeaders) => Err(RequestError::TooManyTrailers {
                 limit: self.limits.max_headers,
             }),
             _ => Err(RequestError::BadTrailer),
@@ -1434,6 +1440,12 @@ mod tests {
         let error = error_with(limits, &too_long);
         assert_eq!(error, RequestError::TrailersTooLarge { limit: 256 });
         assert_eq!(error.status(), 431);
+        let many = error_with(
+            limits,
+            &chunked("0\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n"),
+        );
+        assert_eq!(many, RequestError::TooManyTrailers { limit: 4 });
+        assert_eq!(many.status(), 431);
         assert_eq!(
             error_with(limits, &chunked("0\r\nBad Name: 1\r\n\r\n")),
             RequestError::BadTrailer
