@@ -4,6 +4,7 @@
 //! types.
 
 use std::cmp::min;
+use std::mem::MaybeUninit;
 
 /// Size above which an emptied buffer gives its allocation back, so idle
 /// keep-alive connections stay small.
@@ -12,6 +13,28 @@ const KEEP_CAPACITY: usize = 4096;
 /// Longest chunk-size line (hex size, extensions, CRLF) accepted: extensions
 /// are allowed but must not let a client make the server buffer freely.
 const MAX_CHUNK_LINE: usize = 4096;
+
+/// Header slots httparse gets on the stack (no allocation, no initialisation
+/// per request); a larger `max_headers` falls back to the heap.
+const STACK_HEADERS: usize = 64;
+
+/// Runs httparse's request parser on `$buf` with `$max` header slots, binding
+/// the parser to `$request` and the result to `$result` for the code that follows.
+macro_rules! parse_request {
+    ($buf:expr, $max:expr, |$request:ident, $result:ident| $body:block) => {{
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if $max <= STACK_HEADERS {
+            &mut stack[..$max]
+        } else {
+            heap.resize_with($max, MaybeUninit::uninit);
+            &mut heap
+        };
+        let mut $request = httparse::Request::new(&mut []);
+        let $result = $request.parse_with_uninit_headers($buf, slots);
+        $body
+    }};
+}
 
 /// What a client may make the decoder accept. Every limit has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -592,11 +615,11 @@ impl RequestDecoder {
             // A line completed since the last look: let httparse refuse a
             // malformed request line or field now instead of at the limit.
             if window[from.min(window_len)..].contains(&b'\n') {
-                let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-                let mut request = httparse::Request::new(&mut headers);
-                if let Err(error) = request.parse(window) {
-                    return Err(self.map_parse_error(error, window));
-                }
+                parse_request!(window, self.limits.max_headers, |_request, result| {
+                    if let Err(error) = result {
+                        return Err(self.map_parse_error(error, window));
+                    }
+                });
                 if has_obs_fold(window) {
                     return Err(RequestError::ObsFold);
                 }
@@ -640,18 +663,20 @@ impl RequestDecoder {
 
     /// Parses and validates a complete head (`head` ends with the blank line).
     fn parse_head(&self, head: &[u8]) -> Result<RequestHead, RequestError> {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // The blank line was found, so httparse can only stop early on
-            // something it does not accept as the end of a head.
-            Ok(httparse::Status::Partial) => return Err(RequestError::BadLineEnding),
-            Err(error) => return Err(self.map_parse_error(error, head)),
-        }
-        if has_obs_fold(head) {
-            return Err(RequestError::ObsFold);
-        }
+        parse_request!(head, self.limits.max_headers, |request, result| {
+            match result {
+                Ok(httparse::Status::Complete(_)) => {}
+                // The blank line was found, so httparse can only stop early on
+                // something it does not accept as the end of a head.
+                Ok(httparse::Status::Partial) => return Err(RequestError::BadLineEnding),
+                Err(error) => return Err(self.map_parse_error(error, head)),
+            }
+            self.build_head(&request)
+        })
+    }
+
+    /// Validates what httparse accepted and builds the head.
+    fn build_head(&self, request: &httparse::Request<'_, '_>) -> Result<RequestHead, RequestError> {
         let (Some(method), Some(target), Some(version)) =
             (request.method, request.path, request.version)
         else {
@@ -979,6 +1004,15 @@ mod tests {
             max_headers: 4,
             max_body_bytes: 100,
         }
+    }
+
+    #[test]
+    fn default_limits_are_the_documented_ones() {
+        let limits = Limits::default();
+        assert_eq!(limits.max_head_bytes, 16384);
+        assert_eq!(limits.max_uri_bytes, 8192);
+        assert_eq!(limits.max_headers, 100);
+        assert_eq!(limits.max_body_bytes, 1_048_576);
     }
 
     #[test]
