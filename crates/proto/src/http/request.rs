@@ -349,11 +349,11 @@ enum State {
 /// returns the same error and pushed bytes are dropped (the runtime answers
 /// with [`RequestError::status`] and closes).
 ///
-/// Memory: when the runtime polls after every push, the decoder holds at
-/// most an incomplete head (never more than `max_head_bytes` plus the last
-/// push: an incomplete head that reaches `max_head_bytes` is refused with
-/// 431) or an incomplete chunk-size/trailer line; body bytes are handed out
-/// as they arrive.
+/// Memory: an incomplete head never makes the buffer hold more than
+/// `max_head_bytes` (`push` drops what cannot matter any more, and `poll`
+/// refuses such a head with 431); otherwise, when the runtime polls after
+/// every push, the decoder holds at most an incomplete chunk-size or trailer
+/// line beyond the last push; body bytes are handed out as they arrive.
 #[derive(Debug, Clone)]
 pub struct RequestDecoder {
     limits: Limits,
@@ -399,6 +399,24 @@ impl RequestDecoder {
             self.pos = 0;
         }
         self.buf.extend_from_slice(data);
+        self.bound_incomplete_head();
+    }
+
+    /// Keeps an incomplete head from growing the buffer past `max_head_bytes`:
+    /// when no head can end within the first `max_head_bytes` pending bytes,
+    /// `poll` refuses the request from those bytes alone, so the rest is
+    /// dropped now instead of being held until then.
+    fn bound_incomplete_head(&mut self) {
+        let limit = self.limits.max_head_bytes;
+        if !matches!(self.state, State::Head) || self.buffered() <= limit {
+            return;
+        }
+        let window = &self.buf[self.pos..self.pos + limit];
+        // Leading empty lines are stripped by `poll` and shift the head: leave those to it.
+        if matches!(window.first(), Some(b'\r' | b'\n')) || find_blank_line(window, 0).0.is_some() {
+            return;
+        }
+        self.buf.truncate(self.pos + limit);
     }
 
     /// The next event, `Ok(None)` when more bytes are needed.
@@ -468,6 +486,8 @@ impl RequestDecoder {
                 State::Head => return self.poll_head(),
                 State::EndNext => {
                     self.state = State::Head;
+                    // Pipelined bytes already buffered are the next head.
+                    self.bound_incomplete_head();
                     return Ok(Some(RequestEvent::End));
                 }
                 State::Fixed { remaining } => {
@@ -1243,6 +1263,32 @@ mod tests {
     }
 
     #[test]
+    fn a_large_push_of_an_endless_head_is_cut_to_the_limit_before_poll() {
+        let limits = small_limits();
+        let mut decoder = RequestDecoder::new(limits);
+        let mut junk = b"GET / HTTP/1.1\r\nHost: h\r\nX: ".to_vec();
+        junk.resize(64 * 1024, b'j');
+        decoder.push(&junk);
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        decoder.push(&junk);
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        assert_eq!(decoder.poll().map_err(|e| e.status()), Err(431));
+        // A complete head followed by more bytes than the limit is kept whole.
+        let mut decoder = RequestDecoder::new(limits);
+        let mut pipelined = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n".to_vec();
+        pipelined.resize(pipelined.len() + 100, b'b');
+        pipelined.extend_from_slice(&junk);
+        decoder.push(&pipelined);
+        assert_eq!(decoder.buffered(), pipelined.len());
+        assert!(matches!(decoder.poll(), Ok(Some(RequestEvent::Head(_)))));
+        assert!(matches!(decoder.poll(), Ok(Some(RequestEvent::Body(_)))));
+        assert_eq!(decoder.poll(), Ok(Some(RequestEvent::End)));
+        // The pipelined endless head behind it is cut as soon as it is the current head.
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        assert_eq!(decoder.poll().map_err(|e| e.status()), Err(431));
+    }
+
+    #[test]
     fn a_head_of_exactly_the_limit_is_accepted_and_one_byte_more_is_431() {
         let limits = small_limits();
         let start = "GET / HTTP/1.1\r\nHost: h\r\nX: ";
@@ -1669,6 +1715,7 @@ mod tests {
             let mut decoder = RequestDecoder::new(limits);
             for piece in &pieces {
                 decoder.push(piece);
+                prop_assert!(decoder.buffered() <= limits.max_head_bytes);
                 match decoder.poll() {
                     Ok(None) => prop_assert!(decoder.buffered() < limits.max_head_bytes),
                     Ok(Some(event)) => panic!("{event:?}"),
