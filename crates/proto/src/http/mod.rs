@@ -10,6 +10,20 @@
 //! oversized input is a precise [`RequestError`] whose
 //! [`status`](RequestError::status) is the answer the runtime sends before
 //! closing the connection.
+//!
+//! ```
+//! use plexus_proto::http::{Limits, RequestDecoder, RequestEvent};
+//!
+//! let mut decoder = RequestDecoder::new(Limits::default());
+//! decoder.push(b"GET /hello HTTP/1.1\r\nHost: example\r\n\r\nGET /a b");
+//! let Ok(Some(RequestEvent::Head(head))) = decoder.poll() else { panic!() };
+//! assert_eq!(head.target, "/hello");
+//! assert!(head.keep_alive);
+//! assert_eq!(decoder.poll(), Ok(Some(RequestEvent::End)));
+//! // The pipelined second request is malformed: answer, then close.
+//! decoder.push(b" HTTP/1.1\r\n");
+//! assert_eq!(decoder.poll().map_err(|e| e.status()), Err(400));
+//! ```
 
 mod path;
 mod request;

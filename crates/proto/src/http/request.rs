@@ -4,6 +4,7 @@
 //! types.
 
 use std::cmp::min;
+use std::mem::MaybeUninit;
 
 /// Size above which an emptied buffer gives its allocation back, so idle
 /// keep-alive connections stay small.
@@ -12,6 +13,28 @@ const KEEP_CAPACITY: usize = 4096;
 /// Longest chunk-size line (hex size, extensions, CRLF) accepted: extensions
 /// are allowed but must not let a client make the server buffer freely.
 const MAX_CHUNK_LINE: usize = 4096;
+
+/// Header slots httparse gets on the stack (no allocation, no initialisation
+/// per request); a larger `max_headers` falls back to the heap.
+const STACK_HEADERS: usize = 64;
+
+/// Runs httparse's request parser on `$buf` with `$max` header slots, binding
+/// the parser to `$request` and the result to `$result` for the code that follows.
+macro_rules! parse_request {
+    ($buf:expr, $max:expr, |$request:ident, $result:ident| $body:block) => {{
+        let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if $max <= STACK_HEADERS {
+            &mut stack[..$max]
+        } else {
+            heap.resize_with($max, MaybeUninit::uninit);
+            &mut heap
+        };
+        let mut $request = httparse::Request::new(&mut []);
+        let $result = $request.parse_with_uninit_headers($buf, slots);
+        $body
+    }};
+}
 
 /// What a client may make the decoder accept. Every limit has a default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,11 +285,16 @@ pub enum RequestError {
     /// Chunk data not followed by CRLF, or a chunk-size line not ended by CRLF.
     #[error("missing CRLF in chunked body")]
     BadChunkDelimiter,
-    /// The trailer section did not end within `max_head_bytes`, or has too
-    /// many fields.
-    #[error("trailer section larger than {limit} bytes or fields")]
+    /// The trailer section did not end within `max_head_bytes`.
+    #[error("trailer section larger than {limit} bytes")]
     TrailersTooLarge {
-        /// The limit that was passed.
+        /// `Limits::max_head_bytes`
+        limit: usize,
+    },
+    /// More trailer fields than `max_headers`.
+    #[error("more than {limit} trailer fields")]
+    TooManyTrailers {
+        /// `Limits::max_headers`
         limit: usize,
     },
     /// A malformed trailer field.
@@ -281,7 +309,8 @@ impl RequestError {
             RequestError::UriTooLong { .. } => 414,
             RequestError::HeadTooLarge { .. }
             | RequestError::TooManyHeaders { .. }
-            | RequestError::TrailersTooLarge { .. } => 431,
+            | RequestError::TrailersTooLarge { .. }
+            | RequestError::TooManyTrailers { .. } => 431,
             RequestError::BodyTooLarge { .. } => 413,
             RequestError::UnsupportedTransferCoding(_) => 501,
             RequestError::UnsupportedVersion(_) => 505,
@@ -320,11 +349,11 @@ enum State {
 /// returns the same error and pushed bytes are dropped (the runtime answers
 /// with [`RequestError::status`] and closes).
 ///
-/// Memory: when the runtime polls after every push, the decoder holds at
-/// most an incomplete head (never more than `max_head_bytes` plus the last
-/// push: an incomplete head that reaches `max_head_bytes` is refused with
-/// 431) or an incomplete chunk-size/trailer line; body bytes are handed out
-/// as they arrive.
+/// Memory: an incomplete head never makes the buffer hold more than
+/// `max_head_bytes` (`push` drops what cannot matter any more, and `poll`
+/// refuses such a head with 431); otherwise, when the runtime polls after
+/// every push, the decoder holds at most an incomplete chunk-size or trailer
+/// line beyond the last push; body bytes are handed out as they arrive.
 #[derive(Debug, Clone)]
 pub struct RequestDecoder {
     limits: Limits,
@@ -370,6 +399,24 @@ impl RequestDecoder {
             self.pos = 0;
         }
         self.buf.extend_from_slice(data);
+        self.bound_incomplete_head();
+    }
+
+    /// Keeps an incomplete head from growing the buffer past `max_head_bytes`:
+    /// when no head can end within the first `max_head_bytes` pending bytes,
+    /// `poll` refuses the request from those bytes alone, so the rest is
+    /// dropped now instead of being held until then.
+    fn bound_incomplete_head(&mut self) {
+        let limit = self.limits.max_head_bytes;
+        if !matches!(self.state, State::Head) || self.buffered() <= limit {
+            return;
+        }
+        let window = &self.buf[self.pos..self.pos + limit];
+        // Leading empty lines are stripped by `poll` and shift the head: leave those to it.
+        if matches!(window.first(), Some(b'\r' | b'\n')) || find_blank_line(window, 0).0.is_some() {
+            return;
+        }
+        self.buf.truncate(self.pos + limit);
     }
 
     /// The next event, `Ok(None)` when more bytes are needed.
@@ -439,6 +486,8 @@ impl RequestDecoder {
                 State::Head => return self.poll_head(),
                 State::EndNext => {
                     self.state = State::Head;
+                    // Pipelined bytes already buffered are the next head.
+                    self.bound_incomplete_head();
                     return Ok(Some(RequestEvent::End));
                 }
                 State::Fixed { remaining } => {
@@ -552,7 +601,7 @@ impl RequestDecoder {
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         match httparse::parse_headers(section, &mut headers) {
             Ok(httparse::Status::Complete((n, _))) if n == end => Ok(()),
-            Err(httparse::Error::TooManyHeaders) => Err(RequestError::TrailersTooLarge {
+            Err(httparse::Error::TooManyHeaders) => Err(RequestError::TooManyTrailers {
                 limit: self.limits.max_headers,
             }),
             _ => Err(RequestError::BadTrailer),
@@ -586,11 +635,11 @@ impl RequestDecoder {
             // A line completed since the last look: let httparse refuse a
             // malformed request line or field now instead of at the limit.
             if window[from.min(window_len)..].contains(&b'\n') {
-                let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-                let mut request = httparse::Request::new(&mut headers);
-                if let Err(error) = request.parse(window) {
-                    return Err(self.map_parse_error(error, window));
-                }
+                parse_request!(window, self.limits.max_headers, |_request, result| {
+                    if let Err(error) = result {
+                        return Err(self.map_parse_error(error, window));
+                    }
+                });
                 if has_obs_fold(window) {
                     return Err(RequestError::ObsFold);
                 }
@@ -634,18 +683,20 @@ impl RequestDecoder {
 
     /// Parses and validates a complete head (`head` ends with the blank line).
     fn parse_head(&self, head: &[u8]) -> Result<RequestHead, RequestError> {
-        let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(head) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // The blank line was found, so httparse can only stop early on
-            // something it does not accept as the end of a head.
-            Ok(httparse::Status::Partial) => return Err(RequestError::BadLineEnding),
-            Err(error) => return Err(self.map_parse_error(error, head)),
-        }
-        if has_obs_fold(head) {
-            return Err(RequestError::ObsFold);
-        }
+        parse_request!(head, self.limits.max_headers, |request, result| {
+            match result {
+                Ok(httparse::Status::Complete(_)) => {}
+                // The blank line was found, so httparse can only stop early on
+                // something it does not accept as the end of a head.
+                Ok(httparse::Status::Partial) => return Err(RequestError::BadLineEnding),
+                Err(error) => return Err(self.map_parse_error(error, head)),
+            }
+            self.build_head(&request)
+        })
+    }
+
+    /// Validates what httparse accepted and builds the head.
+    fn build_head(&self, request: &httparse::Request<'_, '_>) -> Result<RequestHead, RequestError> {
         let (Some(method), Some(target), Some(version)) =
             (request.method, request.path, request.version)
         else {
@@ -976,6 +1027,15 @@ mod tests {
     }
 
     #[test]
+    fn default_limits_are_the_documented_ones() {
+        let limits = Limits::default();
+        assert_eq!(limits.max_head_bytes, 16384);
+        assert_eq!(limits.max_uri_bytes, 8192);
+        assert_eq!(limits.max_headers, 100);
+        assert_eq!(limits.max_body_bytes, 1_048_576);
+    }
+
+    #[test]
     fn simple_get_gives_head_then_end() {
         let (events, error) = decode(
             Limits::default(),
@@ -1200,6 +1260,32 @@ mod tests {
             "a failed decoder drops what is pushed"
         );
         assert_eq!(decoder.poll(), Err(error));
+    }
+
+    #[test]
+    fn a_large_push_of_an_endless_head_is_cut_to_the_limit_before_poll() {
+        let limits = small_limits();
+        let mut decoder = RequestDecoder::new(limits);
+        let mut junk = b"GET / HTTP/1.1\r\nHost: h\r\nX: ".to_vec();
+        junk.resize(64 * 1024, b'j');
+        decoder.push(&junk);
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        decoder.push(&junk);
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        assert_eq!(decoder.poll().map_err(|e| e.status()), Err(431));
+        // A complete head followed by more bytes than the limit is kept whole.
+        let mut decoder = RequestDecoder::new(limits);
+        let mut pipelined = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\n".to_vec();
+        pipelined.resize(pipelined.len() + 100, b'b');
+        pipelined.extend_from_slice(&junk);
+        decoder.push(&pipelined);
+        assert_eq!(decoder.buffered(), pipelined.len());
+        assert!(matches!(decoder.poll(), Ok(Some(RequestEvent::Head(_)))));
+        assert!(matches!(decoder.poll(), Ok(Some(RequestEvent::Body(_)))));
+        assert_eq!(decoder.poll(), Ok(Some(RequestEvent::End)));
+        // The pipelined endless head behind it is cut as soon as it is the current head.
+        assert_eq!(decoder.buffered(), limits.max_head_bytes);
+        assert_eq!(decoder.poll().map_err(|e| e.status()), Err(431));
     }
 
     #[test]
@@ -1434,6 +1520,12 @@ mod tests {
         let error = error_with(limits, &too_long);
         assert_eq!(error, RequestError::TrailersTooLarge { limit: 256 });
         assert_eq!(error.status(), 431);
+        let many = error_with(
+            limits,
+            &chunked("0\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n"),
+        );
+        assert_eq!(many, RequestError::TooManyTrailers { limit: 4 });
+        assert_eq!(many.status(), 431);
         assert_eq!(
             error_with(limits, &chunked("0\r\nBad Name: 1\r\n\r\n")),
             RequestError::BadTrailer
@@ -1623,6 +1715,7 @@ mod tests {
             let mut decoder = RequestDecoder::new(limits);
             for piece in &pieces {
                 decoder.push(piece);
+                prop_assert!(decoder.buffered() <= limits.max_head_bytes);
                 match decoder.poll() {
                     Ok(None) => prop_assert!(decoder.buffered() < limits.max_head_bytes),
                     Ok(Some(event)) => panic!("{event:?}"),
