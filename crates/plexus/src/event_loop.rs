@@ -1103,6 +1103,21 @@ impl EventLoop {
                 }
             }
         }
+        if session.outbound.is_empty()
+            && session.closing.is_none()
+            && session
+                .relay
+                .as_ref()
+                .is_some_and(|relay| relay.client_shutdown_due())
+        {
+            // The upstream's last bytes just reached the client: its FIN follows them now
+            // (nothing else would bring this session back to the pump).
+            let high = self.limits.high_watermark;
+            if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
+            {
+                session.closing = Some(reason);
+            }
+        }
         let relay_backlog = session.relay.as_ref().map_or(0, |relay| relay.backlog());
         if session.read_paused
             && session.outbound.len() <= self.limits.low_watermark

@@ -129,6 +129,12 @@ impl Relay {
         self.connected && self.pipes.is_none() && self.up_readable && !self.up_eof
     }
 
+    /// Copy mode: the upstream finished and its FIN is still to be passed to the client (once
+    /// the client's queue is empty).
+    pub(crate) fn client_shutdown_due(&self) -> bool {
+        self.pipes.is_none() && self.up_eof && !self.client_shut
+    }
+
     pub(crate) fn connecting(&self) -> bool {
         !self.connected
     }
