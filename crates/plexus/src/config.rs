@@ -289,6 +289,19 @@ pub struct ListenerConfig {
     /// This listener's own access list, applied after the global one.
     #[serde(default, skip_serializing_if = "AclConfig::is_empty")]
     pub acl: AclConfig,
+    /// dtls: largest datagram (record) OpenSSL sends, handshake flights included.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// udp/dtls: datagrams received (recvmmsg) or sent (sendmmsg) per system call.
+    #[serde(default = "default_datagram_batch")]
+    pub datagram_batch: usize,
+}
+
+fn default_mtu() -> u32 {
+    1200
+}
+fn default_datagram_batch() -> usize {
+    32
 }
 
 fn default_backlog() -> u32 {
@@ -482,14 +495,26 @@ impl Config {
                     ),
                 );
             }
+            // datagram: udp/dtls listeners carry datagram services (echo, or your own).
             if !listener.transport.is_stream() {
-                problem(
-                    key("transport"),
-                    format!(
-                        "transport '{}' is not available in this version of plexus yet (available: tcp, tls)",
-                        listener.transport
-                    ),
-                );
+                if matches!(listener.service.as_str(), "forward" | "chat") {
+                    problem(
+                        key("service"),
+                        format!(
+                            "'{}' is not available on {} listeners (byte streams only)",
+                            listener.service, listener.transport
+                        ),
+                    );
+                }
+                if !(256..=16_384).contains(&listener.mtu) {
+                    problem(key("mtu"), format!("{} must be 256 to 16384", listener.mtu));
+                }
+                if !(1..=1024).contains(&listener.datagram_batch) {
+                    problem(
+                        key("datagram_batch"),
+                        format!("{} must be 1 to 1024", listener.datagram_batch),
+                    );
+                }
             }
             if !listener.alpn.is_empty() && listener.transport != Transport::Tls {
                 problem(key("alpn"), "only tls listeners negotiate ALPN".into());

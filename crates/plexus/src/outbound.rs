@@ -22,6 +22,8 @@ pub(crate) struct OutboundQueue {
     chunks: VecDeque<Bytes>,
     staging: BytesMut,
     len: usize,
+    /// Datagram mode: each push is its own chunk (one datagram), never coalesced.
+    framed: bool,
 }
 
 impl OutboundQueue {
@@ -34,8 +36,29 @@ impl OutboundQueue {
         self.len == 0
     }
 
+    /// A queue for a datagram session: every push stays one datagram (see `pop_datagram`).
+    pub(crate) fn datagrams() -> Self {
+        OutboundQueue {
+            framed: true,
+            ..OutboundQueue::default()
+        }
+    }
+
+    /// The oldest queued datagram (datagram mode), removed from the queue.
+    pub(crate) fn pop_datagram(&mut self) -> Option<Bytes> {
+        let chunk = self.chunks.pop_front()?;
+        self.len -= chunk.len();
+        Some(chunk)
+    }
+
     /// Queues a copy of `data`.
     pub(crate) fn push_copy(&mut self, data: &[u8]) {
+        if self.framed {
+            // An empty datagram is a valid datagram.
+            self.chunks.push_back(Bytes::copy_from_slice(data));
+            self.len += data.len();
+            return;
+        }
         if data.is_empty() {
             return;
         }
@@ -48,7 +71,7 @@ impl OutboundQueue {
 
     /// Queues `data` without copying.
     pub(crate) fn push_shared(&mut self, data: Bytes) {
-        if data.is_empty() {
+        if data.is_empty() && !self.framed {
             return;
         }
         if !self.staging.is_empty() {
@@ -60,7 +83,9 @@ impl OutboundQueue {
 
     /// Drops everything queued (the session is being aborted).
     pub(crate) fn clear(&mut self) {
+        let framed = self.framed;
         *self = OutboundQueue::default();
+        self.framed = framed;
     }
 
     /// Writes as much as `writer` accepts. Returns the bytes written; stops at `WouldBlock`

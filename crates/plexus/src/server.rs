@@ -15,6 +15,8 @@ use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopReque
 use crate::admission::Admission;
 use crate::builtin::{Chat, Echo};
 use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
+use crate::datagram::DatagramListener;
+use crate::dtls::{DtlsContext, DtlsError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -41,6 +43,9 @@ pub enum Error {
     /// TLS certificates could not be loaded or generated.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    /// The DTLS (OpenSSL) context could not be built.
+    #[error("{0}")]
+    Dtls(#[from] DtlsError),
     /// A runtime resource (poll instance, thread) could not be created.
     #[error("{what}: {source}")]
     Runtime {
@@ -158,25 +163,47 @@ impl ServerBuilder {
         let uses_tls = valid
             .listeners
             .iter()
-            .any(|l| l.config.transport == Transport::Tls);
+            .any(|l| matches!(l.config.transport, Transport::Tls | Transport::Dtls));
         let tls = match uses_tls {
             true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
             false => None,
         };
         let mut bound = Vec::with_capacity(valid.listeners.len());
+        let mut local_addrs = Vec::with_capacity(valid.listeners.len());
         for (index, listener) in valid.listeners.iter().enumerate() {
             let service = Arc::clone(&self.services[&listener.config.service]);
-            let tls_config = match (&tls, listener.config.transport) {
+            let transport = listener.config.transport;
+            if matches!(transport, Transport::Udp | Transport::Dtls) {
+                // datagram: one socket per event loop, owned by the loop (not the acceptor).
+                let dtls = match (&tls, transport) {
+                    (Some(tls), Transport::Dtls) => {
+                        Some(DtlsContext::new(tls, listener.config.mtu)?)
+                    }
+                    _ => None,
+                };
+                let shared = DatagramListener {
+                    info: Arc::new(ListenerInfo {
+                        index,
+                        name: listener.config.name.as_str().into(),
+                    }),
+                    service,
+                    acl: listener.acl.clone(),
+                    admission: Arc::clone(&admission),
+                    dtls,
+                    batch: listener.config.datagram_batch,
+                };
+                let local = bind_datagram(listener, &shared, &mut loops)?;
+                local_addrs.push((listener.config.name.clone(), local));
+                continue;
+            }
+            let tls_config = match (&tls, transport) {
                 (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
                 _ => None,
             };
-            bound.push(bind(index, listener, service, tls_config)?);
+            let listener = bind(index, listener, service, tls_config)?;
+            local_addrs.push((valid.listeners[index].config.name.clone(), listener.local));
+            bound.push(listener);
         }
-        let local_addrs = bound
-            .iter()
-            .zip(&valid.listeners)
-            .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
-            .collect::<Vec<_>>();
         for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
             info!(
                 "listening name={name} transport={} addr={addr}",
@@ -202,6 +229,48 @@ impl ServerBuilder {
             metrics,
         })
     }
+}
+
+/// Kernel buffer asked for each datagram socket (the kernel caps it at `net.core.*mem_max`):
+/// room for bursts of large datagrams between two turns of the loop.
+const DATAGRAM_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds one UDP socket per event loop on the listener's address with `SO_REUSEPORT` (the
+/// first resolves port 0; the others join it) and gives each loop its socket.
+fn bind_datagram(
+    listener: &ValidListener,
+    shared: &DatagramListener,
+    loops: &mut [EventLoop],
+) -> Result<SocketAddr, Error> {
+    let config = &listener.config;
+    let mut addr = listener.addr;
+    let bind_error = |addr, source| Error::Bind {
+        listener: config.name.clone(),
+        addr,
+        source,
+    };
+    for event_loop in loops.iter_mut() {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(|err| bind_error(addr, err))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(|err| bind_error(addr, err))?;
+        if addr.is_ipv6() {
+            socket.set_only_v6(true).map_err(|err| bind_error(addr, err))?;
+        }
+        // Best effort: the kernel caps (or refuses) sizes above its limits.
+        let _ = socket.set_recv_buffer_size(config.recv_buffer.max(DATAGRAM_SOCKET_BUFFER));
+        let _ = socket.set_send_buffer_size(config.send_buffer.max(DATAGRAM_SOCKET_BUFFER));
+        socket
+            .bind(&addr.into())
+            .map_err(|err| bind_error(addr, err))?;
+        let socket: std::net::UdpSocket = socket.into();
+        addr = socket.local_addr().map_err(|err| bind_error(addr, err))?;
+        event_loop
+            .add_datagram_socket(socket, shared.clone())
+            .map_err(|err| bind_error(addr, err))?;
+    }
+    Ok(addr)
 }
 
 fn bind(

@@ -19,6 +19,8 @@ macro_rules! syscall {
     }};
 }
 
+pub mod dgram;
+pub mod dtls;
 pub mod rlimit;
 pub mod signal;
 pub mod splice;
