@@ -41,9 +41,7 @@ pub(crate) struct DtlsOptions {
 
 /// `udp://HOST:PORT`.
 pub(crate) fn run_udp(target: &str) -> ExitCode {
-    let result = connect_udp(target).and_then(|socket| {
-        relay(&mut PlainUdp(socket), |_| Ok(()))
-    });
+    let result = connect_udp(target).and_then(|socket| relay(&mut PlainUdp(socket), |_| Ok(())));
     finish("udp", target, result)
 }
 
@@ -122,7 +120,9 @@ impl Datagrams for PlainUdp {
             Err(err)
                 if matches!(
                     err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) =>
             {
                 Ok(None)
@@ -134,7 +134,8 @@ impl Datagrams for PlainUdp {
 
 impl Datagrams for SslStream<PlainUdp> {
     fn send(&mut self, data: &[u8]) -> anyhow::Result<()> {
-        self.ssl_write(data).map_err(|err| anyhow!("dtls send: {err}"))?;
+        self.ssl_write(data)
+            .map_err(|err| anyhow!("dtls send: {err}"))?;
         Ok(())
     }
     fn recv(&mut self, buf: &mut [u8]) -> anyhow::Result<Option<usize>> {

@@ -63,7 +63,11 @@ impl InProcess {
     fn wait_for(&self, what: &str, check: impl Fn(&plexus::MetricsSnapshot) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while !check(&self.metrics()) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}: {:?}", self.metrics());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {:?}",
+                self.metrics()
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
@@ -118,7 +122,10 @@ fn dtls_connect(local_ip: &str, to: SocketAddr, within: Duration) -> SslStream<U
         match stream.do_handshake() {
             Ok(()) => return stream,
             Err(err) if err.code() == ErrorCode::WANT_READ => {
-                assert!(Instant::now() < deadline, "dtls handshake to {to} timed out");
+                assert!(
+                    Instant::now() < deadline,
+                    "dtls handshake to {to} timed out"
+                );
                 plexus_sys::dtls::handle_timeout(stream.ssl());
             }
             Err(err) => panic!("dtls handshake to {to} failed: {err}"),
@@ -166,7 +173,11 @@ fn client_hello() -> Vec<u8> {
         }
     }
     let connector = SslConnector::builder(SslMethod::dtls()).unwrap().build();
-    let mut ssl = connector.configure().unwrap().into_ssl("localhost").unwrap();
+    let mut ssl = connector
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
     ssl.set_connect_state();
     let mut stream = SslStream::new(ssl, Capture::default()).unwrap();
     assert!(stream.do_handshake().is_err(), "needs the server's reply");
@@ -179,7 +190,13 @@ fn openssl_s_client_dtls1_2_handshakes_and_echoes() {
     let server = Server::start(&dtls_config("idle_timeout = \"60s\""));
     let addr = server.addr("dtls-echo");
     let mut child = Command::new("openssl")
-        .args(["s_client", "-dtls1_2", "-connect", &addr.to_string(), "-quiet"])
+        .args([
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &addr.to_string(),
+            "-quiet",
+        ])
         .args(["-mtu", "1200"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -220,7 +237,11 @@ fn openssl_s_client_dtls1_2_handshakes_and_echoes() {
 #[test]
 fn connect_dtls_verifies_the_certificate_and_echoes_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let out = run_plexus(&["cert", "--out", dir.path().to_str().unwrap()], None, CMD_TIMEOUT);
+    let out = run_plexus(
+        &["cert", "--out", dir.path().to_str().unwrap()],
+        None,
+        CMD_TIMEOUT,
+    );
     out.assert_code(0);
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
@@ -286,7 +307,10 @@ fn ten_thousand_cookieless_client_hellos_create_no_session_state() {
     assert_eq!(after_flood.dtls_garbage_dropped, 0);
 
     let mut stream = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
-    assert_eq!(dtls_echo(&mut stream, b"still served", false), b"still served");
+    assert_eq!(
+        dtls_echo(&mut stream, b"still served", false),
+        b"still served"
+    );
     let metrics = server.metrics();
     assert_eq!(metrics.dtls_cookies_verified, 1);
     assert_eq!(metrics.dtls_sessions_open, 1);
@@ -315,9 +339,15 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
     server.wait_for("garbage counted", |m| m.dtls_garbage_dropped >= expected);
     let metrics = server.metrics();
     assert_eq!(metrics.dtls_garbage_dropped, expected);
-    assert_eq!(metrics.dtls_cookies_sent, 1, "only the real client's hello got a cookie");
+    assert_eq!(
+        metrics.dtls_cookies_sent, 1,
+        "only the real client's hello got a cookie"
+    );
     assert_eq!(metrics.dtls_sessions_open, 1);
-    assert_eq!(dtls_echo(&mut stream, b"undisturbed", false), b"undisturbed");
+    assert_eq!(
+        dtls_echo(&mut stream, b"undisturbed", false),
+        b"undisturbed"
+    );
 }
 
 /// An idle DTLS session ends after `idle_timeout`: the server sends close_notify (the client
@@ -337,7 +367,10 @@ fn idle_dtls_session_expires_with_close_notify() {
             Err(err) if err.code() == ErrorCode::WANT_READ => {}
             other => panic!("unexpected {other:?}"),
         }
-        assert!(Instant::now() < deadline, "no close_notify after idle_timeout");
+        assert!(
+            Instant::now() < deadline,
+            "no close_notify after idle_timeout"
+        );
     }
     server.wait_for("session gone", |m| m.dtls_sessions_open == 0);
     assert_eq!(server.metrics().closed_idle_timeout, 1);
@@ -350,7 +383,9 @@ fn lossy_relay(server: SocketAddr, loss_percent: u64) -> (SocketAddr, Arc<Atomic
     let back = UdpSocket::bind("127.0.0.1:0").unwrap();
     back.connect(server).unwrap();
     for socket in [&front, &back] {
-        socket.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
     }
     let addr = front.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -401,7 +436,10 @@ fn dtls_handshakes_complete_through_20_percent_loss() {
         let (relay, stop) = lossy_relay(server.addr, 20);
         let mut stream = dtls_connect("127.0.0.1", relay, Duration::from_secs(60));
         let payload = format!("through loss {round}");
-        assert_eq!(dtls_echo(&mut stream, payload.as_bytes(), true), payload.as_bytes());
+        assert_eq!(
+            dtls_echo(&mut stream, payload.as_bytes(), true),
+            payload.as_bytes()
+        );
         stop.store(true, Ordering::Relaxed);
     }
     assert!(server.metrics().handshakes_ok >= 3);
@@ -436,7 +474,13 @@ fn dtls_handshakes_complete_through_netem_loss_in_a_namespace() {
     let _cleanup = Cleanup(namespace.clone());
     let netns = ["ip", "netns", "exec", namespace.as_str()];
     let setup = run(&[&netns[..], &["ip", "link", "set", "lo", "up"]].concat()).and_then(|_| {
-        run(&[&netns[..], &["tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "20%"]].concat())
+        run(&[
+            &netns[..],
+            &[
+                "tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "20%",
+            ],
+        ]
+        .concat())
     });
     if let Err(why) = setup {
         eprintln!("SKIPPED: cannot add 20% netem loss on the namespace's loopback: {why}");
@@ -452,6 +496,9 @@ fn dtls_handshakes_complete_through_netem_loss_in_a_namespace() {
             .output()
             .expect("run plexus connect in the namespace");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "handshake through netem loss failed: {stderr}");
+        assert!(
+            out.status.success(),
+            "handshake through netem loss failed: {stderr}"
+        );
     }
 }

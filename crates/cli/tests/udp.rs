@@ -49,7 +49,9 @@ fn echo_once(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
 }
 
 /// Datagrams of 60,000 and 65,507 bytes (the IPv4 maximum) come back whole and byte-exact,
@@ -61,8 +63,14 @@ fn udp_echo_returns_datagrams_whole_up_to_65507_bytes() {
     let socket = client("127.0.0.1");
     for len in [60_000, 65_507, 0, 1, 1500, 9000] {
         let payload = pattern(len, len as u8);
-        let reply = echo_once(&socket, to, &payload).unwrap_or_else(|| panic!("no echo of {len} B"));
-        assert_eq!(reply.len(), len, "datagram of {len} B came back with {} B", reply.len());
+        let reply =
+            echo_once(&socket, to, &payload).unwrap_or_else(|| panic!("no echo of {len} B"));
+        assert_eq!(
+            reply.len(),
+            len,
+            "datagram of {len} B came back with {} B",
+            reply.len()
+        );
         assert!(reply == payload, "datagram of {len} B changed on the way");
     }
 }
@@ -135,10 +143,17 @@ fn udp_sessions_count_against_max_connections_and_expire_when_idle() {
 fn connect_udp_sends_one_datagram_per_line() {
     let server = Server::start(&udp_config("idle_timeout = \"60s\""));
     let url = format!("udp://{}", server.addr("udp-echo"));
-    let out = run_plexus(&["connect", &url], Some(b"alpha\nbeta\n\ngamma\n"), CMD_TIMEOUT);
+    let out = run_plexus(
+        &["connect", &url],
+        Some(b"alpha\nbeta\n\ngamma\n"),
+        CMD_TIMEOUT,
+    );
     out.assert_no_panic();
     out.assert_code(0);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "alpha\nbeta\n\ngamma\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "alpha\nbeta\n\ngamma\n"
+    );
 }
 
 /// Forward and chat are stream services: a udp listener naming them is a configuration error.
@@ -146,7 +161,8 @@ fn connect_udp_sends_one_datagram_per_line() {
 fn udp_listener_with_a_stream_service_is_a_config_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    let config = udp_config("idle_timeout = \"60s\"").replace("service = \"echo\"", "service = \"chat\"");
+    let config =
+        udp_config("idle_timeout = \"60s\"").replace("service = \"echo\"", "service = \"chat\"");
     std::fs::write(&path, config).unwrap();
     let path = path.to_str().unwrap();
     let out = run_plexus(&["serve", "--config", path, "--check"], None, CMD_TIMEOUT);
@@ -159,11 +175,8 @@ fn udp_listener_with_a_stream_service_is_a_config_error() {
 /// session's end after `idle_timeout`.
 #[test]
 fn udp_metrics_count_datagrams_and_sessions() {
-    let config = plexus::Config::parse(
-        &udp_config("idle_timeout = \"1s\""),
-        "udp-metrics",
-    )
-    .unwrap();
+    let config =
+        plexus::Config::parse(&udp_config("idle_timeout = \"1s\""), "udp-metrics").unwrap();
     let server = plexus::Server::builder(config).build().unwrap();
     let to = server.local_addr("udp-echo").unwrap();
     let handle = server.handle();

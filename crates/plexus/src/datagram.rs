@@ -186,7 +186,9 @@ impl DatagramEndpoint {
     ) -> io::Result<()> {
         let index = self.sockets.len();
         if index >= MAX_DATAGRAM_SOCKETS {
-            return Err(io::Error::other("too many udp/dtls listeners for one event loop"));
+            return Err(io::Error::other(
+                "too many udp/dtls listeners for one event loop",
+            ));
         }
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
@@ -204,7 +206,11 @@ impl DatagramEndpoint {
             self.plain = vec![0; RECV_SLOT].into_boxed_slice();
         }
         let batch = listener.batch.max(1);
-        if self.recv.as_ref().is_none_or(|recv| recv.capacity() < batch) {
+        if self
+            .recv
+            .as_ref()
+            .is_none_or(|recv| recv.capacity() < batch)
+        {
             self.recv = Some(RecvBatch::new(batch, RECV_SLOT));
         }
         self.sockets.push(DatagramSocket {
@@ -282,7 +288,10 @@ impl DatagramEndpoint {
                 Err(err) => {
                     // ICMP errors queued on the socket (e.g. port unreachable) surface here;
                     // they concern one earlier send, not the socket.
-                    debug!(listener = socket.listener.info.name.as_ref(), "udp receive: {err}");
+                    debug!(
+                        listener = socket.listener.info.name.as_ref(),
+                        "udp receive: {err}"
+                    );
                     continue;
                 }
             };
@@ -445,7 +454,13 @@ impl DatagramEndpoint {
 
     /// A ClientHello came back with a valid cookie: the listen object holds it and becomes
     /// this peer's; the socket gets a fresh listen object.
-    fn open_dtls(&mut self, index: usize, peer: SocketAddr, now: Instant, parts: &mut LoopParts<'_>) {
+    fn open_dtls(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
         let Some(ticket) = self.admit(index, peer) else {
             return;
         };
@@ -851,7 +866,6 @@ impl DatagramEndpoint {
         }
     }
 }
-
 
 fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {
     TimerEntry {

@@ -283,10 +283,16 @@ mod tests {
         let later = keys.rotated + COOKIE_ROTATION;
         secret.rotate_if_due(&mut keys, later);
         drop(keys);
-        assert!(secret.verify(peer, &out[..len]), "previous secret still accepted");
+        assert!(
+            secret.verify(peer, &out[..len]),
+            "previous secret still accepted"
+        );
         let mut keys = secret.keys.lock().unwrap();
         secret.rotate_if_due(&mut keys, later + COOKIE_ROTATION);
         drop(keys);
-        assert!(!secret.verify(peer, &out[..len]), "two rotations later it expired");
+        assert!(
+            !secret.verify(peer, &out[..len]),
+            "two rotations later it expired"
+        );
     }
 }

@@ -52,9 +52,9 @@ mod worker;
 
 pub use admission::RefusalReason;
 pub use config::{Config, ConfigError};
+pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
-pub use dtls::DtlsError;
 pub use tls::TlsError;
 pub use worker::Reply;

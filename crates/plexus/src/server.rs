@@ -256,7 +256,9 @@ fn bind_datagram(
             .set_reuse_port(true)
             .map_err(|err| bind_error(addr, err))?;
         if addr.is_ipv6() {
-            socket.set_only_v6(true).map_err(|err| bind_error(addr, err))?;
+            socket
+                .set_only_v6(true)
+                .map_err(|err| bind_error(addr, err))?;
         }
         // Best effort: the kernel caps (or refuses) sizes above its limits.
         let _ = socket.set_recv_buffer_size(config.recv_buffer.max(DATAGRAM_SOCKET_BUFFER));

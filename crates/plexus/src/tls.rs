@@ -182,8 +182,16 @@ impl TlsContext {
 
     /// The default certificate chain and its private key (DER), for DTLS listeners: the same
     /// certificate TLS listeners present, whether from `[tls]` or ephemeral.
-    pub(crate) fn default_identity(&self) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let set = Arc::clone(&self.resolver.current.read().unwrap_or_else(PoisonError::into_inner));
+    pub(crate) fn default_identity(
+        &self,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let set = Arc::clone(
+            &self
+                .resolver
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         (set.default.cert.clone(), set.default_key.clone_key())
     }
 
@@ -199,10 +207,11 @@ fn load_certificates(
     config: Option<&TlsConfig>,
     provider: &CryptoProvider,
 ) -> Result<CertificateSet, TlsError> {
-    let (default, default_key) = match config.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
-        Some((cert, key)) => load_pair(cert, key, provider)?,
-        None => ephemeral(provider)?,
-    };
+    let (default, default_key) =
+        match config.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
+            Some((cert, key)) => load_pair(cert, key, provider)?,
+            None => ephemeral(provider)?,
+        };
     let mut by_name = Vec::new();
     for sni in config.map_or(&[][..], |tls| &tls.sni[..]) {
         let SniConfig { names, cert, key } = sni;
@@ -274,9 +283,11 @@ fn ephemeral(
         }
     })?;
     let certified =
-        CertifiedKey::from_der(vec![cert], key.clone_key(), provider).map_err(|source| TlsError::Key {
-            path: PathBuf::from("<ephemeral>"),
-            source,
+        CertifiedKey::from_der(vec![cert], key.clone_key(), provider).map_err(|source| {
+            TlsError::Key {
+                path: PathBuf::from("<ephemeral>"),
+                source,
+            }
         })?;
     info!(
         "tls: no [tls] cert configured; using an ephemeral self-signed certificate for {} sha256={}",

@@ -75,7 +75,8 @@ impl RecvBatch {
         // SAFETY: mmsghdr is plain old data; zero is a valid initial value for every field.
         let mut headers: Vec<libc::mmsghdr> = (0..batch).map(|_| unsafe { zeroed() }).collect();
         for (index, header) in headers.iter_mut().enumerate() {
-            header.msg_hdr.msg_name = (&mut self.addrs[index] as *mut libc::sockaddr_storage).cast();
+            header.msg_hdr.msg_name =
+                (&mut self.addrs[index] as *mut libc::sockaddr_storage).cast();
             header.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             header.msg_hdr.msg_iov = &mut iovecs[index];
             header.msg_hdr.msg_iovlen = 1;
@@ -140,7 +141,8 @@ pub fn send_batch(socket: impl AsFd, datagrams: &[(SocketAddr, &[u8])]) -> io::R
         })
         .collect();
     // SAFETY: mmsghdr is plain old data; zero is a valid initial value for every field.
-    let mut headers: Vec<libc::mmsghdr> = (0..datagrams.len()).map(|_| unsafe { zeroed() }).collect();
+    let mut headers: Vec<libc::mmsghdr> =
+        (0..datagrams.len()).map(|_| unsafe { zeroed() }).collect();
     for (index, header) in headers.iter_mut().enumerate() {
         header.msg_hdr.msg_name = (&mut addrs[index].0 as *mut libc::sockaddr_storage).cast();
         header.msg_hdr.msg_namelen = addrs[index].1;
@@ -166,7 +168,10 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
             // enough and suitably aligned for.
             let addr = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
             let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(addr.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(addr.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // SAFETY: as above, for sockaddr_in6.
@@ -239,10 +244,15 @@ mod tests {
         assert_eq!(got[0], (a.local_addr().unwrap(), b"one".to_vec(), false));
         assert_eq!(got[1].0, b.local_addr().unwrap());
         assert_eq!(got[1].1.len(), 64);
-        assert!(got[1].2, "a 100-byte datagram in a 64-byte slot is flagged truncated");
+        assert!(
+            got[1].2,
+            "a 100-byte datagram in a 64-byte slot is flagged truncated"
+        );
 
-        let replies: [(SocketAddr, &[u8]); 2] =
-            [(a.local_addr().unwrap(), b"to a"), (b.local_addr().unwrap(), b"to b")];
+        let replies: [(SocketAddr, &[u8]); 2] = [
+            (a.local_addr().unwrap(), b"to a"),
+            (b.local_addr().unwrap(), b"to b"),
+        ];
         assert_eq!(send_batch(&server, &replies).unwrap(), 2);
         let mut buf = [0u8; 16];
         let (n, from) = a.recv_from(&mut buf).unwrap();
