@@ -43,7 +43,19 @@ struct InProcess {
 
 impl InProcess {
     fn start(server_extra: &str) -> InProcess {
-        let config = plexus::Config::parse(&dtls_config(server_extra), "dtls-test").unwrap();
+        InProcess::from_text(&dtls_config(server_extra))
+    }
+
+    /// A dtls listener whose ACL denies `deny`.
+    fn start_with_acl(deny: &str) -> InProcess {
+        InProcess::from_text(&format!(
+            "{}[listener.acl]\ndeny = [\"{deny}\"]\n",
+            dtls_config("")
+        ))
+    }
+
+    fn from_text(text: &str) -> InProcess {
+        let config = plexus::Config::parse(text, "dtls-test").unwrap();
         let server = plexus::Server::builder(config).build().unwrap();
         let addr = server.local_addr("dtls-echo").unwrap();
         let handle = server.handle();
@@ -348,6 +360,18 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
         dtls_echo(&mut stream, b"undisturbed", false),
         b"undisturbed"
     );
+}
+
+/// A source the listener's ACL denies gets no cookie (its hello is dropped and counted).
+#[test]
+fn acl_denied_source_gets_no_dtls_cookie() {
+    let server = InProcess::start_with_acl("127.0.0.7/32");
+    let socket = UdpSocket::bind("127.0.0.7:0").unwrap();
+    socket.send_to(&client_hello(), server.addr).unwrap();
+    server.wait_for("refusal counted", |m| m.datagrams_dropped_refused == 1);
+    assert_eq!(server.metrics().dtls_cookies_sent, 0);
+    let mut stream = dtls_connect("127.0.0.8", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut stream, b"allowed", false), b"allowed");
 }
 
 /// An idle DTLS session ends after `idle_timeout`: the server sends close_notify (the client

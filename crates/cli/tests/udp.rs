@@ -209,3 +209,33 @@ fn sigterm_stops_a_udp_server_cleanly() {
     let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
     assert_eq!(status.code(), Some(0));
 }
+
+/// A listener ACL applies per datagram source: a denied source gets nothing back and its
+/// datagrams are dropped and counted; an allowed one is served.
+#[test]
+fn udp_acl_drops_datagrams_of_denied_sources() {
+    let text = format!(
+        "{}[listener.acl]\ndeny = [\"127.0.0.5/32\"]\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "udp-acl").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let denied = client("127.0.0.5");
+    denied
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(echo_once(&denied, to, b"let me in"), None);
+    }
+    let allowed = client("127.0.0.6");
+    assert_eq!(echo_once(&allowed, to, b"hi").as_deref(), Some(&b"hi"[..]));
+    let metrics = handle.metrics();
+    assert_eq!(metrics.datagrams_dropped_refused, 3);
+    assert_eq!(metrics.refused(plexus::RefusalReason::Acl), 3);
+    assert_eq!(metrics.udp_sessions_open, 1);
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}

@@ -134,6 +134,17 @@ impl Admission {
         Ok(())
     }
 
+    /// Whether the ACLs permit `ip` (no place is taken); a refusal is counted. DTLS asks this
+    /// before answering a ClientHello with a cookie.
+    pub(crate) fn permits(&self, listener_acl: &Acl, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let permitted = self.global_acl.permits(ip) && listener_acl.permits(ip);
+        if !permitted {
+            self.metrics.refused(RefusalReason::Acl);
+        }
+        permitted
+    }
+
     /// Reserves a place for one TLS handshake, or refuses (and counts) past `max_handshakes`.
     pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
         let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);

@@ -799,7 +799,10 @@ mod tests {
             .iter()
             .map(|l| l.config.name.as_str())
             .collect();
-        assert_eq!(names, ["tcp-echo", "tls-echo", "udp-echo", "dtls-echo", "chat"]);
+        assert_eq!(
+            names,
+            ["tcp-echo", "tls-echo", "udp-echo", "dtls-echo", "chat"]
+        );
         assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
         let again = Config::parse(&config.to_toml(), "printed").unwrap();
         assert_eq!(again, config);

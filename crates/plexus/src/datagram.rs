@@ -33,7 +33,7 @@ use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
 use tracing::{debug, error, info};
 
-use crate::admission::{Admission, HandshakeSlot, Ticket};
+use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
 use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
 use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
 use crate::log_throttle::LogThrottle;
@@ -342,6 +342,15 @@ impl DatagramEndpoint {
         }
         match socket.listen.as_mut() {
             None => self.open_udp(index, peer, data, now, parts),
+            // A source the ACLs refuse gets no cookie either.
+            Some(_)
+                if !socket
+                    .listener
+                    .admission
+                    .permits(&socket.listener.acl, peer.ip()) =>
+            {
+                self.refuse(peer, RefusalReason::Acl.as_str());
+            }
             Some(listen) => {
                 dtls::set_current_peer(peer);
                 listen.get_mut().reset();
@@ -588,6 +597,10 @@ impl DatagramEndpoint {
             return;
         };
         let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
+        if !dtls.handshaking() {
+            // An established session between datagrams holds no record buffers (~34 KiB).
+            plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+        }
         if let Some(timer) = dtls.retransmit_timer.take() {
             parts.timers.cancel(timer);
         }
@@ -685,6 +698,9 @@ impl DatagramEndpoint {
                     }
                 }
                 let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
+                if !dtls.handshaking() {
+                    plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+                }
                 for datagram in written {
                     self.queue(index, peer, Bytes::from(datagram));
                 }

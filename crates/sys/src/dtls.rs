@@ -22,6 +22,7 @@ extern "C" {
     fn DTLSv1_listen(ssl: *mut openssl_sys::SSL, client: *mut BioAddr) -> libc::c_int;
     fn BIO_ADDR_new() -> *mut BioAddr;
     fn BIO_ADDR_free(addr: *mut BioAddr);
+    fn SSL_free_buffers(ssl: *mut openssl_sys::SSL) -> libc::c_int;
 }
 
 /// What one `DTLSv1_listen` call made of the datagram(s) its read BIO returned.
@@ -91,4 +92,13 @@ pub fn handle_timeout(ssl: &SslRef) -> bool {
         )
     };
     result >= 0
+}
+
+/// Frees the record layer's read and write buffers of `ssl` (about 34 KiB) if nothing is
+/// pending in them; OpenSSL allocates them again on the next record. Returns whether they
+/// were freed.
+pub fn free_buffers(ssl: &SslRef) -> bool {
+    // SAFETY: the SSL object is live; SSL_free_buffers refuses (returns 0) when a buffer
+    // still holds data, so nothing in flight is lost.
+    unsafe { SSL_free_buffers(ssl.as_ptr()) == 1 }
 }
