@@ -36,6 +36,13 @@ pub(crate) struct ConnectArgs {
     /// tls/dtls: server name to send (SNI) and to verify the certificate against; default HOST.
     #[arg(long, value_name = "NAME")]
     sni: Option<String>,
+    /// dtls: authenticate with a pre-shared key under this identity (PSK cipher suites only;
+    /// needs --psk-key-file).
+    #[arg(long, value_name = "ID", requires = "psk_key_file")]
+    psk_identity: Option<String>,
+    /// dtls: file holding the pre-shared key as hex (with --psk-identity).
+    #[arg(long, value_name = "FILE", requires = "psk_identity")]
+    psk_key_file: Option<PathBuf>,
     /// tls: offer this ALPN protocol (repeatable, in order of preference).
     #[arg(long = "alpn", value_name = "P")]
     alpn: Vec<String>,
@@ -62,6 +69,7 @@ pub(crate) fn run(args: ConnectArgs) -> ExitCode {
             insecure: args.insecure,
             ca: args.ca,
             sni: args.sni,
+            psk: args.psk_identity.zip(args.psk_key_file),
         };
         return dgram_client::run_dtls(target, options);
     }
@@ -73,6 +81,10 @@ pub(crate) fn run(args: ConnectArgs) -> ExitCode {
             alpn: args.alpn,
         };
         return tls_client::run(target, options);
+    }
+    if args.psk_identity.is_some() {
+        eprintln!("error: --psk-identity and --psk-key-file apply to dtls:// only");
+        return ExitCode::from(EXIT_USAGE);
     }
     if args.insecure || args.ca.is_some() || args.sni.is_some() || !args.alpn.is_empty() {
         eprintln!("error: --insecure, --ca, --sni and --alpn apply to tls:// (and dtls://) only");

@@ -8,6 +8,7 @@
 //!
 //! DTLS uses OpenSSL (DTLS 1.2, records of at most [`MTU`] bytes); trust works as for `tls://`:
 //! `--ca FILE` trusts only that file, `--insecure` checks nothing, otherwise the system roots.
+//! `--psk-identity ID --psk-key-file FILE` uses a pre-shared key instead (PSK suites only).
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -37,6 +38,8 @@ pub(crate) struct DtlsOptions {
     pub(crate) insecure: bool,
     pub(crate) ca: Option<PathBuf>,
     pub(crate) sni: Option<String>,
+    /// `--psk-identity` and `--psk-key-file`.
+    pub(crate) psk: Option<(String, PathBuf)>,
 }
 
 /// `udp://HOST:PORT`.
@@ -155,7 +158,26 @@ fn handshake(
 ) -> anyhow::Result<SslStream<PlainUdp>> {
     let mut builder = SslConnector::builder(SslMethod::dtls()).context("OpenSSL")?;
     builder.set_options(SslOptions::NO_QUERY_MTU);
-    if options.insecure {
+    if let Some((identity, key_file)) = &options.psk {
+        let key = plexus::config::PskConfig {
+            identity: identity.clone(),
+            key_file: key_file.clone(),
+        }
+        .load_key()
+        .map_err(|err| anyhow!("--psk-key-file: {err}"))?;
+        let mut id = identity.clone().into_bytes();
+        id.push(0);
+        // PSK suites only: the key authenticates the server, there is no certificate.
+        builder.set_cipher_list("PSK").context("OpenSSL")?;
+        builder.set_psk_client_callback(move |_, _hint, identity_out, key_out| {
+            if id.len() > identity_out.len() || key.len() > key_out.len() {
+                return Ok(0);
+            }
+            identity_out[..id.len()].copy_from_slice(&id);
+            key_out[..key.len()].copy_from_slice(&key);
+            Ok(key.len())
+        });
+    } else if options.insecure {
         eprintln!("warning: --insecure: the server's certificate is not verified");
         builder.set_verify(SslVerifyMode::NONE);
     } else if let Some(ca) = &options.ca {
@@ -170,7 +192,7 @@ fn handshake(
         .unwrap_or(target);
     let name = options.sni.clone().unwrap_or_else(|| host.to_owned());
     let mut config = connector.configure().context("OpenSSL")?;
-    if options.insecure {
+    if options.insecure || options.psk.is_some() {
         config.set_verify_hostname(false);
     }
     let mut ssl = config.into_ssl(&name).context("OpenSSL")?;

@@ -526,3 +526,113 @@ fn dtls_handshakes_complete_through_netem_loss_in_a_namespace() {
         );
     }
 }
+
+/// `[[tls.psk]]`: a client with the configured identity and key completes a PSK handshake
+/// (`openssl s_client -cipher PSK`, and `plexus connect --psk-identity`) and is echoed; a
+/// wrong key never completes; a bad key file is a configuration error naming its key.
+#[test]
+fn psk_clients_with_the_right_key_are_served_and_a_wrong_key_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("sensor.hex");
+    std::fs::write(&key, "00112233445566778899aabbccddeeff\n").unwrap();
+    let bad_key = dir.path().join("bad.hex");
+    std::fs::write(&bad_key, "ffeeddccbbaa99887766554433221100").unwrap();
+    let tls = format!("[tls]\n[[tls.psk]]\nidentity = \"sensor-1\"\nkey_file = {key:?}\n");
+    let server = Server::start(&format!("{tls}\n{}", dtls_config("")));
+    let addr = server.addr("dtls-echo");
+    let url = format!("dtls://{addr}");
+
+    let out = run_plexus(
+        &[
+            "connect",
+            &url,
+            "--psk-identity",
+            "sensor-1",
+            "--psk-key-file",
+            key.to_str().unwrap(),
+        ],
+        Some(b"psk works\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_no_panic();
+    out.assert_code(0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "psk works\n");
+
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &addr.to_string(),
+            "-quiet",
+            "-cipher",
+            "PSK",
+        ])
+        .args([
+            "-psk_identity",
+            "sensor-1",
+            "-psk",
+            "00112233445566778899aabbccddeeff",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut child| {
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(b"psk via s_client\n")?;
+            let mut stdout = child.stdout.take().unwrap();
+            let reader = thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 256];
+                while !String::from_utf8_lossy(&got).contains("psk via s_client") {
+                    match stdout.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                got
+            });
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while !reader.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            drop(stdin);
+            Ok(reader.join().unwrap())
+        })
+        .expect("run openssl s_client");
+    assert!(
+        String::from_utf8_lossy(&out).contains("psk via s_client"),
+        "s_client printed {:?}",
+        String::from_utf8_lossy(&out)
+    );
+
+    let out = run_plexus(
+        &[
+            "connect",
+            &url,
+            "--psk-identity",
+            "sensor-1",
+            "--psk-key-file",
+            bad_key.to_str().unwrap(),
+        ],
+        Some(b"no\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_no_panic();
+    out.assert_code(1);
+    assert!(out.stdout.is_empty(), "a wrong key must not be echoed");
+
+    let bad_config = dir.path().join("bad.toml");
+    std::fs::write(&key, "not hex").unwrap();
+    std::fs::write(&bad_config, format!("{tls}\n{}", dtls_config(""))).unwrap();
+    let out = run_plexus(
+        &["serve", "--config", bad_config.to_str().unwrap(), "--check"],
+        None,
+        CMD_TIMEOUT,
+    );
+    out.assert_code(2);
+    out.assert_stderr_contains("tls.psk[0].key_file");
+}

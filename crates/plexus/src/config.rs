@@ -115,6 +115,43 @@ pub struct TlsConfig {
     /// Extra certificates chosen by SNI.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sni: Vec<SniConfig>,
+    /// Pre-shared keys dtls listeners accept (DTLS 1.2 PSK cipher suites), by identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub psk: Vec<PskConfig>,
+}
+
+/// One `[[tls.psk]]` table: a client identity and the file holding its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PskConfig {
+    /// The identity the client sends (1 to 128 bytes).
+    pub identity: String,
+    /// A file holding the key as hex (16 to 64 bytes of key; surrounding whitespace ignored).
+    pub key_file: PathBuf,
+}
+
+impl PskConfig {
+    /// Reads and decodes the key file.
+    pub fn load_key(&self) -> Result<Vec<u8>, String> {
+        let text = std::fs::read_to_string(&self.key_file)
+            .map_err(|err| format!("cannot read {}: {err}", self.key_file.display()))?;
+        let hex = text.trim();
+        if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{}: not a hex key", self.key_file.display()));
+        }
+        let key: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+            .collect();
+        if !(16..=64).contains(&key.len()) {
+            return Err(format!(
+                "{}: a key of {} bytes; 16 to 64 are accepted",
+                self.key_file.display(),
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
 }
 
 impl Default for TlsConfig {
@@ -124,6 +161,7 @@ impl Default for TlsConfig {
             key: None,
             session_tickets: true,
             sni: Vec::new(),
+            psk: Vec::new(),
         }
     }
 }
@@ -469,6 +507,23 @@ impl Config {
                 }
                 files.push((format!("tls.sni[{index}].cert"), &sni.cert));
                 files.push((format!("tls.sni[{index}].key"), &sni.key));
+            }
+            let mut identities = HashMap::new();
+            for (index, psk) in tls.psk.iter().enumerate() {
+                if psk.identity.is_empty() || psk.identity.len() > 128 {
+                    problem(
+                        format!("tls.psk[{index}].identity"),
+                        "must be 1 to 128 bytes".into(),
+                    );
+                } else if let Some(first) = identities.insert(psk.identity.as_str(), index) {
+                    problem(
+                        format!("tls.psk[{index}].identity"),
+                        format!("duplicate identity (also tls.psk[{first}])"),
+                    );
+                }
+                if let Err(err) = psk.load_key() {
+                    problem(format!("tls.psk[{index}].key_file"), err);
+                }
             }
             for (key, path) in files {
                 if let Err(err) = std::fs::File::open(path) {

@@ -9,6 +9,7 @@
 //! no allocation per peer. The datagram module owns sockets, sessions and timers.
 
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +24,7 @@ use openssl::ssl::{
 };
 use openssl::x509::X509;
 
+use crate::config::PskConfig;
 use crate::tls::TlsContext;
 
 /// How often the cookie secret changes.
@@ -45,6 +47,9 @@ pub enum DtlsError {
     /// OpenSSL refused the certificate, key or settings.
     #[error("dtls: {0}")]
     OpenSsl(#[from] ErrorStack),
+    /// A `[[tls.psk]]` key file could not be used.
+    #[error("tls.psk: {0}")]
+    Psk(String),
 }
 
 /// The keyed MAC behind cookies, with its rotating secret.
@@ -121,7 +126,11 @@ pub(crate) struct DtlsContext {
 impl DtlsContext {
     /// A DTLS 1.2 server context presenting the default certificate of `tls`, with records
     /// of at most `mtu` bytes.
-    pub(crate) fn new(tls: &TlsContext, mtu: u32) -> Result<DtlsContext, DtlsError> {
+    pub(crate) fn new(
+        tls: &TlsContext,
+        psk: &[PskConfig],
+        mtu: u32,
+    ) -> Result<DtlsContext, DtlsError> {
         let (chain, key) = tls.default_identity();
         let mut builder = SslContext::builder(SslMethod::dtls())?;
         builder.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
@@ -141,6 +150,26 @@ impl DtlsContext {
         // cookies are mandatory; a record buffer is released when idle.
         builder.set_options(SslOptions::NO_QUERY_MTU | SslOptions::COOKIE_EXCHANGE);
         builder.set_mode(SslMode::RELEASE_BUFFERS);
+        if !psk.is_empty() {
+            let mut keys = HashMap::new();
+            for entry in psk {
+                let key = entry.load_key().map_err(DtlsError::Psk)?;
+                keys.insert(entry.identity.clone().into_bytes(), key);
+            }
+            // Certificate suites stay available; a client offering PSK suites gets one.
+            builder.set_cipher_list("DEFAULT:PSK")?;
+            builder.set_psk_server_callback(move |_, identity, out| {
+                let key = identity.and_then(|identity| keys.get(identity));
+                Ok(match key {
+                    Some(key) if key.len() <= out.len() => {
+                        out[..key.len()].copy_from_slice(key);
+                        key.len()
+                    }
+                    // 0 = unknown identity: the handshake fails.
+                    _ => 0,
+                })
+            });
+        }
         let secret = Arc::new(CookieSecret::new()?);
         let generator = Arc::clone(&secret);
         builder.set_cookie_generate_cb(move |_, out| {

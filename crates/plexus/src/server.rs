@@ -177,7 +177,8 @@ impl ServerBuilder {
                 // datagram: one socket per event loop, owned by the loop (not the acceptor).
                 let dtls = match (&tls, transport) {
                     (Some(tls), Transport::Dtls) => {
-                        Some(DtlsContext::new(tls, listener.config.mtu)?)
+                        let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
+                        Some(DtlsContext::new(tls, psk, listener.config.mtu)?)
                     }
                     _ => None,
                 };
