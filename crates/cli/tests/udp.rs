@@ -239,3 +239,33 @@ fn udp_acl_drops_datagrams_of_denied_sources() {
     handle.stop();
     runner.join().unwrap().unwrap();
 }
+
+/// `/metrics` of an http listener shows the datagram counters of the udp listener.
+#[test]
+fn metrics_endpoint_shows_datagram_counters() {
+    use std::io::{Read, Write};
+    let config = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let server = Server::start(&config);
+    let socket = client("127.0.0.1");
+    for i in 0..3u8 {
+        assert!(echo_once(&socket, server.addr("udp-echo"), &[i]).is_some());
+    }
+    let mut http = std::net::TcpStream::connect(server.addr("http")).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    for line in [
+        "plexus_datagrams_total{direction=\"in\"} 3",
+        "plexus_datagrams_total{direction=\"out\"} 3",
+        "plexus_datagram_sessions_open{transport=\"udp\"} 1",
+        "plexus_dtls_cookies_total{result=\"sent\"} 0",
+    ] {
+        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    }
+}

@@ -74,7 +74,9 @@ pub(crate) struct BoundListener {
     pub(crate) local: SocketAddr,
     pub(crate) info: Arc<ListenerInfo>,
     pub(crate) service: Arc<dyn Service>,
-    pub(crate) acl: Acl,
+    pub(crate) acl: Arc<Acl>,
+    /// For `proxy_protocol` listeners: the sources trusted to send a PROXY header.
+    pub(crate) proxy_trusted: Option<Acl>,
     pub(crate) options: SocketOptions,
     /// The rustls configuration of a tls listener.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
@@ -458,7 +460,17 @@ impl Acceptor {
 
     fn dispatch(&mut self, index: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
         let listener = &self.listeners[index];
-        let ticket = match self.admission.admit(&listener.acl, peer.ip()) {
+        let admitted = match &listener.proxy_trusted {
+            // The balancer's address says nothing about the client: ACLs and per-IP caps wait
+            // for the PROXY header (read on the event loop).
+            Some(trusted) if trusted.permits(peer.ip()) => self.admission.admit_proxied(),
+            Some(_) => {
+                self.admission.record_refusal(RefusalReason::ProxyHeader);
+                Err(RefusalReason::ProxyHeader)
+            }
+            None => self.admission.admit(&listener.acl, peer.ip()),
+        };
+        let ticket = match admitted {
             Ok(ticket) => ticket,
             Err(reason) => {
                 self.refusals
@@ -496,6 +508,10 @@ impl Acceptor {
             ticket,
             tls,
             forward: listener.forward,
+            proxy: listener
+                .proxy_trusted
+                .as_ref()
+                .map(|_| Arc::clone(&listener.acl)),
         };
         let target = self.least_loaded();
         if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {

@@ -26,16 +26,20 @@ pub enum RefusalReason {
     DescriptorsExhausted = 3,
     /// `max_handshakes` TLS handshakes are already in flight.
     HandshakeCapacity = 4,
+    /// A `proxy_protocol` listener got a connection from an untrusted source, or a missing,
+    /// malformed or late PROXY header.
+    ProxyHeader = 5,
 }
 
 impl RefusalReason {
     /// Every reason, indexed by its discriminant.
-    pub const ALL: [RefusalReason; 5] = [
+    pub const ALL: [RefusalReason; 6] = [
         RefusalReason::Acl,
         RefusalReason::MaxConnections,
         RefusalReason::MaxConnectionsPerIp,
         RefusalReason::DescriptorsExhausted,
         RefusalReason::HandshakeCapacity,
+        RefusalReason::ProxyHeader,
     ];
 
     /// The label used in logs and metrics.
@@ -46,6 +50,7 @@ impl RefusalReason {
             RefusalReason::MaxConnectionsPerIp => "max_connections_per_ip",
             RefusalReason::DescriptorsExhausted => "descriptors_exhausted",
             RefusalReason::HandshakeCapacity => "handshake_capacity",
+            RefusalReason::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -102,7 +107,7 @@ impl Admission {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 Ok(Ticket {
                     admission: Arc::clone(self),
-                    ip,
+                    ip: Some(ip),
                 })
             }
             Err(reason) => {
@@ -146,6 +151,39 @@ impl Admission {
     }
 
     /// Reserves a place for one TLS handshake, or refuses (and counts) past `max_handshakes`.
+    /// Admits a connection from a trusted load balancer whose client is not known yet: only
+    /// `max_connections` applies now; ACLs and the per-IP cap apply to the client address of
+    /// the PROXY header ([`Ticket::assign_client`]).
+    pub(crate) fn admit_proxied(self: &Arc<Self>) -> Result<Ticket, RefusalReason> {
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_connections {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.refused(RefusalReason::MaxConnections);
+            return Err(RefusalReason::MaxConnections);
+        }
+        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(Ticket {
+            admission: Arc::clone(self),
+            ip: None,
+        })
+    }
+
+    /// The ACL and per-IP part of admission, for a client address learnt after accept.
+    fn admit_client(&self, listener_acl: &Acl, ip: IpAddr) -> Result<(), RefusalReason> {
+        if !self.global_acl.permits(ip) || !listener_acl.permits(ip) {
+            return Err(RefusalReason::Acl);
+        }
+        if self.max_per_ip > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= self.max_per_ip {
+                return Err(RefusalReason::MaxConnectionsPerIp);
+            }
+            *count += 1;
+        }
+        Ok(())
+    }
+
     pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
         let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);
         if previous >= self.max_handshakes {
@@ -163,8 +201,8 @@ impl Admission {
         self.metrics.refused(reason);
     }
 
-    fn release(&self, ip: IpAddr) {
-        if self.max_per_ip > 0 {
+    fn release(&self, ip: Option<IpAddr>) {
+        if let Some(ip) = ip.filter(|_| self.max_per_ip > 0) {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
@@ -181,7 +219,44 @@ impl Admission {
 #[derive(Debug)]
 pub(crate) struct Ticket {
     admission: Arc<Admission>,
-    ip: IpAddr,
+    /// The client the per-IP count is charged to (`None` until a PROXY header names it).
+    ip: Option<IpAddr>,
+}
+
+impl Ticket {
+    /// Charges the session to `client` (from a PROXY header): the global and listener ACLs
+    /// and the per-IP cap apply to it. A refusal is counted; the caller closes the session.
+    pub(crate) fn assign_client(
+        &mut self,
+        listener_acl: &Acl,
+        client: IpAddr,
+    ) -> Result<(), RefusalReason> {
+        let client = client.to_canonical();
+        if self.ip.is_some() {
+            return Ok(());
+        }
+        match self.admission.admit_client(listener_acl, client) {
+            Ok(()) => {
+                self.ip = Some(client);
+                Ok(())
+            }
+            Err(reason) => {
+                self.admission.metrics.refused(reason);
+                Err(reason)
+            }
+        }
+    }
+
+    /// Counts a refusal decided after admission (a bad PROXY header).
+    pub(crate) fn record_refusal(&self, reason: RefusalReason) {
+        self.admission.metrics.refused(reason);
+    }
+
+    /// Reserves a place among the TLS handshakes in flight (`max_handshakes`) for a session
+    /// that turns to TLS after admission (the `auto` group).
+    pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
+        self.admission.reserve_handshake()
+    }
 }
 
 impl Drop for Ticket {
@@ -284,5 +359,29 @@ mod tests {
             admission.admit(&listener, ip("127.0.0.9")).unwrap_err(),
             RefusalReason::Acl
         );
+    }
+
+    #[test]
+    fn proxied_tickets_charge_the_real_client_to_acls_and_per_ip_caps() {
+        let admission = admission(Acl::default(), 10, 1);
+        let denied: Acl = Acl::new(Vec::new(), vec!["10.9.0.0/16".parse().unwrap()]);
+        let mut first = admission.admit_proxied().unwrap();
+        first.assign_client(&denied, ip("10.0.0.1")).unwrap();
+        let mut second = admission.admit_proxied().unwrap();
+        assert_eq!(
+            second.assign_client(&denied, ip("10.0.0.1")).unwrap_err(),
+            RefusalReason::MaxConnectionsPerIp,
+            "the per-IP cap applies to the client, not to the balancer"
+        );
+        let mut third = admission.admit_proxied().unwrap();
+        assert_eq!(
+            third.assign_client(&denied, ip("10.9.1.1")).unwrap_err(),
+            RefusalReason::Acl
+        );
+        drop((second, third));
+        drop(first);
+        let mut again = admission.admit_proxied().unwrap();
+        again.assign_client(&denied, ip("10.0.0.1")).unwrap();
+        assert_eq!(admission.open.load(Ordering::Relaxed), 1);
     }
 }

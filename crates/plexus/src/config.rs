@@ -187,11 +187,19 @@ pub struct HttpConfig {
     pub root: Option<PathBuf>,
     /// Largest request head in bytes.
     pub max_header_bytes: usize,
+    /// Longest request target (URI) in bytes.
+    pub max_uri_bytes: usize,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// The whole request head must arrive within this.
     #[serde(with = "human_duration")]
     pub header_timeout: Duration,
+    /// Memory per event loop for small files (≤ 32 KiB) served without touching the disk;
+    /// 0 = off.
+    pub file_cache_bytes: usize,
+    /// How long a cached file is served before the file system is asked again.
+    #[serde(with = "human_duration")]
+    pub file_cache_valid: Duration,
 }
 
 impl Default for HttpConfig {
@@ -199,8 +207,11 @@ impl Default for HttpConfig {
         HttpConfig {
             root: None,
             max_header_bytes: 16 * 1024,
+            max_uri_bytes: 8 * 1024,
             max_body_bytes: 1024 * 1024,
             header_timeout: Duration::from_secs(10),
+            file_cache_bytes: 4 * 1024 * 1024,
+            file_cache_valid: Duration::from_secs(1),
         }
     }
 }
@@ -289,9 +300,12 @@ pub struct ListenerConfig {
     /// `HOST:PORT` for the forward service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
-    /// Accept a PROXY v1/v2 header.
+    /// Require a PROXY v1/v2 header (from a load balancer) before anything else.
     #[serde(default, skip_serializing_if = "is_false")]
     pub proxy_protocol: bool,
+    /// Sources allowed to send PROXY headers (CIDRs); connections from elsewhere are refused.
+    #[serde(default = "default_proxy_trusted")]
+    pub proxy_trusted: Vec<String>,
     /// ALPN protocols for tls listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,
@@ -340,6 +354,10 @@ fn default_mtu() -> u32 {
 }
 fn default_datagram_batch() -> usize {
     32
+}
+
+fn default_proxy_trusted() -> Vec<String> {
+    vec!["127.0.0.0/8".into(), "::1/128".into()]
 }
 
 fn default_backlog() -> u32 {
@@ -532,6 +550,28 @@ impl Config {
             }
         }
 
+        if let Some(root) = &self.http.root {
+            match std::fs::metadata(root) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => problem(
+                    "http.root".into(),
+                    format!("{} is not a directory", root.display()),
+                ),
+                Err(err) => problem(
+                    "http.root".into(),
+                    format!("cannot read {}: {err}", root.display()),
+                ),
+            }
+        }
+        for (key, value) in [
+            ("http.max_header_bytes", self.http.max_header_bytes),
+            ("http.max_uri_bytes", self.http.max_uri_bytes),
+        ] {
+            if value < 64 {
+                problem(key.into(), format!("{value} is too small (at least 64)"));
+            }
+        }
+
         let global_acl = parse_acl(&self.acl, "acl", &mut problem);
 
         let mut listeners = Vec::new();
@@ -571,8 +611,12 @@ impl Config {
                     );
                 }
             }
-            if !listener.alpn.is_empty() && listener.transport != Transport::Tls {
-                problem(key("alpn"), "only tls listeners negotiate ALPN".into());
+            let detects_tls = listener.service == "auto" && listener.transport == Transport::Tcp;
+            if !listener.alpn.is_empty() && listener.transport != Transport::Tls && !detects_tls {
+                problem(
+                    key("alpn"),
+                    "only tls listeners (and auto listeners on tcp) negotiate ALPN".into(),
+                );
             }
             if listener
                 .alpn
@@ -583,10 +627,7 @@ impl Config {
             }
 
             if !known_services.contains(&listener.service.as_str()) {
-                let hint = match listener.service.as_str() {
-                    "http" | "auto" => "is not available in this version of plexus yet",
-                    _ => "is not a known service",
-                };
+                let hint = "is not a known service";
                 problem(
                     key("service"),
                     format!(
@@ -596,10 +637,32 @@ impl Config {
                     ),
                 );
             }
-            if listener.proxy_protocol {
+            let proxy_trusted = listener.proxy_protocol.then(|| {
+                if listener.proxy_trusted.is_empty() {
+                    problem(
+                        key("proxy_trusted"),
+                        "must list the load balancers' addresses when proxy_protocol = true".into(),
+                    );
+                }
+                let trusted = listener
+                    .proxy_trusted
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(at, text)| match text.parse::<Cidr>() {
+                        Ok(cidr) => Some(cidr),
+                        Err(err) => {
+                            problem(format!("{}[{at}]", key("proxy_trusted")), err.to_string());
+                            None
+                        }
+                    })
+                    .collect();
+                Acl::new(trusted, Vec::new())
+            });
+            if listener.proxy_protocol && listener.service == "forward" {
                 problem(
                     key("proxy_protocol"),
-                    "PROXY protocol is not available in this version of plexus yet".into(),
+                    "forward listeners relay bytes as they are; PROXY is not supported there"
+                        .into(),
                 );
             }
             if listener.backlog == 0 {
@@ -668,6 +731,7 @@ impl Config {
                     addr,
                     acl,
                     upstream,
+                    proxy_trusted,
                 });
             }
         }
@@ -715,6 +779,8 @@ pub struct ValidListener {
     pub acl: Acl,
     /// The resolved upstream of a forward listener.
     pub upstream: Option<SocketAddr>,
+    /// For `proxy_protocol = true`: the sources trusted to send PROXY headers.
+    pub proxy_trusted: Option<Acl>,
 }
 
 /// Resolves `HOST:PORT` (once, at start).
@@ -833,7 +899,7 @@ mod human_duration_opt {
 mod tests {
     use super::*;
 
-    const SERVICES: &[&str] = &["echo", "chat"];
+    const SERVICES: &[&str] = &["echo", "chat", "http", "auto"];
 
     fn problems(text: &str) -> Vec<Problem> {
         match Config::parse(text, "t.toml") {
@@ -856,7 +922,15 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["tcp-echo", "tls-echo", "udp-echo", "dtls-echo", "chat"]
+            [
+                "tcp-echo",
+                "tls-echo",
+                "udp-echo",
+                "dtls-echo",
+                "chat",
+                "http",
+                "https"
+            ]
         );
         assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
         let again = Config::parse(&config.to_toml(), "printed").unwrap();

@@ -37,10 +37,10 @@ use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
 use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
 use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::LoopStats;
+use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
-use crate::service::{SessionId, SessionInfo};
+use crate::service::{SessionId, SessionInfo, TimerRequest};
 use crate::worker::WorkQueue;
 
 /// Receive slot per datagram: anything up to the largest UDP payload arrives whole.
@@ -146,6 +146,7 @@ impl SessionHandler for Opening {
 pub(crate) struct LoopParts<'a> {
     pub(crate) timers: &'a mut TimerWheel<TimerEntry>,
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
+    pub(crate) metrics: Option<&'a Metrics>,
 }
 
 /// One event loop's datagram sockets and sessions.
@@ -646,6 +647,11 @@ impl DatagramEndpoint {
             work,
             ..
         } = session;
+        // Handler timers, drain requests and TLS upgrades are stream features: a datagram
+        // session's requests land here and are not acted on.
+        let mut timer = TimerRequest::Keep;
+        let mut drain_wanted = false;
+        let mut upgrade = None;
         let mut handle = Session {
             info,
             outbound,
@@ -655,6 +661,11 @@ impl DatagramEndpoint {
             work,
             work_limit: self.limits.work_limit,
             relay: None,
+            timer: &mut timer,
+            drain_wanted: &mut drain_wanted,
+            high_watermark: self.limits.high_watermark,
+            metrics: parts.metrics,
+            upgrade: &mut upgrade,
         };
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");

@@ -17,21 +17,23 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use plexus_proto::TimerWheel;
+use plexus_proto::proxy::{parse_proxy_header, ProxyHeader, MAX_PROXY_HEADER};
+use plexus_proto::{Acl, TimerWheel};
 use tracing::{debug, error, info};
 
 use rustls::{ServerConfig, ServerConnection};
 
-use crate::admission::{HandshakeSlot, Ticket};
+use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
 use crate::config::READ_CHUNK;
 // datagram: udp/dtls sockets and sessions of this loop.
 use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::LoopStats;
+use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::{Flushed, OutboundQueue};
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
-use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
+use crate::service::{TimerRequest, TlsUpgrade};
+use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
@@ -74,6 +76,9 @@ pub(crate) struct NewSession {
     pub(crate) tls: Option<TlsStart>,
     /// Present for forward listeners: where to relay.
     pub(crate) forward: Option<ForwardTarget>,
+    /// Present for `proxy_protocol` listeners: a PROXY header comes first; the listener's ACL
+    /// then applies to the client it names.
+    pub(crate) proxy: Option<Arc<Acl>>,
 }
 
 /// What a TLS session needs to start its handshake.
@@ -159,6 +164,10 @@ pub(crate) enum TimerKind {
     Handshake,
     /// A forward session's upstream must be connected by now.
     Connect,
+    /// The deadline a service set with `Session::set_timer`.
+    Handler,
+    /// A `proxy_protocol` session's PROXY header must have arrived by now.
+    ProxyHeader,
 }
 
 /// One event-loop thread's state.
@@ -185,7 +194,10 @@ pub(crate) struct EventLoop {
     limits: SessionLimits,
     idle_limit: Duration,
     stats: Arc<LoopStats>,
+    /// The server's counters, for services that report them (`Session::server_metrics`).
+    metrics: Option<Arc<Metrics>>,
     tls_failures: LogThrottle,
+    proxy_failures: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
     // datagram: this loop's udp/dtls sockets and their sessions.
@@ -233,7 +245,9 @@ impl EventLoop {
             datagram: DatagramEndpoint::new(limits.clone(), Arc::clone(&stats)),
             limits,
             stats,
+            metrics: None,
             tls_failures: LogThrottle::new(),
+            proxy_failures: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
         };
@@ -249,6 +263,11 @@ impl EventLoop {
     ) -> io::Result<()> {
         self.datagram
             .add_socket(self.poll.registry(), socket, listener)
+    }
+
+    /// Gives the loop the server's counters (read by services through their session).
+    pub(crate) fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// Gives the loop the worker pool's queue.
@@ -292,6 +311,7 @@ impl EventLoop {
                     let mut parts = LoopParts {
                         timers: &mut self.timers,
                         broadcasts: &mut self.broadcasts,
+                        metrics: self.metrics.as_deref(),
                     };
                     let readable = event.is_readable() || event.is_error();
                     let writable = event.is_writable() || event.is_error();
@@ -330,6 +350,7 @@ impl EventLoop {
             let mut parts = LoopParts {
                 timers: &mut self.timers,
                 broadcasts: &mut self.broadcasts,
+                metrics: self.metrics.as_deref(),
             };
             self.datagram.serve_ready(now, &mut parts);
             self.datagram.flush_all();
@@ -392,6 +413,7 @@ impl EventLoop {
             ticket,
             tls,
             forward,
+            proxy,
         } = new;
         let key = self.sessions.vacant_key();
         let interest = Interest::READABLE | Interest::WRITABLE;
@@ -470,32 +492,60 @@ impl EventLoop {
                 }
             }
         }
+        let session_is_tls = session.tls.is_some();
+        let tls_service = match proxy {
+            Some(acl) => {
+                let check = TimerEntry {
+                    key,
+                    id,
+                    kind: TimerKind::ProxyHeader,
+                };
+                let timer = self
+                    .timers
+                    .insert(now + self.limits.handshake_timeout, check);
+                session.proxy = Some(Box::new(ProxyWait {
+                    received: Vec::new(),
+                    acl,
+                    service: tls_service,
+                    timer,
+                }));
+                None
+            }
+            None => tls_service,
+        };
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
         LoopStats::add(&self.stats.sessions_open, 1);
+        if session_is_tls {
+            LoopStats::add(&self.stats.tls_sessions_open, 1);
+        }
         let session = self.sessions.get_mut(key).expect("just inserted");
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
             let mut context = CallbackContext {
                 broadcasts: &mut self.broadcasts,
-                outbound_limit: self.limits.outbound_limit,
-                work_limit: self.limits.work_limit,
+                limits: &self.limits,
                 stats: &self.stats,
+                metrics: self.metrics.as_deref(),
             };
             session.callback(&mut context, |handler, handle| {
                 *handler = service.open(handle)
             });
-            self.after_callback(key);
+            self.after_callback(key, now);
         }
         self.ready.push(key);
     }
 
     /// Reads what the session has (within its budget), hands it to the handler, then flushes.
     fn serve(&mut self, key: usize, now: Instant) {
-        let limits = &self.limits;
+        self.deliver_drain(key);
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
+        if session.proxy.is_some() {
+            self.serve_proxy_header(key, now);
+            return;
+        }
         if session.tls.is_some() {
             self.serve_tls(key, now);
             return;
@@ -525,9 +575,9 @@ impl EventLoop {
                     LoopStats::add(&self.stats.bytes_in, n as u64);
                     let mut context = CallbackContext {
                         broadcasts: &mut self.broadcasts,
-                        outbound_limit: limits.outbound_limit,
-                        work_limit: limits.work_limit,
+                        limits: &self.limits,
                         stats: &self.stats,
+                        metrics: self.metrics.as_deref(),
                     };
                     let data = &self.read_buf[..n];
                     session.callback(&mut context, |handler, handle| {
@@ -541,8 +591,148 @@ impl EventLoop {
                 }
             }
         }
-        self.after_callback(key);
+        self.after_callback(key, now);
         self.flush(key, now);
+    }
+
+    /// `serve` while a PROXY header is expected: reads raw bytes until the header is complete
+    /// (never more than `MAX_PROXY_HEADER` buffered), then charges the session to the client it
+    /// names (ACL, per-IP cap), opens the service or starts TLS, and replays what followed it.
+    fn serve_proxy_header(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let mut outcome = None;
+        while outcome.is_none()
+            && may_read(
+                session,
+                key,
+                0,
+                self.limits.high_watermark,
+                &self.stats,
+                &mut self.ready,
+            )
+        {
+            let Some(wait) = session.proxy.as_mut() else {
+                return;
+            };
+            // Read no further than the longest header could need (the rest stays in the socket).
+            let room = MAX_PROXY_HEADER.saturating_sub(wait.received.len()).max(1);
+            let buf = &mut self.read_buf[..room];
+            match session.stream.read(buf) {
+                Ok(0) => {
+                    session.peer_eof = true;
+                    outcome = Some(Err(
+                        "connection closed before a complete PROXY header".to_owned()
+                    ));
+                }
+                Ok(n) => {
+                    session.last_activity = now;
+                    LoopStats::add(&self.stats.bytes_in, n as u64);
+                    wait.received.extend_from_slice(&buf[..n]);
+                    match parse_proxy_header(&wait.received) {
+                        Ok(Some((header, consumed))) => outcome = Some(Ok((header, consumed))),
+                        Ok(None) if wait.received.len() >= MAX_PROXY_HEADER => {
+                            outcome = Some(Err("PROXY header too long".to_owned()));
+                        }
+                        Ok(None) => {}
+                        Err(err) => outcome = Some(Err(format!("malformed PROXY header: {err}"))),
+                    }
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => session.readable = false,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => session.closing = Some(CloseReason::Io(err.kind())),
+            }
+        }
+        match outcome {
+            None => self.flush(key, now),
+            Some(Err(why)) => self.refuse_proxied(key, &why),
+            Some(Ok((header, consumed))) => self.proxy_header_done(key, header, consumed, now),
+        }
+    }
+
+    /// Applies a parsed PROXY header, then carries on as a session that just started.
+    fn proxy_header_done(
+        &mut self,
+        key: usize,
+        header: ProxyHeader,
+        consumed: usize,
+        now: Instant,
+    ) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(wait) = session.proxy.take() else {
+            return;
+        };
+        let ProxyWait {
+            received,
+            acl,
+            service,
+            timer,
+        } = *wait;
+        self.timers.cancel(timer);
+        let balancer = session.info.peer;
+        if let ProxyHeader::Proxied { source, .. } = header {
+            session.info.peer = source;
+        }
+        // LOCAL / UNKNOWN (health checks): the connection's own address is the client.
+        let client = session.info.peer.ip();
+        if let Err(reason) = session.ticket_mut().assign_client(&acl, client) {
+            info!(
+                session = %session.info.id, peer = %session.info.peer, via = %balancer,
+                listener = session.info.listener(),
+                "refused connection reason={reason} (client named by the PROXY header)"
+            );
+            self.close(key, CloseReason::Requested);
+            return;
+        }
+        debug!(session = %session.info.id, client = %session.info.peer, via = %balancer, "PROXY header accepted");
+        let rest = &received[consumed..];
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        if session.tls.is_some() {
+            feed_ciphertext(
+                session,
+                rest,
+                &mut self.plain_buf,
+                &mut context,
+                &mut self.timers,
+            );
+        } else if let Some(service) = service {
+            session.callback(&mut context, |handler, handle| {
+                *handler = service.open(handle)
+            });
+            if !rest.is_empty() {
+                session.callback(&mut context, |handler, handle| {
+                    handler.on_data(handle, rest)
+                });
+            }
+        }
+        self.after_callback(key, now);
+        // The socket may hold more than the header: read it as a normal session now.
+        self.ready.push(key);
+    }
+
+    /// Closes a `proxy_protocol` session whose header was missing, malformed or late.
+    fn refuse_proxied(&mut self, key: usize, why: &str) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        session.ticket().record_refusal(RefusalReason::ProxyHeader);
+        if let Some(also) = self.proxy_failures.allow(Instant::now()) {
+            info!(
+                "refused connection reason=proxy_header peer={} listener={}: {why} \
+                 (+{also} more in the last second)",
+                session.info.peer,
+                session.info.listener()
+            );
+        }
+        self.close(key, CloseReason::ProxyHeader);
     }
 
     /// `serve` for TLS sessions: ciphertext from the socket (one read into the loop's buffer)
@@ -584,32 +774,21 @@ impl EventLoop {
             }
             session.last_activity = now;
             LoopStats::add(&self.stats.bytes_in, n as u64);
-            let mut ciphertext = &self.read_buf[..n];
-            while !ciphertext.is_empty() && session.closing.is_none() && !session.peer_eof {
-                let Some(tls) = session.tls.as_mut() else {
-                    return;
-                };
-                match tls.conn.read_tls(&mut ciphertext) {
-                    Ok(0) => {
-                        session.closing = Some(CloseReason::Io(io::ErrorKind::InvalidData));
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(err) => {
-                        session.closing = Some(CloseReason::Io(err.kind()));
-                        break;
-                    }
-                }
-                let mut context = CallbackContext {
-                    broadcasts: &mut self.broadcasts,
-                    outbound_limit: self.limits.outbound_limit,
-                    work_limit: self.limits.work_limit,
-                    stats: &self.stats,
-                };
-                process_tls_records(session, &mut self.plain_buf, &mut context, &mut self.timers);
-            }
+            let mut context = CallbackContext {
+                broadcasts: &mut self.broadcasts,
+                limits: &self.limits,
+                stats: &self.stats,
+                metrics: self.metrics.as_deref(),
+            };
+            feed_ciphertext(
+                session,
+                &self.read_buf[..n],
+                &mut self.plain_buf,
+                &mut context,
+                &mut self.timers,
+            );
         }
-        self.after_callback(key);
+        self.after_callback(key, now);
         self.flush(key, now);
     }
 
@@ -649,8 +828,11 @@ impl EventLoop {
         self.flush(key, now);
     }
 
-    /// Delivers the broadcasts a callback queued, and lists the session for flushing.
-    fn after_callback(&mut self, key: usize) {
+    /// Delivers the broadcasts a callback queued, applies its timer request, and lists the
+    /// session for flushing.
+    fn after_callback(&mut self, key: usize, now: Instant) {
+        self.apply_timer_request(key, now);
+        self.apply_tls_upgrade(key, now);
         if !self.broadcasts.is_empty() {
             let broadcasts = std::mem::take(&mut self.broadcasts);
             for broadcast in &broadcasts {
@@ -671,6 +853,122 @@ impl EventLoop {
         }
         self.submit_work(key);
         self.list_for_flush(key);
+    }
+
+    /// Arms or cancels the handler's deadline as its last callback asked.
+    fn apply_timer_request(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let request = std::mem::take(&mut session.timer_request);
+        if request == TimerRequest::Keep {
+            return;
+        }
+        if let Some(timer) = session.handler_timer.take() {
+            self.timers.cancel(timer);
+        }
+        if let TimerRequest::Set(after) = request {
+            let entry = TimerEntry {
+                key,
+                id: session.info.id,
+                kind: TimerKind::Handler,
+            };
+            session.handler_timer = Some(self.timers.insert(now + after, entry));
+        }
+    }
+
+    /// Turns a plain session into a TLS session when its handler asked (`auto` found a
+    /// ClientHello): the handshake is bounded like any other (`handshake_timeout`,
+    /// `max_handshakes`), and the bytes the handler already read are the first ciphertext.
+    fn apply_tls_upgrade(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(upgrade) = session.tls_upgrade.take() else {
+            return;
+        };
+        let TlsUpgrade {
+            config,
+            received,
+            service,
+        } = *upgrade;
+        if session.tls.is_some() || session.closing.is_some() {
+            return;
+        }
+        let slot = match session.ticket().reserve_handshake() {
+            Ok(slot) => slot,
+            Err(reason) => {
+                info!(session = %session.info.id, peer = %session.info.peer, "refusing a TLS handshake: {reason}");
+                session.closing = Some(CloseReason::Requested);
+                return;
+            }
+        };
+        let conn = match ServerConnection::new(config) {
+            Ok(conn) => conn,
+            Err(err) => {
+                error!(session = %session.info.id, "cannot start a TLS session: {err}");
+                session.closing = Some(CloseReason::Tls(err));
+                return;
+            }
+        };
+        let check = TimerEntry {
+            key,
+            id: session.info.id,
+            kind: TimerKind::Handshake,
+        };
+        let timer = self
+            .timers
+            .insert(now + self.limits.handshake_timeout, check);
+        session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
+        LoopStats::add(&self.stats.tls_sessions_open, 1);
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        feed_ciphertext(
+            session,
+            &received,
+            &mut self.plain_buf,
+            &mut context,
+            &mut self.timers,
+        );
+    }
+
+    /// Calls the handler's `on_drain`, when the queue drained as it asked.
+    fn deliver_drain(&mut self, key: usize) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if !session.drain_due {
+            return;
+        }
+        session.drain_due = false;
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        session.callback(&mut context, |handler, handle| handler.on_drain(handle));
+    }
+
+    /// Calls the handler's `on_timer` (its deadline passed), then flushes what it queued.
+    fn deliver_timer(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        session.handler_timer = None;
+        let mut context = CallbackContext {
+            broadcasts: &mut self.broadcasts,
+            limits: &self.limits,
+            stats: &self.stats,
+            metrics: self.metrics.as_deref(),
+        };
+        session.callback(&mut context, |handler, handle| handler.on_timer(handle));
+        self.after_callback(key, now);
+        self.flush(key, now);
     }
 
     /// Hands the session's next blocking job to the pool, unless one is running already. If the
@@ -727,7 +1025,7 @@ impl EventLoop {
                 Some(reply) => {
                     let (data, close) = reply.into_parts();
                     if session.closing.is_none() {
-                        if session.outbound.len() + data.len() > self.limits.outbound_limit {
+                        if session.outbound.memory_len() + data.len() > self.limits.outbound_limit {
                             session.closing = Some(CloseReason::OutboundOverflow);
                         } else {
                             session.outbound.push_shared(Bytes::from(data));
@@ -756,7 +1054,7 @@ impl EventLoop {
                 if member.info.id == broadcast.except || member.closing.is_some() {
                     return;
                 }
-                if member.outbound.len() + broadcast.data.len() > limit {
+                if member.outbound.memory_len() + broadcast.data.len() > limit {
                     member.closing = Some(CloseReason::OutboundOverflow);
                 } else {
                     member.outbound.push_shared(broadcast.data.clone());
@@ -847,6 +1145,15 @@ impl EventLoop {
             // The edge that announced the unread bytes is gone: come back to read them.
             self.ready.push(key);
         }
+        if session.drain_wanted
+            && session.closing.is_none()
+            && session.outbound.len() <= self.limits.low_watermark
+        {
+            // The producer that paused may go on: `serve` calls its on_drain next turn.
+            session.drain_wanted = false;
+            session.drain_due = true;
+            self.ready.push(key);
+        }
         if session.outbound.len() <= self.limits.low_watermark
             && session
                 .relay
@@ -897,6 +1204,13 @@ impl EventLoop {
             return;
         };
         self.timers.cancel(session.idle_timer);
+        if let Some(timer) = session.handler_timer.take() {
+            self.timers.cancel(timer);
+        }
+        let proxy_pending = session
+            .proxy
+            .take()
+            .map(|wait| self.timers.cancel(wait.timer));
         if let Some(timer) = session
             .relay
             .as_mut()
@@ -908,7 +1222,7 @@ impl EventLoop {
             if let Some(timer) = tls.handshake_timer.take() {
                 self.timers.cancel(timer);
             }
-            if tls.handshaking() {
+            if tls.handshaking() && proxy_pending.is_none() {
                 self.handshake_failed(&session.info, &reason);
             } else if !tls.close_notify_sent
                 && !matches!(reason, CloseReason::Io(_) | CloseReason::Tls(_))
@@ -921,11 +1235,15 @@ impl EventLoop {
             }
         }
         LoopStats::sub(&self.stats.sessions_open, 1);
+        if session.tls.is_some() {
+            LoopStats::sub(&self.stats.tls_sessions_open, 1);
+        }
         let counter = match reason {
             CloseReason::IdleTimeout => Some(&self.stats.closed_idle_timeout),
             CloseReason::OutboundOverflow => Some(&self.stats.closed_outbound_overflow),
             CloseReason::Io(_) => Some(&self.stats.closed_io_error),
             CloseReason::ShutdownForced => Some(&self.stats.closed_forced),
+            CloseReason::UpstreamTimeout => Some(&self.stats.closed_upstream_timeout),
             _ => None,
         };
         if let Some(counter) = counter {
@@ -955,6 +1273,7 @@ impl EventLoop {
                 let mut parts = LoopParts {
                     timers: &mut self.timers,
                     broadcasts: &mut self.broadcasts,
+                    metrics: self.metrics.as_deref(),
                 };
                 self.datagram.timer(key, id, kind, now, &mut parts);
                 continue;
@@ -971,6 +1290,18 @@ impl EventLoop {
                         info!(session = %id, upstream = %relay.target, "forward: upstream did not accept in time; closing client");
                         self.close(key, CloseReason::UpstreamTimeout);
                     }
+                }
+                continue;
+            }
+            if kind == TimerKind::ProxyHeader {
+                if session.proxy.is_some() {
+                    self.refuse_proxied(key, "no complete PROXY header within handshake_timeout");
+                }
+                continue;
+            }
+            if kind == TimerKind::Handler {
+                if session.closing.is_none() {
+                    self.deliver_timer(key, now);
                 }
                 continue;
             }
@@ -1033,6 +1364,7 @@ impl EventLoop {
         let mut parts = LoopParts {
             timers: &mut self.timers,
             broadcasts: &mut self.broadcasts,
+            metrics: self.metrics.as_deref(),
         };
         self.datagram.drain(&mut parts);
         for key in self.sessions.keys() {
@@ -1066,6 +1398,7 @@ impl EventLoop {
         let mut parts = LoopParts {
             timers: &mut self.timers,
             broadcasts: &mut self.broadcasts,
+            metrics: self.metrics.as_deref(),
         };
         self.datagram.close_all(reason, &mut parts);
     }
@@ -1119,6 +1452,34 @@ fn may_read(
         return false;
     }
     true
+}
+
+/// Hands `ciphertext` to rustls record by record, processing each (handshake, then plaintext
+/// to the handler), until it is consumed or the session is closing.
+fn feed_ciphertext(
+    session: &mut TcpSession,
+    mut ciphertext: &[u8],
+    plain_buf: &mut [u8],
+    context: &mut CallbackContext<'_>,
+    timers: &mut TimerWheel<TimerEntry>,
+) {
+    while !ciphertext.is_empty() && session.closing.is_none() && !session.peer_eof {
+        let Some(tls) = session.tls.as_mut() else {
+            return;
+        };
+        match tls.conn.read_tls(&mut ciphertext) {
+            Ok(0) => {
+                session.closing = Some(CloseReason::Io(io::ErrorKind::InvalidData));
+                return;
+            }
+            Ok(_) => {}
+            Err(err) => {
+                session.closing = Some(CloseReason::Io(err.kind()));
+                return;
+            }
+        }
+        process_tls_records(session, plain_buf, context, timers);
+    }
 }
 
 /// After rustls took ciphertext: advances the handshake (opening the service when it
@@ -1210,7 +1571,7 @@ fn flush_tls(
                 blocked: false,
             });
         }
-        let chunk = outbound.front();
+        let chunk = outbound.front(TLS_PLAINTEXT_CHUNK)?;
         let take = chunk.len().min(TLS_PLAINTEXT_CHUNK);
         let accepted = tls.conn.writer().write(&chunk[..take])?;
         if accepted == 0 {

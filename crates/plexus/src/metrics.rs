@@ -13,12 +13,14 @@ use crate::worker::PoolStats;
 #[derive(Debug, Default)]
 pub(crate) struct LoopStats {
     pub(crate) sessions_open: AtomicU64,
+    pub(crate) tls_sessions_open: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) closed_idle_timeout: AtomicU64,
     pub(crate) closed_outbound_overflow: AtomicU64,
     pub(crate) closed_io_error: AtomicU64,
     pub(crate) closed_forced: AtomicU64,
+    pub(crate) closed_upstream_timeout: AtomicU64,
     pub(crate) read_pauses: AtomicU64,
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
@@ -72,6 +74,7 @@ impl Metrics {
         };
         MetricsSnapshot {
             sessions_open: sum(|s| &s.sessions_open),
+            tls_sessions_open: sum(|s| &s.tls_sessions_open),
             accepted: self.accepted.load(Relaxed),
             refused: RefusalReason::ALL
                 .iter()
@@ -83,6 +86,7 @@ impl Metrics {
             closed_outbound_overflow: sum(|s| &s.closed_outbound_overflow),
             closed_io_error: sum(|s| &s.closed_io_error),
             closed_forced: sum(|s| &s.closed_forced),
+            closed_upstream_timeout: sum(|s| &s.closed_upstream_timeout),
             read_pauses: sum(|s| &s.read_pauses),
             handshakes_ok: sum(|s| &s.handshakes_ok),
             handshakes_failed: sum(|s| &s.handshakes_failed),
@@ -109,8 +113,10 @@ impl Metrics {
 /// A point-in-time copy of the server's counters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsSnapshot {
-    /// Sessions open now.
+    /// Sessions open now (every transport).
     pub sessions_open: u64,
+    /// Of those, sessions on tls listeners (handshaking or established).
+    pub tls_sessions_open: u64,
     /// Connections admitted since start.
     pub accepted: u64,
     /// Connections refused since start, by reason.
@@ -127,6 +133,8 @@ pub struct MetricsSnapshot {
     pub closed_io_error: u64,
     /// Sessions cut off by the end of `shutdown_grace` or a fast stop.
     pub closed_forced: u64,
+    /// Forward sessions closed because the upstream did not accept within `handshake_timeout`.
+    pub closed_upstream_timeout: u64,
     /// Times a session stopped being read because its outbound queue passed the high watermark.
     pub read_pauses: u64,
     /// TLS handshakes completed.
@@ -168,11 +176,280 @@ pub struct MetricsSnapshot {
 }
 
 impl MetricsSnapshot {
+    /// Renders the counters in the Prometheus text exposition format (version 0.0.4), every
+    /// name prefixed `plexus_`. Appends to `out` so a service can add its own families.
+    pub fn write_prometheus(&self, out: &mut String) {
+        let plain = self.sessions_open.saturating_sub(self.tls_sessions_open);
+        family(
+            out,
+            "sessions_open",
+            "gauge",
+            "Sessions open now, by transport.",
+        );
+        sample(out, "sessions_open", &[("transport", "tcp")], plain);
+        sample(
+            out,
+            "sessions_open",
+            &[("transport", "tls")],
+            self.tls_sessions_open,
+        );
+        family(
+            out,
+            "connections_accepted_total",
+            "counter",
+            "Connections admitted.",
+        );
+        sample(out, "connections_accepted_total", &[], self.accepted);
+        family(
+            out,
+            "connections_refused_total",
+            "counter",
+            "Connections refused by admission, by reason.",
+        );
+        for (reason, count) in &self.refused {
+            sample(
+                out,
+                "connections_refused_total",
+                &[("reason", reason.as_str())],
+                *count,
+            );
+        }
+        family(
+            out,
+            "bytes_received_total",
+            "counter",
+            "Bytes read from peers.",
+        );
+        sample(out, "bytes_received_total", &[], self.bytes_in);
+        family(
+            out,
+            "bytes_sent_total",
+            "counter",
+            "Bytes written to peers.",
+        );
+        sample(out, "bytes_sent_total", &[], self.bytes_out);
+        family(
+            out,
+            "tls_handshakes_total",
+            "counter",
+            "TLS handshakes, by result.",
+        );
+        sample(
+            out,
+            "tls_handshakes_total",
+            &[("result", "ok")],
+            self.handshakes_ok,
+        );
+        sample(
+            out,
+            "tls_handshakes_total",
+            &[("result", "failed")],
+            self.handshakes_failed,
+        );
+        family(
+            out,
+            "timeouts_total",
+            "counter",
+            "Sessions ended by a timeout, by kind.",
+        );
+        for (kind, count) in [
+            ("idle", self.closed_idle_timeout),
+            ("handshake", self.handshake_timeouts),
+            ("upstream_connect", self.closed_upstream_timeout),
+        ] {
+            sample(out, "timeouts_total", &[("kind", kind)], count);
+        }
+        family(
+            out,
+            "sessions_closed_total",
+            "counter",
+            "Sessions closed for a reason other than an orderly end, by reason.",
+        );
+        for (reason, count) in [
+            ("outbound_overflow", self.closed_outbound_overflow),
+            ("io_error", self.closed_io_error),
+            ("shutdown_forced", self.closed_forced),
+            ("handler_panic", self.handler_panics),
+        ] {
+            sample(out, "sessions_closed_total", &[("reason", reason)], count);
+        }
+        family(
+            out,
+            "read_pauses_total",
+            "counter",
+            "Times a session stopped being read because its peer was not reading.",
+        );
+        sample(out, "read_pauses_total", &[], self.read_pauses);
+        family(
+            out,
+            "jobs_queued",
+            "gauge",
+            "Blocking jobs waiting in the worker pool's queue.",
+        );
+        sample(out, "jobs_queued", &[], self.jobs_queued);
+        family(
+            out,
+            "jobs_total",
+            "counter",
+            "Blocking jobs finished, by result.",
+        );
+        sample(out, "jobs_total", &[("result", "ok")], self.jobs_completed);
+        sample(out, "jobs_total", &[("result", "panic")], self.job_panics);
+        // datagram: the udp/dtls path.
+        family(
+            out,
+            "datagrams_total",
+            "counter",
+            "Datagrams on udp/dtls sockets, by direction.",
+        );
+        sample(
+            out,
+            "datagrams_total",
+            &[("direction", "in")],
+            self.datagrams_in,
+        );
+        sample(
+            out,
+            "datagrams_total",
+            &[("direction", "out")],
+            self.datagrams_out,
+        );
+        family(
+            out,
+            "datagrams_dropped_total",
+            "counter",
+            "Datagrams dropped, by reason.",
+        );
+        for (reason, count) in [
+            ("truncated", self.datagrams_dropped_truncated),
+            ("refused", self.datagrams_dropped_refused),
+            ("send_queue_full", self.datagrams_dropped_overflow),
+            ("send_error", self.datagrams_dropped_send_error),
+            ("dtls_garbage", self.dtls_garbage_dropped),
+        ] {
+            sample(out, "datagrams_dropped_total", &[("reason", reason)], count);
+        }
+        family(
+            out,
+            "dtls_cookies_total",
+            "counter",
+            "DTLS HelloVerifyRequest cookies, sent and verified.",
+        );
+        sample(
+            out,
+            "dtls_cookies_total",
+            &[("result", "sent")],
+            self.dtls_cookies_sent,
+        );
+        sample(
+            out,
+            "dtls_cookies_total",
+            &[("result", "verified")],
+            self.dtls_cookies_verified,
+        );
+        family(
+            out,
+            "datagram_sessions_open",
+            "gauge",
+            "Datagram peer sessions open now, by transport.",
+        );
+        sample(
+            out,
+            "datagram_sessions_open",
+            &[("transport", "udp")],
+            self.udp_sessions_open,
+        );
+        sample(
+            out,
+            "datagram_sessions_open",
+            &[("transport", "dtls")],
+            self.dtls_sessions_open,
+        );
+    }
+
     /// Refusals for one reason.
     pub fn refused(&self, reason: RefusalReason) -> u64 {
         self.refused
             .iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP plexus_{name} {help}\n# TYPE plexus_{name} {kind}"
+    );
+}
+
+/// Writes one sample line; label values are escaped as the format requires.
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    use std::fmt::Write;
+    out.push_str("plexus_");
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (index, (key, value)) in labels.iter().enumerate() {
+            if index > 0 {
+                out.push(',');
+            }
+            out.push_str(key);
+            out.push_str("=\"");
+            for c in value.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_has_every_family_typed_and_every_refusal_reason() {
+        let metrics = Metrics::default();
+        metrics.refused(RefusalReason::MaxConnectionsPerIp);
+        metrics.accepted.fetch_add(3, Relaxed);
+        let mut out = String::new();
+        metrics.snapshot().write_prometheus(&mut out);
+        assert!(
+            out.contains("plexus_connections_accepted_total 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("plexus_connections_refused_total{reason=\"max_connections_per_ip\"} 1\n")
+        );
+        for reason in RefusalReason::ALL {
+            assert!(out.contains(&format!("{{reason=\"{}\"}}", reason.as_str())));
+        }
+        // Every sample belongs to a family announced with HELP and TYPE before it.
+        let mut typed = std::collections::HashSet::new();
+        for line in out.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_owned());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(typed.contains(name), "{name} has no TYPE line");
+            }
+        }
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        sample(&mut out, "x", &[("path", "a\"b\\c\nd")], 1);
+        assert_eq!(out, "plexus_x{path=\"a\\\"b\\\\c\\nd\"} 1\n");
     }
 }

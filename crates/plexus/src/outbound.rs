@@ -1,11 +1,16 @@
-//! A session's outbound queue: bytes waiting for the peer, written with `writev`.
+//! A session's outbound queue: bytes waiting for the peer, written with `writev`, and file
+//! regions, written with `sendfile`.
 //!
 //! Small sends are copied into a staging buffer so that a burst of replies leaves in one
-//! system call; shared buffers (broadcasts) are queued without copying. When the queue empties
-//! its memory is released, so an idle session holds no buffer.
+//! system call; shared buffers (broadcasts) are queued without copying; a file region costs
+//! no memory at all until the kernel sends it (plain TCP) or one record's worth is read for
+//! TLS. When the queue empties its memory is released, so an idle session holds no buffer.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, IoSlice, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
@@ -15,21 +20,65 @@ const MAX_IOVECS: usize = 64;
 const STAGING_CHUNK: usize = 64 * 1024;
 /// Staging capacity kept across sends while a session is busy; more is released when empty.
 const STAGING_KEEP: usize = 4 * 1024;
+/// Most file bytes handed to one `sendfile` call.
+const SENDFILE_CHUNK: usize = 1 << 20;
+
+/// Where a queue's file regions go: a socket that can take them without a copy.
+pub(crate) trait FileSink: Write {
+    /// Sends up to `len` bytes of `file` from `*offset` (advanced by what was sent).
+    fn send_file(&mut self, file: &File, offset: &mut u64, len: usize) -> io::Result<usize>;
+}
+
+impl FileSink for mio::net::TcpStream {
+    fn send_file(&mut self, file: &File, offset: &mut u64, len: usize) -> io::Result<usize> {
+        plexus_sys::sendfile::sendfile(&*self, file, offset, len)
+    }
+}
+
+/// A part of a file still to be sent.
+#[derive(Debug, Clone)]
+pub(crate) struct FileRegion {
+    file: Arc<File>,
+    offset: u64,
+    remaining: u64,
+}
+
+#[derive(Debug)]
+enum Chunk {
+    Data(Bytes),
+    File(FileRegion),
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Data(bytes) => bytes.len(),
+            Chunk::File(region) => region.remaining as usize,
+        }
+    }
+}
 
 /// Bytes queued for one peer, oldest first.
 #[derive(Debug, Default)]
 pub(crate) struct OutboundQueue {
-    chunks: VecDeque<Bytes>,
+    chunks: VecDeque<Chunk>,
     staging: BytesMut,
     len: usize,
     /// Datagram mode: each push is its own chunk (one datagram), never coalesced.
     framed: bool,
+    /// Of `len`, the bytes that are still in files (not in memory).
+    file_len: usize,
 }
 
 impl OutboundQueue {
-    /// Total bytes queued.
+    /// Total bytes queued (memory and files): what the watermarks compare.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// Bytes queued in memory: what `outbound_limit` bounds.
+    pub(crate) fn memory_len(&self) -> usize {
+        self.len - self.file_len
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -46,16 +95,24 @@ impl OutboundQueue {
 
     /// The oldest queued datagram (datagram mode), removed from the queue.
     pub(crate) fn pop_datagram(&mut self) -> Option<Bytes> {
-        let chunk = self.chunks.pop_front()?;
-        self.len -= chunk.len();
-        Some(chunk)
+        loop {
+            let chunk = self.chunks.pop_front()?;
+            let len = chunk.len();
+            self.len -= len;
+            match chunk {
+                Chunk::Data(bytes) => return Some(bytes),
+                // A file region is not a datagram: datagram sessions do not send files.
+                Chunk::File(_) => self.file_len -= len,
+            }
+        }
     }
 
     /// Queues a copy of `data`.
     pub(crate) fn push_copy(&mut self, data: &[u8]) {
         if self.framed {
             // An empty datagram is a valid datagram.
-            self.chunks.push_back(Bytes::copy_from_slice(data));
+            self.chunks
+                .push_back(Chunk::Data(Bytes::copy_from_slice(data)));
             self.len += data.len();
             return;
         }
@@ -65,7 +122,8 @@ impl OutboundQueue {
         self.staging.extend_from_slice(data);
         self.len += data.len();
         if self.staging.len() >= STAGING_CHUNK {
-            self.chunks.push_back(self.staging.split().freeze());
+            self.chunks
+                .push_back(Chunk::Data(self.staging.split().freeze()));
         }
     }
 
@@ -74,11 +132,32 @@ impl OutboundQueue {
         if data.is_empty() && !self.framed {
             return;
         }
-        if !self.staging.is_empty() {
-            self.chunks.push_back(self.staging.split().freeze());
-        }
+        self.seal_staging();
         self.len += data.len();
-        self.chunks.push_back(data);
+        self.chunks.push_back(Chunk::Data(data));
+    }
+
+    /// Queues `len` bytes of `file` from `offset`; they are read only when sent.
+    pub(crate) fn push_file(&mut self, file: Arc<File>, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        self.seal_staging();
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        self.len += len;
+        self.file_len += len;
+        self.chunks.push_back(Chunk::File(FileRegion {
+            file,
+            offset,
+            remaining: len as u64,
+        }));
+    }
+
+    fn seal_staging(&mut self) {
+        if !self.staging.is_empty() {
+            self.chunks
+                .push_back(Chunk::Data(self.staging.split().freeze()));
+        }
     }
 
     /// Drops everything queued (the session is being aborted).
@@ -90,28 +169,24 @@ impl OutboundQueue {
 
     /// Writes as much as `writer` accepts. Returns the bytes written; stops at `WouldBlock`
     /// (returned as `Ok` with what was written so far, and `blocked = true`).
-    pub(crate) fn write_to(&mut self, writer: &mut impl Write) -> io::Result<Flushed> {
+    pub(crate) fn write_to(&mut self, writer: &mut impl FileSink) -> io::Result<Flushed> {
         let mut written = 0;
         while !self.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for chunk in self.chunks.iter().take(MAX_IOVECS - 1) {
-                slices[count] = IoSlice::new(chunk);
-                count += 1;
-            }
-            if !self.staging.is_empty() && count < MAX_IOVECS {
-                slices[count] = IoSlice::new(&self.staging);
-                count += 1;
-            }
-            let offered: usize = slices[..count].iter().map(|slice| slice.len()).sum();
-            // One buffer: plain write (send) is cheaper in the kernel than writev.
-            let result = match count {
-                1 => writer.write(&slices[0]),
-                _ => writer.write_vectored(&slices[..count]),
+            let result = match self.chunks.front_mut() {
+                Some(Chunk::File(region)) => {
+                    let want = (region.remaining as usize).min(SENDFILE_CHUNK);
+                    let mut offset = region.offset;
+                    match writer.send_file(&region.file, &mut offset, want) {
+                        // The file shrank under us: the promised length cannot be kept.
+                        Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                        other => other.map(|n| (n, want)),
+                    }
+                }
+                _ => self.write_memory(writer),
             };
             match result {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
+                Ok((0, _)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok((n, offered)) => {
                     self.consume(n);
                     written += n;
                     if n < offered {
@@ -139,11 +214,67 @@ impl OutboundQueue {
         })
     }
 
-    /// The oldest queued bytes (one chunk), for a writer that takes them piecewise (TLS).
-    pub(crate) fn front(&self) -> &[u8] {
-        self.chunks
-            .front()
-            .map_or(&self.staging[..], |chunk| &chunk[..])
+    /// One `writev` (or `send`) of the in-memory chunks up to the first file region.
+    /// Returns what was written and what was offered.
+    fn write_memory(&self, writer: &mut impl Write) -> io::Result<(usize, usize)> {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let mut count = 0;
+        let mut reached_file = false;
+        for chunk in self.chunks.iter().take(MAX_IOVECS - 1) {
+            match chunk {
+                Chunk::Data(bytes) => {
+                    slices[count] = IoSlice::new(bytes);
+                    count += 1;
+                }
+                Chunk::File(_) => {
+                    reached_file = true;
+                    break;
+                }
+            }
+        }
+        if !reached_file && !self.staging.is_empty() && count < MAX_IOVECS {
+            slices[count] = IoSlice::new(&self.staging);
+            count += 1;
+        }
+        let offered: usize = slices[..count].iter().map(|slice| slice.len()).sum();
+        // One buffer: plain write (send) is cheaper in the kernel than writev.
+        let n = match count {
+            1 => writer.write(&slices[0])?,
+            _ => writer.write_vectored(&slices[..count])?,
+        };
+        Ok((n, offered))
+    }
+
+    /// The oldest queued bytes (one chunk), for a writer that takes them piecewise (TLS). A
+    /// file region at the front is read first, at most `max` bytes of it.
+    pub(crate) fn front(&mut self, max: usize) -> io::Result<&[u8]> {
+        if let Some(Chunk::File(region)) = self.chunks.front_mut() {
+            let take = (region.remaining as usize).min(max);
+            let mut buf = vec![0u8; take];
+            let mut filled = 0;
+            while filled < take {
+                match region
+                    .file
+                    .read_at(&mut buf[filled..], region.offset + filled as u64)
+                {
+                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    Ok(n) => filled += n,
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Err(err),
+                }
+            }
+            region.offset += take as u64;
+            region.remaining -= take as u64;
+            if region.remaining == 0 {
+                self.chunks.pop_front();
+            }
+            self.file_len -= take;
+            self.chunks.push_front(Chunk::Data(Bytes::from(buf)));
+        }
+        Ok(match self.chunks.front() {
+            Some(Chunk::Data(chunk)) => &chunk[..],
+            _ => &self.staging[..],
+        })
     }
 
     /// Drops the first `n` queued bytes (they were written).
@@ -154,11 +285,22 @@ impl OutboundQueue {
                 self.staging.advance(n);
                 break;
             };
-            if n >= front.len() {
-                n -= front.len();
+            let front_len = front.len();
+            if n >= front_len {
+                n -= front_len;
+                if let Chunk::File(_) = front {
+                    self.file_len -= front_len;
+                }
                 self.chunks.pop_front();
             } else {
-                front.advance(n);
+                match front {
+                    Chunk::Data(bytes) => bytes.advance(n),
+                    Chunk::File(region) => {
+                        region.offset += n as u64;
+                        region.remaining -= n as u64;
+                        self.file_len -= n;
+                    }
+                }
                 n = 0;
             }
         }
@@ -211,6 +353,16 @@ mod tests {
         }
         fn flush(&mut self) -> io::Result<()> {
             Ok(())
+        }
+    }
+
+    impl FileSink for Trickle {
+        fn send_file(&mut self, file: &File, offset: &mut u64, len: usize) -> io::Result<usize> {
+            let mut buf = vec![0u8; len.min(self.per_call).min(self.budget)];
+            let n = file.read_at(&mut buf, *offset)?;
+            let sent = self.write(&buf[..n])?;
+            *offset += sent as u64;
+            Ok(sent)
         }
     }
 
@@ -295,11 +447,73 @@ mod tests {
                 Ok(())
             }
         }
+        impl FileSink for Zero {
+            fn send_file(&mut self, _: &File, _: &mut u64, _: usize) -> io::Result<usize> {
+                Ok(0)
+            }
+        }
         let mut queue = OutboundQueue::default();
         queue.push_copy(b"x");
         assert_eq!(
             queue.write_to(&mut Zero).unwrap_err().kind(),
             io::ErrorKind::WriteZero
         );
+    }
+
+    fn file_with(bytes: &[u8]) -> Arc<File> {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        Arc::new(file)
+    }
+
+    #[test]
+    fn file_regions_interleave_with_memory_in_order_and_cost_no_memory() {
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let file = file_with(&body);
+        let mut queue = OutboundQueue::default();
+        queue.push_copy(b"HEAD1\r\n");
+        queue.push_file(Arc::clone(&file), 10, 200_000);
+        queue.push_copy(b"HEAD2\r\n");
+        queue.push_file(file, 0, 5);
+        queue.push_shared(Bytes::from_static(b"tail"));
+        assert_eq!(queue.len(), 7 + 200_000 + 7 + 5 + 4);
+        assert_eq!(queue.memory_len(), 7 + 7 + 4);
+
+        let mut writer = Trickle {
+            out: Vec::new(),
+            per_call: 7_777,
+            budget: usize::MAX,
+        };
+        let mut rounds = 0;
+        while !queue.is_empty() {
+            queue.write_to(&mut writer).unwrap();
+            rounds += 1;
+            assert!(rounds < 1000);
+        }
+        let mut expected = b"HEAD1\r\n".to_vec();
+        expected.extend_from_slice(&body[10..200_010]);
+        expected.extend_from_slice(b"HEAD2\r\n");
+        expected.extend_from_slice(&body[..5]);
+        expected.extend_from_slice(b"tail");
+        assert_eq!(writer.out, expected);
+        assert_eq!(queue.memory_len(), 0);
+    }
+
+    #[test]
+    fn a_file_region_is_read_piecewise_for_tls() {
+        let body: Vec<u8> = (0..40_000u32).map(|i| (i % 249) as u8).collect();
+        let mut queue = OutboundQueue::default();
+        queue.push_copy(b"H");
+        queue.push_file(file_with(&body), 0, 40_000);
+        let mut out = Vec::new();
+        while !queue.is_empty() {
+            let chunk = queue.front(16_384).unwrap();
+            let take = chunk.len().min(10_000);
+            out.extend_from_slice(&chunk[..take]);
+            queue.consume(take);
+            assert!(queue.memory_len() <= 16_384 + 1);
+        }
+        assert_eq!(out[0], b'H');
+        assert_eq!(&out[1..], &body[..]);
     }
 }

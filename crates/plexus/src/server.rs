@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
-use crate::builtin::{Chat, Echo};
+use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
 use crate::dtls::{DtlsContext, DtlsError};
@@ -67,8 +67,13 @@ pub struct ServerBuilder {
     config: Config,
     source: String,
     services: BTreeMap<String, Arc<dyn Service>>,
+    /// The built-in http service, which `auto` listeners hand HTTP sessions to.
+    http: Arc<Http>,
     handle_signals: bool,
 }
+
+/// The name of the protocol-group service, built per listener at bind time.
+const AUTO: &str = "auto";
 
 impl ServerBuilder {
     /// Registers a service under `name`, for listeners with `service = "<name>"`.
@@ -94,7 +99,10 @@ impl ServerBuilder {
     /// Checks the configuration against the registered services without binding anything
     /// (what `plexus serve --check` does).
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
-        let names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
+        if !self.services.contains_key(AUTO) {
+            names.push(AUTO);
+        }
         self.config.validate(&self.source, &names)
     }
 
@@ -152,6 +160,9 @@ impl ServerBuilder {
             pool_stats: Arc::clone(&pool.stats),
             ..Metrics::default()
         });
+        for event_loop in &mut loops {
+            event_loop.set_metrics(Arc::clone(&metrics));
+        }
         let admission = Arc::new(Admission::new(
             valid.global_acl.clone(),
             server.max_connections,
@@ -160,10 +171,12 @@ impl ServerBuilder {
             Arc::clone(&metrics),
         ));
 
+        let is_auto =
+            |l: &ValidListener| l.config.service == AUTO && !self.services.contains_key(AUTO);
         let uses_tls = valid
             .listeners
             .iter()
-            .any(|l| matches!(l.config.transport, Transport::Tls | Transport::Dtls));
+            .any(|l| matches!(l.config.transport, Transport::Tls | Transport::Dtls) || is_auto(l));
         let tls = match uses_tls {
             true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
             false => None,
@@ -171,10 +184,10 @@ impl ServerBuilder {
         let mut bound = Vec::with_capacity(valid.listeners.len());
         let mut local_addrs = Vec::with_capacity(valid.listeners.len());
         for (index, listener) in valid.listeners.iter().enumerate() {
-            let service = Arc::clone(&self.services[&listener.config.service]);
             let transport = listener.config.transport;
             if matches!(transport, Transport::Udp | Transport::Dtls) {
                 // datagram: one socket per event loop, owned by the loop (not the acceptor).
+                let service = Arc::clone(&self.services[&listener.config.service]);
                 let dtls = match (&tls, transport) {
                     (Some(tls), Transport::Dtls) => {
                         let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
@@ -197,9 +210,23 @@ impl ServerBuilder {
                 local_addrs.push((listener.config.name.clone(), local));
                 continue;
             }
-            let tls_config = match (&tls, transport) {
+            let tls_config = match (&tls, listener.config.transport) {
                 (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
                 _ => None,
+            };
+            let service: Arc<dyn Service> = if is_auto(listener) {
+                // TLS is detected (and terminated) by the group on plain listeners only.
+                let detect_tls = match (&tls, listener.config.transport) {
+                    (Some(tls), Transport::Tcp) => Some(tls.server_config(&listener.config.alpn)?),
+                    _ => None,
+                };
+                Arc::new(Auto::new(
+                    Arc::clone(&self.http),
+                    detect_tls,
+                    server.handshake_timeout,
+                ))
+            } else {
+                Arc::clone(&self.services[&listener.config.service])
             };
             let listener = bind(index, listener, service, tls_config)?;
             local_addrs.push((valid.listeners[index].config.name.clone(), listener.local));
@@ -318,7 +345,8 @@ fn bind(
         local,
         info,
         service,
-        acl: listener.acl.clone(),
+        acl: Arc::new(listener.acl.clone()),
+        proxy_trusted: listener.proxy_trusted.clone(),
         options,
         tls,
         forward: listener.upstream.map(|upstream| ForwardTarget {
@@ -348,10 +376,13 @@ impl Server {
         services.insert("echo".into(), Arc::new(Echo));
         services.insert("chat".into(), Arc::new(chat));
         services.insert("forward".into(), Arc::new(Forward));
+        let http = Arc::new(Http::new(&config.http));
+        services.insert("http".into(), Arc::clone(&http) as Arc<dyn Service>);
         ServerBuilder {
             config,
             source: "<config>".into(),
             services,
+            http,
             handle_signals: false,
         }
     }

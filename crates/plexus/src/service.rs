@@ -8,11 +8,14 @@
 //! callback returns (with `writev`, applying the outbound watermarks).
 
 use std::fmt;
+use std::fs::File;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbound::OutboundQueue;
 use crate::worker::{Reply, WorkQueue};
 
@@ -31,6 +34,18 @@ pub trait SessionHandler: Send {
     /// Bytes arrived from the peer (in order; any split is possible). On a udp or dtls
     /// session, each call is exactly one datagram.
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]);
+
+    /// The deadline set with [`Session::set_timer`] passed. The default does nothing.
+    fn on_timer(&mut self, session: &mut Session<'_>) {
+        let _ = session;
+    }
+
+    /// The outbound queue drained to the low watermark after [`Session::notify_when_drained`]
+    /// asked for it: a producer that paused because the peer was slow may go on. The default
+    /// does nothing.
+    fn on_drain(&mut self, session: &mut Session<'_>) {
+        let _ = session;
+    }
 
     /// The session ended; nothing can be sent any more. The default does nothing.
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
@@ -120,6 +135,8 @@ pub enum CloseReason {
     UpstreamFailed(std::io::ErrorKind),
     /// A forward session's upstream did not accept the connection within `handshake_timeout`.
     UpstreamTimeout,
+    /// A `proxy_protocol` session's PROXY header was missing, malformed or late.
+    ProxyHeader,
 }
 
 impl CloseReason {
@@ -151,6 +168,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Panic => f.write_str("service panicked"),
             CloseReason::UpstreamFailed(kind) => write!(f, "upstream failed: {kind}"),
             CloseReason::UpstreamTimeout => f.write_str("upstream connect timed out"),
+            CloseReason::ProxyHeader => f.write_str("missing or malformed PROXY header"),
             CloseReason::WorkOverflow => {
                 f.write_str("too many blocking jobs queued (worker_session_limit)")
             }
@@ -166,6 +184,24 @@ pub(crate) struct Broadcast {
     pub(crate) data: Bytes,
 }
 
+/// A plain session turning into a TLS session (the `auto` group found a ClientHello).
+pub(crate) struct TlsUpgrade {
+    pub(crate) config: Arc<rustls::ServerConfig>,
+    /// The bytes already read: the start of the ClientHello.
+    pub(crate) received: Vec<u8>,
+    /// Opened on the decrypted stream once the handshake completes.
+    pub(crate) service: Arc<dyn Service>,
+}
+
+/// A change to a session's handler timer, applied by the loop after the callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum TimerRequest {
+    #[default]
+    Keep,
+    Set(Duration),
+    Cancel,
+}
+
 /// The handle a service gets for one session during a callback.
 pub struct Session<'a> {
     pub(crate) info: &'a SessionInfo,
@@ -177,6 +213,11 @@ pub struct Session<'a> {
     pub(crate) work_limit: usize,
     /// The upstream queue of a forward session.
     pub(crate) relay: Option<&'a mut OutboundQueue>,
+    pub(crate) timer: &'a mut TimerRequest,
+    pub(crate) drain_wanted: &'a mut bool,
+    pub(crate) high_watermark: usize,
+    pub(crate) metrics: Option<&'a Metrics>,
+    pub(crate) upgrade: &'a mut Option<Box<TlsUpgrade>>,
 }
 
 impl Session<'_> {
@@ -235,6 +276,62 @@ impl Session<'_> {
         self.work.push(Box::new(job));
     }
 
+    /// Queues `len` bytes of `file` starting at `offset`. On plain TCP they go out with
+    /// `sendfile` (no copy through user space); on TLS they are read one record at a time. File
+    /// bytes count towards the outbound watermarks (reading pauses while they are queued) but
+    /// not towards `outbound_limit`, since they hold no memory.
+    pub fn send_file(&mut self, file: Arc<File>, offset: u64, len: u64) {
+        if self.closing.is_none() {
+            self.outbound.push_file(file, offset, len);
+        }
+    }
+
+    /// Calls [`SessionHandler::on_timer`] once `after` has passed (replacing an earlier
+    /// deadline). For protocol deadlines such as "the request head must arrive in 10 s".
+    pub fn set_timer(&mut self, after: Duration) {
+        *self.timer = TimerRequest::Set(after);
+    }
+
+    /// Cancels the deadline of [`Session::set_timer`], if any.
+    pub fn cancel_timer(&mut self) {
+        *self.timer = TimerRequest::Cancel;
+    }
+
+    /// Whether the outbound queue is past the high watermark: a producer should stop
+    /// producing, call [`Session::notify_when_drained`], and go on in
+    /// [`SessionHandler::on_drain`].
+    pub fn is_backlogged(&self) -> bool {
+        self.outbound.len() > self.high_watermark
+    }
+
+    /// Asks for one [`SessionHandler::on_drain`] call once the outbound queue is down to the
+    /// low watermark (at once, after this callback, if it already is).
+    pub fn notify_when_drained(&mut self) {
+        *self.drain_wanted = true;
+    }
+
+    /// The server's counters now (sessions, refusals, bytes, handshakes, …), e.g. for a
+    /// metrics endpoint. `None` only for a session not running under a [`crate::Server`].
+    pub fn server_metrics(&self) -> Option<MetricsSnapshot> {
+        self.metrics.map(Metrics::snapshot)
+    }
+
+    /// Turns this plain session into a TLS session: `received` (bytes the handler read) is
+    /// the start of the ClientHello; once the handshake completes, `service` is opened on the
+    /// decrypted stream and replaces this handler.
+    pub(crate) fn start_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        received: Vec<u8>,
+        service: Arc<dyn Service>,
+    ) {
+        *self.upgrade = Some(Box::new(TlsUpgrade {
+            config,
+            received,
+            service,
+        }));
+    }
+
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).
     pub(crate) fn relay_upstream(&mut self, data: &[u8]) {
         if let Some(queue) = self.relay.as_deref_mut() {
@@ -256,7 +353,7 @@ impl Session<'_> {
         if self.closing.is_some() {
             return false;
         }
-        if self.outbound.len() + extra > self.outbound_limit {
+        if self.outbound.memory_len() + extra > self.outbound_limit {
             *self.closing = Some(CloseReason::OutboundOverflow);
             return false;
         }

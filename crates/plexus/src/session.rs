@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use mio::net::TcpStream;
-use plexus_proto::TimerKey;
+use plexus_proto::{Acl, TimerKey};
 use slab::Slab;
 
 use std::sync::Arc;
@@ -22,10 +22,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
-use crate::metrics::LoopStats;
+use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
-use crate::service::{Broadcast, Session};
+use crate::service::{Broadcast, Session, TimerRequest, TlsUpgrade};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -65,6 +66,17 @@ pub(crate) struct TcpSession {
     pub(crate) work: WorkQueue,
     /// The upstream of a forward session.
     pub(crate) relay: Option<Box<Relay>>,
+    /// The handler's deadline ([`Session::set_timer`]), and a change asked for in a callback.
+    pub(crate) handler_timer: Option<TimerKey>,
+    pub(crate) timer_request: TimerRequest,
+    /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
+    pub(crate) drain_wanted: bool,
+    /// The queue drained as asked: `on_drain` is called on the next `serve`.
+    pub(crate) drain_due: bool,
+    /// The handler asked to switch this plain session to TLS (applied after its callback).
+    pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
+    /// A `proxy_protocol` session before its PROXY header is complete.
+    pub(crate) proxy: Option<Box<ProxyWait>>,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -95,18 +107,35 @@ impl TcpSession {
             tls: None,
             work: WorkQueue::default(),
             relay: None,
+            handler_timer: None,
+            timer_request: TimerRequest::Keep,
+            drain_wanted: false,
+            drain_due: false,
+            tls_upgrade: None,
+            proxy: None,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
     }
 }
 
+impl TcpSession {
+    /// The session's admission ticket.
+    pub(crate) fn ticket(&self) -> &Ticket {
+        &self._ticket
+    }
+
+    pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
+        &mut self._ticket
+    }
+}
+
 /// What a handler callback needs besides its session: the loop's shared parts.
 pub(crate) struct CallbackContext<'a> {
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
-    pub(crate) outbound_limit: usize,
-    pub(crate) work_limit: usize,
+    pub(crate) limits: &'a SessionLimits,
     pub(crate) stats: &'a LoopStats,
+    pub(crate) metrics: Option<&'a Metrics>,
 }
 
 impl TcpSession {
@@ -125,6 +154,9 @@ impl TcpSession {
             closing,
             work,
             relay,
+            timer_request,
+            drain_wanted,
+            tls_upgrade,
             ..
         } = self;
         let mut handle = Session {
@@ -132,10 +164,15 @@ impl TcpSession {
             outbound,
             closing: &mut *closing,
             broadcasts: &mut *context.broadcasts,
-            outbound_limit: context.outbound_limit,
+            outbound_limit: context.limits.outbound_limit,
             work,
-            work_limit: context.work_limit,
+            work_limit: context.limits.work_limit,
             relay: relay.as_deref_mut().map(|relay| &mut relay.to_upstream),
+            timer: timer_request,
+            drain_wanted,
+            high_watermark: context.limits.high_watermark,
+            metrics: context.metrics,
+            upgrade: tls_upgrade,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {
@@ -147,6 +184,17 @@ impl TcpSession {
             *closing = Some(CloseReason::Panic);
         }
     }
+}
+
+/// A session waiting for its PROXY header.
+pub(crate) struct ProxyWait {
+    /// Bytes read so far (at most `MAX_PROXY_HEADER`).
+    pub(crate) received: Vec<u8>,
+    /// The listener's ACL, applied to the client the header names.
+    pub(crate) acl: Arc<Acl>,
+    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
+    pub(crate) service: Option<Arc<dyn Service>>,
+    pub(crate) timer: TimerKey,
 }
 
 /// A TLS session's protocol state.

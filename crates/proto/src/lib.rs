@@ -1,15 +1,23 @@
 //! Sans-IO building blocks of plexus: the hashed timer wheel that drives
 //! every timeout ([`TimerWheel`]), address access control ([`Acl`],
-//! [`Cidr`]) and line framing for line-based services ([`LineFramer`]).
+//! [`Cidr`]), line framing for line-based services ([`LineFramer`]), the
+//! HTTP/1.1 request decoder and response helpers ([`http`]), first-bytes
+//! protocol detection for the `auto` group ([`detect`]) and the PROXY
+//! protocol v1/v2 header ([`proxy`]).
 //! Nothing in this crate touches a socket, spawns a thread or reads a clock:
 //! bytes and the current [`Instant`](std::time::Instant) are always passed in
 //! by the caller, which keeps every piece deterministic and unit-testable.
 #![forbid(unsafe_code)]
 
 pub mod acl;
+pub mod detect;
+pub mod http;
 pub mod line;
+pub mod proxy;
 pub mod timer;
 
 pub use acl::{Acl, AclError, Cidr};
+pub use detect::{sniff, Sniff, MAX_SNIFF_BYTES};
 pub use line::{LineFramer, LineTooLong};
+pub use proxy::{parse_proxy_header, ProxyError, ProxyHeader, MAX_PROXY_HEADER};
 pub use timer::{TimerKey, TimerWheel};

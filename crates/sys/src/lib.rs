@@ -21,7 +21,9 @@ macro_rules! syscall {
 
 pub mod dgram;
 pub mod dtls;
+pub mod fs;
 pub mod rlimit;
+pub mod sendfile;
 pub mod signal;
 pub mod splice;
 

@@ -1,7 +1,11 @@
-//! The services plexus ships: `echo` and `chat`.
+//! The services plexus ships: `echo`, `chat`, `http`, and the `auto` protocol group.
 
+mod auto;
 mod chat;
 mod echo;
+mod http;
 
+pub(crate) use auto::Auto;
 pub use chat::Chat;
 pub use echo::Echo;
+pub use http::Http;

@@ -1,0 +1,903 @@
+//! `http`: an HTTP/1.1 server for static files, `/healthz` and `/metrics`.
+//!
+//! The protocol itself (request parsing, limits, ranges, paths, dates) is the sans-IO codec in
+//! `plexus_proto::http`; this module owns what touches the world: the document root (opened
+//! once as a directory descriptor, files opened below it with `openat2(RESOLVE_BENEATH)`, so
+//! neither `..` nor a symlink can leave it), file bodies queued as `sendfile` regions, the
+//! per-session header deadline, and the request counters `/metrics` reports.
+//!
+//! Responses leave strictly in request order: each request is answered when its message ends,
+//! and when the peer stops reading (the outbound queue passes the high watermark) the session
+//! stops parsing pipelined requests until the queue drains.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use plexus_proto::http::{
+    content_type, entity_tag, format_http_date, if_none_match, normalize_path, parse_http_date,
+    parse_range, write_head, Limits, Method, RangeRequest, RequestDecoder, RequestError,
+    RequestEvent, RequestHead,
+};
+use tracing::{debug, info, warn};
+
+use crate::config::HttpConfig;
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{family, sample};
+use crate::service::{Service, Session, SessionHandler};
+
+/// Files up to this size are read and sent with their head in one write; larger ones are
+/// queued as file regions (sendfile on plain TCP).
+const INLINE_FILE_MAX: u64 = 32 * 1024;
+
+/// What a response needs to know about a file, computed once per open (or cache fill).
+struct FileMeta {
+    len: u64,
+    modified: SystemTime,
+    etag: String,
+    last_modified: String,
+    mime: &'static str,
+}
+
+/// Where a file's bytes come from.
+enum FileBody {
+    /// Cached (small files): no system call to serve it.
+    Memory(Bytes),
+    /// Open below the root: read (small) or sent with sendfile (large).
+    File(File),
+}
+
+/// The page served at `/` when no `[http].root` is configured.
+const BUILTIN_INDEX: &str = "<!doctype html>\n<html><head><title>plexus</title></head>\
+<body><h1>plexus</h1><p>It works. Configure <code>[http].root</code> to serve files; \
+see <a href=\"/metrics\">/metrics</a> and <a href=\"/healthz\">/healthz</a>.</p></body></html>\n";
+
+/// Upper bounds (seconds) of the request latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
+];
+
+/// Small files kept in memory, per event-loop thread (no lock on the hot path), for at most
+/// `file_cache_valid` before the file is looked at again (as nginx's `open_file_cache_valid`).
+/// Bounded by `file_cache_bytes` per loop; when full it starts over (entries are cheap to refill).
+struct FileCache {
+    /// Tells this service's entries apart from another server's in the same thread.
+    id: usize,
+    capacity: usize,
+    valid: Duration,
+}
+
+struct CachedFile {
+    meta: Arc<FileMeta>,
+    body: Bytes,
+    filled: Instant,
+}
+
+#[derive(Default)]
+struct CacheStore {
+    entries: std::collections::HashMap<(usize, String), CachedFile>,
+    bytes: usize,
+}
+
+thread_local! {
+    static FILE_CACHE: std::cell::RefCell<CacheStore> = std::cell::RefCell::default();
+}
+
+impl FileCache {
+    fn new(capacity: usize, valid: Duration) -> FileCache {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        FileCache {
+            id: NEXT_ID.fetch_add(1, Relaxed) as usize,
+            capacity,
+            valid,
+        }
+    }
+
+    /// Whether a file of `len` bytes is kept in memory.
+    fn admits(&self, len: u64) -> bool {
+        len <= INLINE_FILE_MAX && (len as usize) <= self.capacity
+    }
+
+    fn get(&self, key: &str, now: Instant) -> Option<(Arc<FileMeta>, FileBody)> {
+        if self.capacity == 0 {
+            return None;
+        }
+        FILE_CACHE.with(|store| {
+            let store = store.borrow();
+            let entry = store.entries.get(&(self.id, key.to_owned()))?;
+            (now.duration_since(entry.filled) < self.valid).then(|| {
+                (
+                    Arc::clone(&entry.meta),
+                    FileBody::Memory(entry.body.clone()),
+                )
+            })
+        })
+    }
+
+    fn insert(&self, key: String, meta: Arc<FileMeta>, body: Bytes, now: Instant) {
+        FILE_CACHE.with(|store| {
+            let mut store = store.borrow_mut();
+            if store.bytes + body.len() > self.capacity {
+                store.entries.clear();
+                store.bytes = 0;
+            }
+            store.bytes += body.len();
+            let entry = CachedFile {
+                meta,
+                body,
+                filled: now,
+            };
+            if let Some(old) = store.entries.insert((self.id, key), entry) {
+                store.bytes -= old.body.len();
+            }
+        });
+    }
+}
+
+/// The http service. Shared by every http listener of a server.
+pub struct Http {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// The document root, opened once; `None` = built-in pages only.
+    root: Option<File>,
+    root_path: Option<PathBuf>,
+    limits: Limits,
+    header_timeout: Duration,
+    cache: FileCache,
+    stats: HttpStats,
+    /// Refused requests are logged at most once a second (a flood must not flood the log).
+    refusals: Mutex<LogThrottle>,
+}
+
+/// Counters of every http session, rendered by `/metrics`.
+#[derive(Default)]
+struct HttpStats {
+    /// Responses by status class: 1xx … 5xx.
+    responses: [AtomicU64; 5],
+    /// Requests refused by the parser, by status (400, 408, 413, 414, 431, 501, 505).
+    rejected: [AtomicU64; REJECT_STATUSES.len()],
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_nanos: AtomicU64,
+}
+
+const REJECT_STATUSES: [u16; 7] = [400, 408, 413, 414, 431, 501, 505];
+
+impl HttpStats {
+    fn response(&self, status: u16) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Relaxed);
+    }
+
+    fn rejected(&self, status: u16) {
+        if let Some(index) = REJECT_STATUSES.iter().position(|s| *s == status) {
+            self.rejected[index].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn latency(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        if let Some(index) = LATENCY_BUCKETS.iter().position(|le| seconds <= *le) {
+            self.latency_buckets[index].fetch_add(1, Relaxed);
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.latency_sum_nanos.fetch_add(nanos, Relaxed);
+    }
+
+    fn write_prometheus(&self, out: &mut String) {
+        family(
+            out,
+            "http_responses_total",
+            "counter",
+            "HTTP responses, by status class.",
+        );
+        for (index, count) in self.responses.iter().enumerate() {
+            let class = format!("{}xx", index + 1);
+            sample(
+                out,
+                "http_responses_total",
+                &[("class", &class)],
+                count.load(Relaxed),
+            );
+        }
+        family(
+            out,
+            "http_requests_rejected_total",
+            "counter",
+            "Requests refused before a response could be made, by status (malformed, \
+             oversized, too slow, unsupported).",
+        );
+        for (status, count) in REJECT_STATUSES.iter().zip(&self.rejected) {
+            sample(
+                out,
+                "http_requests_rejected_total",
+                &[("status", &status.to_string())],
+                count.load(Relaxed),
+            );
+        }
+        let name = "plexus_http_request_duration_seconds";
+        out.push_str(&format!(
+            "# HELP {name} Time from a complete request head to its queued response.\n\
+             # TYPE {name} histogram\n"
+        ));
+        let mut cumulative = 0;
+        for (le, count) in LATENCY_BUCKETS.iter().zip(&self.latency_buckets) {
+            cumulative += count.load(Relaxed);
+            out.push_str(&format!("{name}_bucket{{le=\"{le}\"}} {cumulative}\n"));
+        }
+        let total = self.latency_count.load(Relaxed);
+        let sum = self.latency_sum_nanos.load(Relaxed) as f64 / 1e9;
+        out.push_str(&format!(
+            "{name}_bucket{{le=\"+Inf\"}} {total}\n{name}_sum {sum}\n{name}_count {total}\n"
+        ));
+    }
+}
+
+impl Http {
+    /// The service for `[http]`. A root that cannot be opened is logged and leaves only the
+    /// built-in pages (configuration checking reports it before this point).
+    pub fn new(config: &HttpConfig) -> Http {
+        let root = config.root.as_ref().and_then(|path| {
+            match File::open(path).and_then(|dir| {
+                if dir.metadata()?.is_dir() {
+                    Ok(dir)
+                } else {
+                    Err(io::Error::other("not a directory"))
+                }
+            }) {
+                Ok(dir) => Some(dir),
+                Err(err) => {
+                    warn!(
+                        "http.root {}: {err}; serving built-in pages only",
+                        path.display()
+                    );
+                    None
+                }
+            }
+        });
+        let limits = Limits {
+            max_head_bytes: config.max_header_bytes,
+            max_uri_bytes: config.max_uri_bytes,
+            max_body_bytes: config.max_body_bytes as u64,
+            ..Limits::default()
+        };
+        Http {
+            shared: Arc::new(Shared {
+                root_path: root.as_ref().and(config.root.clone()),
+                root,
+                limits,
+                header_timeout: config.header_timeout,
+                cache: FileCache::new(config.file_cache_bytes, config.file_cache_valid),
+                stats: HttpStats::default(),
+                refusals: Mutex::new(LogThrottle::new()),
+            }),
+        }
+    }
+}
+
+impl Service for Http {
+    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        Box::new(HttpSession::new(Arc::clone(&self.shared)))
+    }
+}
+
+/// Opens http sessions for other services (the `auto` protocol group).
+pub(crate) fn open_session(http: &Http) -> Box<dyn SessionHandler> {
+    Box::new(HttpSession::new(Arc::clone(&http.shared)))
+}
+
+/// One connection's HTTP state.
+struct HttpSession {
+    shared: Arc<Shared>,
+    decoder: RequestDecoder,
+    /// The request whose body is being read, with the time its head completed.
+    current: Option<(RequestHead, Instant)>,
+    header_timer_armed: bool,
+    /// A response said `Connection: close` (or the request was refused): parse nothing more.
+    done: bool,
+}
+
+impl HttpSession {
+    fn new(shared: Arc<Shared>) -> Self {
+        HttpSession {
+            decoder: RequestDecoder::new(shared.limits),
+            shared,
+            current: None,
+            header_timer_armed: false,
+            done: false,
+        }
+    }
+
+    /// Answers every complete request buffered, in order, until the peer falls behind.
+    fn process(&mut self, session: &mut Session<'_>) {
+        while !self.done {
+            if session.is_backlogged() {
+                // Pipelined requests wait in the decoder until the peer reads its responses.
+                session.notify_when_drained();
+                break;
+            }
+            match self.decoder.poll() {
+                Ok(None) => break,
+                Ok(Some(RequestEvent::Head(head))) => {
+                    if head.expect_continue && !matches!(head.method, Method::Get | Method::Head) {
+                        // Refuse before the client sends a body we would discard.
+                        let started = Instant::now();
+                        self.respond(session, &head, started);
+                        self.done = true;
+                        session.close();
+                        break;
+                    }
+                    if head.expect_continue {
+                        session.send(b"HTTP/1.1 100 Continue\r\n\r\n");
+                    }
+                    self.current = Some((head, Instant::now()));
+                }
+                Ok(Some(RequestEvent::Body(_))) => {}
+                Ok(Some(RequestEvent::End)) => {
+                    if let Some((head, started)) = self.current.take() {
+                        let keep_alive = self.respond(session, &head, started);
+                        if !keep_alive {
+                            self.done = true;
+                            session.close();
+                        }
+                    }
+                }
+                Err(err) => {
+                    self.reject(session, &err);
+                    break;
+                }
+            }
+        }
+        self.update_header_timer(session);
+    }
+
+    /// The head of a request must arrive within `header_timeout` of its first byte, however
+    /// it trickles in (the deadline is not pushed back by each byte).
+    fn update_header_timer(&mut self, session: &mut Session<'_>) {
+        let waiting_for_head = !self.done && self.decoder.head_in_progress();
+        if waiting_for_head && !self.header_timer_armed {
+            session.set_timer(self.shared.header_timeout);
+            self.header_timer_armed = true;
+        } else if !waiting_for_head && self.header_timer_armed {
+            session.cancel_timer();
+            self.header_timer_armed = false;
+        }
+    }
+
+    /// Answers a request the parser refused, and closes the connection.
+    fn reject(&mut self, session: &mut Session<'_>, err: &RequestError) {
+        let status = err.status();
+        self.log_refusal(session, status, err);
+        self.shared.stats.rejected(status);
+        let body = format!(
+            "{status} {}: {err}\n",
+            plexus_proto::http::reason_phrase(status)
+        );
+        self.send_simple(
+            session,
+            status,
+            "text/plain; charset=utf-8",
+            body.as_bytes(),
+            false,
+            false,
+        );
+        self.done = true;
+        session.close();
+    }
+
+    /// Logs why a request was refused, at most once a second for the whole service.
+    fn log_refusal(&self, session: &Session<'_>, status: u16, why: &dyn std::fmt::Display) {
+        let allowed = self
+            .shared
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow(Instant::now());
+        if let Some(also) = allowed {
+            info!(
+                "http request refused peer={} listener={} status={status}: {why} \
+                 (+{also} more refused in the last second)",
+                session.peer(),
+                session.info().listener()
+            );
+        }
+    }
+
+    /// Answers one complete request; returns whether the connection stays open.
+    fn respond(&mut self, session: &mut Session<'_>, head: &RequestHead, started: Instant) -> bool {
+        let keep_alive = head.keep_alive;
+        let head_only = head.method == Method::Head;
+        let path = head.target.split(['?', '#']).next().unwrap_or("");
+        match &head.method {
+            Method::Get | Method::Head => {}
+            Method::Options => {
+                self.send_with(
+                    session,
+                    204,
+                    &[("Allow", b"GET, HEAD, OPTIONS")],
+                    b"",
+                    keep_alive,
+                    true,
+                );
+                self.shared.stats.latency(started.elapsed());
+                return keep_alive;
+            }
+            Method::Other(method) => {
+                // Unknown semantics: nothing after this request can be trusted; close.
+                let why = format!("unknown method {method:?}");
+                self.log_refusal(session, 501, &why);
+                self.shared.stats.rejected(501);
+                let body = b"501 Not Implemented: unknown method\n";
+                let mime = "text/plain; charset=utf-8";
+                self.send_simple(session, 501, mime, body, false, head_only);
+                return false;
+            }
+            _ => {
+                let body = b"405 Method Not Allowed: this server serves GET and HEAD\n";
+                self.send_with(
+                    session,
+                    405,
+                    &[
+                        ("Allow", b"GET, HEAD, OPTIONS"),
+                        ("Content-Type", b"text/plain; charset=utf-8"),
+                    ],
+                    body,
+                    keep_alive,
+                    false,
+                );
+                self.shared.stats.latency(started.elapsed());
+                return keep_alive;
+            }
+        }
+        match path {
+            "/healthz" => {
+                self.send_simple(
+                    session,
+                    200,
+                    "text/plain; charset=utf-8",
+                    b"ok",
+                    keep_alive,
+                    head_only,
+                );
+            }
+            "/metrics" => {
+                let mut text = String::with_capacity(8 * 1024);
+                if let Some(snapshot) = session.server_metrics() {
+                    snapshot.write_prometheus(&mut text);
+                }
+                self.shared.stats.write_prometheus(&mut text);
+                self.send_simple(
+                    session,
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text.as_bytes(),
+                    keep_alive,
+                    head_only,
+                );
+            }
+            _ => self.serve_file(session, head, keep_alive, head_only),
+        }
+        self.shared.stats.latency(started.elapsed());
+        keep_alive
+    }
+
+    fn serve_file(
+        &mut self,
+        session: &mut Session<'_>,
+        head: &RequestHead,
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        if self.shared.root.is_none() {
+            if head.target == "/" || head.target == "/index.html" {
+                self.send_simple(
+                    session,
+                    200,
+                    "text/html; charset=utf-8",
+                    BUILTIN_INDEX.as_bytes(),
+                    keep_alive,
+                    head_only,
+                );
+            } else {
+                self.not_found(session, keep_alive, head_only);
+            }
+            return;
+        }
+        let segments = match normalize_path(&head.target) {
+            Ok(segments) => segments,
+            Err(err) => {
+                // A traversal attempt or an undecodable path: answer and close.
+                let why = format!("request target {:?}: {err}", head.target);
+                self.log_refusal(session, 400, &why);
+                self.shared.stats.rejected(400);
+                let body = format!("400 Bad Request: {err}\n");
+                let mime = "text/plain; charset=utf-8";
+                self.send_simple(session, 400, mime, body.as_bytes(), false, head_only);
+                self.done = true;
+                session.close();
+                return;
+            }
+        };
+        let Some((meta, body)) = self.resolve(session, head, &segments, keep_alive, head_only)
+        else {
+            return;
+        };
+        let len = meta.len;
+        // Conditional requests: If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+        let not_modified = match head.header("if-none-match") {
+            Some(value) => if_none_match(value, &meta.etag),
+            None => head
+                .header("if-modified-since")
+                .and_then(parse_http_date)
+                .is_some_and(|since| unix_seconds(meta.modified) <= unix_seconds(since)),
+        };
+        if not_modified {
+            let validators = [
+                ("ETag", meta.etag.as_bytes()),
+                ("Last-Modified", meta.last_modified.as_bytes()),
+            ];
+            self.send_with(session, 304, &validators, b"", keep_alive, true);
+            return;
+        }
+        let range = match head.header("range") {
+            Some(value) if head.method == Method::Get => parse_range(value, len),
+            _ => RangeRequest::Full,
+        };
+        let (status, start, count, content_range) = match range {
+            RangeRequest::Full => (200, 0, len, None),
+            RangeRequest::Partial { start, end } => (
+                206,
+                start,
+                end - start + 1,
+                Some(format!("bytes {start}-{end}/{len}")),
+            ),
+            RangeRequest::Unsatisfiable => {
+                let content_range = format!("bytes */{len}");
+                self.send_with(
+                    session,
+                    416,
+                    &[
+                        ("Content-Range", content_range.as_bytes()),
+                        ("Content-Type", b"text/plain; charset=utf-8"),
+                    ],
+                    b"416 Range Not Satisfiable\n",
+                    keep_alive,
+                    head_only,
+                );
+                return;
+            }
+        };
+        let length = count.to_string();
+        let mut headers: Vec<(&str, &[u8])> = vec![
+            ("Content-Type", meta.mime.as_bytes()),
+            ("Content-Length", length.as_bytes()),
+            ("ETag", meta.etag.as_bytes()),
+            ("Last-Modified", meta.last_modified.as_bytes()),
+            ("Accept-Ranges", b"bytes"),
+        ];
+        if let Some(content_range) = &content_range {
+            headers.push(("Content-Range", content_range.as_bytes()));
+        }
+        let mut out = Vec::with_capacity(
+            320 + if count <= INLINE_FILE_MAX {
+                count as usize
+            } else {
+                0
+            },
+        );
+        self.write_response_head(&mut out, status, &headers, keep_alive);
+        if head_only || count == 0 {
+            session.send(&out);
+            return;
+        }
+        let (start, end) = (start as usize, (start + count) as usize);
+        match body {
+            FileBody::Memory(bytes) => {
+                // Head and body leave in one write.
+                out.extend_from_slice(&bytes[start..end]);
+                session.send(&out);
+            }
+            FileBody::File(file) if count <= INLINE_FILE_MAX => {
+                let mut body = vec![0u8; count as usize];
+                match read_exact_at(&file, &mut body, start as u64) {
+                    Ok(()) => {
+                        out.extend_from_slice(&body);
+                        session.send(&out);
+                    }
+                    Err(err) => {
+                        warn!(target = %head.target, "http: cannot read file: {err}");
+                        self.done = true;
+                        session.close();
+                    }
+                }
+            }
+            FileBody::File(file) => {
+                session.send(&out);
+                session.send_file(Arc::new(file), start as u64, count);
+            }
+        }
+    }
+
+    /// Finds the file a request names (through the per-loop cache of small files, or below the
+    /// root), or answers the request itself (redirect, 403, 404, 500) and returns `None`.
+    fn resolve(
+        &mut self,
+        session: &mut Session<'_>,
+        head: &RequestHead,
+        segments: &[String],
+        keep_alive: bool,
+        head_only: bool,
+    ) -> Option<(Arc<FileMeta>, FileBody)> {
+        let root = self.shared.root.as_ref()?;
+        let key = segments.join("/");
+        let now = Instant::now();
+        if let Some(hit) = self.shared.cache.get(&key, now) {
+            return Some(hit);
+        }
+        let relative: PathBuf = if segments.is_empty() {
+            PathBuf::from(".")
+        } else {
+            segments.iter().collect()
+        };
+        let text = "text/plain; charset=utf-8";
+        let (file, metadata, name) = match open_below(root, &relative) {
+            Ok((_, metadata)) if metadata.is_dir() => {
+                if !head.target.split('?').next().unwrap_or("").ends_with('/') {
+                    let mut location = head.target.split('?').next().unwrap_or("/").to_owned();
+                    location.push('/');
+                    self.send_with(
+                        session,
+                        301,
+                        &[
+                            ("Location", location.as_bytes()),
+                            ("Content-Type", text.as_bytes()),
+                        ],
+                        b"301 Moved Permanently\n",
+                        keep_alive,
+                        head_only,
+                    );
+                    return None;
+                }
+                match open_below(root, &relative.join("index.html")) {
+                    Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html"),
+                    _ => {
+                        self.not_found(session, keep_alive, head_only);
+                        return None;
+                    }
+                }
+            }
+            Ok((file, metadata)) if metadata.is_file() => {
+                (file, metadata, segments.last().map_or("", String::as_str))
+            }
+            Ok(_) => {
+                self.not_found(session, keep_alive, head_only);
+                return None;
+            }
+            Err(err)
+                if plexus_sys::fs::is_escape(&err)
+                    || err.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                // Outside the root (openat2 refused the path) or not readable by this process.
+                debug!(session = %session.id(), target = %head.target, "http: forbidden: {err}");
+                self.send_simple(
+                    session,
+                    403,
+                    text,
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
+                return None;
+            }
+            Err(err)
+                if err.kind() == io::ErrorKind::NotFound
+                    || plexus_sys::fs::is_not_a_directory(&err) =>
+            {
+                self.not_found(session, keep_alive, head_only);
+                return None;
+            }
+            Err(err) => {
+                warn!(
+                    root = %self.shared.root_path.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+                    target = %head.target,
+                    "http: cannot open file: {err}"
+                );
+                let body = b"500 Internal Server Error\n";
+                self.send_simple(session, 500, text, body, keep_alive, head_only);
+                return None;
+            }
+        };
+        let len = metadata.len();
+        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
+        let modified_nanos = modified
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+        let meta = Arc::new(FileMeta {
+            len,
+            modified,
+            etag: entity_tag(len, modified_nanos ^ u128::from(metadata.ino())),
+            last_modified: format_http_date(modified),
+            mime: content_type(extension),
+        });
+        if self.shared.cache.admits(len) {
+            let mut body = vec![0u8; len as usize];
+            if read_exact_at(&file, &mut body, 0).is_ok() {
+                let body = Bytes::from(body);
+                self.shared
+                    .cache
+                    .insert(key, Arc::clone(&meta), body.clone(), now);
+                return Some((meta, FileBody::Memory(body)));
+            }
+        }
+        Some((meta, FileBody::File(file)))
+    }
+
+    fn not_found(&mut self, session: &mut Session<'_>, keep_alive: bool, head_only: bool) {
+        self.send_simple(
+            session,
+            404,
+            "text/plain; charset=utf-8",
+            b"404 Not Found\n",
+            keep_alive,
+            head_only,
+        );
+    }
+
+    fn send_simple(
+        &mut self,
+        session: &mut Session<'_>,
+        status: u16,
+        mime: &str,
+        body: &[u8],
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        self.send_with(
+            session,
+            status,
+            &[("Content-Type", mime.as_bytes())],
+            body,
+            keep_alive,
+            head_only,
+        );
+    }
+
+    /// Sends a response with a body from memory (Content-Length framed).
+    fn send_with(
+        &mut self,
+        session: &mut Session<'_>,
+        status: u16,
+        extra: &[(&str, &[u8])],
+        body: &[u8],
+        keep_alive: bool,
+        head_only: bool,
+    ) {
+        let length = body.len().to_string();
+        let mut headers: Vec<(&str, &[u8])> = extra.to_vec();
+        if status != 304 && status != 204 {
+            headers.push(("Content-Length", length.as_bytes()));
+        }
+        let mut out = Vec::with_capacity(256 + body.len());
+        self.write_response_head(&mut out, status, &headers, keep_alive);
+        if !head_only {
+            out.extend_from_slice(body);
+        }
+        session.send(&out);
+    }
+
+    /// Writes the status line and headers common to every response, then `headers`.
+    fn write_response_head(
+        &self,
+        out: &mut Vec<u8>,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        keep_alive: bool,
+    ) {
+        self.shared.stats.response(status);
+        let date = http_date_now();
+        let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
+        all.push(("Server", b"plexus"));
+        all.push(("Date", date.as_bytes()));
+        all.extend_from_slice(headers);
+        if !keep_alive {
+            all.push(("Connection", b"close"));
+        }
+        write_head(out, status, &all);
+    }
+}
+
+impl SessionHandler for HttpSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        if self.done {
+            // A refused or final request: nothing after it is parsed.
+            return;
+        }
+        self.decoder.push(data);
+        self.process(session);
+    }
+
+    fn on_timer(&mut self, session: &mut Session<'_>) {
+        self.header_timer_armed = false;
+        if self.done || !self.decoder.head_in_progress() {
+            return;
+        }
+        self.log_refusal(
+            session,
+            408,
+            &"request head not complete within header_timeout",
+        );
+        self.shared.stats.rejected(408);
+        self.send_simple(
+            session,
+            408,
+            "text/plain; charset=utf-8",
+            b"408 Request Timeout\n",
+            false,
+            false,
+        );
+        self.done = true;
+        session.close();
+    }
+
+    fn on_drain(&mut self, session: &mut Session<'_>) {
+        self.process(session);
+    }
+}
+
+/// Opens `relative` below `root` and reads its metadata. Uses `openat2(RESOLVE_BENEATH)`; on
+/// kernels without it, falls back to resolving the path and checking it stays in the root.
+fn open_below(root: &File, relative: &std::path::Path) -> io::Result<(File, std::fs::Metadata)> {
+    let file = match plexus_sys::fs::open_beneath(root, relative) {
+        Err(err) if plexus_sys::fs::is_unsupported(&err) => open_checked(root, relative)?,
+        other => other?,
+    };
+    let metadata = file.metadata()?;
+    Ok((file, metadata))
+}
+
+/// The fallback of [`open_below`] for kernels before 5.6 (no openat2): canonical paths compared.
+fn open_checked(root: &File, relative: &std::path::Path) -> io::Result<File> {
+    use std::os::fd::AsRawFd;
+    let root_path = std::fs::read_link(format!("/proc/self/fd/{}", root.as_raw_fd()))?;
+    let full = root_path.join(relative).canonicalize()?;
+    if !full.starts_with(&root_path) {
+        return Err(plexus_sys::fs::escape_error());
+    }
+    File::open(full)
+}
+
+/// Whole seconds since the epoch (HTTP dates have no finer resolution).
+fn unix_seconds(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset)
+}
+
+/// The `Date` header value, formatted at most once per second per thread.
+fn http_date_now() -> String {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != second {
+            *cache = (second, format_http_date(now));
+        }
+        cache.1.clone()
+    })
+}

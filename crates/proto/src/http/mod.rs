@@ -1,0 +1,26 @@
+//! HTTP/1.1 for the `http` service, sans-IO: owns the request decoder
+//! ([`RequestDecoder`], RFC 9112 framing with explicit [`Limits`]) and the
+//! pure response-side helpers (status line and header writing, chunked
+//! encoding, HTTP dates, byte ranges, conditional requests, content types,
+//! and the mapping of a request target to safe path segments).
+//!
+//! The decoder is fed whatever bytes a read returned and hands out
+//! [`RequestEvent`]s: a head, pieces of decoded body, the end of a message;
+//! pipelined requests come out one after another. Every malformed or
+//! oversized input is a precise [`RequestError`] whose
+//! [`status`](RequestError::status) is the answer the runtime sends before
+//! closing the connection.
+
+mod path;
+mod request;
+mod response;
+
+pub use path::{normalize_path, PathError};
+pub use request::{
+    BodyLength, Header, Limits, Method, RequestDecoder, RequestError, RequestEvent, RequestHead,
+    Version,
+};
+pub use response::{
+    content_type, entity_tag, format_http_date, if_none_match, parse_http_date, parse_range,
+    reason_phrase, write_chunk, write_head, write_last_chunk, RangeRequest,
+};

@@ -1,0 +1,163 @@
+//! Request-target → file path mapping for the static file server: owns the
+//! rules that keep a request inside the document root (percent-decoding,
+//! refusing `..`, encoded separators, NUL and backslashes).
+
+/// Why a request-target cannot name a file under the root.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    /// Not origin-form (`/path?query`): absolute-form, authority-form, `*`.
+    #[error("request-target is not an absolute path")]
+    NotOriginForm,
+    /// A `%` not followed by two hex digits.
+    #[error("invalid percent-escape in the path")]
+    BadEscape,
+    /// A NUL or other control byte, raw or percent-encoded.
+    #[error("control byte in the path")]
+    ControlByte,
+    /// A `/` encoded as `%2F` inside a segment.
+    #[error("encoded '/' in a path segment")]
+    EncodedSlash,
+    /// A `..` segment (raw or decoded, like `%2e%2e`).
+    #[error("'..' segment in the path")]
+    DotDot,
+    /// A backslash, raw or decoded (a separator on some systems).
+    #[error("backslash in the path")]
+    Backslash,
+    /// A segment that is not UTF-8 once decoded.
+    #[error("path segment is not UTF-8")]
+    NotUtf8,
+}
+
+/// Maps an origin-form request-target to safe relative path segments: the
+/// query is dropped, each segment is percent-decoded, `.` and empty segments
+/// are dropped, and anything that could leave the root is refused. `"/"`
+/// gives no segments (the root itself).
+///
+/// # Errors
+///
+/// See [`PathError`].
+pub fn normalize_path(target: &str) -> Result<Vec<String>, PathError> {
+    let path = target.split(['?', '#']).next().unwrap_or("");
+    let Some(path) = path.strip_prefix('/') else {
+        return Err(PathError::NotOriginForm);
+    };
+    let mut segments = Vec::new();
+    for raw in path.split('/') {
+        if raw.contains('\\') {
+            return Err(PathError::Backslash);
+        }
+        let decoded = percent_decode(raw.as_bytes())?;
+        if decoded.contains(&b'/') {
+            return Err(PathError::EncodedSlash);
+        }
+        if decoded.contains(&b'\\') {
+            return Err(PathError::Backslash);
+        }
+        if decoded.iter().any(|&b| b < 0x20 || b == 0x7f) {
+            return Err(PathError::ControlByte);
+        }
+        match decoded.as_slice() {
+            b"" | b"." => continue,
+            b".." => return Err(PathError::DotDot),
+            _ => {}
+        }
+        let segment = String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)?;
+        segments.push(segment);
+    }
+    Ok(segments)
+}
+
+fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
+            let hi = (hex[0] as char).to_digit(16).ok_or(PathError::BadEscape)?;
+            let lo = (hex[1] as char).to_digit(16).ok_or(PathError::BadEscape)?;
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(target: &str) -> Vec<String> {
+        normalize_path(target).unwrap_or_else(|e| panic!("{target}: {e}"))
+    }
+
+    #[test]
+    fn plain_paths_become_segments_without_query_dots_or_empties() {
+        assert_eq!(ok("/"), Vec::<String>::new());
+        assert_eq!(ok("/index.html"), ["index.html"]);
+        assert_eq!(ok("/a//b/./c/?x=../../etc"), ["a", "b", "c"]);
+        assert_eq!(ok("/a%20b/%C3%A9.txt"), ["a b", "é.txt"]);
+        assert_eq!(ok("/%2e/x"), ["x"]);
+        assert_eq!(ok("/..a/b..c/...x"), ["..a", "b..c", "...x"]);
+    }
+
+    #[test]
+    fn dot_dot_traversal_is_refused_raw_and_encoded() {
+        for target in [
+            "/..",
+            "/../etc/passwd",
+            "/a/../../etc/passwd",
+            "/a/..",
+            "/%2e%2e/etc/passwd",
+            "/%2E%2E/x",
+            "/.%2e/x",
+            "/%2e./x",
+        ] {
+            assert_eq!(normalize_path(target), Err(PathError::DotDot), "{target}");
+        }
+    }
+
+    #[test]
+    fn encoded_slash_backslash_and_nul_are_refused() {
+        assert_eq!(normalize_path("/a%2fb"), Err(PathError::EncodedSlash));
+        assert_eq!(
+            normalize_path("/..%2f..%2fetc"),
+            Err(PathError::EncodedSlash)
+        );
+        assert_eq!(normalize_path("/a\\..\\b"), Err(PathError::Backslash));
+        assert_eq!(normalize_path("/a%5c..%5cb"), Err(PathError::Backslash));
+        assert_eq!(normalize_path("/a%00.html"), Err(PathError::ControlByte));
+        assert_eq!(normalize_path("/a\0b"), Err(PathError::ControlByte));
+        assert_eq!(normalize_path("/a%0a"), Err(PathError::ControlByte));
+    }
+
+    #[test]
+    fn bad_escapes_and_non_origin_forms_are_refused() {
+        assert_eq!(normalize_path("/a%"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/a%2"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEscape));
+        assert_eq!(normalize_path("/%ff"), Err(PathError::NotUtf8));
+        assert_eq!(normalize_path("*"), Err(PathError::NotOriginForm));
+        assert_eq!(
+            normalize_path("http://example.com/x"),
+            Err(PathError::NotOriginForm)
+        );
+        assert_eq!(normalize_path(""), Err(PathError::NotOriginForm));
+        assert_eq!(normalize_path("?/x"), Err(PathError::NotOriginForm));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn normalized_segments_are_always_safe(target in "\\PC{0,40}|/[a-z%./\\\\0-9A-F]{0,40}") {
+            if let Ok(segments) = normalize_path(&target) {
+                for segment in segments {
+                    proptest::prop_assert!(!segment.is_empty());
+                    proptest::prop_assert!(segment != "." && segment != "..");
+                    proptest::prop_assert!(!segment.contains(['/', '\\', '\0']));
+                }
+            }
+        }
+    }
+}
