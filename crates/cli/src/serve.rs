@@ -1,17 +1,29 @@
-//! `plexus serve`: load and check the configuration, raise limits, run the server.
+//! `plexus serve`: load and check the configuration, then start the process the way an
+//! operator expects a Unix server to start — daemonise (optionally), take the pid file, raise
+//! the descriptor limit, bind every listener, enter the chroot and drop privileges, tell the
+//! original process (and systemd) that it is serving, and run.
+//!
+//! The order matters: `fork` before any thread exists (the worker pool and the loops start
+//! inside the library, after the bind), binding before the privilege drop (ports below 1024),
+//! the drop before the first connection is served.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
 use plexus::{Config, ConfigError, Server};
+use plexus_sys::daemon::{self, Daemonized, StartupReport};
+use plexus_sys::pidfile::PidFile;
+use plexus_sys::privileges;
 use tracing::{info, warn};
 
-use crate::logging::{self, LogFormat};
+use crate::logging::{self, LogFormat, LogTarget};
 use crate::EXIT_USAGE;
 
 /// Descriptors kept for listeners, logs and the acceptor's spare, beyond one per session.
 const DESCRIPTOR_HEADROOM: u64 = 64;
+/// Exit code for runtime failures (another instance running, bind or privilege failures).
+const EXIT_RUNTIME: u8 = 1;
 
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
@@ -24,9 +36,29 @@ pub(crate) struct ServeArgs {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
-    /// Log line format on stderr.
+    /// Log line format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Where logs go: stderr, syslog (/dev/log) or journald (the journal's native socket).
+    #[arg(long, value_enum, default_value = "stderr")]
+    log_target: LogTarget,
+    /// Run in the background (double fork, setsid, chdir /, umask 027, stdio to /dev/null);
+    /// the command returns once the server is serving (exit 0) or failed (its exit code).
+    #[arg(long, requires = "pid_file")]
+    daemon: bool,
+    /// Write the process id to FILE and hold a lock on it while running; a second instance
+    /// with the same file refuses to start (exit 1). Removed at exit.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// After binding, switch to this user (and its primary group unless --group is given).
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
+    /// After binding, switch to this group (needs --user).
+    #[arg(long, value_name = "NAME", requires = "user")]
+    group: Option<String>,
+    /// After binding and before dropping privileges, chroot into DIR (needs root).
+    #[arg(long, value_name = "DIR")]
+    chroot: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: ServeArgs) -> ExitCode {
@@ -45,9 +77,16 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
+    // SIGHUP re-reads the same file (by absolute path: the daemon runs in `/`).
+    let reload_path = args.config.as_deref().map(absolute);
     let builder = Server::builder(config)
         .source_name(&source)
-        .handle_signals(true);
+        .handle_signals(true)
+        .systemd(true)
+        .reload_from(move || match &reload_path {
+            Some(path) => Config::load(path),
+            None => Ok(Config::embedded_default()),
+        });
     if args.check {
         return match builder.validate() {
             Ok(valid) => {
@@ -60,32 +99,158 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
             Err(err) => config_failure(&err),
         };
     }
-
-    logging::init(args.log_format);
-    raise_descriptor_limit(
-        builder
-            .validate()
-            .map_or(0, |v| v.config.server.max_connections),
-    );
-    let server = match builder.build() {
-        Ok(server) => server,
-        Err(plexus::Error::Config(err)) => return config_failure(&err),
-        Err(err @ plexus::Error::Tls(_)) => {
-            eprintln!("error: {source}: {err}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+    let max_connections = match builder.validate() {
+        Ok(valid) => valid.config.server.max_connections,
+        Err(err) => return config_failure(&err),
+    };
+    // Names are looked up now, while /etc is still reachable and before detaching, so a typo
+    // is a usage error on the terminal.
+    let account = match Account::resolve(&args) {
+        Ok(account) => account,
         Err(err) => {
             eprintln!("error: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_USAGE);
         }
     };
+    // The daemon runs in `/`: a relative pid file must name the same file it would have here.
+    let pid_path = args.pid_file.as_deref().map(absolute);
+
+    if let Err(err) = logging::init(args.log_format, args.log_target) {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    let startup = match args.daemon {
+        true => {
+            if args.log_target == LogTarget::Stderr {
+                warn!(
+                    "--daemon with --log-target stderr: logs are discarded once detached \
+                     (use --log-target syslog or journald)"
+                );
+            }
+            // No thread exists yet: nothing before this point spawns one.
+            match daemon::daemonize() {
+                Ok(Daemonized::Original { status }) => return ExitCode::from(status),
+                Ok(Daemonized::Daemon(report)) => Some(report),
+                Err(err) => {
+                    eprintln!("error: cannot daemonize: {err}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            }
+        }
+        false => None,
+    };
+    let started = Startup(startup);
+
+    let _pid_file = match pid_path.as_deref().map(PidFile::acquire).transpose() {
+        Ok(pid_file) => pid_file,
+        Err(err) => return started.fail(EXIT_RUNTIME, &err.to_string()),
+    };
+    raise_descriptor_limit(max_connections);
+    if account.is_none() && privileges::is_root() {
+        warn!(
+            "running as root without --user: every session is served with full privileges \
+             (use --user NAME to drop them after binding)"
+        );
+    }
+    // Resolved before a daemon's chdir("/") would change what a relative path means.
+    let chroot = args.chroot.as_deref().map(absolute);
+    let builder = builder.after_bind(move || {
+        if let Some(dir) = &chroot {
+            privileges::chroot(dir)?;
+            info!(dir = %dir.display(), "entered chroot");
+        }
+        if let Some(account) = account {
+            privileges::drop_to(account.uid, account.gid).map_err(|err| {
+                format!(
+                    "cannot drop privileges to user '{}' (uid {}, gid {}): {err}; refusing to run",
+                    account.user, account.uid, account.gid
+                )
+            })?;
+            info!(
+                user = %account.user,
+                uid = account.uid,
+                gid = account.gid,
+                "privileges dropped"
+            );
+        }
+        Ok(())
+    });
+    let server = match builder.build() {
+        Ok(server) => server,
+        Err(plexus::Error::Config(err)) => {
+            let message = err.to_string();
+            return started.fail(EXIT_USAGE, &message);
+        }
+        Err(err @ plexus::Error::Tls(_)) => {
+            return started.fail(EXIT_USAGE, &format!("{source}: {err}"))
+        }
+        Err(err) => return started.fail(EXIT_RUNTIME, &err.to_string()),
+    };
+    started.serving();
     match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
+            tracing::error!("{err}");
             eprintln!("error: {err}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// The user and group to switch to after binding.
+struct Account {
+    user: String,
+    uid: u32,
+    gid: u32,
+}
+
+impl Account {
+    fn resolve(args: &ServeArgs) -> Result<Option<Account>, privileges::PrivilegeError> {
+        let Some(user) = &args.user else {
+            return Ok(None);
+        };
+        let entry = privileges::lookup_user(user)?;
+        let gid = match &args.group {
+            Some(group) => privileges::lookup_group(group)?,
+            None => entry.gid,
+        };
+        Ok(Some(Account {
+            user: entry.name,
+            uid: entry.uid,
+            gid,
+        }))
+    }
+}
+
+/// The daemon's report to the process the operator started (nothing in the foreground).
+struct Startup(Option<StartupReport>);
+
+impl Startup {
+    /// Prints the error (still on the original stderr) and reports `code`.
+    fn fail(self, code: u8, message: &str) -> ExitCode {
+        for line in message.lines() {
+            eprintln!("error: {line}");
+        }
+        if let Some(report) = self.0 {
+            let _ = report.report(code);
+        }
+        ExitCode::from(code)
+    }
+
+    /// Every listener is bound: release the original process and detach from its stderr.
+    fn serving(self) {
+        if let Some(report) = self.0 {
+            info!(pid = std::process::id(), "running in the background");
+            if let Err(err) = daemon::redirect_stdio_to_null() {
+                warn!("cannot redirect standard streams to /dev/null: {err}");
+            }
+            let _ = report.report(0);
+        }
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 fn config_failure(err: &ConfigError) -> ExitCode {

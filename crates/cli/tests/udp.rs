@@ -48,6 +48,20 @@ fn echo_once(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u
     }
 }
 
+/// Waits (bounded) until the server's metrics satisfy `check`: counters are updated right
+/// after the system call, so a client may see a reply a moment before it is counted.
+fn wait_metrics(handle: &plexus::ServerHandle, check: impl Fn(&plexus::MetricsSnapshot) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check(&handle.metrics()) {
+        assert!(
+            Instant::now() < deadline,
+            "metrics never matched: {:?}",
+            handle.metrics()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31) ^ seed)
@@ -185,6 +199,7 @@ fn udp_metrics_count_datagrams_and_sessions() {
     for i in 0..10u8 {
         assert_eq!(echo_once(&socket, to, &[i]).as_deref(), Some(&[i][..]));
     }
+    wait_metrics(&handle, |m| m.datagrams_out >= 10);
     let metrics = handle.metrics();
     assert_eq!(metrics.udp_sessions_open, 1);
     assert_eq!(metrics.datagrams_in, 10);
@@ -232,6 +247,7 @@ fn udp_acl_drops_datagrams_of_denied_sources() {
     }
     let allowed = client("127.0.0.6");
     assert_eq!(echo_once(&allowed, to, b"hi").as_deref(), Some(&b"hi"[..]));
+    wait_metrics(&handle, |m| m.datagrams_dropped_refused >= 3);
     let metrics = handle.metrics();
     assert_eq!(metrics.datagrams_dropped_refused, 3);
     assert_eq!(metrics.refused(plexus::RefusalReason::Acl), 3);
@@ -253,19 +269,27 @@ fn metrics_endpoint_shows_datagram_counters() {
     for i in 0..3u8 {
         assert!(echo_once(&socket, server.addr("udp-echo"), &[i]).is_some());
     }
-    let mut http = std::net::TcpStream::connect(server.addr("http")).unwrap();
-    http.set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    http.read_to_string(&mut body).unwrap();
-    for line in [
+    let expected = [
         "plexus_datagrams_total{direction=\"in\"} 3",
         "plexus_datagrams_total{direction=\"out\"} 3",
         "plexus_datagram_sessions_open{transport=\"udp\"} 1",
         "plexus_dtls_cookies_total{result=\"sent\"} 0",
-    ] {
-        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+    ];
+    // A reply can arrive a moment before it is counted: ask again (bounded) until it is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut http = std::net::TcpStream::connect(server.addr("http")).unwrap();
+        http.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        http.read_to_string(&mut body).unwrap();
+        let missing: Vec<_> = expected.iter().filter(|l| !body.contains(*l)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "missing {missing:?} in:\n{body}");
+        thread::sleep(Duration::from_millis(50));
     }
 }

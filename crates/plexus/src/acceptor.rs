@@ -22,10 +22,14 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
 
+use std::collections::BTreeMap;
+
 use crate::admission::{Admission, RefusalReason};
+use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
 use crate::forward::ForwardTarget;
 use crate::log_throttle::LogThrottle;
+use crate::reload::{self, Reloader};
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
@@ -173,6 +177,15 @@ pub(crate) struct Acceptor {
     started_loops: usize,
     shutdown_grace: Duration,
     phase: Phase,
+    /// systemd's notification socket, when started by systemd with `Type=notify`.
+    notifier: Option<plexus_sys::notify::Notifier>,
+    /// `WATCHDOG=1` interval and when it is next due.
+    watchdog: Option<(Duration, Instant)>,
+    /// Where SIGHUP reloads the configuration from (certificates only without it).
+    reloader: Option<Reloader>,
+    /// The index (and mio token) the next listener added by a reload gets; never reused, so
+    /// a stale event or session of a removed listener cannot reach a new one.
+    next_listener_index: usize,
 }
 
 impl Acceptor {
@@ -185,9 +198,11 @@ impl Acceptor {
     ) -> io::Result<(Acceptor, Arc<Control>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        for (index, listener) in listeners.iter_mut().enumerate() {
+        let next_listener_index = listeners.len();
+        for listener in listeners.iter_mut() {
+            let token = Token(listener.info.index);
             poll.registry()
-                .register(&mut listener.socket, Token(index), Interest::READABLE)?;
+                .register(&mut listener.socket, token, Interest::READABLE)?;
         }
         let signals = if handle_signals {
             let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
@@ -218,7 +233,12 @@ impl Acceptor {
             started_loops: 0,
             shutdown_grace,
             phase: Phase::Running,
+            notifier: None,
+            watchdog: None,
+            reloader: None,
+            next_listener_index,
         };
+
         Ok((acceptor, control))
     }
 
@@ -234,6 +254,50 @@ impl Acceptor {
 
     pub(crate) fn set_loops(&mut self, loops: Vec<LoopHandle>) {
         self.loops = loops;
+    }
+
+    /// Reports lifecycle changes to systemd through `notifier`, and sends `WATCHDOG=1` every
+    /// `watchdog` (driven by this thread's poll timeout, so a stuck acceptor stops pinging).
+    pub(crate) fn set_systemd(
+        &mut self,
+        notifier: Option<plexus_sys::notify::Notifier>,
+        watchdog: Option<Duration>,
+    ) {
+        if notifier.is_some() {
+            self.watchdog = watchdog.map(|every| (every, Instant::now() + every));
+        }
+        self.notifier = notifier;
+    }
+
+    /// Sends `state` to systemd, if it is listening; a failure is logged once per call.
+    pub(crate) fn notify(&self, state: &str) {
+        if let Some(notifier) = &self.notifier {
+            if let Err(err) = notifier.notify(state) {
+                warn!(
+                    "cannot notify systemd ({}): {err}",
+                    state.replace('\n', " ")
+                );
+            }
+        }
+    }
+
+    /// Makes SIGHUP reload the whole configuration from `reloader`.
+    pub(crate) fn set_reloader(&mut self, reloader: Reloader) {
+        self.reloader = Some(reloader);
+    }
+
+    /// How many listeners are open.
+    pub(crate) fn listener_count(&self) -> usize {
+        self.listeners.len()
+    }
+
+    fn ping_watchdog(&mut self, now: Instant) {
+        if let Some((every, due)) = self.watchdog {
+            if now >= due {
+                self.notify("WATCHDOG=1");
+                self.watchdog = Some((every, now + every));
+            }
+        }
     }
 
     /// Runs until every event loop has exited. Fails if a loop died while serving.
@@ -262,8 +326,11 @@ impl Acceptor {
                 match event.token() {
                     WAKER => {}
                     SIGNALS => self.read_signals(),
+                    // Tokens are listener indexes, stable across reloads (positions are not).
                     Token(index) => {
-                        if let Some(listener) = self.listeners.get_mut(index) {
+                        if let Some(listener) =
+                            self.listeners.iter_mut().find(|l| l.info.index == index)
+                        {
                             listener.ready = true;
                         }
                     }
@@ -274,6 +341,7 @@ impl Acceptor {
                 self.stop_loops(request);
             }
             let now = Instant::now();
+            self.ping_watchdog(now);
             if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
                 self.paused_until = None;
                 self.accept_ready(now);
@@ -286,16 +354,23 @@ impl Acceptor {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if self.phase != Phase::Running {
-            return None;
+        let watchdog = self
+            .watchdog
+            .map(|(_, due)| due.saturating_duration_since(now));
+        let accept = if self.phase != Phase::Running {
+            None
+        } else if let Some(until) = self.paused_until {
+            Some(until.saturating_duration_since(now))
+        } else {
+            self.listeners
+                .iter()
+                .any(|l| l.ready)
+                .then_some(Duration::ZERO)
+        };
+        match (accept, watchdog) {
+            (Some(a), Some(w)) => Some(a.min(w)),
+            (a, w) => a.or(w),
         }
-        if let Some(until) = self.paused_until {
-            return Some(until.saturating_duration_since(now));
-        }
-        self.listeners
-            .iter()
-            .any(|l| l.ready)
-            .then_some(Duration::ZERO)
     }
 
     fn read_signals(&mut self) {
@@ -330,8 +405,211 @@ impl Acceptor {
         }
     }
 
-    /// SIGHUP: re-read certificates; a failure keeps the ones in use.
-    fn reload(&self) {
+    /// SIGHUP: reload the configuration (or only the certificates, without a reload source).
+    fn reload(&mut self) {
+        if self.phase != Phase::Running {
+            info!("SIGHUP received while stopping: not reloading");
+            return;
+        }
+        self.notify(&format!(
+            "RELOADING=1\nMONOTONIC_USEC={}",
+            plexus_sys::notify::monotonic_usec()
+        ));
+        match self.reloader.take() {
+            Some(mut reloader) => {
+                self.reload_config(&mut reloader);
+                self.reloader = Some(reloader);
+            }
+            None => self.reload_certificates(),
+        }
+        self.notify("READY=1\nSTATUS=reloaded");
+    }
+
+    /// Applies a new configuration: everything that can change live, in an order that can
+    /// still back out while nothing has changed (validation, then certificates).
+    fn reload_config(&mut self, reloader: &mut Reloader) {
+        let new = match reloader.load() {
+            Ok(new) => new,
+            Err(err) => {
+                for line in err.to_string().lines() {
+                    error!(
+                        "SIGHUP received: reload failed, keeping the running configuration: {line}"
+                    );
+                }
+                return;
+            }
+        };
+        let plan = reload::plan(&reloader.running, &new);
+        if !self.reload_tls(&reloader.running, &new, &reloader.services) {
+            return;
+        }
+        for key in &plan.restart {
+            warn!("reload: not applied: {key}: needs a restart");
+        }
+        for name in &plan.removed {
+            if let Some(position) = self.listeners.iter().position(|l| &*l.info.name == name) {
+                let mut listener = self.listeners.remove(position);
+                let _ = self.poll.registry().deregister(&mut listener.socket);
+                info!(
+                    "reload: listener '{name}' removed (addr {}); its sessions stay until they end",
+                    listener.local
+                );
+            }
+        }
+        for &index in &plan.kept {
+            self.update_listener(&new.listeners[index]);
+        }
+        let mut not_bound = Vec::new();
+        for &index in &plan.added {
+            let listener = &new.listeners[index];
+            let handshake_timeout = new.config.server.handshake_timeout;
+            if let Err(err) = self.add_listener(listener, reloader, handshake_timeout) {
+                error!(
+                    "reload: listener '{}' not added: {err}",
+                    listener.config.name
+                );
+                not_bound.push(listener.config.name.clone());
+            }
+        }
+        let server = &new.config.server;
+        self.admission.update(
+            new.global_acl.clone(),
+            server.max_connections,
+            server.max_connections_per_ip,
+            server.max_handshakes,
+        );
+        let limits = crate::server::session_limits(server);
+        for (index, handle) in self.loops.iter().enumerate() {
+            if handle.send(Command::SetLimits(limits.clone())).is_err() {
+                warn!(
+                    event_loop = index,
+                    "reload: event loop did not take the new limits (queue full)"
+                );
+            }
+        }
+        self.shutdown_grace = server.shutdown_grace;
+        reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
+        info!(
+            "SIGHUP received: reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
+            self.listeners.len(),
+            plan.added.len() - not_bound.len(),
+            plan.removed.len(),
+            plan.restart.len()
+        );
+    }
+
+    /// Reloads certificates from the new `[tls]` table (creating the TLS context if the first
+    /// tls listener arrives). False, with the reason logged, if the reload must stop here.
+    fn reload_tls(
+        &mut self,
+        running: &ValidConfig,
+        new: &ValidConfig,
+        services: &BTreeMap<String, Arc<dyn Service>>,
+    ) -> bool {
+        let needs_tls = new
+            .listeners
+            .iter()
+            .any(|l| crate::server::needs_tls(l, services));
+        match &self.tls {
+            Some(tls) if tls.has_files() || running.config.tls != new.config.tls => {
+                match tls.reload_from(new.config.tls.as_ref()) {
+                    Ok(count) => info!("reload: {count} certificate(s) loaded"),
+                    Err(err) => {
+                        error!(
+                            "SIGHUP received: reload failed, keeping the previous certificates                              and the running configuration: {err}"
+                        );
+                        return false;
+                    }
+                }
+            }
+            Some(_) => {}
+            None if needs_tls => match TlsContext::new(new.config.tls.as_ref()) {
+                Ok(tls) => self.tls = Some(Arc::new(tls)),
+                Err(err) => {
+                    error!(
+                        "SIGHUP received: reload failed, keeping the running configuration:                          tls: {err}"
+                    );
+                    return false;
+                }
+            },
+            None => {}
+        }
+        true
+    }
+
+    /// A kept listener takes its new ACL, socket options, ALPN and upstream.
+    fn update_listener(&mut self, new: &ValidListener) {
+        let tls = match self.tls_config_for(new) {
+            Ok(tls) => tls,
+            Err(err) => {
+                error!(
+                    "reload: listener '{}': tls: {err}; keeping its previous settings",
+                    new.config.name
+                );
+                return;
+            }
+        };
+        let Some(listener) = self
+            .listeners
+            .iter_mut()
+            .find(|l| *l.info.name == new.config.name)
+        else {
+            return;
+        };
+        listener.acl = Arc::new(new.acl.clone());
+        listener.proxy_trusted = new.proxy_trusted.clone();
+        listener.options = crate::server::socket_options(&new.config);
+        listener.forward = crate::server::forward_target(new);
+        if listener.tls.is_some() {
+            listener.tls = tls;
+        }
+    }
+
+    /// Binds a listener added by a reload and starts accepting on it.
+    fn add_listener(
+        &mut self,
+        new: &ValidListener,
+        reloader: &Reloader,
+        handshake_timeout: Duration,
+    ) -> Result<(), crate::Error> {
+        let service = crate::server::listener_service(
+            new,
+            &reloader.services,
+            &reloader.http,
+            self.tls.as_ref(),
+            handshake_timeout,
+        )?;
+        let tls = self.tls_config_for(new)?;
+        let index = self.next_listener_index;
+        let mut listener = crate::server::bind(index, new, service, tls, None)?;
+        self.poll
+            .registry()
+            .register(&mut listener.socket, Token(index), Interest::READABLE)
+            .map_err(|source| crate::Error::Runtime {
+                what: "cannot register the listener",
+                source,
+            })?;
+        self.next_listener_index += 1;
+        info!(
+            "listening name={} transport={} addr={} (added by reload)",
+            new.config.name, new.config.transport, listener.local
+        );
+        self.listeners.push(listener);
+        Ok(())
+    }
+
+    /// The rustls configuration of a tls listener, `None` for others.
+    fn tls_config_for(
+        &self,
+        listener: &ValidListener,
+    ) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+        match (&self.tls, listener.config.transport) {
+            (Some(tls), Transport::Tls) => tls.server_config(&listener.config.alpn).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn reload_certificates(&self) {
         match &self.tls {
             Some(tls) if tls.has_files() => match tls.reload() {
                 Ok(count) => info!("SIGHUP received: reload done, {count} certificate(s) loaded"),
@@ -350,6 +628,7 @@ impl Acceptor {
         match request {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
+                self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
                 self.close_listeners();
                 let deadline = Instant::now() + self.shutdown_grace;
@@ -362,6 +641,9 @@ impl Acceptor {
             StopRequest::Graceful => {}
             StopRequest::Fast => {
                 if self.phase != Phase::Stopping {
+                    if self.phase == Phase::Running {
+                        self.notify("STOPPING=1\nSTATUS=stopping");
+                    }
                     self.phase = Phase::Stopping;
                     self.close_listeners();
                     self.broadcast_command(|| Command::Stop);

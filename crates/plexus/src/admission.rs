@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use plexus_proto::Acl;
 
@@ -61,13 +61,14 @@ impl fmt::Display for RefusalReason {
     }
 }
 
-/// The admission policy and the live counts it enforces.
+/// The admission policy and the live counts it enforces. The policy can be replaced while
+/// running ([`Admission::update`], on SIGHUP); the counts carry over.
 #[derive(Debug)]
 pub(crate) struct Admission {
-    global_acl: Acl,
-    max_connections: usize,
-    max_per_ip: usize,
-    max_handshakes: usize,
+    global_acl: RwLock<Arc<Acl>>,
+    max_connections: AtomicUsize,
+    max_per_ip: AtomicUsize,
+    max_handshakes: AtomicUsize,
     handshakes: Arc<AtomicUsize>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -83,10 +84,10 @@ impl Admission {
         metrics: Arc<Metrics>,
     ) -> Self {
         Admission {
-            global_acl,
-            max_connections,
-            max_per_ip,
-            max_handshakes,
+            global_acl: RwLock::new(Arc::new(global_acl)),
+            max_connections: AtomicUsize::new(max_connections),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            max_handshakes: AtomicUsize::new(max_handshakes),
             handshakes: Arc::new(AtomicUsize::new(0)),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
@@ -103,11 +104,12 @@ impl Admission {
         let ip = ip.to_canonical();
         let result = self.try_admit(listener_acl, ip);
         match result {
-            Ok(()) => {
+            Ok(per_ip) => {
                 self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
                 Ok(Ticket {
                     admission: Arc::clone(self),
                     ip: Some(ip),
+                    per_ip,
                 })
             }
             Err(reason) => {
@@ -117,33 +119,55 @@ impl Admission {
         }
     }
 
-    fn try_admit(&self, listener_acl: &Acl, ip: IpAddr) -> Result<(), RefusalReason> {
-        if !self.global_acl.permits(ip) || !listener_acl.permits(ip) {
+    /// Replaces the policy (SIGHUP): new connections see it at once; sessions already admitted
+    /// keep their places. A per-IP cap turned on live counts only sessions admitted after it.
+    pub(crate) fn update(
+        &self,
+        global_acl: Acl,
+        max_connections: usize,
+        max_per_ip: usize,
+        max_handshakes: usize,
+    ) {
+        *self
+            .global_acl
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(global_acl);
+        self.max_connections
+            .store(max_connections, Ordering::Release);
+        self.max_per_ip.store(max_per_ip, Ordering::Release);
+        self.max_handshakes.store(max_handshakes, Ordering::Release);
+    }
+
+    /// Admits or refuses; `Ok(true)` when the session is counted against its IP's cap.
+    fn try_admit(&self, listener_acl: &Acl, ip: IpAddr) -> Result<bool, RefusalReason> {
+        if !self.global_acl().permits(ip) || !listener_acl.permits(ip) {
             return Err(RefusalReason::Acl);
         }
         let previous = self.open.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_connections {
+        if previous >= self.max_connections.load(Ordering::Acquire) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(RefusalReason::MaxConnections);
         }
-        if self.max_per_ip > 0 {
+        let max_per_ip = self.max_per_ip.load(Ordering::Acquire);
+        if max_per_ip > 0 {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
+            if *count >= max_per_ip {
                 drop(per_ip);
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(RefusalReason::MaxConnectionsPerIp);
             }
             *count += 1;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Whether the ACLs permit `ip` (no place is taken); a refusal is counted. DTLS asks this
     /// before answering a ClientHello with a cookie.
     pub(crate) fn permits(&self, listener_acl: &Acl, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        let permitted = self.global_acl.permits(ip) && listener_acl.permits(ip);
+        let permitted = self.global_acl().permits(ip) && listener_acl.permits(ip);
         if !permitted {
             self.metrics.refused(RefusalReason::Acl);
         }
@@ -156,7 +180,7 @@ impl Admission {
     /// the PROXY header ([`Ticket::assign_client`]).
     pub(crate) fn admit_proxied(self: &Arc<Self>) -> Result<Ticket, RefusalReason> {
         let previous = self.open.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_connections {
+        if previous >= self.max_connections.load(Ordering::Acquire) {
             self.open.fetch_sub(1, Ordering::AcqRel);
             self.metrics.refused(RefusalReason::MaxConnections);
             return Err(RefusalReason::MaxConnections);
@@ -165,28 +189,41 @@ impl Admission {
         Ok(Ticket {
             admission: Arc::clone(self),
             ip: None,
+            per_ip: false,
         })
     }
 
     /// The ACL and per-IP part of admission, for a client address learnt after accept.
-    fn admit_client(&self, listener_acl: &Acl, ip: IpAddr) -> Result<(), RefusalReason> {
-        if !self.global_acl.permits(ip) || !listener_acl.permits(ip) {
+    /// `Ok(true)` when the client is counted against its IP's cap.
+    fn admit_client(&self, listener_acl: &Acl, ip: IpAddr) -> Result<bool, RefusalReason> {
+        if !self.global_acl().permits(ip) || !listener_acl.permits(ip) {
             return Err(RefusalReason::Acl);
         }
-        if self.max_per_ip > 0 {
+        let max_per_ip = self.max_per_ip.load(Ordering::Acquire);
+        if max_per_ip > 0 {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             let count = per_ip.entry(ip).or_insert(0);
-            if *count >= self.max_per_ip {
+            if *count >= max_per_ip {
                 return Err(RefusalReason::MaxConnectionsPerIp);
             }
             *count += 1;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
+    }
+
+    fn global_acl(&self) -> Arc<Acl> {
+        Arc::clone(
+            &self
+                .global_acl
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        )
     }
 
     pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
         let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);
-        if previous >= self.max_handshakes {
+        if previous >= self.max_handshakes.load(Ordering::Acquire) {
             self.handshakes.fetch_sub(1, Ordering::AcqRel);
             self.metrics.refused(RefusalReason::HandshakeCapacity);
             return Err(RefusalReason::HandshakeCapacity);
@@ -201,8 +238,8 @@ impl Admission {
         self.metrics.refused(reason);
     }
 
-    fn release(&self, ip: Option<IpAddr>) {
-        if let Some(ip) = ip.filter(|_| self.max_per_ip > 0) {
+    fn release(&self, ip: Option<IpAddr>, counted_per_ip: bool) {
+        if let Some(ip) = ip.filter(|_| counted_per_ip) {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(count) = per_ip.get_mut(&ip) {
                 *count -= 1;
@@ -219,8 +256,10 @@ impl Admission {
 #[derive(Debug)]
 pub(crate) struct Ticket {
     admission: Arc<Admission>,
-    /// The client the per-IP count is charged to (`None` until a PROXY header names it).
+    /// The client (`None` until a PROXY header names it).
     ip: Option<IpAddr>,
+    /// Counted in the per-IP table (the cap was on when the client was admitted).
+    per_ip: bool,
 }
 
 impl Ticket {
@@ -236,8 +275,9 @@ impl Ticket {
             return Ok(());
         }
         match self.admission.admit_client(listener_acl, client) {
-            Ok(()) => {
+            Ok(counted) => {
                 self.ip = Some(client);
+                self.per_ip = counted;
                 Ok(())
             }
             Err(reason) => {
@@ -261,7 +301,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.admission.release(self.ip);
+        self.admission.release(self.ip, self.per_ip);
     }
 }
 
@@ -294,6 +334,37 @@ mod tests {
             2,
             Arc::new(Metrics::default()),
         ))
+    }
+
+    #[test]
+    fn an_updated_policy_applies_to_new_connections_and_counts_carry_over() {
+        let admission = admission(Acl::default(), 10, 0);
+        let open = Acl::default();
+        let a = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let b = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let deny: Acl = Acl::new(Vec::new(), vec!["127.0.0.9/32".parse().unwrap()]);
+        admission.update(deny, 3, 1, 2);
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.9")).unwrap_err(),
+            RefusalReason::Acl
+        );
+        // Two open before the update, the cap is now 3: one more place.
+        let c = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.3")).unwrap_err(),
+            RefusalReason::MaxConnections
+        );
+        drop((b, c));
+        // The per-IP cap counts sessions admitted after it was switched on.
+        let d = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        assert_eq!(
+            admission.admit(&open, ip("127.0.0.2")).unwrap_err(),
+            RefusalReason::MaxConnectionsPerIp
+        );
+        // Tickets from before the per-IP cap give back only their global place.
+        drop((a, d));
+        assert_eq!(admission.open.load(Ordering::Relaxed), 0);
+        assert!(admission.per_ip.lock().unwrap().is_empty());
     }
 
     #[test]

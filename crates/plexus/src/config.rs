@@ -277,6 +277,11 @@ impl Transport {
     fn is_stream(self) -> bool {
         matches!(self, Transport::Tcp | Transport::Tls)
     }
+
+    /// Whether this transport carries datagrams (udp, dtls).
+    pub(crate) fn is_datagram(self) -> bool {
+        !self.is_stream()
+    }
 }
 
 impl fmt::Display for Transport {
@@ -306,6 +311,10 @@ pub struct ListenerConfig {
     /// Sources allowed to send PROXY headers (CIDRs); connections from elsewhere are refused.
     #[serde(default = "default_proxy_trusted")]
     pub proxy_trusted: Vec<String>,
+    /// Set SO_REUSEPORT before binding, so several processes can listen on the same port and
+    /// the kernel spreads connections among them.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reuse_port: bool,
     /// ALPN protocols for tls listeners.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alpn: Vec<String>,

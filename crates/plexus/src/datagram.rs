@@ -868,11 +868,12 @@ impl DatagramEndpoint {
             }
             None => &self.stats.udp_sessions_open,
         };
-        LoopStats::sub(open, 1);
-        LoopStats::sub(&self.stats.sessions_open, 1);
+        // The reason first: whoever sees the session gone also sees why.
         if reason == CloseReason::IdleTimeout {
             LoopStats::add(&self.stats.closed_idle_timeout, 1);
         }
+        LoopStats::sub(open, 1);
+        LoopStats::sub(&self.stats.sessions_open, 1);
         debug!(session = %session.info.id, peer = %session.info.peer, "datagram session closed: {reason}");
         session.handler.on_close(&session.info, &reason);
         self.flush(index);

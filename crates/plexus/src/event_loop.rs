@@ -64,6 +64,9 @@ pub(crate) enum Command {
     Drain { deadline: Instant },
     /// Close everything now and exit.
     Stop,
+    /// New limits from a reload: idle timeout and watermarks apply from the next check, the
+    /// rest to sessions opened from now on.
+    SetLimits(SessionLimits),
 }
 
 /// An admitted TCP connection on its way to a loop.
@@ -399,6 +402,12 @@ impl EventLoop {
                 Command::Broadcast(broadcast) => self.deliver_local(&broadcast),
                 Command::Drain { deadline } => self.start_drain(deadline, now),
                 Command::Stop => self.stopping = true,
+                Command::SetLimits(limits) => {
+                    if self.drain_deadline.is_none() {
+                        self.idle_limit = limits.idle_timeout;
+                    }
+                    self.limits = limits;
+                }
             }
         }
         // More commands are waiting: come back without blocking.

@@ -44,6 +44,7 @@ mod forward;
 mod log_throttle;
 mod metrics;
 mod outbound;
+mod reload;
 mod server;
 mod service;
 mod session;

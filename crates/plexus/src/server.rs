@@ -14,12 +14,13 @@ use tracing::info;
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
 use crate::builtin::{Auto, Chat, Echo, Http};
-use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
+use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
 use crate::dtls::{DtlsContext, DtlsError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::reload::{ReloadSource, Reloader};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
 use crate::worker::WorkerPool;
@@ -46,6 +47,12 @@ pub enum Error {
     /// The DTLS (OpenSSL) context could not be built.
     #[error("{0}")]
     Dtls(#[from] DtlsError),
+    /// An inherited descriptor (systemd socket activation) could not be used.
+    #[error("socket activation: {0}")]
+    Inherited(String),
+    /// The [`ServerBuilder::after_bind`] hook failed (e.g. privileges could not be dropped).
+    #[error("{0}")]
+    AfterBind(Box<dyn std::error::Error + Send + Sync>),
     /// A runtime resource (poll instance, thread) could not be created.
     #[error("{what}: {source}")]
     Runtime {
@@ -62,6 +69,9 @@ impl Error {
     }
 }
 
+/// What [`ServerBuilder::after_bind`] runs.
+type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
+
 /// Configures a [`Server`]: services beyond the built-in ones, signal handling.
 pub struct ServerBuilder {
     config: Config,
@@ -70,6 +80,9 @@ pub struct ServerBuilder {
     /// The built-in http service, which `auto` listeners hand HTTP sessions to.
     http: Arc<Http>,
     handle_signals: bool,
+    systemd: bool,
+    after_bind: Option<AfterBindHook>,
+    reload_source: Option<ReloadSource>,
 }
 
 /// The name of the protocol-group service, built per listener at bind time.
@@ -90,6 +103,40 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether to cooperate with systemd when it started the process (the CLI turns this on;
+    /// off by default): listeners take the sockets passed by socket activation
+    /// (`LISTEN_FDS`, matched by `LISTEN_FDNAMES` to listener names, else by position), and
+    /// `NOTIFY_SOCKET` receives `READY=1`, `RELOADING=1`, `STOPPING=1` and, when
+    /// `WATCHDOG_USEC` is set, `WATCHDOG=1`. Without those variables it changes nothing.
+    pub fn systemd(mut self, enabled: bool) -> Self {
+        self.systemd = enabled;
+        self
+    }
+
+    /// Runs `hook` in [`build`](Self::build) once every listener is bound and before any
+    /// thread starts — where a server started as root drops its privileges (ports below 1024
+    /// are bound by then) or enters a chroot. An error fails the build with
+    /// [`Error::AfterBind`].
+    pub fn after_bind(
+        mut self,
+        hook: impl FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>> + 'static,
+    ) -> Self {
+        self.after_bind = Some(Box::new(hook));
+        self
+    }
+
+    /// Where SIGHUP (with [`handle_signals`](Self::handle_signals)) gets the configuration
+    /// to reload: the CLI re-reads its file. Without it, SIGHUP reloads certificate files only.
+    /// Settings that can change live are applied, the others are logged as
+    /// `not applied: <key>: needs a restart`; an invalid configuration is logged and ignored.
+    pub fn reload_from(
+        mut self,
+        source: impl FnMut() -> Result<Config, ConfigError> + Send + 'static,
+    ) -> Self {
+        self.reload_source = Some(Box::new(source));
+        self
+    }
+
     /// Names errors after `source` (a file path) instead of `<config>`.
     pub fn source_name(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
@@ -106,7 +153,9 @@ impl ServerBuilder {
         self.config.validate(&self.source, &names)
     }
 
-    /// Validates the configuration, binds every listener, and prepares the threads.
+    /// Validates the configuration, binds every listener, and prepares the threads (none is
+    /// started before [`Server::run`], except the worker pool's, which starts after the
+    /// listeners are bound and the [`after_bind`](Self::after_bind) hook has run).
     pub fn build(self) -> Result<Server, Error> {
         let valid = self.validate()?;
         let server = &valid.config.server;
@@ -114,18 +163,59 @@ impl ServerBuilder {
             tracing::warn!("cannot ignore SIGPIPE: {err}");
         }
 
+        let uses_tls = valid.listeners.iter().any(|l| needs_tls(l, &self.services));
+        let tls = match uses_tls {
+            true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
+            false => None,
+        };
+        let mut inherited = match self.systemd {
+            true => InheritedSockets::take(&valid.listeners)?,
+            false => InheritedSockets::default(),
+        };
         let loop_count = match server.event_loops {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let limits = SessionLimits {
-            idle_timeout: server.idle_timeout,
-            handshake_timeout: server.handshake_timeout,
-            high_watermark: server.outbound_high_watermark,
-            low_watermark: server.outbound_low_watermark,
-            outbound_limit: server.outbound_limit,
-            work_limit: server.worker_session_limit,
-        };
+        let mut bound = Vec::with_capacity(valid.listeners.len());
+        let mut addrs = BTreeMap::new();
+        // datagram: udp/dtls sockets (one per loop) are bound here with the others (before
+        // `after_bind` drops privileges) and handed to the loops once those exist.
+        let mut datagram_sockets = Vec::new();
+        for (index, listener) in valid.listeners.iter().enumerate() {
+            if listener.config.transport.is_datagram() {
+                let (sockets, local) = bind_datagram(listener, loop_count)?;
+                addrs.insert(index, local);
+                datagram_sockets.push((index, sockets));
+                continue;
+            }
+            let service = listener_service(
+                listener,
+                &self.services,
+                &self.http,
+                tls.as_ref(),
+                server.handshake_timeout,
+            )?;
+            let tls_config = match (&tls, listener.config.transport) {
+                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
+                _ => None,
+            };
+            let socket = inherited.remove(index);
+            let listener = bind(index, listener, service, tls_config, socket)?;
+            addrs.insert(index, listener.local);
+            bound.push(listener);
+        }
+        inherited.warn_unused();
+        if let Some(hook) = self.after_bind {
+            hook().map_err(Error::AfterBind)?;
+        }
+        let local_addrs = valid
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(index, l)| Some((l.config.name.clone(), *addrs.get(&index)?)))
+            .collect::<Vec<_>>();
+
+        let limits = session_limits(server);
         let workers = match server.workers {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -170,73 +260,42 @@ impl ServerBuilder {
             server.max_handshakes,
             Arc::clone(&metrics),
         ));
-
-        let is_auto =
-            |l: &ValidListener| l.config.service == AUTO && !self.services.contains_key(AUTO);
-        let uses_tls = valid
-            .listeners
-            .iter()
-            .any(|l| matches!(l.config.transport, Transport::Tls | Transport::Dtls) || is_auto(l));
-        let tls = match uses_tls {
-            true => Some(Arc::new(TlsContext::new(valid.config.tls.as_ref())?)),
-            false => None,
-        };
-        let mut bound = Vec::with_capacity(valid.listeners.len());
-        let mut local_addrs = Vec::with_capacity(valid.listeners.len());
-        for (index, listener) in valid.listeners.iter().enumerate() {
-            let transport = listener.config.transport;
-            if matches!(transport, Transport::Udp | Transport::Dtls) {
-                // datagram: one socket per event loop, owned by the loop (not the acceptor).
-                let service = Arc::clone(&self.services[&listener.config.service]);
-                let dtls = match (&tls, transport) {
-                    (Some(tls), Transport::Dtls) => {
-                        let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
-                        Some(DtlsContext::new(tls, psk, listener.config.mtu)?)
-                    }
-                    _ => None,
-                };
-                let shared = DatagramListener {
-                    info: Arc::new(ListenerInfo {
-                        index,
-                        name: listener.config.name.as_str().into(),
-                    }),
-                    service,
-                    acl: listener.acl.clone(),
-                    admission: Arc::clone(&admission),
-                    dtls,
-                    batch: listener.config.datagram_batch,
-                };
-                let local = bind_datagram(listener, &shared, &mut loops)?;
-                local_addrs.push((listener.config.name.clone(), local));
-                continue;
-            }
-            let tls_config = match (&tls, listener.config.transport) {
-                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
+        for (index, sockets) in datagram_sockets {
+            let listener = &valid.listeners[index];
+            let dtls = match (&tls, listener.config.transport) {
+                (Some(tls), Transport::Dtls) => {
+                    let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
+                    Some(DtlsContext::new(tls, psk, listener.config.mtu)?)
+                }
                 _ => None,
             };
-            let service: Arc<dyn Service> = if is_auto(listener) {
-                // TLS is detected (and terminated) by the group on plain listeners only.
-                let detect_tls = match (&tls, listener.config.transport) {
-                    (Some(tls), Transport::Tcp) => Some(tls.server_config(&listener.config.alpn)?),
-                    _ => None,
-                };
-                Arc::new(Auto::new(
-                    Arc::clone(&self.http),
-                    detect_tls,
+            let shared = DatagramListener {
+                info: Arc::new(ListenerInfo {
+                    index,
+                    name: listener.config.name.as_str().into(),
+                }),
+                service: listener_service(
+                    listener,
+                    &self.services,
+                    &self.http,
+                    tls.as_ref(),
                     server.handshake_timeout,
-                ))
-            } else {
-                Arc::clone(&self.services[&listener.config.service])
+                )?,
+                acl: listener.acl.clone(),
+                admission: Arc::clone(&admission),
+                dtls,
+                batch: listener.config.datagram_batch,
             };
-            let listener = bind(index, listener, service, tls_config)?;
-            local_addrs.push((valid.listeners[index].config.name.clone(), listener.local));
-            bound.push(listener);
-        }
-        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
-            info!(
-                "listening name={name} transport={} addr={addr}",
-                listener.config.transport
-            );
+            for (event_loop, socket) in loops.iter_mut().zip(sockets) {
+                let local = socket.local_addr().ok();
+                event_loop
+                    .add_datagram_socket(socket, shared.clone())
+                    .map_err(|source| Error::Bind {
+                        listener: listener.config.name.clone(),
+                        addr: local.unwrap_or(listener.addr),
+                        source,
+                    })?;
+            }
         }
 
         let (acceptor, control) = Acceptor::new(
@@ -247,6 +306,27 @@ impl ServerBuilder {
             server.shutdown_grace,
         )
         .map_err(Error::runtime("cannot create the acceptor"))?;
+        let mut acceptor = acceptor;
+        if let Some(source) = self.reload_source {
+            acceptor.set_reloader(Reloader {
+                source,
+                source_name: self.source.clone(),
+                services: self.services.clone(),
+                http: Arc::clone(&self.http),
+                running: valid.clone(),
+            });
+        }
+        // Logged once signals are handled, so whoever waits for these lines may signal us.
+        for (listener, (name, addr)) in valid.listeners.iter().zip(&local_addrs) {
+            info!(
+                "listening name={name} transport={} addr={addr}",
+                listener.config.transport
+            );
+        }
+
+        if self.systemd {
+            acceptor.set_systemd(systemd_notifier(), plexus_sys::notify::watchdog_interval());
+        }
         Ok(Server {
             acceptor,
             loops,
@@ -264,12 +344,11 @@ impl ServerBuilder {
 const DATAGRAM_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Binds one UDP socket per event loop on the listener's address with `SO_REUSEPORT` (the
-/// first resolves port 0; the others join it) and gives each loop its socket.
+/// first resolves port 0; the others join it).
 fn bind_datagram(
     listener: &ValidListener,
-    shared: &DatagramListener,
-    loops: &mut [EventLoop],
-) -> Result<SocketAddr, Error> {
+    loops: usize,
+) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), Error> {
     let config = &listener.config;
     let mut addr = listener.addr;
     let bind_error = |addr, source| Error::Bind {
@@ -277,7 +356,8 @@ fn bind_datagram(
         addr,
         source,
     };
-    for event_loop in loops.iter_mut() {
+    let mut sockets = Vec::with_capacity(loops);
+    for _ in 0..loops.max(1) {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
             .map_err(|err| bind_error(addr, err))?;
         socket
@@ -296,18 +376,171 @@ fn bind_datagram(
             .map_err(|err| bind_error(addr, err))?;
         let socket: std::net::UdpSocket = socket.into();
         addr = socket.local_addr().map_err(|err| bind_error(addr, err))?;
-        event_loop
-            .add_datagram_socket(socket, shared.clone())
-            .map_err(|err| bind_error(addr, err))?;
+        sockets.push(socket);
     }
-    Ok(addr)
+    Ok((sockets, addr))
 }
 
-fn bind(
+/// The notifier for `$NOTIFY_SOCKET`; a broken variable is logged, not fatal (the service
+/// manager will report the missing readiness itself).
+fn systemd_notifier() -> Option<plexus_sys::notify::Notifier> {
+    match plexus_sys::notify::Notifier::from_env() {
+        Ok(notifier) => notifier,
+        Err(err) => {
+            tracing::warn!("NOTIFY_SOCKET is set but unusable: {err}; not notifying systemd");
+            None
+        }
+    }
+}
+
+/// Listening sockets passed by systemd socket activation, assigned to listeners: by name when
+/// `LISTEN_FDNAMES` names a listener, otherwise by position among the listeners.
+#[derive(Default)]
+struct InheritedSockets {
+    /// Per listener index, the socket it adopts.
+    assigned: BTreeMap<usize, (Socket, Option<String>)>,
+    /// Sockets no listener matched (closed with a warning).
+    unused: Vec<(usize, Option<String>)>,
+}
+
+impl InheritedSockets {
+    fn take(listeners: &[ValidListener]) -> Result<InheritedSockets, Error> {
+        let fds =
+            plexus_sys::listen_fds::take().map_err(|err| Error::Inherited(err.to_string()))?;
+        let mut sockets = InheritedSockets::default();
+        if fds.is_empty() {
+            return Ok(sockets);
+        }
+        let by_name = fds.iter().any(|fd| {
+            fd.name
+                .as_deref()
+                .is_some_and(|name| listeners.iter().any(|l| l.config.name == name))
+        });
+        for (position, fd) in fds.into_iter().enumerate() {
+            let target = match by_name {
+                true => listeners
+                    .iter()
+                    .position(|l| Some(l.config.name.as_str()) == fd.name.as_deref()),
+                false => (position < listeners.len()).then_some(position),
+            };
+            match target {
+                Some(index) if !sockets.assigned.contains_key(&index) => {
+                    let socket = Socket::from(fd.fd);
+                    check_inherited(&socket, position, &listeners[index].config.name)?;
+                    sockets.assigned.insert(index, (socket, fd.name));
+                }
+                _ => sockets.unused.push((position, fd.name)),
+            }
+        }
+        Ok(sockets)
+    }
+
+    fn remove(&mut self, index: usize) -> Option<Socket> {
+        self.assigned.remove(&index).map(|(socket, _)| socket)
+    }
+
+    fn warn_unused(&self) {
+        for (position, name) in &self.unused {
+            tracing::warn!(
+                "socket activation: descriptor {} (name {}) matches no listener; closed",
+                position + 3,
+                name.as_deref().unwrap_or("-")
+            );
+        }
+    }
+}
+
+/// An inherited descriptor must be a listening TCP socket.
+fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(), Error> {
+    let fd = position + 3;
+    let problem = |what: String| {
+        Error::Inherited(format!("descriptor {fd} for listener '{listener}' {what}"))
+    };
+    match socket.r#type() {
+        Ok(Type::STREAM) => {}
+        Ok(_) => return Err(problem("is not a stream socket".into())),
+        Err(err) => return Err(problem(format!("is not a socket: {err}"))),
+    }
+    match socket.local_addr().map(|addr| addr.as_socket()) {
+        Ok(Some(_)) => {}
+        _ => return Err(problem("is not an IPv4/IPv6 socket".into())),
+    }
+    match socket.is_listener() {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(problem("is not listening".into())),
+        Err(err) => Err(problem(format!("cannot be inspected: {err}"))),
+    }
+}
+
+/// Whether a listener needs the TLS context: a tls listener, or an `auto` group (which detects
+/// and terminates TLS on a plain listener).
+pub(crate) fn needs_tls(
+    listener: &ValidListener,
+    services: &BTreeMap<String, Arc<dyn Service>>,
+) -> bool {
+    matches!(listener.config.transport, Transport::Tls | Transport::Dtls)
+        || is_auto(listener, services)
+}
+
+fn is_auto(listener: &ValidListener, services: &BTreeMap<String, Arc<dyn Service>>) -> bool {
+    listener.config.service == AUTO && !services.contains_key(AUTO)
+}
+
+/// The service of one listener: the registered one, or for `auto` (unless a service of that
+/// name was registered) a protocol group built for this listener.
+pub(crate) fn listener_service(
+    listener: &ValidListener,
+    services: &BTreeMap<String, Arc<dyn Service>>,
+    http: &Arc<Http>,
+    tls: Option<&Arc<TlsContext>>,
+    handshake_timeout: std::time::Duration,
+) -> Result<Arc<dyn Service>, Error> {
+    if is_auto(listener, services) {
+        // TLS is detected (and terminated) by the group on plain listeners only.
+        let detect_tls = match (tls, listener.config.transport) {
+            (Some(tls), Transport::Tcp) => Some(tls.server_config(&listener.config.alpn)?),
+            _ => None,
+        };
+        return Ok(Arc::new(Auto::new(
+            Arc::clone(http),
+            detect_tls,
+            handshake_timeout,
+        )));
+    }
+    // Validation checked the name against these services.
+    services
+        .get(&listener.config.service)
+        .map(Arc::clone)
+        .ok_or_else(|| {
+            Error::Config(ConfigError {
+                source: String::new(),
+                problems: vec![crate::config::Problem {
+                    key: "service".into(),
+                    message: format!("unknown service '{}'", listener.config.service),
+                }],
+            })
+        })
+}
+
+/// The limits event loops apply to sessions, from `[server]`.
+pub(crate) fn session_limits(server: &ServerConfig) -> SessionLimits {
+    SessionLimits {
+        idle_timeout: server.idle_timeout,
+        handshake_timeout: server.handshake_timeout,
+        high_watermark: server.outbound_high_watermark,
+        low_watermark: server.outbound_low_watermark,
+        outbound_limit: server.outbound_limit,
+        work_limit: server.worker_session_limit,
+    }
+}
+
+/// Binds (or adopts, when `inherited`) one listener's socket; `index` is its stable identity.
+pub(crate) fn bind(
     index: usize,
     listener: &ValidListener,
     service: Arc<dyn Service>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    inherited: Option<Socket>,
 ) -> Result<BoundListener, Error> {
     let config = &listener.config;
     let addr = listener.addr;
@@ -316,26 +549,40 @@ fn bind(
         addr,
         source,
     };
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(bind_error)?;
-    socket.set_reuse_address(true).map_err(bind_error)?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true).map_err(bind_error)?;
-    }
-    socket.set_nonblocking(true).map_err(bind_error)?;
-    socket.bind(&addr.into()).map_err(bind_error)?;
-    socket
-        .listen(config.backlog.min(i32::MAX as u32) as i32)
-        .map_err(bind_error)?;
+    let socket = match inherited {
+        Some(socket) => {
+            socket.set_nonblocking(true).map_err(bind_error)?;
+            let local = socket.local_addr().ok().and_then(|a| a.as_socket());
+            if local.is_some_and(|local| addr.port() != 0 && local != addr) {
+                tracing::warn!(
+                    "listener '{}': the inherited socket is bound to {}, not to the configured {addr}",
+                    config.name,
+                    local.map_or_else(String::new, |l| l.to_string()),
+                );
+            }
+            info!(listener = %config.name, "using the socket passed by the service manager");
+            socket
+        }
+        None => {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+                .map_err(bind_error)?;
+            socket.set_reuse_address(true).map_err(bind_error)?;
+            if config.reuse_port {
+                socket.set_reuse_port(true).map_err(bind_error)?;
+            }
+            if addr.is_ipv6() {
+                socket.set_only_v6(true).map_err(bind_error)?;
+            }
+            socket.set_nonblocking(true).map_err(bind_error)?;
+            socket.bind(&addr.into()).map_err(bind_error)?;
+            socket
+                .listen(config.backlog.min(i32::MAX as u32) as i32)
+                .map_err(bind_error)?;
+            socket
+        }
+    };
     let std_listener: std::net::TcpListener = socket.into();
     let local = std_listener.local_addr().map_err(bind_error)?;
-    let options = SocketOptions {
-        nodelay: config.tcp_nodelay,
-        recv_buffer: config.recv_buffer,
-        send_buffer: config.send_buffer,
-        keepalive: config.keepalive,
-        linger: config.linger,
-    };
     let info = Arc::new(ListenerInfo {
         index,
         name: config.name.as_str().into(),
@@ -347,13 +594,29 @@ fn bind(
         service,
         acl: Arc::new(listener.acl.clone()),
         proxy_trusted: listener.proxy_trusted.clone(),
-        options,
+        options: socket_options(config),
         tls,
-        forward: listener.upstream.map(|upstream| ForwardTarget {
-            upstream,
-            splice: config.splice,
-        }),
+        forward: forward_target(listener),
         ready: true,
+    })
+}
+
+/// The options applied to each connection a listener accepts.
+pub(crate) fn socket_options(config: &crate::config::ListenerConfig) -> SocketOptions {
+    SocketOptions {
+        nodelay: config.tcp_nodelay,
+        recv_buffer: config.recv_buffer,
+        send_buffer: config.send_buffer,
+        keepalive: config.keepalive,
+        linger: config.linger,
+    }
+}
+
+/// Where a forward listener relays to.
+pub(crate) fn forward_target(listener: &ValidListener) -> Option<ForwardTarget> {
+    listener.upstream.map(|upstream| ForwardTarget {
+        upstream,
+        splice: listener.config.splice,
     })
 }
 
@@ -384,6 +647,9 @@ impl Server {
             services,
             http,
             handle_signals: false,
+            systemd: false,
+            after_bind: None,
+            reload_source: None,
         }
     }
 
@@ -395,7 +661,8 @@ impl Server {
             .map(|(_, addr)| *addr)
     }
 
-    /// Every listener's name and bound address, in configuration order.
+    /// Every listener's name and bound address, in configuration order (as built: listeners
+    /// added or removed by a later reload are logged, not reflected here).
     pub fn local_addrs(&self) -> &[(String, SocketAddr)] {
         &self.local_addrs
     }
@@ -437,6 +704,12 @@ impl Server {
                 Err(source) => tracing::error!("cannot start event loop {index}: {source}"),
             }
         }
+        // Every listener is bound and every loop started: tell the service manager.
+        let listeners = acceptor.listener_count();
+        acceptor.notify(&format!(
+            "READY=1\nSTATUS=serving on {listeners} listener(s)\nMAINPID={}",
+            std::process::id()
+        ));
         let result = acceptor.run().map_err(Error::runtime("acceptor failed"));
         for thread in threads {
             let _ = thread.join();

@@ -258,7 +258,12 @@ impl SessionTable {
 
     pub(crate) fn insert(&mut self, mut session: TcpSession) -> usize {
         let key = self.sessions.vacant_key();
-        session.member_slot = self.members[session.info.listener.index].insert(key);
+        let listener = session.info.listener.index;
+        // Listeners added by a reload get indexes past the initial count.
+        if listener >= self.members.len() {
+            self.members.resize_with(listener + 1, Slab::new);
+        }
+        session.member_slot = self.members[listener].insert(key);
         self.sessions.insert(session)
     }
 
@@ -298,7 +303,10 @@ impl SessionTable {
         mut visit: impl FnMut(usize, &mut TcpSession),
     ) {
         let SessionTable { sessions, members } = self;
-        for (_, &key) in members[listener].iter() {
+        let Some(members) = members.get(listener) else {
+            return;
+        };
+        for (_, &key) in members.iter() {
             if let Some(session) = sessions.get_mut(key) {
                 visit(key, session);
             }

@@ -123,7 +123,8 @@ impl ResolvesServerCert for Resolver {
 /// The TLS state shared by every tls listener of a server.
 #[derive(Debug)]
 pub(crate) struct TlsContext {
-    config: Option<TlsConfig>,
+    /// The `[tls]` table the certificates come from; replaced by a reload that changes it.
+    config: RwLock<Option<TlsConfig>>,
     provider: Arc<CryptoProvider>,
     resolver: Arc<Resolver>,
     ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
@@ -141,7 +142,7 @@ impl TlsContext {
             None
         };
         Ok(TlsContext {
-            config: config.cloned(),
+            config: RwLock::new(config.cloned()),
             provider,
             resolver: Arc::new(Resolver {
                 current: RwLock::new(Arc::new(set)),
@@ -170,8 +171,16 @@ impl TlsContext {
     /// Re-reads every certificate and key file; on any error the current set stays in use.
     /// Returns how many certificates are now loaded.
     pub(crate) fn reload(&self) -> Result<usize, TlsError> {
-        let set = load_certificates(self.config.as_ref(), &self.provider)?;
+        let config = self.tls_config();
+        self.reload_from(config.as_ref())
+    }
+
+    /// Loads the certificates a new `[tls]` table names; on success they, and the table, replace
+    /// the current ones (`session_tickets` is not changed: that needs a restart).
+    pub(crate) fn reload_from(&self, config: Option<&TlsConfig>) -> Result<usize, TlsError> {
+        let set = load_certificates(config, &self.provider)?;
         let count = 1 + set.by_name.len();
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config.cloned();
         *self
             .resolver
             .current
@@ -197,9 +206,15 @@ impl TlsContext {
 
     /// Whether certificates come from files (an ephemeral certificate has nothing to reload).
     pub(crate) fn has_files(&self) -> bool {
-        self.config
-            .as_ref()
+        self.tls_config()
             .is_some_and(|tls| tls.cert.is_some() || !tls.sni.is_empty())
+    }
+
+    fn tls_config(&self) -> Option<TlsConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

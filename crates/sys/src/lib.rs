@@ -19,9 +19,14 @@ macro_rules! syscall {
     }};
 }
 
+pub mod daemon;
 pub mod dgram;
 pub mod dtls;
 pub mod fs;
+pub mod listen_fds;
+pub mod notify;
+pub mod pidfile;
+pub mod privileges;
 pub mod rlimit;
 pub mod sendfile;
 pub mod signal;

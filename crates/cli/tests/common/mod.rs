@@ -76,14 +76,25 @@ impl Server {
     /// Like [`Server::start`], but runs the server through a wrapper command that `exec`s it,
     /// e.g. `&["prlimit", "--nofile=64:64"]` (the PID stays the server's).
     pub(crate) fn start_with_prefix(prefix: &[&str], config: &str) -> Server {
+        Server::start_with(prefix, &[], &[], config)
+    }
+
+    /// The general form: a wrapper command (`prefix`), extra `plexus serve` arguments, and
+    /// extra environment variables.
+    pub(crate) fn start_with(
+        prefix: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        config: &str,
+    ) -> Server {
         let dir = tempfile::tempdir().expect("create tempdir");
         let config_path = dir.path().join("plexus.toml");
         std::fs::write(&config_path, config).expect("write config");
 
         let mut cmd = match prefix.split_first() {
-            Some((program, args)) => {
+            Some((program, prefix_args)) => {
                 let mut cmd = Command::new(program);
-                cmd.args(args).arg(BIN);
+                cmd.args(prefix_args).arg(BIN);
                 cmd
             }
             None => Command::new(BIN),
@@ -91,8 +102,12 @@ impl Server {
         cmd.arg("serve")
             .arg("--config")
             .arg(&config_path)
+            .args(args)
             .env_remove("RUST_LOG")
+            // A test runner started by systemd must not have its manager notified by servers.
+            .env_remove("NOTIFY_SOCKET")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
