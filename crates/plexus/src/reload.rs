@@ -240,6 +240,37 @@ service = "echo"
 "#;
 
     #[test]
+    fn udp_and_dtls_listener_changes_need_a_restart_and_are_never_added_or_removed_live() {
+        let running = BASE.replace(
+            "transport = \"tcp\"\naddr = \"127.0.0.1:7002\"",
+            "transport = \"udp\"\naddr = \"127.0.0.1:7002\"",
+        );
+        let changed = format!(
+            "{}[listener.acl]\ndeny = [\"127.0.0.9\"]\n\n[[listener]]\nname = \"d\"\ntransport = \"dtls\"\naddr = \"127.0.0.1:7444\"\nservice = \"echo\"\n",
+            running
+        );
+        let edited = plan(&valid(&running), &valid(&changed));
+        assert!(edited.added.is_empty(), "{edited:?}");
+        assert_eq!(edited.restart.len(), 2, "{:?}", edited.restart);
+        assert!(edited.restart[0].contains("(b)"), "{:?}", edited.restart);
+        assert!(
+            edited.restart[1].contains("new udp/dtls listener"),
+            "{:?}",
+            edited.restart
+        );
+        let without_udp = running.replace("name = \"b\"", "name = \"c\"");
+        let removed = plan(&valid(&running), &valid(&without_udp));
+        assert!(
+            removed.removed.is_empty(),
+            "the udp socket is not the acceptor's to close"
+        );
+        assert!(removed
+            .restart
+            .iter()
+            .any(|key| key.contains("removing udp/dtls listener 'b'")));
+    }
+
+    #[test]
     fn identical_configurations_change_nothing_but_keep_every_listener() {
         let plan = plan(&valid(BASE), &valid(BASE));
         assert_eq!(
