@@ -3,7 +3,8 @@
 //! command exits once the peer has closed (every reply has arrived).
 //!
 //! This module parses the peer URL and dispatches on its scheme: `tcp://` is relayed here,
-//! `tls://` by [`crate::tls_client`]; `udp://` and `dtls://` are not available yet.
+//! `tls://` by [`crate::tls_client`], `udp://` and `dtls://` by [`crate::dgram_client`] (one
+//! datagram per line).
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::dgram_client::{self, DtlsOptions};
 use crate::tls_client::{self, TlsOptions};
 use crate::EXIT_USAGE;
 
@@ -21,19 +23,26 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
-    /// Peer as SCHEME://HOST:PORT; scheme tcp or tls (udp and dtls arrive with their
-    /// transports).
+    /// Peer as SCHEME://HOST:PORT; scheme tcp, tls, udp or dtls (udp/dtls: one datagram per
+    /// input line).
     url: String,
-    /// tls: accept any server certificate (no chain or name check; handshake signatures are
+    /// tls/dtls: accept any server certificate (no chain or name check; handshake signatures are
     /// still verified). For testing only.
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
-    /// tls: trust only the certificates in this PEM file (instead of the system roots).
+    /// tls/dtls: trust only the certificates in this PEM file (instead of the system roots).
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// tls: server name to send (SNI) and to verify the certificate against; default HOST.
+    /// tls/dtls: server name to send (SNI) and to verify the certificate against; default HOST.
     #[arg(long, value_name = "NAME")]
     sni: Option<String>,
+    /// dtls: authenticate with a pre-shared key under this identity (PSK cipher suites only;
+    /// needs --psk-key-file).
+    #[arg(long, value_name = "ID", requires = "psk_key_file")]
+    psk_identity: Option<String>,
+    /// dtls: file holding the pre-shared key as hex (with --psk-identity).
+    #[arg(long, value_name = "FILE", requires = "psk_identity")]
+    psk_key_file: Option<PathBuf>,
     /// tls: offer this ALPN protocol (repeatable, in order of preference).
     #[arg(long = "alpn", value_name = "P")]
     alpn: Vec<String>,
@@ -41,22 +50,29 @@ pub(crate) struct ConnectArgs {
 
 pub(crate) fn run(args: ConnectArgs) -> ExitCode {
     let (scheme, target) = match args.url.split_once("://") {
-        Some((scheme @ ("tcp" | "tls"), target)) => (scheme, target),
-        Some((scheme @ ("udp" | "dtls"), _)) => {
-            eprintln!(
-                "error: {scheme}:// is not available in this version of plexus yet \
-                 (use tcp:// or tls://)"
-            );
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Some((scheme @ ("tcp" | "tls" | "udp" | "dtls"), target)) => (scheme, target),
         _ => {
             eprintln!(
-                "error: '{}' is not a peer address; expected tcp://HOST:PORT or tls://HOST:PORT",
+                "error: '{}' is not a peer address; expected tcp://, tls://, udp:// or \
+                 dtls://HOST:PORT",
                 args.url
             );
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if scheme == "dtls" {
+        if !args.alpn.is_empty() {
+            eprintln!("error: --alpn applies to tls:// only");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let options = DtlsOptions {
+            insecure: args.insecure,
+            ca: args.ca,
+            sni: args.sni,
+            psk: args.psk_identity.zip(args.psk_key_file),
+        };
+        return dgram_client::run_dtls(target, options);
+    }
     if scheme == "tls" {
         let options = TlsOptions {
             insecure: args.insecure,
@@ -66,9 +82,16 @@ pub(crate) fn run(args: ConnectArgs) -> ExitCode {
         };
         return tls_client::run(target, options);
     }
-    if args.insecure || args.ca.is_some() || args.sni.is_some() || !args.alpn.is_empty() {
-        eprintln!("error: --insecure, --ca, --sni and --alpn apply to tls:// only");
+    if args.psk_identity.is_some() {
+        eprintln!("error: --psk-identity and --psk-key-file apply to dtls:// only");
         return ExitCode::from(EXIT_USAGE);
+    }
+    if args.insecure || args.ca.is_some() || args.sni.is_some() || !args.alpn.is_empty() {
+        eprintln!("error: --insecure, --ca, --sni and --alpn apply to tls:// (and dtls://) only");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if scheme == "udp" {
+        return dgram_client::run_udp(target);
     }
     match connect_tcp(target) {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 
 mod cert;
 mod connect;
+mod dgram_client;
 mod logging;
 mod serve;
 mod tls_client;

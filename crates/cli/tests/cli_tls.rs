@@ -445,7 +445,7 @@ fn connect_tls_refused_exits_1() {
     out.assert_stderr_contains("refused");
 }
 
-/// Contradictory or misplaced options, an unreadable --ca and the schemes not available yet:
+/// Contradictory or misplaced options (tls options on udp://, ALPN on dtls://), an unreadable --ca:
 /// usage errors, exit 2, nothing is connected.
 #[test]
 fn connect_tls_usage_errors_exit_2() {
@@ -463,8 +463,9 @@ fn connect_tls_usage_errors_exit_2() {
         &["connect", "tls://127.0.0.1:1", "--ca", s(&not_pem)],
         &["connect", "tls://127.0.0.1"],
         &["connect", "tcp://127.0.0.1:1", "--insecure"],
-        &["connect", "udp://127.0.0.1:1"],
-        &["connect", "dtls://127.0.0.1:1"],
+        &["connect", "udp://127.0.0.1:1", "--insecure"],
+        &["connect", "dtls://127.0.0.1:1", "--alpn", "h2"],
+        &["connect", "quic://127.0.0.1:1"],
     ];
     for args in cases {
         let out = run_plexus(args, None, CMD_TIMEOUT);

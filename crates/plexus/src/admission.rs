@@ -163,6 +163,17 @@ impl Admission {
         Ok(false)
     }
 
+    /// Whether the ACLs permit `ip` (no place is taken); a refusal is counted. DTLS asks this
+    /// before answering a ClientHello with a cookie.
+    pub(crate) fn permits(&self, listener_acl: &Acl, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        let permitted = self.global_acl().permits(ip) && listener_acl.permits(ip);
+        if !permitted {
+            self.metrics.refused(RefusalReason::Acl);
+        }
+        permitted
+    }
+
     /// Reserves a place for one TLS handshake, or refuses (and counts) past `max_handshakes`.
     /// Admits a connection from a trusted load balancer whose client is not known yet: only
     /// `max_connections` applies now; ACLs and the per-IP cap apply to the client address of

@@ -115,6 +115,43 @@ pub struct TlsConfig {
     /// Extra certificates chosen by SNI.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sni: Vec<SniConfig>,
+    /// Pre-shared keys dtls listeners accept (DTLS 1.2 PSK cipher suites), by identity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub psk: Vec<PskConfig>,
+}
+
+/// One `[[tls.psk]]` table: a client identity and the file holding its key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PskConfig {
+    /// The identity the client sends (1 to 128 bytes).
+    pub identity: String,
+    /// A file holding the key as hex (16 to 64 bytes of key; surrounding whitespace ignored).
+    pub key_file: PathBuf,
+}
+
+impl PskConfig {
+    /// Reads and decodes the key file.
+    pub fn load_key(&self) -> Result<Vec<u8>, String> {
+        let text = std::fs::read_to_string(&self.key_file)
+            .map_err(|err| format!("cannot read {}: {err}", self.key_file.display()))?;
+        let hex = text.trim();
+        if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{}: not a hex key", self.key_file.display()));
+        }
+        let key: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+            .collect();
+        if !(16..=64).contains(&key.len()) {
+            return Err(format!(
+                "{}: a key of {} bytes; 16 to 64 are accepted",
+                self.key_file.display(),
+                key.len()
+            ));
+        }
+        Ok(key)
+    }
 }
 
 impl Default for TlsConfig {
@@ -124,6 +161,7 @@ impl Default for TlsConfig {
             key: None,
             session_tickets: true,
             sni: Vec::new(),
+            psk: Vec::new(),
         }
     }
 }
@@ -239,6 +277,11 @@ impl Transport {
     fn is_stream(self) -> bool {
         matches!(self, Transport::Tcp | Transport::Tls)
     }
+
+    /// Whether this transport carries datagrams (udp, dtls).
+    pub(crate) fn is_datagram(self) -> bool {
+        !self.is_stream()
+    }
 }
 
 impl fmt::Display for Transport {
@@ -307,6 +350,19 @@ pub struct ListenerConfig {
     /// This listener's own access list, applied after the global one.
     #[serde(default, skip_serializing_if = "AclConfig::is_empty")]
     pub acl: AclConfig,
+    /// dtls: largest datagram (record) OpenSSL sends, handshake flights included.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// udp/dtls: datagrams received (recvmmsg) or sent (sendmmsg) per system call.
+    #[serde(default = "default_datagram_batch")]
+    pub datagram_batch: usize,
+}
+
+fn default_mtu() -> u32 {
+    1200
+}
+fn default_datagram_batch() -> usize {
+    32
 }
 
 fn default_proxy_trusted() -> Vec<String> {
@@ -479,6 +535,23 @@ impl Config {
                 files.push((format!("tls.sni[{index}].cert"), &sni.cert));
                 files.push((format!("tls.sni[{index}].key"), &sni.key));
             }
+            let mut identities = HashMap::new();
+            for (index, psk) in tls.psk.iter().enumerate() {
+                if psk.identity.is_empty() || psk.identity.len() > 128 {
+                    problem(
+                        format!("tls.psk[{index}].identity"),
+                        "must be 1 to 128 bytes".into(),
+                    );
+                } else if let Some(first) = identities.insert(psk.identity.as_str(), index) {
+                    problem(
+                        format!("tls.psk[{index}].identity"),
+                        format!("duplicate identity (also tls.psk[{first}])"),
+                    );
+                }
+                if let Err(err) = psk.load_key() {
+                    problem(format!("tls.psk[{index}].key_file"), err);
+                }
+            }
             for (key, path) in files {
                 if let Err(err) = std::fs::File::open(path) {
                     problem(key, format!("cannot read {}: {err}", path.display()));
@@ -526,14 +599,26 @@ impl Config {
                     ),
                 );
             }
+            // datagram: udp/dtls listeners carry datagram services (echo, or your own).
             if !listener.transport.is_stream() {
-                problem(
-                    key("transport"),
-                    format!(
-                        "transport '{}' is not available in this version of plexus yet (available: tcp, tls)",
-                        listener.transport
-                    ),
-                );
+                if matches!(listener.service.as_str(), "forward" | "chat") {
+                    problem(
+                        key("service"),
+                        format!(
+                            "'{}' is not available on {} listeners (byte streams only)",
+                            listener.service, listener.transport
+                        ),
+                    );
+                }
+                if !(256..=16_384).contains(&listener.mtu) {
+                    problem(key("mtu"), format!("{} must be 256 to 16384", listener.mtu));
+                }
+                if !(1..=1024).contains(&listener.datagram_batch) {
+                    problem(
+                        key("datagram_batch"),
+                        format!("{} must be 1 to 1024", listener.datagram_batch),
+                    );
+                }
             }
             let detects_tls = listener.service == "auto" && listener.transport == Transport::Tcp;
             if !listener.alpn.is_empty() && listener.transport != Transport::Tls && !detects_tls {
@@ -844,7 +929,18 @@ mod tests {
             .iter()
             .map(|l| l.config.name.as_str())
             .collect();
-        assert_eq!(names, ["tcp-echo", "tls-echo", "chat", "http", "https"]);
+        assert_eq!(
+            names,
+            [
+                "tcp-echo",
+                "tls-echo",
+                "udp-echo",
+                "dtls-echo",
+                "chat",
+                "http",
+                "https"
+            ]
+        );
         assert!(valid.listeners.iter().all(|l| l.addr.ip().is_loopback()));
         let again = Config::parse(&config.to_toml(), "printed").unwrap();
         assert_eq!(again, config);

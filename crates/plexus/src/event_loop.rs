@@ -25,6 +25,8 @@ use rustls::{ServerConfig, ServerConnection};
 
 use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
 use crate::config::READ_CHUNK;
+// datagram: udp/dtls sockets and sessions of this loop.
+use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
@@ -149,14 +151,16 @@ impl Drop for ExitSignal {
 
 /// Timer payload: which session, which session it was when armed (keys are reused), and why.
 #[derive(Debug, Clone, Copy)]
-struct TimerEntry {
-    key: usize,
-    id: SessionId,
-    kind: TimerKind,
+pub(crate) struct TimerEntry {
+    pub(crate) key: usize,
+    pub(crate) id: SessionId,
+    pub(crate) kind: TimerKind,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TimerKind {
+pub(crate) enum TimerKind {
+    // datagram: a udp/dtls session's timer (key is a datagram-session key).
+    Datagram(DatagramTimer),
     /// Check `last_activity` against the idle limit.
     Idle,
     /// The TLS handshake must be done by now.
@@ -199,6 +203,8 @@ pub(crate) struct EventLoop {
     proxy_failures: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
+    // datagram: this loop's udp/dtls sockets and their sessions.
+    datagram: DatagramEndpoint,
 }
 
 impl EventLoop {
@@ -238,6 +244,8 @@ impl EventLoop {
             broadcasts: Vec::new(),
             peers: Vec::new(),
             idle_limit: limits.idle_timeout,
+            // datagram:
+            datagram: DatagramEndpoint::new(limits.clone(), Arc::clone(&stats)),
             limits,
             stats,
             metrics: None,
@@ -247,6 +255,17 @@ impl EventLoop {
             stopping: false,
         };
         Ok((event_loop, handle))
+    }
+
+    // datagram: registration of a udp/dtls socket, before the loop's thread starts.
+    /// Gives the loop its socket of a udp/dtls listener.
+    pub(crate) fn add_datagram_socket(
+        &mut self,
+        socket: std::net::UdpSocket,
+        listener: DatagramListener,
+    ) -> io::Result<()> {
+        self.datagram
+            .add_socket(self.poll.registry(), socket, listener)
     }
 
     /// Gives the loop the server's counters (read by services through their session).
@@ -290,6 +309,19 @@ impl EventLoop {
                     woken = true;
                     continue;
                 }
+                // datagram: a udp/dtls socket's readiness.
+                if let Some(index) = datagram::token_socket(event.token()) {
+                    let mut parts = LoopParts {
+                        timers: &mut self.timers,
+                        broadcasts: &mut self.broadcasts,
+                        metrics: self.metrics.as_deref(),
+                    };
+                    let readable = event.is_readable() || event.is_error();
+                    let writable = event.is_writable() || event.is_error();
+                    self.datagram
+                        .event(index, readable, writable, now, &mut parts);
+                    continue;
+                }
                 let (key, upstream_side) = token_session(event.token());
                 let Some(session) = self.sessions.get_mut(key) else {
                     continue;
@@ -317,6 +349,14 @@ impl EventLoop {
             for key in std::mem::take(&mut self.ready) {
                 self.serve(key, now);
             }
+            // datagram: sockets with datagrams left unread, then every queued reply.
+            let mut parts = LoopParts {
+                timers: &mut self.timers,
+                broadcasts: &mut self.broadcasts,
+                metrics: self.metrics.as_deref(),
+            };
+            self.datagram.serve_ready(now, &mut parts);
+            self.datagram.flush_all();
             self.flush_listed();
             self.expire_timers(now);
             if self.stopping {
@@ -339,7 +379,8 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() {
+        // datagram: a socket with unread datagrams counts as ready.
+        if !self.ready.is_empty() || self.datagram.has_ready() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -1251,6 +1292,16 @@ impl EventLoop {
         let mut expired = Vec::new();
         self.timers.poll_expired(now, &mut expired);
         for TimerEntry { key, id, kind } in expired {
+            // datagram: udp/dtls session timers.
+            if let TimerKind::Datagram(kind) = kind {
+                let mut parts = LoopParts {
+                    timers: &mut self.timers,
+                    broadcasts: &mut self.broadcasts,
+                    metrics: self.metrics.as_deref(),
+                };
+                self.datagram.timer(key, id, kind, now, &mut parts);
+                continue;
+            }
             let idle_limit = self.idle_limit;
             let draining = self.drain_deadline.is_some();
             let Some(session) = self.sessions.get_if(key, id) else {
@@ -1333,6 +1384,13 @@ impl EventLoop {
         }
         self.drain_deadline = Some(deadline);
         self.idle_limit = self.idle_limit.min(DRAIN_IDLE);
+        // datagram: no new peers; datagram sessions end now (DTLS with close_notify).
+        let mut parts = LoopParts {
+            timers: &mut self.timers,
+            broadcasts: &mut self.broadcasts,
+            metrics: self.metrics.as_deref(),
+        };
+        self.datagram.drain(&mut parts);
         for key in self.sessions.keys() {
             let Some(session) = self.sessions.get_mut(key) else {
                 continue;
@@ -1360,6 +1418,13 @@ impl EventLoop {
         for key in self.sessions.keys() {
             self.close(key, reason.clone());
         }
+        // datagram:
+        let mut parts = LoopParts {
+            timers: &mut self.timers,
+            broadcasts: &mut self.broadcasts,
+            metrics: self.metrics.as_deref(),
+        };
+        self.datagram.close_all(reason, &mut parts);
     }
 }
 

@@ -37,6 +37,8 @@ mod acceptor;
 mod admission;
 pub mod builtin;
 pub mod config;
+mod datagram;
+mod dtls;
 mod event_loop;
 mod forward;
 mod log_throttle;
@@ -51,6 +53,7 @@ mod worker;
 
 pub use admission::RefusalReason;
 pub use config::{Config, ConfigError};
+pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};

@@ -26,6 +26,18 @@ pub(crate) struct LoopStats {
     pub(crate) handshakes_failed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
     pub(crate) handler_panics: AtomicU64,
+    // datagram: counters of the udp/dtls path.
+    pub(crate) datagrams_in: AtomicU64,
+    pub(crate) datagrams_out: AtomicU64,
+    pub(crate) datagrams_dropped_truncated: AtomicU64,
+    pub(crate) datagrams_dropped_refused: AtomicU64,
+    pub(crate) datagrams_dropped_overflow: AtomicU64,
+    pub(crate) datagrams_dropped_send_error: AtomicU64,
+    pub(crate) dtls_cookies_sent: AtomicU64,
+    pub(crate) dtls_cookies_verified: AtomicU64,
+    pub(crate) dtls_garbage_dropped: AtomicU64,
+    pub(crate) udp_sessions_open: AtomicU64,
+    pub(crate) dtls_sessions_open: AtomicU64,
 }
 
 impl LoopStats {
@@ -80,6 +92,17 @@ impl Metrics {
             handshakes_failed: sum(|s| &s.handshakes_failed),
             handshake_timeouts: sum(|s| &s.handshake_timeouts),
             handler_panics: sum(|s| &s.handler_panics),
+            datagrams_in: sum(|s| &s.datagrams_in),
+            datagrams_out: sum(|s| &s.datagrams_out),
+            datagrams_dropped_truncated: sum(|s| &s.datagrams_dropped_truncated),
+            datagrams_dropped_refused: sum(|s| &s.datagrams_dropped_refused),
+            datagrams_dropped_overflow: sum(|s| &s.datagrams_dropped_overflow),
+            datagrams_dropped_send_error: sum(|s| &s.datagrams_dropped_send_error),
+            dtls_cookies_sent: sum(|s| &s.dtls_cookies_sent),
+            dtls_cookies_verified: sum(|s| &s.dtls_cookies_verified),
+            dtls_garbage_dropped: sum(|s| &s.dtls_garbage_dropped),
+            udp_sessions_open: sum(|s| &s.udp_sessions_open),
+            dtls_sessions_open: sum(|s| &s.dtls_sessions_open),
             jobs_queued: self.pool_stats.queued.load(Relaxed),
             jobs_completed: self.pool_stats.completed.load(Relaxed),
             job_panics: self.pool_stats.panics.load(Relaxed),
@@ -128,6 +151,28 @@ pub struct MetricsSnapshot {
     pub jobs_completed: u64,
     /// Blocking jobs that panicked (each closed its session).
     pub job_panics: u64,
+    /// Datagrams received on udp/dtls sockets.
+    pub datagrams_in: u64,
+    /// Datagrams sent on udp/dtls sockets.
+    pub datagrams_out: u64,
+    /// Datagrams dropped because they were longer than the receive slot.
+    pub datagrams_dropped_truncated: u64,
+    /// Datagrams dropped because their source was refused (ACL, caps, draining).
+    pub datagrams_dropped_refused: u64,
+    /// Datagrams dropped because a socket's send queue was full.
+    pub datagrams_dropped_overflow: u64,
+    /// Datagrams the kernel refused to send (e.g. too large).
+    pub datagrams_dropped_send_error: u64,
+    /// DTLS HelloVerifyRequests sent (stateless cookies).
+    pub dtls_cookies_sent: u64,
+    /// DTLS ClientHellos that came back with a valid cookie.
+    pub dtls_cookies_verified: u64,
+    /// Datagrams on a dtls port that were not a DTLS record OpenSSL could use.
+    pub dtls_garbage_dropped: u64,
+    /// UDP peer sessions open now.
+    pub udp_sessions_open: u64,
+    /// DTLS peer sessions open now (handshaking or established).
+    pub dtls_sessions_open: u64,
 }
 
 impl MetricsSnapshot {
@@ -250,6 +295,76 @@ impl MetricsSnapshot {
         );
         sample(out, "jobs_total", &[("result", "ok")], self.jobs_completed);
         sample(out, "jobs_total", &[("result", "panic")], self.job_panics);
+        // datagram: the udp/dtls path.
+        family(
+            out,
+            "datagrams_total",
+            "counter",
+            "Datagrams on udp/dtls sockets, by direction.",
+        );
+        sample(
+            out,
+            "datagrams_total",
+            &[("direction", "in")],
+            self.datagrams_in,
+        );
+        sample(
+            out,
+            "datagrams_total",
+            &[("direction", "out")],
+            self.datagrams_out,
+        );
+        family(
+            out,
+            "datagrams_dropped_total",
+            "counter",
+            "Datagrams dropped, by reason.",
+        );
+        for (reason, count) in [
+            ("truncated", self.datagrams_dropped_truncated),
+            ("refused", self.datagrams_dropped_refused),
+            ("send_queue_full", self.datagrams_dropped_overflow),
+            ("send_error", self.datagrams_dropped_send_error),
+            ("dtls_garbage", self.dtls_garbage_dropped),
+        ] {
+            sample(out, "datagrams_dropped_total", &[("reason", reason)], count);
+        }
+        family(
+            out,
+            "dtls_cookies_total",
+            "counter",
+            "DTLS HelloVerifyRequest cookies, sent and verified.",
+        );
+        sample(
+            out,
+            "dtls_cookies_total",
+            &[("result", "sent")],
+            self.dtls_cookies_sent,
+        );
+        sample(
+            out,
+            "dtls_cookies_total",
+            &[("result", "verified")],
+            self.dtls_cookies_verified,
+        );
+        family(
+            out,
+            "datagram_sessions_open",
+            "gauge",
+            "Datagram peer sessions open now, by transport.",
+        );
+        sample(
+            out,
+            "datagram_sessions_open",
+            &[("transport", "udp")],
+            self.udp_sessions_open,
+        );
+        sample(
+            out,
+            "datagram_sessions_open",
+            &[("transport", "dtls")],
+            self.dtls_sessions_open,
+        );
     }
 
     /// Refusals for one reason.

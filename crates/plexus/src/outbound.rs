@@ -64,6 +64,8 @@ pub(crate) struct OutboundQueue {
     chunks: VecDeque<Chunk>,
     staging: BytesMut,
     len: usize,
+    /// Datagram mode: each push is its own chunk (one datagram), never coalesced.
+    framed: bool,
     /// Of `len`, the bytes that are still in files (not in memory).
     file_len: usize,
 }
@@ -83,8 +85,37 @@ impl OutboundQueue {
         self.len == 0
     }
 
+    /// A queue for a datagram session: every push stays one datagram (see `pop_datagram`).
+    pub(crate) fn datagrams() -> Self {
+        OutboundQueue {
+            framed: true,
+            ..OutboundQueue::default()
+        }
+    }
+
+    /// The oldest queued datagram (datagram mode), removed from the queue.
+    pub(crate) fn pop_datagram(&mut self) -> Option<Bytes> {
+        loop {
+            let chunk = self.chunks.pop_front()?;
+            let len = chunk.len();
+            self.len -= len;
+            match chunk {
+                Chunk::Data(bytes) => return Some(bytes),
+                // A file region is not a datagram: datagram sessions do not send files.
+                Chunk::File(_) => self.file_len -= len,
+            }
+        }
+    }
+
     /// Queues a copy of `data`.
     pub(crate) fn push_copy(&mut self, data: &[u8]) {
+        if self.framed {
+            // An empty datagram is a valid datagram.
+            self.chunks
+                .push_back(Chunk::Data(Bytes::copy_from_slice(data)));
+            self.len += data.len();
+            return;
+        }
         if data.is_empty() {
             return;
         }
@@ -98,7 +129,7 @@ impl OutboundQueue {
 
     /// Queues `data` without copying.
     pub(crate) fn push_shared(&mut self, data: Bytes) {
-        if data.is_empty() {
+        if data.is_empty() && !self.framed {
             return;
         }
         self.seal_staging();
@@ -131,7 +162,9 @@ impl OutboundQueue {
 
     /// Drops everything queued (the session is being aborted).
     pub(crate) fn clear(&mut self) {
+        let framed = self.framed;
         *self = OutboundQueue::default();
+        self.framed = framed;
     }
 
     /// Writes as much as `writer` accepts. Returns the bytes written; stops at `WouldBlock`

@@ -94,6 +94,18 @@ pub(crate) fn plan(running: &ValidConfig, new: &ValidConfig) -> ReloadPlan {
             .iter()
             .find(|l| l.config.name == listener.config.name)
         {
+            // datagram: udp/dtls sockets belong to the loops; any change to them needs a restart.
+            Some(current)
+                if current.config.transport.is_datagram() && current.config != listener.config =>
+            {
+                plan.restart
+                    .push(format!("listener[{index}] ({})", listener.config.name));
+                plan.kept.push(index);
+            }
+            None if listener.config.transport.is_datagram() => plan.restart.push(format!(
+                "listener[{index}] ({}): a new udp/dtls listener",
+                listener.config.name
+            )),
             Some(current) => {
                 for field in fixed_fields_changed(&current.config, &listener.config) {
                     plan.restart.push(format!(
@@ -106,12 +118,18 @@ pub(crate) fn plan(running: &ValidConfig, new: &ValidConfig) -> ReloadPlan {
             None => plan.added.push(index),
         }
     }
-    plan.removed = running
+    for gone in running
         .listeners
         .iter()
         .filter(|l| !new.listeners.iter().any(|n| n.config.name == l.config.name))
-        .map(|l| l.config.name.clone())
-        .collect();
+    {
+        match gone.config.transport.is_datagram() {
+            true => plan
+                .restart
+                .push(format!("removing udp/dtls listener '{}'", gone.config.name)),
+            false => plan.removed.push(gone.config.name.clone()),
+        }
+    }
     plan
 }
 
@@ -220,6 +238,37 @@ transport = "tcp"
 addr = "127.0.0.1:7002"
 service = "echo"
 "#;
+
+    #[test]
+    fn udp_and_dtls_listener_changes_need_a_restart_and_are_never_added_or_removed_live() {
+        let running = BASE.replace(
+            "transport = \"tcp\"\naddr = \"127.0.0.1:7002\"",
+            "transport = \"udp\"\naddr = \"127.0.0.1:7002\"",
+        );
+        let changed = format!(
+            "{}[listener.acl]\ndeny = [\"127.0.0.9\"]\n\n[[listener]]\nname = \"d\"\ntransport = \"dtls\"\naddr = \"127.0.0.1:7444\"\nservice = \"echo\"\n",
+            running
+        );
+        let edited = plan(&valid(&running), &valid(&changed));
+        assert!(edited.added.is_empty(), "{edited:?}");
+        assert_eq!(edited.restart.len(), 2, "{:?}", edited.restart);
+        assert!(edited.restart[0].contains("(b)"), "{:?}", edited.restart);
+        assert!(
+            edited.restart[1].contains("new udp/dtls listener"),
+            "{:?}",
+            edited.restart
+        );
+        let without_udp = running.replace("name = \"b\"", "name = \"c\"");
+        let removed = plan(&valid(&running), &valid(&without_udp));
+        assert!(
+            removed.removed.is_empty(),
+            "the udp socket is not the acceptor's to close"
+        );
+        assert!(removed
+            .restart
+            .iter()
+            .any(|key| key.contains("removing udp/dtls listener 'b'")));
+    }
 
     #[test]
     fn identical_configurations_change_nothing_but_keep_every_listener() {

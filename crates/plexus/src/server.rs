@@ -15,6 +15,8 @@ use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopReque
 use crate::admission::Admission;
 use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
+use crate::datagram::DatagramListener;
+use crate::dtls::{DtlsContext, DtlsError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -42,6 +44,9 @@ pub enum Error {
     /// TLS certificates could not be loaded or generated.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    /// The DTLS (OpenSSL) context could not be built.
+    #[error("{0}")]
+    Dtls(#[from] DtlsError),
     /// An inherited descriptor (systemd socket activation) could not be used.
     #[error("socket activation: {0}")]
     Inherited(String),
@@ -167,8 +172,22 @@ impl ServerBuilder {
             true => InheritedSockets::take(&valid.listeners)?,
             false => InheritedSockets::default(),
         };
+        let loop_count = match server.event_loops {
+            0 => thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let mut bound = Vec::with_capacity(valid.listeners.len());
+        let mut addrs = BTreeMap::new();
+        // datagram: udp/dtls sockets (one per loop) are bound here with the others (before
+        // `after_bind` drops privileges) and handed to the loops once those exist.
+        let mut datagram_sockets = Vec::new();
         for (index, listener) in valid.listeners.iter().enumerate() {
+            if listener.config.transport.is_datagram() {
+                let (sockets, local) = bind_datagram(listener, loop_count)?;
+                addrs.insert(index, local);
+                datagram_sockets.push((index, sockets));
+                continue;
+            }
             let service = listener_service(
                 listener,
                 &self.services,
@@ -181,22 +200,21 @@ impl ServerBuilder {
                 _ => None,
             };
             let socket = inherited.remove(index);
-            bound.push(bind(index, listener, service, tls_config, socket)?);
+            let listener = bind(index, listener, service, tls_config, socket)?;
+            addrs.insert(index, listener.local);
+            bound.push(listener);
         }
         inherited.warn_unused();
         if let Some(hook) = self.after_bind {
             hook().map_err(Error::AfterBind)?;
         }
-        let local_addrs = bound
+        let local_addrs = valid
+            .listeners
             .iter()
-            .zip(&valid.listeners)
-            .map(|(bound, listener)| (listener.config.name.clone(), bound.local))
+            .enumerate()
+            .filter_map(|(index, l)| Some((l.config.name.clone(), *addrs.get(&index)?)))
             .collect::<Vec<_>>();
 
-        let loop_count = match server.event_loops {
-            0 => thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
         let limits = session_limits(server);
         let workers = match server.workers {
             0 => thread::available_parallelism().map_or(1, |n| n.get()),
@@ -242,6 +260,43 @@ impl ServerBuilder {
             server.max_handshakes,
             Arc::clone(&metrics),
         ));
+        for (index, sockets) in datagram_sockets {
+            let listener = &valid.listeners[index];
+            let dtls = match (&tls, listener.config.transport) {
+                (Some(tls), Transport::Dtls) => {
+                    let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
+                    Some(DtlsContext::new(tls, psk, listener.config.mtu)?)
+                }
+                _ => None,
+            };
+            let shared = DatagramListener {
+                info: Arc::new(ListenerInfo {
+                    index,
+                    name: listener.config.name.as_str().into(),
+                }),
+                service: listener_service(
+                    listener,
+                    &self.services,
+                    &self.http,
+                    tls.as_ref(),
+                    server.handshake_timeout,
+                )?,
+                acl: listener.acl.clone(),
+                admission: Arc::clone(&admission),
+                dtls,
+                batch: listener.config.datagram_batch,
+            };
+            for (event_loop, socket) in loops.iter_mut().zip(sockets) {
+                let local = socket.local_addr().ok();
+                event_loop
+                    .add_datagram_socket(socket, shared.clone())
+                    .map_err(|source| Error::Bind {
+                        listener: listener.config.name.clone(),
+                        addr: local.unwrap_or(listener.addr),
+                        source,
+                    })?;
+            }
+        }
 
         let (acceptor, control) = Acceptor::new(
             bound,
@@ -282,6 +337,48 @@ impl ServerBuilder {
             metrics,
         })
     }
+}
+
+/// Kernel buffer asked for each datagram socket (the kernel caps it at `net.core.*mem_max`):
+/// room for bursts of large datagrams between two turns of the loop.
+const DATAGRAM_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Binds one UDP socket per event loop on the listener's address with `SO_REUSEPORT` (the
+/// first resolves port 0; the others join it).
+fn bind_datagram(
+    listener: &ValidListener,
+    loops: usize,
+) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), Error> {
+    let config = &listener.config;
+    let mut addr = listener.addr;
+    let bind_error = |addr, source| Error::Bind {
+        listener: config.name.clone(),
+        addr,
+        source,
+    };
+    let mut sockets = Vec::with_capacity(loops);
+    for _ in 0..loops.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(|err| bind_error(addr, err))?;
+        socket
+            .set_reuse_port(true)
+            .map_err(|err| bind_error(addr, err))?;
+        if addr.is_ipv6() {
+            socket
+                .set_only_v6(true)
+                .map_err(|err| bind_error(addr, err))?;
+        }
+        // Best effort: the kernel caps (or refuses) sizes above its limits.
+        let _ = socket.set_recv_buffer_size(config.recv_buffer.max(DATAGRAM_SOCKET_BUFFER));
+        let _ = socket.set_send_buffer_size(config.send_buffer.max(DATAGRAM_SOCKET_BUFFER));
+        socket
+            .bind(&addr.into())
+            .map_err(|err| bind_error(addr, err))?;
+        let socket: std::net::UdpSocket = socket.into();
+        addr = socket.local_addr().map_err(|err| bind_error(addr, err))?;
+        sockets.push(socket);
+    }
+    Ok((sockets, addr))
 }
 
 /// The notifier for `$NOTIFY_SOCKET`; a broken variable is logged, not fatal (the service
@@ -381,7 +478,8 @@ pub(crate) fn needs_tls(
     listener: &ValidListener,
     services: &BTreeMap<String, Arc<dyn Service>>,
 ) -> bool {
-    listener.config.transport == Transport::Tls || is_auto(listener, services)
+    matches!(listener.config.transport, Transport::Tls | Transport::Dtls)
+        || is_auto(listener, services)
 }
 
 fn is_auto(listener: &ValidListener, services: &BTreeMap<String, Arc<dyn Service>>) -> bool {

@@ -31,7 +31,8 @@ pub trait Service: Send + Sync + 'static {
 /// `Send` because a handler may be handed between threads (the loop is built before its
 /// thread starts, and blocking services move work to the worker pool).
 pub trait SessionHandler: Send {
-    /// Bytes arrived from the peer (in order; any split is possible).
+    /// Bytes arrived from the peer (in order; any split is possible). On a udp or dtls
+    /// session, each call is exactly one datagram.
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]);
 
     /// The deadline set with [`Session::set_timer`] passed. The default does nothing.
@@ -234,7 +235,8 @@ impl Session<'_> {
     }
 
     /// Queues bytes for the peer. If the queue would pass `outbound_limit` the session is
-    /// closed instead (its peer is not reading) and the bytes are dropped with it.
+    /// closed instead (its peer is not reading) and the bytes are dropped with it. On a udp or
+    /// dtls session, each call sends exactly one datagram.
     pub fn send(&mut self, data: &[u8]) {
         if self.admits(data.len()) {
             self.outbound.push_copy(data);

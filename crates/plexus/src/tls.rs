@@ -68,6 +68,8 @@ pub enum TlsError {
 #[derive(Debug)]
 struct CertificateSet {
     default: Arc<CertifiedKey>,
+    /// The default certificate's private key, for the DTLS (OpenSSL) side.
+    default_key: PrivateKeyDer<'static>,
     by_name: Vec<(NamePattern, Arc<CertifiedKey>)>,
 }
 
@@ -187,6 +189,21 @@ impl TlsContext {
         Ok(count)
     }
 
+    /// The default certificate chain and its private key (DER), for DTLS listeners: the same
+    /// certificate TLS listeners present, whether from `[tls]` or ephemeral.
+    pub(crate) fn default_identity(
+        &self,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let set = Arc::clone(
+            &self
+                .resolver
+                .current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        (set.default.cert.clone(), set.default_key.clone_key())
+    }
+
     /// Whether certificates come from files (an ephemeral certificate has nothing to reload).
     pub(crate) fn has_files(&self) -> bool {
         self.tls_config()
@@ -205,26 +222,31 @@ fn load_certificates(
     config: Option<&TlsConfig>,
     provider: &CryptoProvider,
 ) -> Result<CertificateSet, TlsError> {
-    let default = match config.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
-        Some((cert, key)) => load_pair(cert, key, provider)?,
-        None => ephemeral(provider)?,
-    };
+    let (default, default_key) =
+        match config.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
+            Some((cert, key)) => load_pair(cert, key, provider)?,
+            None => ephemeral(provider)?,
+        };
     let mut by_name = Vec::new();
     for sni in config.map_or(&[][..], |tls| &tls.sni[..]) {
         let SniConfig { names, cert, key } = sni;
-        let certified = load_pair(cert, key, provider)?;
+        let (certified, _) = load_pair(cert, key, provider)?;
         for name in names {
             by_name.push((NamePattern::parse(name), Arc::clone(&certified)));
         }
     }
-    Ok(CertificateSet { default, by_name })
+    Ok(CertificateSet {
+        default,
+        default_key,
+        by_name,
+    })
 }
 
 fn load_pair(
     cert_path: &Path,
     key_path: &Path,
     provider: &CryptoProvider,
-) -> Result<Arc<CertifiedKey>, TlsError> {
+) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'static>), TlsError> {
     let read = |path: &Path| {
         std::fs::read(path).map_err(|source| TlsError::Read {
             path: path.to_owned(),
@@ -246,20 +268,23 @@ fn load_pair(
     }
     let key_pem = read(key_path)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| pem_error(key_path, err))?;
-    let certified =
-        CertifiedKey::from_der(chain, key, provider).map_err(|source| TlsError::Key {
+    let certified = CertifiedKey::from_der(chain, key.clone_key(), provider).map_err(|source| {
+        TlsError::Key {
             path: key_path.to_owned(),
             source,
-        })?;
+        }
+    })?;
     info!(
         "tls certificate loaded cert={} sha256={}",
         cert_path.display(),
         fingerprint(&certified.cert[0])
     );
-    Ok(Arc::new(certified))
+    Ok((Arc::new(certified), key))
 }
 
-fn ephemeral(provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+fn ephemeral(
+    provider: &CryptoProvider,
+) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'static>), TlsError> {
     let names = EPHEMERAL_NAMES
         .iter()
         .map(|name| (*name).to_owned())
@@ -273,16 +298,18 @@ fn ephemeral(provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
         }
     })?;
     let certified =
-        CertifiedKey::from_der(vec![cert], key, provider).map_err(|source| TlsError::Key {
-            path: PathBuf::from("<ephemeral>"),
-            source,
+        CertifiedKey::from_der(vec![cert], key.clone_key(), provider).map_err(|source| {
+            TlsError::Key {
+                path: PathBuf::from("<ephemeral>"),
+                source,
+            }
         })?;
     info!(
         "tls: no [tls] cert configured; using an ephemeral self-signed certificate for {} sha256={}",
         EPHEMERAL_NAMES.join(", "),
         fingerprint(&certified.cert[0])
     );
-    Ok(Arc::new(certified))
+    Ok((Arc::new(certified), key))
 }
 
 /// SHA-256 of a certificate as `AB:CD:…` (the form `openssl x509 -fingerprint` prints).

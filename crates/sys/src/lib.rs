@@ -20,6 +20,8 @@ macro_rules! syscall {
 }
 
 pub mod daemon;
+pub mod dgram;
+pub mod dtls;
 pub mod fs;
 pub mod listen_fds;
 pub mod notify;

@@ -1,0 +1,295 @@
+//! End-to-end tests of `transport = "udp"` listeners: whole datagrams up to the UDP maximum,
+//! one session per peer, sessions capped by `max_connections` and gone after `idle_timeout`,
+//! `plexus connect udp://`, and the counters behind them (through the library's metrics).
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{run_plexus, Server};
+
+const CMD_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn udp_config(server_extra: &str) -> String {
+    format!(
+        r#"[server]
+event_loops = 2
+{server_extra}
+
+[[listener]]
+name = "udp-echo"
+transport = "udp"
+addr = "127.0.0.1:0"
+service = "echo"
+"#
+    )
+}
+
+/// A UDP socket on `ip` with a receive timeout, so no test can hang on a lost datagram.
+fn client(ip: &str) -> UdpSocket {
+    let socket = UdpSocket::bind((ip, 0)).expect("bind udp client");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    socket
+}
+
+fn echo_once(socket: &UdpSocket, to: SocketAddr, payload: &[u8]) -> Option<Vec<u8>> {
+    socket.send_to(payload, to).expect("send");
+    let mut buf = vec![0u8; 70_000];
+    match socket.recv_from(&mut buf) {
+        Ok((n, from)) => {
+            assert_eq!(from, to, "the reply comes from the listener's address");
+            Some(buf[..n].to_vec())
+        }
+        Err(_) => None,
+    }
+}
+
+/// Waits (bounded) until the server's metrics satisfy `check`: counters are updated right
+/// after the system call, so a client may see a reply a moment before it is counted.
+fn wait_metrics(handle: &plexus::ServerHandle, check: impl Fn(&plexus::MetricsSnapshot) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check(&handle.metrics()) {
+        assert!(
+            Instant::now() < deadline,
+            "metrics never matched: {:?}",
+            handle.metrics()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+        .collect()
+}
+
+/// Datagrams of 60,000 and 65,507 bytes (the IPv4 maximum) come back whole and byte-exact,
+/// as do an empty one and a 1-byte one.
+#[test]
+fn udp_echo_returns_datagrams_whole_up_to_65507_bytes() {
+    let server = Server::start(&udp_config("idle_timeout = \"60s\""));
+    let to = server.addr("udp-echo");
+    let socket = client("127.0.0.1");
+    for len in [60_000, 65_507, 0, 1, 1500, 9000] {
+        let payload = pattern(len, len as u8);
+        let reply =
+            echo_once(&socket, to, &payload).unwrap_or_else(|| panic!("no echo of {len} B"));
+        assert_eq!(
+            reply.len(),
+            len,
+            "datagram of {len} B came back with {} B",
+            reply.len()
+        );
+        assert!(reply == payload, "datagram of {len} B changed on the way");
+    }
+}
+
+/// 1,000 peers (distinct source addresses on 127/8, all at once) each get exactly their own
+/// datagrams back, in a second round too (their sessions persist).
+#[test]
+fn udp_echo_keeps_1000_peers_apart() {
+    let server = Server::start(&udp_config("idle_timeout = \"60s\""));
+    let to = server.addr("udp-echo");
+    let peers: Vec<UdpSocket> = (0..1000)
+        .map(|i| client(&format!("127.0.{}.{}", 1 + i / 250, 1 + i % 250)))
+        .collect();
+    for round in 0..2u8 {
+        for (i, socket) in peers.iter().enumerate() {
+            socket
+                .send_to(format!("peer {i} round {round}").as_bytes(), to)
+                .expect("send");
+        }
+        let mut missing = 0;
+        for (i, socket) in peers.iter().enumerate() {
+            let mut buf = [0u8; 64];
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) => assert_eq!(
+                    &buf[..n],
+                    format!("peer {i} round {round}").as_bytes(),
+                    "peer {i} got someone else's datagram"
+                ),
+                Err(_) => missing += 1,
+            }
+        }
+        assert_eq!(missing, 0, "round {round}: {missing} peers got no echo");
+    }
+}
+
+/// `max_connections = 1`: a second peer is refused (no echo) while the first peer's session
+/// lives; after `idle_timeout` the first session is gone and the second peer is served.
+#[test]
+fn udp_sessions_count_against_max_connections_and_expire_when_idle() {
+    let server = Server::start(&udp_config("max_connections = 1\nidle_timeout = \"1s\""));
+    let to = server.addr("udp-echo");
+    let first = client("127.0.0.1");
+    let second = client("127.0.0.2");
+    second
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert_eq!(echo_once(&first, to, b"one").as_deref(), Some(&b"one"[..]));
+    assert_eq!(
+        echo_once(&second, to, b"two"),
+        None,
+        "a second session must be refused while max_connections = 1 is taken"
+    );
+    // The first session expires after 1 s without traffic; then the second peer fits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        thread::sleep(Duration::from_millis(500));
+        if echo_once(&second, to, b"two").as_deref() == Some(&b"two"[..]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle session never freed its place"
+        );
+    }
+}
+
+/// `plexus connect udp://` sends one datagram per line and prints each reply on its own line;
+/// it exits 0 once every reply arrived.
+#[test]
+fn connect_udp_sends_one_datagram_per_line() {
+    let server = Server::start(&udp_config("idle_timeout = \"60s\""));
+    let url = format!("udp://{}", server.addr("udp-echo"));
+    let out = run_plexus(
+        &["connect", &url],
+        Some(b"alpha\nbeta\n\ngamma\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_no_panic();
+    out.assert_code(0);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "alpha\nbeta\n\ngamma\n"
+    );
+}
+
+/// Forward and chat are stream services: a udp listener naming them is a configuration error.
+#[test]
+fn udp_listener_with_a_stream_service_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    let config =
+        udp_config("idle_timeout = \"60s\"").replace("service = \"echo\"", "service = \"chat\"");
+    std::fs::write(&path, config).unwrap();
+    let path = path.to_str().unwrap();
+    let out = run_plexus(&["serve", "--config", path, "--check"], None, CMD_TIMEOUT);
+    out.assert_no_panic();
+    out.assert_code(2);
+    out.assert_stderr_contains("listener[0].service");
+}
+
+/// The library's metrics see the udp path: datagrams in and out, sessions open, and a
+/// session's end after `idle_timeout`.
+#[test]
+fn udp_metrics_count_datagrams_and_sessions() {
+    let config =
+        plexus::Config::parse(&udp_config("idle_timeout = \"1s\""), "udp-metrics").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let socket = client("127.0.0.1");
+    for i in 0..10u8 {
+        assert_eq!(echo_once(&socket, to, &[i]).as_deref(), Some(&[i][..]));
+    }
+    wait_metrics(&handle, |m| m.datagrams_out >= 10);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.udp_sessions_open, 1);
+    assert_eq!(metrics.datagrams_in, 10);
+    assert_eq!(metrics.datagrams_out, 10);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.metrics().udp_sessions_open != 0 {
+        assert!(Instant::now() < deadline, "idle udp session never expired");
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(handle.metrics().closed_idle_timeout, 1);
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
+/// SIGTERM stops a server with udp listeners gracefully: exit 0.
+#[test]
+fn sigterm_stops_a_udp_server_cleanly() {
+    let mut server = Server::start(&udp_config("idle_timeout = \"60s\""));
+    let socket = client("127.0.0.1");
+    assert!(echo_once(&socket, server.addr("udp-echo"), b"x").is_some());
+    server.signal("TERM");
+    let status = server.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A listener ACL applies per datagram source: a denied source gets nothing back and its
+/// datagrams are dropped and counted; an allowed one is served.
+#[test]
+fn udp_acl_drops_datagrams_of_denied_sources() {
+    let text = format!(
+        "{}[listener.acl]\ndeny = [\"127.0.0.5/32\"]\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "udp-acl").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let denied = client("127.0.0.5");
+    denied
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(echo_once(&denied, to, b"let me in"), None);
+    }
+    let allowed = client("127.0.0.6");
+    assert_eq!(echo_once(&allowed, to, b"hi").as_deref(), Some(&b"hi"[..]));
+    wait_metrics(&handle, |m| m.datagrams_dropped_refused >= 3);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.datagrams_dropped_refused, 3);
+    assert_eq!(metrics.refused(plexus::RefusalReason::Acl), 3);
+    assert_eq!(metrics.udp_sessions_open, 1);
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
+/// `/metrics` of an http listener shows the datagram counters of the udp listener.
+#[test]
+fn metrics_endpoint_shows_datagram_counters() {
+    use std::io::{Read, Write};
+    let config = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let server = Server::start(&config);
+    let socket = client("127.0.0.1");
+    for i in 0..3u8 {
+        assert!(echo_once(&socket, server.addr("udp-echo"), &[i]).is_some());
+    }
+    let expected = [
+        "plexus_datagrams_total{direction=\"in\"} 3",
+        "plexus_datagrams_total{direction=\"out\"} 3",
+        "plexus_datagram_sessions_open{transport=\"udp\"} 1",
+        "plexus_dtls_cookies_total{result=\"sent\"} 0",
+    ];
+    // A reply can arrive a moment before it is counted: ask again (bounded) until it is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut http = std::net::TcpStream::connect(server.addr("http")).unwrap();
+        http.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut body = String::new();
+        http.read_to_string(&mut body).unwrap();
+        let missing: Vec<_> = expected.iter().filter(|l| !body.contains(*l)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "missing {missing:?} in:\n{body}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,921 @@
+//! UDP and DTLS listeners on an event loop: the loop's datagram sockets, its datagram session
+//! table (sessions keyed by peer address), and delivery of datagrams to and from services.
+//!
+//! Each event loop owns one socket per udp/dtls listener, all bound to the same port with
+//! `SO_REUSEPORT`: the kernel spreads peers over the loops by a hash of the address pair, so a
+//! peer always reaches the same loop and its session needs no lock. Sockets are read with
+//! `recvmmsg` and written with `sendmmsg` in batches of `datagram_batch`.
+//!
+//! A session is created on a peer's first datagram (UDP) or on its first ClientHello carrying
+//! a valid cookie (DTLS, see [`crate::dtls`]); it holds an admission ticket (so it counts
+//! against `max_connections` and the per-IP cap), and expires after `idle_timeout` without a
+//! datagram either way. For a datagram session one `on_data` is one datagram, and each
+//! `send` is one datagram.
+//!
+//! Backpressure: replies wait in the socket's send queue. Past the outbound high watermark the
+//! loop stops reading that socket (the kernel's receive buffer then absorbs or drops, which is
+//! where UDP loses datagrams anyway) until the queue is below the low watermark; a datagram
+//! that would push the queue past `outbound_limit` is dropped and counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use mio::net::UdpSocket;
+use mio::{Interest, Registry, Token};
+use openssl::ssl::SslStream;
+use plexus_proto::{Acl, TimerKey, TimerWheel};
+use plexus_sys::dgram::{send_batch, RecvBatch};
+use slab::Slab;
+use tracing::{debug, error, info};
+
+use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
+use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
+use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{LoopStats, Metrics};
+use crate::outbound::OutboundQueue;
+use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
+use crate::service::{SessionId, SessionInfo, TimerRequest};
+use crate::worker::WorkQueue;
+
+/// Receive slot per datagram: anything up to the largest UDP payload arrives whole.
+const RECV_SLOT: usize = 64 * 1024;
+/// Batched receives per socket per turn before other sockets and sessions get their turn.
+const RECV_BATCHES_PER_TURN: usize = 8;
+/// Most datagram sockets one loop may own (the size of the token range they use).
+pub(crate) const MAX_DATAGRAM_SOCKETS: usize = 4096;
+
+/// The token of datagram socket `index`: counting down from just below the waker's.
+pub(crate) fn socket_token(index: usize) -> Token {
+    Token(usize::MAX - 1 - index)
+}
+
+/// The datagram socket a token names, if it is in the datagram range.
+pub(crate) fn token_socket(token: Token) -> Option<usize> {
+    let index = (usize::MAX - 1).checked_sub(token.0)?;
+    (token.0 != usize::MAX && index < MAX_DATAGRAM_SOCKETS).then_some(index)
+}
+
+/// Which datagram-session timer fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DatagramTimer {
+    /// Check the session's last activity against `idle_timeout`.
+    Idle,
+    /// The DTLS handshake must be done by now.
+    Handshake,
+    /// OpenSSL's DTLS retransmission timer.
+    Retransmit,
+}
+
+/// What every loop needs to know about one udp/dtls listener.
+#[derive(Clone)]
+pub(crate) struct DatagramListener {
+    pub(crate) info: Arc<ListenerInfo>,
+    pub(crate) service: Arc<dyn Service>,
+    pub(crate) acl: Acl,
+    pub(crate) admission: Arc<Admission>,
+    /// Present for dtls listeners.
+    pub(crate) dtls: Option<DtlsContext>,
+    pub(crate) batch: usize,
+}
+
+/// One loop's socket of one listener.
+struct DatagramSocket {
+    socket: UdpSocket,
+    local: SocketAddr,
+    listener: DatagramListener,
+    /// Sessions of this socket by peer address (values are keys of the session slab).
+    peers: HashMap<SocketAddr, usize>,
+    /// The shared "listen" SSL object of a dtls socket: no per-peer state before a cookie.
+    listen: Option<SslStream<DatagramIo>>,
+    /// Datagrams waiting for `sendmmsg`, and their bytes.
+    pending: VecDeque<(SocketAddr, Bytes)>,
+    pending_bytes: usize,
+    /// An edge announced datagrams not yet read.
+    readable: bool,
+    write_blocked: bool,
+    /// Not read while the send queue is above the high watermark.
+    read_paused: bool,
+}
+
+/// A peer of a datagram socket.
+struct DatagramSession {
+    info: SessionInfo,
+    socket: usize,
+    handler: Box<dyn SessionHandler>,
+    outbound: OutboundQueue,
+    closing: Option<CloseReason>,
+    work: WorkQueue,
+    last_activity: Instant,
+    idle_timer: Option<TimerKey>,
+    dtls: Option<Box<DtlsPeer>>,
+    _ticket: Ticket,
+}
+
+/// The DTLS state of a session.
+struct DtlsPeer {
+    stream: SslStream<DatagramIo>,
+    /// Held until the handshake completes: counts against `max_handshakes`.
+    handshake: Option<HandshakeSlot>,
+    handshake_timer: Option<TimerKey>,
+    retransmit_timer: Option<TimerKey>,
+    /// Opened once the handshake completes.
+    pending_service: Option<Arc<dyn Service>>,
+    close_notify_sent: bool,
+}
+
+impl DtlsPeer {
+    fn handshaking(&self) -> bool {
+        self.pending_service.is_some()
+    }
+}
+
+/// The handler a session has until its service opens (it receives no events).
+struct Opening;
+
+impl SessionHandler for Opening {
+    fn on_data(&mut self, _: &mut Session<'_>, _: &[u8]) {}
+}
+
+/// The loop's parts a datagram operation touches besides the endpoint itself.
+pub(crate) struct LoopParts<'a> {
+    pub(crate) timers: &'a mut TimerWheel<TimerEntry>,
+    pub(crate) broadcasts: &'a mut Vec<Broadcast>,
+    pub(crate) metrics: Option<&'a Metrics>,
+}
+
+/// One event loop's datagram sockets and sessions.
+pub(crate) struct DatagramEndpoint {
+    sockets: Vec<DatagramSocket>,
+    sessions: Slab<DatagramSession>,
+    recv: Option<RecvBatch>,
+    /// Where DTLS plaintext lands.
+    plain: Box<[u8]>,
+    limits: SessionLimits,
+    stats: Arc<LoopStats>,
+    refusals: LogThrottle,
+    failures: LogThrottle,
+    draining: bool,
+}
+
+impl DatagramEndpoint {
+    pub(crate) fn new(limits: SessionLimits, stats: Arc<LoopStats>) -> Self {
+        DatagramEndpoint {
+            sockets: Vec::new(),
+            sessions: Slab::new(),
+            recv: None,
+            plain: Box::new([]),
+            limits,
+            stats,
+            refusals: LogThrottle::new(),
+            failures: LogThrottle::new(),
+            draining: false,
+        }
+    }
+
+    /// Takes a bound socket of `listener` and registers it with the loop's poll.
+    pub(crate) fn add_socket(
+        &mut self,
+        registry: &Registry,
+        socket: std::net::UdpSocket,
+        listener: DatagramListener,
+    ) -> io::Result<()> {
+        let index = self.sockets.len();
+        if index >= MAX_DATAGRAM_SOCKETS {
+            return Err(io::Error::other(
+                "too many udp/dtls listeners for one event loop",
+            ));
+        }
+        socket.set_nonblocking(true)?;
+        let local = socket.local_addr()?;
+        let mut socket = UdpSocket::from_std(socket);
+        registry.register(
+            &mut socket,
+            socket_token(index),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let listen = match &listener.dtls {
+            Some(context) => Some(context.stream().map_err(io::Error::other)?),
+            None => None,
+        };
+        if listener.dtls.is_some() && self.plain.is_empty() {
+            self.plain = vec![0; RECV_SLOT].into_boxed_slice();
+        }
+        let batch = listener.batch.max(1);
+        if self
+            .recv
+            .as_ref()
+            .is_none_or(|recv| recv.capacity() < batch)
+        {
+            self.recv = Some(RecvBatch::new(batch, RECV_SLOT));
+        }
+        self.sockets.push(DatagramSocket {
+            socket,
+            local,
+            listener,
+            peers: HashMap::new(),
+            listen,
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            // Datagrams may have arrived before registration.
+            readable: true,
+            write_blocked: false,
+            read_paused: false,
+        });
+        Ok(())
+    }
+
+    /// Whether a socket still has datagrams to read this turn (the loop must not block).
+    pub(crate) fn has_ready(&self) -> bool {
+        self.sockets
+            .iter()
+            .any(|socket| socket.readable && !socket.read_paused)
+    }
+
+    /// A readiness event for socket `index`.
+    pub(crate) fn event(
+        &mut self,
+        index: usize,
+        readable: bool,
+        writable: bool,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        socket.readable |= readable;
+        if writable {
+            socket.write_blocked = false;
+        }
+        self.serve(index, now, parts);
+    }
+
+    /// Serves every socket with unread datagrams (after the loop's events of a turn).
+    pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
+        for index in 0..self.sockets.len() {
+            if self.sockets[index].readable && !self.sockets[index].read_paused {
+                self.serve(index, now, parts);
+            }
+        }
+    }
+
+    fn serve(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let Some(mut recv) = self.recv.take() else {
+            return;
+        };
+        for _ in 0..RECV_BATCHES_PER_TURN {
+            let socket = &mut self.sockets[index];
+            if !socket.readable || socket.read_paused {
+                break;
+            }
+            if socket.pending_bytes > self.limits.high_watermark {
+                socket.read_paused = true;
+                LoopStats::add(&self.stats.read_pauses, 1);
+                break;
+            }
+            let count = match recv.recv(&socket.socket) {
+                Ok(count) => count,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    socket.readable = false;
+                    break;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    // ICMP errors queued on the socket (e.g. port unreachable) surface here;
+                    // they concern one earlier send, not the socket.
+                    debug!(
+                        listener = socket.listener.info.name.as_ref(),
+                        "udp receive: {err}"
+                    );
+                    continue;
+                }
+            };
+            LoopStats::add(&self.stats.datagrams_in, count as u64);
+            for position in 0..count {
+                let received = recv.get(position);
+                let Some(peer) = received.source else {
+                    continue;
+                };
+                LoopStats::add(&self.stats.bytes_in, received.data.len() as u64);
+                if received.truncated {
+                    LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
+                    continue;
+                }
+                self.receive(index, peer, received.data, now, parts);
+            }
+            self.flush(index);
+        }
+        self.recv = Some(recv);
+        self.flush(index);
+    }
+
+    fn receive(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let socket = &mut self.sockets[index];
+        if let Some(&key) = socket.peers.get(&peer) {
+            let session = &mut self.sessions[key];
+            session.last_activity = now;
+            if session.dtls.is_some() {
+                self.dtls_input(key, data, now, parts);
+            } else {
+                self.callback(key, parts, |handler, session| {
+                    handler.on_data(session, data)
+                });
+                self.after_callback(key, parts);
+            }
+            return;
+        }
+        if self.draining {
+            self.refuse(peer, "server draining");
+            return;
+        }
+        match socket.listen.as_mut() {
+            None => self.open_udp(index, peer, data, now, parts),
+            // A source the ACLs refuse gets no cookie either.
+            Some(_)
+                if !socket
+                    .listener
+                    .admission
+                    .permits(&socket.listener.acl, peer.ip()) =>
+            {
+                self.refuse(peer, RefusalReason::Acl.as_str());
+            }
+            Some(listen) => {
+                dtls::set_current_peer(peer);
+                listen.get_mut().reset();
+                listen.get_mut().put(data);
+                let outcome = plexus_sys::dtls::listen(listen.ssl());
+                let replies = std::mem::take(&mut listen.get_mut().outbound);
+                match outcome {
+                    plexus_sys::dtls::ListenOutcome::Verified => {
+                        LoopStats::add(&self.stats.dtls_cookies_verified, 1);
+                        self.open_dtls(index, peer, now, parts);
+                    }
+                    _ if !replies.is_empty() => {
+                        LoopStats::add(&self.stats.dtls_cookies_sent, 1);
+                        for reply in replies {
+                            self.queue(index, peer, Bytes::from(reply));
+                        }
+                    }
+                    _ => LoopStats::add(&self.stats.dtls_garbage_dropped, 1),
+                }
+            }
+        }
+    }
+
+    fn refuse(&mut self, peer: SocketAddr, why: &str) {
+        LoopStats::add(&self.stats.datagrams_dropped_refused, 1);
+        if let Some(also) = self.refusals.allow(Instant::now()) {
+            info!("datagram refused peer={peer}: {why} (+{also} more refused in the last second)");
+        }
+    }
+
+    fn admit(&mut self, index: usize, peer: SocketAddr) -> Option<Ticket> {
+        let listener = &self.sockets[index].listener;
+        match listener.admission.admit(&listener.acl, peer.ip()) {
+            Ok(ticket) => Some(ticket),
+            Err(reason) => {
+                self.refuse(peer, reason.as_str());
+                None
+            }
+        }
+    }
+
+    /// Inserts a session for `peer` on socket `index` and arms its idle timer.
+    fn insert(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        ticket: Ticket,
+        dtls: Option<Box<DtlsPeer>>,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) -> usize {
+        let key = self.sessions.vacant_key();
+        let socket = &mut self.sockets[index];
+        let id = SessionId::next();
+        let idle_timer = parts.timers.insert(
+            now + self.limits.idle_timeout,
+            timer_entry(key, id, DatagramTimer::Idle),
+        );
+        let is_dtls = dtls.is_some();
+        self.sessions.insert(DatagramSession {
+            info: SessionInfo {
+                id,
+                peer,
+                local: socket.local,
+                listener: Arc::clone(&socket.listener.info),
+            },
+            socket: index,
+            handler: Box::new(Opening),
+            outbound: OutboundQueue::datagrams(),
+            closing: None,
+            work: WorkQueue::default(),
+            last_activity: now,
+            idle_timer: Some(idle_timer),
+            dtls,
+            _ticket: ticket,
+        });
+        socket.peers.insert(peer, key);
+        LoopStats::add(&self.stats.sessions_open, 1);
+        let open = match is_dtls {
+            true => &self.stats.dtls_sessions_open,
+            false => &self.stats.udp_sessions_open,
+        };
+        LoopStats::add(open, 1);
+        key
+    }
+
+    fn open_udp(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(ticket) = self.admit(index, peer) else {
+            return;
+        };
+        let key = self.insert(index, peer, ticket, None, now, parts);
+        let service = Arc::clone(&self.sockets[index].listener.service);
+        self.callback(key, parts, |handler, session| {
+            *handler = service.open(session)
+        });
+        if self.sessions[key].closing.is_none() {
+            self.callback(key, parts, |handler, session| {
+                handler.on_data(session, data)
+            });
+        }
+        self.after_callback(key, parts);
+    }
+
+    /// A ClientHello came back with a valid cookie: the listen object holds it and becomes
+    /// this peer's; the socket gets a fresh listen object.
+    fn open_dtls(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(ticket) = self.admit(index, peer) else {
+            return;
+        };
+        let listener = &self.sockets[index].listener;
+        let slot = match listener.admission.reserve_handshake() {
+            Ok(slot) => slot,
+            Err(reason) => {
+                self.refuse(peer, reason.as_str());
+                return;
+            }
+        };
+        let Some(context) = listener.dtls.as_ref() else {
+            return;
+        };
+        let fresh = match context.stream() {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                error!("dtls: cannot create an SSL object: {err}");
+                return;
+            }
+        };
+        let service = Arc::clone(&listener.service);
+        let Some(listen) = self.sockets[index].listen.as_mut() else {
+            return;
+        };
+        let stream = std::mem::replace(listen, fresh);
+        let peer_state = Box::new(DtlsPeer {
+            stream,
+            handshake: Some(slot),
+            handshake_timer: None,
+            retransmit_timer: None,
+            pending_service: Some(service),
+            close_notify_sent: false,
+        });
+        let key = self.insert(index, peer, ticket, Some(peer_state), now, parts);
+        let id = self.sessions[key].info.id;
+        let timer = parts.timers.insert(
+            now + self.limits.handshake_timeout,
+            timer_entry(key, id, DatagramTimer::Handshake),
+        );
+        if let Some(dtls) = self.sessions[key].dtls.as_mut() {
+            dtls.handshake_timer = Some(timer);
+        }
+        // The buffered ClientHello: OpenSSL answers with the server's first flight.
+        self.dtls_drive(key, now, parts);
+    }
+
+    fn dtls_input(&mut self, key: usize, data: &[u8], now: Instant, parts: &mut LoopParts<'_>) {
+        let session = &mut self.sessions[key];
+        if let Some(dtls) = session.dtls.as_mut() {
+            dtls.stream.get_mut().put(data);
+        }
+        self.dtls_drive(key, now, parts);
+    }
+
+    /// Lets OpenSSL process what arrived: the handshake, then application datagrams; sends
+    /// what it wrote and re-arms its retransmission timer.
+    fn dtls_drive(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let session = &mut self.sessions[key];
+        let Some(dtls) = session.dtls.as_mut() else {
+            return;
+        };
+        dtls::set_current_peer(session.info.peer);
+        if dtls.handshaking() {
+            match dtls::handshake(&mut dtls.stream) {
+                Progress::Waiting => {}
+                Progress::Established => {
+                    dtls.handshake = None;
+                    if let Some(timer) = dtls.handshake_timer.take() {
+                        parts.timers.cancel(timer);
+                    }
+                    LoopStats::add(&self.stats.handshakes_ok, 1);
+                    debug!(session = %session.info.id, peer = %session.info.peer, "dtls handshake complete");
+                    if let Some(service) = dtls.pending_service.take() {
+                        self.callback(key, parts, |handler, session| {
+                            *handler = service.open(session)
+                        });
+                        self.after_callback(key, parts);
+                    }
+                }
+                Progress::Closed => session.closing = Some(CloseReason::PeerClosed),
+                Progress::Failed(why) => {
+                    self.dtls_failed(key, &why, parts);
+                    return;
+                }
+            }
+        }
+        while let Some(session) = self.sessions.get_mut(key) {
+            let Some(dtls) = session.dtls.as_mut() else {
+                return;
+            };
+            if dtls.handshaking() || session.closing.is_some() {
+                break;
+            }
+            match dtls::read(&mut dtls.stream, &mut self.plain) {
+                Ok(n) => {
+                    let plain = std::mem::take(&mut self.plain);
+                    self.callback(key, parts, |handler, session| {
+                        handler.on_data(session, &plain[..n])
+                    });
+                    self.plain = plain;
+                    self.after_callback(key, parts);
+                }
+                Err(Progress::Closed) => session.closing = Some(CloseReason::PeerClosed),
+                Err(Progress::Failed(why)) => {
+                    self.dtls_failed(key, &why, parts);
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        self.dtls_output(key, now, parts);
+        if let Some(reason) = self.sessions.get(key).and_then(|s| s.closing.clone()) {
+            self.close(key, reason, parts);
+        }
+    }
+
+    /// Queues the datagrams OpenSSL wrote for `key` and re-arms the retransmission timer.
+    fn dtls_output(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let (peer, index, id) = (session.info.peer, session.socket, session.info.id);
+        let Some(dtls) = session.dtls.as_mut() else {
+            return;
+        };
+        let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
+        if !dtls.handshaking() {
+            // An established session between datagrams holds no record buffers (~34 KiB).
+            plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+        }
+        if let Some(timer) = dtls.retransmit_timer.take() {
+            parts.timers.cancel(timer);
+        }
+        if let Some(wait) = plexus_sys::dtls::get_timeout(dtls.stream.ssl()) {
+            dtls.retransmit_timer = Some(
+                parts
+                    .timers
+                    .insert(now + wait, timer_entry(key, id, DatagramTimer::Retransmit)),
+            );
+        }
+        if !written.is_empty() {
+            session.last_activity = now;
+        }
+        for datagram in written {
+            self.queue(index, peer, Bytes::from(datagram));
+        }
+    }
+
+    fn dtls_failed(&mut self, key: usize, why: &str, parts: &mut LoopParts<'_>) {
+        if let Some(also) = self.failures.allow(Instant::now()) {
+            let peer = self.sessions[key].info.peer;
+            info!("dtls session failed peer={peer}: {why} (+{also} more in the last second)");
+        }
+        // Failures close without close_notify (OpenSSL already queued its alert).
+        self.close(key, CloseReason::Io(io::ErrorKind::InvalidData), parts);
+    }
+
+    /// Calls into the service with the session's handle; a panic closes this session only.
+    fn callback(
+        &mut self,
+        key: usize,
+        parts: &mut LoopParts<'_>,
+        call: impl FnOnce(&mut Box<dyn SessionHandler>, &mut Session<'_>),
+    ) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let DatagramSession {
+            info,
+            handler,
+            outbound,
+            closing,
+            work,
+            ..
+        } = session;
+        // Handler timers, drain requests and TLS upgrades are stream features: a datagram
+        // session's requests land here and are not acted on.
+        let mut timer = TimerRequest::Keep;
+        let mut drain_wanted = false;
+        let mut upgrade = None;
+        let mut handle = Session {
+            info,
+            outbound,
+            closing: &mut *closing,
+            broadcasts: &mut *parts.broadcasts,
+            outbound_limit: self.limits.outbound_limit,
+            work,
+            work_limit: self.limits.work_limit,
+            relay: None,
+            timer: &mut timer,
+            drain_wanted: &mut drain_wanted,
+            high_watermark: self.limits.high_watermark,
+            metrics: parts.metrics,
+            upgrade: &mut upgrade,
+        };
+        if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
+            error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");
+            LoopStats::add(&self.stats.handler_panics, 1);
+            *closing = Some(CloseReason::Panic);
+        }
+    }
+
+    /// Moves what the service sent to the socket (encrypting for DTLS), then closes the
+    /// session if the service asked to.
+    fn after_callback(&mut self, key: usize, parts: &mut LoopParts<'_>) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if !session.work.is_idle() {
+            error!(
+                session = %session.info.id,
+                "spawn_blocking is not available on udp/dtls sessions in this version; closing"
+            );
+            session.closing = Some(CloseReason::WorkOverflow);
+        }
+        let (peer, index) = (session.info.peer, session.socket);
+        let mut datagrams = Vec::new();
+        while let Some(datagram) = session.outbound.pop_datagram() {
+            datagrams.push(datagram);
+        }
+        if !datagrams.is_empty() {
+            session.last_activity = Instant::now();
+        }
+        match session.dtls.as_mut() {
+            None => {
+                for datagram in datagrams {
+                    self.queue(index, peer, datagram);
+                }
+            }
+            Some(dtls) => {
+                for datagram in datagrams {
+                    if let Err(why) = dtls::write(&mut dtls.stream, &datagram) {
+                        debug!(session = %session.info.id, "dtls write failed: {why}");
+                        LoopStats::add(&self.stats.datagrams_dropped_send_error, 1);
+                    }
+                }
+                let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
+                if !dtls.handshaking() {
+                    plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+                }
+                for datagram in written {
+                    self.queue(index, peer, Bytes::from(datagram));
+                }
+            }
+        }
+        let closing = self.sessions.get(key).and_then(|s| s.closing.clone());
+        if let Some(reason) = closing {
+            self.close(key, reason, parts);
+        }
+    }
+
+    /// Adds a datagram to socket `index`'s send queue (dropped and counted when full).
+    fn queue(&mut self, index: usize, peer: SocketAddr, datagram: Bytes) {
+        let socket = &mut self.sockets[index];
+        if socket.pending_bytes + datagram.len() > self.limits.outbound_limit {
+            LoopStats::add(&self.stats.datagrams_dropped_overflow, 1);
+            return;
+        }
+        socket.pending_bytes += datagram.len();
+        socket.pending.push_back((peer, datagram));
+    }
+
+    /// Sends socket `index`'s queue with `sendmmsg` until it is empty or the socket is full.
+    fn flush(&mut self, index: usize) {
+        let socket = &mut self.sockets[index];
+        let batch = socket.listener.batch.max(1);
+        while !socket.pending.is_empty() && !socket.write_blocked {
+            let (front, back) = socket.pending.as_slices();
+            let slice = if front.is_empty() { back } else { front };
+            let messages: Vec<(SocketAddr, &[u8])> = slice
+                .iter()
+                .take(batch)
+                .map(|(peer, data)| (*peer, &data[..]))
+                .collect();
+            match send_batch(&socket.socket, &messages) {
+                Ok(sent) => {
+                    let bytes: usize = messages[..sent].iter().map(|(_, d)| d.len()).sum();
+                    socket.pending.drain(..sent);
+                    socket.pending_bytes -= bytes;
+                    LoopStats::add(&self.stats.datagrams_out, sent as u64);
+                    LoopStats::add(&self.stats.bytes_out, bytes as u64);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => socket.write_blocked = true,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    // The first datagram cannot be sent (too large, unreachable peer…):
+                    // drop it, keep the others.
+                    debug!(peer = %messages[0].0, "udp send: {err}");
+                    if let Some((_, data)) = socket.pending.pop_front() {
+                        socket.pending_bytes -= data.len();
+                    }
+                    LoopStats::add(&self.stats.datagrams_dropped_send_error, 1);
+                }
+            }
+        }
+        if socket.read_paused && socket.pending_bytes <= self.limits.low_watermark {
+            // Reading resumes; `has_ready` brings the loop back without blocking.
+            socket.read_paused = false;
+        }
+    }
+
+    /// Flushes every socket whose queue is not empty (end of a loop turn).
+    pub(crate) fn flush_all(&mut self) {
+        for index in 0..self.sockets.len() {
+            if !self.sockets[index].pending.is_empty() {
+                self.flush(index);
+            }
+        }
+    }
+
+    /// A datagram-session timer fired.
+    pub(crate) fn timer(
+        &mut self,
+        key: usize,
+        id: SessionId,
+        kind: DatagramTimer,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(session) = self.sessions.get_mut(key).filter(|s| s.info.id == id) else {
+            return;
+        };
+        match kind {
+            DatagramTimer::Idle => {
+                session.idle_timer = None;
+                let due = session.last_activity + self.limits.idle_timeout;
+                if now < due {
+                    session.idle_timer = Some(parts.timers.insert(due, timer_entry(key, id, kind)));
+                    return;
+                }
+                self.close(key, CloseReason::IdleTimeout, parts);
+            }
+            DatagramTimer::Handshake => {
+                let Some(dtls) = session.dtls.as_mut() else {
+                    return;
+                };
+                dtls.handshake_timer = None;
+                if dtls.handshaking() {
+                    self.close(key, CloseReason::HandshakeTimeout, parts);
+                }
+            }
+            DatagramTimer::Retransmit => {
+                let Some(dtls) = session.dtls.as_mut() else {
+                    return;
+                };
+                dtls.retransmit_timer = None;
+                dtls::set_current_peer(session.info.peer);
+                if !plexus_sys::dtls::handle_timeout(dtls.stream.ssl()) {
+                    let reason = CloseReason::HandshakeTimeout;
+                    self.close(key, reason, parts);
+                    return;
+                }
+                self.dtls_output(key, now, parts);
+                let index = self.sessions[key].socket;
+                self.flush(index);
+            }
+        }
+    }
+
+    /// Ends a session: close_notify for an established DTLS session (unless the transport
+    /// failed), timers cancelled, the service told, the admission place given back.
+    fn close(&mut self, key: usize, reason: CloseReason, parts: &mut LoopParts<'_>) {
+        let Some(mut session) = self.sessions.try_remove(key) else {
+            return;
+        };
+        let index = session.socket;
+        self.sockets[index].peers.remove(&session.info.peer);
+        let mut cancel = |timer: Option<TimerKey>| {
+            if let Some(timer) = timer {
+                parts.timers.cancel(timer);
+            }
+        };
+        cancel(session.idle_timer.take());
+        let open = match session.dtls.as_mut() {
+            Some(dtls) => {
+                cancel(dtls.handshake_timer.take());
+                cancel(dtls.retransmit_timer.take());
+                if dtls.handshaking() {
+                    let counter = match reason {
+                        CloseReason::HandshakeTimeout => &self.stats.handshake_timeouts,
+                        _ => &self.stats.handshakes_failed,
+                    };
+                    LoopStats::add(counter, 1);
+                } else if !dtls.close_notify_sent && !matches!(reason, CloseReason::Io(_)) {
+                    dtls.close_notify_sent = true;
+                    dtls::set_current_peer(session.info.peer);
+                    dtls::close_notify(&mut dtls.stream);
+                }
+                let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
+                for datagram in written {
+                    self.queue(index, session.info.peer, Bytes::from(datagram));
+                }
+                &self.stats.dtls_sessions_open
+            }
+            None => &self.stats.udp_sessions_open,
+        };
+        // The reason first: whoever sees the session gone also sees why.
+        if reason == CloseReason::IdleTimeout {
+            LoopStats::add(&self.stats.closed_idle_timeout, 1);
+        }
+        LoopStats::sub(open, 1);
+        LoopStats::sub(&self.stats.sessions_open, 1);
+        debug!(session = %session.info.id, peer = %session.info.peer, "datagram session closed: {reason}");
+        session.handler.on_close(&session.info, &reason);
+        self.flush(index);
+        // Dropping the session gives its admission place back (the ticket).
+    }
+
+    /// Graceful stop: no new peers; every session ends now (DTLS ones with close_notify).
+    pub(crate) fn drain(&mut self, parts: &mut LoopParts<'_>) {
+        self.draining = true;
+        self.close_all(CloseReason::Shutdown, parts);
+    }
+
+    /// Closes every session with `reason`.
+    pub(crate) fn close_all(&mut self, reason: CloseReason, parts: &mut LoopParts<'_>) {
+        let keys: Vec<usize> = self.sessions.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.close(key, reason.clone(), parts);
+        }
+    }
+}
+
+fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {
+    TimerEntry {
+        key,
+        id,
+        kind: TimerKind::Datagram(kind),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagram_tokens_stay_clear_of_session_tokens_and_the_waker() {
+        assert_eq!(token_socket(socket_token(0)), Some(0));
+        assert_eq!(
+            token_socket(socket_token(MAX_DATAGRAM_SOCKETS - 1)),
+            Some(MAX_DATAGRAM_SOCKETS - 1)
+        );
+        assert_eq!(token_socket(Token(usize::MAX)), None, "the waker");
+        assert_eq!(token_socket(Token(0)), None);
+        assert_eq!(token_socket(Token(1 << 40)), None, "a session token");
+    }
+}
