@@ -274,11 +274,13 @@ EOF
 bench() {
     local server=$1 scenario=$2
     shift 2
-    local out
-    out=$(taskset -c "$LOAD_CPU" "$PLEXUS_BIN" bench "$@" 2>>"$WORK/bench.log" || true)
+    local out errf="$WORK/bench-$scenario-$server.log"
+    out=$(taskset -c "$LOAD_CPU" "$PLEXUS_BIN" bench "$@" 2>"$errf" || true)
+    cat "$errf" >>"$WORK/bench.log"
     out=$(tail -n1 <<<"$out")
     if [[ $out != \{* ]]; then
-        log "  $scenario / $server: no result (see $WORK/bench.log)"
+        log "  $scenario / $server: no result; the end of its stderr:"
+        grep -v '^\[ *[0-9]*s\]' "$errf" | tail -n 5 | sed 's/^/    /' >&2
         return 0
     fi
     python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["scenario"]=sys.argv[3]; print(json.dumps(d))' \
@@ -429,7 +431,8 @@ for group in $SCENARIOS; do
             log "idle footprint: $IDLE_N $kind sessions"
             listener=tcp-echo; extra=()
             [[ $kind == tls ]] && { listener=tls-echo; extra=(--tls --ca "$CERT" --sni localhost); }
-            idle=(idle-flood --connections "$IDLE_N" --echo-first 64 --duration 1s "${extra[@]}")
+            # Four source addresses: the ports left in TIME_WAIT by connect-rate never matter.
+            idle=(idle-flood --connections "$IDLE_N" --echo-first 64 --duration 1s --sources 4 "${extra[@]}")
             start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
             p=$(bench plexus "idle-$kind" "${idle[@]}" --addr "${ADDR[$listener]:-}" --server-pid "$SERVER_PID")
             stop_server

@@ -531,8 +531,8 @@ fn run_loop<E: Exchange>(
         .map(|rate| Duration::from_secs_f64(plan.connections as f64 / rate));
     let in_window = |t: Instant| t >= measure_from && t < end;
 
-    for slot in 0..conns.len() {
-        let Some(conn) = &mut conns[slot] else {
+    for entry in conns.iter_mut() {
+        let Some(conn) = entry else {
             continue;
         };
         match interval {
@@ -550,7 +550,7 @@ fn run_loop<E: Exchange>(
                 }
                 if let Err(fail) = conn.flush() {
                     tally.errors.add(conn.index, &fail);
-                    drop_conn(poll, &mut conns[slot]);
+                    drop_conn(poll, entry);
                 }
             }
         }
@@ -569,8 +569,8 @@ fn run_loop<E: Exchange>(
         };
         if let Some(interval) = interval {
             if now < end {
-                for slot in 0..conns.len() {
-                    let Some(conn) = &mut conns[slot] else {
+                for entry in conns.iter_mut() {
+                    let Some(conn) = entry else {
                         continue;
                     };
                     let mut queued = false;
@@ -587,7 +587,7 @@ fn run_loop<E: Exchange>(
                     if queued {
                         if let Err(fail) = conn.flush() {
                             tally.errors.add(conn.index, &fail);
-                            drop_conn(poll, &mut conns[slot]);
+                            drop_conn(poll, entry);
                             continue;
                         }
                     }
