@@ -12,7 +12,8 @@
 //! - [`dtls_flood`]: dtls-hello-flood from many 127.0.0.0/8 source addresses.
 //!
 //! Every run is bounded: `--warmup` + `--duration`, plus a fixed allowance for setup and drain
-//! ([`HARD_CAP_EXTRA`]) after which the engines stop whatever the server does.
+//! ([`HARD_CAP_EXTRA`]; the TCP floods add 10 ms per socket for their sequential opening)
+//! after which the engines stop whatever the server does.
 
 mod connect_rate;
 mod dtls_flood;
