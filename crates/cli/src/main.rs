@@ -1,7 +1,9 @@
 //! `plexus`: the command. `serve` runs the server from a configuration file (or the embedded
-//! default); `connect` is a small netcat-like client for plexus' transports; `cert` writes a
-//! self-signed certificate for tls listeners.
+//! default); `connect` is a small netcat-like client for plexus' transports; `bench` is the
+//! load generator and adversarial client; `cert` writes a self-signed certificate for tls
+//! listeners.
 
+mod bench;
 mod cert;
 mod connect;
 mod dgram_client;
@@ -33,6 +35,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Connect to a peer: standard input to it, its replies to standard output.
     Connect(connect::ConnectArgs),
+    /// Load a server (echo, connect rate, http) or test its defences (floods); one JSON line
+    /// on stdout.
+    Bench(bench::BenchArgs),
     /// Write a self-signed certificate and key (DIR/cert.pem, DIR/key.pem).
     Cert(cert::CertArgs),
 }
@@ -42,6 +47,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Connect(args) => connect::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Cert(args) => cert::run(args),
     }
 }

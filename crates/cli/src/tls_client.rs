@@ -145,7 +145,7 @@ fn host_of(target: &str) -> anyhow::Result<&str> {
 }
 
 /// The certificates of a PEM file, as the only trusted roots.
-fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
+pub(crate) fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
     let shown = path.display();
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -164,7 +164,7 @@ fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
 
 /// The system's trusted roots (rustls-native-certs); problems reading them are warnings, and
 /// an empty store rejects every certificate.
-fn system_roots() -> RootCertStore {
+pub(crate) fn system_roots() -> RootCertStore {
     let loaded = rustls_native_certs::load_native_certs();
     for err in &loaded.errors {
         eprintln!("warning: reading the system root certificates: {err}");
@@ -183,8 +183,8 @@ fn system_roots() -> RootCertStore {
 /// `--insecure`: accepts any certificate chain for any name, but still verifies the handshake
 /// signatures with the provider's algorithms (so the peer must hold the certificate's key).
 #[derive(Debug)]
-struct AcceptAnyCertificate {
-    provider: Arc<CryptoProvider>,
+pub(crate) struct AcceptAnyCertificate {
+    pub(crate) provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for AcceptAnyCertificate {

@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# The side-by-side benchmark suite: every scenario against plexus and a well-known reference,
+# in one run, server pinned to CPU 0 and load (`plexus bench`) pinned to CPU 1.
+#
+#   scenario                 plexus listener         reference
+#   tcp-echo 64 B            tcp echo                tokio-echo (and mio-echo)
+#   tcp-echo at half load    tcp echo (open loop)    tokio-echo (same rate)
+#   tls-echo 64 B            tls echo                tokio-rustls-echo
+#   connect-rate tcp         tcp echo                tokio-echo
+#   connect-rate tls full    tls echo                tokio-rustls-echo
+#   connect-rate tls resumed tls echo                tokio-rustls-echo
+#   udp-echo 64 B            udp echo                tokio-udp-echo
+#   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1
+#   https small              https                   nginx, worker_processes 1
+#   idle TCP / TLS sessions  RSS growth per session  tokio-echo / tokio-rustls-echo
+#
+# Rows whose plexus side does not exist in this build (checked with `plexus serve --check`)
+# print "n/a" and the reason. nginx is installed from the distribution's packages when
+# missing (as root; otherwise the nginx rows are n/a).
+#
+# Output: a Markdown table on stdout; every raw JSON line (with "server" and "scenario" added)
+# in benches/results/suite-<UTC date>.jsonl; server logs in the temporary directory (kept
+# with KEEP_WORK=1).
+#
+# Env:  DURATION=5 WARMUP=1      seconds per measured run / warm-up
+#       CONNECTIONS=100 SIZE=64  echo scenarios
+#       HS_CONNECTIONS=16        concurrent connect-rate slots
+#       HTTP_CONNECTIONS=50      http scenarios
+#       IDLE_N=10000             sessions for the idle footprint (0 = skip)
+#       SCENARIOS="tcp half tls connect udp http idle"   which groups, in this order
+#       SKIP_BUILD=1             use the existing release binaries
+#       PLEXUS_BIN=path          default <repo>/target/release/plexus
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+MAIN_DIR=$(dirname "$BENCH_DIR")
+BIN_DIR="$BENCH_DIR/target/release"
+PLEXUS_BIN=${PLEXUS_BIN:-$MAIN_DIR/target/release/plexus}
+DURATION=${DURATION:-5}
+WARMUP=${WARMUP:-1}
+CONNECTIONS=${CONNECTIONS:-100}
+SIZE=${SIZE:-64}
+HS_CONNECTIONS=${HS_CONNECTIONS:-16}
+HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
+IDLE_N=${IDLE_N:-10000}
+SCENARIOS=${SCENARIOS:-tcp half tls connect udp http idle}
+SERVER_CPU=0
+LOAD_CPU=1
+
+for v in DURATION WARMUP CONNECTIONS SIZE HS_CONNECTIONS HTTP_CONNECTIONS IDLE_N; do
+    if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
+        echo "error: $v must be a non-negative integer (got '${!v}')" >&2
+        exit 2
+    fi
+done
+command -v taskset >/dev/null || { echo "error: taskset not found (util-linux)" >&2; exit 2; }
+command -v python3 >/dev/null || { echo "error: python3 not found (reads the JSON lines)" >&2; exit 2; }
+if [[ $(nproc --all) -lt 2 ]]; then
+    echo "error: need at least 2 CPUs (server on $SERVER_CPU, load on $LOAD_CPU)" >&2
+    exit 2
+fi
+
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS_DIR="$BENCH_DIR/results"
+RESULTS="$RESULTS_DIR/suite-$STAMP.jsonl"
+mkdir -p "$RESULTS_DIR"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/plexus-suite.XXXXXX")
+SERVER_PID=""
+ROWS=()
+T0=$(date +%s)
+
+log() { echo "[suite $(($(date +%s) - T0))s] $*" >&2; }
+
+stop_server() {
+    if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$SERVER_PID" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}
+
+cleanup() {
+    stop_server
+    if [[ ${KEEP_WORK:-0} == 1 ]]; then
+        echo "work directory kept: $WORK" >&2
+    else
+        rm -rf "$WORK"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- build -----------------------------------------------------------------------------------
+if [[ ${SKIP_BUILD:-0} != 1 ]]; then
+    log "building plexus (release)"
+    (cd "$MAIN_DIR" && env -u CARGO_TARGET_DIR timeout 1200 cargo build --release --locked -p plexus-cli --quiet)
+    log "building the reference servers (benches/, release)"
+    (cd "$BENCH_DIR" && env -u CARGO_TARGET_DIR timeout 1200 cargo build --release --locked --quiet)
+fi
+[[ -x $PLEXUS_BIN ]] || { echo "error: $PLEXUS_BIN not found" >&2; exit 1; }
+for b in tokio-echo mio-echo tokio-rustls-echo tokio-udp-echo; do
+    [[ -x $BIN_DIR/$b ]] || { echo "error: $BIN_DIR/$b not found (build benches/)" >&2; exit 1; }
+done
+
+# --- nginx -----------------------------------------------------------------------------------
+NGINX=""
+NGINX_WHY=""
+if [[ " $SCENARIOS " == *" http "* ]]; then
+    if ! command -v nginx >/dev/null && [[ -x /usr/sbin/nginx ]]; then PATH=$PATH:/usr/sbin; fi
+    if ! command -v nginx >/dev/null; then
+        if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+            log "installing nginx (apt-get install nginx-light / nginx)"
+            # Keep the package's service from starting on port 80 during installation.
+            policy_made=0
+            if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+                printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+                chmod +x /usr/sbin/policy-rc.d
+                policy_made=1
+            fi
+            export DEBIAN_FRONTEND=noninteractive
+            { apt-get update -qq && apt-get install -y -qq --no-install-recommends nginx-light; } \
+                >"$WORK/apt.log" 2>&1 ||
+                apt-get install -y -qq --no-install-recommends nginx >>"$WORK/apt.log" 2>&1 || true
+            [[ $policy_made == 1 ]] && rm -f /usr/sbin/policy-rc.d
+        fi
+        command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] && PATH=$PATH:/usr/sbin
+    fi
+    if command -v nginx >/dev/null; then
+        NGINX=$(command -v nginx)
+    else
+        NGINX_WHY="nginx not installed (needs root and apt-get; see $WORK/apt.log)"
+    fi
+fi
+
+# --- certificate, static files, capabilities --------------------------------------------------
+"$PLEXUS_BIN" cert --out "$WORK" >/dev/null 2>&1
+CERT="$WORK/cert.pem"
+KEY="$WORK/key.pem"
+WWW="$WORK/www"
+mkdir -p "$WWW"
+head -c 1024 /dev/urandom | base64 -w 76 | head -c 1024 >"$WWW/small.html"
+head -c 1048576 /dev/urandom >"$WWW/1mib.bin"
+# nginx workers run as an unprivileged user: the static root must be readable.
+chmod 755 "$WORK" "$WWW"
+chmod 644 "$WWW"/*
+
+# supports TRANSPORT SERVICE [EXTRA]: does this plexus accept such a listener?
+supports() {
+    printf '%s\n[[listener]]\nname = "probe"\ntransport = "%s"\naddr = "127.0.0.1:0"\nservice = "%s"\n' \
+        "${3:-}" "$1" "$2" >"$WORK/probe.toml"
+    "$PLEXUS_BIN" serve --check --config "$WORK/probe.toml" >/dev/null 2>&1
+}
+HAS_UDP=0; supports udp echo && HAS_UDP=1
+HAS_HTTP=0; supports tcp http "[http]
+root = \"$WWW\"" && HAS_HTTP=1
+log "plexus: udp=$HAS_UDP http=$HAS_HTTP; nginx: ${NGINX:-none}"
+
+{
+    echo "[server]"
+    echo "event_loops = 1"
+    echo "max_connections = 30000"
+    echo "max_handshakes = 100000"
+    echo "idle_timeout = \"600s\""
+    echo
+    echo "[tls]"
+    echo "cert = \"$CERT\""
+    echo "key = \"$KEY\""
+    if [[ $HAS_HTTP == 1 ]]; then
+        echo
+        echo "[http]"
+        echo "root = \"$WWW\""
+    fi
+    listener() { printf '\n[[listener]]\nname = "%s"\ntransport = "%s"\naddr = "127.0.0.1:0"\nservice = "%s"\n' "$@"; }
+    listener tcp-echo tcp echo
+    listener tls-echo tls echo
+    [[ $HAS_UDP == 1 ]] && listener udp-echo udp echo
+    if [[ $HAS_HTTP == 1 ]]; then
+        listener http tcp http
+        listener https tls http
+    fi
+} >"$WORK/plexus.toml"
+
+# --- servers ---------------------------------------------------------------------------------
+declare -A ADDR
+
+# start_server NAME CMD...: pinned to SERVER_CPU; waits for its "listening ... addr=" lines and
+# fills ADDR[listener name] (references have one unnamed listener: ADDR[main]).
+start_server() {
+    local name=$1
+    shift
+    local logf="$WORK/$name.log"
+    NO_COLOR=1 taskset -c "$SERVER_CPU" "$@" >"$logf" 2>&1 &
+    SERVER_PID=$!
+    ADDR=()
+    local want=1
+    [[ $name == plexus ]] && want=$(grep -c '^\[\[listener\]\]' "$WORK/plexus.toml")
+    for _ in $(seq 150); do
+        local n
+        n=$(sed 's/\x1b\[[0-9;]*m//g' "$logf" | grep -c 'listening.*addr=' || true)
+        [[ $n -ge $want ]] && break
+        if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+            log "$name exited before listening:"; sed 's/^/    /' "$logf" >&2
+            SERVER_PID=""; return 0
+        fi
+        sleep 0.1
+    done
+    while read -r line; do
+        local lname addr
+        addr=$(sed -n 's/.*addr=\([^ ]*\).*/\1/p' <<<"$line")
+        lname=$(sed -n 's/.*name=\([^ ]*\).*/\1/p' <<<"$line")
+        ADDR[${lname:-main}]=$addr
+    done < <(sed 's/\x1b\[[0-9;]*m//g' "$logf" | grep 'listening.*addr=')
+    [[ ${#ADDR[@]} -gt 0 ]] || log "$name: no listening line (its rows will be empty)"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start_nginx() {
+    local port tport
+    port=$(free_port); tport=$(free_port)
+    mkdir -p "$WORK/nginx/logs"
+    cat >"$WORK/nginx/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/logs/error.log warn;
+events { worker_connections 16000; }
+http {
+    access_log off;
+    default_type application/octet-stream;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 100000000;
+    keepalive_timeout 65;
+    client_body_temp_path $WORK/nginx/body;
+    proxy_temp_path $WORK/nginx/proxy;
+    fastcgi_temp_path $WORK/nginx/fastcgi;
+    uwsgi_temp_path $WORK/nginx/uwsgi;
+    scgi_temp_path $WORK/nginx/scgi;
+    ssl_certificate $CERT;
+    ssl_certificate_key $KEY;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    server {
+        listen 127.0.0.1:$port;
+        listen 127.0.0.1:$tport ssl;
+        root $WWW;
+    }
+}
+EOF
+    NO_COLOR=1 taskset -c "$SERVER_CPU" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" \
+        >"$WORK/nginx.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            ADDR=([http]="127.0.0.1:$port" [https]="127.0.0.1:$tport")
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "nginx did not start:"; sed 's/^/    /' "$WORK/nginx.log" "$WORK/nginx/logs/error.log" >&2 || true
+    SERVER_PID=""
+    return 1
+}
+
+# bench SERVER SCENARIO ARGS...: runs `plexus bench` pinned to LOAD_CPU; prints its JSON line
+# (also appended to RESULTS with server and scenario), or nothing on failure.
+bench() {
+    local server=$1 scenario=$2
+    shift 2
+    local out errf="$WORK/bench-$scenario-$server.log"
+    out=$(taskset -c "$LOAD_CPU" "$PLEXUS_BIN" bench "$@" 2>"$errf" || true)
+    cat "$errf" >>"$WORK/bench.log"
+    out=$(tail -n1 <<<"$out")
+    if [[ $out != \{* ]]; then
+        log "  $scenario / $server: no result; the end of its stderr:"
+        grep -v '^\[ *[0-9]*s\]' "$errf" | tail -n 5 | sed 's/^/    /' >&2
+        return 0
+    fi
+    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["scenario"]=sys.argv[3]; print(json.dumps(d))' \
+        "$out" "$server" "$scenario" >>"$RESULTS"
+    echo "$out"
+}
+
+# field JSON PATH: a value from a JSON line ("a.b" paths); empty when absent or null.
+field() {
+    python3 -c 'import json,sys
+d=json.loads(sys.argv[1]) if sys.argv[1] else {}
+for k in sys.argv[2].split("."):
+    d = d.get(k) if isinstance(d, dict) else None
+print("" if d is None else d)' "${1:-}" "$2"
+}
+
+# row SCENARIO BETTER PLEXUS_JSON REF_NAME REF_JSON VALUE_PATH [NOTE]
+row() {
+    local scenario=$1 better=$2 pj=$3 rname=$4 rj=$5 path=$6 note=${7:-}
+    local pv rv ratio pp rp
+    pv=$(field "$pj" "$path"); rv=$(field "$rj" "$path")
+    pp=$(field "$pj" latency_us.p99); rp=$(field "$rj" latency_us.p99)
+    ratio=$(python3 -c 'import sys
+p,r,b=sys.argv[1],sys.argv[2],sys.argv[3]
+try:
+    p,r=float(p),float(r)
+    print("%.2fx" % ((p/r) if b=="higher" else (r/p)))
+except Exception:
+    print("n/a")' "$pv" "$rv" "$better")
+    fmt() { python3 -c 'import sys
+v=sys.argv[1]
+try: print("{:,.0f}".format(float(v)))
+except Exception: print(v if v else "n/a")' "$1"; }
+    local pshow rshow
+    pshow=$(fmt "$pv"); rshow=$(fmt "$rv")
+    [[ -n $note && -z $pv ]] && pshow="n/a ($note)"
+    ROWS+=("| $scenario | $pshow | $rshow ($rname) | $ratio | ${pp:-–} | ${rp:-–} |")
+    log "  => $scenario: plexus ${pv:-n/a} vs $rname ${rv:-n/a} ($ratio)"
+}
+
+ECHO_ARGS=(--duration "${DURATION}s" --warmup "${WARMUP}s")
+
+# --- scenarios -------------------------------------------------------------------------------
+TCP_RATE=""
+for group in $SCENARIOS; do
+    case $group in
+    tcp)
+        log "tcp-echo ${SIZE} B x $CONNECTIONS connections"
+        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+        p=$(bench plexus tcp-echo tcp-echo --addr "${ADDR[tcp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
+        t=$(bench tokio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        start_server mio "$BIN_DIR/mio-echo" --addr 127.0.0.1:0
+        m=$(bench mio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" tokio-echo "$t" throughput_per_s
+        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" mio-echo "$m" throughput_per_s
+        TCP_RATE=$(field "$t" throughput_per_s)
+        ;;
+    half)
+        # Half of tokio's closed-loop throughput (or a fixed 20k/s if tcp did not run), open
+        # loop, the same rate for both: the latency comparison DESIGN.md asks for.
+        rate=$(python3 -c 'import sys; v=sys.argv[1]; print(int(float(v)/2) if v else 20000)' "$TCP_RATE")
+        log "tcp-echo open loop at $rate msgs/s"
+        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+        p=$(bench plexus tcp-half tcp-echo --addr "${ADDR[tcp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" --rate "$rate" "${ECHO_ARGS[@]}")
+        stop_server
+        start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
+        t=$(bench tokio tcp-half tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" --rate "$rate" "${ECHO_ARGS[@]}")
+        stop_server
+        row "tcp-echo open loop $rate/s (p99 µs)" lower "$p" tokio-echo "$t" latency_us.p99
+        ;;
+    tls)
+        log "tls-echo ${SIZE} B x $CONNECTIONS connections"
+        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+        p=$(bench plexus tls-echo tls-echo --addr "${ADDR[tls-echo]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        start_server tokio-rustls "$BIN_DIR/tokio-rustls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
+        t=$(bench tokio-rustls tls-echo tls-echo --addr "${ADDR[main]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        row "tls-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" tokio-rustls "$t" throughput_per_s
+        ;;
+    connect)
+        for kind in tcp full resumed; do
+            log "connect-rate $kind"
+            case $kind in
+            tcp) extra=() ;;
+            full) extra=(--tls --ca "$CERT" --sni localhost) ;;
+            resumed) extra=(--tls --resume --ca "$CERT" --sni localhost) ;;
+            esac
+            listener=tcp-echo; [[ $kind != tcp ]] && listener=tls-echo
+            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+            p=$(bench plexus "connect-$kind" connect-rate --addr "${ADDR[$listener]:-}" --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}")
+            stop_server
+            if [[ $kind == tcp ]]; then
+                rname=tokio-echo
+                start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
+            else
+                rname=tokio-rustls
+                start_server tokio-rustls "$BIN_DIR/tokio-rustls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
+            fi
+            t=$(bench "$rname" "connect-$kind" connect-rate --addr "${ADDR[main]:-}" --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}")
+            stop_server
+            row "connect-rate $kind (per s)" higher "$p" "$rname" "$t" throughput_per_s
+        done
+        ;;
+    udp)
+        log "udp-echo ${SIZE} B x $CONNECTIONS sockets"
+        p=""
+        if [[ $HAS_UDP == 1 ]]; then
+            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+            p=$(bench plexus udp-echo udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+            stop_server
+        fi
+        start_server tokio-udp "$BIN_DIR/tokio-udp-echo" --addr 127.0.0.1:0
+        t=$(bench tokio-udp udp-echo udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        row "udp-echo $SIZE B, $CONNECTIONS sockets (msgs/s)" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+        ;;
+    http)
+        for kind in small 1mib https; do
+            path=/small.html; [[ $kind == 1mib ]] && path=/1mib.bin
+            listener=http; tls=(); [[ $kind == https ]] && { listener=https; tls=(--tls --ca "$CERT" --sni localhost); }
+            label="http $kind keep-alive (req/s)"
+            [[ $kind == small ]] && label="http 1 KiB file keep-alive (req/s)"
+            [[ $kind == 1mib ]] && label="http 1 MiB file keep-alive (req/s)"
+            [[ $kind == https ]] && label="https 1 KiB file keep-alive (req/s)"
+            log "$label"
+            p=""
+            if [[ $HAS_HTTP == 1 ]]; then
+                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+                p=$(bench plexus "http-$kind" http --addr "${ADDR[$listener]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${tls[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            t=""
+            if [[ -n $NGINX ]] && start_nginx; then
+                t=$(bench nginx "http-$kind" http --addr "${ADDR[$listener]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${tls[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            row "$label" higher "$p" "nginx${NGINX_WHY:+: $NGINX_WHY}" "$t" throughput_per_s "no http service in this build"
+        done
+        ;;
+    idle)
+        [[ $IDLE_N -gt 0 ]] || continue
+        for kind in tcp tls; do
+            log "idle footprint: $IDLE_N $kind sessions"
+            listener=tcp-echo; extra=()
+            [[ $kind == tls ]] && { listener=tls-echo; extra=(--tls --ca "$CERT" --sni localhost); }
+            # Four source addresses: the ports left in TIME_WAIT by connect-rate never matter.
+            idle=(idle-flood --connections "$IDLE_N" --echo-first 64 --duration 1s --sources 4 "${extra[@]}")
+            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+            p=$(bench plexus "idle-$kind" "${idle[@]}" --addr "${ADDR[$listener]:-}" --server-pid "$SERVER_PID")
+            stop_server
+            if [[ $kind == tcp ]]; then
+                rname=tokio-echo
+                start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
+            else
+                rname=tokio-rustls
+                start_server tokio-rustls "$BIN_DIR/tokio-rustls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
+            fi
+            t=$(bench "$rname" "idle-$kind" "${idle[@]}" --addr "${ADDR[main]:-}" --server-pid "$SERVER_PID")
+            stop_server
+            row "idle $kind session, $IDLE_N open (RSS B/session)" lower "$p" "$rname" "$t" rss_per_session_bytes
+        done
+        ;;
+    *)
+        echo "error: unknown scenario group '$group' (tcp half tls connect udp http idle)" >&2
+        exit 2
+        ;;
+    esac
+done
+
+echo
+echo "Suite run of $(date -u +%Y-%m-%d) on $(nproc --all) CPUs; server on CPU $SERVER_CPU, \`plexus bench\` on CPU $LOAD_CPU; ${DURATION} s measured + ${WARMUP} s warm-up per run."
+echo "Ratio: plexus / reference for rates, reference / plexus for latency and memory (above 1 = plexus better)."
+echo
+echo "| scenario | plexus | reference | ratio | plexus p99 µs | reference p99 µs |"
+echo "|---|---:|---:|---:|---:|---:|"
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "Raw JSON: $RESULTS ($(($(date +%s) - T0)) s in total)"
