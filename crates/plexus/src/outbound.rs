@@ -27,11 +27,20 @@ const SENDFILE_CHUNK: usize = 1 << 20;
 pub(crate) trait FileSink: Write {
     /// Sends up to `len` bytes of `file` from `*offset` (advanced by what was sent).
     fn send_file(&mut self, file: &File, offset: &mut u64, len: usize) -> io::Result<usize>;
+
+    /// Writes bytes that a file region follows at once (`MSG_MORE`: one segment for both).
+    fn write_before_file(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.write_vectored(bufs)
+    }
 }
 
 impl FileSink for mio::net::TcpStream {
     fn send_file(&mut self, file: &File, offset: &mut u64, len: usize) -> io::Result<usize> {
         plexus_sys::sendfile::sendfile(&*self, file, offset, len)
+    }
+
+    fn write_before_file(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        plexus_sys::sendfile::send_more(&*self, bufs)
     }
 }
 
@@ -216,7 +225,7 @@ impl OutboundQueue {
 
     /// One `writev` (or `send`) of the in-memory chunks up to the first file region.
     /// Returns what was written and what was offered.
-    fn write_memory(&self, writer: &mut impl Write) -> io::Result<(usize, usize)> {
+    fn write_memory(&self, writer: &mut impl FileSink) -> io::Result<(usize, usize)> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let mut count = 0;
         let mut reached_file = false;
@@ -238,8 +247,9 @@ impl OutboundQueue {
         }
         let offered: usize = slices[..count].iter().map(|slice| slice.len()).sum();
         // One buffer: plain write (send) is cheaper in the kernel than writev.
-        let n = match count {
-            1 => writer.write(&slices[0])?,
+        let n = match (count, reached_file) {
+            (_, true) => writer.write_before_file(&slices[..count])?,
+            (1, false) => writer.write(&slices[0])?,
             _ => writer.write_vectored(&slices[..count])?,
         };
         Ok((n, offered))

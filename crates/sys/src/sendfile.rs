@@ -23,6 +23,21 @@ pub fn sendfile(
     Ok(sent as usize)
 }
 
+/// Writes `bufs` to `socket` with `MSG_MORE`: the kernel holds a partial segment back until
+/// more data follows (e.g. a response head just before its `sendfile` body), so the head and the
+/// first body bytes leave in one segment even with `TCP_NODELAY`.
+pub fn send_more(socket: impl AsFd, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: msghdr is a plain C struct; all-zero (no name, no control data) is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    // IoSlice is guaranteed ABI-compatible with iovec on Unix.
+    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = bufs.len() as _;
+    let fd = socket.as_fd().as_raw_fd();
+    // SAFETY: `msg` points at `bufs`, which outlives the call; the kernel only reads them.
+    let sent = syscall!(sendmsg(fd, &msg, libc::MSG_MORE | libc::MSG_NOSIGNAL))?;
+    Ok(sent as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +65,22 @@ mod tests {
         let mut first = [0u8; 1];
         file.read_exact(&mut first).unwrap();
         assert_eq!(first[0], 0);
+    }
+
+    #[test]
+    fn a_head_sent_with_msg_more_arrives_before_the_file_bytes() {
+        let file = tempfile_with(b"BODY".to_vec());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let head = [std::io::IoSlice::new(b"HE"), std::io::IoSlice::new(b"AD ")];
+        assert_eq!(send_more(&server, &head).unwrap(), 5);
+        let mut offset = 0;
+        assert_eq!(sendfile(&server, &file, &mut offset, 4).unwrap(), 4);
+        drop(server);
+        let mut received = Vec::new();
+        client.read_to_end(&mut received).unwrap();
+        assert_eq!(received, b"HEAD BODY");
     }
 
     fn tempfile_with(bytes: Vec<u8>) -> std::fs::File {
