@@ -40,7 +40,7 @@ use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
-use crate::service::{SessionId, SessionInfo, TimerRequest};
+use crate::service::{SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
 /// Receive slot per datagram: anything up to the largest UDP payload arrives whole.
@@ -649,9 +649,8 @@ impl DatagramEndpoint {
         } = session;
         // Handler timers, drain requests and TLS upgrades are stream features: a datagram
         // session's requests land here and are not acted on.
-        let mut timer = TimerRequest::Keep;
+        let mut extras = None;
         let mut drain_wanted = false;
-        let mut upgrade = None;
         let mut handle = Session {
             info,
             outbound,
@@ -661,11 +660,10 @@ impl DatagramEndpoint {
             work,
             work_limit: self.limits.work_limit,
             relay: None,
-            timer: &mut timer,
+            extras: &mut extras,
             drain_wanted: &mut drain_wanted,
             high_watermark: self.limits.high_watermark,
             metrics: parts.metrics,
-            upgrade: &mut upgrade,
         };
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");

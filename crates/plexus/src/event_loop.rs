@@ -512,7 +512,7 @@ impl EventLoop {
                 let timer = self
                     .timers
                     .insert(now + self.limits.handshake_timeout, check);
-                session.proxy = Some(Box::new(ProxyWait {
+                session.extras.get_or_insert_with(Box::default).proxy = Some(Box::new(ProxyWait {
                     received: Vec::new(),
                     acl,
                     service: tls_service,
@@ -551,7 +551,7 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        if session.proxy.is_some() {
+        if session.proxy_pending() {
             self.serve_proxy_header(key, now);
             return;
         }
@@ -622,7 +622,11 @@ impl EventLoop {
                 &mut self.ready,
             )
         {
-            let Some(wait) = session.proxy.as_mut() else {
+            let Some(wait) = session
+                .extras
+                .as_mut()
+                .and_then(|extras| extras.proxy.as_mut())
+            else {
                 return;
             };
             // Read no further than the longest header could need (the rest stays in the socket).
@@ -671,7 +675,11 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(wait) = session.proxy.take() else {
+        let Some(wait) = session
+            .extras
+            .as_mut()
+            .and_then(|extras| extras.proxy.take())
+        else {
             return;
         };
         let ProxyWait {
@@ -869,11 +877,14 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let request = std::mem::take(&mut session.timer_request);
+        let Some(extras) = session.extras.as_deref_mut() else {
+            return;
+        };
+        let request = std::mem::take(&mut extras.timer_request);
         if request == TimerRequest::Keep {
             return;
         }
-        if let Some(timer) = session.handler_timer.take() {
+        if let Some(timer) = extras.handler_timer.take() {
             self.timers.cancel(timer);
         }
         if let TimerRequest::Set(after) = request {
@@ -882,7 +893,7 @@ impl EventLoop {
                 id: session.info.id,
                 kind: TimerKind::Handler,
             };
-            session.handler_timer = Some(self.timers.insert(now + after, entry));
+            extras.handler_timer = Some(self.timers.insert(now + after, entry));
         }
     }
 
@@ -893,7 +904,11 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(upgrade) = session.tls_upgrade.take() else {
+        let Some(upgrade) = session
+            .extras
+            .as_mut()
+            .and_then(|extras| extras.tls_upgrade.take())
+        else {
             return;
         };
         let TlsUpgrade {
@@ -968,7 +983,9 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        session.handler_timer = None;
+        if let Some(extras) = session.extras.as_deref_mut() {
+            extras.handler_timer = None;
+        }
         let mut context = CallbackContext {
             broadcasts: &mut self.broadcasts,
             limits: &self.limits,
@@ -1228,13 +1245,15 @@ impl EventLoop {
             return;
         };
         self.timers.cancel(session.idle_timer);
-        if let Some(timer) = session.handler_timer.take() {
+        let extras = session
+            .extras
+            .take()
+            .map(|extras| *extras)
+            .unwrap_or_default();
+        if let Some(timer) = extras.handler_timer {
             self.timers.cancel(timer);
         }
-        let proxy_pending = session
-            .proxy
-            .take()
-            .map(|wait| self.timers.cancel(wait.timer));
+        let proxy_pending = extras.proxy.map(|wait| self.timers.cancel(wait.timer));
         if let Some(timer) = session
             .relay
             .as_mut()
@@ -1318,7 +1337,7 @@ impl EventLoop {
                 continue;
             }
             if kind == TimerKind::ProxyHeader {
-                if session.proxy.is_some() {
+                if session.proxy_pending() {
                     self.refuse_proxied(key, "no complete PROXY header within handshake_timeout");
                 }
                 continue;

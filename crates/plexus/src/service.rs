@@ -193,6 +193,19 @@ pub(crate) struct TlsUpgrade {
     pub(crate) service: Arc<dyn Service>,
 }
 
+/// The parts of a session most sessions never use, kept out of the session itself (an idle
+/// session's size is what the idle-memory budget is made of).
+#[derive(Default)]
+pub(crate) struct SessionExtras {
+    /// The handler's deadline ([`Session::set_timer`]), and a change asked for in a callback.
+    pub(crate) handler_timer: Option<plexus_proto::TimerKey>,
+    pub(crate) timer_request: TimerRequest,
+    /// The handler asked to switch this plain session to TLS (applied after its callback).
+    pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
+    /// A `proxy_protocol` session before its PROXY header is complete.
+    pub(crate) proxy: Option<Box<crate::session::ProxyWait>>,
+}
+
 /// A change to a session's handler timer, applied by the loop after the callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum TimerRequest {
@@ -213,11 +226,11 @@ pub struct Session<'a> {
     pub(crate) work_limit: usize,
     /// The upstream queue of a forward session.
     pub(crate) relay: Option<&'a mut OutboundQueue>,
-    pub(crate) timer: &'a mut TimerRequest,
+    /// Rarely used per-session state (handler timer, TLS upgrade), allocated on first use.
+    pub(crate) extras: &'a mut Option<Box<SessionExtras>>,
     pub(crate) drain_wanted: &'a mut bool,
     pub(crate) high_watermark: usize,
     pub(crate) metrics: Option<&'a Metrics>,
-    pub(crate) upgrade: &'a mut Option<Box<TlsUpgrade>>,
 }
 
 impl Session<'_> {
@@ -289,12 +302,15 @@ impl Session<'_> {
     /// Calls [`SessionHandler::on_timer`] once `after` has passed (replacing an earlier
     /// deadline). For protocol deadlines such as "the request head must arrive in 10 s".
     pub fn set_timer(&mut self, after: Duration) {
-        *self.timer = TimerRequest::Set(after);
+        self.extras.get_or_insert_with(Box::default).timer_request = TimerRequest::Set(after);
     }
 
     /// Cancels the deadline of [`Session::set_timer`], if any.
     pub fn cancel_timer(&mut self) {
-        *self.timer = TimerRequest::Cancel;
+        // Without extras no timer was ever set: nothing to cancel.
+        if let Some(extras) = self.extras.as_deref_mut() {
+            extras.timer_request = TimerRequest::Cancel;
+        }
     }
 
     /// Whether the outbound queue is past the high watermark: a producer should stop
@@ -325,7 +341,7 @@ impl Session<'_> {
         received: Vec<u8>,
         service: Arc<dyn Service>,
     ) {
-        *self.upgrade = Some(Box::new(TlsUpgrade {
+        self.extras.get_or_insert_with(Box::default).tls_upgrade = Some(Box::new(TlsUpgrade {
             config,
             received,
             service,

@@ -26,7 +26,7 @@ use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
-use crate::service::{Broadcast, Session, TimerRequest, TlsUpgrade};
+use crate::service::{Broadcast, Session, SessionExtras};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -66,17 +66,12 @@ pub(crate) struct TcpSession {
     pub(crate) work: WorkQueue,
     /// The upstream of a forward session.
     pub(crate) relay: Option<Box<Relay>>,
-    /// The handler's deadline ([`Session::set_timer`]), and a change asked for in a callback.
-    pub(crate) handler_timer: Option<TimerKey>,
-    pub(crate) timer_request: TimerRequest,
+    /// Handler timer, TLS upgrade, PROXY wait: allocated by the sessions that use them.
+    pub(crate) extras: Option<Box<SessionExtras>>,
     /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
     pub(crate) drain_wanted: bool,
     /// The queue drained as asked: `on_drain` is called on the next `serve`.
     pub(crate) drain_due: bool,
-    /// The handler asked to switch this plain session to TLS (applied after its callback).
-    pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
-    /// A `proxy_protocol` session before its PROXY header is complete.
-    pub(crate) proxy: Option<Box<ProxyWait>>,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -107,12 +102,9 @@ impl TcpSession {
             tls: None,
             work: WorkQueue::default(),
             relay: None,
-            handler_timer: None,
-            timer_request: TimerRequest::Keep,
+            extras: None,
             drain_wanted: false,
             drain_due: false,
-            tls_upgrade: None,
-            proxy: None,
             member_slot: usize::MAX,
             _ticket: ticket,
         }
@@ -123,6 +115,13 @@ impl TcpSession {
     /// The session's admission ticket.
     pub(crate) fn ticket(&self) -> &Ticket {
         &self._ticket
+    }
+
+    /// A `proxy_protocol` session whose PROXY header is not complete yet.
+    pub(crate) fn proxy_pending(&self) -> bool {
+        self.extras
+            .as_ref()
+            .is_some_and(|extras| extras.proxy.is_some())
     }
 
     pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
@@ -154,9 +153,8 @@ impl TcpSession {
             closing,
             work,
             relay,
-            timer_request,
+            extras,
             drain_wanted,
-            tls_upgrade,
             ..
         } = self;
         let mut handle = Session {
@@ -168,11 +166,10 @@ impl TcpSession {
             work,
             work_limit: context.limits.work_limit,
             relay: relay.as_deref_mut().map(|relay| &mut relay.to_upstream),
-            timer: timer_request,
+            extras,
             drain_wanted,
             high_watermark: context.limits.high_watermark,
             metrics: context.metrics,
-            upgrade: tls_upgrade,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {
@@ -311,5 +308,19 @@ impl SessionTable {
                 visit(key, session);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TcpSession;
+
+    /// An idle TCP session costs its slab entry plus the kernel's socket; DESIGN's budget is
+    /// 512 B of RSS per idle session, so the entry must stay well below it. Rarely used state
+    /// belongs in `SessionExtras` (boxed on first use), not here.
+    #[test]
+    fn a_session_entry_stays_within_the_idle_memory_budget() {
+        let size = std::mem::size_of::<TcpSession>();
+        assert!(size <= 416, "TcpSession grew to {size} bytes");
     }
 }
