@@ -931,7 +931,7 @@ impl EventLoop {
             Ok(conn) => conn,
             Err(err) => {
                 error!(session = %session.info.id, "cannot start a TLS session: {err}");
-                session.closing = Some(CloseReason::Tls(err));
+                session.closing = Some(CloseReason::Tls(Arc::new(err)));
                 return;
             }
         };
@@ -1541,7 +1541,7 @@ fn process_tls_records(
         // rustls queued an alert telling the peer why. A TLS error closes without a flush,
         // so this best-effort write is what sends it.
         let _ = tls.conn.write_tls(&mut session.stream);
-        session.closing = Some(CloseReason::Tls(err));
+        session.closing = Some(CloseReason::Tls(Arc::new(err)));
         return;
     }
     if tls.handshaking() && !tls.conn.is_handshaking() {

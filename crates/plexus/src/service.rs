@@ -117,8 +117,9 @@ pub enum CloseReason {
     IdleTimeout,
     /// The TLS handshake did not complete within `handshake_timeout`.
     HandshakeTimeout,
-    /// The TLS layer failed: a bad handshake, a protocol violation, a bad record.
-    Tls(rustls::Error),
+    /// The TLS layer failed: a bad handshake, a protocol violation, a bad record. (Shared, so
+    /// that every session carries a small close reason.)
+    Tls(Arc<rustls::Error>),
     /// The peer did not read and the outbound queue would pass `outbound_limit`.
     OutboundOverflow,
     /// A socket error (reset by peer, broken pipe, …).
