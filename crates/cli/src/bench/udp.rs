@@ -160,11 +160,7 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
 
 /// A DTLS session on a fresh connected socket, its handshake complete (bounded by
 /// [`CONNECT_TIMEOUT`]), the socket then switched to non-blocking.
-fn open_dtls(
-    plan: &Plan,
-    client: &DtlsClient,
-    index: usize,
-) -> Result<SslStream<PlainUdp>, Fail> {
+fn open_dtls(plan: &Plan, client: &DtlsClient, index: usize) -> Result<SslStream<PlainUdp>, Fail> {
     let sock = connected(plan, index)?;
     sock.set_read_timeout(Some(HANDSHAKE_POLL))?;
     let tls = |err: anyhow::Error| Fail::Tls(format!("{err:#}"));
