@@ -28,7 +28,7 @@ use serde_json::json;
 
 use super::{
     pattern, seed_of, Errors, Fail, Latency, Outcome, Plan, Progress, ProgressLine,
-    CONNECT_TIMEOUT, DRAIN,
+    CONNECT_TIMEOUT, DRAIN, HARD_CAP_EXTRA,
 };
 use crate::dgram_client::{self, DtlsClient, PlainUdp};
 
@@ -154,18 +154,36 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
             sock.set_nonblocking(true)?;
             Ok(PlainUdp(sock))
         }),
-        Some(client) => run_over(plan, |index| open_dtls(plan, client, index)),
+        Some(client) => {
+            // Handshakes run one after the other per thread: a silent server must not hold
+            // the run past its hard cap, so they all share this deadline too.
+            let setup_end = Instant::now() + HARD_CAP_EXTRA / 2;
+            run_over(plan, |index| open_dtls(plan, client, index, setup_end))
+        }
     }
 }
 
 /// A DTLS session on a fresh connected socket, its handshake complete (bounded by
-/// [`CONNECT_TIMEOUT`]), the socket then switched to non-blocking.
-fn open_dtls(plan: &Plan, client: &DtlsClient, index: usize) -> Result<SslStream<PlainUdp>, Fail> {
+/// [`CONNECT_TIMEOUT`] and `setup_end`), the socket then switched to non-blocking.
+fn open_dtls(
+    plan: &Plan,
+    client: &DtlsClient,
+    index: usize,
+    setup_end: Instant,
+) -> Result<SslStream<PlainUdp>, Fail> {
+    let left = setup_end
+        .saturating_duration_since(Instant::now())
+        .min(CONNECT_TIMEOUT);
+    if left.is_zero() {
+        return Err(Fail::Tls(
+            "no handshake started: the setup time is over".into(),
+        ));
+    }
     let sock = connected(plan, index)?;
     sock.set_read_timeout(Some(HANDSHAKE_POLL))?;
     let tls = |err: anyhow::Error| Fail::Tls(format!("{err:#}"));
     let mut stream = client.session(sock).map_err(tls)?;
-    dgram_client::handshake(&mut stream, CONNECT_TIMEOUT).map_err(tls)?;
+    dgram_client::handshake(&mut stream, left).map_err(tls)?;
     stream.get_ref().0.set_nonblocking(true)?;
     Ok(stream)
 }
