@@ -10,6 +10,7 @@
 #   connect-rate tls full    tls echo                tokio-rustls-echo
 #   connect-rate tls resumed tls echo                tokio-rustls-echo
 #   udp-echo 64 B            udp echo                tokio-udp-echo
+#   dtls-echo 64 B           dtls echo               openssl-dtls-echo (benches/, openssl crate)
 #   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1
 #   https small              https                   nginx, worker_processes 1
 #   idle TCP / TLS sessions  RSS growth per session  tokio-echo / tokio-rustls-echo
@@ -27,7 +28,7 @@
 #       HS_CONNECTIONS=16        concurrent connect-rate slots
 #       HTTP_CONNECTIONS=50      http scenarios
 #       IDLE_N=10000             sessions for the idle footprint (0 = skip)
-#       SCENARIOS="tcp half tls connect udp http idle"   which groups, in this order
+#       SCENARIOS="tcp half tls connect udp dtls http idle"   which groups, in this order
 #       SKIP_BUILD=1             use the existing release binaries
 #       PLEXUS_BIN=path          default <repo>/target/release/plexus
 set -euo pipefail
@@ -43,7 +44,7 @@ SIZE=${SIZE:-64}
 HS_CONNECTIONS=${HS_CONNECTIONS:-16}
 HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
 IDLE_N=${IDLE_N:-10000}
-SCENARIOS=${SCENARIOS:-tcp half tls connect udp http idle}
+SCENARIOS=${SCENARIOS:-tcp half tls connect udp dtls http idle}
 SERVER_CPU=0
 LOAD_CPU=1
 
@@ -103,7 +104,7 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     (cd "$BENCH_DIR" && env -u CARGO_TARGET_DIR timeout 1200 cargo build --release --locked --quiet)
 fi
 [[ -x $PLEXUS_BIN ]] || { echo "error: $PLEXUS_BIN not found" >&2; exit 1; }
-for b in tokio-echo mio-echo tokio-rustls-echo tokio-udp-echo; do
+for b in tokio-echo mio-echo tokio-rustls-echo tokio-udp-echo openssl-dtls-echo; do
     [[ -x $BIN_DIR/$b ]] || { echo "error: $BIN_DIR/$b not found (build benches/)" >&2; exit 1; }
 done
 
@@ -156,9 +157,10 @@ supports() {
     "$PLEXUS_BIN" serve --check --config "$WORK/probe.toml" >/dev/null 2>&1
 }
 HAS_UDP=0; supports udp echo && HAS_UDP=1
+HAS_DTLS=0; supports dtls echo && HAS_DTLS=1
 HAS_HTTP=0; supports tcp http "[http]
 root = \"$WWW\"" && HAS_HTTP=1
-log "plexus: udp=$HAS_UDP http=$HAS_HTTP; nginx: ${NGINX:-none}"
+log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}"
 
 {
     echo "[server]"
@@ -179,6 +181,7 @@ log "plexus: udp=$HAS_UDP http=$HAS_HTTP; nginx: ${NGINX:-none}"
     listener tcp-echo tcp echo
     listener tls-echo tls echo
     [[ $HAS_UDP == 1 ]] && listener udp-echo udp echo
+    [[ $HAS_DTLS == 1 ]] && listener dtls-echo dtls echo
     if [[ $HAS_HTTP == 1 ]]; then
         listener http tcp http
         listener https tls http
@@ -402,6 +405,19 @@ for group in $SCENARIOS; do
         stop_server
         row "udp-echo $SIZE B, $CONNECTIONS sockets (msgs/s)" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
         ;;
+    dtls)
+        log "dtls-echo ${SIZE} B x $CONNECTIONS sessions"
+        p=""
+        if [[ $HAS_DTLS == 1 ]]; then
+            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+            p=$(bench plexus dtls-echo dtls-echo --addr "${ADDR[dtls-echo]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+            stop_server
+        fi
+        start_server openssl-dtls "$BIN_DIR/openssl-dtls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
+        t=$(bench openssl-dtls dtls-echo dtls-echo --addr "${ADDR[main]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        stop_server
+        row "dtls-echo $SIZE B, $CONNECTIONS sessions (msgs/s)" higher "$p" openssl-dtls-echo "$t" throughput_per_s "no dtls transport in this build"
+        ;;
     http)
         for kind in small 1mib https; do
             path=/small.html; [[ $kind == 1mib ]] && path=/1mib.bin
@@ -449,7 +465,7 @@ for group in $SCENARIOS; do
         done
         ;;
     *)
-        echo "error: unknown scenario group '$group' (tcp half tls connect udp http idle)" >&2
+        echo "error: unknown scenario group '$group' (tcp half tls connect udp dtls http idle)" >&2
         exit 2
         ;;
     esac

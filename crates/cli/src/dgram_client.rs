@@ -29,6 +29,10 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// DTLS record size limit (the server's default too).
 const MTU: u32 = 1200;
+/// The largest message that fits one record of [`MTU`] bytes whatever the suite: the DTLS 1.2
+/// record header (13 bytes) and the worst CBC overhead (16-byte IV, 48-byte SHA-384 MAC, up
+/// to 16 bytes of padding) leave 1107 bytes; rounded down.
+pub(crate) const MAX_RECORD_PAYLOAD: usize = 1100;
 /// Largest datagram received.
 const MAX_DATAGRAM: usize = 65_536;
 
@@ -51,7 +55,11 @@ pub(crate) fn run_udp(target: &str) -> ExitCode {
 /// `dtls://HOST:PORT`.
 pub(crate) fn run_dtls(target: &str, options: DtlsOptions) -> ExitCode {
     let result = connect_udp(target)
-        .and_then(|socket| handshake(target, socket, &options))
+        .and_then(|socket| {
+            let mut stream = DtlsClient::new(target, &options)?.session(socket)?;
+            handshake(&mut stream, HANDSHAKE_TIMEOUT)?;
+            Ok(stream)
+        })
         .and_then(|mut stream| {
             relay(&mut stream, |stream| {
                 let _ = stream.shutdown();
@@ -88,7 +96,7 @@ fn connect_udp(target: &str) -> anyhow::Result<UdpSocket> {
 }
 
 /// A connected UDP socket as a byte "stream" where each read/write is one datagram.
-struct PlainUdp(UdpSocket);
+pub(crate) struct PlainUdp(pub(crate) UdpSocket);
 
 impl Read for PlainUdp {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -151,61 +159,91 @@ impl Datagrams for SslStream<PlainUdp> {
     }
 }
 
-fn handshake(
-    target: &str,
-    socket: UdpSocket,
-    options: &DtlsOptions,
-) -> anyhow::Result<SslStream<PlainUdp>> {
-    let mut builder = SslConnector::builder(SslMethod::dtls()).context("OpenSSL")?;
-    builder.set_options(SslOptions::NO_QUERY_MTU);
-    if let Some((identity, key_file)) = &options.psk {
-        let key = plexus::config::PskConfig {
-            identity: identity.clone(),
-            key_file: key_file.clone(),
-        }
-        .load_key()
-        .map_err(|err| anyhow!("--psk-key-file: {err}"))?;
-        let mut id = identity.clone().into_bytes();
-        id.push(0);
-        // PSK suites only: the key authenticates the server, there is no certificate.
-        builder.set_cipher_list("PSK").context("OpenSSL")?;
-        builder.set_psk_client_callback(move |_, _hint, identity_out, key_out| {
-            if id.len() > identity_out.len() || key.len() > key_out.len() {
-                return Ok(0);
+/// A DTLS 1.2 client configuration: trust (or PSK) from [`DtlsOptions`] and the server name
+/// to send and verify. Built once; every session of `plexus connect` or `plexus bench
+/// dtls-echo` is started from it.
+#[derive(Clone)]
+pub(crate) struct DtlsClient {
+    connector: SslConnector,
+    name: String,
+    verify_hostname: bool,
+}
+
+impl std::fmt::Debug for DtlsClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsClient")
+            .field("name", &self.name)
+            .field("verify_hostname", &self.verify_hostname)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DtlsClient {
+    /// The configuration for `target` (HOST:PORT; HOST is the name verified unless `--sni`).
+    pub(crate) fn new(target: &str, options: &DtlsOptions) -> anyhow::Result<DtlsClient> {
+        let mut builder = SslConnector::builder(SslMethod::dtls()).context("OpenSSL")?;
+        builder.set_options(SslOptions::NO_QUERY_MTU);
+        if let Some((identity, key_file)) = &options.psk {
+            let key = plexus::config::PskConfig {
+                identity: identity.clone(),
+                key_file: key_file.clone(),
             }
-            identity_out[..id.len()].copy_from_slice(&id);
-            key_out[..key.len()].copy_from_slice(&key);
-            Ok(key.len())
-        });
-    } else if options.insecure {
-        eprintln!("warning: --insecure: the server's certificate is not verified");
-        builder.set_verify(SslVerifyMode::NONE);
-    } else if let Some(ca) = &options.ca {
-        builder
-            .set_ca_file(ca)
-            .with_context(|| format!("--ca {}: cannot load certificates", ca.display()))?;
+            .load_key()
+            .map_err(|err| anyhow!("--psk-key-file: {err}"))?;
+            let mut id = identity.clone().into_bytes();
+            id.push(0);
+            // PSK suites only: the key authenticates the server, there is no certificate.
+            builder.set_cipher_list("PSK").context("OpenSSL")?;
+            builder.set_psk_client_callback(move |_, _hint, identity_out, key_out| {
+                if id.len() > identity_out.len() || key.len() > key_out.len() {
+                    return Ok(0);
+                }
+                identity_out[..id.len()].copy_from_slice(&id);
+                key_out[..key.len()].copy_from_slice(&key);
+                Ok(key.len())
+            });
+        } else if options.insecure {
+            eprintln!("warning: --insecure: the server's certificate is not verified");
+            builder.set_verify(SslVerifyMode::NONE);
+        } else if let Some(ca) = &options.ca {
+            builder
+                .set_ca_file(ca)
+                .with_context(|| format!("--ca {}: cannot load certificates", ca.display()))?;
+        }
+        let host = target
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+            .unwrap_or(target);
+        Ok(DtlsClient {
+            connector: builder.build(),
+            name: options.sni.clone().unwrap_or_else(|| host.to_owned()),
+            verify_hostname: !(options.insecure || options.psk.is_some()),
+        })
     }
-    let connector = builder.build();
-    let host = target
-        .rsplit_once(':')
-        .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
-        .unwrap_or(target);
-    let name = options.sni.clone().unwrap_or_else(|| host.to_owned());
-    let mut config = connector.configure().context("OpenSSL")?;
-    if options.insecure || options.psk.is_some() {
-        config.set_verify_hostname(false);
+
+    /// A client session over the connected `socket` (records of at most [`MTU`] bytes), its
+    /// handshake not started yet: see [`handshake`].
+    pub(crate) fn session(&self, socket: UdpSocket) -> anyhow::Result<SslStream<PlainUdp>> {
+        let mut config = self.connector.configure().context("OpenSSL")?;
+        config.set_verify_hostname(self.verify_hostname);
+        let mut ssl = config.into_ssl(&self.name).context("OpenSSL")?;
+        ssl.set_mtu(MTU).context("OpenSSL")?;
+        ssl.set_connect_state();
+        SslStream::new(ssl, PlainUdp(socket)).context("OpenSSL")
     }
-    let mut ssl = config.into_ssl(&name).context("OpenSSL")?;
-    ssl.set_mtu(MTU).context("OpenSSL")?;
-    ssl.set_connect_state();
-    let mut stream = SslStream::new(ssl, PlainUdp(socket)).context("OpenSSL")?;
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+}
+
+/// Runs the handshake of `stream` to completion within `timeout`. The socket must be
+/// blocking with a short read timeout: each timed-out read is a chance to let OpenSSL
+/// retransmit its flight.
+pub(crate) fn handshake(stream: &mut SslStream<PlainUdp>, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
     loop {
         match stream.do_handshake() {
-            Ok(()) => return Ok(stream),
+            Ok(()) => return Ok(()),
             Err(err) if err.code() == ErrorCode::WANT_READ => {
                 if Instant::now() > deadline {
-                    bail!("dtls handshake did not complete within {HANDSHAKE_TIMEOUT:?}");
+                    bail!("dtls handshake did not complete within {timeout:?}");
                 }
                 // The read timed out: let OpenSSL retransmit if its timer expired.
                 plexus_sys::dtls::handle_timeout(stream.ssl());

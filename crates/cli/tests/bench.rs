@@ -526,6 +526,103 @@ fn udp_echo_is_error_free_when_the_server_has_udp() {
     assert_eq!(json["lost"], 0);
 }
 
+/// A server with one dtls echo listener `dtls-echo` presenting the certificate in `cert_dir`.
+fn start_dtls_server(cert_dir: &Path) -> Server {
+    let cert = cert_dir.join("cert.pem");
+    let key = cert_dir.join("key.pem");
+    Server::start(&format!(
+        "[server]\nevent_loops = 1\n\n[tls]\ncert = {cert:?}\nkey = {key:?}\n\n[[listener]]\n\
+         name = \"dtls-echo\"\ntransport = \"dtls\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n"
+    ))
+}
+
+#[test]
+fn dtls_echo_closed_loop_is_error_free_and_every_record_verified() {
+    let certs = cert_dir();
+    let server = start_dtls_server(certs.path());
+    let json = bench(
+        &[
+            "dtls-echo",
+            "--addr",
+            &s(server.addr("dtls-echo")),
+            "--insecure",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--connections",
+            "4",
+            "--pipeline",
+            "2",
+            "--size",
+            "1100",
+        ],
+        0,
+    );
+    assert_eq!(json["mode"], "dtls-echo", "{json}");
+    assert_clean(&json, "messages");
+    assert_eq!(json["lost"], 0, "{json}");
+    assert_eq!(json["errors"]["tls"], 0, "{json}");
+    assert_eq!(json["size"], 1100, "{json}");
+}
+
+#[test]
+fn dtls_echo_open_loop_verifies_the_server_with_ca_and_keeps_the_rate() {
+    let certs = cert_dir();
+    let server = start_dtls_server(certs.path());
+    let ca = certs.path().join("cert.pem");
+    let json = bench(
+        &[
+            "dtls-echo",
+            "--addr",
+            &s(server.addr("dtls-echo")),
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--rate",
+            "400",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--connections",
+            "4",
+        ],
+        0,
+    );
+    assert_clean(&json, "messages");
+    assert_eq!(json["rate"], 400.0, "{json}");
+    assert_eq!(json["lost"], 0, "{json}");
+    // Open loop: what was scheduled in the window is what came back (a count, not a speed).
+    assert_eq!(json["sent"], json["messages"], "{json}");
+}
+
+#[test]
+fn dtls_echo_counts_a_certificate_it_cannot_verify_as_a_tls_error() {
+    let certs = cert_dir();
+    let server = start_dtls_server(certs.path());
+    // Trusting a different self-signed certificate: every handshake fails verification.
+    let other = cert_dir();
+    let ca = other.path().join("cert.pem");
+    let json = bench(
+        &[
+            "dtls-echo",
+            "--addr",
+            &s(server.addr("dtls-echo")),
+            "--ca",
+            ca.to_str().expect("utf-8"),
+            "--duration",
+            "200ms",
+            "--warmup",
+            "0s",
+            "--connections",
+            "3",
+        ],
+        1,
+    );
+    assert_eq!(json["errors"]["tls"], 3, "{json}");
+    assert_eq!(json["verified"], false, "{json}");
+}
+
 #[test]
 fn http_keep_alive_get_is_error_free_when_the_server_has_http() {
     if !server_supports("tcp", "http") {
@@ -616,6 +713,8 @@ fn bench_usage_errors_exit_2_naming_the_problem() {
         (&["connect-rate", "--rate", "10"][..], "--rate"),
         (&["tcp-echo", "--rate=-3"][..], "--rate"),
         (&["udp-echo", "--size", "8"][..], "--size"),
+        (&["dtls-echo", "--size", "1101"][..], "1100"),
+        (&["dtls-echo", "--tls-version", "1.3"][..], "--tls-version"),
         (&["tcp-echo", "--tls"][..], "--tls"),
         (
             &["dtls-hello-flood", "--addr", "192.0.2.1:4444"][..],

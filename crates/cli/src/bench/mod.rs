@@ -7,7 +7,7 @@
 //! - [`stream`]: tcp-echo, tls-echo and http (keep-alive GET) on a mio engine, closed loop or
 //!   open loop (`--rate`, latency from the intended send time);
 //! - [`connect_rate`]: TCP and TLS (full or resumed) handshakes per second;
-//! - [`udp`]: udp-echo, one datagram per message, loss counted;
+//! - [`udp`]: udp-echo and dtls-echo, one datagram (record) per message, loss counted;
 //! - [`flood`]: the adversarial idle-flood, slowloris and handshake-flood;
 //! - [`dtls_flood`]: dtls-hello-flood from many 127.0.0.0/8 source addresses.
 //!
@@ -39,6 +39,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub(crate) use report::{Errors, Fail, Latency, Outcome};
 
+use crate::dgram_client::{DtlsClient, DtlsOptions, MAX_RECORD_PAYLOAD};
 use crate::EXIT_USAGE;
 
 /// Time allowed beyond warm-up + duration for connecting, handshaking and draining; a run
@@ -58,6 +59,8 @@ pub(crate) enum Mode {
     TlsEcho,
     /// Echo over UDP: one datagram per message, loss counted after --timeout.
     UdpEcho,
+    /// Echo over DTLS 1.2 (OpenSSL): sessions handshake first, then as udp-echo.
+    DtlsEcho,
     /// Connect (+ TLS handshake with --tls), one echo, close; repeated per connection slot.
     ConnectRate,
     /// HTTP/1.1 keep-alive GET of --path (https with --tls).
@@ -79,6 +82,7 @@ impl Mode {
             Mode::TcpEcho => "tcp-echo",
             Mode::TlsEcho => "tls-echo",
             Mode::UdpEcho => "udp-echo",
+            Mode::DtlsEcho => "dtls-echo",
             Mode::ConnectRate => "connect-rate",
             Mode::Http => "http",
             Mode::Slowloris => "slowloris",
@@ -95,7 +99,7 @@ impl Mode {
             (Mode::ConnectRate | Mode::IdleFlood, true) => "127.0.0.1:7443",
             (Mode::Http, true) => "127.0.0.1:8443",
             (Mode::Http | Mode::Slowloris, _) => "127.0.0.1:8080",
-            (Mode::DtlsHelloFlood, _) => "127.0.0.1:7444",
+            (Mode::DtlsEcho | Mode::DtlsHelloFlood, _) => "127.0.0.1:7444",
             _ => "127.0.0.1:7000",
         }
     }
@@ -113,7 +117,7 @@ pub(crate) struct BenchArgs {
     /// Concurrent connections (UDP: sockets; floods: sockets opened).
     #[arg(long, default_value_t = 100, value_name = "N")]
     connections: usize,
-    /// Message size in bytes (echo modes; udp: at least 16).
+    /// Message size in bytes (echo modes; udp, dtls: at least 16; dtls: at most 1100).
     #[arg(long, default_value_t = 64, value_name = "BYTES")]
     size: usize,
     /// Messages (requests) kept outstanding per connection in closed loop.
@@ -135,13 +139,13 @@ pub(crate) struct BenchArgs {
     /// connect-rate, http, idle-flood: use TLS.
     #[arg(long)]
     tls: bool,
-    /// TLS: accept any server certificate (handshake signatures are still verified).
+    /// TLS, DTLS: accept any server certificate (handshake signatures are still verified).
     #[arg(long, conflicts_with = "ca")]
     insecure: bool,
-    /// TLS: trust only the certificates in this PEM file.
+    /// TLS, DTLS: trust only the certificates in this PEM file.
     #[arg(long, value_name = "FILE")]
     ca: Option<PathBuf>,
-    /// TLS: server name to send and verify (default: HOST).
+    /// TLS, DTLS: server name to send and verify (default: HOST).
     #[arg(long, value_name = "NAME")]
     sni: Option<String>,
     /// connect-rate --tls: resume sessions (tickets / session ids) after the first handshake.
@@ -156,7 +160,7 @@ pub(crate) struct BenchArgs {
     /// slowloris: time between two bytes on one connection.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
-    /// udp-echo: a datagram not echoed within this time is lost (an error).
+    /// udp-echo, dtls-echo: a datagram not echoed within this time is lost (an error).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     /// handshake-flood: send only the first half of the ClientHello.
@@ -189,6 +193,8 @@ pub(crate) struct Plan {
     pub(crate) rate: Option<f64>,
     pub(crate) threads: usize,
     pub(crate) tls: Option<tls::TlsPlan>,
+    /// dtls-echo: the DTLS client every session starts from.
+    pub(crate) dtls: Option<DtlsClient>,
     pub(crate) resume: bool,
     pub(crate) path: String,
     pub(crate) host: String,
@@ -227,7 +233,7 @@ pub(crate) fn run(args: BenchArgs) -> ExitCode {
     let result = match plan.mode {
         Mode::TcpEcho | Mode::TlsEcho | Mode::Http => stream::run(&plan),
         Mode::ConnectRate => connect_rate::run(&plan),
-        Mode::UdpEcho => udp::run(&plan),
+        Mode::UdpEcho | Mode::DtlsEcho => udp::run(&plan),
         Mode::Slowloris | Mode::IdleFlood | Mode::HandshakeFlood => flood::run(&plan),
         Mode::DtlsHelloFlood => dtls_flood::run(&plan),
     };
@@ -283,6 +289,13 @@ fn plan(args: BenchArgs) -> anyhow::Result<Plan> {
             args.size
         );
     }
+    if mode == Mode::DtlsEcho && !(16..=MAX_RECORD_PAYLOAD).contains(&args.size) {
+        bail!(
+            "--size {}: a dtls-echo message is 16 to {MAX_RECORD_PAYLOAD} bytes (one DTLS record \
+             within the 1200-byte MTU, with a sequence number)",
+            args.size
+        );
+    }
     if args.duration.is_zero() {
         bail!("--duration must be positive");
     }
@@ -292,9 +305,17 @@ fn plan(args: BenchArgs) -> anyhow::Result<Plan> {
         }
         if !matches!(
             mode,
-            Mode::TcpEcho | Mode::TlsEcho | Mode::UdpEcho | Mode::Http | Mode::DtlsHelloFlood
+            Mode::TcpEcho
+                | Mode::TlsEcho
+                | Mode::UdpEcho
+                | Mode::DtlsEcho
+                | Mode::Http
+                | Mode::DtlsHelloFlood
         ) {
-            bail!("--rate applies to tcp-echo, tls-echo, udp-echo, http and dtls-hello-flood");
+            bail!(
+                "--rate applies to tcp-echo, tls-echo, udp-echo, dtls-echo, http and \
+                 dtls-hello-flood"
+            );
         }
     }
     if args.resume && !(mode == Mode::ConnectRate && args.tls) {
@@ -321,6 +342,7 @@ fn plan(args: BenchArgs) -> anyhow::Result<Plan> {
     if args.timeout.is_zero() {
         bail!("--timeout must be positive");
     }
+    let mut dtls = None;
     let tls = if uses_tls || mode == Mode::HandshakeFlood {
         Some(tls::TlsPlan::new(
             &host,
@@ -329,9 +351,21 @@ fn plan(args: BenchArgs) -> anyhow::Result<Plan> {
             args.sni.as_deref(),
             args.tls_version.as_deref(),
         )?)
+    } else if mode == Mode::DtlsEcho {
+        if args.tls_version.is_some() {
+            bail!("--tls-version applies to TLS modes (dtls-echo is always DTLS 1.2)");
+        }
+        let options = DtlsOptions {
+            insecure: args.insecure,
+            ca: args.ca.clone(),
+            sni: args.sni.clone(),
+            psk: None,
+        };
+        dtls = Some(DtlsClient::new(&target, &options)?);
+        None
     } else {
         if args.insecure || args.ca.is_some() || args.sni.is_some() || args.tls_version.is_some() {
-            bail!("--insecure, --ca, --sni and --tls-version apply to TLS modes only");
+            bail!("--insecure, --ca, --sni and --tls-version apply to TLS and DTLS modes only");
         }
         None
     };
@@ -347,6 +381,7 @@ fn plan(args: BenchArgs) -> anyhow::Result<Plan> {
         rate: args.rate,
         threads: args.threads.min(args.connections),
         tls,
+        dtls,
         resume: args.resume,
         path: args.path,
         host,
