@@ -21,7 +21,8 @@ use std::time::{Duration, Instant};
 use openssl::ssl::{ErrorCode, SslConnector, SslMethod, SslOptions, SslStream, SslVerifyMode};
 use plexus_benches::{usage_exit, Args};
 
-const USAGE: &str = "usage: dtls-load --addr IP:PORT ([--mode handshakes] [--threads 4] [--duration 10s] \
+const USAGE: &str =
+    "usage: dtls-load --addr IP:PORT ([--mode handshakes] [--threads 4] [--duration 10s] \
                      | --mode idle [--sessions 1000])";
 
 struct Udp(UdpSocket);
@@ -42,7 +43,8 @@ impl Write for Udp {
 }
 
 fn main() {
-    let mut args = Args::from_env_with_flags(&[]).unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
+    let mut args =
+        Args::from_env_with_flags(&[]).unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
     if args.help() {
         usage_exit("", USAGE);
     }
@@ -51,8 +53,12 @@ fn main() {
         .ok_or_else(|| "--addr is required".to_owned())
         .and_then(|a| a.parse().map_err(|e| format!("--addr: {e}")))
         .unwrap_or_else(|e| usage_exit(&e, USAGE));
-    let threads = args.take_parsed("threads", 4usize).unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
-    let sessions = args.take_parsed("sessions", 1000usize).unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
+    let threads = args
+        .take_parsed("threads", 4usize)
+        .unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
+    let sessions = args
+        .take_parsed("sessions", 1000usize)
+        .unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
     let duration = args
         .take_duration("duration", Duration::from_secs(10))
         .unwrap_or_else(|e| usage_exit(&e.to_string(), USAGE));
@@ -93,7 +99,9 @@ fn connect(connector: &SslConnector, addr: SocketAddr) -> io::Result<SslStream<U
 
 fn echo(stream: &mut SslStream<Udp>) -> io::Result<()> {
     let payload = [0x5au8; 64];
-    stream.ssl_write(&payload).map_err(|e| io::Error::other(e.to_string()))?;
+    stream
+        .ssl_write(&payload)
+        .map_err(|e| io::Error::other(e.to_string()))?;
     let mut buf = [0u8; 256];
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -121,8 +129,12 @@ fn handshakes(addr: SocketAddr, threads: usize, duration: Duration) -> io::Resul
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|_| {
-            let (connector, done, failed, stop) =
-                (Arc::clone(&connector), Arc::clone(&done), Arc::clone(&failed), Arc::clone(&stop));
+            let (connector, done, failed, stop) = (
+                Arc::clone(&connector),
+                Arc::clone(&done),
+                Arc::clone(&failed),
+                Arc::clone(&stop),
+            );
             thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match connect(&connector, addr).and_then(|mut s| {

@@ -38,9 +38,15 @@ fn main() {
             .ok_or("--addr is required")?
             .parse()
             .map_err(|e| format!("--addr: {e}"))?;
-        let peers = args.take_parsed("peers", 32usize).map_err(|e| e.to_string())?;
-        let window = args.take_parsed("window", 16usize).map_err(|e| e.to_string())?;
-        let size = args.take_parsed("size", 64usize).map_err(|e| e.to_string())?;
+        let peers = args
+            .take_parsed("peers", 32usize)
+            .map_err(|e| e.to_string())?;
+        let window = args
+            .take_parsed("window", 16usize)
+            .map_err(|e| e.to_string())?;
+        let size = args
+            .take_parsed("size", 64usize)
+            .map_err(|e| e.to_string())?;
         let duration = args
             .take_duration("duration", Duration::from_secs(10))
             .map_err(|e| e.to_string())?;
@@ -95,7 +101,9 @@ fn run(
             measured_start = Some((now, received));
         }
         for peer in clients.iter_mut() {
-            if peer.outstanding > 0 && now.duration_since(peer.last_reply) > Duration::from_millis(200) {
+            if peer.outstanding > 0
+                && now.duration_since(peer.last_reply) > Duration::from_millis(200)
+            {
                 peer.outstanding = 0; // written off as lost
             }
             while peer.outstanding < window {

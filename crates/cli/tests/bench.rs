@@ -121,31 +121,6 @@ fn assert_clean(json: &Value, unit: &str) {
     assert!(p50 <= p99 && p99 <= max, "percentiles out of order: {json}");
 }
 
-/// Whether this build's `plexus serve` accepts a listener of `transport` with `service`.
-fn server_supports(transport: &str, service: &str) -> bool {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("probe.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[[listener]]\nname = \"probe\"\ntransport = \"{transport}\"\naddr = \
-             \"127.0.0.1:0\"\nservice = \"{service}\"\n"
-        ),
-    )
-    .expect("write probe config");
-    let out = run_plexus(
-        &[
-            "serve",
-            "--check",
-            "--config",
-            path.to_str().expect("utf-8"),
-        ],
-        None,
-        RUN_TIMEOUT,
-    );
-    out.code() == 0
-}
-
 fn s(addr: std::net::SocketAddr) -> String {
     addr.to_string()
 }
@@ -494,14 +469,7 @@ fn slowloris_keeps_an_echo_session_alive_and_is_dropped_by_a_tls_listener() {
 }
 
 #[test]
-fn udp_echo_is_error_free_when_the_server_has_udp() {
-    if !server_supports("udp", "echo") {
-        eprintln!(
-            "SKIPPED: this build's `plexus serve` has no udp transport yet (udp-echo is \
-             exercised against tokio-udp-echo by benches/run-suite.sh)"
-        );
-        return;
-    }
+fn udp_echo_is_error_free_and_byte_verified() {
     let server = Server::start(
         "[[listener]]\nname = \"udp-echo\"\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\n\
          service = \"echo\"\n",
@@ -624,14 +592,7 @@ fn dtls_echo_counts_a_certificate_it_cannot_verify_as_a_tls_error() {
 }
 
 #[test]
-fn http_keep_alive_get_is_error_free_when_the_server_has_http() {
-    if !server_supports("tcp", "http") {
-        eprintln!(
-            "SKIPPED: this build's `plexus serve` has no http service yet (http mode is \
-             exercised against nginx by benches/run-suite.sh)"
-        );
-        return;
-    }
+fn http_keep_alive_get_is_error_free() {
     let server = Server::start(
         "[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
          service = \"http\"\n",
