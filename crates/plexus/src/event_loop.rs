@@ -820,6 +820,10 @@ impl EventLoop {
         if event.is_readable() || event.is_read_closed() || event.is_error() {
             relay.up_readable = true;
         }
+        if event.is_read_closed() || event.is_error() {
+            // Final state: read until the socket says so, never infer "drained" from a short read.
+            relay.up_read_closed = true;
+        }
         if event.is_writable() || event.is_error() {
             relay.up_write_blocked = false;
         }
@@ -1161,19 +1165,12 @@ impl EventLoop {
                 }
             }
         }
-        if session.outbound.is_empty()
-            && session.closing.is_none()
-            && session
-                .relay
-                .as_ref()
-                .is_some_and(|relay| relay.client_shutdown_due())
-        {
-            // The upstream's last bytes just reached the client: its FIN follows them now
-            // (nothing else would bring this session back to the pump).
-            let high = self.limits.high_watermark;
-            if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
-            {
-                session.closing = Some(reason);
+        if session.outbound.is_empty() && session.closing.is_none() {
+            let client_tls = session.tls.is_some();
+            if let Some(relay) = session.relay.as_deref_mut() {
+                if let Err(err) = relay.pass_fin_to_client(&session.stream, client_tls) {
+                    session.closing = Some(CloseReason::Io(err.kind()));
+                }
             }
         }
         let relay_backlog = session.relay.as_ref().map_or(0, |relay| relay.backlog());

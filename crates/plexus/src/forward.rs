@@ -58,6 +58,9 @@ pub(crate) struct Relay {
     connected: bool,
     /// An edge reported the upstream readable and it has not yet returned `WouldBlock`.
     pub(crate) up_readable: bool,
+    /// epoll reported the upstream read-closed (FIN) or an error: the bytes before the FIN may
+    /// come in a short read, and no further edge will announce the FIN itself.
+    pub(crate) up_read_closed: bool,
     pub(crate) up_write_blocked: bool,
     /// The upstream sent FIN.
     up_eof: bool,
@@ -98,6 +101,7 @@ impl Relay {
             target: target.upstream,
             connected: false,
             up_readable: false,
+            up_read_closed: false,
             up_write_blocked: true,
             up_eof: false,
             up_shut: false,
@@ -129,10 +133,21 @@ impl Relay {
         self.connected && self.pipes.is_none() && self.up_readable && !self.up_eof
     }
 
-    /// Copy mode: the upstream finished and its FIN is still to be passed to the client (once
-    /// the client's queue is empty).
-    pub(crate) fn client_shutdown_due(&self) -> bool {
-        self.pipes.is_none() && self.up_eof && !self.client_shut
+    /// Copy mode: once the upstream finished and its last bytes reached the client (the
+    /// caller's queue is empty), passes its FIN on. A TLS client gets close_notify from the
+    /// loop's close path instead of a TCP FIN.
+    pub(crate) fn pass_fin_to_client(
+        &mut self,
+        client: &TcpStream,
+        client_tls: bool,
+    ) -> io::Result<()> {
+        if self.pipes.is_none() && self.up_eof && !self.client_shut {
+            if !client_tls {
+                shutdown_write(client)?;
+            }
+            self.client_shut = true;
+        }
+        Ok(())
     }
 
     pub(crate) fn connecting(&self) -> bool {
@@ -167,7 +182,6 @@ pub(crate) fn pump(
     stats: &LoopStats,
     now: Instant,
 ) -> Result<(), CloseReason> {
-    let client_tls = session.tls.is_some();
     let Some(relay) = session.relay.as_deref_mut() else {
         return Ok(());
     };
@@ -227,7 +241,9 @@ pub(crate) fn pump(
         match relay.upstream.read(read_buf) {
             Ok(0) => relay.up_eof = true,
             Ok(n) => {
-                if n < read_buf.len() {
+                // A short read drained the socket: the next byte brings a new edge — unless the
+                // FIN already arrived, which no later edge will announce.
+                if n < read_buf.len() && !relay.up_read_closed {
                     relay.up_readable = false;
                 }
                 session.last_activity = now;
@@ -238,13 +254,8 @@ pub(crate) fn pump(
             Err(err) => return Err(io_error(err)),
         }
     }
-    if relay.up_eof && session.outbound.is_empty() && !relay.client_shut {
-        // A TLS client gets close_notify from the loop's close path instead of a TCP FIN.
-        if !client_tls {
-            shutdown_write(&session.stream).map_err(io_error)?;
-        }
-        relay.client_shut = true;
-    }
+    // The upstream's FIN reaches the client in `pass_fin_to_client`, once the loop has written
+    // the client's queue empty.
     Ok(())
 }
 
