@@ -852,8 +852,15 @@ impl EventLoop {
     /// Delivers the broadcasts a callback queued, applies its timer request, and lists the
     /// session for flushing.
     fn after_callback(&mut self, key: usize, now: Instant) {
-        self.apply_timer_request(key, now);
-        self.apply_tls_upgrade(key, now);
+        // Timer and TLS-upgrade requests live in the session's extras: most sessions have none.
+        if self
+            .sessions
+            .get_mut(key)
+            .is_some_and(|session| session.extras.is_some())
+        {
+            self.apply_timer_request(key, now);
+            self.apply_tls_upgrade(key, now);
+        }
         if !self.broadcasts.is_empty() {
             let broadcasts = std::mem::take(&mut self.broadcasts);
             for broadcast in &broadcasts {

@@ -80,7 +80,8 @@ struct CachedFile {
 
 #[derive(Default)]
 struct CacheStore {
-    entries: std::collections::HashMap<(usize, String), CachedFile>,
+    /// By cache id, then by path (looked up by `&str`: no allocation on a hit).
+    entries: std::collections::HashMap<usize, std::collections::HashMap<String, CachedFile>>,
     bytes: usize,
 }
 
@@ -109,7 +110,7 @@ impl FileCache {
         }
         FILE_CACHE.with(|store| {
             let store = store.borrow();
-            let entry = store.entries.get(&(self.id, key.to_owned()))?;
+            let entry = store.entries.get(&self.id)?.get(key)?;
             (now.duration_since(entry.filled) < self.valid).then(|| {
                 (
                     Arc::clone(&entry.meta),
@@ -132,7 +133,8 @@ impl FileCache {
                 body,
                 filled: now,
             };
-            if let Some(old) = store.entries.insert((self.id, key), entry) {
+            let files = store.entries.entry(self.id).or_default();
+            if let Some(old) = files.insert(key, entry) {
                 store.bytes -= old.body.len();
             }
         });
