@@ -11,9 +11,9 @@
 //! - [`check_records`]: whether a datagram is a non-empty, well-formed sequence of records
 //!   (what an established session accepts; the rest is dropped and counted).
 //! - [`parse_client_hello`]: whether a datagram is a plausible initial ClientHello, checked
-//!   as strictly as OpenSSL's `DTLSv1_listen` does (epoch 0, one unfragmented `client_hello`
-//!   message filling its record, message sequence 0–2, session id and cookie present); it
-//!   returns the fields a listener needs.
+//!   as strictly as OpenSSL's `DTLSv1_listen` (3.x) does (epoch 0, one `client_hello`
+//!   message, or its first fragment, filling its record, message sequence 0–1, session id and
+//!   cookie within the fragment); it returns the fields a listener needs.
 //!
 //! Every error has a short [`label`](DtlsError::label) for metrics and logs.
 #![deny(
@@ -33,8 +33,8 @@ pub const MAX_RECORD_PAYLOAD: usize = 16384 + 2048;
 /// The handshake message type of a ClientHello.
 pub const CLIENT_HELLO: u8 = 1;
 /// The highest message sequence number an initial ClientHello may carry (OpenSSL's bound:
-/// 0 for the first, 1 after a HelloVerifyRequest, 2 after a retransmission race).
-pub const MAX_CLIENT_HELLO_SEQ: u16 = 2;
+/// 0 for the first, 1 after a HelloVerifyRequest).
+pub const MAX_CLIENT_HELLO_SEQ: u16 = 1;
 
 /// A record's content type (only the four DTLS 1.2 defines without extensions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -186,13 +186,15 @@ pub enum DtlsError {
     /// The fragment does not fill the record exactly.
     #[error("handshake fragment length does not match its record")]
     FragmentLength,
-    /// A ClientHello split into fragments (a listener keeps no state to reassemble).
-    #[error("fragmented ClientHello")]
+    /// A ClientHello fragment other than the first, or one longer than its message (a
+    /// listener keeps no state to reassemble).
+    #[error("ClientHello fragment is not the first one")]
     Fragmented,
     /// `message_seq` beyond [`MAX_CLIENT_HELLO_SEQ`].
     #[error("ClientHello message_seq {0} is too high")]
     MessageSeq(u16),
-    /// The body ends before client_version, random, session id or cookie.
+    /// The (first fragment of the) body ends before client_version, random, session id or
+    /// cookie.
     #[error("ClientHello body truncated")]
     ShortHello,
     /// A session id longer than 32 bytes.
@@ -410,7 +412,7 @@ pub fn parse_client_hello(datagram: &[u8]) -> Result<ClientHello<'_>, DtlsError>
     if fragment_len != message.rest.len() {
         return Err(DtlsError::FragmentLength);
     }
-    if offset != 0 || fragment != length {
+    if offset != 0 || fragment > length {
         return Err(DtlsError::Fragmented);
     }
     if message_seq > MAX_CLIENT_HELLO_SEQ {
@@ -519,8 +521,8 @@ mod tests {
         assert_eq!(parse_client_hello(&epoch), Err(DtlsError::Epoch(1)));
         let tls = record(22, 0x0303, 0, 0, &hello_message(0, &[], &[]));
         assert_eq!(parse_client_hello(&tls), Err(DtlsError::Version(0x0303)));
-        let seq = hello(3, b"");
-        assert_eq!(parse_client_hello(&seq), Err(DtlsError::MessageSeq(3)));
+        let seq = hello(2, b"");
+        assert_eq!(parse_client_hello(&seq), Err(DtlsError::MessageSeq(2)));
         let mut message = hello_message(0, &[], &[]);
         message[0] = 2;
         let server_hello = record(22, 0xfefd, 0, 0, &message);
@@ -529,10 +531,17 @@ mod tests {
             Err(DtlsError::NotClientHello(2))
         );
         let mut message = hello_message(0, &[], &[]);
-        message[11] -= 1; // fragment_length one short: fragmented
-        message.pop();
+        message[8] = 1; // fragment_offset 256: not the first fragment
         let fragment = record(22, 0xfefd, 0, 0, &message);
         assert_eq!(parse_client_hello(&fragment), Err(DtlsError::Fragmented));
+        let mut message = hello_message(0, &[], b"c");
+        message[3] -= 1; // message length below the fragment's
+        let fragment = record(22, 0xfefd, 0, 0, &message);
+        assert_eq!(parse_client_hello(&fragment), Err(DtlsError::Fragmented));
+        let mut message = hello_message(0, &[], b"cookie");
+        message[3] += 100; // a first fragment of a longer message, cookie inside: accepted
+        let first = record(22, 0xfefd, 0, 0, &message);
+        assert_eq!(parse_client_hello(&first).unwrap().cookie, b"cookie");
         let mut message = hello_message(0, &[], &[]);
         message.push(0); // a byte after the fragment, inside the record
         let padded = record(22, 0xfefd, 0, 0, &message);
