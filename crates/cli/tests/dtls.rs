@@ -351,9 +351,13 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
         socket.send_to(datagram, server.addr).unwrap();
     }
     let expected = garbage.len() as u64;
-    server.wait_for("garbage counted", |m| m.dtls_garbage_dropped >= expected);
+    server.wait_for("garbage counted", |m| garbage_dropped(m) >= expected);
     let metrics = server.metrics();
-    assert_eq!(metrics.dtls_garbage_dropped, expected);
+    assert_eq!(garbage_dropped(&metrics), expected);
+    assert_eq!(
+        metrics.dtls_garbage_dropped, 0,
+        "the pre-parser refused all of it before OpenSSL"
+    );
     assert_eq!(
         metrics.dtls_cookies_sent, 1,
         "only the real client's hello got a cookie"
@@ -363,6 +367,141 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
         dtls_echo(&mut stream, b"undisturbed", false),
         b"undisturbed"
     );
+}
+
+/// Every datagram a dtls port dropped as unusable, whichever stage refused it.
+fn garbage_dropped(m: &plexus::MetricsSnapshot) -> u64 {
+    m.dtls_malformed_dropped + m.dtls_not_hello_dropped + m.dtls_garbage_dropped
+}
+
+/// `hello` (a cookieless ClientHello of one record) with `cookie` in it.
+fn with_cookie(hello: &[u8], cookie: &[u8]) -> Vec<u8> {
+    let grow = |bytes: &mut [u8]| {
+        let mut value = 0u32;
+        for byte in bytes.iter() {
+            value = value << 8 | u32::from(*byte);
+        }
+        value += cookie.len() as u32;
+        let be = value.to_be_bytes();
+        let len = bytes.len();
+        bytes.copy_from_slice(&be[4 - len..]);
+    };
+    let mut out = hello.to_vec();
+    grow(&mut out[11..13]); // record length
+    grow(&mut out[14..17]); // handshake length
+    grow(&mut out[22..25]); // fragment length
+                            // record header 13 + handshake header 12 + version 2 + random 32 + session id (empty) 1
+    let cookie_at = 13 + 12 + 2 + 32;
+    assert_eq!(out[cookie_at], 0, "a cookieless hello without session id");
+    assert_eq!(out[cookie_at + 1], 0);
+    out[cookie_at + 1] = cookie.len() as u8;
+    out.splice(cookie_at + 2..cookie_at + 2, cookie.iter().copied());
+    out
+}
+
+/// A DTLS record with the given header fields around `payload`.
+fn record(kind: u8, version: u16, epoch: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 7]);
+    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Defect: one datagram from anywhere killed the next DTLS session on its loop (OpenSSL's
+/// per-thread error queue, left dirty by `DTLSv1_listen`, was read as that session's error).
+/// With one event loop (every session shares the thread), three established sessions keep
+/// echoing every record while garbage arrives from other sources — 1 byte, random bytes, a
+/// truncated ClientHello, well-formed records that are no ClientHello, a ClientHello that
+/// OpenSSL itself refuses — and from the sessions' own addresses; every datagram is dropped
+/// and counted, no session fails.
+#[test]
+fn garbage_from_anywhere_never_disturbs_established_dtls_sessions() {
+    let server =
+        InProcess::from_text(&dtls_config("").replace("event_loops = 2", "event_loops = 1"));
+    let mut sessions: Vec<SslStream<Udp>> = (0..3)
+        .map(|_| dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20)))
+        .collect();
+    let hello = client_hello();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..1400)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    // A ClientHello whose handshake header says message_seq 5: refused by the pre-parser.
+    let mut late_seq = hello.clone();
+    late_seq[13 + 4..13 + 6].copy_from_slice(&5u16.to_be_bytes());
+    // ClientHellos that pass the pre-parser go to DTLSv1_listen between the sessions' records
+    // (answered with a HelloVerifyRequest: the forged cookie is refused).
+    let forged_cookie = with_cookie(&hello, b"forged!!");
+    let from_elsewhere: Vec<Vec<u8>> = vec![
+        vec![0],
+        random.clone(),
+        hello[..20].to_vec(),
+        hello[..hello.len() - 1].to_vec(),
+        record(23, 0xfefd, 1, &random[..64]),
+        record(22, 0xfefd, 0, &[1, 0, 0]),
+        record(21, 0xfefd, 0, &[2, 40]),
+        late_seq,
+        forged_cookie,
+        hello.clone(),
+        vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
+    ];
+    let hellos = 2;
+    let from_sessions: Vec<Vec<u8>> = vec![
+        vec![0],
+        random[..100].to_vec(),
+        record(23, 0xfefd, 1, &[0xee; 48])[..30].to_vec(),
+    ];
+    let mut sent = 0u64;
+    let mut round = 0;
+    for (i, datagram) in from_elsewhere.iter().enumerate() {
+        let source = UdpSocket::bind(format!("127.0.0.{}:0", 20 + i)).unwrap();
+        source.send_to(datagram, server.addr).unwrap();
+        for (n, session) in sessions.iter_mut().enumerate() {
+            round += 1;
+            let payload = format!("session {n} after garbage {i} ({round})");
+            assert_eq!(
+                dtls_echo(session, payload.as_bytes(), false),
+                payload.as_bytes(),
+                "session {n} after garbage datagram {i}"
+            );
+        }
+    }
+    for (i, datagram) in from_sessions.iter().enumerate() {
+        for session in sessions.iter_mut() {
+            session.get_ref().0.send(datagram).unwrap();
+            sent += 1;
+        }
+        for (n, session) in sessions.iter_mut().enumerate() {
+            let payload = format!("session {n} after own garbage {i}");
+            assert_eq!(
+                dtls_echo(session, payload.as_bytes(), false),
+                payload.as_bytes()
+            );
+        }
+    }
+    sent += from_elsewhere.len() as u64 - hellos;
+    server.wait_for("every garbage datagram counted", |m| {
+        garbage_dropped(m) >= sent
+    });
+    let metrics = server.metrics();
+    assert_eq!(garbage_dropped(&metrics), sent, "{metrics:?}");
+    // From elsewhere: 5 not even records, 4 records that are no ClientHello; from each of
+    // the 3 sessions: 3 malformed.
+    assert_eq!(metrics.dtls_malformed_dropped, 5 + 9, "{metrics:?}");
+    assert_eq!(metrics.dtls_not_hello_dropped, 4, "{metrics:?}");
+    assert_eq!(metrics.dtls_garbage_dropped, 0, "{metrics:?}");
+    assert!(metrics.dtls_cookies_sent >= 3 + hellos, "{metrics:?}");
+    assert_eq!(metrics.handshakes_failed, 0);
+    assert_eq!(metrics.dtls_sessions_open, 3);
+    assert_eq!(metrics.closed_io_error, 0);
 }
 
 /// A source the listener's ACL denies gets no cookie (its hello is dropped and counted).
