@@ -504,6 +504,43 @@ fn garbage_from_anywhere_never_disturbs_established_dtls_sessions() {
     assert_eq!(metrics.closed_io_error, 0);
 }
 
+/// A listener's `max_sessions`: a third DTLS client reclaims the longest-idle session (which
+/// gets close_notify), the two newest are served, and the reclaim is counted.
+#[test]
+fn a_full_dtls_listener_reclaims_its_longest_idle_session_with_close_notify() {
+    let server = InProcess::from_text(&format!(
+        "{}max_sessions = 2\n",
+        dtls_config("").replace("event_loops = 2", "event_loops = 1")
+    ));
+    let mut first = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut first, b"first", false), b"first");
+    let mut second = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut second, b"second", false), b"second");
+    let mut third = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut third, b"third", false), b"third");
+    assert_eq!(
+        dtls_echo(&mut second, b"second again", false),
+        b"second again"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 64];
+    loop {
+        match first.ssl_read(&mut buf) {
+            Err(err) if err.code() == ErrorCode::ZERO_RETURN => break,
+            Ok(0) => break,
+            Err(err) if err.code() == ErrorCode::WANT_READ => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no close_notify for the reclaimed session"
+        );
+    }
+    let metrics = server.metrics();
+    assert_eq!(metrics.reclaimed_for_max_sessions, 1, "{metrics:?}");
+    assert_eq!(metrics.dtls_sessions_open, 2);
+}
+
 /// A source the listener's ACL denies gets no cookie (its hello is dropped and counted).
 #[test]
 fn acl_denied_source_gets_no_dtls_cookie() {

@@ -967,6 +967,49 @@ mod tests {
     }
 
     #[test]
+    fn datagram_caps_stay_below_max_connections_and_apply_only_to_datagram_listeners() {
+        let listener = |transport: &str, extra: &str| {
+            format!(
+                "[[listener]]\nname = \"{transport}\"\ntransport = \"{transport}\"\n\
+                 addr = \"127.0.0.1:0\"\nservice = \"echo\"\n{extra}\n"
+            )
+        };
+        let both = format!("{}{}", listener("tcp", ""), listener("udp", ""));
+        let text = format!("[server]\nmax_connections = 50\nmax_datagram_sessions = 50\n{both}");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "server.max_datagram_sessions");
+        assert!(found[0]
+            .message
+            .contains("less than server.max_connections (50)"));
+        // Without stream listeners datagram sessions may have every place.
+        let text = format!(
+            "[server]\nmax_connections = 50\nmax_datagram_sessions = 50\n{}",
+            listener("udp", "")
+        );
+        assert!(problems(&text).is_empty());
+        let text = format!(
+            "[server]\nmax_connections = 50\nmax_datagram_sessions = 51\n{}",
+            listener("udp", "")
+        );
+        assert_eq!(problems(&text)[0].key, "server.max_datagram_sessions");
+        let found = problems(&listener("tcp", "max_sessions = 5"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "listener[0].max_sessions");
+        assert!(problems(&listener("dtls", "max_sessions = 5")).is_empty());
+
+        let mut server = ServerConfig {
+            max_connections: 51,
+            ..ServerConfig::default()
+        };
+        assert_eq!(server.datagram_session_cap(true), 26);
+        assert_eq!(server.datagram_session_cap(false), 51);
+        server.max_datagram_sessions = 7;
+        assert_eq!(server.datagram_session_cap(true), 7);
+        assert_eq!(ServerConfig::default().max_datagram_sessions_per_ip, 256);
+    }
+
+    #[test]
     fn embedded_default_is_valid_and_round_trips() {
         let config = Config::embedded_default();
         let valid = config.validate("<embedded default>", SERVICES).unwrap();
