@@ -541,6 +541,113 @@ fn a_full_dtls_listener_reclaims_its_longest_idle_session_with_close_notify() {
     assert_eq!(metrics.dtls_sessions_open, 2);
 }
 
+/// Completes the cookie exchange from a fresh socket on `local_ip`, sends the ClientHello
+/// with the cookie and goes silent: the server holds a handshaking session (and its handshake
+/// slot) until `handshake_timeout`. The socket is returned so its port stays taken.
+fn stalled_dtls_handshake(local_ip: &str, to: SocketAddr) -> UdpSocket {
+    #[derive(Default)]
+    struct Pipe {
+        inbound: Option<Vec<u8>>,
+        outbound: Vec<Vec<u8>>,
+    }
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let datagram = self.inbound.take().ok_or(io::ErrorKind::WouldBlock)?;
+            buf[..datagram.len()].copy_from_slice(&datagram);
+            Ok(datagram.len())
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.outbound.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let socket = UdpSocket::bind((local_ip, 0)).unwrap();
+    socket.connect(to).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut builder = SslConnector::builder(SslMethod::dtls()).unwrap();
+    builder.set_verify(SslVerifyMode::NONE);
+    let mut ssl = builder
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    ssl.set_connect_state();
+    let mut stream = SslStream::new(ssl, Pipe::default()).unwrap();
+    assert!(stream.do_handshake().is_err(), "waits for the cookie");
+    for datagram in stream.get_mut().outbound.drain(..) {
+        socket.send(&datagram).unwrap();
+    }
+    let mut buf = vec![0u8; 2048];
+    let n = socket.recv(&mut buf).expect("a HelloVerifyRequest");
+    stream.get_mut().inbound = Some(buf[..n].to_vec());
+    assert!(
+        stream.do_handshake().is_err(),
+        "waits for the server's flight"
+    );
+    let hello = stream.get_mut().outbound.drain(..).collect::<Vec<_>>();
+    assert!(!hello.is_empty(), "a ClientHello with the cookie");
+    for datagram in hello {
+        socket.send(&datagram).unwrap();
+    }
+    socket
+}
+
+/// `max_handshakes` is shared by tls and dtls listeners: dtls handshakes may hold at most
+/// half of it, so clients that pass the cookie exchange and stall can never take every slot
+/// a TLS client needs (on main, 4 stalled DTLS handshakes refused every TLS client).
+#[test]
+fn stalled_dtls_handshakes_never_take_every_tls_handshake_slot() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"tls-echo\"\ntransport = \"tls\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        dtls_config("max_handshakes = 4\nhandshake_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "dtls-share").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let dtls = server.local_addr("dtls-echo").unwrap();
+    let tls = server.local_addr("tls-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let _stalled: Vec<UdpSocket> = (0..4)
+        .map(|i| stalled_dtls_handshake(&format!("127.0.0.{}", 30 + i), dtls))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while handle
+        .metrics()
+        .refused(plexus::RefusalReason::HandshakeCapacity)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{:?}", handle.metrics());
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        handle.metrics().dtls_sessions_open,
+        2,
+        "the dtls share: 2 of 4"
+    );
+    for i in 0..2 {
+        let out = run_plexus(
+            &["connect", &format!("tls://{tls}"), "--insecure"],
+            Some(format!("tls client {i}\n").as_bytes()),
+            CMD_TIMEOUT,
+        );
+        out.assert_code(0);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("tls client {i}\n")
+        );
+    }
+    handle.stop();
+    let _ = runner.join();
+}
+
 /// A source the listener's ACL denies gets no cookie (its hello is dropped and counted).
 #[test]
 fn acl_denied_source_gets_no_dtls_cookie() {

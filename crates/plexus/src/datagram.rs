@@ -44,7 +44,9 @@ use slab::Slab;
 use tracing::{debug, error, info};
 
 use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
-use crate::datagram_admission::{CapFull, DatagramCaps, DatagramPlace, ListenerCap};
+use crate::datagram_admission::{
+    CapFull, DatagramCaps, DatagramPlace, DtlsHandshakePlace, ListenerCap,
+};
 use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
 use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
 use crate::idle_order::{IdleOrder, Scope};
@@ -137,8 +139,9 @@ struct DatagramSession {
 /// The DTLS state of a session.
 struct DtlsPeer {
     stream: SslStream<DatagramIo>,
-    /// Held until the handshake completes: counts against `max_handshakes`.
-    handshake: Option<HandshakeSlot>,
+    /// Held until the handshake completes: counts against `max_handshakes` and the dtls share
+    /// of it.
+    handshake: Option<(HandshakeSlot, DtlsHandshakePlace)>,
     handshake_timer: Option<TimerKey>,
     retransmit_timer: Option<TimerKey>,
     /// Opened once the handshake completes.
@@ -590,10 +593,20 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let Some(admitted) = self.admit(index, peer, now, parts) else {
+        // The handshake places first: a refusal here must not have reclaimed a session.
+        // DTLS handshakes may hold at most their share of max_handshakes, so datagrams alone
+        // can never take every handshake slot tls clients need.
+        let listener = &self.sockets[index].listener;
+        let Some(share) = listener.caps.reserve_handshake() else {
+            listener
+                .admission
+                .record_refusal(RefusalReason::HandshakeCapacity);
+            self.refuse(
+                peer,
+                "handshake_capacity (the dtls share of max_handshakes)",
+            );
             return;
         };
-        let listener = &self.sockets[index].listener;
         let slot = match listener.admission.reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
@@ -601,6 +614,10 @@ impl DatagramEndpoint {
                 return;
             }
         };
+        let Some(admitted) = self.admit(index, peer, now, parts) else {
+            return;
+        };
+        let listener = &self.sockets[index].listener;
         let Some(context) = listener.dtls.as_ref() else {
             return;
         };
@@ -618,7 +635,7 @@ impl DatagramEndpoint {
         let stream = std::mem::replace(listen, fresh);
         let peer_state = Box::new(DtlsPeer {
             stream,
-            handshake: Some(slot),
+            handshake: Some((slot, share)),
             handshake_timer: None,
             retransmit_timer: None,
             pending_service: Some(service),

@@ -7,6 +7,10 @@
 //! below `max_connections` (validated), so datagram sessions can never hold the places stream
 //! clients need. A full cap does not refuse: the loop reclaims its longest-idle session of the
 //! cap's scope ([`crate::idle_order`]) and admits the newcomer in its place.
+//!
+//! DTLS handshakes also hold a `max_handshakes` slot, shared with tls (and auto) listeners; at
+//! most half of that pool (rounded up, fixed at start) may be DTLS handshakes, so clients
+//! completing cookie exchanges cannot take every slot TLS clients need.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -43,6 +47,8 @@ pub(crate) struct DatagramCaps {
     max_per_ip: usize,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    max_handshakes: usize,
+    handshakes: Arc<AtomicUsize>,
 }
 
 /// One listener's cap (`max_sessions`; 0 = only the server-wide caps) and its count.
@@ -62,13 +68,27 @@ impl ListenerCap {
 }
 
 impl DatagramCaps {
-    pub(crate) fn new(max_sessions: usize, max_per_ip: usize) -> Self {
+    /// `max_handshakes` is the dtls share of the server's `max_handshakes`.
+    pub(crate) fn new(max_sessions: usize, max_per_ip: usize, max_handshakes: usize) -> Self {
         DatagramCaps {
             max_sessions,
             max_per_ip,
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            max_handshakes,
+            handshakes: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A place among the DTLS handshakes in flight, or `None` when the dtls share is taken.
+    pub(crate) fn reserve_handshake(&self) -> Option<DtlsHandshakePlace> {
+        if self.handshakes.fetch_add(1, Ordering::AcqRel) >= self.max_handshakes {
+            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(DtlsHandshakePlace {
+            in_flight: Arc::clone(&self.handshakes),
+        })
     }
 
     /// Takes a place for a session of `listener` from `ip`, or says which cap is full (the most
@@ -119,6 +139,18 @@ impl DatagramCaps {
     }
 }
 
+/// A DTLS handshake's place in the dtls share of `max_handshakes`, given back on drop.
+#[derive(Debug)]
+pub(crate) struct DtlsHandshakePlace {
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl Drop for DtlsHandshakePlace {
+    fn drop(&mut self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A datagram session's places under the datagram caps, given back on drop.
 #[derive(Debug)]
 pub(crate) struct DatagramPlace {
@@ -162,7 +194,7 @@ mod tests {
 
     #[test]
     fn each_cap_refuses_with_its_name_and_places_come_back() {
-        let caps = Arc::new(DatagramCaps::new(3, 2));
+        let caps = Arc::new(DatagramCaps::new(3, 2, 1));
         let listener = Arc::new(ListenerCap::new(0));
         let a = caps.take(&listener, ip("127.0.0.1")).unwrap();
         let _b = caps.take(&listener, ip("::ffff:127.0.0.1")).unwrap();
@@ -189,7 +221,7 @@ mod tests {
             CapFull::Sessions
         );
         assert_eq!(small.open.load(Ordering::Acquire), 1);
-        let caps = Arc::new(DatagramCaps::new(10, 0));
+        let caps = Arc::new(DatagramCaps::new(10, 0, 1));
         let _e = caps.take(&small, ip("127.0.0.5")).unwrap_err();
         assert_eq!(
             caps.take(&small, ip("127.0.0.5")).unwrap_err(),
@@ -197,5 +229,15 @@ mod tests {
         );
         assert!(caps.per_ip.lock().unwrap().is_empty());
         assert_eq!(caps.open(), 0);
+    }
+
+    #[test]
+    fn dtls_handshakes_are_held_to_their_share() {
+        let caps = DatagramCaps::new(10, 0, 2);
+        let first = caps.reserve_handshake().unwrap();
+        let _second = caps.reserve_handshake().unwrap();
+        assert!(caps.reserve_handshake().is_none());
+        drop(first);
+        assert!(caps.reserve_handshake().is_some());
     }
 }

@@ -270,6 +270,7 @@ impl ServerBuilder {
                     .any(|listener| !listener.config.transport.is_datagram()),
             ),
             server.max_datagram_sessions_per_ip,
+            server.max_handshakes.div_ceil(2),
         ));
         for (index, sockets) in datagram_sockets {
             let listener = &valid.listeners[index];
