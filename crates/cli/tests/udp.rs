@@ -279,6 +279,47 @@ fn one_hosts_source_ports_reclaim_only_that_hosts_sessions() {
     runner.join().unwrap().unwrap();
 }
 
+/// `max_connections` full of streams: a new datagram peer takes the place of the loop's
+/// longest-idle datagram session (counted), so the total never passes `max_connections` and
+/// no stream is touched.
+#[test]
+fn a_new_datagram_peer_replaces_the_longest_idle_one_when_streams_fill_max_connections() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"tcp-echo\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        udp_config("max_connections = 4\nmax_datagram_sessions = 2\nidle_timeout = \"60s\"")
+            .replace("event_loops = 2", "event_loops = 1")
+    );
+    let config = plexus::Config::parse(&text, "udp-total").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let udp = server.local_addr("udp-echo").unwrap();
+    let tcp = server.local_addr("tcp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let first = client("127.0.0.1");
+    assert_eq!(
+        echo_once(&first, udp, b"first").as_deref(),
+        Some(&b"first"[..])
+    );
+    let mut streams: Vec<std::net::TcpStream> = (0..3).map(|_| common::connect(tcp)).collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        common::assert_echo(stream, format!("stream {i}").as_bytes());
+    }
+    let second = client("127.0.0.2");
+    assert_eq!(
+        echo_once(&second, udp, b"second").as_deref(),
+        Some(&b"second"[..])
+    );
+    wait_metrics(&handle, |m| m.reclaimed_for_max_connections == 1);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.sessions_open, 4, "{metrics:?}");
+    assert_eq!(metrics.udp_sessions_open, 1);
+    for (i, stream) in streams.iter_mut().enumerate() {
+        common::assert_echo(stream, format!("stream {i} again").as_bytes());
+    }
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
 /// `plexus connect udp://` sends one datagram per line and prints each reply on its own line;
 /// it exits 0 once every reply arrived.
 #[test]

@@ -457,9 +457,9 @@ impl DatagramEndpoint {
             self.refuse(peer, RefusalReason::Acl.as_str());
             return None;
         }
-        // Each round frees one place; a cap of N cannot need more than a few rounds unless
-        // other loops race for the same places, so the attempts are bounded.
-        for _ in 0..4 {
+        // Each round frees one place, and each of the four caps needs at most one unless other
+        // loops race for the same places: five attempts, four reclaims at most.
+        for attempt in 0..5 {
             let listener = &self.sockets[index].listener;
             let full = match listener.caps.take(&listener.listener_cap, ip) {
                 Ok(place) => match listener.admission.admit_datagram(&listener.acl, ip) {
@@ -494,6 +494,9 @@ impl DatagramEndpoint {
                     RefusalReason::MaxConnections.as_str(),
                 ),
             };
+            if attempt == 4 {
+                break;
+            }
             let Some(victim) = self.idle.oldest(scope) else {
                 LoopStats::add(&self.stats.datagrams_dropped_session_cap, 1);
                 if let Some(also) = self.refusals.allow(now) {
