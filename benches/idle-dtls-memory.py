@@ -50,7 +50,7 @@ def main():
         cfg = os.path.join(tmp, "plexus.toml")
         with open(cfg, "w") as f:
             f.write('[server]\nevent_loops = 1\nworkers = 1\nidle_timeout = "600s"\n'
-                    'max_connections = 100000\n\n[[listener]]\nname = "dtls-echo"\n'
+                    'max_connections = 100000\nmax_datagram_sessions_per_ip = 0\n\n[[listener]]\nname = "dtls-echo"\n'
                     'transport = "dtls"\naddr = "127.0.0.1:0"\nservice = "echo"\n')
         server = subprocess.Popen([args.plexus, "serve", "--config", cfg],
                                   stderr=subprocess.PIPE, text=True)

@@ -167,6 +167,8 @@ log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}"
     echo "event_loops = 1"
     echo "max_connections = 30000"
     echo "max_handshakes = 100000"
+    # One source address for every load socket: no per-IP datagram cap (default 256).
+    echo "max_datagram_sessions_per_ip = 0"
     echo "idle_timeout = \"600s\""
     echo
     echo "[tls]"

@@ -351,9 +351,13 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
         socket.send_to(datagram, server.addr).unwrap();
     }
     let expected = garbage.len() as u64;
-    server.wait_for("garbage counted", |m| m.dtls_garbage_dropped >= expected);
+    server.wait_for("garbage counted", |m| garbage_dropped(m) >= expected);
     let metrics = server.metrics();
-    assert_eq!(metrics.dtls_garbage_dropped, expected);
+    assert_eq!(garbage_dropped(&metrics), expected);
+    assert_eq!(
+        metrics.dtls_garbage_dropped, 0,
+        "the pre-parser refused all of it before OpenSSL"
+    );
     assert_eq!(
         metrics.dtls_cookies_sent, 1,
         "only the real client's hello got a cookie"
@@ -363,6 +367,285 @@ fn garbage_datagrams_on_the_dtls_port_are_dropped_and_counted() {
         dtls_echo(&mut stream, b"undisturbed", false),
         b"undisturbed"
     );
+}
+
+/// Every datagram a dtls port dropped as unusable, whichever stage refused it.
+fn garbage_dropped(m: &plexus::MetricsSnapshot) -> u64 {
+    m.dtls_malformed_dropped + m.dtls_not_hello_dropped + m.dtls_garbage_dropped
+}
+
+/// `hello` (a cookieless ClientHello of one record) with `cookie` in it.
+fn with_cookie(hello: &[u8], cookie: &[u8]) -> Vec<u8> {
+    let grow = |bytes: &mut [u8]| {
+        let mut value = 0u32;
+        for byte in bytes.iter() {
+            value = value << 8 | u32::from(*byte);
+        }
+        value += cookie.len() as u32;
+        let be = value.to_be_bytes();
+        let len = bytes.len();
+        bytes.copy_from_slice(&be[4 - len..]);
+    };
+    let mut out = hello.to_vec();
+    grow(&mut out[11..13]); // record length
+    grow(&mut out[14..17]); // handshake length
+    grow(&mut out[22..25]); // fragment length
+                            // record header 13 + handshake header 12 + version 2 + random 32 + session id (empty) 1
+    let cookie_at = 13 + 12 + 2 + 32;
+    assert_eq!(out[cookie_at], 0, "a cookieless hello without session id");
+    assert_eq!(out[cookie_at + 1], 0);
+    out[cookie_at + 1] = cookie.len() as u8;
+    out.splice(cookie_at + 2..cookie_at + 2, cookie.iter().copied());
+    out
+}
+
+/// A DTLS record with the given header fields around `payload`.
+fn record(kind: u8, version: u16, epoch: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![kind];
+    out.extend_from_slice(&version.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0, 0, 7]);
+    out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Defect: one datagram from anywhere killed the next DTLS session on its loop (OpenSSL's
+/// per-thread error queue, left dirty by `DTLSv1_listen`, was read as that session's error).
+/// With one event loop (every session shares the thread), three established sessions keep
+/// echoing every record while garbage arrives from other sources — 1 byte, random bytes, a
+/// truncated ClientHello, well-formed records that are no ClientHello, a ClientHello that
+/// OpenSSL itself refuses — and from the sessions' own addresses; every datagram is dropped
+/// and counted, no session fails.
+#[test]
+fn garbage_from_anywhere_never_disturbs_established_dtls_sessions() {
+    let server =
+        InProcess::from_text(&dtls_config("").replace("event_loops = 2", "event_loops = 1"));
+    let mut sessions: Vec<SslStream<Udp>> = (0..3)
+        .map(|_| dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20)))
+        .collect();
+    let hello = client_hello();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..1400)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    // A ClientHello whose handshake header says message_seq 5: refused by the pre-parser.
+    let mut late_seq = hello.clone();
+    late_seq[13 + 4..13 + 6].copy_from_slice(&5u16.to_be_bytes());
+    // ClientHellos that pass the pre-parser go to DTLSv1_listen between the sessions' records
+    // (answered with a HelloVerifyRequest: the forged cookie is refused).
+    let forged_cookie = with_cookie(&hello, b"forged!!");
+    let from_elsewhere: Vec<Vec<u8>> = vec![
+        vec![0],
+        random.clone(),
+        hello[..20].to_vec(),
+        hello[..hello.len() - 1].to_vec(),
+        record(23, 0xfefd, 1, &random[..64]),
+        record(22, 0xfefd, 0, &[1, 0, 0]),
+        record(21, 0xfefd, 0, &[2, 40]),
+        late_seq,
+        forged_cookie,
+        hello.clone(),
+        vec![0x16, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff],
+    ];
+    let hellos = 2;
+    let from_sessions: Vec<Vec<u8>> = vec![
+        vec![0],
+        random[..100].to_vec(),
+        record(23, 0xfefd, 1, &[0xee; 48])[..30].to_vec(),
+    ];
+    let mut sent = 0u64;
+    let mut round = 0;
+    for (i, datagram) in from_elsewhere.iter().enumerate() {
+        let source = UdpSocket::bind(format!("127.0.0.{}:0", 20 + i)).unwrap();
+        source.send_to(datagram, server.addr).unwrap();
+        for (n, session) in sessions.iter_mut().enumerate() {
+            round += 1;
+            let payload = format!("session {n} after garbage {i} ({round})");
+            assert_eq!(
+                dtls_echo(session, payload.as_bytes(), false),
+                payload.as_bytes(),
+                "session {n} after garbage datagram {i}"
+            );
+        }
+    }
+    for (i, datagram) in from_sessions.iter().enumerate() {
+        for session in sessions.iter_mut() {
+            session.get_ref().0.send(datagram).unwrap();
+            sent += 1;
+        }
+        for (n, session) in sessions.iter_mut().enumerate() {
+            let payload = format!("session {n} after own garbage {i}");
+            assert_eq!(
+                dtls_echo(session, payload.as_bytes(), false),
+                payload.as_bytes()
+            );
+        }
+    }
+    sent += from_elsewhere.len() as u64 - hellos;
+    server.wait_for("every garbage datagram counted", |m| {
+        garbage_dropped(m) >= sent
+    });
+    let metrics = server.metrics();
+    assert_eq!(garbage_dropped(&metrics), sent, "{metrics:?}");
+    // From elsewhere: 5 not even records, 4 records that are no ClientHello; from each of
+    // the 3 sessions: 3 malformed.
+    assert_eq!(metrics.dtls_malformed_dropped, 5 + 9, "{metrics:?}");
+    assert_eq!(metrics.dtls_not_hello_dropped, 4, "{metrics:?}");
+    assert_eq!(metrics.dtls_garbage_dropped, 0, "{metrics:?}");
+    assert!(metrics.dtls_cookies_sent >= 3 + hellos, "{metrics:?}");
+    assert_eq!(metrics.handshakes_failed, 0);
+    assert_eq!(metrics.dtls_sessions_open, 3);
+    assert_eq!(metrics.closed_io_error, 0);
+}
+
+/// A listener's `max_sessions`: a third DTLS client reclaims the longest-idle session (which
+/// gets close_notify), the two newest are served, and the reclaim is counted.
+#[test]
+fn a_full_dtls_listener_reclaims_its_longest_idle_session_with_close_notify() {
+    let server = InProcess::from_text(&format!(
+        "{}max_sessions = 2\n",
+        dtls_config("").replace("event_loops = 2", "event_loops = 1")
+    ));
+    let mut first = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut first, b"first", false), b"first");
+    let mut second = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut second, b"second", false), b"second");
+    let mut third = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut third, b"third", false), b"third");
+    assert_eq!(
+        dtls_echo(&mut second, b"second again", false),
+        b"second again"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut buf = [0u8; 64];
+    loop {
+        match first.ssl_read(&mut buf) {
+            Err(err) if err.code() == ErrorCode::ZERO_RETURN => break,
+            Ok(0) => break,
+            Err(err) if err.code() == ErrorCode::WANT_READ => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no close_notify for the reclaimed session"
+        );
+    }
+    let metrics = server.metrics();
+    assert_eq!(metrics.reclaimed_for_max_sessions, 1, "{metrics:?}");
+    assert_eq!(metrics.dtls_sessions_open, 2);
+}
+
+/// Completes the cookie exchange from a fresh socket on `local_ip`, sends the ClientHello
+/// with the cookie and goes silent: the server holds a handshaking session (and its handshake
+/// slot) until `handshake_timeout`. The socket is returned so its port stays taken.
+fn stalled_dtls_handshake(local_ip: &str, to: SocketAddr) -> UdpSocket {
+    #[derive(Default)]
+    struct Pipe {
+        inbound: Option<Vec<u8>>,
+        outbound: Vec<Vec<u8>>,
+    }
+    impl Read for Pipe {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let datagram = self.inbound.take().ok_or(io::ErrorKind::WouldBlock)?;
+            buf[..datagram.len()].copy_from_slice(&datagram);
+            Ok(datagram.len())
+        }
+    }
+    impl Write for Pipe {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.outbound.push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let socket = UdpSocket::bind((local_ip, 0)).unwrap();
+    socket.connect(to).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut builder = SslConnector::builder(SslMethod::dtls()).unwrap();
+    builder.set_verify(SslVerifyMode::NONE);
+    let mut ssl = builder
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    ssl.set_connect_state();
+    let mut stream = SslStream::new(ssl, Pipe::default()).unwrap();
+    assert!(stream.do_handshake().is_err(), "waits for the cookie");
+    for datagram in stream.get_mut().outbound.drain(..) {
+        socket.send(&datagram).unwrap();
+    }
+    let mut buf = vec![0u8; 2048];
+    let n = socket.recv(&mut buf).expect("a HelloVerifyRequest");
+    stream.get_mut().inbound = Some(buf[..n].to_vec());
+    assert!(
+        stream.do_handshake().is_err(),
+        "waits for the server's flight"
+    );
+    let hello = stream.get_mut().outbound.drain(..).collect::<Vec<_>>();
+    assert!(!hello.is_empty(), "a ClientHello with the cookie");
+    for datagram in hello {
+        socket.send(&datagram).unwrap();
+    }
+    socket
+}
+
+/// `max_handshakes` is shared by tls and dtls listeners: dtls handshakes may hold at most
+/// half of it, so clients that pass the cookie exchange and stall can never take every slot
+/// a TLS client needs (on main, 4 stalled DTLS handshakes refused every TLS client).
+#[test]
+fn stalled_dtls_handshakes_never_take_every_tls_handshake_slot() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"tls-echo\"\ntransport = \"tls\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        dtls_config("max_handshakes = 4\nhandshake_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "dtls-share").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let dtls = server.local_addr("dtls-echo").unwrap();
+    let tls = server.local_addr("tls-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let _stalled: Vec<UdpSocket> = (0..4)
+        .map(|i| stalled_dtls_handshake(&format!("127.0.0.{}", 30 + i), dtls))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while handle
+        .metrics()
+        .refused(plexus::RefusalReason::HandshakeCapacity)
+        < 2
+    {
+        assert!(Instant::now() < deadline, "{:?}", handle.metrics());
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        handle.metrics().dtls_sessions_open,
+        2,
+        "the dtls share: 2 of 4"
+    );
+    for i in 0..2 {
+        let out = run_plexus(
+            &["connect", &format!("tls://{tls}"), "--insecure"],
+            Some(format!("tls client {i}\n").as_bytes()),
+            CMD_TIMEOUT,
+        );
+        out.assert_code(0);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("tls client {i}\n")
+        );
+    }
+    handle.stop();
+    let _ = runner.join();
 }
 
 /// A source the listener's ACL denies gets no cookie (its hello is dropped and counted).

@@ -1,5 +1,6 @@
 //! End-to-end tests of `transport = "udp"` listeners: whole datagrams up to the UDP maximum,
-//! one session per peer, sessions capped by `max_connections` and gone after `idle_timeout`,
+//! one session per peer, datagram-session caps that never lock out tcp/tls and reclaim the
+//! longest-idle session, sessions gone after `idle_timeout`,
 //! `plexus connect udp://`, and the counters behind them (through the library's metrics).
 
 mod common;
@@ -120,35 +121,203 @@ fn udp_echo_keeps_1000_peers_apart() {
     }
 }
 
-/// `max_connections = 1`: a second peer is refused (no echo) while the first peer's session
-/// lives; after `idle_timeout` the first session is gone and the second peer is served.
-#[test]
-fn udp_sessions_count_against_max_connections_and_expire_when_idle() {
-    let server = Server::start(&udp_config("max_connections = 1\nidle_timeout = \"1s\""));
-    let to = server.addr("udp-echo");
-    let first = client("127.0.0.1");
-    let second = client("127.0.0.2");
-    second
-        .set_read_timeout(Some(Duration::from_millis(300)))
+/// Fetches `/metrics` from an http listener.
+fn fetch_metrics(http: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    assert_eq!(echo_once(&first, to, b"one").as_deref(), Some(&b"one"[..]));
-    assert_eq!(
-        echo_once(&second, to, b"two"),
-        None,
-        "a second session must be refused while max_connections = 1 is taken"
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// The value of the sample line `name` in a Prometheus text body (0 when absent).
+fn sample(body: &str, name: &str) -> u64 {
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Defect: datagram sessions took the places of `max_connections`, so 50 UDP source ports
+/// refused every TCP and TLS client for `idle_timeout`. Now datagram sessions have their own
+/// cap (here: half of max_connections = 50): 200 source ports each get their echo (the
+/// longest-idle session is reclaimed, and counted), TCP and TLS clients are served while the
+/// UDP sessions are held, and the first UDP peers get echoes again.
+#[test]
+fn udp_sources_never_lock_out_tcp_and_tls_and_idle_sessions_are_reclaimed() {
+    let config = format!(
+        r#"{}
+[[listener]]
+name = "tcp-echo"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "echo"
+
+[[listener]]
+name = "tls-echo"
+transport = "tls"
+addr = "127.0.0.1:0"
+service = "echo"
+
+[[listener]]
+name = "http"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "http"
+"#,
+        udp_config("max_connections = 50\nidle_timeout = \"60s\"")
     );
-    // The first session expires after 1 s without traffic; then the second peer fits.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        thread::sleep(Duration::from_millis(500));
-        if echo_once(&second, to, b"two").as_deref() == Some(&b"two"[..]) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the idle session never freed its place"
+    let server = Server::start(&config);
+    let to = server.addr("udp-echo");
+    let peers: Vec<UdpSocket> = (0..200).map(|_| client("127.0.0.1")).collect();
+    for (i, peer) in peers.iter().enumerate() {
+        let payload = format!("udp peer {i}");
+        assert_eq!(
+            echo_once(peer, to, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes()),
+            "udp peer {i} got no echo"
         );
     }
+    // The datagram sessions are at their cap now; streams still have their places.
+    let mut streams: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| common::connect(server.addr("tcp-echo")))
+        .collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        common::assert_echo(stream, format!("tcp client {i}").as_bytes());
+    }
+    let url = format!("tls://127.0.0.1:{}", server.addr("tls-echo").port());
+    let out = run_plexus(
+        &["connect", &url, "--insecure"],
+        Some(b"tls still served\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_code(0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "tls still served\n");
+    // The first peers' sessions were reclaimed long ago: they are admitted again.
+    for (i, peer) in peers.iter().enumerate().take(10) {
+        let payload = format!("udp peer {i} again");
+        assert_eq!(
+            echo_once(peer, to, payload.as_bytes()).as_deref(),
+            Some(payload.as_bytes()),
+            "udp peer {i} got no echo the second time"
+        );
+    }
+    let body = fetch_metrics(server.addr("http"));
+    let reclaimed = sample(
+        &body,
+        "plexus_datagram_sessions_reclaimed_total{cap=\"max_datagram_sessions\"}",
+    );
+    assert!(
+        reclaimed >= 200 - 25,
+        "reclaims counted: {reclaimed}\n{body}"
+    );
+    assert!(
+        sample(&body, "plexus_datagram_sessions_open{transport=\"udp\"}") <= 25,
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "plexus_connections_refused_total{reason=\"max_connections\"}"
+        ),
+        0,
+        "{body}"
+    );
+    assert_eq!(
+        sample(
+            &body,
+            "plexus_datagrams_dropped_total{reason=\"session_cap\"}"
+        ),
+        0,
+        "{body}"
+    );
+}
+
+/// The per-IP datagram cap: one host's source ports take at most
+/// `max_datagram_sessions_per_ip` sessions; its newest peers reclaim its own longest-idle
+/// sessions, never another host's.
+#[test]
+fn one_hosts_source_ports_reclaim_only_that_hosts_sessions() {
+    let config = plexus::Config::parse(
+        &udp_config("event_loops = 1\nmax_datagram_sessions_per_ip = 4\nidle_timeout = \"60s\"")
+            .replace("event_loops = 2\n", ""),
+        "udp-per-ip",
+    )
+    .unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let other = client("127.0.0.9");
+    assert_eq!(
+        echo_once(&other, to, b"other host").as_deref(),
+        Some(&b"other host"[..])
+    );
+    let flood: Vec<UdpSocket> = (0..20).map(|_| client("127.0.0.8")).collect();
+    for (i, peer) in flood.iter().enumerate() {
+        assert!(echo_once(peer, to, &[i as u8]).is_some(), "flood peer {i}");
+    }
+    wait_metrics(&handle, |m| m.reclaimed_for_per_ip >= 16);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.reclaimed_for_per_ip, 16, "{metrics:?}");
+    assert_eq!(
+        metrics.udp_sessions_open, 5,
+        "4 of the flooding host + the other"
+    );
+    // The other host's session survived the whole flood (it is the longest idle of all).
+    assert_eq!(
+        echo_once(&other, to, b"still me").as_deref(),
+        Some(&b"still me"[..])
+    );
+    assert_eq!(handle.metrics().udp_sessions_open, 5);
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
+/// `max_connections` full of streams: a new datagram peer takes the place of the loop's
+/// longest-idle datagram session (counted), so the total never passes `max_connections` and
+/// no stream is touched.
+#[test]
+fn a_new_datagram_peer_replaces_the_longest_idle_one_when_streams_fill_max_connections() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"tcp-echo\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n",
+        udp_config("max_connections = 4\nmax_datagram_sessions = 2\nidle_timeout = \"60s\"")
+            .replace("event_loops = 2", "event_loops = 1")
+    );
+    let config = plexus::Config::parse(&text, "udp-total").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let udp = server.local_addr("udp-echo").unwrap();
+    let tcp = server.local_addr("tcp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let first = client("127.0.0.1");
+    assert_eq!(
+        echo_once(&first, udp, b"first").as_deref(),
+        Some(&b"first"[..])
+    );
+    let mut streams: Vec<std::net::TcpStream> = (0..3).map(|_| common::connect(tcp)).collect();
+    for (i, stream) in streams.iter_mut().enumerate() {
+        common::assert_echo(stream, format!("stream {i}").as_bytes());
+    }
+    let second = client("127.0.0.2");
+    assert_eq!(
+        echo_once(&second, udp, b"second").as_deref(),
+        Some(&b"second"[..])
+    );
+    wait_metrics(&handle, |m| m.reclaimed_for_max_connections == 1);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.sessions_open, 4, "{metrics:?}");
+    assert_eq!(metrics.udp_sessions_open, 1);
+    for (i, stream) in streams.iter_mut().enumerate() {
+        common::assert_echo(stream, format!("stream {i} again").as_bytes());
+    }
+    handle.stop();
+    runner.join().unwrap().unwrap();
 }
 
 /// `plexus connect udp://` sends one datagram per line and prints each reply on its own line;

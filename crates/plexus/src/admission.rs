@@ -163,6 +163,33 @@ impl Admission {
         Ok(false)
     }
 
+    /// Admits a datagram (udp/dtls) session from `ip`: the ACLs and `max_connections` apply,
+    /// `max_connections_per_ip` does not (datagram sessions have their own per-IP cap, so a
+    /// host's UDP sources never take its TCP places; see [`crate::datagram_admission`]).
+    pub(crate) fn admit_datagram(
+        self: &Arc<Self>,
+        listener_acl: &Acl,
+        ip: IpAddr,
+    ) -> Result<Ticket, RefusalReason> {
+        let ip = ip.to_canonical();
+        if !self.global_acl().permits(ip) || !listener_acl.permits(ip) {
+            self.metrics.refused(RefusalReason::Acl);
+            return Err(RefusalReason::Acl);
+        }
+        let previous = self.open.fetch_add(1, Ordering::AcqRel);
+        if previous >= self.max_connections.load(Ordering::Acquire) {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.refused(RefusalReason::MaxConnections);
+            return Err(RefusalReason::MaxConnections);
+        }
+        self.metrics.accepted.fetch_add(1, Ordering::Relaxed);
+        Ok(Ticket {
+            admission: Arc::clone(self),
+            ip: Some(ip),
+            per_ip: false,
+        })
+    }
+
     /// Whether the ACLs permit `ip` (no place is taken); a refusal is counted. DTLS asks this
     /// before answering a ClientHello with a cookie.
     pub(crate) fn permits(&self, listener_acl: &Acl, ip: IpAddr) -> bool {

@@ -62,6 +62,12 @@ pub struct ServerConfig {
     pub max_connections_per_ip: usize,
     /// TLS handshakes in flight at once; more connections are refused.
     pub max_handshakes: usize,
+    /// udp/dtls sessions open at once, all datagram listeners together (they also count in
+    /// `max_connections`, and stay below it when tcp/tls listeners exist); 0 = half of
+    /// `max_connections` (rounded up), or all of it without tcp/tls listeners.
+    pub max_datagram_sessions: usize,
+    /// udp/dtls sessions open at once from one client IP; 0 = unlimited.
+    pub max_datagram_sessions_per_ip: usize,
     /// Bound on handshakes, PROXY headers and protocol detection.
     #[serde(with = "human_duration")]
     pub handshake_timeout: Duration,
@@ -89,12 +95,27 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_connections_per_ip: 0,
             max_handshakes: 1024,
+            max_datagram_sessions: 0,
+            max_datagram_sessions_per_ip: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             outbound_high_watermark: 1024 * 1024,
             outbound_low_watermark: 256 * 1024,
             outbound_limit: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The cap on datagram sessions in effect: `max_datagram_sessions`, or when it is 0, half
+    /// of `max_connections` (rounded up) if stream listeners share the server (`has_streams`),
+    /// else all of it.
+    pub fn datagram_session_cap(&self, has_streams: bool) -> usize {
+        match (self.max_datagram_sessions, has_streams) {
+            (0, true) => self.max_connections.div_ceil(2),
+            (0, false) => self.max_connections,
+            (cap, _) => cap,
         }
     }
 }
@@ -356,6 +377,9 @@ pub struct ListenerConfig {
     /// udp/dtls: datagrams received (recvmmsg) or sent (sendmmsg) per system call.
     #[serde(default = "default_datagram_batch")]
     pub datagram_batch: usize,
+    /// udp/dtls: sessions of this listener open at once; 0 = only the `[server]` caps.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_sessions: usize,
 }
 
 fn default_mtu() -> u32 {
@@ -510,6 +534,21 @@ impl Config {
         if server.max_handshakes == 0 {
             problem("server.max_handshakes".into(), "must be at least 1".into());
         }
+        // datagram: their own cap stays below max_connections, so stream clients keep places.
+        let has_streams = self.listeners.iter().any(|l| l.transport.is_stream());
+        let datagram_cap = server.max_datagram_sessions;
+        if datagram_cap > server.max_connections
+            || (has_streams && datagram_cap != 0 && datagram_cap >= server.max_connections)
+        {
+            problem(
+                "server.max_datagram_sessions".into(),
+                format!(
+                    "{datagram_cap} must be less than server.max_connections ({}) so that tcp/tls \
+                     clients keep places (0 = half of max_connections)",
+                    server.max_connections
+                ),
+            );
+        }
         if let Some(tls) = &self.tls {
             let mut files = vec![];
             match (&tls.cert, &tls.key) {
@@ -619,6 +658,13 @@ impl Config {
                         format!("{} must be 1 to 1024", listener.datagram_batch),
                     );
                 }
+            } else if listener.max_sessions != 0 {
+                problem(
+                    key("max_sessions"),
+                    "only udp/dtls listeners have a session cap of their own \
+                     (streams: server.max_connections)"
+                        .into(),
+                );
             }
             let detects_tls = listener.service == "auto" && listener.transport == Transport::Tcp;
             if !listener.alpn.is_empty() && listener.transport != Transport::Tls && !detects_tls {
@@ -918,6 +964,49 @@ mod tests {
                 .err()
                 .map_or(vec![], |e| e.problems),
         }
+    }
+
+    #[test]
+    fn datagram_caps_stay_below_max_connections_and_apply_only_to_datagram_listeners() {
+        let listener = |transport: &str, extra: &str| {
+            format!(
+                "[[listener]]\nname = \"{transport}\"\ntransport = \"{transport}\"\n\
+                 addr = \"127.0.0.1:0\"\nservice = \"echo\"\n{extra}\n"
+            )
+        };
+        let both = format!("{}{}", listener("tcp", ""), listener("udp", ""));
+        let text = format!("[server]\nmax_connections = 50\nmax_datagram_sessions = 50\n{both}");
+        let found = problems(&text);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "server.max_datagram_sessions");
+        assert!(found[0]
+            .message
+            .contains("less than server.max_connections (50)"));
+        // Without stream listeners datagram sessions may have every place.
+        let text = format!(
+            "[server]\nmax_connections = 50\nmax_datagram_sessions = 50\n{}",
+            listener("udp", "")
+        );
+        assert!(problems(&text).is_empty());
+        let text = format!(
+            "[server]\nmax_connections = 50\nmax_datagram_sessions = 51\n{}",
+            listener("udp", "")
+        );
+        assert_eq!(problems(&text)[0].key, "server.max_datagram_sessions");
+        let found = problems(&listener("tcp", "max_sessions = 5"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].key, "listener[0].max_sessions");
+        assert!(problems(&listener("dtls", "max_sessions = 5")).is_empty());
+
+        let mut server = ServerConfig {
+            max_connections: 51,
+            ..ServerConfig::default()
+        };
+        assert_eq!(server.datagram_session_cap(true), 26);
+        assert_eq!(server.datagram_session_cap(false), 51);
+        server.max_datagram_sessions = 7;
+        assert_eq!(server.datagram_session_cap(true), 7);
+        assert_eq!(ServerConfig::default().max_datagram_sessions_per_ip, 256);
     }
 
     #[test]

@@ -8,9 +8,18 @@
 //!
 //! A session is created on a peer's first datagram (UDP) or on its first ClientHello carrying
 //! a valid cookie (DTLS, see [`crate::dtls`]); it holds an admission ticket (so it counts
-//! against `max_connections` and the per-IP cap), and expires after `idle_timeout` without a
-//! datagram either way. For a datagram session one `on_data` is one datagram, and each
-//! `send` is one datagram.
+//! against `max_connections`) and places under the datagram caps
+//! ([`crate::datagram_admission`]), and expires after `idle_timeout` without a datagram either
+//! way. When a datagram cap (or `max_connections`) is full, the loop closes its longest-idle
+//! session of that cap's scope ([`crate::idle_order`]) and admits the new peer. For a datagram
+//! session one `on_data` is one datagram, and each `send` is one datagram.
+//!
+//! Hostile datagrams on a dtls port never reach OpenSSL unless the sans-IO pre-parser
+//! ([`plexus_proto::dtls`]) accepts them: from a new peer only a plausible ClientHello goes to
+//! `DTLSv1_listen`, and a session gets only well-formed records. The rest is dropped, counted
+//! (`plexus_datagrams_dropped_total{reason="dtls_malformed"|"dtls_not_client_hello"}`) and
+//! logged at most once a second; no other session notices (every OpenSSL call also runs with
+//! a clean error queue, see [`crate::dtls`]).
 //!
 //! Backpressure: replies wait in the socket's send queue. Past the outbound high watermark the
 //! loop stops reading that socket (the kernel's receive buffer then absorbs or drops, which is
@@ -28,14 +37,19 @@ use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use openssl::ssl::SslStream;
+use plexus_proto::dtls::{check_records, parse_client_hello, DtlsError as RecordError};
 use plexus_proto::{Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
 use tracing::{debug, error, info};
 
 use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
+use crate::datagram_admission::{
+    CapFull, DatagramCaps, DatagramPlace, DtlsHandshakePlace, ListenerCap,
+};
 use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
 use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
+use crate::idle_order::{IdleOrder, Scope};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
@@ -79,6 +93,10 @@ pub(crate) struct DatagramListener {
     pub(crate) service: Arc<dyn Service>,
     pub(crate) acl: Acl,
     pub(crate) admission: Arc<Admission>,
+    /// The server-wide datagram-session caps.
+    pub(crate) caps: Arc<DatagramCaps>,
+    /// This listener's own cap (`max_sessions`), shared by its sockets on every loop.
+    pub(crate) listener_cap: Arc<ListenerCap>,
     /// Present for dtls listeners.
     pub(crate) dtls: Option<DtlsContext>,
     pub(crate) batch: usize,
@@ -115,13 +133,15 @@ struct DatagramSession {
     idle_timer: Option<TimerKey>,
     dtls: Option<Box<DtlsPeer>>,
     _ticket: Ticket,
+    _place: DatagramPlace,
 }
 
 /// The DTLS state of a session.
 struct DtlsPeer {
     stream: SslStream<DatagramIo>,
-    /// Held until the handshake completes: counts against `max_handshakes`.
-    handshake: Option<HandshakeSlot>,
+    /// Held until the handshake completes: counts against `max_handshakes` and the dtls share
+    /// of it.
+    handshake: Option<(HandshakeSlot, DtlsHandshakePlace)>,
     handshake_timer: Option<TimerKey>,
     retransmit_timer: Option<TimerKey>,
     /// Opened once the handshake completes.
@@ -160,6 +180,10 @@ pub(crate) struct DatagramEndpoint {
     stats: Arc<LoopStats>,
     refusals: LogThrottle,
     failures: LogThrottle,
+    garbage: LogThrottle,
+    reclaims: LogThrottle,
+    /// Activity order of the sessions, for reclaiming the longest-idle one.
+    idle: IdleOrder,
     draining: bool,
 }
 
@@ -174,6 +198,9 @@ impl DatagramEndpoint {
             stats,
             refusals: LogThrottle::new(),
             failures: LogThrottle::new(),
+            garbage: LogThrottle::new(),
+            reclaims: LogThrottle::new(),
+            idle: IdleOrder::default(),
             draining: false,
         }
     }
@@ -326,14 +353,23 @@ impl DatagramEndpoint {
         let socket = &mut self.sockets[index];
         if let Some(&key) = socket.peers.get(&peer) {
             let session = &mut self.sessions[key];
-            session.last_activity = now;
             if session.dtls.is_some() {
+                // Only well-formed records reach the session's OpenSSL object; the rest is
+                // not activity either (it must not keep the session alive).
+                if let Err(why) = check_records(data) {
+                    self.drop_garbage(peer, why, now);
+                    return;
+                }
+                session.last_activity = now;
+                self.idle.touch(key);
                 self.dtls_input(key, data, now, parts);
             } else {
+                session.last_activity = now;
+                self.idle.touch(key);
                 self.callback(key, parts, |handler, session| {
                     handler.on_data(session, data)
                 });
-                self.after_callback(key, parts);
+                self.after_callback(key, now, parts);
             }
             return;
         }
@@ -352,11 +388,16 @@ impl DatagramEndpoint {
             {
                 self.refuse(peer, RefusalReason::Acl.as_str());
             }
+            Some(_) if parse_client_hello(data).is_err() => {
+                // Decided on the bytes alone: no OpenSSL call for what cannot be a ClientHello.
+                if let Err(why) = parse_client_hello(data) {
+                    self.drop_garbage(peer, why, now);
+                }
+            }
             Some(listen) => {
-                dtls::set_current_peer(peer);
                 listen.get_mut().reset();
                 listen.get_mut().put(data);
-                let outcome = plexus_sys::dtls::listen(listen.ssl());
+                let (outcome, errors) = dtls::listen(listen, peer, now);
                 let replies = std::mem::take(&mut listen.get_mut().outbound);
                 match outcome {
                     plexus_sys::dtls::ListenOutcome::Verified => {
@@ -369,9 +410,26 @@ impl DatagramEndpoint {
                             self.queue(index, peer, Bytes::from(reply));
                         }
                     }
-                    _ => LoopStats::add(&self.stats.dtls_garbage_dropped, 1),
+                    _ => {
+                        LoopStats::add(&self.stats.dtls_garbage_dropped, 1);
+                        if let Some(also) = self.garbage.allow(now) {
+                            info!("dtls datagram dropped peer={peer}: DTLSv1_listen: {errors} (+{also} more dropped in the last second)");
+                        }
+                    }
                 }
             }
+        }
+    }
+
+    /// A datagram on a dtls port the pre-parser refused: dropped, counted, logged (throttled).
+    fn drop_garbage(&mut self, peer: SocketAddr, why: RecordError, now: Instant) {
+        let counter = match why.is_malformed_record() {
+            true => &self.stats.dtls_malformed_dropped,
+            false => &self.stats.dtls_not_hello_dropped,
+        };
+        LoopStats::add(counter, 1);
+        if let Some(also) = self.garbage.allow(now) {
+            info!("dtls datagram dropped peer={peer}: {why} (+{also} more dropped in the last second)");
         }
     }
 
@@ -382,15 +440,80 @@ impl DatagramEndpoint {
         }
     }
 
-    fn admit(&mut self, index: usize, peer: SocketAddr) -> Option<Ticket> {
+    /// Admits `peer` on socket `index`: the ACLs, then the datagram caps and
+    /// `max_connections`. A full cap reclaims the longest-idle session of its scope on this
+    /// loop (per IP: the IP's; `max_sessions`: the listener's; `max_datagram_sessions` and
+    /// `max_connections`: any) and tries again; with nothing to reclaim the datagram is dropped.
+    fn admit(
+        &mut self,
+        index: usize,
+        peer: SocketAddr,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) -> Option<(Ticket, DatagramPlace)> {
+        let ip = peer.ip().to_canonical();
         let listener = &self.sockets[index].listener;
-        match listener.admission.admit(&listener.acl, peer.ip()) {
-            Ok(ticket) => Some(ticket),
-            Err(reason) => {
-                self.refuse(peer, reason.as_str());
-                None
-            }
+        if !listener.admission.permits(&listener.acl, ip) {
+            self.refuse(peer, RefusalReason::Acl.as_str());
+            return None;
         }
+        // Each round frees one place, and each of the four caps needs at most one unless other
+        // loops race for the same places: five attempts, four reclaims at most.
+        for attempt in 0..5 {
+            let listener = &self.sockets[index].listener;
+            let full = match listener.caps.take(&listener.listener_cap, ip) {
+                Ok(place) => match listener.admission.admit_datagram(&listener.acl, ip) {
+                    Ok(ticket) => return Some((ticket, place)),
+                    Err(RefusalReason::MaxConnections) => None,
+                    Err(reason) => {
+                        self.refuse(peer, reason.as_str());
+                        return None;
+                    }
+                },
+                Err(full) => Some(full),
+            };
+            let (scope, counter, cap) = match full {
+                Some(CapFull::PerIp) => (
+                    Scope::Ip(ip),
+                    &self.stats.reclaimed_for_per_ip,
+                    CapFull::PerIp.as_str(),
+                ),
+                Some(CapFull::Listener) => (
+                    Scope::Socket(index),
+                    &self.stats.reclaimed_for_max_sessions,
+                    CapFull::Listener.as_str(),
+                ),
+                Some(CapFull::Sessions) => (
+                    Scope::Loop,
+                    &self.stats.reclaimed_for_max_datagram_sessions,
+                    CapFull::Sessions.as_str(),
+                ),
+                None => (
+                    Scope::Loop,
+                    &self.stats.reclaimed_for_max_connections,
+                    RefusalReason::MaxConnections.as_str(),
+                ),
+            };
+            if attempt == 4 {
+                break;
+            }
+            let Some(victim) = self.idle.oldest(scope) else {
+                LoopStats::add(&self.stats.datagrams_dropped_session_cap, 1);
+                if let Some(also) = self.refusals.allow(now) {
+                    info!("datagram refused peer={peer}: {cap} full and no session of this loop to reclaim (+{also} more refused in the last second)");
+                }
+                return None;
+            };
+            LoopStats::add(counter, 1);
+            if let Some(also) = self.reclaims.allow(now) {
+                let old = self.sessions.get(victim).map(|s| s.info.peer);
+                let old = old.map_or_else(String::new, |old| old.to_string());
+                info!("datagram session reclaimed peer={old} for peer={peer}: {cap} full (+{also} more reclaimed in the last second)");
+            }
+            self.close(victim, CloseReason::Reclaimed, parts);
+        }
+        LoopStats::add(&self.stats.datagrams_dropped_session_cap, 1);
+        None
     }
 
     /// Inserts a session for `peer` on socket `index` and arms its idle timer.
@@ -398,7 +521,7 @@ impl DatagramEndpoint {
         &mut self,
         index: usize,
         peer: SocketAddr,
-        ticket: Ticket,
+        (ticket, place): (Ticket, DatagramPlace),
         dtls: Option<Box<DtlsPeer>>,
         now: Instant,
         parts: &mut LoopParts<'_>,
@@ -427,8 +550,10 @@ impl DatagramEndpoint {
             idle_timer: Some(idle_timer),
             dtls,
             _ticket: ticket,
+            _place: place,
         });
         socket.peers.insert(peer, key);
+        self.idle.insert(key, index, peer.ip().to_canonical());
         LoopStats::add(&self.stats.sessions_open, 1);
         let open = match is_dtls {
             true => &self.stats.dtls_sessions_open,
@@ -446,10 +571,10 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let Some(ticket) = self.admit(index, peer) else {
+        let Some(admitted) = self.admit(index, peer, now, parts) else {
             return;
         };
-        let key = self.insert(index, peer, ticket, None, now, parts);
+        let key = self.insert(index, peer, admitted, None, now, parts);
         let service = Arc::clone(&self.sockets[index].listener.service);
         self.callback(key, parts, |handler, session| {
             *handler = service.open(session)
@@ -459,7 +584,7 @@ impl DatagramEndpoint {
                 handler.on_data(session, data)
             });
         }
-        self.after_callback(key, parts);
+        self.after_callback(key, now, parts);
     }
 
     /// A ClientHello came back with a valid cookie: the listen object holds it and becomes
@@ -471,10 +596,20 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let Some(ticket) = self.admit(index, peer) else {
+        // The handshake places first: a refusal here must not have reclaimed a session.
+        // DTLS handshakes may hold at most their share of max_handshakes, so datagrams alone
+        // can never take every handshake slot tls clients need.
+        let listener = &self.sockets[index].listener;
+        let Some(share) = listener.caps.reserve_handshake() else {
+            listener
+                .admission
+                .record_refusal(RefusalReason::HandshakeCapacity);
+            self.refuse(
+                peer,
+                "handshake_capacity (the dtls share of max_handshakes)",
+            );
             return;
         };
-        let listener = &self.sockets[index].listener;
         let slot = match listener.admission.reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
@@ -482,6 +617,10 @@ impl DatagramEndpoint {
                 return;
             }
         };
+        let Some(admitted) = self.admit(index, peer, now, parts) else {
+            return;
+        };
+        let listener = &self.sockets[index].listener;
         let Some(context) = listener.dtls.as_ref() else {
             return;
         };
@@ -499,13 +638,13 @@ impl DatagramEndpoint {
         let stream = std::mem::replace(listen, fresh);
         let peer_state = Box::new(DtlsPeer {
             stream,
-            handshake: Some(slot),
+            handshake: Some((slot, share)),
             handshake_timer: None,
             retransmit_timer: None,
             pending_service: Some(service),
             close_notify_sent: false,
         });
-        let key = self.insert(index, peer, ticket, Some(peer_state), now, parts);
+        let key = self.insert(index, peer, admitted, Some(peer_state), now, parts);
         let id = self.sessions[key].info.id;
         let timer = parts.timers.insert(
             now + self.limits.handshake_timeout,
@@ -533,9 +672,9 @@ impl DatagramEndpoint {
         let Some(dtls) = session.dtls.as_mut() else {
             return;
         };
-        dtls::set_current_peer(session.info.peer);
+        let peer = session.info.peer;
         if dtls.handshaking() {
-            match dtls::handshake(&mut dtls.stream) {
+            match dtls::handshake(&mut dtls.stream, peer, now) {
                 Progress::Waiting => {}
                 Progress::Established => {
                     dtls.handshake = None;
@@ -548,7 +687,7 @@ impl DatagramEndpoint {
                         self.callback(key, parts, |handler, session| {
                             *handler = service.open(session)
                         });
-                        self.after_callback(key, parts);
+                        self.after_callback(key, now, parts);
                     }
                 }
                 Progress::Closed => session.closing = Some(CloseReason::PeerClosed),
@@ -565,14 +704,14 @@ impl DatagramEndpoint {
             if dtls.handshaking() || session.closing.is_some() {
                 break;
             }
-            match dtls::read(&mut dtls.stream, &mut self.plain) {
+            match dtls::read(&mut dtls.stream, &mut self.plain, peer, now) {
                 Ok(n) => {
                     let plain = std::mem::take(&mut self.plain);
                     self.callback(key, parts, |handler, session| {
                         handler.on_data(session, &plain[..n])
                     });
                     self.plain = plain;
-                    self.after_callback(key, parts);
+                    self.after_callback(key, now, parts);
                 }
                 Err(Progress::Closed) => session.closing = Some(CloseReason::PeerClosed),
                 Err(Progress::Failed(why)) => {
@@ -600,12 +739,12 @@ impl DatagramEndpoint {
         let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
         if !dtls.handshaking() {
             // An established session between datagrams holds no record buffers (~34 KiB).
-            plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+            dtls::free_buffers(&dtls.stream, peer, now);
         }
         if let Some(timer) = dtls.retransmit_timer.take() {
             parts.timers.cancel(timer);
         }
-        if let Some(wait) = plexus_sys::dtls::get_timeout(dtls.stream.ssl()) {
+        if let Some(wait) = dtls::retransmit_after(&dtls.stream, peer, now) {
             dtls.retransmit_timer = Some(
                 parts
                     .timers
@@ -614,6 +753,7 @@ impl DatagramEndpoint {
         }
         if !written.is_empty() {
             session.last_activity = now;
+            self.idle.touch(key);
         }
         for datagram in written {
             self.queue(index, peer, Bytes::from(datagram));
@@ -674,7 +814,7 @@ impl DatagramEndpoint {
 
     /// Moves what the service sent to the socket (encrypting for DTLS), then closes the
     /// session if the service asked to.
-    fn after_callback(&mut self, key: usize, parts: &mut LoopParts<'_>) {
+    fn after_callback(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -691,7 +831,8 @@ impl DatagramEndpoint {
             datagrams.push(datagram);
         }
         if !datagrams.is_empty() {
-            session.last_activity = Instant::now();
+            session.last_activity = now;
+            self.idle.touch(key);
         }
         match session.dtls.as_mut() {
             None => {
@@ -701,14 +842,14 @@ impl DatagramEndpoint {
             }
             Some(dtls) => {
                 for datagram in datagrams {
-                    if let Err(why) = dtls::write(&mut dtls.stream, &datagram) {
+                    if let Err(why) = dtls::write(&mut dtls.stream, &datagram, peer, now) {
                         debug!(session = %session.info.id, "dtls write failed: {why}");
                         LoopStats::add(&self.stats.datagrams_dropped_send_error, 1);
                     }
                 }
                 let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
                 if !dtls.handshaking() {
-                    plexus_sys::dtls::free_buffers(dtls.stream.ssl());
+                    dtls::free_buffers(&dtls.stream, peer, now);
                 }
                 for datagram in written {
                     self.queue(index, peer, Bytes::from(datagram));
@@ -816,8 +957,7 @@ impl DatagramEndpoint {
                     return;
                 };
                 dtls.retransmit_timer = None;
-                dtls::set_current_peer(session.info.peer);
-                if !plexus_sys::dtls::handle_timeout(dtls.stream.ssl()) {
+                if !dtls::handle_timeout(&mut dtls.stream, session.info.peer, now) {
                     let reason = CloseReason::HandshakeTimeout;
                     self.close(key, reason, parts);
                     return;
@@ -837,6 +977,7 @@ impl DatagramEndpoint {
         };
         let index = session.socket;
         self.sockets[index].peers.remove(&session.info.peer);
+        self.idle.remove(key);
         let mut cancel = |timer: Option<TimerKey>| {
             if let Some(timer) = timer {
                 parts.timers.cancel(timer);
@@ -855,8 +996,7 @@ impl DatagramEndpoint {
                     LoopStats::add(counter, 1);
                 } else if !dtls.close_notify_sent && !matches!(reason, CloseReason::Io(_)) {
                     dtls.close_notify_sent = true;
-                    dtls::set_current_peer(session.info.peer);
-                    dtls::close_notify(&mut dtls.stream);
+                    dtls::close_notify(&mut dtls.stream, session.info.peer, Instant::now());
                 }
                 let written = std::mem::take(&mut dtls.stream.get_mut().outbound);
                 for datagram in written {

@@ -3,10 +3,18 @@
 //! reads from and writes to.
 //!
 //! Cookies: `HMAC-SHA256(secret, peer IP ‖ port)`, with a secret rotated every
-//! [`COOKIE_ROTATION`]; a cookie made with the current or the previous secret is accepted, so
-//! a cookie lives 1–2 rotations. Before a ClientHello carries a valid cookie, the only state
+//! [`COOKIE_ROTATION`] on the loop's clock (periods aligned to the first secret's creation,
+//! checked against the `now` of every cookie made or verified); a cookie made with the current
+//! or the previous secret is accepted, so a cookie lives at most two rotation periods however
+//! rarely cookies are made. Before a ClientHello carries a valid cookie, the only state
 //! is one shared "listen" SSL object per socket (`DTLSv1_listen`, reset for every datagram):
 //! no allocation per peer. The datagram module owns sockets, sessions and timers.
+//!
+//! OpenSSL reports errors through a per-thread queue, and `SSL_get_error` reads that queue:
+//! an error one call leaves there becomes the next call's error, on whatever session the loop
+//! serves next. So every OpenSSL call of the runtime goes through this module, and each one
+//! runs [`isolated`]: the queue is emptied before the call and drained after it, and what the
+//! call left is reported for that call's session only.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -23,6 +31,8 @@ use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslMethod, SslMode, SslOptions, SslStream, SslVersion,
 };
 use openssl::x509::X509;
+use plexus_sys::dtls::ListenOutcome;
+use tracing::debug;
 
 use crate::config::PskConfig;
 use crate::tls::TlsContext;
@@ -31,14 +41,24 @@ use crate::tls::TlsContext;
 pub(crate) const COOKIE_ROTATION: Duration = Duration::from_secs(60);
 
 thread_local! {
-    /// The peer whose datagram the loop thread is handing to OpenSSL right now. The cookie
-    /// callbacks (which OpenSSL calls synchronously, on this thread) read it.
-    static CURRENT_PEER: Cell<Option<SocketAddr>> = const { Cell::new(None) };
+    /// The peer whose datagram the loop thread is handing to OpenSSL right now, and the loop's
+    /// time. The cookie callbacks (which OpenSSL calls synchronously, on this thread) read it;
+    /// it is set only for the duration of one [`isolated`] call.
+    static CURRENT: Cell<Option<(SocketAddr, Instant)>> = const { Cell::new(None) };
 }
 
-/// Marks `peer` as the source of the datagram about to be processed on this thread.
-pub(crate) fn set_current_peer(peer: SocketAddr) {
-    CURRENT_PEER.with(|current| current.set(Some(peer)));
+/// Runs one OpenSSL call for `peer` at `now` with a clean error queue: errors left by anyone
+/// before are discarded (and logged: they would have been read as this call's), and whatever
+/// the call leaves is drained and returned, so it is attributed to this call only.
+fn isolated<T>(peer: SocketAddr, now: Instant, call: impl FnOnce() -> T) -> (T, ErrorStack) {
+    let stale = ErrorStack::get();
+    if !stale.errors().is_empty() {
+        debug!("openssl error queue was not empty before a call for {peer}: {stale}");
+    }
+    CURRENT.with(|current| current.set(Some((peer, now))));
+    let result = call();
+    CURRENT.with(|current| current.set(None));
+    (result, ErrorStack::get())
 }
 
 /// Why a DTLS context could not be built.
@@ -61,23 +81,25 @@ struct CookieSecret {
 struct Keys {
     current: hmac::Key,
     previous: hmac::Key,
+    /// Start of the current rotation period (periods are aligned to the first one).
     rotated: Instant,
 }
 
 impl CookieSecret {
-    fn new() -> Result<CookieSecret, ErrorStack> {
+    fn new(now: Instant) -> Result<CookieSecret, ErrorStack> {
         let rng = SystemRandom::new();
-        let generate = |rng: &SystemRandom| {
-            hmac::Key::generate(hmac::HMAC_SHA256, rng).map_err(|_| ErrorStack::get())
-        };
         Ok(CookieSecret {
             keys: Mutex::new(Keys {
-                current: generate(&rng)?,
-                previous: generate(&rng)?,
-                rotated: Instant::now(),
+                current: Self::generate(&rng)?,
+                previous: Self::generate(&rng)?,
+                rotated: now,
             }),
             rng,
         })
+    }
+
+    fn generate(rng: &SystemRandom) -> Result<hmac::Key, ErrorStack> {
+        hmac::Key::generate(hmac::HMAC_SHA256, rng).map_err(|_| ErrorStack::get())
     }
 
     fn message(peer: SocketAddr) -> Vec<u8> {
@@ -89,27 +111,45 @@ impl CookieSecret {
         message
     }
 
+    /// Advances the secrets to the period `now` falls in: one period later the current secret
+    /// becomes the previous one; two or more, both are new. A key that cannot be generated
+    /// (no entropy) leaves the secrets as they are until the next call.
     fn rotate_if_due(&self, keys: &mut Keys, now: Instant) {
-        if now.duration_since(keys.rotated) < COOKIE_ROTATION {
+        let elapsed = now.saturating_duration_since(keys.rotated);
+        let periods = elapsed.as_nanos() / COOKIE_ROTATION.as_nanos();
+        if periods == 0 {
             return;
         }
-        if let Ok(fresh) = hmac::Key::generate(hmac::HMAC_SHA256, &self.rng) {
+        let Ok(fresh) = Self::generate(&self.rng) else {
+            return;
+        };
+        if periods == 1 {
             keys.previous = std::mem::replace(&mut keys.current, fresh);
-            keys.rotated = now;
+        } else {
+            let Ok(also_fresh) = Self::generate(&self.rng) else {
+                return;
+            };
+            keys.previous = also_fresh;
+            keys.current = fresh;
         }
+        // The start of the period `now` is in: `now` minus the part of a period elapsed.
+        let into_period = elapsed.as_nanos() % COOKIE_ROTATION.as_nanos();
+        let into_period = Duration::from_nanos(u64::try_from(into_period).unwrap_or(0));
+        keys.rotated = now.checked_sub(into_period).unwrap_or(now);
     }
 
-    fn cookie(&self, peer: SocketAddr, out: &mut [u8]) -> usize {
+    fn cookie(&self, peer: SocketAddr, out: &mut [u8], now: Instant) -> usize {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        self.rotate_if_due(&mut keys, Instant::now());
+        self.rotate_if_due(&mut keys, now);
         let tag = hmac::sign(&keys.current, &Self::message(peer));
         let len = tag.as_ref().len().min(out.len());
         out[..len].copy_from_slice(&tag.as_ref()[..len]);
         len
     }
 
-    fn verify(&self, peer: SocketAddr, cookie: &[u8]) -> bool {
-        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+    fn verify(&self, peer: SocketAddr, cookie: &[u8], now: Instant) -> bool {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        self.rotate_if_due(&mut keys, now);
         let message = Self::message(peer);
         hmac::verify(&keys.current, &message, cookie).is_ok()
             || hmac::verify(&keys.previous, &message, cookie).is_ok()
@@ -170,16 +210,17 @@ impl DtlsContext {
                 })
             });
         }
-        let secret = Arc::new(CookieSecret::new()?);
+        let secret = Arc::new(CookieSecret::new(Instant::now())?);
         let generator = Arc::clone(&secret);
+        // Outside an `isolated` call there is no peer: no cookie (the listen fails cleanly).
         builder.set_cookie_generate_cb(move |_, out| {
-            let peer = CURRENT_PEER.with(Cell::get).ok_or_else(ErrorStack::get)?;
-            Ok(generator.cookie(peer, out))
+            let (peer, now) = CURRENT.with(Cell::get).ok_or_else(ErrorStack::get)?;
+            Ok(generator.cookie(peer, out, now))
         });
         builder.set_cookie_verify_cb(move |_, cookie| {
-            CURRENT_PEER
+            CURRENT
                 .with(Cell::get)
-                .is_some_and(|peer| secret.verify(peer, cookie))
+                .is_some_and(|(peer, now)| secret.verify(peer, cookie, now))
         });
         Ok(DtlsContext {
             context: builder.build(),
@@ -189,10 +230,15 @@ impl DtlsContext {
 
     /// A fresh server-side SSL object over an empty [`DatagramIo`].
     pub(crate) fn stream(&self) -> Result<SslStream<DatagramIo>, ErrorStack> {
-        let mut ssl = Ssl::new(&self.context)?;
-        ssl.set_mtu(self.mtu)?;
-        ssl.set_accept_state();
-        SslStream::new(ssl, DatagramIo::default())
+        let build = || {
+            let mut ssl = Ssl::new(&self.context)?;
+            ssl.set_mtu(self.mtu)?;
+            ssl.set_accept_state();
+            SslStream::new(ssl, DatagramIo::default())
+        };
+        // No peer yet: the unspecified address only labels the log line of a stale queue.
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        isolated(unspecified, Instant::now(), build).0
     }
 }
 
@@ -257,37 +303,94 @@ pub(crate) enum Progress {
     Failed(String),
 }
 
-/// Advances the handshake of `stream`.
-pub(crate) fn handshake(stream: &mut SslStream<DatagramIo>) -> Progress {
-    match stream.do_handshake() {
-        Ok(()) => Progress::Established,
-        Err(err) if would_block(err.code()) => Progress::Waiting,
-        Err(err) => Progress::Failed(err.to_string()),
+/// Advances the handshake of `stream` (peer `peer`, loop time `now`).
+pub(crate) fn handshake(
+    stream: &mut SslStream<DatagramIo>,
+    peer: SocketAddr,
+    now: Instant,
+) -> Progress {
+    match isolated(peer, now, || stream.do_handshake()) {
+        (Ok(()), _) => Progress::Established,
+        (Err(err), _) if would_block(err.code()) => Progress::Waiting,
+        (Err(err), left) => Progress::Failed(describe(&err.to_string(), &left)),
     }
 }
 
 /// Reads the next application datagram into `buf` (`Ok(n)`), or says why there is none.
-pub(crate) fn read(stream: &mut SslStream<DatagramIo>, buf: &mut [u8]) -> Result<usize, Progress> {
-    match stream.ssl_read(buf) {
-        Ok(0) => Err(Progress::Closed),
-        Ok(n) => Ok(n),
-        Err(err) if err.code() == ErrorCode::ZERO_RETURN => Err(Progress::Closed),
-        Err(err) if would_block(err.code()) => Err(Progress::Waiting),
-        Err(err) => Err(Progress::Failed(err.to_string())),
+pub(crate) fn read(
+    stream: &mut SslStream<DatagramIo>,
+    buf: &mut [u8],
+    peer: SocketAddr,
+    now: Instant,
+) -> Result<usize, Progress> {
+    match isolated(peer, now, || stream.ssl_read(buf)) {
+        (Ok(0), _) => Err(Progress::Closed),
+        (Ok(n), _) => Ok(n),
+        (Err(err), _) if err.code() == ErrorCode::ZERO_RETURN => Err(Progress::Closed),
+        (Err(err), _) if would_block(err.code()) => Err(Progress::Waiting),
+        (Err(err), left) => Err(Progress::Failed(describe(&err.to_string(), &left))),
     }
 }
 
 /// Encrypts one application datagram (one record) into `stream`'s outbound datagrams.
-pub(crate) fn write(stream: &mut SslStream<DatagramIo>, data: &[u8]) -> Result<(), String> {
-    match stream.ssl_write(data) {
-        Ok(_) => Ok(()),
-        Err(err) => Err(err.to_string()),
+pub(crate) fn write(
+    stream: &mut SslStream<DatagramIo>,
+    data: &[u8],
+    peer: SocketAddr,
+    now: Instant,
+) -> Result<(), String> {
+    match isolated(peer, now, || stream.ssl_write(data)) {
+        (Ok(_), _) => Ok(()),
+        (Err(err), left) => Err(describe(&err.to_string(), &left)),
     }
 }
 
 /// Queues close_notify (best effort: the connection is over either way).
-pub(crate) fn close_notify(stream: &mut SslStream<DatagramIo>) {
-    let _ = stream.shutdown();
+pub(crate) fn close_notify(stream: &mut SslStream<DatagramIo>, peer: SocketAddr, now: Instant) {
+    let _ = isolated(peer, now, || stream.shutdown());
+}
+
+/// Runs `DTLSv1_listen` for a datagram from `peer` already put in `listen`'s input; the
+/// errors it leaves for a datagram it rejects are returned (never seen by another call).
+pub(crate) fn listen(
+    listen: &mut SslStream<DatagramIo>,
+    peer: SocketAddr,
+    now: Instant,
+) -> (ListenOutcome, ErrorStack) {
+    isolated(peer, now, || plexus_sys::dtls::listen(listen.ssl()))
+}
+
+/// Lets OpenSSL retransmit its last flight if the DTLS timer expired; `false` when the
+/// retransmission limit was reached (the handshake failed).
+pub(crate) fn handle_timeout(
+    stream: &mut SslStream<DatagramIo>,
+    peer: SocketAddr,
+    now: Instant,
+) -> bool {
+    isolated(peer, now, || plexus_sys::dtls::handle_timeout(stream.ssl())).0
+}
+
+/// When the DTLS retransmission timer of `stream` fires, from now (`None`: not running).
+pub(crate) fn retransmit_after(
+    stream: &SslStream<DatagramIo>,
+    peer: SocketAddr,
+    now: Instant,
+) -> Option<Duration> {
+    isolated(peer, now, || plexus_sys::dtls::get_timeout(stream.ssl())).0
+}
+
+/// Frees the record buffers of an established session between datagrams (see
+/// [`plexus_sys::dtls::free_buffers`]).
+pub(crate) fn free_buffers(stream: &SslStream<DatagramIo>, peer: SocketAddr, now: Instant) {
+    let _ = isolated(peer, now, || plexus_sys::dtls::free_buffers(stream.ssl()));
+}
+
+/// A failed call's error, with what else it left in the queue.
+fn describe(error: &str, left: &ErrorStack) -> String {
+    match left.errors().is_empty() {
+        true => error.to_owned(),
+        false => format!("{error} ({left})"),
+    }
 }
 
 fn would_block(code: ErrorCode) -> bool {
@@ -298,30 +401,91 @@ fn would_block(code: ErrorCode) -> bool {
 mod tests {
     use super::*;
 
+    fn peer(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     #[test]
-    fn cookies_bind_the_peer_address_and_survive_one_rotation() {
-        let secret = CookieSecret::new().unwrap();
-        let peer: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let other: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+    fn cookies_bind_the_peer_address() {
+        let start = Instant::now();
+        let secret = CookieSecret::new(start).unwrap();
         let mut out = [0u8; 255];
-        let len = secret.cookie(peer, &mut out);
+        let len = secret.cookie(peer(4000), &mut out, start);
         assert_eq!(len, 32);
-        assert!(secret.verify(peer, &out[..len]));
-        assert!(!secret.verify(other, &out[..len]));
-        let mut keys = secret.keys.lock().unwrap();
-        let later = keys.rotated + COOKIE_ROTATION;
-        secret.rotate_if_due(&mut keys, later);
-        drop(keys);
+        assert!(secret.verify(peer(4000), &out[..len], start));
+        assert!(!secret.verify(peer(4001), &out[..len], start));
+    }
+
+    /// The secret rotates with the clock passed in, not only when a cookie is made: with no
+    /// cookie generated in between, a cookie is accepted within its own and the next period
+    /// and refused from two periods after its period began.
+    #[test]
+    fn a_cookie_expires_two_rotation_periods_after_its_period_began() {
+        let start = Instant::now();
+        let secret = CookieSecret::new(start).unwrap();
+        let mut out = [0u8; 255];
+        let made = start + COOKIE_ROTATION / 2;
+        let len = secret.cookie(peer(4000), &mut out, made);
+        let cookie = out[..len].to_vec();
+        assert!(secret.verify(peer(4000), &cookie, made + COOKIE_ROTATION / 4));
         assert!(
-            secret.verify(peer, &out[..len]),
-            "previous secret still accepted"
+            secret.verify(
+                peer(4000),
+                &cookie,
+                start + COOKIE_ROTATION + COOKIE_ROTATION / 2
+            ),
+            "within the next period: the previous secret"
         );
-        let mut keys = secret.keys.lock().unwrap();
-        secret.rotate_if_due(&mut keys, later + COOKIE_ROTATION);
-        drop(keys);
         assert!(
-            !secret.verify(peer, &out[..len]),
-            "two rotations later it expired"
+            !secret.verify(peer(4000), &cookie, start + 2 * COOKIE_ROTATION),
+            "two periods on: refused"
         );
+
+        // Without any verification in between either: a long pause replaces both secrets.
+        let secret = CookieSecret::new(start).unwrap();
+        let len = secret.cookie(peer(4000), &mut out, start);
+        let cookie = out[..len].to_vec();
+        assert!(!secret.verify(peer(4000), &cookie, start + 10 * COOKIE_ROTATION));
+        // And periods stay aligned: a cookie made late in a period expires on schedule.
+        let late = start + 10 * COOKIE_ROTATION + COOKIE_ROTATION * 9 / 10;
+        let len = secret.cookie(peer(4000), &mut out, late);
+        let cookie = out[..len].to_vec();
+        assert!(secret.verify(peer(4000), &cookie, start + 11 * COOKIE_ROTATION));
+        assert!(!secret.verify(peer(4000), &cookie, start + 12 * COOKIE_ROTATION));
+    }
+
+    /// `DTLSv1_listen` leaves an error in the thread's queue for a datagram it rejects (the
+    /// cause of one datagram killing other sessions): the call reports it as its own, the
+    /// queue is empty afterwards, and a stale error someone else left is never read as the
+    /// next session's.
+    #[test]
+    fn errors_stay_with_the_call_that_caused_them() {
+        let tls = TlsContext::new(None).unwrap();
+        let context = DtlsContext::new(&tls, &[], 1200).unwrap();
+        let now = Instant::now();
+        let mut listener = context.stream().unwrap();
+        listener.get_mut().put(&[0]);
+        let (outcome, left) = listen(&mut listener, peer(5000), now);
+        assert_ne!(outcome, ListenOutcome::Verified);
+        assert!(
+            !left.errors().is_empty(),
+            "OpenSSL reports the 1-byte record to this call"
+        );
+        assert!(ErrorStack::get().errors().is_empty(), "nothing left behind");
+
+        // A raw call (as the runtime made before) leaves the queue dirty …
+        listener.get_mut().put(&[0]);
+        let _ = plexus_sys::dtls::listen(listener.ssl());
+        // … and a session's next step still sees only its own state: it waits for input.
+        let mut session = context.stream().unwrap();
+        assert!(matches!(
+            handshake(&mut session, peer(5001), now),
+            Progress::Waiting
+        ));
+        let mut buf = [0u8; 64];
+        assert!(matches!(
+            read(&mut session, &mut buf, peer(5001), now),
+            Err(Progress::Waiting)
+        ));
     }
 }

@@ -36,6 +36,13 @@ pub(crate) struct LoopStats {
     pub(crate) dtls_cookies_sent: AtomicU64,
     pub(crate) dtls_cookies_verified: AtomicU64,
     pub(crate) dtls_garbage_dropped: AtomicU64,
+    pub(crate) dtls_malformed_dropped: AtomicU64,
+    pub(crate) dtls_not_hello_dropped: AtomicU64,
+    pub(crate) datagrams_dropped_session_cap: AtomicU64,
+    pub(crate) reclaimed_for_max_datagram_sessions: AtomicU64,
+    pub(crate) reclaimed_for_max_sessions: AtomicU64,
+    pub(crate) reclaimed_for_per_ip: AtomicU64,
+    pub(crate) reclaimed_for_max_connections: AtomicU64,
     pub(crate) udp_sessions_open: AtomicU64,
     pub(crate) dtls_sessions_open: AtomicU64,
 }
@@ -101,6 +108,13 @@ impl Metrics {
             dtls_cookies_sent: sum(|s| &s.dtls_cookies_sent),
             dtls_cookies_verified: sum(|s| &s.dtls_cookies_verified),
             dtls_garbage_dropped: sum(|s| &s.dtls_garbage_dropped),
+            dtls_malformed_dropped: sum(|s| &s.dtls_malformed_dropped),
+            dtls_not_hello_dropped: sum(|s| &s.dtls_not_hello_dropped),
+            datagrams_dropped_session_cap: sum(|s| &s.datagrams_dropped_session_cap),
+            reclaimed_for_max_datagram_sessions: sum(|s| &s.reclaimed_for_max_datagram_sessions),
+            reclaimed_for_max_sessions: sum(|s| &s.reclaimed_for_max_sessions),
+            reclaimed_for_per_ip: sum(|s| &s.reclaimed_for_per_ip),
+            reclaimed_for_max_connections: sum(|s| &s.reclaimed_for_max_connections),
             udp_sessions_open: sum(|s| &s.udp_sessions_open),
             dtls_sessions_open: sum(|s| &s.dtls_sessions_open),
             jobs_queued: self.pool_stats.queued.load(Relaxed),
@@ -167,8 +181,26 @@ pub struct MetricsSnapshot {
     pub dtls_cookies_sent: u64,
     /// DTLS ClientHellos that came back with a valid cookie.
     pub dtls_cookies_verified: u64,
-    /// Datagrams on a dtls port that were not a DTLS record OpenSSL could use.
+    /// Datagrams on a dtls port that passed the pre-parser but OpenSSL could not use (no
+    /// cookie exchange, no session record).
     pub dtls_garbage_dropped: u64,
+    /// Datagrams on a dtls port that were not a well-formed sequence of DTLS records (dropped
+    /// before OpenSSL saw them; for a session or a new peer).
+    pub dtls_malformed_dropped: u64,
+    /// Well-formed records from a new peer that were not a plausible ClientHello (dropped
+    /// before OpenSSL saw them).
+    pub dtls_not_hello_dropped: u64,
+    /// Datagrams from new peers dropped because a datagram-session cap was full and the loop
+    /// had no session in the cap's scope to reclaim.
+    pub datagrams_dropped_session_cap: u64,
+    /// Datagram sessions closed to make room under `max_datagram_sessions`.
+    pub reclaimed_for_max_datagram_sessions: u64,
+    /// Datagram sessions closed to make room under a listener's `max_sessions`.
+    pub reclaimed_for_max_sessions: u64,
+    /// Datagram sessions closed to make room under `max_datagram_sessions_per_ip`.
+    pub reclaimed_for_per_ip: u64,
+    /// Datagram sessions closed to make room under `max_connections` (full of streams).
+    pub reclaimed_for_max_connections: u64,
     /// UDP peer sessions open now.
     pub udp_sessions_open: u64,
     /// DTLS peer sessions open now (handshaking or established).
@@ -326,8 +358,33 @@ impl MetricsSnapshot {
             ("send_queue_full", self.datagrams_dropped_overflow),
             ("send_error", self.datagrams_dropped_send_error),
             ("dtls_garbage", self.dtls_garbage_dropped),
+            ("dtls_malformed", self.dtls_malformed_dropped),
+            ("dtls_not_client_hello", self.dtls_not_hello_dropped),
+            ("session_cap", self.datagrams_dropped_session_cap),
         ] {
             sample(out, "datagrams_dropped_total", &[("reason", reason)], count);
+        }
+        family(
+            out,
+            "datagram_sessions_reclaimed_total",
+            "counter",
+            "Longest-idle datagram sessions closed to admit a new peer, by the cap that was full.",
+        );
+        for (cap, count) in [
+            (
+                "max_datagram_sessions",
+                self.reclaimed_for_max_datagram_sessions,
+            ),
+            ("max_sessions", self.reclaimed_for_max_sessions),
+            ("max_datagram_sessions_per_ip", self.reclaimed_for_per_ip),
+            ("max_connections", self.reclaimed_for_max_connections),
+        ] {
+            sample(
+                out,
+                "datagram_sessions_reclaimed_total",
+                &[("cap", cap)],
+                count,
+            );
         }
         family(
             out,

@@ -83,6 +83,15 @@ pub(crate) fn plan(running: &ValidConfig, new: &ValidConfig) -> ReloadPlan {
         old.server.worker_queue != next.server.worker_queue,
         "server.worker_queue".into(),
     );
+    // datagram: the datagram-session caps are built once, with the loops' sockets.
+    restart(
+        old.server.max_datagram_sessions != next.server.max_datagram_sessions,
+        "server.max_datagram_sessions".into(),
+    );
+    restart(
+        old.server.max_datagram_sessions_per_ip != next.server.max_datagram_sessions_per_ip,
+        "server.max_datagram_sessions_per_ip".into(),
+    );
     let tickets = |config: &Config| config.tls.as_ref().is_none_or(|tls| tls.session_tickets);
     restart(tickets(old) != tickets(next), "tls.session_tickets".into());
     restart(old.chat != next.chat, "chat".into());

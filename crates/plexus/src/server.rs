@@ -16,6 +16,7 @@ use crate::admission::Admission;
 use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
+use crate::datagram_admission::{DatagramCaps, ListenerCap};
 use crate::dtls::{DtlsContext, DtlsError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
@@ -260,6 +261,17 @@ impl ServerBuilder {
             server.max_handshakes,
             Arc::clone(&metrics),
         ));
+        // datagram: the datagram-session caps, shared by every udp/dtls listener and loop.
+        let datagram_caps = Arc::new(DatagramCaps::new(
+            server.datagram_session_cap(
+                valid
+                    .listeners
+                    .iter()
+                    .any(|listener| !listener.config.transport.is_datagram()),
+            ),
+            server.max_datagram_sessions_per_ip,
+            server.max_handshakes.div_ceil(2),
+        ));
         for (index, sockets) in datagram_sockets {
             let listener = &valid.listeners[index];
             let dtls = match (&tls, listener.config.transport) {
@@ -283,6 +295,8 @@ impl ServerBuilder {
                 )?,
                 acl: listener.acl.clone(),
                 admission: Arc::clone(&admission),
+                caps: Arc::clone(&datagram_caps),
+                listener_cap: Arc::new(ListenerCap::new(listener.config.max_sessions)),
                 dtls,
                 batch: listener.config.datagram_batch,
             };

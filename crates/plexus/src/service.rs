@@ -138,6 +138,9 @@ pub enum CloseReason {
     UpstreamTimeout,
     /// A `proxy_protocol` session's PROXY header was missing, malformed or late.
     ProxyHeader,
+    /// A datagram session cap was full and this was the longest-idle session in its scope:
+    /// it made room for a new peer.
+    Reclaimed,
 }
 
 impl CloseReason {
@@ -170,6 +173,9 @@ impl fmt::Display for CloseReason {
             CloseReason::UpstreamFailed(kind) => write!(f, "upstream failed: {kind}"),
             CloseReason::UpstreamTimeout => f.write_str("upstream connect timed out"),
             CloseReason::ProxyHeader => f.write_str("missing or malformed PROXY header"),
+            CloseReason::Reclaimed => {
+                f.write_str("reclaimed for a new peer (datagram session cap full)")
+            }
             CloseReason::WorkOverflow => {
                 f.write_str("too many blocking jobs queued (worker_session_limit)")
             }

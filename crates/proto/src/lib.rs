@@ -11,6 +11,7 @@
 
 pub mod acl;
 pub mod detect;
+pub mod dtls;
 pub mod http;
 pub mod line;
 pub mod proxy;

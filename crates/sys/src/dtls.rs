@@ -39,6 +39,11 @@ pub enum ListenOutcome {
 }
 
 /// Runs `DTLSv1_listen` on `ssl`, whose BIOs are non-blocking (reads return one datagram).
+///
+/// For a datagram it drops, OpenSSL leaves the reason in the thread's error queue even when
+/// the result is [`ListenOutcome::Pending`]; `SSL_get_error` of the next call on this thread,
+/// on any SSL object, would read it as its own. Callers must drain the queue after this call
+/// (and should empty it before every OpenSSL call), as plexus' `dtls` module does.
 pub fn listen(ssl: &SslRef) -> ListenOutcome {
     // SAFETY: BIO_ADDR_new has no preconditions; a null result is handled below.
     let client = unsafe { BIO_ADDR_new() };
