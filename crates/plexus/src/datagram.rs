@@ -475,7 +475,7 @@ impl DatagramEndpoint {
             return;
         };
         let listener = &self.sockets[index].listener;
-        let slot = match listener.admission.reserve_handshake() {
+        let slot = match ticket.reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
                 self.refuse(peer, reason.as_str());

@@ -260,6 +260,7 @@ impl ServerBuilder {
             server.max_handshakes,
             Arc::clone(&metrics),
         ));
+        admission.set_max_handshakes_per_ip(server.handshakes_per_ip());
         for (index, sockets) in datagram_sockets {
             let listener = &valid.listeners[index];
             let dtls = match (&tls, listener.config.transport) {
