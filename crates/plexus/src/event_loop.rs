@@ -1217,10 +1217,12 @@ impl EventLoop {
             .relay
             .as_ref()
             .is_none_or(|relay| relay.finished(session.peer_eof));
-        let finished = session
-            .closing
-            .clone()
-            .or_else(|| (session.peer_eof && relay_done).then_some(CloseReason::PeerClosed));
+        // The peer's end (FIN or close_notify) waits for what the handler still holds back for
+        // a drained queue (pipelined requests): its `on_drain` is due and may answer more.
+        let finished = session.closing.clone().or_else(|| {
+            (session.peer_eof && relay_done && !session.drain_due)
+                .then_some(CloseReason::PeerClosed)
+        });
         let Some(reason) = finished else { return };
         if let Some(tls) = session.tls.as_mut() {
             if !tls.handshaking() && !tls.close_notify_sent {
