@@ -83,11 +83,14 @@ fn suite_config(root: &Path) -> String {
         )
     })
     .collect::<String>();
+    // max_connections = 300: datagram sessions may take half of it, and the other 150 places
+    // exceed what the per-IP cap lets three attacker addresses hold (3 × 40) plus the healthy
+    // client, so any refusal of the healthy client is a defect, not arithmetic.
     format!(
         r#"[server]
 event_loops = 2
 workers = 2
-max_connections = 200
+max_connections = 300
 max_connections_per_ip = {MAX_CONNECTIONS_PER_IP}
 max_handshakes = 64
 handshake_timeout = "5s"
@@ -1121,8 +1124,8 @@ fn slowloris() {
 
 /// Idle floods past every cap: silent TCP connections to every stream listener and idle TLS
 /// sessions (3 sources, 800 connections, far past `max_connections_per_ip` = 40 and
-/// `max_connections` = 200), plus UDP sessions from 300 source addresses and from 300 ports
-/// of one address, kept alive until the attack ends (past `max_connections` = 200: datagram
+/// `max_connections` = 300), plus UDP sessions from 300 source addresses and from 300 ports
+/// of one address, kept alive until the attack ends (past the datagram share of `max_connections`: datagram
 /// sessions must not lock out the stream transports).
 #[test]
 fn idle_floods() {
@@ -1178,7 +1181,10 @@ fn idle_floods() {
             }
             sent
         });
-        let report = join_benches(runs, &["opened", "closed_by_server", "still_open"]);
+        let report = join_benches(
+            runs,
+            &["opened", "closed_by_server", "still_open", "errors"],
+        );
         format!("{report}; udp datagrams from 600 idle sources={datagrams}")
     });
 }
