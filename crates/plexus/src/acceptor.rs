@@ -478,6 +478,8 @@ impl Acceptor {
             server.max_connections_per_ip,
             server.max_handshakes,
         );
+        self.admission
+            .set_max_handshakes_per_ip(server.handshakes_per_ip());
         let limits = crate::server::session_limits(server);
         for (index, handle) in self.loops.iter().enumerate() {
             if handle.send(Command::SetLimits(limits.clone())).is_err() {
@@ -770,7 +772,7 @@ impl Acceptor {
             listener: Arc::clone(&listener.info),
         };
         let tls = match &listener.tls {
-            Some(config) => match self.admission.reserve_handshake() {
+            Some(config) => match ticket.reserve_handshake() {
                 Ok(slot) => Some(TlsStart {
                     config: Arc::clone(config),
                     slot,

@@ -1,7 +1,10 @@
-//! Admission: whether a new connection may become a session (ACL, global and per-IP caps).
+//! Admission: whether a new connection may become a session (ACL, global and per-IP caps),
+//! and whether it may start a TLS/DTLS handshake (`max_handshakes`, and each source address's
+//! share of them, `max_handshakes_per_ip`, so that one host cannot hold the whole pool).
 //!
 //! An admitted connection gets a [`Ticket`] that the session carries; dropping the ticket
-//! (whatever ends the session) gives its place back, so the counts can never leak.
+//! (whatever ends the session) gives its place back, so the counts can never leak. The same
+//! holds for a [`HandshakeSlot`].
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,17 +32,20 @@ pub enum RefusalReason {
     /// A `proxy_protocol` listener got a connection from an untrusted source, or a missing,
     /// malformed or late PROXY header.
     ProxyHeader = 5,
+    /// `max_handshakes_per_ip` handshakes from this address are already in flight.
+    HandshakeCapacityPerIp = 6,
 }
 
 impl RefusalReason {
     /// Every reason, indexed by its discriminant.
-    pub const ALL: [RefusalReason; 6] = [
+    pub const ALL: [RefusalReason; 7] = [
         RefusalReason::Acl,
         RefusalReason::MaxConnections,
         RefusalReason::MaxConnectionsPerIp,
         RefusalReason::DescriptorsExhausted,
         RefusalReason::HandshakeCapacity,
         RefusalReason::ProxyHeader,
+        RefusalReason::HandshakeCapacityPerIp,
     ];
 
     /// The label used in logs and metrics.
@@ -51,6 +57,7 @@ impl RefusalReason {
             RefusalReason::DescriptorsExhausted => "descriptors_exhausted",
             RefusalReason::HandshakeCapacity => "handshake_capacity",
             RefusalReason::ProxyHeader => "proxy_header",
+            RefusalReason::HandshakeCapacityPerIp => "handshake_capacity_per_ip",
         }
     }
 }
@@ -69,7 +76,9 @@ pub(crate) struct Admission {
     max_connections: AtomicUsize,
     max_per_ip: AtomicUsize,
     max_handshakes: AtomicUsize,
-    handshakes: Arc<AtomicUsize>,
+    /// Each source address's share of `max_handshakes`.
+    max_handshakes_per_ip: AtomicUsize,
+    handshakes: Arc<Handshakes>,
     open: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     metrics: Arc<Metrics>,
@@ -88,7 +97,8 @@ impl Admission {
             max_connections: AtomicUsize::new(max_connections),
             max_per_ip: AtomicUsize::new(max_per_ip),
             max_handshakes: AtomicUsize::new(max_handshakes),
-            handshakes: Arc::new(AtomicUsize::new(0)),
+            max_handshakes_per_ip: AtomicUsize::new(max_handshakes),
+            handshakes: Arc::new(Handshakes::default()),
             open: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
             metrics,
@@ -248,15 +258,48 @@ impl Admission {
         )
     }
 
-    pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
-        let previous = self.handshakes.fetch_add(1, Ordering::AcqRel);
+    /// Sets each source address's share of `max_handshakes` (at start and on SIGHUP; handshakes
+    /// in flight keep their places).
+    pub(crate) fn set_max_handshakes_per_ip(&self, max: usize) {
+        self.max_handshakes_per_ip.store(max, Ordering::Release);
+    }
+
+    /// Reserves a place for one TLS/DTLS handshake from `ip`, or refuses (and counts) past
+    /// `max_handshakes` or past `ip`'s share (`max_handshakes_per_ip`). `None`: a source not
+    /// known yet (a PROXY balancer's connection), which only the global pool bounds.
+    pub(crate) fn reserve_handshake(
+        &self,
+        ip: Option<IpAddr>,
+    ) -> Result<HandshakeSlot, RefusalReason> {
+        let handshakes = &self.handshakes;
+        let previous = handshakes.total.fetch_add(1, Ordering::AcqRel);
         if previous >= self.max_handshakes.load(Ordering::Acquire) {
-            self.handshakes.fetch_sub(1, Ordering::AcqRel);
+            handshakes.total.fetch_sub(1, Ordering::AcqRel);
             self.metrics.refused(RefusalReason::HandshakeCapacity);
             return Err(RefusalReason::HandshakeCapacity);
         }
+        let ip = ip.map(|ip| ip.to_canonical());
+        if let Some(ip) = ip {
+            let share = self.max_handshakes_per_ip.load(Ordering::Acquire);
+            let mut per_ip = handshakes
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= share {
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+                drop(per_ip);
+                handshakes.total.fetch_sub(1, Ordering::AcqRel);
+                self.metrics.refused(RefusalReason::HandshakeCapacityPerIp);
+                return Err(RefusalReason::HandshakeCapacityPerIp);
+            }
+            *count += 1;
+        }
         Ok(HandshakeSlot {
-            in_flight: Arc::clone(&self.handshakes),
+            handshakes: Arc::clone(handshakes),
+            ip,
         })
     }
 
@@ -319,10 +362,10 @@ impl Ticket {
         self.admission.metrics.refused(reason);
     }
 
-    /// Reserves a place among the TLS handshakes in flight (`max_handshakes`) for a session
-    /// that turns to TLS after admission (the `auto` group).
+    /// Reserves a place among the handshakes in flight (`max_handshakes`, and this client's
+    /// share, `max_handshakes_per_ip`) for this session's TLS or DTLS handshake.
     pub(crate) fn reserve_handshake(&self) -> Result<HandshakeSlot, RefusalReason> {
-        self.admission.reserve_handshake()
+        self.admission.reserve_handshake(self.ip)
     }
 }
 
@@ -332,16 +375,37 @@ impl Drop for Ticket {
     }
 }
 
-/// A handshake's place among the `max_handshakes` in flight, given back on drop (when the
-/// handshake completes, or the session ends during it).
+/// Handshakes in flight: all together, and per source address (only addresses with one).
+#[derive(Debug, Default)]
+struct Handshakes {
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A handshake's place among the `max_handshakes` in flight (and in its source's share),
+/// given back on drop (when the handshake completes, or the session ends during it).
 #[derive(Debug)]
 pub(crate) struct HandshakeSlot {
-    in_flight: Arc<AtomicUsize>,
+    handshakes: Arc<Handshakes>,
+    ip: Option<IpAddr>,
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self
+                .handshakes
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+        self.handshakes.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -433,14 +497,61 @@ mod tests {
     #[test]
     fn handshake_slots_are_capped_and_given_back() {
         let admission = admission(Acl::default(), 100, 0);
-        let first = admission.reserve_handshake().unwrap();
-        let _second = admission.reserve_handshake().unwrap();
+        let first = admission.reserve_handshake(None).unwrap();
+        let _second = admission.reserve_handshake(None).unwrap();
         assert_eq!(
-            admission.reserve_handshake().unwrap_err(),
+            admission.reserve_handshake(None).unwrap_err(),
             RefusalReason::HandshakeCapacity
         );
         drop(first);
-        assert!(admission.reserve_handshake().is_ok());
+        assert!(admission.reserve_handshake(None).is_ok());
+    }
+
+    #[test]
+    fn one_source_gets_only_its_share_of_the_handshake_pool() {
+        let admission = Arc::new(Admission::new(
+            Acl::default(),
+            100,
+            0,
+            8,
+            Arc::new(Metrics::default()),
+        ));
+        admission.set_max_handshakes_per_ip(2);
+        let open = Acl::default();
+        let attacker = admission.admit(&open, ip("127.0.0.2")).unwrap();
+        let held: Vec<_> = (0..2)
+            .map(|_| attacker.reserve_handshake().unwrap())
+            .collect();
+        assert_eq!(
+            attacker.reserve_handshake().unwrap_err(),
+            RefusalReason::HandshakeCapacityPerIp
+        );
+        // The same host as an IPv4-mapped IPv6 address is the same source.
+        assert_eq!(
+            admission
+                .reserve_handshake(Some(ip("::ffff:127.0.0.2")))
+                .unwrap_err(),
+            RefusalReason::HandshakeCapacityPerIp
+        );
+        let other = admission.admit(&open, ip("127.0.0.1")).unwrap();
+        let _others: Vec<_> = (0..2).map(|_| other.reserve_handshake().unwrap()).collect();
+        assert_eq!(
+            admission.metrics.refused[RefusalReason::HandshakeCapacityPerIp as usize]
+                .load(Ordering::Relaxed),
+            2
+        );
+        drop(held);
+        assert!(attacker.reserve_handshake().is_ok(), "places given back");
+        assert_eq!(admission.handshakes.total.load(Ordering::Relaxed), 2);
+        assert_eq!(admission.handshakes.per_ip.lock().unwrap().len(), 1);
+        // Sources not known yet (behind a PROXY balancer) are bounded by the pool only.
+        let _unknown: Vec<_> = (0..6)
+            .map(|_| admission.reserve_handshake(None).unwrap())
+            .collect();
+        assert_eq!(
+            admission.reserve_handshake(None).unwrap_err(),
+            RefusalReason::HandshakeCapacity
+        );
     }
 
     #[test]

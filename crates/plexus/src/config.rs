@@ -68,6 +68,10 @@ pub struct ServerConfig {
     pub max_datagram_sessions: usize,
     /// udp/dtls sessions open at once from one client IP; 0 = unlimited.
     pub max_datagram_sessions_per_ip: usize,
+    /// Handshakes in flight at once from one source address (its share of `max_handshakes`);
+    /// absent = `max_handshakes / 8`, at least 1. See [`ServerConfig::handshakes_per_ip`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_handshakes_per_ip: Option<usize>,
     /// Bound on handshakes, PROXY headers and protocol detection.
     #[serde(with = "human_duration")]
     pub handshake_timeout: Duration,
@@ -85,6 +89,15 @@ pub struct ServerConfig {
     pub outbound_limit: usize,
 }
 
+impl ServerConfig {
+    /// Each source address's share of `max_handshakes`: `max_handshakes_per_ip`, or an eighth
+    /// of the pool (at least 1), so that one host's silent connections cannot hold every place.
+    pub fn handshakes_per_ip(&self) -> usize {
+        self.max_handshakes_per_ip
+            .unwrap_or((self.max_handshakes / 8).max(1))
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -97,6 +110,7 @@ impl Default for ServerConfig {
             max_handshakes: 1024,
             max_datagram_sessions: 0,
             max_datagram_sessions_per_ip: 256,
+            max_handshakes_per_ip: None,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
@@ -548,6 +562,20 @@ impl Config {
                     server.max_connections
                 ),
             );
+        }
+        match server.max_handshakes_per_ip {
+            Some(0) => problem(
+                "server.max_handshakes_per_ip".into(),
+                "must be at least 1".into(),
+            ),
+            Some(share) if share > server.max_handshakes => problem(
+                "server.max_handshakes_per_ip".into(),
+                format!(
+                    "must be at most server.max_handshakes ({}), got {share}",
+                    server.max_handshakes
+                ),
+            ),
+            _ => {}
         }
         if let Some(tls) = &self.tls {
             let mut files = vec![];

@@ -610,7 +610,7 @@ impl DatagramEndpoint {
             );
             return;
         };
-        let slot = match listener.admission.reserve_handshake() {
+        let slot = match listener.admission.reserve_handshake(Some(peer.ip())) {
             Ok(slot) => slot,
             Err(reason) => {
                 self.refuse(peer, reason.as_str());

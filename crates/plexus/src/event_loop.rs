@@ -24,6 +24,7 @@ use tracing::{debug, error, info};
 use rustls::{ServerConfig, ServerConnection};
 
 use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
+use crate::broadcast::{self, BroadcastTarget, InFlight, NotSent, Outbox};
 use crate::config::READ_CHUNK;
 // datagram: udp/dtls sockets and sessions of this loop.
 use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
@@ -34,7 +35,7 @@ use crate::outbound::{Flushed, OutboundQueue};
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
 use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
-use crate::worker::{Completion, CompletionSink, Origin, Submitter, Task};
+use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
 /// Reads per session per turn before the loop moves on to other sessions.
@@ -109,6 +110,32 @@ pub(crate) struct LoopHandle {
     waker: Arc<Waker>,
     completions: Sender<Completion>,
     pub(crate) stats: Arc<LoopStats>,
+    /// Broadcast bytes sent to this loop and not yet delivered (bounded).
+    broadcasts_in_flight: Arc<InFlight>,
+}
+
+impl BroadcastTarget for LoopHandle {
+    fn try_broadcast(&self, broadcast: Broadcast) -> Result<(), NotSent> {
+        let cost = broadcast::cost(&broadcast);
+        if !self.broadcasts_in_flight.charge(cost) {
+            return Err(NotSent::Full(broadcast));
+        }
+        match self.commands.try_send(Command::Broadcast(broadcast)) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(err) => {
+                self.broadcasts_in_flight.release(cost);
+                match err {
+                    TrySendError::Full(Command::Broadcast(broadcast)) => {
+                        Err(NotSent::Full(broadcast))
+                    }
+                    _ => Err(NotSent::Gone),
+                }
+            }
+        }
+    }
 }
 
 impl LoopHandle {
@@ -181,8 +208,8 @@ pub(crate) struct EventLoop {
     completions: Receiver<Completion>,
     /// The worker pool's queue (absent only before the server wires it).
     pool: Option<Submitter>,
-    /// Sessions whose next job found the pool's queue full.
-    waiting_for_pool: Vec<usize>,
+    /// Sessions whose next job found the pool's queue full (retried on a timer too).
+    waiting_for_pool: PoolWaiters,
     sessions: SessionTable,
     timers: TimerWheel<TimerEntry>,
     read_buf: Box<[u8]>,
@@ -193,6 +220,10 @@ pub(crate) struct EventLoop {
     /// Sessions with new outbound bytes or a pending close, flushed at the end of the turn.
     flush_list: Vec<usize>,
     broadcasts: Vec<Broadcast>,
+    /// Broadcasts waiting for room on another loop, and the senders paused for them.
+    outbox: Outbox,
+    /// This loop's in-flight budget for broadcasts from other loops (released on delivery).
+    broadcasts_in_flight: Arc<InFlight>,
     peers: Vec<LoopHandle>,
     limits: SessionLimits,
     idle_limit: Duration,
@@ -221,11 +252,13 @@ impl EventLoop {
         let stats = Arc::new(LoopStats::default());
         let (completion_sender, completion_receiver) =
             crossbeam_channel::bounded(completion_capacity.max(1));
+        let broadcasts_in_flight = Arc::new(InFlight::default());
         let handle = LoopHandle {
             commands: sender,
             waker,
             completions: completion_sender,
             stats: Arc::clone(&stats),
+            broadcasts_in_flight: Arc::clone(&broadcasts_in_flight),
         };
         let now = Instant::now();
         let event_loop = EventLoop {
@@ -234,7 +267,7 @@ impl EventLoop {
             commands: receiver,
             completions: completion_receiver,
             pool: None,
-            waiting_for_pool: Vec::new(),
+            waiting_for_pool: PoolWaiters::default(),
             sessions: SessionTable::new(listeners),
             timers: TimerWheel::new(TIMER_TICK, TIMER_SLOTS, now),
             read_buf: vec![0; READ_CHUNK].into_boxed_slice(),
@@ -242,6 +275,8 @@ impl EventLoop {
             ready: Vec::new(),
             flush_list: Vec::new(),
             broadcasts: Vec::new(),
+            outbox: Outbox::default(),
+            broadcasts_in_flight,
             peers: Vec::new(),
             idle_limit: limits.idle_timeout,
             // datagram:
@@ -344,8 +379,9 @@ impl EventLoop {
             }
             if woken {
                 self.run_commands(now);
-                self.take_completions();
+                self.take_completions(now);
             }
+            self.retry_pool(now, false);
             for key in std::mem::take(&mut self.ready) {
                 self.serve(key, now);
             }
@@ -356,6 +392,9 @@ impl EventLoop {
                 metrics: self.metrics.as_deref(),
             };
             self.datagram.serve_ready(now, &mut parts);
+            // Broadcasts of datagram sessions, and those waiting for another loop's room.
+            self.publish_broadcasts(None);
+            self.retry_broadcasts();
             self.datagram.flush_all();
             self.flush_listed();
             self.expire_timers(now);
@@ -384,7 +423,14 @@ impl EventLoop {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
-        let timer = self.timers.next_wakeup();
+        let mut timer = self.timers.next_wakeup();
+        if self.outbox.is_stalled() {
+            let retry = now + broadcast::RETRY_INTERVAL;
+            timer = Some(timer.map_or(retry, |at| at.min(retry)));
+        }
+        if let Some(retry) = self.waiting_for_pool.next_wakeup() {
+            timer = Some(timer.map_or(retry, |at| at.min(retry)));
+        }
         let next = match (timer, self.drain_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -399,7 +445,11 @@ impl EventLoop {
             };
             match command {
                 Command::Adopt(new) => self.adopt(*new, now),
-                Command::Broadcast(broadcast) => self.deliver_local(&broadcast),
+                Command::Broadcast(broadcast) => {
+                    self.deliver_local(&broadcast);
+                    self.broadcasts_in_flight
+                        .release(broadcast::cost(&broadcast));
+                }
                 Command::Drain { deadline } => self.start_drain(deadline, now),
                 Command::Stop => self.stopping = true,
                 Command::SetLimits(limits) => {
@@ -861,24 +911,7 @@ impl EventLoop {
             self.apply_timer_request(key, now);
             self.apply_tls_upgrade(key, now);
         }
-        if !self.broadcasts.is_empty() {
-            let broadcasts = std::mem::take(&mut self.broadcasts);
-            for broadcast in &broadcasts {
-                for (index, peer) in self.peers.iter().enumerate() {
-                    if index != self.index
-                        && peer.send(Command::Broadcast(broadcast.clone())).is_err()
-                    {
-                        debug!(
-                            event_loop = index,
-                            "broadcast not delivered: loop queue full"
-                        );
-                    }
-                }
-                self.deliver_local(broadcast);
-            }
-            self.broadcasts = broadcasts;
-            self.broadcasts.clear();
-        }
+        self.publish_broadcasts(Some(key));
         self.submit_work(key);
         self.list_for_flush(key);
     }
@@ -1009,19 +1042,60 @@ impl EventLoop {
     }
 
     /// Hands the session's next blocking job to the pool, unless one is running already. If the
-    /// pool's queue is full the job stays first in the session's queue, retried when a job
-    /// finishes somewhere.
+    /// pool's queue is full the job stays first in the session's queue, retried after a
+    /// completion or on the retry timer (`retry_pool`).
     fn submit_work(&mut self, key: usize) {
+        if !self.try_submit_work(key) {
+            if let Some(session) = self.sessions.get_mut(key) {
+                let id = session.info.id;
+                self.waiting_for_pool.add(key, id, Instant::now());
+            }
+        }
+    }
+
+    /// Tries the sessions waiting for room in the pool's queue, oldest first, when the retry
+    /// timer is due or (`force`) a completion made room. A session that could not queue its job
+    /// within `idle_timeout` is closed: it would otherwise hold its admission place for ever.
+    fn retry_pool(&mut self, now: Instant, force: bool) {
+        let mut full = false;
+        for waiter in self.waiting_for_pool.take_due(now, force) {
+            if self.sessions.get_if(waiter.key, waiter.id).is_none() {
+                continue;
+            }
+            if !full && self.try_submit_work(waiter.key) {
+                self.list_for_flush(waiter.key);
+                continue;
+            }
+            full = true;
+            if now.saturating_duration_since(waiter.since) >= self.idle_limit {
+                if let Some(session) = self.sessions.get_mut(waiter.key) {
+                    info!(
+                        session = %waiter.id, peer = %session.info.peer,
+                        "closing session: its blocking job found the worker pool's queue \
+                         (worker_queue) full for idle_timeout"
+                    );
+                }
+                self.close(waiter.key, CloseReason::WorkerPoolFull);
+            } else {
+                self.waiting_for_pool.keep(waiter, now);
+            }
+        }
+        self.waiting_for_pool.settle();
+    }
+
+    /// [`EventLoop::submit_work`] without the waiting list: `false` when the job stays queued
+    /// because the pool's queue is full.
+    fn try_submit_work(&mut self, key: usize) -> bool {
         let Some(session) = self.sessions.get_mut(key) else {
-            return;
+            return true;
         };
         let Some(job) = session.work.next() else {
-            return;
+            return true;
         };
         let Some(pool) = &self.pool else {
             session.work.unsend(job);
             session.closing = Some(CloseReason::WorkOverflow);
-            return;
+            return true;
         };
         let origin = Origin {
             event_loop: self.index,
@@ -1029,21 +1103,22 @@ impl EventLoop {
             id: session.info.id,
         };
         match pool.try_submit(Task { origin, job }) {
-            Ok(()) => {}
+            Ok(()) => true,
             Err(TrySendError::Full(task)) => {
                 session.work.unsend(task.job);
-                self.waiting_for_pool.push(key);
+                false
             }
             Err(TrySendError::Disconnected(task)) => {
                 session.work.unsend(task.job);
                 session.closing = Some(CloseReason::ShutdownForced);
+                true
             }
         }
     }
 
     /// Delivers the results of finished jobs to their sessions, in order, and starts each
     /// session's next job.
-    fn take_completions(&mut self) {
+    fn take_completions(&mut self, now: Instant) {
         let mut finished_any = false;
         while let Ok(Completion { origin, reply }) = self.completions.try_recv() {
             finished_any = true;
@@ -1060,9 +1135,17 @@ impl EventLoop {
                     session.closing = Some(CloseReason::Panic);
                 }
                 Some(reply) => {
-                    let (data, close) = reply.into_parts();
+                    let (mut data, close) = reply.into_parts();
+                    // The queue counts the reply's length: the slack of a grown Vec must not
+                    // ride along uncounted.
+                    if data.capacity() - data.len() > 4096 {
+                        data.shrink_to_fit();
+                    }
                     if session.closing.is_none() {
-                        if session.outbound.memory_len() + data.len() > self.limits.outbound_limit {
+                        if !session
+                            .outbound
+                            .fits(data.len(), self.limits.outbound_limit)
+                        {
                             session.closing = Some(CloseReason::OutboundOverflow);
                         } else {
                             session.outbound.push_shared(Bytes::from(data));
@@ -1076,9 +1159,49 @@ impl EventLoop {
             self.submit_work(origin.key);
             self.list_for_flush(origin.key);
         }
-        if finished_any && !self.waiting_for_pool.is_empty() {
-            for key in std::mem::take(&mut self.waiting_for_pool) {
-                self.submit_work(key);
+        if finished_any {
+            self.retry_pool(now, true);
+        }
+    }
+
+    /// Delivers the queued broadcasts to this loop's members and hands them to the other
+    /// loops. If another loop has no room, they wait in the outbox (none is dropped) and the
+    /// sending session (`sender`) is not read until they are handed over.
+    fn publish_broadcasts(&mut self, sender: Option<usize>) {
+        if self.broadcasts.is_empty() {
+            return;
+        }
+        let broadcasts = std::mem::take(&mut self.broadcasts);
+        let mut stalled = false;
+        for broadcast in &broadcasts {
+            stalled |= self.outbox.publish(self.index, &self.peers, broadcast);
+            self.deliver_local(broadcast);
+        }
+        self.broadcasts = broadcasts;
+        self.broadcasts.clear();
+        if !stalled {
+            return;
+        }
+        if let Some(session) = sender.and_then(|key| self.sessions.get_mut(key)) {
+            if !session.broadcast_wait {
+                session.broadcast_wait = true;
+                LoopStats::add(&self.stats.broadcast_stalls, 1);
+                self.outbox
+                    .pause(sender.unwrap_or_default(), session.info.id);
+            }
+        }
+    }
+
+    /// Hands waiting broadcasts to the loops that have room again; once none waits, the
+    /// senders paused for them are read again.
+    fn retry_broadcasts(&mut self) {
+        if !self.outbox.is_stalled() {
+            return;
+        }
+        for (key, id) in self.outbox.retry(&self.peers) {
+            if let Some(session) = self.sessions.get_if(key, id) {
+                session.broadcast_wait = false;
+                self.ready.push(key);
             }
         }
     }
@@ -1091,7 +1214,7 @@ impl EventLoop {
                 if member.info.id == broadcast.except || member.closing.is_some() {
                     return;
                 }
-                if member.outbound.memory_len() + broadcast.data.len() > limit {
+                if !member.outbound.fits(broadcast.data.len(), limit) {
                     member.closing = Some(CloseReason::OutboundOverflow);
                 } else {
                     member.outbound.push_shared(broadcast.data.clone());
@@ -1217,10 +1340,12 @@ impl EventLoop {
             .relay
             .as_ref()
             .is_none_or(|relay| relay.finished(session.peer_eof));
-        let finished = session
-            .closing
-            .clone()
-            .or_else(|| (session.peer_eof && relay_done).then_some(CloseReason::PeerClosed));
+        // The peer's end (FIN or close_notify) waits for what the handler still holds back for
+        // a drained queue (pipelined requests): its `on_drain` is due and may answer more.
+        let finished = session.closing.clone().or_else(|| {
+            (session.peer_eof && relay_done && !session.drain_due)
+                .then_some(CloseReason::PeerClosed)
+        });
         let Some(reason) = finished else { return };
         if let Some(tls) = session.tls.as_mut() {
             if !tls.handshaking() && !tls.close_notify_sent {
@@ -1291,6 +1416,7 @@ impl EventLoop {
             CloseReason::Io(_) => Some(&self.stats.closed_io_error),
             CloseReason::ShutdownForced => Some(&self.stats.closed_forced),
             CloseReason::UpstreamTimeout => Some(&self.stats.closed_upstream_timeout),
+            CloseReason::WorkerPoolFull => Some(&self.stats.closed_worker_pool_full),
             _ => None,
         };
         if let Some(counter) = counter {
@@ -1479,6 +1605,7 @@ fn may_read(
     let relay = session.relay.as_deref();
     if !session.readable
         || session.read_paused
+        || session.broadcast_wait
         || session.peer_eof
         || session.closing.is_some()
         || relay.is_some_and(|relay| relay.spliced())

@@ -35,6 +35,7 @@
 
 mod acceptor;
 mod admission;
+mod broadcast;
 pub mod builtin;
 pub mod config;
 mod datagram;

@@ -21,7 +21,10 @@ pub(crate) struct LoopStats {
     pub(crate) closed_io_error: AtomicU64,
     pub(crate) closed_forced: AtomicU64,
     pub(crate) closed_upstream_timeout: AtomicU64,
+    pub(crate) closed_worker_pool_full: AtomicU64,
     pub(crate) read_pauses: AtomicU64,
+    /// Times a session stopped being read because its broadcasts waited for another loop.
+    pub(crate) broadcast_stalls: AtomicU64,
     pub(crate) handshakes_ok: AtomicU64,
     pub(crate) handshakes_failed: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
@@ -95,6 +98,8 @@ impl Metrics {
             closed_forced: sum(|s| &s.closed_forced),
             closed_upstream_timeout: sum(|s| &s.closed_upstream_timeout),
             read_pauses: sum(|s| &s.read_pauses),
+            broadcast_stalls: sum(|s| &s.broadcast_stalls),
+            closed_worker_pool_full: sum(|s| &s.closed_worker_pool_full),
             handshakes_ok: sum(|s| &s.handshakes_ok),
             handshakes_failed: sum(|s| &s.handshakes_failed),
             handshake_timeouts: sum(|s| &s.handshake_timeouts),
@@ -151,6 +156,11 @@ pub struct MetricsSnapshot {
     pub closed_upstream_timeout: u64,
     /// Times a session stopped being read because its outbound queue passed the high watermark.
     pub read_pauses: u64,
+    /// Times a session stopped being read because its broadcasts waited for room on another
+    /// event loop (nothing is dropped; the sender waits).
+    pub broadcast_stalls: u64,
+    /// Sessions closed because the worker pool's queue stayed full for `idle_timeout`.
+    pub closed_worker_pool_full: u64,
     /// TLS handshakes completed.
     pub handshakes_ok: u64,
     /// TLS handshakes that failed (bad bytes, protocol errors, no common version or ALPN).
@@ -302,6 +312,7 @@ impl MetricsSnapshot {
             ("io_error", self.closed_io_error),
             ("shutdown_forced", self.closed_forced),
             ("handler_panic", self.handler_panics),
+            ("worker_pool_full", self.closed_worker_pool_full),
         ] {
             sample(out, "sessions_closed_total", &[("reason", reason)], count);
         }
@@ -312,6 +323,13 @@ impl MetricsSnapshot {
             "Times a session stopped being read because its peer was not reading.",
         );
         sample(out, "read_pauses_total", &[], self.read_pauses);
+        family(
+            out,
+            "broadcast_stalls_total",
+            "counter",
+            "Times a session stopped being read until its broadcasts found room on another loop.",
+        );
+        sample(out, "broadcast_stalls_total", &[], self.broadcast_stalls);
         family(
             out,
             "jobs_queued",

@@ -22,6 +22,11 @@ const STAGING_CHUNK: usize = 64 * 1024;
 const STAGING_KEEP: usize = 4 * 1024;
 /// Most file bytes handed to one `sendfile` call.
 const SENDFILE_CHUNK: usize = 1 << 20;
+/// What one queued entry costs beyond its payload: its slot in the chunk list plus the
+/// allocator's share of the buffer (or file) handle it keeps alive. Counting it is what stops
+/// a flood of tiny entries (1-byte broadcasts, 1-byte file regions) from holding many times
+/// `outbound_limit` in bookkeeping while the payload counted stays small.
+pub(crate) const ENTRY_COST: usize = std::mem::size_of::<Chunk>() + 32;
 
 /// Where a queue's file regions go: a socket that can take them without a copy.
 pub(crate) trait FileSink: Write {
@@ -85,9 +90,20 @@ impl OutboundQueue {
         self.len
     }
 
-    /// Bytes queued in memory: what `outbound_limit` bounds.
+    /// Memory the queue holds: payload bytes in memory plus [`ENTRY_COST`] per queued entry
+    /// (file regions included: their bytes are on disk, their entries are not). What
+    /// `outbound_limit` bounds.
     pub(crate) fn memory_len(&self) -> usize {
-        self.len - self.file_len
+        (self.len - self.file_len) + self.chunks.len() * ENTRY_COST
+    }
+
+    /// Whether an entry of `payload` more bytes in memory keeps [`OutboundQueue::memory_len`]
+    /// within `limit` (charged as a whole new entry, whichever way the push stores it).
+    pub(crate) fn fits(&self, payload: usize, limit: usize) -> bool {
+        self.memory_len()
+            .saturating_add(payload)
+            .saturating_add(ENTRY_COST)
+            <= limit
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -487,7 +503,9 @@ mod tests {
         queue.push_file(file, 0, 5);
         queue.push_shared(Bytes::from_static(b"tail"));
         assert_eq!(queue.len(), 7 + 200_000 + 7 + 5 + 4);
-        assert_eq!(queue.memory_len(), 7 + 7 + 4);
+        // Five entries (two sealed copies, two regions, one shared buffer): file bytes cost
+        // nothing, entries do.
+        assert_eq!(queue.memory_len(), 7 + 7 + 4 + 5 * ENTRY_COST);
 
         let mut writer = Trickle {
             out: Vec::new(),
@@ -507,6 +525,33 @@ mod tests {
         expected.extend_from_slice(b"tail");
         assert_eq!(writer.out, expected);
         assert_eq!(queue.memory_len(), 0);
+    }
+
+    #[test]
+    fn tiny_entries_are_charged_what_they_cost_not_their_payload() {
+        // One-byte shared buffers (what per-line broadcasts were): a 4 MiB limit admits about
+        // 64 Ki of them, not 4 Mi.
+        let limit = 4 * 1024 * 1024;
+        let mut queue = OutboundQueue::default();
+        let one = Bytes::from_static(b"x");
+        let mut admitted = 0;
+        while queue.fits(1, limit) {
+            queue.push_shared(one.clone());
+            admitted += 1;
+        }
+        assert_eq!(admitted, limit / (1 + ENTRY_COST));
+        assert!(queue.memory_len() <= limit);
+        // Copies coalesce into the staging buffer: their bytes are what they cost.
+        let mut copies = OutboundQueue::default();
+        for _ in 0..10_000 {
+            copies.push_copy(b"y");
+        }
+        assert_eq!(copies.memory_len(), 10_000);
+        // A file region holds no file bytes in memory, but its entry counts.
+        let mut files = OutboundQueue::default();
+        files.push_file(file_with(b"z"), 0, 1);
+        assert_eq!(files.memory_len(), ENTRY_COST);
+        assert!(ENTRY_COST >= std::mem::size_of::<Chunk>());
     }
 
     #[test]

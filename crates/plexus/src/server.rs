@@ -272,6 +272,7 @@ impl ServerBuilder {
             server.max_datagram_sessions_per_ip,
             server.max_handshakes.div_ceil(2),
         ));
+        admission.set_max_handshakes_per_ip(server.handshakes_per_ip());
         for (index, sockets) in datagram_sockets {
             let listener = &valid.listeners[index];
             let dtls = match (&tls, listener.config.transport) {

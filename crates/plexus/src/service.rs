@@ -132,6 +132,9 @@ pub enum CloseReason {
     Panic,
     /// More blocking jobs were queued than `worker_session_limit` allows.
     WorkOverflow,
+    /// The session's next blocking job found the worker pool's queue (`worker_queue`) full
+    /// for `idle_timeout`.
+    WorkerPoolFull,
     /// A forward session's upstream refused, reset or failed.
     UpstreamFailed(std::io::ErrorKind),
     /// A forward session's upstream did not accept the connection within `handshake_timeout`.
@@ -178,6 +181,9 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::WorkOverflow => {
                 f.write_str("too many blocking jobs queued (worker_session_limit)")
+            }
+            CloseReason::WorkerPoolFull => {
+                f.write_str("the worker pool's queue (worker_queue) stayed full for idle_timeout")
             }
         }
     }
@@ -272,11 +278,23 @@ impl Session<'_> {
 
     /// Sends `data` to every other session of this listener, on every event loop. A member
     /// whose outbound queue would pass `outbound_limit` is closed, never waited for.
+    ///
+    /// Every member gets the same shared buffer (no copy per member): a service that has many
+    /// small messages at once (a read's worth of chat lines) should broadcast them together, as
+    /// one buffer, rather than one call each.
     pub fn broadcast(&mut self, data: &[u8]) {
+        self.broadcast_bytes(Bytes::copy_from_slice(data));
+    }
+
+    /// Like [`Session::broadcast`], for bytes the caller already owns (no copy).
+    pub fn broadcast_bytes(&mut self, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
         self.broadcasts.push(Broadcast {
             listener: self.info.listener.index,
             except: self.info.id,
-            data: Bytes::copy_from_slice(data),
+            data,
         });
     }
 
@@ -299,9 +317,10 @@ impl Session<'_> {
     /// Queues `len` bytes of `file` starting at `offset`. On plain TCP they go out with
     /// `sendfile` (no copy through user space); on TLS they are read one record at a time. File
     /// bytes count towards the outbound watermarks (reading pauses while they are queued) but
-    /// not towards `outbound_limit`, since they hold no memory.
+    /// not towards `outbound_limit`, since they hold no memory; the queue entry itself does, so
+    /// a flood of tiny regions to a peer that does not read closes the session like any other.
     pub fn send_file(&mut self, file: Arc<File>, offset: u64, len: u64) {
-        if self.closing.is_none() {
+        if len > 0 && self.admits(0) {
             self.outbound.push_file(file, offset, len);
         }
     }
@@ -376,7 +395,7 @@ impl Session<'_> {
         if self.closing.is_some() {
             return false;
         }
-        if self.outbound.memory_len() + extra > self.outbound_limit {
+        if !self.outbound.fits(extra, self.outbound_limit) {
             *self.closing = Some(CloseReason::OutboundOverflow);
             return false;
         }

@@ -72,6 +72,8 @@ pub(crate) struct TcpSession {
     pub(crate) drain_wanted: bool,
     /// The queue drained as asked: `on_drain` is called on the next `serve`.
     pub(crate) drain_due: bool,
+    /// Not read because broadcasts it sent wait for room on another loop.
+    pub(crate) broadcast_wait: bool,
     member_slot: usize,
     /// Holds the session's place in the admission counts until dropped.
     _ticket: Ticket,
@@ -105,6 +107,7 @@ impl TcpSession {
             extras: None,
             drain_wanted: false,
             drain_due: false,
+            broadcast_wait: false,
             member_slot: usize::MAX,
             _ticket: ticket,
         }

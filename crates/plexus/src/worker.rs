@@ -4,9 +4,11 @@
 //! A handler queues a job with [`crate::Session::spawn_blocking`]. Each session keeps its own
 //! FIFO of jobs ([`WorkQueue`]) and has at most one job on the pool at a time, so its replies
 //! leave in request order however many workers there are. The pool's queue is bounded
-//! (`worker_queue`); a job that finds it full waits in its session's queue. Results return to
-//! the owning event loop through a channel and its `mio::Waker`: no polling, no sleeps. A job
-//! that panics closes only its session.
+//! (`worker_queue`); a job that finds it full waits in its session's queue, and the loop tries
+//! again on its own ([`PoolWaiters`]: after a completion, and on a timer with backoff, so a loop
+//! that gets no completion of its own still retries). A session whose job cannot be queued
+//! within `idle_timeout` is closed (`worker_pool_full`). Results return to the owning event
+//! loop through a channel and its `mio::Waker`. A job that panics closes only its session.
 
 use std::collections::VecDeque;
 use std::io;
@@ -14,6 +16,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
@@ -93,6 +96,91 @@ impl WorkQueue {
         if self.waiting.is_empty() && self.waiting.capacity() > 0 {
             // Idle sessions hold no job memory.
             self.waiting = VecDeque::new();
+        }
+    }
+}
+
+/// First wait before a loop tries the pool's queue again…
+const RETRY_FIRST: Duration = Duration::from_millis(1);
+/// …doubling up to this.
+const RETRY_MAX: Duration = Duration::from_millis(50);
+
+/// A session of this loop whose next job found the pool's queue full, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolWaiter {
+    pub(crate) key: usize,
+    pub(crate) id: SessionId,
+    pub(crate) since: Instant,
+}
+
+/// One loop's sessions waiting for room in the pool's queue, oldest first, and when to try
+/// again. Retries do not depend on this loop's own completions: another loop's jobs may be the
+/// ones holding the queue.
+#[derive(Debug)]
+pub(crate) struct PoolWaiters {
+    waiting: Vec<PoolWaiter>,
+    next_retry: Option<Instant>,
+    backoff: Duration,
+}
+
+impl Default for PoolWaiters {
+    fn default() -> Self {
+        PoolWaiters {
+            waiting: Vec::new(),
+            next_retry: None,
+            backoff: RETRY_FIRST,
+        }
+    }
+}
+
+impl PoolWaiters {
+    /// `key` found the queue full at `now` (listed once, keeping its first time).
+    pub(crate) fn add(&mut self, key: usize, id: SessionId, now: Instant) {
+        if !self.waiting.iter().any(|w| w.key == key && w.id == id) {
+            self.waiting.push(PoolWaiter {
+                key,
+                id,
+                since: now,
+            });
+        }
+        if self.next_retry.is_none() {
+            self.next_retry = Some(now + self.backoff);
+        }
+    }
+
+    /// When the loop must wake to retry, if anyone waits.
+    pub(crate) fn next_wakeup(&self) -> Option<Instant> {
+        self.next_retry
+    }
+
+    /// The waiting sessions, oldest first, if a retry is due at `now` (or `force`d, after a
+    /// completion made room). Whoever still finds the queue full goes back with [`Self::keep`].
+    pub(crate) fn take_due(&mut self, now: Instant, force: bool) -> Vec<PoolWaiter> {
+        let due = self.next_retry.is_some_and(|at| force || now >= at);
+        if !due {
+            return Vec::new();
+        }
+        self.next_retry = None;
+        std::mem::take(&mut self.waiting)
+    }
+
+    /// `waiter` still waits: the next retry comes after a longer backoff.
+    pub(crate) fn keep(&mut self, waiter: PoolWaiter, now: Instant) {
+        self.waiting.push(waiter);
+        if self.next_retry.is_none() {
+            self.backoff = (self.backoff * 2).min(RETRY_MAX);
+            self.next_retry = Some(now + self.backoff);
+        }
+    }
+
+    /// Everyone got in: the next wait starts short again.
+    pub(crate) fn settle(&mut self) {
+        if self.waiting.is_empty() {
+            self.backoff = RETRY_FIRST;
+            self.next_retry = None;
+            if self.waiting.capacity() > 64 {
+                self.waiting = Vec::new();
+            }
         }
     }
 }
@@ -232,6 +320,52 @@ mod tests {
 
     fn job(tag: &'static str) -> Job {
         Box::new(move |reply: &mut Reply| reply.send(tag.as_bytes()))
+    }
+
+    #[test]
+    fn waiters_are_retried_on_a_timer_with_backoff_without_any_completion() {
+        let start = Instant::now();
+        let mut waiters = PoolWaiters::default();
+        assert!(waiters.next_wakeup().is_none());
+        waiters.add(3, SessionId(30), start);
+        waiters.add(3, SessionId(30), start + Duration::from_millis(5));
+        waiters.add(4, SessionId(40), start);
+        let first = waiters.next_wakeup().expect("a retry is scheduled");
+        assert_eq!(first, start + RETRY_FIRST);
+        assert!(waiters.take_due(start, false).is_empty(), "not due yet");
+        let due = waiters.take_due(first, false);
+        assert_eq!(
+            due.iter().map(|w| (w.key, w.since)).collect::<Vec<_>>(),
+            vec![(3, start), (4, start)],
+            "each session once, oldest first, with its first time"
+        );
+        // Still full: the next try comes later and later, up to the cap.
+        let mut at = first;
+        let mut gaps = Vec::new();
+        for _ in 0..10 {
+            for waiter in waiters.take_due(at, true) {
+                waiters.keep(waiter, at);
+            }
+            if gaps.is_empty() {
+                for waiter in &due {
+                    waiters.keep(*waiter, at);
+                }
+            }
+            let next = waiters.next_wakeup().expect("still scheduled");
+            gaps.push(next - at);
+            at = next;
+        }
+        assert!(gaps.windows(2).all(|pair| pair[0] <= pair[1]), "{gaps:?}");
+        assert_eq!(*gaps.last().unwrap(), RETRY_MAX);
+        waiters.take_due(at, true);
+        waiters.settle();
+        assert!(waiters.next_wakeup().is_none());
+        waiters.add(5, SessionId(50), at);
+        assert_eq!(
+            waiters.next_wakeup(),
+            Some(at + RETRY_FIRST),
+            "backoff reset"
+        );
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! outbound queue would pass `outbound_limit` (it is not reading) is closed and logged. The
 //! sender is never paused on behalf of a receiver. A line longer than `[chat] max_line_bytes`
 //! closes its sender with an error line.
+//!
+//! The complete lines of one read travel as one broadcast: one shared buffer that every other
+//! member's queue references, not one entry per line (a read of 65,536 one-byte lines would
+//! otherwise cost every member 65,536 queue entries).
 
+use bytes::Bytes;
 use plexus_proto::LineFramer;
 use tracing::info;
 
@@ -37,7 +42,11 @@ struct ChatMember {
 
 impl SessionHandler for ChatMember {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
-        let result = self.lines.push(data, |line| session.broadcast(line));
+        // Sized for everything this read can complete: the buffer is shared as it is.
+        let mut batch = Vec::with_capacity(self.lines.pending() + data.len());
+        let result = self.lines.push(data, |line| batch.extend_from_slice(line));
+        // Lines completed before an over-long one are still delivered.
+        session.broadcast_bytes(Bytes::from(batch));
         if let Err(too_long) = result {
             info!(session = %session.id(), peer = %session.peer(), "chat member sent {too_long}; closing");
             session.send(format!("error: {too_long}\n").as_bytes());

@@ -1,0 +1,135 @@
+//! Broadcasts between event loops are never dropped: when the receiving loop has no room, the
+//! sending loop keeps them, in order, and stops reading the sender until they are handed over.
+//!
+//! The service broadcasts every byte it reads as its own message, so one 64 KiB read becomes
+//! 65,536 broadcasts: far more than a loop may have in flight towards another (half its
+//! 65,536-command channel), while the receiving loop is held up for a second by a member whose
+//! handler blocks (`!`; a stand-in for a loop busy with other work). Before, what did not fit
+//! was dropped with a debug log.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use plexus::{Config, Server, ServerHandle, Service, Session, SessionHandler};
+
+struct Bytewise;
+struct BytewiseSession;
+
+impl Service for Bytewise {
+    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        Box::new(BytewiseSession)
+    }
+}
+
+impl SessionHandler for BytewiseSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        if data == b"!" {
+            // Holds this loop up (on purpose: a test of what the other loop does meanwhile).
+            thread::sleep(Duration::from_secs(1));
+            return;
+        }
+        for byte in data {
+            session.broadcast(std::slice::from_ref(byte));
+        }
+    }
+}
+
+struct Running {
+    addr: SocketAddr,
+    handle: ServerHandle,
+    thread: Option<thread::JoinHandle<Result<(), plexus::Error>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.handle.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn start() -> Running {
+    // Receivers' queues may hold every one-byte message (64 B of bookkeeping each) if they
+    // fall behind: the limit is set so that only the loop-to-loop path is under test.
+    let text = "[server]\nevent_loops = 2\noutbound_limit = 67108864\n\
+                [[listener]]\nname = \"bytes\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
+                service = \"bytewise\"\n";
+    let config = Config::parse(text, "test").unwrap();
+    let server = Server::builder(config)
+        .service("bytewise", Bytewise)
+        .build()
+        .unwrap();
+    let addr = server.local_addr("bytes").unwrap();
+    let handle = server.handle();
+    let thread = Some(thread::spawn(move || server.run()));
+    Running {
+        addr,
+        handle,
+        thread,
+    }
+}
+
+fn join(server: &Running, sessions: u64) -> TcpStream {
+    let stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.handle.metrics().sessions_open < sessions {
+        assert!(Instant::now() < deadline, "session {sessions} never opened");
+        thread::sleep(Duration::from_millis(5));
+    }
+    stream
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+#[test]
+fn a_flood_of_broadcasts_to_another_loop_arrives_whole_and_in_order() {
+    const TOTAL: usize = 512 * 1024;
+    let server = start();
+    // Sessions go to the least loaded loop: the sender and `near` on loop 0, `far` and
+    // `blocker` on loop 1.
+    let mut sender = join(&server, 1);
+    let far = join(&server, 2);
+    let near = join(&server, 3);
+    let mut blocker = join(&server, 4);
+    let expected = pattern(TOTAL);
+    let readers: Vec<_> = [("far", far), ("near", near)]
+        .into_iter()
+        .map(|(who, mut stream)| {
+            let expected = expected.clone();
+            thread::spawn(move || -> Result<(), String> {
+                let mut got = vec![0u8; TOTAL];
+                stream
+                    .read_exact(&mut got)
+                    .map_err(|e| format!("{who}: {e}"))?;
+                match got.iter().zip(&expected).position(|(a, b)| a != b) {
+                    None => Ok(()),
+                    Some(at) => Err(format!("{who}: byte {at} differs")),
+                }
+            })
+        })
+        .collect();
+    blocker.write_all(b"!").unwrap();
+    thread::sleep(Duration::from_millis(100));
+    sender.write_all(&expected).unwrap();
+    for reader in readers {
+        match reader.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(msg)) => panic!("{msg}"),
+            Err(_) => panic!("reader panicked"),
+        }
+    }
+    let metrics = server.handle.metrics();
+    assert!(
+        metrics.broadcast_stalls > 0,
+        "the sender was paused while loop 1 had no room"
+    );
+    assert_eq!(metrics.closed_outbound_overflow, 0);
+}
