@@ -108,11 +108,11 @@ impl Cidr {
         }
         let prefix = prefix as u8; // <= 128, checked above
         let (addr, prefix) = match addr {
-            IpAddr::V6(v6) if prefix >= 96 => match v6.to_ipv4_mapped() {
-                Some(v4) => (IpAddr::V4(v4), prefix - 96),
-                None => (addr, prefix),
+            IpAddr::V6(v6) => match (v6.to_ipv4_mapped(), prefix.checked_sub(96)) {
+                (Some(v4), Some(v4_prefix)) => (IpAddr::V4(v4), v4_prefix),
+                _ => (addr, prefix),
             },
-            _ => (addr, prefix),
+            IpAddr::V4(_) => (addr, prefix),
         };
         let network = match addr {
             IpAddr::V4(v4) => IpAddr::V4(Ipv4Addr::from(u32::from(v4) & v4_mask(prefix))),
@@ -133,11 +133,17 @@ impl Cidr {
 }
 
 fn v4_mask(prefix: u8) -> u32 {
-    u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0)
+    32u32
+        .checked_sub(u32::from(prefix))
+        .and_then(|shift| u32::MAX.checked_shl(shift))
+        .unwrap_or(0)
 }
 
 fn v6_mask(prefix: u8) -> u128 {
-    u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0)
+    128u32
+        .checked_sub(u32::from(prefix))
+        .and_then(|shift| u128::MAX.checked_shl(shift))
+        .unwrap_or(0)
 }
 
 impl FromStr for Cidr {

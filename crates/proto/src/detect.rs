@@ -42,6 +42,8 @@ pub const MAX_SNIFF_BYTES: usize = {
         max = TLS_HEADER_LEN;
     }
     let mut i = 0;
+    // Evaluated at compile time: an out-of-bounds index would fail the build, not a session.
+    #[allow(clippy::indexing_slicing)]
     while i < HTTP_STARTS.len() {
         if HTTP_STARTS[i].len() > max {
             max = HTTP_STARTS[i].len();

@@ -8,6 +8,24 @@
 //! bytes and the current [`Instant`](std::time::Instant) are always passed in
 //! by the caller, which keeps every piece deterministic and unit-testable.
 #![forbid(unsafe_code)]
+// No panics from input: this crate parses what the network sends, so indexing, unchecked
+// arithmetic and unwrap/expect are refused outside tests; the few places where an invariant
+// makes one safe carry a narrowly scoped `allow` with the reason.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 pub mod acl;
 pub mod detect;

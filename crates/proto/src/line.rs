@@ -67,18 +67,18 @@ impl LineFramer {
     pub fn push(&mut self, data: &[u8], mut on_line: impl FnMut(&[u8])) -> Result<(), LineTooLong> {
         let mut rest = data;
         if !self.buf.is_empty() {
-            match find_newline(rest) {
-                Some(end) => {
-                    if self.buf.len() + end > self.max {
+            match split_line(rest) {
+                Some((line, tail)) => {
+                    if self.buf.len().saturating_add(content_len(line)) > self.max {
                         return Err(self.fail());
                     }
-                    self.buf.extend_from_slice(&rest[..=end]);
+                    self.buf.extend_from_slice(line);
                     on_line(&self.buf);
                     self.clear_buffer();
-                    rest = &rest[end + 1..];
+                    rest = tail;
                 }
                 None => {
-                    if self.buf.len() + rest.len() > self.max {
+                    if self.buf.len().saturating_add(rest.len()) > self.max {
                         return Err(self.fail());
                     }
                     self.buf.extend_from_slice(rest);
@@ -86,12 +86,12 @@ impl LineFramer {
                 }
             }
         }
-        while let Some(end) = find_newline(rest) {
-            if end > self.max {
+        while let Some((line, tail)) = split_line(rest) {
+            if content_len(line) > self.max {
                 return Err(self.fail());
             }
-            on_line(&rest[..=end]);
-            rest = &rest[end + 1..];
+            on_line(line);
+            rest = tail;
         }
         if rest.len() > self.max {
             return Err(self.fail());
@@ -115,8 +115,15 @@ impl LineFramer {
     }
 }
 
-fn find_newline(data: &[u8]) -> Option<usize> {
-    data.iter().position(|&b| b == b'\n')
+/// `data` cut after its first `\n`: the line (with its `\n`) and the rest.
+fn split_line(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = data.iter().position(|&b| b == b'\n')?;
+    data.split_at_checked(end.checked_add(1)?)
+}
+
+/// The length of a line from [`split_line`] without its `\n` (what the limit counts).
+fn content_len(line: &[u8]) -> usize {
+    line.len().saturating_sub(1)
 }
 
 #[cfg(test)]

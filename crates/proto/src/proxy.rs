@@ -126,21 +126,28 @@ pub fn parse_proxy_header(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, Pr
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
-    let window = &buf[..buf.len().min(V1_MAX)];
+    let window = buf.get(..V1_MAX).unwrap_or(buf);
     let Some(lf) = window.iter().position(|&b| b == b'\n') else {
         if window.len() >= V1_MAX {
             return Err(ProxyError::V1TooLong);
         }
         return Ok(None);
     };
-    let Some(line) = window[..lf].strip_suffix(b"\r") else {
+    let Some((line, _)) = window.split_at_checked(lf) else {
+        return Err(ProxyError::V1BadLineEnding);
+    };
+    let Some(line) = line.strip_suffix(b"\r") else {
         return Err(ProxyError::V1BadLineEnding);
     };
     if line.contains(&b'\r') {
         return Err(ProxyError::V1BadLineEnding);
     }
-    let consumed = lf + 1;
-    let rest = &line[V1_PREFIX.len()..];
+    // `lf` indexes `window` (at most V1_MAX bytes): no overflow.
+    let consumed = lf.saturating_add(1);
+    // The caller saw the prefix, and a line ends after it (it holds no CR or LF).
+    let Some(rest) = line.strip_prefix(V1_PREFIX) else {
+        return Err(ProxyError::V1Syntax);
+    };
     // UNKNOWN: the receiver ignores whatever follows (spec §2.1).
     if rest == b"UNKNOWN" || rest.starts_with(b"UNKNOWN ") {
         return Ok(Some((ProxyHeader::Unknown, consumed)));
@@ -196,11 +203,13 @@ fn v1_port(text: &[u8], field: &'static str) -> Result<u16, ProxyError> {
         value: String::from_utf8_lossy(text).into_owned(),
     };
     let digits_only = !text.is_empty() && text.len() <= 5 && text.iter().all(u8::is_ascii_digit);
-    if !digits_only || (text.len() > 1 && text[0] == b'0') {
+    if !digits_only || (text.len() > 1 && text.first() == Some(&b'0')) {
         return Err(bad());
     }
-    let value = text.iter().fold(0u32, |n, &b| n * 10 + u32::from(b - b'0'));
-    u16::try_from(value).map_err(|_| bad())
+    std::str::from_utf8(text)
+        .ok()
+        .and_then(|digits| digits.parse::<u16>().ok())
+        .ok_or_else(bad)
 }
 
 fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
@@ -217,7 +226,8 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
     let command = check_version_command(version_command)?;
     check_family(family)?;
     let len = usize::from(u16::from_be_bytes([len_hi, len_lo]));
-    let total = V2_FIXED + len;
+    // At most V2_FIXED + 65535.
+    let total = V2_FIXED.saturating_add(len);
     if total > MAX_PROXY_HEADER {
         return Err(ProxyError::V2TooLong(total));
     }
@@ -234,40 +244,53 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError> {
         // LOCAL: the receiver must ignore the address block (spec §2.2).
         return Ok(Some((ProxyHeader::Local, total)));
     }
-    if len < needed {
-        return Err(ProxyError::V2ShortAddress {
-            family: name,
-            len,
-            needed,
-        });
-    }
-    check_tlvs(&body[needed..], V2_FIXED + needed)?;
+    let short = || ProxyError::V2ShortAddress {
+        family: name,
+        len,
+        needed,
+    };
+    // `body` is `len` bytes long, so this is `len < needed`.
+    let Some(tlvs) = body.get(needed..) else {
+        return Err(short());
+    };
+    check_tlvs(tlvs, V2_FIXED.saturating_add(needed))?;
     let header = match family >> 4 {
         0x1 => {
-            let ip = |at: usize| {
-                IpAddr::V4(Ipv4Addr::new(
-                    body[at],
-                    body[at + 1],
-                    body[at + 2],
-                    body[at + 3],
-                ))
+            let Some((&[s0, s1, s2, s3, d0, d1, d2, d3, sp0, sp1, dp0, dp1], _)) =
+                body.split_first_chunk::<12>()
+            else {
+                return Err(short());
             };
-            let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
             ProxyHeader::Proxied {
-                source: SocketAddr::new(ip(0), port(8)),
-                destination: SocketAddr::new(ip(4), port(10)),
+                source: SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::new(s0, s1, s2, s3)),
+                    u16::from_be_bytes([sp0, sp1]),
+                ),
+                destination: SocketAddr::new(
+                    IpAddr::V4(Ipv4Addr::new(d0, d1, d2, d3)),
+                    u16::from_be_bytes([dp0, dp1]),
+                ),
             }
         }
         0x2 => {
-            let ip = |at: usize| {
-                let mut octets = [0u8; 16];
-                octets.copy_from_slice(&body[at..at + 16]);
-                IpAddr::V6(Ipv6Addr::from(octets))
+            let Some((source, rest)) = body.split_first_chunk::<16>() else {
+                return Err(short());
             };
-            let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+            let Some((destination, rest)) = rest.split_first_chunk::<16>() else {
+                return Err(short());
+            };
+            let Some((&[sp0, sp1, dp0, dp1], _)) = rest.split_first_chunk::<4>() else {
+                return Err(short());
+            };
             ProxyHeader::Proxied {
-                source: SocketAddr::new(ip(0), port(32)),
-                destination: SocketAddr::new(ip(16), port(34)),
+                source: SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(*source)),
+                    u16::from_be_bytes([sp0, sp1]),
+                ),
+                destination: SocketAddr::new(
+                    IpAddr::V6(Ipv6Addr::from(*destination)),
+                    u16::from_be_bytes([dp0, dp1]),
+                ),
             }
         }
         _ => ProxyHeader::Unknown,
@@ -308,11 +331,12 @@ fn check_tlvs(mut tlvs: &[u8], mut offset: usize) -> Result<(), ProxyError> {
             return Err(ProxyError::V2BadTlv(offset));
         };
         let len = usize::from(u16::from_be_bytes([*hi, *lo]));
-        if rest.len() < len {
+        let Some(next) = rest.get(len..) else {
             return Err(ProxyError::V2BadTlv(offset));
-        }
-        tlvs = &rest[len..];
-        offset += 3 + len;
+        };
+        tlvs = next;
+        // Bounded by the header's length (at most 65551).
+        offset = offset.saturating_add(3).saturating_add(len);
     }
     Ok(())
 }

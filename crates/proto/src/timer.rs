@@ -91,6 +91,8 @@ impl<T> TimerWheel<T> {
     /// two that fits in `usize`.
     pub fn new(tick: Duration, slots: usize, now: Instant) -> Self {
         assert!(!tick.is_zero(), "TimerWheel tick must be greater than zero");
+        // A caller's programming error (documented above), not input.
+        #[allow(clippy::expect_used)]
         let slots = slots
             .max(2)
             .checked_next_power_of_two()
@@ -99,7 +101,8 @@ impl<T> TimerWheel<T> {
             origin: now,
             tick,
             tick_nanos: tick.as_nanos(),
-            mask: slots - 1,
+            // `slots` is at least 2.
+            mask: slots.saturating_sub(1),
             cursor: 0,
             heads: vec![NIL; slots],
             occupied: vec![0; slots.div_ceil(64)],
@@ -134,16 +137,17 @@ impl<T> TimerWheel<T> {
     pub fn insert(&mut self, deadline: Instant, value: T) -> TimerKey {
         let tick = self.tick_of(deadline).max(self.cursor);
         let slot = self.slot_of(tick);
-        let head = self.heads[slot];
+        let head = self.head(slot);
         let index = if self.free != NIL {
             let index = self.free;
-            let entry = &mut self.entries[index];
-            self.free = entry.next;
+            let entry = self.entry_mut(index);
+            let next_free = entry.next;
             entry.value = Some(value);
             entry.deadline = deadline;
             entry.tick = tick;
             entry.prev = NIL;
             entry.next = head;
+            self.free = next_free;
             index
         } else {
             self.entries.push(Entry {
@@ -154,17 +158,18 @@ impl<T> TimerWheel<T> {
                 next: head,
                 generation: 0,
             });
-            self.entries.len() - 1
+            // Just pushed: at least one entry.
+            self.entries.len().saturating_sub(1)
         };
         if head != NIL {
-            self.entries[head].prev = index;
+            self.entry_mut(head).prev = index;
         }
-        self.heads[slot] = index;
-        self.occupied[slot / 64] |= 1 << (slot % 64);
-        self.len += 1;
+        self.set_head(slot, index);
+        // At most one pending timer per entry: cannot overflow.
+        self.len = self.len.saturating_add(1);
         TimerKey {
             index,
-            generation: self.entries[index].generation,
+            generation: self.entry(index).generation,
         }
     }
 
@@ -225,9 +230,9 @@ impl<T> TimerWheel<T> {
         // answer only if no other slot is occupied.
         let mut due_now: Option<Instant> = None;
         let mut later: Option<Instant> = None;
-        let mut index = self.heads[current];
+        let mut index = self.head(current);
         while index != NIL {
-            let entry = &self.entries[index];
+            let entry = self.entry(index);
             let best = if entry.tick <= self.cursor {
                 &mut due_now
             } else {
@@ -239,7 +244,7 @@ impl<T> TimerWheel<T> {
         if due_now.is_some() {
             return due_now;
         }
-        match self.next_occupied((current + 1) & self.mask) {
+        match self.next_occupied(current.wrapping_add(1) & self.mask) {
             Some(slot) if slot != current => {
                 let distance = (slot.wrapping_sub(current) & self.mask) as u64;
                 let tick = self.cursor.saturating_add(distance);
@@ -254,7 +259,11 @@ impl<T> TimerWheel<T> {
     /// Tick index containing `t` (saturating at 0 before the origin).
     fn tick_of(&self, t: Instant) -> u64 {
         let nanos = t.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(nanos / self.tick_nanos).unwrap_or(u64::MAX)
+        // `tick_nanos` is at least 1 (`new` refuses a zero tick).
+        nanos
+            .checked_div(self.tick_nanos)
+            .and_then(|tick| u64::try_from(tick).ok())
+            .unwrap_or(u64::MAX)
     }
 
     /// Instant at which tick `tick` starts, if representable.
@@ -271,9 +280,9 @@ impl<T> TimerWheel<T> {
 
     fn min_deadline_in(&self, slot: usize) -> Option<Instant> {
         let mut best: Option<Instant> = None;
-        let mut index = self.heads[slot];
+        let mut index = self.head(slot);
         while index != NIL {
-            let entry = &self.entries[index];
+            let entry = self.entry(index);
             best = Some(best.map_or(entry.deadline, |b| b.min(entry.deadline)));
             index = entry.next;
         }
@@ -283,28 +292,36 @@ impl<T> TimerWheel<T> {
     /// First occupied slot at or after `start`, wrapping around once.
     fn next_occupied(&self, start: usize) -> Option<usize> {
         let (first_word, bit) = (start / 64, start % 64);
-        let high = self.occupied[first_word] & (u64::MAX << bit);
+        let slot_at = |word_index: usize, word: u64| {
+            word_index
+                .checked_mul(64)?
+                .checked_add(usize::try_from(word.trailing_zeros()).ok()?)
+        };
+        let high = self.occupied.get(first_word).copied().unwrap_or(0) & (u64::MAX << bit);
         if high != 0 {
-            return Some(first_word * 64 + high.trailing_zeros() as usize);
+            return slot_at(first_word, high);
         }
-        let words = self.occupied.len();
         // On wrapping back to `first_word`, its bits at or above `start` are
         // already known to be clear, so the whole word can be tested.
-        for word_index in (first_word + 1..words).chain(0..=first_word) {
-            let word = self.occupied[word_index];
-            if word != 0 {
-                return Some(word_index * 64 + word.trailing_zeros() as usize);
-            }
-        }
-        None
+        let (before, from_first) = self.occupied.split_at(first_word.min(self.occupied.len()));
+        from_first
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(offset, word)| (first_word.saturating_add(offset), *word))
+            .chain(before.iter().copied().enumerate())
+            .chain(from_first.first().map(|word| (first_word, *word)))
+            .find(|&(_, word)| word != 0)
+            .and_then(|(word_index, word)| slot_at(word_index, word))
     }
 
     /// Fires every timer in `slot` whose deadline is `<= now`.
     fn expire_slot(&mut self, slot: usize, now: Instant, out: &mut Vec<T>) {
-        let mut index = self.heads[slot];
+        let mut index = self.head(slot);
         while index != NIL {
-            let next = self.entries[index].next;
-            if self.entries[index].deadline <= now {
+            let entry = self.entry(index);
+            let next = entry.next;
+            if entry.deadline <= now {
                 self.unlink(index);
                 out.push(self.release(index));
             }
@@ -315,27 +332,27 @@ impl<T> TimerWheel<T> {
     /// Removes a pending entry from its slot's list.
     fn unlink(&mut self, index: usize) {
         let (prev, next, tick) = {
-            let entry = &self.entries[index];
+            let entry = self.entry(index);
             (entry.prev, entry.next, entry.tick)
         };
         if prev != NIL {
-            self.entries[prev].next = next;
+            self.entry_mut(prev).next = next;
         } else {
             let slot = self.slot_of(tick);
-            self.heads[slot] = next;
-            if next == NIL {
-                self.occupied[slot / 64] &= !(1 << (slot % 64));
-            }
+            self.set_head(slot, next);
         }
         if next != NIL {
-            self.entries[next].prev = prev;
+            self.entry_mut(next).prev = prev;
         }
     }
 
     /// Puts an unlinked entry on the free list and returns its value.
     fn release(&mut self, index: usize) -> T {
         let free = self.free;
-        let entry = &mut self.entries[index];
+        let entry = self.entry_mut(index);
+        // Callers release only entries they found pending (`cancel` checks, `expire_slot`
+        // walks a slot's list, which holds only pending entries).
+        #[allow(clippy::expect_used)]
         let value = entry
             .value
             .take()
@@ -344,8 +361,46 @@ impl<T> TimerWheel<T> {
         entry.prev = NIL;
         entry.next = free;
         self.free = index;
-        self.len -= 1;
+        // This entry was pending, so `len` counted it.
+        self.len = self.len.saturating_sub(1);
         value
+    }
+
+    // The only places that index the slab and the slot table. Every index kept in `heads`,
+    // in an entry's `prev`/`next` or in `free` names an existing entry (entries are never
+    // removed from the slab), and every slot comes from `slot_of` (masked below
+    // `heads.len()`), so these cannot go out of bounds; a broken invariant would panic here
+    // instead of corrupting a list. Nothing here depends on input: the wheel holds only the
+    // runtime's own timers.
+
+    /// The entry at `index` (an index the wheel handed out and keeps linked).
+    #[allow(clippy::indexing_slicing)] // see above
+    fn entry(&self, index: usize) -> &Entry<T> {
+        &self.entries[index]
+    }
+
+    /// The entry at `index`, mutably.
+    #[allow(clippy::indexing_slicing)] // see above
+    fn entry_mut(&mut self, index: usize) -> &mut Entry<T> {
+        &mut self.entries[index]
+    }
+
+    /// The first entry of `slot`'s list, or `NIL`.
+    #[allow(clippy::indexing_slicing)] // see above
+    fn head(&self, slot: usize) -> usize {
+        self.heads[slot]
+    }
+
+    /// Sets the first entry of `slot`'s list and its occupancy bit.
+    #[allow(clippy::indexing_slicing)] // see above; `occupied` has a bit for every slot
+    fn set_head(&mut self, slot: usize, index: usize) {
+        self.heads[slot] = index;
+        let (word, bit) = (slot / 64, 1u64 << (slot % 64));
+        if index == NIL {
+            self.occupied[word] &= !bit;
+        } else {
+            self.occupied[word] |= bit;
+        }
     }
 }
 

@@ -69,17 +69,20 @@ pub fn normalize_path(target: &str) -> Result<Vec<String>, PathError> {
 
 fn percent_decode(raw: &[u8]) -> Result<Vec<u8>, PathError> {
     let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        if raw[i] == b'%' {
-            let hex = raw.get(i + 1..i + 3).ok_or(PathError::BadEscape)?;
-            let hi = (hex[0] as char).to_digit(16).ok_or(PathError::BadEscape)?;
-            let lo = (hex[1] as char).to_digit(16).ok_or(PathError::BadEscape)?;
-            out.push((hi * 16 + lo) as u8);
-            i += 3;
+    let mut rest = raw;
+    while let [byte, tail @ ..] = rest {
+        if *byte == b'%' {
+            let [hi, lo, after @ ..] = tail else {
+                return Err(PathError::BadEscape);
+            };
+            let hex = |digit: &u8| char::from(*digit).to_digit(16).ok_or(PathError::BadEscape);
+            let value =
+                u8::try_from((hex(hi)? << 4) | hex(lo)?).map_err(|_| PathError::BadEscape)?;
+            out.push(value);
+            rest = after;
         } else {
-            out.push(raw[i]);
-            i += 1;
+            out.push(*byte);
+            rest = tail;
         }
     }
     Ok(out)

@@ -24,6 +24,8 @@ macro_rules! parse_request {
     ($buf:expr, $max:expr, |$request:ident, $result:ident| $body:block) => {{
         let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
         let mut heap = Vec::new();
+        // `$max <= STACK_HEADERS` is checked before the slice is taken.
+        #[allow(clippy::indexing_slicing)]
         let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if $max <= STACK_HEADERS {
             &mut stack[..$max]
         } else {
@@ -411,12 +413,12 @@ impl RequestDecoder {
         if !matches!(self.state, State::Head) || self.buffered() <= limit {
             return;
         }
-        let window = &self.buf[self.pos..self.pos + limit];
+        let window = first_pending(&self.buf, self.pos, limit);
         // Leading empty lines are stripped by `poll` and shift the head: leave those to it.
         if matches!(window.first(), Some(b'\r' | b'\n')) || find_blank_line(window, 0).0.is_some() {
             return;
         }
-        self.buf.truncate(self.pos + limit);
+        self.buf.truncate(self.pos.saturating_add(limit));
     }
 
     /// The next event, `Ok(None)` when more bytes are needed.
@@ -448,15 +450,16 @@ impl RequestDecoder {
 
     /// Bytes received and not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos
+        // `pos <= buf.len()` always (`consume` clamps).
+        self.buf.len().saturating_sub(self.pos)
     }
 
     fn pending(&self) -> &[u8] {
-        &self.buf[self.pos..]
+        self.buf.get(self.pos..).unwrap_or_default()
     }
 
     fn consume(&mut self, n: usize) {
-        self.pos += n;
+        self.pos = self.pos.saturating_add(n).min(self.buf.len());
         if self.pos == self.buf.len() {
             self.pos = 0;
             if self.buf.capacity() > KEEP_CAPACITY {
@@ -474,9 +477,10 @@ impl RequestDecoder {
             return None;
         }
         let n = min(remaining, avail as u64) as usize;
-        let piece = self.pending()[..n].to_vec();
+        let piece = self.pending().get(..n)?.to_vec();
         self.consume(n);
-        Some((piece, remaining - n as u64))
+        // `n <= remaining`.
+        Some((piece, remaining.saturating_sub(n as u64)))
     }
 
     fn step(&mut self) -> Result<Option<RequestEvent>, RequestError> {
@@ -525,13 +529,14 @@ impl RequestDecoder {
                     }
                 }
                 State::ChunkSize => {
-                    let window =
-                        &self.buf[self.pos..self.pos + min(self.buffered(), MAX_CHUNK_LINE)];
+                    let window = first_pending(&self.buf, self.pos, MAX_CHUNK_LINE);
                     let from = self.scanned.min(window.len());
-                    let Some(lf) = window[from..]
+                    let Some(lf) = window
+                        .get(from..)
+                        .unwrap_or_default()
                         .iter()
                         .position(|&b| b == b'\n')
-                        .map(|i| from + i)
+                        .map(|i| from.saturating_add(i))
                     else {
                         self.scanned = window.len();
                         if window.len() >= MAX_CHUNK_LINE {
@@ -545,12 +550,12 @@ impl RequestDecoder {
                         }
                         return Ok(None);
                     };
-                    let line = match window[..lf].strip_suffix(b"\r") {
+                    let line = match window.get(..lf).and_then(|l| l.strip_suffix(b"\r")) {
                         Some(line) => line,
                         None => return Err(RequestError::BadChunkDelimiter),
                     };
                     let size = parse_chunk_size(line)?;
-                    self.consume(lf + 1);
+                    self.consume(lf.saturating_add(1));
                     self.scanned = 0;
                     self.body_total = self
                         .body_total
@@ -568,7 +573,7 @@ impl RequestDecoder {
                 }
                 State::Trailers => {
                     let limit = self.limits.max_head_bytes;
-                    let window = &self.buf[self.pos..self.pos + min(self.buffered(), limit)];
+                    let window = first_pending(&self.buf, self.pos, limit);
                     let end = if window.starts_with(b"\r\n") {
                         Some(2)
                     } else {
@@ -593,7 +598,9 @@ impl RequestDecoder {
 
     /// Validates the trailer section `pending()[..end]` (the fields are discarded).
     fn check_trailers(&self, end: usize) -> Result<(), RequestError> {
-        let section = &self.pending()[..end];
+        let Some(section) = self.pending().get(..end) else {
+            return Err(RequestError::BadTrailer);
+        };
         // The chunked framing is strict about CRLF (a bare LF is a smuggling vector).
         if has_bare_lf(section) {
             return Err(RequestError::BadChunkDelimiter);
@@ -626,7 +633,7 @@ impl RequestDecoder {
         }
         let limit = self.limits.max_head_bytes;
         let window_len = min(avail, limit);
-        let window = &self.buf[self.pos..self.pos + window_len];
+        let window = first_pending(&self.buf, self.pos, window_len);
         let from = self.scanned;
         let (end, next) = find_blank_line(window, from);
         self.scanned = next;
@@ -634,7 +641,10 @@ impl RequestDecoder {
             self.target.advance(window, self.limits.max_uri_bytes)?;
             // A line completed since the last look: let httparse refuse a
             // malformed request line or field now instead of at the limit.
-            if window[from.min(window_len)..].contains(&b'\n') {
+            if window
+                .get(from.min(window_len)..)
+                .is_some_and(|new| new.contains(&b'\n'))
+            {
                 parse_request!(window, self.limits.max_headers, |_request, result| {
                     if let Err(error) = result {
                         return Err(self.map_parse_error(error, window));
@@ -649,7 +659,10 @@ impl RequestDecoder {
             }
             return Ok(None);
         };
-        let head = self.parse_head(&window[..end])?;
+        let Some(head) = window.get(..end) else {
+            return Err(RequestError::HeadTooLarge { limit });
+        };
+        let head = self.parse_head(head)?;
         self.consume(end);
         self.scanned = 0;
         self.target = TargetScan::default();
@@ -812,22 +825,30 @@ impl RequestDecoder {
     }
 }
 
+/// The first `max` (or fewer) bytes of `buf[pos..]`: a borrow of `buf` alone, so the decoder's
+/// other fields stay writable while it is held.
+fn first_pending(buf: &[u8], pos: usize, max: usize) -> &[u8] {
+    let pending = buf.get(pos..).unwrap_or_default();
+    pending.get(..max).unwrap_or(pending)
+}
+
 /// Searches `window[from..]` for the blank line that ends a head whose first
 /// line starts at 0. Returns the index just after it, if found, and where the
 /// next search should start.
 fn find_blank_line(window: &[u8], from: usize) -> (Option<usize>, usize) {
+    // Every index here is within `window` plus 3: no overflow.
     let mut i = from;
     while let Some(offset) = window
         .get(i..)
         .and_then(|w| w.iter().position(|&b| b == b'\n'))
     {
-        let lf = i + offset;
-        match window.get(lf + 1..) {
-            Some([b'\n', ..]) => return (Some(lf + 2), lf),
-            Some([b'\r', b'\n', ..]) => return (Some(lf + 3), lf),
+        let lf = i.saturating_add(offset);
+        match window.get(lf.saturating_add(1)..) {
+            Some([b'\n', ..]) => return (Some(lf.saturating_add(2)), lf),
+            Some([b'\r', b'\n', ..]) => return (Some(lf.saturating_add(3)), lf),
             // Not decidable yet: look at this LF again when more bytes are in.
             Some([]) | Some([b'\r']) => return (None, lf),
-            _ => i = lf + 1,
+            _ => i = lf.saturating_add(1),
         }
     }
     (None, window.len().max(from))
@@ -853,13 +874,14 @@ impl TargetScan {
         }
         for (i, &b) in window.iter().enumerate().skip(self.scanned) {
             match self.start {
-                None if b == b' ' || b == b'\n' => self.start = Some(i + 1),
+                None if b == b' ' || b == b'\n' => self.start = Some(i.saturating_add(1)),
                 None => {}
                 Some(_) if b == b' ' || b == b'\r' || b == b'\n' => {
                     self.done = true;
                     return Ok(());
                 }
-                Some(start) if i + 1 - start > max_uri => {
+                // `start <= i`: it was set at an earlier byte.
+                Some(start) if i.saturating_add(1).saturating_sub(start) > max_uri => {
                     return Err(RequestError::UriTooLong { limit: max_uri })
                 }
                 Some(_) => {}
@@ -872,23 +894,22 @@ impl TargetScan {
 
 /// A header line that starts with SP or HTAB (obs-fold, RFC 9112 §5.2).
 fn has_obs_fold(head: &[u8]) -> bool {
-    head.windows(2)
-        .any(|w| w[0] == b'\n' && (w[1] == b' ' || w[1] == b'\t'))
+    head.windows(2).any(|w| matches!(w, [b'\n', b' ' | b'\t']))
 }
 
 /// A LF not preceded by CR.
 fn has_bare_lf(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'))
+    bytes.first() == Some(&b'\n')
+        || bytes
+            .windows(2)
+            .any(|w| matches!(w, [before, b'\n'] if *before != b'\r'))
 }
 
 /// `HTTP/2.0`, `HTTP/3` … in the request line: a version too new, not garbage.
 fn newer_version(head: &[u8]) -> Option<String> {
     let line_end = head.iter().position(|&b| b == b'\r' || b == b'\n')?;
-    let line = &head[..line_end];
-    let version = &line[line.iter().rposition(|&b| b == b' ')? + 1..];
+    let line = head.get(..line_end)?;
+    let version = line.get(line.iter().rposition(|&b| b == b' ')?.checked_add(1)?..)?;
     let digits = version.strip_prefix(b"HTTP/")?;
     let ok = match digits {
         [major] => (b'2'..=b'9').contains(major),
@@ -922,11 +943,8 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
         return None;
     }
     digits.iter().try_fold(0u64, |n, &b| {
-        if b.is_ascii_digit() {
-            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-        } else {
-            None
-        }
+        let digit = char::from(b).to_digit(10)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
     })
 }
 
@@ -936,15 +954,18 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, RequestError> {
     if digits == 0 {
         return Err(RequestError::BadChunkSize);
     }
+    let (hex, rest) = line
+        .split_at_checked(digits)
+        .ok_or(RequestError::BadChunkSize)?;
     let mut size: u64 = 0;
-    for &b in &line[..digits] {
+    for &b in hex {
         let digit = (b as char).to_digit(16).unwrap_or(0);
         size = size
             .checked_mul(16)
             .and_then(|s| s.checked_add(u64::from(digit)))
             .ok_or(RequestError::ChunkSizeOverflow)?;
     }
-    let rest = trim_ows(&line[digits..]);
+    let rest = trim_ows(rest);
     match rest {
         [] => Ok(size),
         // Extensions are ignored, but may not smuggle control bytes.

@@ -118,23 +118,20 @@ pub enum RangeRequest {
 /// [`RangeRequest::Full`] (RFC 9110 §14.2 allows ignoring Range).
 pub fn parse_range(value: &[u8], len: u64) -> RangeRequest {
     let value = value.trim_ascii();
-    let Some(unit_end) = value.iter().position(|&b| b == b'=') else {
+    let Some((unit, spec)) = split_at_byte(value, b'=') else {
         return RangeRequest::Full;
     };
-    if !value[..unit_end]
-        .trim_ascii()
-        .eq_ignore_ascii_case(b"bytes")
-    {
+    if !unit.trim_ascii().eq_ignore_ascii_case(b"bytes") {
         return RangeRequest::Full;
     }
-    let spec = value[unit_end + 1..].trim_ascii();
+    let spec = spec.trim_ascii();
     if spec.contains(&b',') {
         return RangeRequest::Full;
     }
-    let Some(dash) = spec.iter().position(|&b| b == b'-') else {
+    let Some((first, last)) = split_at_byte(spec, b'-') else {
         return RangeRequest::Full;
     };
-    let (first, last) = (&spec[..dash], &spec[dash + 1..]);
+    // Every `len - 1` below is `len.saturating_sub(1)` with `len > 0` (checked first).
     match (digits(first), digits(last)) {
         // "-n": the last n bytes.
         (None, Some(suffix)) if first.is_empty() => {
@@ -143,7 +140,7 @@ pub fn parse_range(value: &[u8], len: u64) -> RangeRequest {
             } else {
                 RangeRequest::Partial {
                     start: len.saturating_sub(suffix),
-                    end: len - 1,
+                    end: len.saturating_sub(1),
                 }
             }
         }
@@ -154,7 +151,7 @@ pub fn parse_range(value: &[u8], len: u64) -> RangeRequest {
             } else {
                 RangeRequest::Partial {
                     start,
-                    end: len - 1,
+                    end: len.saturating_sub(1),
                 }
             }
         }
@@ -164,7 +161,7 @@ pub fn parse_range(value: &[u8], len: u64) -> RangeRequest {
             } else {
                 RangeRequest::Partial {
                     start,
-                    end: end.min(len - 1),
+                    end: end.min(len.saturating_sub(1)),
                 }
             }
         }
@@ -179,7 +176,8 @@ fn digits(bytes: &[u8]) -> Option<u64> {
         return None;
     }
     Some(bytes.iter().fold(0u64, |n, &b| {
-        n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+        n.saturating_mul(10)
+            .saturating_add(u64::from(b.saturating_sub(b'0')))
     }))
 }
 
@@ -248,13 +246,13 @@ pub fn if_none_match(value: &[u8], etag: &str) -> bool {
         let Some(after_quote) = rest.strip_prefix(b"\"") else {
             return false;
         };
-        let Some(close) = after_quote.iter().position(|&b| b == b'"') else {
+        let Some((tag, after_tag)) = split_at_byte(after_quote, b'"') else {
             return false;
         };
-        if Some(&after_quote[..close]) == wanted {
+        if Some(tag) == wanted {
             return true;
         }
-        rest = &after_quote[close + 1..];
+        rest = after_tag;
         // Between tags only whitespace and a comma may appear.
         let next = rest.trim_ascii_start();
         if !next.is_empty() && !next.starts_with(b",") {
@@ -268,6 +266,12 @@ fn opaque_tag(tag: &[u8]) -> Option<&[u8]> {
     let tag = tag.trim_ascii();
     let tag = tag.strip_prefix(b"W/").unwrap_or(tag);
     tag.strip_prefix(b"\"")?.strip_suffix(b"\"")
+}
+
+/// `bytes` split around the first `delimiter` (which neither part contains).
+fn split_at_byte(bytes: &[u8], delimiter: u8) -> Option<(&[u8], &[u8])> {
+    let mut parts = bytes.splitn(2, |&b| b == delimiter);
+    Some((parts.next()?, parts.next()?))
 }
 
 fn trim_list_separators(mut bytes: &[u8]) -> &[u8] {
