@@ -338,6 +338,12 @@ impl HttpSession {
             match self.decoder.poll() {
                 Ok(None) => break,
                 Ok(Some(RequestEvent::Head(head))) => {
+                    // This head made it in time: the next one gets its own header_timeout
+                    // (a long pipelined stream is not one slow head).
+                    if self.header_timer_armed {
+                        session.cancel_timer();
+                        self.header_timer_armed = false;
+                    }
                     if head.expect_continue && !matches!(head.method, Method::Get | Method::Head) {
                         // Refuse before the client sends a body we would discard.
                         let started = Instant::now();
