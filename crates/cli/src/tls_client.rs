@@ -6,9 +6,14 @@
 //! `close_notify` and keeps reading until the peer closes (its `close_notify` or TCP EOF), then
 //! exits 0.
 //!
-//! Trust: `--ca FILE` trusts only the certificates in that PEM file; `--insecure` accepts any
+//! Trust: `--ca FILE` trusts only the certificates in that PEM file — as roots of a chain, and
+//! each also as the very certificate a server may present (a self-signed certificate made by
+//! `openssl req -x509` carries `CA:TRUE`, which webpki refuses as an end entity; like
+//! `curl --cacert` and `openssl s_client -CAfile`, an explicitly trusted certificate is
+//! accepted, after its name and validity period are checked); `--insecure` accepts any
 //! certificate (the handshake signatures are still checked, chain and name are not); neither
 //! uses the system roots. The name checked (and sent as SNI) is `--sni NAME`, else HOST.
+//! [`Trust`] is the one place the trust rules live (`connect` and `bench` use it).
 //!
 //! Design: one thread reads standard input and hands chunks over a bounded channel; the calling
 //! thread owns the [`ClientConnection`] and the non-blocking socket and takes turns: plaintext
@@ -29,6 +34,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
@@ -111,11 +117,11 @@ fn prepare(
             .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { provider }))
             .with_no_client_auth()
     } else {
-        let roots = match &options.ca {
-            Some(path) => roots_from_file(path)?,
-            None => system_roots(),
-        };
-        builder.with_root_certificates(roots).with_no_client_auth()
+        let trust = Trust::load(options.ca.as_deref())?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(trust.verifier(provider)?)
+            .with_no_client_auth()
     };
     for protocol in &options.alpn {
         if protocol.is_empty() || protocol.len() > 255 {
@@ -144,8 +150,149 @@ fn host_of(target: &str) -> anyhow::Result<&str> {
     Ok(host)
 }
 
-/// The certificates of a PEM file, as the only trusted roots.
-pub(crate) fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
+/// What a client trusts when it verifies (not `--insecure`): the certificates of `--ca FILE`,
+/// or the system roots.
+#[derive(Debug, Clone)]
+pub(crate) struct Trust {
+    roots: Arc<RootCertStore>,
+    /// `--ca`'s certificates: a server presenting one of these exact certificates is trusted.
+    pinned: Arc<[CertificateDer<'static>]>,
+}
+
+impl Trust {
+    /// `--ca FILE`'s certificates, else the system roots.
+    pub(crate) fn load(ca: Option<&Path>) -> anyhow::Result<Trust> {
+        Ok(match ca {
+            Some(path) => {
+                let (roots, pinned) = roots_from_file(path)?;
+                Trust {
+                    roots: Arc::new(roots),
+                    pinned: pinned.into(),
+                }
+            }
+            None => Trust {
+                roots: Arc::new(system_roots()),
+                pinned: Arc::new([]),
+            },
+        })
+    }
+
+    /// The verifier for a client configuration built on `provider`.
+    pub(crate) fn verifier(
+        &self,
+        provider: Arc<CryptoProvider>,
+    ) -> anyhow::Result<Arc<dyn ServerCertVerifier>> {
+        // No root at all (an empty system store): nothing chains, every certificate is refused
+        // at the handshake (with a clear error) rather than here.
+        let webpki = match self.roots.is_empty() {
+            true => None,
+            false => Some(
+                WebPkiServerVerifier::builder_with_provider(
+                    Arc::clone(&self.roots),
+                    Arc::clone(&provider),
+                )
+                .build()
+                .map_err(|err| anyhow!("certificate verifier: {err}"))?,
+            ),
+        };
+        Ok(Arc::new(TrustVerifier {
+            webpki,
+            pinned: Arc::clone(&self.pinned),
+            provider,
+        }))
+    }
+}
+
+/// webpki verification, except that a server certificate byte-identical to one of `--ca`'s is
+/// accepted once its name and validity period check out.
+#[derive(Debug)]
+struct TrustVerifier {
+    webpki: Option<Arc<WebPkiServerVerifier>>,
+    pinned: Arc<[CertificateDer<'static>]>,
+    /// The handshake signatures are checked with its algorithms, as webpki would.
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for TrustVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|trusted| trusted.as_ref() == end_entity.as_ref())
+        {
+            check_validity(end_entity, now)?;
+            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_name(&parsed, server_name)?;
+            return Ok(ServerCertVerified::assertion());
+        }
+        match &self.webpki {
+            Some(webpki) => webpki.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            ),
+            None => Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The certificate's notBefore ≤ `now` ≤ notAfter (the check webpki makes on every chain).
+fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
+    use std::cmp::Ordering;
+    let bad = |_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
+    let x509 = openssl::x509::X509::from_der(cert.as_ref()).map_err(bad)?;
+    let seconds = libc::time_t::try_from(now.as_secs()).unwrap_or(libc::time_t::MAX);
+    let now = openssl::asn1::Asn1Time::from_unix(seconds).map_err(bad)?;
+    if x509.not_before().compare(&now).map_err(bad)? == Ordering::Greater {
+        return Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidYet,
+        ));
+    }
+    if x509.not_after().compare(&now).map_err(bad)? == Ordering::Less {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
+    }
+    Ok(())
+}
+
+/// The certificates of a PEM file, as the only trusted roots (and the certificates themselves).
+fn roots_from_file(path: &Path) -> anyhow::Result<(RootCertStore, Vec<CertificateDer<'static>>)> {
     let shown = path.display();
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
@@ -154,17 +301,17 @@ pub(crate) fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
         bail!("--ca {shown}: no certificate (PEM 'BEGIN CERTIFICATE' block) in the file");
     }
     let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
+    for (i, cert) in certs.iter().enumerate() {
         roots
-            .add(cert)
+            .add(cert.clone())
             .map_err(|err| anyhow!("--ca {shown}: certificate {}: {err}", i + 1))?;
     }
-    Ok(roots)
+    Ok((roots, certs))
 }
 
 /// The system's trusted roots (rustls-native-certs); problems reading them are warnings, and
 /// an empty store rejects every certificate.
-pub(crate) fn system_roots() -> RootCertStore {
+fn system_roots() -> RootCertStore {
     let loaded = rustls_native_certs::load_native_certs();
     for err in &loaded.errors {
         eprintln!("warning: reading the system root certificates: {err}");

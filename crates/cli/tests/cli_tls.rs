@@ -544,3 +544,120 @@ fn connect_tls_to_ephemeral_certificate() {
     out.assert_code(0);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "one\n");
 }
+
+/// The self-signed certificate `openssl req -x509` makes carries `basicConstraints CA:TRUE`;
+/// webpki alone refuses it as a server certificate (`CaUsedAsEndEntity`), while curl
+/// `--cacert` and `openssl s_client -CAfile` accept it. Trusted explicitly with `--ca`, it
+/// must work for `connect tls://`, `connect dtls://` and `bench --ca`; the name is still
+/// checked, and a different certificate in `--ca` is still refused.
+#[test]
+fn ca_accepts_an_openssl_req_self_signed_certificate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let make = |name: &str| {
+        let (cert, key) = (
+            tmp.path().join(format!("{name}.pem")),
+            tmp.path().join(format!("{name}.key")),
+        );
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            s(&key),
+            "-out",
+            s(&cert),
+        ]);
+        (cert, key)
+    };
+    let (cert, key) = make("server");
+    let (other, _) = make("other");
+    let config =
+        format!(
+        "{}\n[[listener]]\nname = \"dtls-echo\"\ntransport = \"dtls\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"echo\"\n",
+        tls_echo_config(&format!("[tls]\ncert = {:?}\nkey = {:?}\n", s(&cert), s(&key)))
+    );
+    let server = Server::start(&config);
+    let tls = server.addr("tls-echo");
+    let dtls = server.addr("dtls-echo");
+    let url = format!("tls://{tls}");
+    for extra in [&[][..], &["--sni", "localhost"][..]] {
+        let mut args = vec!["connect", &url, "--ca", s(&cert)];
+        args.extend_from_slice(extra);
+        let out = run_plexus(&args, Some(b"trusted\n"), CMD_TIMEOUT);
+        out.assert_no_panic();
+        out.assert_code(0);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "trusted\n",
+            "{extra:?}"
+        );
+    }
+    // The name is still checked; another certificate is still not trusted.
+    let out = run_plexus(
+        &[
+            "connect",
+            &url,
+            "--ca",
+            s(&cert),
+            "--sni",
+            "elsewhere.example",
+        ],
+        Some(b"x\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_code(1);
+    out.assert_stderr_contains("certificate");
+    let out = run_plexus(
+        &["connect", &url, "--ca", s(&other)],
+        Some(b"x\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_code(1);
+    out.assert_stderr_contains("certificate");
+
+    let dtls_url = format!("dtls://{dtls}");
+    let out = run_plexus(
+        &["connect", &dtls_url, "--ca", s(&cert)],
+        Some(b"over dtls\n"),
+        CMD_TIMEOUT,
+    );
+    out.assert_no_panic();
+    out.assert_code(0);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over dtls\n");
+
+    let tls_addr = tls.to_string();
+    let out = run_plexus(
+        &[
+            "bench",
+            "tls-echo",
+            "--addr",
+            &tls_addr,
+            "--ca",
+            s(&cert),
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--connections",
+            "2",
+            "--size",
+            "64",
+        ],
+        None,
+        CMD_TIMEOUT,
+    );
+    out.assert_no_panic();
+    out.assert_code(0);
+    let json = String::from_utf8_lossy(&out.stdout);
+    assert!(json.contains("\"certificates_verified\":true"), "{json}");
+    assert!(json.contains("\"errors_total\":0"), "{json}");
+}

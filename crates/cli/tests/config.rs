@@ -187,3 +187,168 @@ fn print_given_config() {
         );
     }
 }
+
+/// Durations and sizes beyond their range are refused at `--check` with the key and the range
+/// (a huge `idle_timeout` used to pass, then panic the event loop at the first connection).
+#[test]
+fn out_of_range_durations_and_sizes_are_rejected_naming_key_and_range() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "[server]\n",
+            "idle_timeout = \"500000000000years\"\n",
+            &[
+                "server.idle_timeout",
+                "out of range",
+                "allowed 1ms to 30days",
+            ],
+        ),
+        (
+            "[server]\n",
+            "handshake_timeout = \"100years\"\n",
+            &["server.handshake_timeout", "allowed 1ms to 1h"],
+        ),
+        (
+            "[server]\n",
+            "shutdown_grace = \"3000years\"\n",
+            &["server.shutdown_grace", "allowed 0s to 1day"],
+        ),
+        (
+            "[server]\n",
+            "worker_queue = 9223372036854775807\n",
+            &["server.worker_queue", "allowed 1 to 1048576"],
+        ),
+        (
+            "[server]\n",
+            "max_connections = 0\n",
+            &["server.max_connections", "allowed 1 to"],
+        ),
+        (
+            "[server]\n",
+            "outbound_high_watermark = 9223372036854775807\n",
+            &["server.outbound_high_watermark", "out of range"],
+        ),
+        (
+            "[server]\n",
+            "drain_delay = \"2days\"\n",
+            &["server.drain_delay", "allowed 0s to 1h"],
+        ),
+        (
+            "service = \"echo\"\n",
+            "keepalive = \"100000s\"\n",
+            &["listener[0].keepalive", "allowed 1s to"],
+        ),
+        (
+            "service = \"echo\"\n",
+            "recv_buffer = 4294967296\n",
+            &["listener[0].recv_buffer", "out of range"],
+        ),
+        (
+            "service = \"chat\"\n",
+            "linger = \"1000years\"\n",
+            &["listener[1].linger", "allowed 0s to 1h"],
+        ),
+        (
+            "[server]\n",
+            "[chat]\nmax_line_bytes = 1000000000000\n",
+            &["chat.max_line_bytes", "out of range"],
+        ),
+    ];
+    // The base without its own idle_timeout, so each case can set any [server] key.
+    let base = good_config().replace("idle_timeout = \"60s\"\n", "");
+    for (after, line, needles) in cases {
+        let config = if after.starts_with('[') && line.starts_with('[') {
+            format!("{base}{line}")
+        } else {
+            base.replacen(after, &format!("{after}{line}"), 1)
+        };
+        assert_rejected(&config, needles);
+    }
+}
+
+/// Keys that their transport or service never reads are errors, not silently ignored
+/// (proxy_protocol on udp used to pass --check and do nothing).
+#[test]
+fn keys_that_cannot_apply_are_rejected() {
+    let udp = "[[listener]]\nname = \"u\"\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\n\
+               service = \"echo\"\n";
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            format!("{}{udp}proxy_protocol = true\n", good_config()),
+            &["listener[2].proxy_protocol", "tcp and tls listeners only"],
+        ),
+        (
+            format!("{}{udp}keepalive = \"30s\"\n", good_config()),
+            &["listener[2].keepalive", "TCP socket option"],
+        ),
+        (
+            format!("{}{udp}backlog = 10\n", good_config()),
+            &["listener[2].backlog"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nmtu = 1400\n",
+                1,
+            ),
+            &["listener[0].mtu", "only dtls"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\ndatagram_batch = 8\n",
+                1,
+            ),
+            &["listener[0].datagram_batch"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nalpn = [\"http/1.1\"]\n",
+                1,
+            ),
+            &["listener[0].alpn"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nupstream = \"127.0.0.1:9\"\n",
+                1,
+            ),
+            &["listener[0].upstream", "only forward"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nproxy_trusted = [\"10.0.0.0/8\"]\n",
+                1,
+            ),
+            &["listener[0].proxy_trusted", "proxy_protocol = true"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nsplice = false\n",
+                1,
+            ),
+            &["listener[0].splice", "forward"],
+        ),
+        (
+            format!("{}[tls]\nsession_tickets = false\n", good_config()),
+            &["tls", "no tls, dtls or auto"],
+        ),
+        (
+            format!("{}[http]\nmax_body_bytes = 10\n", good_config()),
+            &["http", "no listener has service = \"http\""],
+        ),
+        (
+            format!("{}{udp}", good_config()).replace(
+                "name = \"u\"\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"",
+                "name = \"u\"\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"",
+            ),
+            &["listener[2].service", "byte streams"],
+        ),
+    ];
+    for (config, needles) in &cases {
+        assert_rejected(config, needles);
+    }
+}

@@ -204,3 +204,42 @@ fn the_descriptor_limit_is_raised_to_the_hard_limit_and_a_low_one_is_warned_abou
         l.contains("WARN") && l.contains("below max_connections + 64 (1064)")
     });
 }
+
+/// A symlink planted at the pid-file path is refused (exit 1, a clear message) and the file it
+/// points at is left as it was: the pid file is opened with O_NOFOLLOW and must be a regular
+/// file (a root daemon used to follow the link and truncate its target).
+#[test]
+fn a_symlink_at_the_pid_file_path_is_refused_and_its_target_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("plexus.toml");
+    std::fs::write(&config, echo_config("")).unwrap();
+    let precious = dir.path().join("precious.conf");
+    std::fs::write(&precious, b"do not truncate me\n").unwrap();
+    let pid_file = dir.path().join("plexus.pid");
+    std::os::unix::fs::symlink(&precious, &pid_file).unwrap();
+    let (config_arg, pid_arg) = (config.to_str().unwrap(), pid_file.to_str().unwrap());
+
+    for args in [
+        vec!["serve", "--config", config_arg, "--pid-file", pid_arg],
+        daemon_args(config_arg, pid_arg),
+    ] {
+        let out = run_plexus(&args, None, RUN_TIMEOUT);
+        out.assert_no_panic();
+        out.assert_code(1);
+        out.assert_stderr_contains("symbolic link");
+        out.assert_stderr_contains(pid_arg);
+        assert_eq!(
+            std::fs::read(&precious).unwrap(),
+            b"do not truncate me\n",
+            "{args:?}: the symlink's target was written"
+        );
+        assert!(
+            pid_file
+                .symlink_metadata()
+                .unwrap()
+                .file_type()
+                .is_symlink(),
+            "{args:?}: the symlink is left in place"
+        );
+    }
+}

@@ -582,3 +582,189 @@ fn a_pipelining_client_that_does_not_read_costs_neither_memory_nor_descriptors()
         assert!(check_pattern(0, &response.body).is_ok());
     }
 }
+
+/// Sends `request` (raw) on a new connection and reads one response.
+fn exchange(addr: SocketAddr, request: &str) -> Response {
+    let mut stream = connect(addr);
+    stream.write_all(request.as_bytes()).unwrap();
+    read_response(&mut stream, &mut Vec::new(), false).expect("a response")
+}
+
+/// A named pipe under the root is refused at once (403) without blocking the event loop: with
+/// one loop, a healthy client on another connection is served while the FIFO request would
+/// still be pending if the open blocked (it used to wait forever for a writer).
+#[test]
+fn a_fifo_under_the_root_is_refused_without_blocking_the_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    std::fs::create_dir(root.join("fifodir")).unwrap();
+    for fifo in [root.join("pipe"), root.join("fifodir/index.html")] {
+        let status = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        assert!(status.success());
+    }
+    let config = http_config(&root, "").replace("event_loops = 2", "event_loops = 1");
+    let server = Server::start(&config);
+    let addr = server.addr("http");
+    let mut fifo_client = connect(addr);
+    fifo_client
+        .write_all(b"GET /pipe HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    // The one loop is not stuck in open(2): another client is served meanwhile.
+    let healthy = get(addr, "/hello.txt");
+    assert_eq!(healthy.status, 200);
+    assert_eq!(healthy.body, b"hello, plexus\n");
+    let refused = read_response(&mut fifo_client, &mut Vec::new(), false).expect("a response");
+    assert_eq!(refused.status, 403);
+    // The same for a FIFO where a directory's index.html should be, over keep-alive.
+    write!(fifo_client, "GET /fifodir/ HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let index = read_response(&mut fifo_client, &mut Vec::new(), false).expect("a response");
+    assert_eq!(index.status, 403);
+    assert_eq!(get(addr, "/hello.txt").status, 200);
+}
+
+/// If-Range (RFC 9110 §13.1.5): a range is honoured only under a validator that still matches
+/// (the strong ETag, or exactly the Last-Modified date); a stale one gets the whole file (200).
+#[test]
+fn if_range_with_a_stale_validator_gets_the_full_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, ""));
+    let base = format!("http://{}", server.addr("http"));
+    let url = format!("{base}/hello.txt");
+    let (code, out, err) = curl(&["-I", &url]);
+    assert_eq!(code, 0, "{err}");
+    let head = String::from_utf8_lossy(&out).into_owned();
+    let header = |name: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("no {name} in {head}"))
+    };
+    let (etag, last_modified) = (header("etag"), header("last-modified"));
+    let ranged = |if_range: &str| {
+        let (code, out, err) = curl(&[
+            "-r",
+            "0-4",
+            "-H",
+            &format!("If-Range: {if_range}"),
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    assert_eq!(ranged(&etag), "hello\n206");
+    assert_eq!(ranged(&last_modified), "hello\n206");
+    assert_eq!(ranged("\"stale-etag\""), "hello, plexus\n\n200");
+    assert_eq!(ranged(&format!("W/{etag}")), "hello, plexus\n\n200");
+    assert_eq!(
+        ranged("Sun, 06 Nov 1994 08:49:37 GMT"),
+        "hello, plexus\n\n200"
+    );
+}
+
+/// A directory without its slash redirects (also once its index is cached), to one leading
+/// slash (`//docs` must not become the protocol-relative `//docs/`), keeping the query.
+#[test]
+fn directory_redirects_survive_the_cache_collapse_slashes_and_keep_the_query() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, ""));
+    let addr = server.addr("http");
+    let base = format!("http://{addr}");
+    // Fill the cache with docs/index.html, then ask for the directory without its slash.
+    let (_, out, _) = curl(&[&format!("{base}/docs/")]);
+    assert_eq!(out, b"<h1>docs</h1>\n");
+    let (code, out, err) = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &format!("{base}/docs?lang=en"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("301 {base}/docs/?lang=en")
+    );
+    // curl -L follows it to the index.
+    let (_, out, _) = curl(&["-L", &format!("{base}/docs")]);
+    assert_eq!(out, b"<h1>docs</h1>\n");
+    for (target, location) in [
+        ("//docs", "/docs/"),
+        ("///docs?x=1", "/docs/?x=1"),
+        ("/docs", "/docs/"),
+    ] {
+        let response = exchange(
+            addr,
+            &format!("GET {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(response.status, 301, "{target}");
+        assert_eq!(response.header("location"), Some(location), "{target}");
+    }
+    // A file is not a directory.
+    assert_eq!(get(addr, "/hello.txt/").status, 404);
+}
+
+/// An HTTP/1.0 client that asks for keep-alive is told the connection stays open, and it does.
+#[test]
+fn http10_keep_alive_is_announced_and_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, ""));
+    let mut stream = connect(server.addr("http"));
+    let mut buffered = Vec::new();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /hello.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut stream, &mut buffered, false).expect("a response");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+        assert_eq!(response.body, b"hello, plexus\n");
+    }
+    // Without it, HTTP/1.0 closes.
+    stream
+        .write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let response = read_response(&mut stream, &mut buffered, false).expect("a response");
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(closed_within(&mut stream, Duration::from_secs(5)));
+}
+
+/// Absolute-form targets are accepted (RFC 9112 §3.2.2): curl through plexus as its "proxy"
+/// sends `GET http://example.test/hello.txt`, which is served as `/hello.txt`.
+#[test]
+fn absolute_form_targets_are_served_as_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&http_config(&root, ""));
+    let addr = server.addr("http");
+    let (code, out, err) = curl(&[
+        "-v",
+        "-x",
+        &format!("http://{addr}"),
+        "http://example.test/hello.txt",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("GET http://example.test/hello.txt"),
+        "curl did not send absolute-form:\n{err}"
+    );
+    assert_eq!(out, b"hello, plexus\n");
+    let response = exchange(
+        addr,
+        "GET http://other.test HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"<h1>home</h1>\n");
+    let response = exchange(
+        addr,
+        "GET http://t/docs?q HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(response.status, 301);
+    assert_eq!(response.header("location"), Some("/docs/?q"));
+}

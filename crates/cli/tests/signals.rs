@@ -259,3 +259,47 @@ fn sighup_does_not_stop_the_server() {
     let mut after = connect(addr);
     assert_echo(&mut after, b"after hup, new connection\n");
 }
+
+/// Lameduck (`drain_delay`): on SIGTERM `/healthz` answers 503 at once while the listeners
+/// keep accepting (a new echo connection is served) for the delay; then the normal graceful
+/// drain, and exit 0.
+#[test]
+fn sigterm_with_drain_delay_fails_health_checks_while_still_accepting() {
+    let config = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"http\"\n",
+        echo_config("drain_delay = \"5s\"\nshutdown_grace = \"10s\"")
+    );
+    let mut server = Server::start(&config);
+    let (echo, http) = (server.addr("tcp-echo"), server.addr("http"));
+    let health = |what: &str| -> String {
+        let mut stream = connect(http);
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        text
+    };
+    assert!(health("before").starts_with("HTTP/1.1 200"));
+    let mark = server.log_mark();
+    server.signal("TERM");
+    server.assert_log(mark, Duration::from_secs(10), "lameduck log line", |line| {
+        line.contains("lameduck")
+    });
+    let answer = health("during the delay");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    // Still accepting: a new echo session is served.
+    let mut late = connect(echo);
+    assert_echo(&mut late, b"accepted during drain_delay\n");
+    drop(late);
+    assert_exits_cleanly(&mut server, Duration::from_secs(60), "after drain_delay");
+    server.assert_log(
+        mark,
+        Duration::from_secs(1),
+        "drain after the delay",
+        |line| line.contains("draining sessions"),
+    );
+}

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use plexus_proto::Acl;
+use plexus_proto::{deadline_after, Acl};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
@@ -29,6 +29,7 @@ use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
 use crate::forward::ForwardTarget;
 use crate::log_throttle::LogThrottle;
+use crate::metrics::Metrics;
 use crate::reload::{self, Reloader};
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
@@ -186,6 +187,11 @@ pub(crate) struct Acceptor {
     /// The index (and mio token) the next listener added by a reload gets; never reused, so
     /// a stale event or session of a removed listener cannot reach a new one.
     next_listener_index: usize,
+    /// Lameduck (`drain_delay`): how long SIGTERM keeps accepting with a failing `/healthz`,
+    /// where that flag lives, and when the graceful drain starts once it began.
+    drain_delay: Duration,
+    metrics: Option<Arc<Metrics>>,
+    lameduck_until: Option<Instant>,
 }
 
 impl Acceptor {
@@ -237,6 +243,9 @@ impl Acceptor {
             watchdog: None,
             reloader: None,
             next_listener_index,
+            drain_delay: Duration::ZERO,
+            metrics: None,
+            lameduck_until: None,
         };
 
         Ok((acceptor, control))
@@ -256,6 +265,31 @@ impl Acceptor {
         self.loops = loops;
     }
 
+    /// `[server] drain_delay`, and the counters whose `draining` flag `/healthz` reads.
+    pub(crate) fn set_lameduck(&mut self, drain_delay: Duration, metrics: Arc<Metrics>) {
+        self.drain_delay = drain_delay;
+        self.metrics = Some(metrics);
+    }
+
+    /// From now on health checks fail (`Session::server_draining`).
+    fn mark_draining(&self) {
+        if let Some(metrics) = &self.metrics {
+            metrics.draining.store(true, Ordering::Release);
+        }
+    }
+
+    /// SIGTERM with a `drain_delay`: fail health checks, keep accepting until it is over.
+    fn start_lameduck(&mut self, now: Instant) {
+        self.mark_draining();
+        self.lameduck_until = Some(deadline_after(now, self.drain_delay));
+        self.notify("STATUS=lameduck: failing health checks before draining");
+        info!(
+            delay = %humantime::format_duration(self.drain_delay),
+            "SIGTERM received: lameduck: /healthz answers 503 and listeners keep accepting \
+             for drain_delay, then graceful shutdown (again for a fast stop)"
+        );
+    }
+
     /// Reports lifecycle changes to systemd through `notifier`, and sends `WATCHDOG=1` every
     /// `watchdog` (driven by this thread's poll timeout, so a stuck acceptor stops pinging).
     pub(crate) fn set_systemd(
@@ -264,7 +298,7 @@ impl Acceptor {
         watchdog: Option<Duration>,
     ) {
         if notifier.is_some() {
-            self.watchdog = watchdog.map(|every| (every, Instant::now() + every));
+            self.watchdog = watchdog.map(|every| (every, deadline_after(Instant::now(), every)));
         }
         self.notifier = notifier;
     }
@@ -295,7 +329,7 @@ impl Acceptor {
         if let Some((every, due)) = self.watchdog {
             if now >= due {
                 self.notify("WATCHDOG=1");
-                self.watchdog = Some((every, now + every));
+                self.watchdog = Some((every, deadline_after(now, every)));
             }
         }
     }
@@ -342,12 +376,20 @@ impl Acceptor {
             }
             let now = Instant::now();
             self.ping_watchdog(now);
+            if self.phase == Phase::Running && self.lameduck_until.is_some_and(|at| now >= at) {
+                info!("drain_delay over");
+                self.stop_loops(StopRequest::Graceful);
+            }
             if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
                 self.paused_until = None;
                 self.accept_ready(now);
             }
         }
-        if lost_loop {
+        // The last loop dying ends the `while` above before the check at its top runs.
+        if self.phase == Phase::Running && !lost_loop {
+            error!("every event loop stopped unexpectedly; stopping the server");
+        }
+        if lost_loop || self.phase == Phase::Running {
             return Err(io::Error::other("an event loop stopped unexpectedly"));
         }
         Ok(())
@@ -367,10 +409,11 @@ impl Acceptor {
                 .any(|l| l.ready)
                 .then_some(Duration::ZERO)
         };
-        match (accept, watchdog) {
-            (Some(a), Some(w)) => Some(a.min(w)),
-            (a, w) => a.or(w),
-        }
+        let lameduck = self
+            .lameduck_until
+            .filter(|_| self.phase == Phase::Running)
+            .map(|at| at.saturating_duration_since(now));
+        [accept, watchdog, lameduck].into_iter().flatten().min()
     }
 
     fn read_signals(&mut self) {
@@ -386,7 +429,16 @@ impl Acceptor {
                     } else {
                         "SIGINT"
                     };
-                    let request = if self.phase == Phase::Running {
+                    let lameduck = self.lameduck_until.is_some();
+                    if self.phase == Phase::Running
+                        && !lameduck
+                        && signal == SIGTERM
+                        && !self.drain_delay.is_zero()
+                    {
+                        self.start_lameduck(Instant::now());
+                        continue;
+                    }
+                    let request = if self.phase == Phase::Running && !lameduck {
                         info!("{name} received: graceful shutdown (again for a fast stop)");
                         StopRequest::Graceful
                     } else {
@@ -490,6 +542,7 @@ impl Acceptor {
             }
         }
         self.shutdown_grace = server.shutdown_grace;
+        self.drain_delay = server.drain_delay;
         reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
         info!(
             "SIGHUP received: reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
@@ -630,10 +683,11 @@ impl Acceptor {
         match request {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
+                self.mark_draining();
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
                 self.close_listeners();
-                let deadline = Instant::now() + self.shutdown_grace;
+                let deadline = deadline_after(Instant::now(), self.shutdown_grace);
                 info!(
                     grace = %humantime::format_duration(self.shutdown_grace),
                     "stopped accepting; draining sessions"
@@ -643,6 +697,7 @@ impl Acceptor {
             StopRequest::Graceful => {}
             StopRequest::Fast => {
                 if self.phase != Phase::Stopping {
+                    self.mark_draining();
                     if self.phase == Phase::Running {
                         self.notify("STOPPING=1\nSTATUS=stopping");
                     }
@@ -738,7 +793,7 @@ impl Acceptor {
     }
 
     fn pause(&mut self, now: Instant) {
-        self.paused_until = Some(now + self.backoff);
+        self.paused_until = Some(deadline_after(now, self.backoff));
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 

@@ -14,6 +14,9 @@ use std::time::Duration;
 use plexus_proto::{Acl, Cidr};
 use serde::{Deserialize, Serialize};
 
+mod bounds;
+mod rules;
+
 /// The embedded default configuration: what `plexus serve` runs without `--config`.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
 
@@ -81,6 +84,10 @@ pub struct ServerConfig {
     /// Time established sessions get to finish after SIGTERM/SIGINT.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
+    /// Lameduck: after SIGTERM, `/healthz` answers 503 for this long while listeners still
+    /// accept; then the graceful drain starts.
+    #[serde(with = "human_duration")]
+    pub drain_delay: Duration,
     /// Queued outbound bytes above which a session is no longer read.
     pub outbound_high_watermark: usize,
     /// Queued outbound bytes below which reading resumes.
@@ -114,6 +121,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             outbound_high_watermark: 1024 * 1024,
             outbound_low_watermark: 256 * 1024,
             outbound_limit: 4 * 1024 * 1024,
@@ -503,9 +511,10 @@ impl Config {
         let mut problem = |key: String, message: String| problems.push(Problem { key, message });
         let server = &self.server;
 
-        if server.max_connections == 0 {
-            problem("server.max_connections".into(), "must be at least 1".into());
-        }
+        // Every duration and size against its range (one table, in `bounds`).
+        bounds::check(self, &mut problem);
+        // Keys set where their transport or service never reads them (table in `rules`).
+        rules::check(self, &mut problem);
         if server.outbound_low_watermark >= server.outbound_high_watermark {
             problem(
                 "server.outbound_low_watermark".into(),
@@ -515,38 +524,15 @@ impl Config {
                 ),
             );
         }
-        if server.outbound_limit < server.outbound_high_watermark + READ_CHUNK {
+        if server.outbound_limit < server.outbound_high_watermark.saturating_add(READ_CHUNK) {
             problem(
                 "server.outbound_limit".into(),
                 format!(
                     "{} must be at least outbound_high_watermark + {READ_CHUNK} (one read), i.e. {}",
                     server.outbound_limit,
-                    server.outbound_high_watermark + READ_CHUNK
+                    server.outbound_high_watermark.saturating_add(READ_CHUNK)
                 ),
             );
-        }
-        for (key, value) in [
-            ("server.idle_timeout", server.idle_timeout),
-            ("server.handshake_timeout", server.handshake_timeout),
-            ("http.header_timeout", self.http.header_timeout),
-        ] {
-            if value.is_zero() {
-                problem(key.into(), "must be longer than 0s".into());
-            }
-        }
-        if self.chat.max_line_bytes == 0 {
-            problem("chat.max_line_bytes".into(), "must be at least 1".into());
-        }
-        for (key, value) in [
-            ("server.worker_queue", server.worker_queue),
-            ("server.worker_session_limit", server.worker_session_limit),
-        ] {
-            if value == 0 {
-                problem(key.into(), "must be at least 1".into());
-            }
-        }
-        if server.max_handshakes == 0 {
-            problem("server.max_handshakes".into(), "must be at least 1".into());
         }
         // datagram: their own cap stays below max_connections, so stream clients keep places.
         let has_streams = self.listeners.iter().any(|l| l.transport.is_stream());
@@ -615,13 +601,27 @@ impl Config {
                         format!("duplicate identity (also tls.psk[{first}])"),
                     );
                 }
-                if let Err(err) = psk.load_key() {
+                let special = std::fs::metadata(&psk.key_file).is_ok_and(|m| !m.is_file());
+                if special {
+                    problem(
+                        format!("tls.psk[{index}].key_file"),
+                        format!("{} is not a regular file", psk.key_file.display()),
+                    );
+                } else if let Err(err) = psk.load_key() {
                     problem(format!("tls.psk[{index}].key_file"), err);
                 }
             }
             for (key, path) in files {
-                if let Err(err) = std::fs::File::open(path) {
-                    problem(key, format!("cannot read {}: {err}", path.display()));
+                // stat first: opening a FIFO put there would block until a writer appears.
+                match std::fs::metadata(path) {
+                    Ok(meta) if !meta.is_file() => {
+                        problem(key, format!("{} is not a regular file", path.display()));
+                    }
+                    _ => {
+                        if let Err(err) = std::fs::File::open(path) {
+                            problem(key, format!("cannot read {}: {err}", path.display()));
+                        }
+                    }
                 }
             }
         }
@@ -637,14 +637,6 @@ impl Config {
                     "http.root".into(),
                     format!("cannot read {}: {err}", root.display()),
                 ),
-            }
-        }
-        for (key, value) in [
-            ("http.max_header_bytes", self.http.max_header_bytes),
-            ("http.max_uri_bytes", self.http.max_uri_bytes),
-        ] {
-            if value < 64 {
-                problem(key.into(), format!("{value} is too small (at least 64)"));
             }
         }
 
@@ -747,9 +739,6 @@ impl Config {
                     "forward listeners relay bytes as they are; PROXY is not supported there"
                         .into(),
                 );
-            }
-            if listener.backlog == 0 {
-                problem(key("backlog"), "must be at least 1".into());
             }
             let addr = match listener.addr.parse::<SocketAddr>() {
                 Ok(addr) => Some(addr),

@@ -38,7 +38,7 @@ use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use openssl::ssl::SslStream;
 use plexus_proto::dtls::{check_records, parse_client_hello, DtlsError as RecordError};
-use plexus_proto::{Acl, TimerKey, TimerWheel};
+use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
 use tracing::{debug, error, info};
@@ -530,7 +530,7 @@ impl DatagramEndpoint {
         let socket = &mut self.sockets[index];
         let id = SessionId::next();
         let idle_timer = parts.timers.insert(
-            now + self.limits.idle_timeout,
+            deadline_after(now, self.limits.idle_timeout),
             timer_entry(key, id, DatagramTimer::Idle),
         );
         let is_dtls = dtls.is_some();
@@ -647,7 +647,7 @@ impl DatagramEndpoint {
         let key = self.insert(index, peer, admitted, Some(peer_state), now, parts);
         let id = self.sessions[key].info.id;
         let timer = parts.timers.insert(
-            now + self.limits.handshake_timeout,
+            deadline_after(now, self.limits.handshake_timeout),
             timer_entry(key, id, DatagramTimer::Handshake),
         );
         if let Some(dtls) = self.sessions[key].dtls.as_mut() {
@@ -745,11 +745,10 @@ impl DatagramEndpoint {
             parts.timers.cancel(timer);
         }
         if let Some(wait) = dtls::retransmit_after(&dtls.stream, peer, now) {
-            dtls.retransmit_timer = Some(
-                parts
-                    .timers
-                    .insert(now + wait, timer_entry(key, id, DatagramTimer::Retransmit)),
-            );
+            dtls.retransmit_timer = Some(parts.timers.insert(
+                deadline_after(now, wait),
+                timer_entry(key, id, DatagramTimer::Retransmit),
+            ));
         }
         if !written.is_empty() {
             session.last_activity = now;
@@ -936,7 +935,7 @@ impl DatagramEndpoint {
         match kind {
             DatagramTimer::Idle => {
                 session.idle_timer = None;
-                let due = session.last_activity + self.limits.idle_timeout;
+                let due = deadline_after(session.last_activity, self.limits.idle_timeout);
                 if now < due {
                     session.idle_timer = Some(parts.timers.insert(due, timer_entry(key, id, kind)));
                     return;

@@ -18,7 +18,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::proxy::{parse_proxy_header, ProxyHeader, MAX_PROXY_HEADER};
-use plexus_proto::{Acl, TimerWheel};
+use plexus_proto::{deadline_after, Acl, TimerWheel};
 use tracing::{debug, error, info};
 
 use rustls::{ServerConfig, ServerConnection};
@@ -319,13 +319,16 @@ impl EventLoop {
     }
 
     /// Runs until drained or stopped, then signals `exit` (also when unwinding from a panic,
-    /// so the acceptor never waits for a loop that is gone).
-    pub(crate) fn run(mut self, exit: ExitSignal) {
+    /// so the acceptor never waits for a loop that is gone). An error (or a panic) means the
+    /// loop died: [`Server::run`](crate::Server::run) fails, so the process exits 1.
+    pub(crate) fn run(mut self, exit: ExitSignal) -> io::Result<()> {
         let _exit = exit;
-        if let Err(err) = self.turns() {
+        let result = self.turns();
+        if let Err(err) = &result {
             error!(event_loop = self.index, "event loop failed: {err}");
         }
         self.close_all(CloseReason::ShutdownForced);
+        result
     }
 
     fn turns(&mut self) -> io::Result<()> {
@@ -490,7 +493,9 @@ impl EventLoop {
             id,
             kind: TimerKind::Idle,
         };
-        let idle_timer = self.timers.insert(now + self.idle_limit, idle_check);
+        let idle_timer = self
+            .timers
+            .insert(deadline_after(now, self.idle_limit), idle_check);
         let mut session = TcpSession::new(stream, info, ticket, idle_timer, now);
         // Read whatever arrived before registration (the first edge may predate it).
         session.readable = true;
@@ -504,7 +509,7 @@ impl EventLoop {
                     };
                     let timer = self
                         .timers
-                        .insert(now + self.limits.handshake_timeout, check);
+                        .insert(deadline_after(now, self.limits.handshake_timeout), check);
                     session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
                     None
                 }
@@ -533,7 +538,7 @@ impl EventLoop {
                         id,
                         kind: TimerKind::Connect,
                     };
-                    let deadline = now + self.limits.handshake_timeout;
+                    let deadline = deadline_after(now, self.limits.handshake_timeout);
                     relay.connect_timer = Some(self.timers.insert(deadline, check));
                     session.relay = Some(Box::new(relay));
                 }
@@ -561,7 +566,7 @@ impl EventLoop {
                 };
                 let timer = self
                     .timers
-                    .insert(now + self.limits.handshake_timeout, check);
+                    .insert(deadline_after(now, self.limits.handshake_timeout), check);
                 session.extras.get_or_insert_with(Box::default).proxy = Some(Box::new(ProxyWait {
                     received: Vec::new(),
                     acl,
@@ -937,7 +942,7 @@ impl EventLoop {
                 id: session.info.id,
                 kind: TimerKind::Handler,
             };
-            extras.handler_timer = Some(self.timers.insert(now + after, entry));
+            extras.handler_timer = Some(self.timers.insert(deadline_after(now, after), entry));
         }
     }
 
@@ -986,7 +991,7 @@ impl EventLoop {
         };
         let timer = self
             .timers
-            .insert(now + self.limits.handshake_timeout, check);
+            .insert(deadline_after(now, self.limits.handshake_timeout), check);
         session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
         LoopStats::add(&self.stats.tls_sessions_open, 1);
         let mut context = CallbackContext {
@@ -1491,7 +1496,7 @@ impl EventLoop {
                 // A job is running for this session: it is busy, not idle.
                 session.last_activity = now;
             }
-            let due = session.last_activity + idle_limit;
+            let due = deadline_after(session.last_activity, idle_limit);
             if now < due {
                 session.idle_timer = self.timers.insert(due, TimerEntry { key, id, kind });
                 continue;
@@ -1546,7 +1551,7 @@ impl EventLoop {
             };
             self.timers.cancel(session.idle_timer);
             let id = session.info.id;
-            let due = (session.last_activity + self.idle_limit).max(now);
+            let due = deadline_after(session.last_activity, self.idle_limit).max(now);
             session.idle_timer = self.timers.insert(
                 due,
                 TimerEntry {

@@ -3,7 +3,7 @@
 //! Hot-path counters (bytes, reads) live in one [`LoopStats`] per event loop, written only by
 //! that loop's thread, so loops never contend on a cache line; the snapshot sums them.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::admission::RefusalReason;
@@ -68,6 +68,8 @@ pub(crate) struct Metrics {
     pub(crate) refused: [AtomicU64; RefusalReason::ALL.len()],
     pub(crate) loops: Vec<Arc<LoopStats>>,
     pub(crate) pool_stats: Arc<PoolStats>,
+    /// Set on SIGTERM (lameduck or drain): health checks answer 503 from then on.
+    pub(crate) draining: AtomicBool,
 }
 
 impl Metrics {

@@ -54,6 +54,13 @@ pub enum Error {
     /// The [`ServerBuilder::after_bind`] hook failed (e.g. privileges could not be dropped).
     #[error("{0}")]
     AfterBind(Box<dyn std::error::Error + Send + Sync>),
+    /// Event loops died while the server ran (a panic, or an error from the poll instance):
+    /// their sessions were lost and the server stopped.
+    #[error("{dead} event loop(s) died (see the log); the server stopped")]
+    LoopDied {
+        /// How many loops died.
+        dead: usize,
+    },
     /// A runtime resource (poll instance, thread) could not be created.
     #[error("{what}: {source}")]
     Runtime {
@@ -322,6 +329,7 @@ impl ServerBuilder {
         )
         .map_err(Error::runtime("cannot create the acceptor"))?;
         let mut acceptor = acceptor;
+        acceptor.set_lameduck(server.drain_delay, Arc::clone(&metrics));
         if let Some(source) = self.reload_source {
             acceptor.set_reloader(Reloader {
                 source,
@@ -701,7 +709,8 @@ impl Server {
             handles,
             ..
         } = self;
-        let (live_loops, waker) = acceptor.exit_signal(loops.len());
+        let loop_count = loops.len();
+        let (live_loops, waker) = acceptor.exit_signal(loop_count);
         acceptor.set_loops(handles);
         let mut threads = Vec::with_capacity(loops.len());
         for (index, event_loop) in loops.into_iter().enumerate() {
@@ -725,9 +734,20 @@ impl Server {
             "READY=1\nSTATUS=serving on {listeners} listener(s)\nMAINPID={}",
             std::process::id()
         ));
-        let result = acceptor.run().map_err(Error::runtime("acceptor failed"));
+        let mut result = acceptor.run().map_err(Error::runtime("acceptor failed"));
+        // A loop that panicked or failed lost its sessions: the process must not exit 0 (a
+        // supervisor restarts a process that fails, not one that says it stopped cleanly).
+        let started = threads.len();
+        let mut dead = loop_count - started;
         for thread in threads {
-            let _ = thread.join();
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => dead += 1,
+            }
+        }
+        if dead > 0 && result.is_ok() {
+            tracing::error!("{dead} event loop(s) died; exiting with an error");
+            result = Err(Error::LoopDied { dead });
         }
         drop(metrics);
         // Every submitter lived in a loop, and the loops are gone: the workers finish.

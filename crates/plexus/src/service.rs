@@ -358,6 +358,13 @@ impl Session<'_> {
         self.metrics.map(Metrics::snapshot)
     }
 
+    /// Whether the server is shutting down (SIGTERM received: the `drain_delay` lameduck or
+    /// the drain after it): a health check should fail so balancers stop sending clients.
+    pub fn server_draining(&self) -> bool {
+        self.metrics
+            .is_some_and(|m| m.draining.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Turns this plain session into a TLS session: `received` (bytes the handler read) is
     /// the start of the ClientHello; once the handshake completes, `service` is opened on the
     /// decrypted stream and replaces this handler.

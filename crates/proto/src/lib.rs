@@ -39,4 +39,4 @@ pub use acl::{Acl, AclError, Cidr};
 pub use detect::{sniff, Sniff, MAX_SNIFF_BYTES};
 pub use line::{LineFramer, LineTooLong};
 pub use proxy::{parse_proxy_header, ProxyError, ProxyHeader, MAX_PROXY_HEADER};
-pub use timer::{TimerKey, TimerWheel};
+pub use timer::{deadline_after, TimerKey, TimerWheel};

@@ -17,6 +17,18 @@ use std::time::{Duration, Instant};
 /// Sentinel "no entry" index for the intrusive lists and the free list.
 const NIL: usize = usize::MAX;
 
+/// Where [`deadline_after`] saturates: further than any timer can meaningfully wait.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `now + after` without the panic of `Instant + Duration` on overflow: a delay too long to
+/// represent (a configured or peer-supplied duration) becomes a deadline about a century
+/// away, which in practice never fires. Every deadline of the runtime is computed here.
+pub fn deadline_after(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
 /// Handle to a timer inserted into a [`TimerWheel`].
 ///
 /// It names an entry slot plus that entry's generation: once the timer fires
@@ -451,6 +463,20 @@ mod tests {
         assert_eq!(TimerWheel::<()>::new(ms(1), 3, t0).slots(), 4);
         assert_eq!(TimerWheel::<()>::new(ms(1), 64, t0).slots(), 64);
         assert_eq!(TimerWheel::<()>::new(ms(1), 65, t0).slots(), 128);
+    }
+
+    #[test]
+    fn deadline_after_saturates_instead_of_panicking() {
+        let t0 = Instant::now();
+        assert_eq!(deadline_after(t0, ms(5)), t0 + ms(5));
+        let far = deadline_after(t0, Duration::MAX);
+        assert!(far > t0 + Duration::from_secs(50 * 365 * 86_400));
+        let mut wheel = TimerWheel::new(ms(1), 8, t0);
+        wheel.insert(far, 1u32);
+        let mut out = Vec::new();
+        wheel.poll_expired(t0 + Duration::from_secs(3600), &mut out);
+        assert!(out.is_empty());
+        assert!(wheel.next_wakeup().is_some());
     }
 
     #[test]

@@ -9,14 +9,25 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// Opens `relative` (read-only) below the directory `dir`. Resolution that would leave `dir`
-/// fails with `EXDEV` (see [`is_escape`]); a kernel without openat2 (before 5.6) gives `ENOSYS`.
+/// Flags of every open under a served directory: `O_NONBLOCK` so that opening a FIFO (or a
+/// device) returns at once instead of blocking the thread until a writer appears, `O_NOCTTY`
+/// so a terminal never becomes the controlling one. Regular files ignore `O_NONBLOCK`.
+pub const OPEN_FLAGS: libc::c_int =
+    libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK;
+
+/// [`OPEN_FLAGS`] for a directory: anything else (a FIFO where a directory should be) fails.
+pub const OPEN_DIRECTORY_FLAGS: libc::c_int = OPEN_FLAGS | libc::O_DIRECTORY;
+
+/// Opens `relative` (read-only, never blocking: [`OPEN_FLAGS`]) below the directory `dir`.
+/// Resolution that would leave `dir` fails with `EXDEV` (see [`is_escape`]); a kernel without
+/// openat2 (before 5.6) gives `ENOSYS`. The caller checks the file type (`fstat`) before
+/// reading: anything may sit under a directory, a FIFO included.
 pub fn open_beneath(dir: impl AsFd, relative: &Path) -> io::Result<File> {
     let path = CString::new(relative.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
     // SAFETY: open_how is a plain C struct of integers; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.flags = OPEN_FLAGS as u64;
     how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
     let dir_fd = dir.as_fd().as_raw_fd();
     // SAFETY: `path` is a NUL-terminated string and `how` a valid open_how that both outlive
@@ -84,6 +95,13 @@ mod tests {
         }
         let err = open_beneath(&dir, Path::new("/etc/passwd")).unwrap_err();
         assert!(is_escape(&err), "absolute: {err}");
+        // A FIFO opens at once (no writer needed) and shows as what it is.
+        let fifo = CString::new(root.join("pipe").as_os_str().as_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let opened = open_beneath(&dir, Path::new("pipe")).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(opened.metadata().unwrap().file_type().is_fifo());
         std::fs::remove_dir_all(&base).unwrap();
     }
 }

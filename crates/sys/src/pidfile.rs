@@ -4,6 +4,11 @@
 //! The lock, not the file's existence, says whether an instance runs: a file left behind by a
 //! crash is not locked, so the next start takes it over. A second instance started with the
 //! same file fails with [`PidFileError::AlreadyRunning`], naming the running pid.
+//!
+//! The path is often in a directory others can write to (or was, once): it is opened with
+//! `O_NOFOLLOW` (a symlink planted there cannot make a root process truncate another file),
+//! must be a regular file, and is emptied only once the lock is held (a second instance
+//! never wipes the running one's pid).
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
@@ -21,6 +26,14 @@ pub enum PidFileError {
         pid: String,
         /// The pid file.
         path: PathBuf,
+    },
+    /// The path is a symbolic link, a FIFO, a directory…: refused, never followed or written.
+    #[error("pid file {}: {what}; refusing to use it (remove it or choose another path)", path.display())]
+    NotRegular {
+        /// The pid file.
+        path: PathBuf,
+        /// What is there instead.
+        what: &'static str,
     },
     /// The file could not be opened, locked or written.
     #[error("pid file {}: {source}", path.display())]
@@ -40,21 +53,42 @@ pub struct PidFile {
 }
 
 impl PidFile {
-    /// Opens (or creates, mode 0644) `path`, locks it without waiting, and writes this
-    /// process's id into it.
+    /// Opens (or creates, mode 0644) `path` without following a symlink, checks it is a
+    /// regular file, locks it without waiting, and only then replaces its content with this
+    /// process's id.
     pub fn acquire(path: &Path) -> Result<PidFile, PidFileError> {
         let io_error = |source| PidFileError::Io {
             path: path.to_owned(),
             source,
         };
-        let mut file = File::options()
+        let not_regular = |what| PidFileError::NotRegular {
+            path: path.to_owned(),
+            what,
+        };
+        let opened = File::options()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .open(path)
-            .map_err(io_error)?;
+            // O_NONBLOCK: a FIFO there must not block the start; it is refused just below.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(path);
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(not_regular("is a symbolic link"))
+            }
+            Err(err) => return Err(io_error(err)),
+        };
+        let kind = file.metadata().map_err(io_error)?.file_type();
+        if !kind.is_file() {
+            return Err(not_regular(if kind.is_dir() {
+                "is a directory"
+            } else {
+                "is not a regular file"
+            }));
+        }
         // SAFETY: `file` is an open descriptor for the duration of the call.
         if let Err(err) = syscall!(flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB)) {
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
@@ -71,6 +105,7 @@ impl PidFile {
             }
             return Err(io_error(err));
         }
+        // Emptied only now that the lock is ours.
         file.set_len(0).map_err(io_error)?;
         file.rewind().map_err(io_error)?;
         writeln!(file, "{}", std::process::id()).map_err(io_error)?;
@@ -126,6 +161,28 @@ mod tests {
         assert!(!path.exists(), "pid file removed on drop");
         let again = PidFile::acquire(&path).unwrap();
         drop(again);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_or_fifo_at_the_path_is_refused_and_its_target_untouched() {
+        let dir = std::env::temp_dir().join(format!("plexus-pidlink-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep me\n").unwrap();
+        let link = dir.join("plexus.pid");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let err = PidFile::acquire(&link).unwrap_err();
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me\n");
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+
+        let fifo = dir.join("fifo.pid");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+        let err = PidFile::acquire(&fifo).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -10,10 +10,10 @@ use anyhow::{anyhow, bail};
 use rustls::client::Resumption;
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, SupportedProtocolVersion};
+use rustls::{ClientConfig, ClientConnection, SupportedProtocolVersion};
 
 use super::Fail;
-use crate::tls_client::{roots_from_file, system_roots, AcceptAnyCertificate};
+use crate::tls_client::{AcceptAnyCertificate, Trust};
 
 static BOTH: [&SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
 static ONLY_12: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS12];
@@ -24,7 +24,8 @@ static ONLY_13: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
 pub(crate) struct TlsPlan {
     name: ServerName<'static>,
     insecure: bool,
-    roots: Option<Arc<RootCertStore>>,
+    /// `None` with `--insecure`.
+    trust: Option<Trust>,
     versions: &'static [&'static SupportedProtocolVersion],
 }
 
@@ -51,18 +52,14 @@ impl TlsPlan {
             Some("1.3") => &ONLY_13,
             Some(other) => bail!("--tls-version {other:?}: expected 1.2 or 1.3"),
         };
-        let roots = if insecure {
-            None
-        } else {
-            Some(Arc::new(match ca {
-                Some(path) => roots_from_file(path)?,
-                None => system_roots(),
-            }))
+        let trust = match insecure {
+            true => None,
+            false => Some(Trust::load(ca)?),
         };
         Ok(TlsPlan {
             name,
             insecure,
-            roots,
+            trust,
             versions,
         })
     }
@@ -74,15 +71,14 @@ impl TlsPlan {
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(self.versions)
             .map_err(|err| anyhow!("TLS configuration: {err}"))?;
-        let mut config = match &self.roots {
-            None => builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { provider }))
-                .with_no_client_auth(),
-            Some(roots) => builder
-                .with_root_certificates(Arc::clone(roots))
-                .with_no_client_auth(),
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &self.trust {
+            None => Arc::new(AcceptAnyCertificate { provider }),
+            Some(trust) => trust.verifier(provider)?,
         };
+        let mut config = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
         if !resume {
             config.resumption = Resumption::disabled();
         }

@@ -20,9 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use plexus_proto::http::{
-    content_type, entity_tag, format_http_date, if_none_match, normalize_path, parse_http_date,
-    parse_range, write_head, Limits, Method, RangeRequest, RequestDecoder, RequestError,
-    RequestEvent, RequestHead,
+    content_type, entity_tag, format_http_date, if_none_match, if_range_matches, normalize_path,
+    origin_form, parse_http_date, parse_range, write_head, Limits, Method, RangeRequest,
+    RequestDecoder, RequestError, RequestEvent, RequestHead, Version,
 };
 use tracing::{debug, info, warn};
 
@@ -248,7 +248,13 @@ impl Http {
     /// built-in pages (configuration checking reports it before this point).
     pub fn new(config: &HttpConfig) -> Http {
         let root = config.root.as_ref().and_then(|path| {
-            match File::open(path).and_then(|dir| {
+            use std::os::unix::fs::OpenOptionsExt;
+            // O_DIRECTORY: a FIFO put where the root should be fails instead of blocking.
+            let open = File::options()
+                .read(true)
+                .custom_flags(plexus_sys::fs::OPEN_DIRECTORY_FLAGS)
+                .open(path);
+            match open.and_then(|dir| {
                 if dir.metadata()?.is_dir() {
                     Ok(dir)
                 } else {
@@ -305,6 +311,8 @@ struct HttpSession {
     header_timer_armed: bool,
     /// A response said `Connection: close` (or the request was refused): parse nothing more.
     done: bool,
+    /// The request being answered is HTTP/1.0: keeping the connection open must be said.
+    http10: bool,
 }
 
 impl HttpSession {
@@ -315,6 +323,7 @@ impl HttpSession {
             current: None,
             header_timer_armed: false,
             done: false,
+            http10: false,
         }
     }
 
@@ -329,6 +338,12 @@ impl HttpSession {
             match self.decoder.poll() {
                 Ok(None) => break,
                 Ok(Some(RequestEvent::Head(head))) => {
+                    // This head made it in time: the next one gets its own header_timeout
+                    // (a long pipelined stream is not one slow head).
+                    if self.header_timer_armed {
+                        session.cancel_timer();
+                        self.header_timer_armed = false;
+                    }
                     if head.expect_continue && !matches!(head.method, Method::Get | Method::Head) {
                         // Refuse before the client sends a body we would discard.
                         let started = Instant::now();
@@ -416,8 +431,15 @@ impl HttpSession {
     /// Answers one complete request; returns whether the connection stays open.
     fn respond(&mut self, session: &mut Session<'_>, head: &RequestHead, started: Instant) -> bool {
         let keep_alive = head.keep_alive;
+        self.http10 = head.version == Version::Http10;
         let head_only = head.method == Method::Head;
-        let path = head.target.split(['?', '#']).next().unwrap_or("");
+        // An absolute-form target (`GET http://host/x`) is served as its path (RFC 9112
+        // §3.2.2); other forms stay as sent and are refused by the path mapping.
+        let origin = origin_form(&head.target);
+        let target: &str = origin
+            .as_ref()
+            .map_or(head.target.as_str(), |o| &*o.path_and_query);
+        let path = target.split(['?', '#']).next().unwrap_or("");
         match &head.method {
             Method::Get | Method::Head => {}
             Method::Options => {
@@ -460,6 +482,17 @@ impl HttpSession {
             }
         }
         match path {
+            "/healthz" if session.server_draining() => {
+                // Lameduck / drain: the balancer takes this instance out before it refuses.
+                self.send_simple(
+                    session,
+                    503,
+                    "text/plain; charset=utf-8",
+                    b"draining",
+                    keep_alive,
+                    head_only,
+                );
+            }
             "/healthz" => {
                 self.send_simple(
                     session,
@@ -485,7 +518,7 @@ impl HttpSession {
                     head_only,
                 );
             }
-            _ => self.serve_file(session, head, keep_alive, head_only),
+            _ => self.serve_file(session, head, target, keep_alive, head_only),
         }
         self.shared.stats.latency(started.elapsed());
         keep_alive
@@ -495,11 +528,12 @@ impl HttpSession {
         &mut self,
         session: &mut Session<'_>,
         head: &RequestHead,
+        target: &str,
         keep_alive: bool,
         head_only: bool,
     ) {
         if self.shared.root.is_none() {
-            if head.target == "/" || head.target == "/index.html" {
+            if target == "/" || target == "/index.html" {
                 self.send_simple(
                     session,
                     200,
@@ -513,7 +547,7 @@ impl HttpSession {
             }
             return;
         }
-        let segments = match normalize_path(&head.target) {
+        let segments = match normalize_path(target) {
             Ok(segments) => segments,
             Err(err) => {
                 // A traversal attempt or an undecodable path: answer and close.
@@ -528,7 +562,8 @@ impl HttpSession {
                 return;
             }
         };
-        let Some((meta, body)) = self.resolve(session, head, &segments, keep_alive, head_only)
+        let Some((meta, body)) =
+            self.resolve(session, head, target, &segments, keep_alive, head_only)
         else {
             return;
         };
@@ -549,8 +584,16 @@ impl HttpSession {
             self.send_with(session, 304, &validators, b"", keep_alive, true);
             return;
         }
+        // A Range under a stale If-Range validator gets the whole file (RFC 9110 13.1.5).
         let range = match head.header("range") {
-            Some(value) if head.method == Method::Get => parse_range(value, len),
+            Some(value)
+                if head.method == Method::Get
+                    && head.header("if-range").is_none_or(|validator| {
+                        if_range_matches(validator, &meta.etag, meta.modified)
+                    }) =>
+            {
+                parse_range(value, len)
+            }
             _ => RangeRequest::Full,
         };
         let (status, start, count, content_range) = match range {
@@ -634,12 +677,20 @@ impl HttpSession {
         &mut self,
         session: &mut Session<'_>,
         head: &RequestHead,
+        target: &str,
         segments: &[String],
         keep_alive: bool,
         head_only: bool,
     ) -> Option<(Arc<FileMeta>, FileBody)> {
         let root = self.shared.root.as_ref()?;
-        let key = segments.join("/");
+        let path = target.split(['?', '#']).next().unwrap_or("");
+        let wants_directory = path.ends_with('/');
+        // `dir/` (its index.html) and `dir` (a redirect) are different answers: the key says
+        // which was asked, so a cached index never answers the path without its slash.
+        let mut key = segments.join("/");
+        if wants_directory {
+            key.push('/');
+        }
         let now = Instant::now();
         if let Some(hit) = self.shared.cache.get(&key, now) {
             return Some(hit);
@@ -652,9 +703,8 @@ impl HttpSession {
         let text = "text/plain; charset=utf-8";
         let (file, metadata, name) = match open_below(root, &relative) {
             Ok((_, metadata)) if metadata.is_dir() => {
-                if !head.target.split('?').next().unwrap_or("").ends_with('/') {
-                    let mut location = head.target.split('?').next().unwrap_or("/").to_owned();
-                    location.push('/');
+                if !wants_directory {
+                    let location = directory_location(target);
                     self.send_with(
                         session,
                         301,
@@ -670,17 +720,39 @@ impl HttpSession {
                 }
                 match open_below(root, &relative.join("index.html")) {
                     Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html"),
+                    Ok(_) => {
+                        let body = b"403 Forbidden\n";
+                        self.send_simple(session, 403, text, body, keep_alive, head_only);
+                        return None;
+                    }
                     _ => {
                         self.not_found(session, keep_alive, head_only);
                         return None;
                     }
                 }
             }
+            Ok((_, metadata)) if metadata.is_file() && wants_directory => {
+                // `/file.txt/` names a directory that is not there.
+                self.not_found(session, keep_alive, head_only);
+                return None;
+            }
             Ok((file, metadata)) if metadata.is_file() => {
                 (file, metadata, segments.last().map_or("", String::as_str))
             }
-            Ok(_) => {
-                self.not_found(session, keep_alive, head_only);
+            Ok((_, metadata)) => {
+                // A FIFO, socket or device under the root: opened without blocking, never read.
+                debug!(
+                    session = %session.id(), target = %head.target,
+                    "http: forbidden: not a regular file ({:?})", metadata.file_type()
+                );
+                self.send_simple(
+                    session,
+                    403,
+                    text,
+                    b"403 Forbidden\n",
+                    keep_alive,
+                    head_only,
+                );
                 return None;
             }
             Err(err)
@@ -688,7 +760,7 @@ impl HttpSession {
                     || err.kind() == io::ErrorKind::PermissionDenied =>
             {
                 // Outside the root (openat2 refused the path) or not readable by this process.
-                debug!(session = %session.id(), target = %head.target, "http: forbidden: {err}");
+                debug!(session = %session.id(), target = %target, "http: forbidden: {err}");
                 self.send_simple(
                     session,
                     403,
@@ -812,6 +884,9 @@ impl HttpSession {
         all.extend_from_slice(headers);
         if !keep_alive {
             all.push(("Connection", b"close"));
+        } else if self.http10 {
+            // HTTP/1.0 closes by default: a persistent connection must be announced.
+            all.push(("Connection", b"keep-alive"));
         }
         write_head(out, status, &all);
     }
@@ -874,7 +949,32 @@ fn open_checked(root: &File, relative: &std::path::Path) -> io::Result<File> {
     if !full.starts_with(&root_path) {
         return Err(plexus_sys::fs::escape_error());
     }
-    File::open(full)
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never blocks (a FIFO opens at once); the caller checks the type.
+    File::options()
+        .read(true)
+        .custom_flags(plexus_sys::fs::OPEN_FLAGS)
+        .open(full)
+}
+
+/// Where a directory asked for without its trailing slash redirects: the same path with `/`
+/// added and the query kept. Leading slashes collapse to one: `//host/dir/` would be a
+/// protocol-relative reference, i.e. another host.
+fn directory_location(target: &str) -> String {
+    let target = target.split('#').next().unwrap_or("");
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let mut location = String::with_capacity(target.len() + 2);
+    location.push('/');
+    location.push_str(path.trim_start_matches('/'));
+    location.push('/');
+    if let Some(query) = query {
+        location.push('?');
+        location.push_str(query);
+    }
+    location
 }
 
 /// Whole seconds since the epoch (HTTP dates have no finer resolution).

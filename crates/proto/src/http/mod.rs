@@ -29,12 +29,12 @@ mod path;
 mod request;
 mod response;
 
-pub use path::{normalize_path, PathError};
+pub use path::{normalize_path, origin_form, OriginForm, PathError};
 pub use request::{
     BodyLength, Header, Limits, Method, RequestDecoder, RequestError, RequestEvent, RequestHead,
     Version,
 };
 pub use response::{
-    content_type, entity_tag, format_http_date, if_none_match, parse_http_date, parse_range,
-    reason_phrase, write_chunk, write_head, write_last_chunk, RangeRequest,
+    content_type, entity_tag, format_http_date, if_none_match, if_range_matches, parse_http_date,
+    parse_range, reason_phrase, write_chunk, write_head, write_last_chunk, RangeRequest,
 };

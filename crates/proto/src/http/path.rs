@@ -28,6 +28,48 @@ pub enum PathError {
     NotUtf8,
 }
 
+/// A request-target in origin-form (`/path?query`), from [`origin_form`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginForm<'a> {
+    /// The authority of an absolute-form target (`host:port`): it replaces the Host header
+    /// (RFC 9112 §3.2.2). `None` for a target that was origin-form already.
+    pub authority: Option<&'a str>,
+    /// The path and query, starting with `/`.
+    pub path_and_query: std::borrow::Cow<'a, str>,
+}
+
+/// The origin-form of a request-target: itself when it starts with `/`; for an absolute-form
+/// `http://host[:port]/path?query` (or `https://`), which a server MUST accept (RFC 9112
+/// §3.2.2), its path and query (`/` when it has no path) and authority. `None` for the other
+/// forms (authority-form, `*`, other schemes, an empty authority or one with userinfo).
+pub fn origin_form(target: &str) -> Option<OriginForm<'_>> {
+    if target.starts_with('/') {
+        return Some(OriginForm {
+            authority: None,
+            path_and_query: std::borrow::Cow::Borrowed(target),
+        });
+    }
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at_checked(end)?;
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let tail = tail.split('#').next().unwrap_or("");
+    let path_and_query = if tail.starts_with('/') {
+        std::borrow::Cow::Borrowed(tail)
+    } else {
+        std::borrow::Cow::Owned(format!("/{tail}"))
+    };
+    Some(OriginForm {
+        authority: Some(authority),
+        path_and_query,
+    })
+}
+
 /// Maps an origin-form request-target to safe relative path segments: the
 /// query is dropped, each segment is percent-decoded, `.` and empty segments
 /// are dropped, and anything that could leave the root is refused. `"/"`
@@ -94,6 +136,28 @@ mod tests {
 
     fn ok(target: &str) -> Vec<String> {
         normalize_path(target).unwrap_or_else(|e| panic!("{target}: {e}"))
+    }
+
+    #[test]
+    fn absolute_form_maps_to_its_path_and_authority() {
+        let form = |t| origin_form(t).map(|o| (o.authority, o.path_and_query.into_owned()));
+        assert_eq!(form("/a?b"), Some((None, "/a?b".to_owned())));
+        assert_eq!(
+            form("http://example.com:8080/x/y?q=1"),
+            Some((Some("example.com:8080"), "/x/y?q=1".to_owned()))
+        );
+        assert_eq!(form("HTTPS://h"), Some((Some("h"), "/".to_owned())));
+        assert_eq!(form("http://h?q"), Some((Some("h"), "/?q".to_owned())));
+        for refused in [
+            "*",
+            "example.com:443",
+            "ftp://h/x",
+            "http:///x",
+            "http://u@h/x",
+            "",
+        ] {
+            assert_eq!(form(refused), None, "{refused}");
+        }
     }
 
     #[test]

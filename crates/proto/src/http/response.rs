@@ -3,7 +3,7 @@
 //! with `If-None-Match`, and the extension → media type table of the static
 //! file server.
 
-use std::time::SystemTime;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The reason phrase for `status` (RFC 9110 §15); `""` for unknown codes
 /// (the phrase is optional on the wire).
@@ -224,6 +224,25 @@ pub fn entity_tag(len: u64, modified_unix_nanos: u128) -> String {
     format!("\"{modified_unix_nanos:x}-{len:x}\"")
 }
 
+/// Whether a `Range` may be honoured under `If-Range` (RFC 9110 §13.1.5): the value is an
+/// entity-tag equal to `etag` under the strong comparison (neither weak), or an HTTP-date
+/// equal to the representation's Last-Modified (`last_modified`, to the second). Anything
+/// else — a stale or weak validator, garbage — means "send the whole representation" (200).
+pub fn if_range_matches(value: &[u8], etag: &str, last_modified: SystemTime) -> bool {
+    let value = value.trim_ascii();
+    if value.starts_with(b"\"") {
+        return !etag.starts_with("W/") && value == etag.as_bytes();
+    }
+    if value.starts_with(b"W/") {
+        return false;
+    }
+    let seconds = |t: SystemTime| t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs());
+    match parse_http_date(value) {
+        Some(date) => seconds(date).is_some() && seconds(date) == seconds(last_modified),
+        None => false,
+    }
+}
+
 /// Whether an `If-None-Match` value matches `etag` (so the answer is 304):
 /// `*`, or any listed tag equal to it under the weak comparison (RFC 9110
 /// §8.8.3.2: `W/` ignored on both sides). A malformed list matches only by
@@ -284,7 +303,29 @@ fn trim_list_separators(mut bytes: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
+    use std::time::Duration;
+
+    #[test]
+    fn if_range_needs_a_strong_equal_etag_or_the_exact_last_modified() {
+        let modified = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        let etag = "\"abc-10\"";
+        assert!(if_range_matches(b"\"abc-10\"", etag, modified));
+        assert!(!if_range_matches(b"\"stale\"", etag, modified));
+        assert!(!if_range_matches(b"W/\"abc-10\"", etag, modified));
+        assert!(!if_range_matches(b"\"abc-10\"", "W/\"abc-10\"", modified));
+        assert!(if_range_matches(
+            b"Sun, 06 Nov 1994 08:49:37 GMT",
+            etag,
+            modified
+        ));
+        assert!(!if_range_matches(
+            b"Sun, 06 Nov 1994 08:49:38 GMT",
+            etag,
+            modified
+        ));
+        assert!(!if_range_matches(b"yesterday", etag, modified));
+        assert!(!if_range_matches(b"", etag, modified));
+    }
 
     #[test]
     fn head_is_status_line_headers_and_blank_line() {
