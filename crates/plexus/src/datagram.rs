@@ -302,7 +302,8 @@ impl DatagramEndpoint {
                 let Some(peer) = received.source else {
                     continue;
                 };
-                LoopStats::add(&self.stats.bytes_in, received.data.len() as u64);
+                let listener = &self.sockets[index].listener.info;
+                self.stats.received(listener, received.data.len());
                 if received.truncated {
                     LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
                     continue;
@@ -350,6 +351,8 @@ impl DatagramEndpoint {
                     .admission
                     .permits(&socket.listener.acl, peer.ip()) =>
             {
+                let stats = &self.sockets[index].listener.info.stats;
+                stats.refused(RefusalReason::Acl);
                 self.refuse(peer, RefusalReason::Acl.as_str());
             }
             Some(listen) => {
@@ -385,8 +388,12 @@ impl DatagramEndpoint {
     fn admit(&mut self, index: usize, peer: SocketAddr) -> Option<Ticket> {
         let listener = &self.sockets[index].listener;
         match listener.admission.admit(&listener.acl, peer.ip()) {
-            Ok(ticket) => Some(ticket),
+            Ok(ticket) => {
+                listener.info.stats.accepted();
+                Some(ticket)
+            }
             Err(reason) => {
+                listener.info.stats.refused(reason);
                 self.refuse(peer, reason.as_str());
                 None
             }
@@ -429,7 +436,7 @@ impl DatagramEndpoint {
             _ticket: ticket,
         });
         socket.peers.insert(peer, key);
-        LoopStats::add(&self.stats.sessions_open, 1);
+        self.stats.opened(&socket.listener.info);
         let open = match is_dtls {
             true => &self.stats.dtls_sessions_open,
             false => &self.stats.udp_sessions_open,
@@ -478,6 +485,7 @@ impl DatagramEndpoint {
         let slot = match listener.admission.reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
+                listener.info.stats.refused(reason);
                 self.refuse(peer, reason.as_str());
                 return;
             }
@@ -750,7 +758,7 @@ impl DatagramEndpoint {
                     socket.pending.drain(..sent);
                     socket.pending_bytes -= bytes;
                     LoopStats::add(&self.stats.datagrams_out, sent as u64);
-                    LoopStats::add(&self.stats.bytes_out, bytes as u64);
+                    self.stats.sent(&socket.listener.info, bytes);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => socket.write_blocked = true,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -871,7 +879,7 @@ impl DatagramEndpoint {
             LoopStats::add(&self.stats.closed_idle_timeout, 1);
         }
         LoopStats::sub(open, 1);
-        LoopStats::sub(&self.stats.sessions_open, 1);
+        self.stats.closed(&session.info.listener);
         debug!(session = %session.info.id, peer = %session.info.peer, "datagram session closed: {reason}");
         session.handler.on_close(&session.info, &reason);
         self.flush(index);

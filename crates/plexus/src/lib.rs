@@ -35,6 +35,7 @@
 
 mod acceptor;
 mod admission;
+mod breakdown;
 pub mod builtin;
 pub mod config;
 mod datagram;
@@ -52,6 +53,7 @@ mod tls;
 mod worker;
 
 pub use admission::RefusalReason;
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;
