@@ -19,9 +19,16 @@
 # print "n/a" and the reason. nginx is installed from the distribution's packages when
 # missing (as root; otherwise the nginx rows are n/a).
 #
-# Output: a Markdown table on stdout; every raw JSON line (with "server" and "scenario" added)
-# in benches/results/suite-<UTC date>.jsonl; server logs in the temporary directory (kept
+# Output: a Markdown table on stdout; every raw JSON line (with "server", "scenario" and the
+# server's CPU per operation added) in benches/results/suite-<UTC date>.jsonl, each run's
+# latency histogram in benches/results/suite-<UTC date>-hgrm/<scenario>--<server>.hgrm
+# (`plexus bench --hdr-out`), and SVG charts of both (benches/plot-suite.py) in
+# benches/results/suite-<UTC date>-charts/; server logs in the temporary directory (kept
 # with KEEP_WORK=1).
+#
+# Server CPU per operation: utime+stime of the server process and its children (nginx's
+# worker) read from /proc between the end of the warm-up and the end of the measured window,
+# divided by the operations of that window (throughput x DURATION).
 #
 # Env:  DURATION=5 WARMUP=1      seconds per measured run / warm-up
 #       CONNECTIONS=100 SIZE=64  echo scenarios
@@ -64,7 +71,8 @@ fi
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULTS_DIR="$BENCH_DIR/results"
 RESULTS="$RESULTS_DIR/suite-$STAMP.jsonl"
-mkdir -p "$RESULTS_DIR"
+HGRM_DIR="$RESULTS_DIR/suite-$STAMP-hgrm"
+mkdir -p "$RESULTS_DIR" "$HGRM_DIR"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/plexus-suite.XXXXXX")
 SERVER_PID=""
 ROWS=()
@@ -104,8 +112,14 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
     (cd "$BENCH_DIR" && env -u CARGO_TARGET_DIR timeout 1200 cargo build --release --locked --quiet)
 fi
 [[ -x $PLEXUS_BIN ]] || { echo "error: $PLEXUS_BIN not found" >&2; exit 1; }
-for b in tokio-echo mio-echo tokio-rustls-echo tokio-udp-echo openssl-dtls-echo; do
-    [[ -x $BIN_DIR/$b ]] || { echo "error: $BIN_DIR/$b not found (build benches/)" >&2; exit 1; }
+# The reference servers the chosen scenario groups run (http's reference is nginx).
+declare -A REFERENCES=([tcp]="tokio-echo mio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
+    [connect]="tokio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
+    [http]="" [idle]="tokio-echo tokio-rustls-echo")
+for group in $SCENARIOS; do
+    for b in ${REFERENCES[$group]:-}; do
+        [[ -x $BIN_DIR/$b ]] || { echo "error: $BIN_DIR/$b not found (build benches/)" >&2; exit 1; }
+    done
 done
 
 # --- nginx -----------------------------------------------------------------------------------
@@ -274,22 +288,55 @@ EOF
     return 1
 }
 
-# bench SERVER SCENARIO ARGS...: runs `plexus bench` pinned to LOAD_CPU; prints its JSON line
-# (also appended to RESULTS with server and scenario), or nothing on failure.
+# cpu_ticks PID: utime+stime (clock ticks) of PID and its direct children (nginx's worker).
+cpu_ticks() {
+    python3 - "$1" <<'PY'
+import os, sys
+root, total = int(sys.argv[1]), 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    fields = stat[stat.rindex(")") + 2:].split()
+    if int(pid) == root or int(fields[1]) == root:
+        total += int(fields[11]) + int(fields[12])
+print(total)
+PY
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# bench SERVER SCENARIO ARGS...: runs `plexus bench` pinned to LOAD_CPU (its latency histogram
+# to HGRM_DIR) while sampling the server's CPU time over the measured window; prints its JSON
+# line (also appended to RESULTS with server, scenario and server CPU), or nothing on failure.
 bench() {
     local server=$1 scenario=$2
     shift 2
-    local out errf="$WORK/bench-$scenario-$server.log"
-    out=$(taskset -c "$LOAD_CPU" "$PLEXUS_BIN" bench "$@" 2>"$errf" || true)
+    local out errf="$WORK/bench-$scenario-$server.log" outf="$WORK/bench-$scenario-$server.out"
+    taskset -c "$LOAD_CPU" "$PLEXUS_BIN" bench "$@" --hdr-out "$HGRM_DIR/$scenario--$server.hgrm" \
+        >"$outf" 2>"$errf" &
+    local bench_pid=$! cpu0="" cpu1=""
+    if [[ -n $SERVER_PID && $scenario != idle-* ]]; then
+        sleep "$WARMUP"
+        cpu0=$(cpu_ticks "$SERVER_PID")
+        sleep "$DURATION"
+        cpu1=$(cpu_ticks "$SERVER_PID")
+    fi
+    wait "$bench_pid" || true
     cat "$errf" >>"$WORK/bench.log"
-    out=$(tail -n1 <<<"$out")
+    out=$(tail -n1 "$outf")
     if [[ $out != \{* ]]; then
         log "  $scenario / $server: no result; the end of its stderr:"
         grep -v '^\[ *[0-9]*s\]' "$errf" | tail -n 5 | sed 's/^/    /' >&2
         return 0
     fi
-    python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["scenario"]=sys.argv[3]; print(json.dumps(d))' \
-        "$out" "$server" "$scenario" >>"$RESULTS"
+    python3 -c 'import json,sys
+d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["scenario"]=sys.argv[3]
+c0, c1, tck, secs = sys.argv[4], sys.argv[5], float(sys.argv[6]), float(sys.argv[7])
+ops = float(d.get("throughput_per_s") or 0) * secs
+if c0 and c1 and ops > 0:
+    d["server_cpu_us_per_op"] = round((int(c1) - int(c0)) * 1e6 / tck / ops, 3)
+print(json.dumps(d))' "$out" "$server" "$scenario" "$cpu0" "$cpu1" "$CLK_TCK" "$DURATION" >>"$RESULTS"
     echo "$out"
 }
 
@@ -482,3 +529,8 @@ echo "|---|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "Raw JSON: $RESULTS ($(($(date +%s) - T0)) s in total)"
+CHARTS="$RESULTS_DIR/suite-$STAMP-charts"
+if python3 "$BENCH_DIR/plot-suite.py" "$RESULTS" --hgrm-dir "$HGRM_DIR" --out "$CHARTS" \
+    --note "run-suite.sh $(date -u +%Y-%m-%d), $(nproc --all) CPUs, ${DURATION} s per run; server CPU $SERVER_CPU, load CPU $LOAD_CPU" >/dev/null; then
+    echo "Charts: $CHARTS/cpu.svg, $CHARTS/latency.svg"
+fi

@@ -488,11 +488,22 @@ impl Acceptor {
                         "SIGHUP received: reload failed, keeping the running configuration: {line}"
                     );
                 }
+                let facts = &self.admission.metrics().facts;
+                facts.record_reload(
+                    false,
+                    format!("reload failed, kept the running configuration: {err}"),
+                );
                 return;
             }
         };
         let plan = reload::plan(&reloader.running, &new);
         if !self.reload_tls(&reloader.running, &new, &reloader.services) {
+            let facts = &self.admission.metrics().facts;
+            facts.record_reload(
+                false,
+                "reload failed: certificates could not be loaded; kept the running configuration"
+                    .into(),
+            );
             return;
         }
         for key in &plan.restart {
@@ -502,6 +513,7 @@ impl Acceptor {
             if let Some(position) = self.listeners.iter().position(|l| &*l.info.name == name) {
                 let mut listener = self.listeners.remove(position);
                 let _ = self.poll.registry().deregister(&mut listener.socket);
+                self.admission.metrics().facts.remove_listener(name);
                 info!(
                     "reload: listener '{name}' removed (addr {}); its sessions stay until they end",
                     listener.local
@@ -544,13 +556,16 @@ impl Acceptor {
         self.shutdown_grace = server.shutdown_grace;
         self.drain_delay = server.drain_delay;
         reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
-        info!(
-            "SIGHUP received: reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
+        let summary = format!(
+            "reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
             self.listeners.len(),
             plan.added.len() - not_bound.len(),
             plan.removed.len(),
             plan.restart.len()
         );
+        info!("SIGHUP received: {summary}");
+        let ok = not_bound.is_empty();
+        self.admission.metrics().facts.record_reload(ok, summary);
     }
 
     /// Reloads certificates from the new `[tls]` table (creating the TLS context if the first
@@ -645,6 +660,15 @@ impl Acceptor {
                 source,
             })?;
         self.next_listener_index += 1;
+        self.admission
+            .metrics()
+            .facts
+            .add_listener(crate::breakdown::ListenerEntry {
+                info: Arc::clone(&listener.info),
+                transport: new.config.transport.as_str(),
+                addr: listener.local,
+                service: new.config.service.clone(),
+            });
         info!(
             "listening name={} transport={} addr={} (added by reload)",
             new.config.name, new.config.transport, listener.local
@@ -766,6 +790,8 @@ impl Acceptor {
                     shed += 1;
                     self.admission
                         .record_refusal(RefusalReason::DescriptorsExhausted);
+                    let stats = &self.listeners[index].info.stats;
+                    stats.refused(RefusalReason::DescriptorsExhausted);
                     self.refusals.record(
                         RefusalReason::DescriptorsExhausted,
                         Some(peer),
@@ -781,6 +807,8 @@ impl Acceptor {
         if shed == 0 {
             self.admission
                 .record_refusal(RefusalReason::DescriptorsExhausted);
+            let stats = &self.listeners[index].info.stats;
+            stats.refused(RefusalReason::DescriptorsExhausted);
             self.refusals
                 .record(RefusalReason::DescriptorsExhausted, None, &name, now);
         }
@@ -810,8 +838,12 @@ impl Acceptor {
             None => self.admission.admit(&listener.acl, peer.ip()),
         };
         let ticket = match admitted {
-            Ok(ticket) => ticket,
+            Ok(ticket) => {
+                listener.info.stats.accepted();
+                ticket
+            }
             Err(reason) => {
+                listener.info.stats.refused(reason);
                 self.refusals
                     .record(reason, Some(peer), &listener.info.name, now);
                 return;
@@ -833,6 +865,7 @@ impl Acceptor {
                     slot,
                 }),
                 Err(reason) => {
+                    listener.info.stats.refused(reason);
                     self.refusals
                         .record(reason, Some(peer), &listener.info.name, now);
                     return;

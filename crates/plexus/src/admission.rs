@@ -303,6 +303,11 @@ impl Admission {
         })
     }
 
+    /// The counters refusals and admissions go to.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Counts a refusal decided outside [`Admission::admit`] (descriptor exhaustion).
     pub(crate) fn record_refusal(&self, reason: RefusalReason) {
         self.metrics.refused(reason);

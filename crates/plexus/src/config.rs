@@ -243,6 +243,10 @@ pub struct HttpConfig {
     /// How long a cached file is served before the file system is asked again.
     #[serde(with = "human_duration")]
     pub file_cache_valid: Duration,
+    /// Whether `GET /status` and `/status.json` (the live status page) are served.
+    pub status: bool,
+    /// Clients allowed to see the status page (CIDRs); others get 403.
+    pub status_allow: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -255,6 +259,8 @@ impl Default for HttpConfig {
             header_timeout: Duration::from_secs(10),
             file_cache_bytes: 4 * 1024 * 1024,
             file_cache_valid: Duration::from_secs(1),
+            status: true,
+            status_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
         }
     }
 }
@@ -640,6 +646,11 @@ impl Config {
             }
         }
 
+        for (index, text) in self.http.status_allow.iter().enumerate() {
+            if let Err(err) = text.parse::<Cidr>() {
+                problem(format!("http.status_allow[{index}]"), err.to_string());
+            }
+        }
         let global_acl = parse_acl(&self.acl, "acl", &mut problem);
 
         let mut listeners = Vec::new();

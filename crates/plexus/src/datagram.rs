@@ -329,7 +329,8 @@ impl DatagramEndpoint {
                 let Some(peer) = received.source else {
                     continue;
                 };
-                LoopStats::add(&self.stats.bytes_in, received.data.len() as u64);
+                let listener = &self.sockets[index].listener.info;
+                self.stats.received(listener, received.data.len());
                 if received.truncated {
                     LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
                     continue;
@@ -386,6 +387,8 @@ impl DatagramEndpoint {
                     .admission
                     .permits(&socket.listener.acl, peer.ip()) =>
             {
+                let stats = &self.sockets[index].listener.info.stats;
+                stats.refused(RefusalReason::Acl);
                 self.refuse(peer, RefusalReason::Acl.as_str());
             }
             Some(_) if parse_client_hello(data).is_err() => {
@@ -454,6 +457,7 @@ impl DatagramEndpoint {
         let ip = peer.ip().to_canonical();
         let listener = &self.sockets[index].listener;
         if !listener.admission.permits(&listener.acl, ip) {
+            listener.info.stats.refused(RefusalReason::Acl);
             self.refuse(peer, RefusalReason::Acl.as_str());
             return None;
         }
@@ -463,9 +467,13 @@ impl DatagramEndpoint {
             let listener = &self.sockets[index].listener;
             let full = match listener.caps.take(&listener.listener_cap, ip) {
                 Ok(place) => match listener.admission.admit_datagram(&listener.acl, ip) {
-                    Ok(ticket) => return Some((ticket, place)),
+                    Ok(ticket) => {
+                        listener.info.stats.accepted();
+                        return Some((ticket, place));
+                    }
                     Err(RefusalReason::MaxConnections) => None,
                     Err(reason) => {
+                        listener.info.stats.refused(reason);
                         self.refuse(peer, reason.as_str());
                         return None;
                     }
@@ -554,7 +562,7 @@ impl DatagramEndpoint {
         });
         socket.peers.insert(peer, key);
         self.idle.insert(key, index, peer.ip().to_canonical());
-        LoopStats::add(&self.stats.sessions_open, 1);
+        self.stats.opened(&socket.listener.info);
         let open = match is_dtls {
             true => &self.stats.dtls_sessions_open,
             false => &self.stats.udp_sessions_open,
@@ -613,6 +621,7 @@ impl DatagramEndpoint {
         let slot = match listener.admission.reserve_handshake(Some(peer.ip())) {
             Ok(slot) => slot,
             Err(reason) => {
+                listener.info.stats.refused(reason);
                 self.refuse(peer, reason.as_str());
                 return;
             }
@@ -890,7 +899,7 @@ impl DatagramEndpoint {
                     socket.pending.drain(..sent);
                     socket.pending_bytes -= bytes;
                     LoopStats::add(&self.stats.datagrams_out, sent as u64);
-                    LoopStats::add(&self.stats.bytes_out, bytes as u64);
+                    self.stats.sent(&socket.listener.info, bytes);
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => socket.write_blocked = true,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -1010,7 +1019,7 @@ impl DatagramEndpoint {
             LoopStats::add(&self.stats.closed_idle_timeout, 1);
         }
         LoopStats::sub(open, 1);
-        LoopStats::sub(&self.stats.sessions_open, 1);
+        self.stats.closed(&session.info.listener);
         debug!(session = %session.info.id, peer = %session.info.peer, "datagram session closed: {reason}");
         session.handler.on_close(&session.info, &reason);
         self.flush(index);

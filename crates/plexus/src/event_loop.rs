@@ -249,7 +249,7 @@ impl EventLoop {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (sender, receiver) = crossbeam_channel::bounded(COMMAND_QUEUE);
-        let stats = Arc::new(LoopStats::default());
+        let stats = Arc::new(LoopStats::for_loop(index));
         let (completion_sender, completion_receiver) =
             crossbeam_channel::bounded(completion_capacity.max(1));
         let broadcasts_in_flight = Arc::new(InFlight::default());
@@ -335,7 +335,7 @@ impl EventLoop {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            match self.poll.poll(&mut events, timeout) {
+            match self.stats.waiting(|| self.poll.poll(&mut events, timeout)) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                 Err(err) => return Err(err),
@@ -577,9 +577,9 @@ impl EventLoop {
             }
             None => tls_service,
         };
+        self.stats.opened(&session.info.listener);
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
-        LoopStats::add(&self.stats.sessions_open, 1);
         if session_is_tls {
             LoopStats::add(&self.stats.tls_sessions_open, 1);
         }
@@ -636,7 +636,7 @@ impl EventLoop {
                         session.readable = false;
                     }
                     session.last_activity = now;
-                    LoopStats::add(&self.stats.bytes_in, n as u64);
+                    self.stats.received(&session.info.listener, n);
                     let mut context = CallbackContext {
                         broadcasts: &mut self.broadcasts,
                         limits: &self.limits,
@@ -696,7 +696,7 @@ impl EventLoop {
                 }
                 Ok(n) => {
                     session.last_activity = now;
-                    LoopStats::add(&self.stats.bytes_in, n as u64);
+                    self.stats.received(&session.info.listener, n);
                     wait.received.extend_from_slice(&buf[..n]);
                     match parse_proxy_header(&wait.received) {
                         Ok(Some((header, consumed))) => outcome = Some(Ok((header, consumed))),
@@ -751,6 +751,7 @@ impl EventLoop {
         // LOCAL / UNKNOWN (health checks): the connection's own address is the client.
         let client = session.info.peer.ip();
         if let Err(reason) = session.ticket_mut().assign_client(&acl, client) {
+            session.info.listener.stats.refused(reason);
             info!(
                 session = %session.info.id, peer = %session.info.peer, via = %balancer,
                 listener = session.info.listener(),
@@ -796,6 +797,11 @@ impl EventLoop {
             return;
         };
         session.ticket().record_refusal(RefusalReason::ProxyHeader);
+        session
+            .info
+            .listener
+            .stats
+            .refused(RefusalReason::ProxyHeader);
         if let Some(also) = self.proxy_failures.allow(Instant::now()) {
             info!(
                 "refused connection reason=proxy_header peer={} listener={}: {why} \
@@ -845,7 +851,7 @@ impl EventLoop {
                 session.readable = false;
             }
             session.last_activity = now;
-            LoopStats::add(&self.stats.bytes_in, n as u64);
+            self.stats.received(&session.info.listener, n);
             let mut context = CallbackContext {
                 broadcasts: &mut self.broadcasts,
                 limits: &self.limits,
@@ -971,6 +977,7 @@ impl EventLoop {
         let slot = match session.ticket().reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
+                session.info.listener.stats.refused(reason);
                 info!(session = %session.info.id, peer = %session.info.peer, "refusing a TLS handshake: {reason}");
                 session.closing = Some(CloseReason::Requested);
                 return;
@@ -1290,7 +1297,7 @@ impl EventLoop {
                 Ok(flushed) => {
                     if flushed.written > 0 {
                         session.last_activity = now;
-                        LoopStats::add(&self.stats.bytes_out, flushed.written as u64);
+                        self.stats.sent(&session.info.listener, flushed.written);
                     }
                     session.write_blocked = flushed.blocked;
                 }
@@ -1411,7 +1418,7 @@ impl EventLoop {
                 let _ = tls.conn.write_tls(&mut session.stream);
             }
         }
-        LoopStats::sub(&self.stats.sessions_open, 1);
+        self.stats.closed(&session.info.listener);
         if session.tls.is_some() {
             LoopStats::sub(&self.stats.tls_sessions_open, 1);
         }

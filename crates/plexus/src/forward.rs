@@ -206,8 +206,8 @@ pub(crate) fn pump(
         .map_err(io_error)?;
         if moved.inbound > 0 || moved.outbound > 0 {
             session.last_activity = now;
-            LoopStats::add(&stats.bytes_in, moved.inbound as u64);
-            LoopStats::add(&stats.bytes_out, moved.outbound as u64);
+            stats.received(&session.info.listener, moved.inbound);
+            stats.sent(&session.info.listener, moved.outbound);
         }
         if session.peer_eof && pipes.to_upstream_len == 0 && !relay.up_shut {
             shutdown_write(&relay.upstream).map_err(io_error)?;

@@ -36,6 +36,7 @@
 mod acceptor;
 mod admission;
 mod broadcast;
+mod breakdown;
 pub mod builtin;
 pub mod config;
 mod datagram;
@@ -55,6 +56,7 @@ mod tls;
 mod worker;
 
 pub use admission::RefusalReason;
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;

@@ -7,11 +7,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::admission::RefusalReason;
+use crate::breakdown::{self, ListenerSnapshot, LoopSnapshot, ServerFacts};
+use crate::service::ListenerInfo;
 use crate::worker::PoolStats;
 
 /// Counters written by one event loop.
 #[derive(Debug, Default)]
 pub(crate) struct LoopStats {
+    /// Which loop writes these (its index): also picks its shard of per-listener counters.
+    pub(crate) index: usize,
+    /// Time spent in `epoll_wait`, and since when the current wait runs (`clock_nanos() + 1`,
+    /// 0 = not waiting): the status page's busy share.
+    pub(crate) poll_wait_nanos: AtomicU64,
+    pub(crate) waiting_since: AtomicU64,
     pub(crate) sessions_open: AtomicU64,
     pub(crate) tls_sessions_open: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
@@ -59,6 +67,62 @@ impl LoopStats {
     pub(crate) fn sub(counter: &AtomicU64, n: u64) {
         counter.store(counter.load(Relaxed).wrapping_sub(n), Relaxed);
     }
+
+    /// The counters of loop `index`.
+    pub(crate) fn for_loop(index: usize) -> LoopStats {
+        LoopStats {
+            index,
+            ..LoopStats::default()
+        }
+    }
+
+    /// Runs `wait` (the loop's `epoll_wait`) and counts the time it took as idle time.
+    pub(crate) fn waiting<T>(&self, wait: impl FnOnce() -> T) -> T {
+        let start = breakdown::clock_nanos();
+        self.waiting_since.store(start + 1, Relaxed);
+        let result = wait();
+        let waited = breakdown::clock_nanos().saturating_sub(start);
+        Self::add(&self.poll_wait_nanos, waited);
+        self.waiting_since.store(0, Relaxed);
+        result
+    }
+
+    /// Bytes read from a peer of `listener`, counted in this loop's and the listener's totals.
+    pub(crate) fn received(&self, listener: &ListenerInfo, bytes: usize) {
+        Self::add(&self.bytes_in, bytes as u64);
+        listener.stats.received(self.index, bytes as u64);
+    }
+
+    /// Bytes written to a peer of `listener`.
+    pub(crate) fn sent(&self, listener: &ListenerInfo, bytes: usize) {
+        Self::add(&self.bytes_out, bytes as u64);
+        listener.stats.sent(self.index, bytes as u64);
+    }
+
+    /// A session of `listener` opened on this loop.
+    pub(crate) fn opened(&self, listener: &ListenerInfo) {
+        Self::add(&self.sessions_open, 1);
+        listener.stats.opened(self.index);
+    }
+
+    /// A session of `listener` opened on this loop closed.
+    pub(crate) fn closed(&self, listener: &ListenerInfo) {
+        Self::sub(&self.sessions_open, 1);
+        listener.stats.closed(self.index);
+    }
+
+    fn snapshot(&self) -> LoopSnapshot {
+        let since = self.waiting_since.load(Relaxed);
+        let current = match since {
+            0 => 0,
+            since => breakdown::clock_nanos().saturating_sub(since - 1),
+        };
+        LoopSnapshot {
+            index: self.index,
+            sessions_open: self.sessions_open.load(Relaxed),
+            poll_wait_nanos: self.poll_wait_nanos.load(Relaxed) + current,
+        }
+    }
 }
 
 /// Process-wide counters.
@@ -70,6 +134,8 @@ pub(crate) struct Metrics {
     pub(crate) pool_stats: Arc<PoolStats>,
     /// Set on SIGTERM (lameduck or drain): health checks answer 503 from then on.
     pub(crate) draining: AtomicBool,
+    /// Version, start, configuration source, last reload, and the listeners to break down.
+    pub(crate) facts: ServerFacts,
 }
 
 impl Metrics {
@@ -127,6 +193,9 @@ impl Metrics {
             jobs_queued: self.pool_stats.queued.load(Relaxed),
             jobs_completed: self.pool_stats.completed.load(Relaxed),
             job_panics: self.pool_stats.panics.load(Relaxed),
+            listeners: self.facts.listeners(),
+            event_loops: self.loops.iter().map(|stats| stats.snapshot()).collect(),
+            started_unix_seconds: breakdown::unix_seconds(self.facts.started_at),
         }
     }
 }
@@ -217,6 +286,12 @@ pub struct MetricsSnapshot {
     pub udp_sessions_open: u64,
     /// DTLS peer sessions open now (handshaking or established).
     pub dtls_sessions_open: u64,
+    /// The same counters per listener (those bound now).
+    pub listeners: Vec<ListenerSnapshot>,
+    /// Sessions and idle time per event loop.
+    pub event_loops: Vec<LoopSnapshot>,
+    /// When the server started, in seconds since the Unix epoch.
+    pub started_unix_seconds: u64,
 }
 
 impl MetricsSnapshot {
@@ -441,6 +516,12 @@ impl MetricsSnapshot {
             "datagram_sessions_open",
             &[("transport", "dtls")],
             self.dtls_sessions_open,
+        );
+        breakdown::write_prometheus(
+            out,
+            &self.listeners,
+            &self.event_loops,
+            self.started_unix_seconds,
         );
     }
 

@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
+use crate::breakdown::ListenerEntry;
 use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
@@ -189,6 +190,7 @@ impl ServerBuilder {
         // datagram: udp/dtls sockets (one per loop) are bound here with the others (before
         // `after_bind` drops privileges) and handed to the loops once those exist.
         let mut datagram_sockets = Vec::new();
+        let mut entries = Vec::new();
         for (index, listener) in valid.listeners.iter().enumerate() {
             if listener.config.transport.is_datagram() {
                 let (sockets, local) = bind_datagram(listener, loop_count)?;
@@ -208,7 +210,14 @@ impl ServerBuilder {
                 _ => None,
             };
             let socket = inherited.remove(index);
+            let config = &listener.config;
             let listener = bind(index, listener, service, tls_config, socket)?;
+            entries.push(ListenerEntry {
+                info: Arc::clone(&listener.info),
+                transport: config.transport.as_str(),
+                addr: listener.local,
+                service: config.service.clone(),
+            });
             addrs.insert(index, listener.local);
             bound.push(listener);
         }
@@ -258,6 +267,10 @@ impl ServerBuilder {
             pool_stats: Arc::clone(&pool.stats),
             ..Metrics::default()
         });
+        let _ = metrics.facts.config_source.set(self.source.clone());
+        for entry in entries {
+            metrics.facts.add_listener(entry);
+        }
         for event_loop in &mut loops {
             event_loop.set_metrics(Arc::clone(&metrics));
         }
@@ -289,11 +302,19 @@ impl ServerBuilder {
                 }
                 _ => None,
             };
+            let info = Arc::new(ListenerInfo {
+                index,
+                name: listener.config.name.as_str().into(),
+                stats: Default::default(),
+            });
+            metrics.facts.add_listener(ListenerEntry {
+                info: Arc::clone(&info),
+                transport: listener.config.transport.as_str(),
+                addr: addrs.get(&index).copied().unwrap_or(listener.addr),
+                service: listener.config.service.clone(),
+            });
             let shared = DatagramListener {
-                info: Arc::new(ListenerInfo {
-                    index,
-                    name: listener.config.name.as_str().into(),
-                }),
+                info,
                 service: listener_service(
                     listener,
                     &self.services,
@@ -609,6 +630,7 @@ pub(crate) fn bind(
     let info = Arc::new(ListenerInfo {
         index,
         name: config.name.as_str().into(),
+        stats: Default::default(),
     });
     Ok(BoundListener {
         socket: TcpListener::from_std(std_listener),

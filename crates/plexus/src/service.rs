@@ -75,6 +75,8 @@ impl fmt::Display for SessionId {
 pub(crate) struct ListenerInfo {
     pub(crate) index: usize,
     pub(crate) name: Arc<str>,
+    /// Its share of the counters (sessions, admission, bytes), for `/metrics` and `/status`.
+    pub(crate) stats: crate::breakdown::ListenerStats,
 }
 
 /// What stays true for a session's whole life.
@@ -363,6 +365,12 @@ impl Session<'_> {
     pub fn server_draining(&self) -> bool {
         self.metrics
             .is_some_and(|m| m.draining.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// The server's counters and facts (start, configuration source, reloads), for the
+    /// status page.
+    pub(crate) fn server_registry(&self) -> Option<&Metrics> {
+        self.metrics
     }
 
     /// Turns this plain session into a TLS session: `received` (bytes the handler read) is

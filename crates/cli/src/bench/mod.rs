@@ -178,6 +178,10 @@ pub(crate) struct BenchArgs {
     /// targets only). Default: 1, or enough for 20,000 connections each.
     #[arg(long, value_name = "N")]
     sources: Option<usize>,
+    /// Also write the latency histogram to FILE in HdrHistogram's percentile-distribution
+    /// text format (values in microseconds; plottable with HdrHistogram's plotter).
+    #[arg(long, value_name = "FILE")]
+    hdr_out: Option<PathBuf>,
 }
 
 /// The options a mode runs with, validated.
@@ -220,6 +224,7 @@ impl Plan {
 }
 
 pub(crate) fn run(args: BenchArgs) -> ExitCode {
+    let hdr_out = args.hdr_out.clone();
     let plan = match plan(args) {
         Ok(plan) => plan,
         Err(err) => {
@@ -241,6 +246,12 @@ pub(crate) fn run(args: BenchArgs) -> ExitCode {
         Ok(outcome) => {
             eprint!("{}", outcome.table(&plan));
             println!("{}", outcome.json(&plan));
+            if let Some(path) = &hdr_out {
+                if let Err(err) = outcome.latency.write_hdr_file(path) {
+                    eprintln!("error: --hdr-out {}: {err}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
             if outcome.failed() {
                 ExitCode::FAILURE
             } else {

@@ -197,6 +197,65 @@ impl Latency {
         self.hist.len()
     }
 
+    /// Writes [`Latency::percentile_distribution`] to `path`.
+    pub(crate) fn write_hdr_file(&self, path: &std::path::Path) -> io::Result<()> {
+        std::fs::write(path, self.percentile_distribution())
+    }
+
+    /// The histogram in HdrHistogram's percentile-distribution text format (what Java's
+    /// `outputPercentileDistribution` prints, 5 ticks per half distance, values scaled from
+    /// nanoseconds to microseconds): `Value Percentile TotalCount 1/(1-Percentile)` rows, then
+    /// the `#[Mean …]`, `#[Max …, Total count …]` and `#[Buckets …]` footer.
+    pub(crate) fn percentile_distribution(&self) -> String {
+        use std::fmt::Write;
+        const SCALE: f64 = 1000.0;
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "{:>12} {:>14} {:>10} {:>14}\n\n",
+            "Value", "Percentile", "TotalCount", "1/(1-Percentile)"
+        );
+        if !self.hist.is_empty() {
+            let mut total = 0u64;
+            for step in self.hist.iter_quantiles(5) {
+                total += step.count_since_last_iteration();
+                let value = step.value_iterated_to() as f64 / SCALE;
+                let quantile = step.quantile_iterated_to();
+                if quantile < 1.0 {
+                    let _ = writeln!(
+                        out,
+                        "{value:12.3} {quantile:2.12} {total:10} {:14.2}",
+                        1.0 / (1.0 - quantile)
+                    );
+                } else {
+                    let _ = writeln!(out, "{value:12.3} {quantile:2.12} {total:10}");
+                }
+            }
+        }
+        let (mean, stdev, max) = match self.hist.is_empty() {
+            true => (0.0, 0.0, 0.0),
+            false => (
+                self.hist.mean() / SCALE,
+                self.hist.stdev() / SCALE,
+                self.hist.max() as f64 / SCALE,
+            ),
+        };
+        let sub_buckets = 2u64.pow(
+            (2.0 * 10f64.powi(i32::from(self.hist.sigfig())))
+                .log2()
+                .ceil() as u32,
+        );
+        let _ = writeln!(
+            out,
+            "#[Mean    = {mean:12.3}, StdDeviation   = {stdev:12.3}]\n\
+             #[Max     = {max:12.3}, Total count    = {:12}]\n\
+             #[Buckets = {:12}, SubBuckets     = {sub_buckets:12}]",
+            self.hist.len(),
+            self.hist.buckets(),
+        );
+        out
+    }
+
     fn us(&self, ns: u64) -> f64 {
         (ns as f64 / 1000.0 * 100.0).round() / 100.0
     }
@@ -378,5 +437,49 @@ impl Outcome {
             out.push_str(&format!("  {key:<width$}  {value}\n"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_distribution_is_hdrhistograms_text_format() {
+        let mut latency = Latency::new();
+        for us in 1..=1000 {
+            latency.record(Duration::from_micros(us));
+        }
+        let text = latency.percentile_distribution();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(
+            header,
+            ["Value", "Percentile", "TotalCount", "1/(1-Percentile)"]
+        );
+        assert_eq!(lines.next(), Some(""));
+        let rows: Vec<Vec<&str>> = lines
+            .clone()
+            .take_while(|l| !l.starts_with('#'))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert!(rows.len() > 20, "{text}");
+        // Percentiles and counts never go down; the last row is 100% of the samples and has
+        // no 1/(1-Percentile) column.
+        for pair in rows.windows(2) {
+            let p = |r: &Vec<&str>| r[1].parse::<f64>().unwrap();
+            let c = |r: &Vec<&str>| r[2].parse::<u64>().unwrap();
+            assert!(p(&pair[1]) >= p(&pair[0]) && c(&pair[1]) >= c(&pair[0]));
+        }
+        let last = rows.last().unwrap();
+        assert_eq!(
+            (last.len(), last[1], last[2]),
+            (3, "1.000000000000", "1000")
+        );
+        let max: f64 = last[0].parse().unwrap();
+        assert!((999.0..=1001.0).contains(&max), "{max}");
+        assert!(text.contains("#[Max     = "), "{text}");
+        assert!(text.contains("Total count    =         1000]"), "{text}");
+        assert!(text.contains("#[Mean    =      500."), "{text}");
     }
 }

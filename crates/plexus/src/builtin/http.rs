@@ -31,6 +31,8 @@ use crate::log_throttle::LogThrottle;
 use crate::metrics::{family, sample};
 use crate::service::{Service, Session, SessionHandler};
 
+mod status;
+
 /// Files up to this size are read and sent with their head in one write; larger ones are
 /// queued as file regions (sendfile on plain TCP).
 const INLINE_FILE_MAX: u64 = 32 * 1024;
@@ -156,6 +158,8 @@ struct Shared {
     stats: HttpStats,
     /// Refused requests are logged at most once a second (a flood must not flood the log).
     refusals: Mutex<LogThrottle>,
+    /// `/status` and `/status.json` (their own module).
+    status: status::StatusPage,
 }
 
 /// Counters of every http session, rendered by `/metrics`.
@@ -286,6 +290,7 @@ impl Http {
                 cache: FileCache::new(config.file_cache_bytes, config.file_cache_valid),
                 stats: HttpStats::default(),
                 refusals: Mutex::new(LogThrottle::new()),
+                status: status::StatusPage::new(config),
             }),
         }
     }
@@ -517,6 +522,10 @@ impl HttpSession {
                     keep_alive,
                     head_only,
                 );
+            }
+            "/status" | "/status.json" => {
+                let json = path == "/status.json";
+                self.serve_status(session, json, keep_alive, head_only);
             }
             _ => self.serve_file(session, head, target, keep_alive, head_only),
         }
