@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::Acl;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
@@ -33,8 +33,12 @@ use crate::reload::{self, Reloader};
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
+mod upgrade_flow;
+
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+/// The readiness channel of a binary upgrade (either side).
+const UPGRADE: Token = Token(usize::MAX - 2);
 /// Accepts per listener per turn, so one busy listener cannot starve the others.
 const ACCEPT_BUDGET: usize = 64;
 /// Waiting connections shed per turn while descriptors are exhausted.
@@ -186,6 +190,8 @@ pub(crate) struct Acceptor {
     /// The index (and mio token) the next listener added by a reload gets; never reused, so
     /// a stale event or session of a removed listener cannot reach a new one.
     next_listener_index: usize,
+    /// Binary upgrades (SIGUSR2): what to start, and what is passed besides the listeners.
+    upgrade: upgrade_flow::UpgradeState,
 }
 
 impl Acceptor {
@@ -205,7 +211,7 @@ impl Acceptor {
                 .register(&mut listener.socket, token, Interest::READABLE)?;
         }
         let signals = if handle_signals {
-            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR2])?;
             poll.registry()
                 .register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
@@ -237,6 +243,7 @@ impl Acceptor {
             watchdog: None,
             reloader: None,
             next_listener_index,
+            upgrade: upgrade_flow::UpgradeState::default(),
         };
 
         Ok((acceptor, control))
@@ -326,6 +333,7 @@ impl Acceptor {
                 match event.token() {
                     WAKER => {}
                     SIGNALS => self.read_signals(),
+                    UPGRADE => self.upgrade_event(),
                     // Tokens are listener indexes, stable across reloads (positions are not).
                     Token(index) => {
                         if let Some(listener) =
@@ -341,6 +349,7 @@ impl Acceptor {
                 self.stop_loops(request);
             }
             let now = Instant::now();
+            self.upgrade_deadline(now);
             self.ping_watchdog(now);
             if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
                 self.paused_until = None;
@@ -367,9 +376,13 @@ impl Acceptor {
                 .any(|l| l.ready)
                 .then_some(Duration::ZERO)
         };
-        match (accept, watchdog) {
+        let timeout = match (accept, watchdog) {
             (Some(a), Some(w)) => Some(a.min(w)),
             (a, w) => a.or(w),
+        };
+        match (timeout, self.upgrade.deadline()) {
+            (Some(t), Some(u)) => Some(t.min(u.saturating_duration_since(now))),
+            (t, u) => t.or(u.map(|u| u.saturating_duration_since(now))),
         }
     }
 
@@ -400,6 +413,7 @@ impl Acceptor {
                     self.stop_loops(StopRequest::Fast);
                 }
                 SIGHUP => self.reload(),
+                SIGUSR2 => self.start_upgrade(),
                 other => debug!(signal = other, "ignoring signal"),
             }
         }
@@ -488,6 +502,7 @@ impl Acceptor {
             }
         }
         self.shutdown_grace = server.shutdown_grace;
+        self.upgrade.set_timeout(server.upgrade_timeout);
         reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
         info!(
             "SIGHUP received: reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
@@ -628,6 +643,7 @@ impl Acceptor {
         match request {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
+                // After an upgrade the notifier is gone: the new process is the main one.
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
                 self.close_listeners();

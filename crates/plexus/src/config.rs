@@ -71,6 +71,9 @@ pub struct ServerConfig {
     /// Time established sessions get to finish after SIGTERM/SIGINT.
     #[serde(with = "human_duration")]
     pub shutdown_grace: Duration,
+    /// How long the new process of a binary upgrade (SIGUSR2) has to report ready.
+    #[serde(with = "human_duration")]
+    pub upgrade_timeout: Duration,
     /// Queued outbound bytes above which a session is no longer read.
     pub outbound_high_watermark: usize,
     /// Queued outbound bytes below which reading resumes.
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            upgrade_timeout: Duration::from_secs(30),
             outbound_high_watermark: 1024 * 1024,
             outbound_low_watermark: 256 * 1024,
             outbound_limit: 4 * 1024 * 1024,
@@ -490,6 +494,7 @@ impl Config {
         for (key, value) in [
             ("server.idle_timeout", server.idle_timeout),
             ("server.handshake_timeout", server.handshake_timeout),
+            ("server.upgrade_timeout", server.upgrade_timeout),
             ("http.header_timeout", self.http.header_timeout),
         ] {
             if value.is_zero() {
@@ -590,6 +595,9 @@ impl Config {
             let key = |field: &str| format!("listener[{index}].{field}");
             if listener.name.is_empty() {
                 problem(key("name"), "must not be empty".into());
+            } else if listener.name.contains([':', '#', '@']) {
+                // They separate the names of passed sockets (LISTEN_FDNAMES, upgrades).
+                problem(key("name"), "must not contain ':', '#' or '@'".into());
             } else if let Some(first) = names.insert(&listener.name, index) {
                 problem(
                     key("name"),
