@@ -111,6 +111,6 @@ for mode in ("upgrade", "restart"):
         result, ms, code = run(mode)
         errors = result.get("errors", {})
         other = sum(v for k, v in errors.items() if k not in ("refused", "reset"))
-        print(f"| {mode} | {n} | {result.get('connections_total', result.get('count', '?'))} | "
+        print(f"| {mode} | {n} | {result.get('handshakes', '?')} | "
               f"{errors.get('refused', 0)} | {errors.get('reset', 0)} | {other} | {ms:.1f} ms | {code} |",
               flush=True)
