@@ -854,3 +854,69 @@ fn datagram_sessions_stay_with_the_old_process_and_new_peers_go_to_the_new_one()
     dtls_new.echo("still served");
     assert!(is_alive(new));
 }
+
+/// Reads notifications until one contains every part of `wanted`; returns it.
+fn expect_notify(
+    socket: &std::os::unix::net::UnixDatagram,
+    wanted: &[&str],
+    seen: &mut Vec<String>,
+) -> String {
+    let deadline = Instant::now() + STEP;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let state = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.push(state.clone());
+            if wanted.iter().all(|part| state.contains(part)) {
+                return state;
+            }
+        }
+    }
+    panic!("no notification with {wanted:?}; seen: {seen:?}");
+}
+
+#[test]
+fn under_systemd_the_old_process_names_the_new_main_pid_and_the_new_one_reports_ready() {
+    let _serial = serial();
+    let install = Install::new();
+    let pids = Pids::default();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let pid_file = install.pid_file();
+    let mut server = Server::start_binary(
+        &install.bin(),
+        &[],
+        &["--pid-file", pid_file.to_str().unwrap()],
+        &[
+            ("NOTIFY_SOCKET", path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "1000000"),
+        ],
+        &echo_config(""),
+    );
+    let old = server.pid();
+    pids.add(old);
+    let mut seen = Vec::new();
+    expect_notify(&socket, &["READY=1", &format!("MAINPID={old}")], &mut seen);
+
+    install.put_copy();
+    server.signal("USR2");
+    let new = wait_new_pid(&install, old, &pids, &server);
+    let handover = expect_notify(&socket, &[&format!("MAINPID={new}")], &mut seen);
+    assert!(
+        !handover.contains("READY=1"),
+        "the old process only names the new pid: {handover}"
+    );
+    expect_notify(&socket, &["READY=1", &format!("MAINPID={new}")], &mut seen);
+    assert!(server.wait_exit(STEP).is_some_and(|s| s.success()));
+    // The new process pings the watchdog (the old one's WATCHDOG_PID did not reach it).
+    expect_notify(&socket, &["WATCHDOG=1"], &mut seen);
+    assert!(
+        !seen.iter().any(|s| s.contains("STOPPING=1")),
+        "nobody told systemd the service stops: {seen:?}"
+    );
+    short_echo(server.addr("tcp-echo")).expect("the new process serves");
+}

@@ -1194,6 +1194,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn relay_addresses_round_trip_and_short_input_is_refused() {
+        for addr in ["127.0.0.1:7000", "[::1]:65535", "[2001:db8::7]:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut bytes = Vec::new();
+            encode_addr(&mut bytes, addr);
+            assert_eq!(bytes.len(), ADDR_LEN);
+            assert_eq!(decode_addr(&bytes), Some(addr));
+            assert_eq!(decode_addr(&bytes[..ADDR_LEN - 1]), None);
+        }
+        let mut bad = vec![0u8; ADDR_LEN];
+        bad[0] = 5;
+        assert_eq!(decode_addr(&bad), None, "unknown family");
+    }
+
+    #[test]
+    fn relay_tokens_follow_the_socket_tokens() {
+        assert_eq!(
+            token_socket(socket_token(MAX_DATAGRAM_SOCKETS)),
+            Some(MAX_DATAGRAM_SOCKETS)
+        );
+        assert_eq!(token_socket(socket_token(2 * MAX_DATAGRAM_SOCKETS)), None);
+    }
+
+    #[test]
     fn datagram_tokens_stay_clear_of_session_tokens_and_the_waker() {
         assert_eq!(token_socket(socket_token(0)), Some(0));
         assert_eq!(
