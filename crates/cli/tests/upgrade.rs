@@ -920,3 +920,76 @@ fn under_systemd_the_old_process_names_the_new_main_pid_and_the_new_one_reports_
     );
     short_echo(server.addr("tcp-echo")).expect("the new process serves");
 }
+
+#[test]
+fn a_daemon_upgrades_through_its_pid_file_and_the_new_one_removes_the_file_at_exit() {
+    let _serial = serial();
+    let install = Install::new();
+    let pids = Pids::default();
+    let config = install.dir.path().join("plexus.toml");
+    std::fs::write(&config, echo_config("")).unwrap();
+    let pid_file = install.pid_file();
+    let out = Command::new(install.bin())
+        .args(["serve", "--config", config.to_str().unwrap(), "--daemon"])
+        .args(["--pid-file", pid_file.to_str().unwrap()])
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "daemon start: {stderr}");
+    let old = read_pid(&pid_file).expect("pid file");
+    pids.add(old);
+    let addr = stderr
+        .lines()
+        .find_map(parse_listening)
+        .map(|(_, addr)| addr)
+        .expect("listening line");
+    short_echo(addr).expect("the daemon serves");
+
+    install.put_copy();
+    let upgrade = run_plexus(
+        &["upgrade", "--pid-file", pid_file.to_str().unwrap()],
+        None,
+        STEP,
+    );
+    upgrade.assert_code(0);
+    let new = read_pid(&pid_file).expect("pid file after the upgrade");
+    pids.add(new);
+    assert_ne!(new, old);
+    assert_eq!(
+        String::from_utf8_lossy(&upgrade.stdout).trim(),
+        new.to_string(),
+        "plexus upgrade prints the new pid"
+    );
+    assert!(wait_gone(old, STEP), "the old daemon exits");
+    short_echo(addr).expect("the new daemon serves");
+    // The lock went over with the file: a second instance is still refused.
+    let again = run_plexus(
+        &[
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+        ],
+        None,
+        STEP,
+    );
+    again.assert_code(1);
+    assert!(
+        again
+            .stderr
+            .contains(&format!("already running with pid {new}")),
+        "{}",
+        again.stderr
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &new.to_string()])
+        .status();
+    assert!(wait_gone(new, STEP));
+    assert!(
+        wait_until(STEP, || !pid_file.exists()),
+        "the new process removes the pid file"
+    );
+}

@@ -128,12 +128,14 @@ impl PidFile {
         Ok(())
     }
 
+    /// Rewrites the file in place without an empty moment (one write over the old text, then
+    /// the length cut), so a reader such as `plexus upgrade` sees one pid or the other.
     fn write_pid(&self, pid: u32) -> io::Result<()> {
-        let mut file = &self.file;
-        file.set_len(0)?;
-        file.rewind()?;
-        writeln!(file, "{pid}")?;
-        file.sync_data()
+        use std::os::unix::fs::FileExt;
+        let text = format!("{pid}\n");
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)?;
+        self.file.sync_data()
     }
 
     /// The file's path.
