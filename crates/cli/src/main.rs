@@ -1,7 +1,7 @@
 //! `plexus`: the command. `serve` runs the server from a configuration file (or the embedded
 //! default); `connect` is a small netcat-like client for plexus' transports; `bench` is the
 //! load generator and adversarial client; `cert` writes a self-signed certificate for tls
-//! listeners.
+//! listeners; `upgrade` replaces a running server's binary without refusing a connection.
 
 mod bench;
 mod cert;
@@ -10,6 +10,7 @@ mod dgram_client;
 mod logging;
 mod serve;
 mod tls_client;
+mod upgrade;
 
 use std::process::ExitCode;
 
@@ -40,6 +41,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Write a self-signed certificate and key (DIR/cert.pem, DIR/key.pem).
     Cert(cert::CertArgs),
+    /// Upgrade the running server's binary without refusing a connection (SIGUSR2 to the pid
+    /// in FILE), and wait until the new process serves.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,5 +53,6 @@ fn main() -> ExitCode {
         Command::Connect(args) => connect::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Cert(args) => cert::run(args),
+        Command::Upgrade(args) => upgrade::run(args),
     }
 }

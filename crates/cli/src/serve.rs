@@ -7,6 +7,7 @@
 //! inside the library, after the bind), binding before the privilege drop (ports below 1024),
 //! the drop before the first connection is served.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -62,6 +63,21 @@ pub(crate) struct ServeArgs {
 }
 
 pub(crate) fn run(args: ServeArgs) -> ExitCode {
+    // First, before any thread exists (it changes the environment): the sockets of the process
+    // this one upgrades, if SIGUSR2 started it.
+    let mut handover = match plexus::Handover::from_env() {
+        Ok(handover) => handover,
+        Err(err) => {
+            eprintln!("error: upgrade: {err}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    // What SIGUSR2 starts: this binary as it was at start (a file replaced since is the new
+    // version) with the same arguments.
+    let program = std::fs::read_link("/proc/self/exe")
+        .or_else(|_| std::env::current_exe())
+        .ok();
+    let upgrade_args = absolute_path_args(std::env::args_os().skip(1));
     let (config, source) = match &args.config {
         Some(path) => (Config::load(path), path.display().to_string()),
         None => (
@@ -99,8 +115,11 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
             Err(err) => config_failure(&err),
         };
     }
-    let max_connections = match builder.validate() {
-        Ok(valid) => valid.config.server.max_connections,
+    let (max_connections, upgrade_timeout) = match builder.validate() {
+        Ok(valid) => (
+            valid.config.server.max_connections,
+            valid.config.server.upgrade_timeout,
+        ),
         Err(err) => return config_failure(&err),
     };
     // Names are looked up now, while /etc is still reachable and before detaching, so a typo
@@ -120,6 +139,8 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         return ExitCode::from(EXIT_RUNTIME);
     }
     let startup = match args.daemon {
+        // Started by an upgrade: the old process is detached already, and so is this one.
+        true if handover.is_some() => None,
         true => {
             if args.log_target == LogTarget::Stderr {
                 warn!(
@@ -141,8 +162,15 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     };
     let started = Startup(startup);
 
-    let _pid_file = match pid_path.as_deref().map(PidFile::acquire).transpose() {
-        Ok(pid_file) => pid_file,
+    // The old process's pid file is passed locked; it stays its own until the hand-over.
+    let passed_pid_file = handover.as_mut().and_then(|h| h.take_pid_file());
+    let pid_file = match (pid_path.as_deref(), passed_pid_file) {
+        (Some(path), Some(fd)) => PidFile::adopt(fd, path).map(Some),
+        (Some(path), None) => PidFile::acquire(path).map(Some),
+        (None, _) => Ok(None),
+    };
+    let pid_file = match pid_file {
+        Ok(pid_file) => pid_file.map(std::sync::Arc::new),
         Err(err) => return started.fail(EXIT_RUNTIME, &err.to_string()),
     };
     raise_descriptor_limit(max_connections);
@@ -154,6 +182,31 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     }
     // Resolved before a daemon's chdir("/") would change what a relative path means.
     let chroot = args.chroot.as_deref().map(absolute);
+    let mut builder = builder;
+    if let Some(pid_file) = &pid_file {
+        builder = builder.pid_file(std::sync::Arc::clone(pid_file));
+    }
+    if let Some(handover) = handover {
+        info!(
+            parent = handover.parent(),
+            "upgrade: taking over the sockets of pid {}",
+            handover.parent()
+        );
+        builder = builder.handover(handover);
+    }
+    // Under --chroot neither the binary nor (usually) the configuration's paths exist for the
+    // new process, and it could not chroot again: no upgrades there.
+    match (&program, &args.chroot) {
+        (Some(program), None) => {
+            builder = builder.upgrade(plexus::UpgradeOptions {
+                program: program.clone(),
+                args: upgrade_args,
+                timeout: upgrade_timeout,
+            });
+        }
+        (None, _) => warn!("cannot resolve this binary's path: SIGUSR2 upgrades are disabled"),
+        (Some(_), Some(_)) => info!("--chroot: SIGUSR2 upgrades are disabled"),
+    }
     let builder = builder.after_bind(move || {
         if let Some(dir) = &chroot {
             privileges::chroot(dir)?;
@@ -247,6 +300,32 @@ impl Startup {
             let _ = report.report(0);
         }
     }
+}
+
+/// The arguments for the new process of an upgrade: ours, with the values of path options made
+/// absolute (a daemon runs in `/`, so a relative `--config` would name another file there).
+fn absolute_path_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    const PATH_OPTIONS: [&str; 3] = ["--config", "--pid-file", "--chroot"];
+    let mut out = Vec::new();
+    let mut path_next = false;
+    for arg in args {
+        if std::mem::take(&mut path_next) {
+            out.push(absolute(Path::new(&arg)).into_os_string());
+            continue;
+        }
+        let text = arg.to_string_lossy();
+        if PATH_OPTIONS.contains(&text.as_ref()) {
+            path_next = true;
+        } else if let Some((option, value)) = text.split_once('=') {
+            if PATH_OPTIONS.contains(&option) {
+                let value = absolute(Path::new(value));
+                out.push(format!("{option}={}", value.display()).into());
+                continue;
+            }
+        }
+        out.push(arg);
+    }
+    out
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::{deadline_after, Acl};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
@@ -34,8 +34,12 @@ use crate::reload::{self, Reloader};
 use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
+mod upgrade_flow;
+
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
+/// The readiness channel of a binary upgrade (either side).
+const UPGRADE: Token = Token(usize::MAX - 2);
 /// Accepts per listener per turn, so one busy listener cannot starve the others.
 const ACCEPT_BUDGET: usize = 64;
 /// Waiting connections shed per turn while descriptors are exhausted.
@@ -192,6 +196,8 @@ pub(crate) struct Acceptor {
     drain_delay: Duration,
     metrics: Option<Arc<Metrics>>,
     lameduck_until: Option<Instant>,
+    /// Binary upgrades (SIGUSR2): what to start, and what is passed besides the listeners.
+    upgrade: upgrade_flow::UpgradeState,
 }
 
 impl Acceptor {
@@ -211,7 +217,7 @@ impl Acceptor {
                 .register(&mut listener.socket, token, Interest::READABLE)?;
         }
         let signals = if handle_signals {
-            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])?;
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR2])?;
             poll.registry()
                 .register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
@@ -246,6 +252,7 @@ impl Acceptor {
             drain_delay: Duration::ZERO,
             metrics: None,
             lameduck_until: None,
+            upgrade: upgrade_flow::UpgradeState::default(),
         };
 
         Ok((acceptor, control))
@@ -360,6 +367,7 @@ impl Acceptor {
                 match event.token() {
                     WAKER => {}
                     SIGNALS => self.read_signals(),
+                    UPGRADE => self.upgrade_event(),
                     // Tokens are listener indexes, stable across reloads (positions are not).
                     Token(index) => {
                         if let Some(listener) =
@@ -375,6 +383,7 @@ impl Acceptor {
                 self.stop_loops(request);
             }
             let now = Instant::now();
+            self.upgrade_deadline(now);
             self.ping_watchdog(now);
             if self.phase == Phase::Running && self.lameduck_until.is_some_and(|at| now >= at) {
                 info!("drain_delay over");
@@ -413,7 +422,11 @@ impl Acceptor {
             .lameduck_until
             .filter(|_| self.phase == Phase::Running)
             .map(|at| at.saturating_duration_since(now));
-        [accept, watchdog, lameduck].into_iter().flatten().min()
+        let upgrade = self
+            .upgrade
+            .deadline()
+            .map(|at| at.saturating_duration_since(now));
+        [accept, watchdog, lameduck, upgrade].into_iter().flatten().min()
     }
 
     fn read_signals(&mut self) {
@@ -452,6 +465,7 @@ impl Acceptor {
                     self.stop_loops(StopRequest::Fast);
                 }
                 SIGHUP => self.reload(),
+                SIGUSR2 => self.start_upgrade(),
                 other => debug!(signal = other, "ignoring signal"),
             }
         }
@@ -555,6 +569,7 @@ impl Acceptor {
         }
         self.shutdown_grace = server.shutdown_grace;
         self.drain_delay = server.drain_delay;
+        self.upgrade.set_timeout(server.upgrade_timeout);
         reloader.running = reload::in_effect(&reloader.running, &new, &not_bound);
         let summary = format!(
             "reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
@@ -708,6 +723,7 @@ impl Acceptor {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
                 self.mark_draining();
+                // After an upgrade the notifier is gone: the new process is the main one.
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
                 self.close_listeners();

@@ -88,6 +88,9 @@ pub struct ServerConfig {
     /// accept; then the graceful drain starts.
     #[serde(with = "human_duration")]
     pub drain_delay: Duration,
+    /// How long the new process of a binary upgrade (SIGUSR2) has to report ready.
+    #[serde(with = "human_duration")]
+    pub upgrade_timeout: Duration,
     /// Queued outbound bytes above which a session is no longer read.
     pub outbound_high_watermark: usize,
     /// Queued outbound bytes below which reading resumes.
@@ -122,6 +125,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             drain_delay: Duration::ZERO,
+            upgrade_timeout: Duration::from_secs(30),
             outbound_high_watermark: 1024 * 1024,
             outbound_low_watermark: 256 * 1024,
             outbound_limit: 4 * 1024 * 1024,
@@ -660,6 +664,9 @@ impl Config {
             let key = |field: &str| format!("listener[{index}].{field}");
             if listener.name.is_empty() {
                 problem(key("name"), "must not be empty".into());
+            } else if listener.name.contains([':', '#', '@']) {
+                // They separate the names of passed sockets (LISTEN_FDNAMES, upgrades).
+                problem(key("name"), "must not contain ':', '#' or '@'".into());
             } else if let Some(first) = names.insert(&listener.name, index) {
                 problem(
                     key("name"),

@@ -26,7 +26,7 @@
 //! where UDP loses datagrams anyway) until the queue is below the low watermark; a datagram
 //! that would push the queue past `outbound_limit` is dropped and counted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -41,7 +41,7 @@ use plexus_proto::dtls::{check_records, parse_client_hello, DtlsError as RecordE
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
 use crate::datagram_admission::{
@@ -72,7 +72,8 @@ pub(crate) fn socket_token(index: usize) -> Token {
 /// The datagram socket a token names, if it is in the datagram range.
 pub(crate) fn token_socket(token: Token) -> Option<usize> {
     let index = (usize::MAX - 1).checked_sub(token.0)?;
-    (token.0 != usize::MAX && index < MAX_DATAGRAM_SOCKETS).then_some(index)
+    // Indexes from MAX_DATAGRAM_SOCKETS on are the upgrade relays of the sockets.
+    (token.0 != usize::MAX && index < 2 * MAX_DATAGRAM_SOCKETS).then_some(index)
 }
 
 /// Which datagram-session timer fired.
@@ -119,6 +120,61 @@ struct DatagramSocket {
     write_blocked: bool,
     /// Not read while the send queue is above the high watermark.
     read_paused: bool,
+    /// The socket's position among its listener's sockets (its name in an upgrade).
+    ordinal: usize,
+    /// Upgrade: the relay to (new process) or from (old process) the other process.
+    relay: Option<Relay>,
+    /// Old process after an upgrade: the new process reads this socket; this one only sends.
+    retired: bool,
+}
+
+/// The relay of one shared socket during an upgrade (see `crate::upgrade`).
+struct Relay {
+    socket: mio::net::UnixDatagram,
+    /// New process: the peers the old process still serves (their datagrams go to it).
+    claimed: HashSet<SocketAddr>,
+    /// True in the new process (forwards), false in the old one (serves what arrives).
+    forwards: bool,
+    readable: bool,
+}
+
+/// Relay messages: a kind byte, then peers ([`ADDR_LEN`] bytes each) or one peer and a datagram.
+const RELAY_CLAIM: u8 = b'C';
+const RELAY_RELEASE: u8 = b'R';
+const RELAY_DATA: u8 = b'D';
+/// An encoded peer: family (4 or 6), 16 address bytes, port (big endian).
+const ADDR_LEN: usize = 19;
+/// Peers per claim message (a unix datagram of about 57 KiB).
+const CLAIMS_PER_MESSAGE: usize = 3000;
+/// Relay messages read per event, so forwarded traffic cannot starve the loop.
+const RELAY_READS_PER_TURN: usize = 256;
+
+fn encode_addr(out: &mut Vec<u8>, addr: SocketAddr) {
+    let mut ip = [0u8; 16];
+    let family = match addr.ip() {
+        std::net::IpAddr::V4(v4) => {
+            ip[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        std::net::IpAddr::V6(v6) => {
+            ip.copy_from_slice(&v6.octets());
+            6
+        }
+    };
+    out.push(family);
+    out.extend_from_slice(&ip);
+    out.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+fn decode_addr(bytes: &[u8]) -> Option<SocketAddr> {
+    let bytes: &[u8; ADDR_LEN] = bytes.get(..ADDR_LEN)?.try_into().ok()?;
+    let port = u16::from_be_bytes([bytes[17], bytes[18]]);
+    let ip: std::net::IpAddr = match bytes[0] {
+        4 => std::net::Ipv4Addr::new(bytes[1], bytes[2], bytes[3], bytes[4]).into(),
+        6 => std::net::Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[1..17]).ok()?).into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
 }
 
 /// A peer of a datagram socket.
@@ -185,6 +241,11 @@ pub(crate) struct DatagramEndpoint {
     /// Activity order of the sessions, for reclaiming the longest-idle one.
     idle: IdleOrder,
     draining: bool,
+    /// New process of an upgrade: the sockets are not read until the old one has said which
+    /// peers are still its own (`resume`).
+    held: bool,
+    /// Old process of an upgrade: its sessions were kept for the drain (`release`).
+    released: bool,
 }
 
 impl DatagramEndpoint {
@@ -202,6 +263,8 @@ impl DatagramEndpoint {
             reclaims: LogThrottle::new(),
             idle: IdleOrder::default(),
             draining: false,
+            held: false,
+            released: false,
         }
     }
 
@@ -211,6 +274,8 @@ impl DatagramEndpoint {
         registry: &Registry,
         socket: std::net::UdpSocket,
         listener: DatagramListener,
+        ordinal: usize,
+        relay: Option<std::os::unix::net::UnixDatagram>,
     ) -> io::Result<()> {
         let index = self.sockets.len();
         if index >= MAX_DATAGRAM_SOCKETS {
@@ -233,6 +298,26 @@ impl DatagramEndpoint {
         if listener.dtls.is_some() && self.plain.is_empty() {
             self.plain = vec![0; RECV_SLOT].into_boxed_slice();
         }
+        let relay = match relay {
+            Some(relay) => {
+                relay.set_nonblocking(true)?;
+                let mut relay = mio::net::UnixDatagram::from_std(relay);
+                registry.register(
+                    &mut relay,
+                    socket_token(MAX_DATAGRAM_SOCKETS + index),
+                    Interest::READABLE,
+                )?;
+                // Nothing is read before the old process's claims are in.
+                self.held = true;
+                Some(Relay {
+                    socket: relay,
+                    claimed: HashSet::new(),
+                    forwards: true,
+                    readable: true,
+                })
+            }
+            None => None,
+        };
         let batch = listener.batch.max(1);
         if self
             .recv
@@ -253,15 +338,24 @@ impl DatagramEndpoint {
             readable: true,
             write_blocked: false,
             read_paused: false,
+            ordinal,
+            relay,
+            retired: false,
         });
         Ok(())
     }
 
     /// Whether a socket still has datagrams to read this turn (the loop must not block).
     pub(crate) fn has_ready(&self) -> bool {
-        self.sockets
-            .iter()
-            .any(|socket| socket.readable && !socket.read_paused)
+        self.sockets.iter().any(|socket| {
+            (socket.readable && !socket.read_paused && !socket.retired && !self.held)
+                || socket.relay.as_ref().is_some_and(|relay| relay.readable)
+        })
+    }
+
+    /// Datagram sessions open on this loop.
+    pub(crate) fn session_count(&self) -> usize {
+        self.sessions.len()
     }
 
     /// A readiness event for socket `index`.
@@ -273,6 +367,14 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
+        if index >= MAX_DATAGRAM_SOCKETS {
+            let index = index - MAX_DATAGRAM_SOCKETS;
+            if let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) {
+                relay.readable |= readable;
+            }
+            self.read_relay(index, now, parts);
+            return;
+        }
         let Some(socket) = self.sockets.get_mut(index) else {
             return;
         };
@@ -286,6 +388,13 @@ impl DatagramEndpoint {
     /// Serves every socket with unread datagrams (after the loop's events of a turn).
     pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
         for index in 0..self.sockets.len() {
+            if self.sockets[index]
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.readable)
+            {
+                self.read_relay(index, now, parts);
+            }
             if self.sockets[index].readable && !self.sockets[index].read_paused {
                 self.serve(index, now, parts);
             }
@@ -293,6 +402,9 @@ impl DatagramEndpoint {
     }
 
     fn serve(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        if self.held || self.sockets[index].retired {
+            return;
+        }
         let Some(mut recv) = self.recv.take() else {
             return;
         };
@@ -351,6 +463,13 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
+        let socket = &mut self.sockets[index];
+        if let Some(relay) = socket.relay.as_mut().filter(|relay| relay.forwards) {
+            if relay.claimed.contains(&peer) {
+                self.forward(index, peer, data);
+                return;
+            }
+        }
         let socket = &mut self.sockets[index];
         if let Some(&key) = socket.peers.get(&peer) {
             let session = &mut self.sessions[key];
@@ -986,6 +1105,7 @@ impl DatagramEndpoint {
         let index = session.socket;
         self.sockets[index].peers.remove(&session.info.peer);
         self.idle.remove(key);
+        self.release_peers(index, &[session.info.peer]);
         let mut cancel = |timer: Option<TimerKey>| {
             if let Some(timer) = timer {
                 parts.timers.cancel(timer);
@@ -1026,10 +1146,178 @@ impl DatagramEndpoint {
         // Dropping the session gives its admission place back (the ticket).
     }
 
-    /// Graceful stop: no new peers; every session ends now (DTLS ones with close_notify).
+    /// Graceful stop: no new peers; every session ends now (DTLS ones with close_notify) —
+    /// unless an upgrade released the sockets: then sessions go on until they idle out or the
+    /// loop's grace ends.
     pub(crate) fn drain(&mut self, parts: &mut LoopParts<'_>) {
         self.draining = true;
-        self.close_all(CloseReason::Shutdown, parts);
+        if !self.released {
+            self.close_all(CloseReason::Shutdown, parts);
+        }
+    }
+
+    /// Old process of an upgrade, once the new one is ready: stop reading the shared sockets
+    /// (the new process reads them now), and tell it over each socket's relay which peers
+    /// this loop still serves, so it forwards their datagrams here. `relays` are
+    /// `(listener index, socket ordinal, relay)`.
+    pub(crate) fn release(
+        &mut self,
+        registry: &Registry,
+        relays: Vec<(usize, usize, std::os::unix::net::UnixDatagram)>,
+    ) {
+        self.released = true;
+        for (listener, ordinal, relay) in relays {
+            let Some(index) = self
+                .sockets
+                .iter()
+                .position(|s| s.listener.info.index == listener && s.ordinal == ordinal)
+            else {
+                continue;
+            };
+            let relay = relay.set_nonblocking(true).map(|()| {
+                let mut relay = mio::net::UnixDatagram::from_std(relay);
+                let token = socket_token(MAX_DATAGRAM_SOCKETS + index);
+                registry
+                    .register(&mut relay, token, Interest::READABLE)
+                    .map(|()| relay)
+            });
+            let socket = &mut self.sockets[index];
+            socket.retired = true;
+            socket.readable = false;
+            match relay {
+                Ok(Ok(relay)) => {
+                    socket.relay = Some(Relay {
+                        socket: relay,
+                        claimed: HashSet::new(),
+                        forwards: false,
+                        readable: true,
+                    });
+                }
+                Ok(Err(err)) | Err(err) => {
+                    warn!("upgrade: relay of a datagram socket unusable: {err}");
+                }
+            }
+            let peers: Vec<SocketAddr> = socket.peers.keys().copied().collect();
+            for chunk in peers.chunks(CLAIMS_PER_MESSAGE) {
+                self.relay_send(index, RELAY_CLAIM, chunk);
+            }
+        }
+        // Sockets without a relay (none in practice) are not read any more either.
+        for socket in &mut self.sockets {
+            socket.retired = true;
+            socket.readable = false;
+        }
+        debug!(
+            sessions = self.sessions.len(),
+            "datagram sessions kept for the drain"
+        );
+    }
+
+    /// New process of an upgrade: the old one has sent its claims; read the sockets.
+    pub(crate) fn resume(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
+        for index in 0..self.sockets.len() {
+            self.read_relay(index, now, parts);
+        }
+        self.held = false;
+    }
+
+    /// Sends peers (claims or releases) over socket `index`'s relay, if it has one.
+    fn release_peers(&mut self, index: usize, peers: &[SocketAddr]) {
+        if self.sockets[index]
+            .relay
+            .as_ref()
+            .is_some_and(|relay| !relay.forwards)
+        {
+            self.relay_send(index, RELAY_RELEASE, peers);
+        }
+    }
+
+    fn relay_send(&mut self, index: usize, kind: u8, peers: &[SocketAddr]) {
+        let Some(relay) = self.sockets[index].relay.as_ref() else {
+            return;
+        };
+        let mut message = Vec::with_capacity(1 + peers.len() * ADDR_LEN);
+        message.push(kind);
+        for &peer in peers {
+            encode_addr(&mut message, peer);
+        }
+        if let Err(err) = relay.socket.send(&message) {
+            // The new process is gone or not reading: its side decides alone from now on.
+            debug!("upgrade relay: cannot send: {err}");
+        }
+    }
+
+    /// New process: a datagram from a peer the old process still serves goes to it.
+    fn forward(&mut self, index: usize, peer: SocketAddr, data: &[u8]) {
+        let Some(relay) = self.sockets[index].relay.as_mut() else {
+            return;
+        };
+        let mut message = Vec::with_capacity(1 + ADDR_LEN + data.len());
+        message.push(RELAY_DATA);
+        encode_addr(&mut message, peer);
+        message.extend_from_slice(data);
+        match relay.socket.send(&message) {
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                LoopStats::add(&self.stats.datagrams_dropped_overflow, 1);
+            }
+            Err(err) => {
+                info!(
+                    "upgrade: the old process no longer takes datagrams ({err}); its {} peer(s)                      are served here from now on",
+                    relay.claimed.len()
+                );
+                self.sockets[index].relay = None;
+            }
+        }
+    }
+
+    /// Reads socket `index`'s relay: claims and releases (new process), forwarded datagrams
+    /// (old process).
+    fn read_relay(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let mut buf = vec![0u8; 1 + ADDR_LEN + RECV_SLOT];
+        for _ in 0..RELAY_READS_PER_TURN {
+            let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) else {
+                return;
+            };
+            let n = match relay.socket.recv(&mut buf) {
+                Ok(n) => n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    relay.readable = false;
+                    return;
+                }
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                Err(err) => {
+                    debug!("upgrade relay: {err}");
+                    relay.readable = false;
+                    return;
+                }
+            };
+            let Some((&kind, body)) = buf[..n].split_first() else {
+                continue;
+            };
+            match (kind, relay.forwards) {
+                (RELAY_CLAIM, true) => {
+                    relay
+                        .claimed
+                        .extend(body.chunks_exact(ADDR_LEN).filter_map(decode_addr));
+                }
+                (RELAY_RELEASE, true) => {
+                    for peer in body.chunks_exact(ADDR_LEN).filter_map(decode_addr) {
+                        relay.claimed.remove(&peer);
+                    }
+                }
+                (RELAY_DATA, false) => {
+                    if let Some(peer) = decode_addr(body) {
+                        let data = body[ADDR_LEN..].to_vec();
+                        LoopStats::add(&self.stats.datagrams_in, 1);
+                        LoopStats::add(&self.stats.bytes_in, data.len() as u64);
+                        self.receive(index, peer, &data, now, parts);
+                        self.flush(index);
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Closes every session with `reason`.
@@ -1052,6 +1340,30 @@ fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_addresses_round_trip_and_short_input_is_refused() {
+        for addr in ["127.0.0.1:7000", "[::1]:65535", "[2001:db8::7]:1"] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let mut bytes = Vec::new();
+            encode_addr(&mut bytes, addr);
+            assert_eq!(bytes.len(), ADDR_LEN);
+            assert_eq!(decode_addr(&bytes), Some(addr));
+            assert_eq!(decode_addr(&bytes[..ADDR_LEN - 1]), None);
+        }
+        let mut bad = vec![0u8; ADDR_LEN];
+        bad[0] = 5;
+        assert_eq!(decode_addr(&bad), None, "unknown family");
+    }
+
+    #[test]
+    fn relay_tokens_follow_the_socket_tokens() {
+        assert_eq!(
+            token_socket(socket_token(MAX_DATAGRAM_SOCKETS)),
+            Some(MAX_DATAGRAM_SOCKETS)
+        );
+        assert_eq!(token_socket(socket_token(2 * MAX_DATAGRAM_SOCKETS)), None);
+    }
 
     #[test]
     fn datagram_tokens_stay_clear_of_session_tokens_and_the_waker() {

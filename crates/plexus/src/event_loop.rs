@@ -68,6 +68,15 @@ pub(crate) enum Command {
     /// New limits from a reload: idle timeout and watermarks apply from the next check, the
     /// rest to sessions opened from now on.
     SetLimits(SessionLimits),
+    /// Upgrade, old process: the new one reads the datagram sockets from now on; keep the
+    /// datagram sessions, forwarded over these relays (listener index, socket ordinal, relay).
+    /// `go` is dropped once done (the last drop tells the new process).
+    ReleaseDatagrams {
+        relays: Vec<(usize, usize, std::os::unix::net::UnixDatagram)>,
+        go: Arc<crate::upgrade::GoSignal>,
+    },
+    /// Upgrade, new process: the old one has handed over; read the datagram sockets.
+    ResumeDatagrams,
 }
 
 /// An admitted TCP connection on its way to a loop.
@@ -298,9 +307,11 @@ impl EventLoop {
         &mut self,
         socket: std::net::UdpSocket,
         listener: DatagramListener,
+        ordinal: usize,
+        relay: Option<std::os::unix::net::UnixDatagram>,
     ) -> io::Result<()> {
         self.datagram
-            .add_socket(self.poll.registry(), socket, listener)
+            .add_socket(self.poll.registry(), socket, listener, ordinal, relay)
     }
 
     /// Gives the loop the server's counters (read by services through their session).
@@ -405,7 +416,8 @@ impl EventLoop {
                 return Ok(());
             }
             if let Some(deadline) = self.drain_deadline {
-                if self.sessions.is_empty() {
+                // datagram: sessions kept by an upgrade's drain count too.
+                if self.sessions.is_empty() && self.datagram.session_count() == 0 {
                     return Ok(());
                 }
                 if now >= deadline {
@@ -455,6 +467,18 @@ impl EventLoop {
                 }
                 Command::Drain { deadline } => self.start_drain(deadline, now),
                 Command::Stop => self.stopping = true,
+                Command::ReleaseDatagrams { relays, go } => {
+                    self.datagram.release(self.poll.registry(), relays);
+                    drop(go);
+                }
+                Command::ResumeDatagrams => {
+                    let mut parts = LoopParts {
+                        timers: &mut self.timers,
+                        broadcasts: &mut self.broadcasts,
+                        metrics: self.metrics.as_deref(),
+                    };
+                    self.datagram.resume(now, &mut parts);
+                }
                 Command::SetLimits(limits) => {
                     if self.drain_deadline.is_none() {
                         self.idle_limit = limits.idle_timeout;

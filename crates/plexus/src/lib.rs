@@ -53,6 +53,7 @@ mod server;
 mod service;
 mod session;
 mod tls;
+pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
@@ -63,4 +64,5 @@ pub use metrics::MetricsSnapshot;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;
+pub use upgrade::{Handover, UpgradeOptions};
 pub use worker::Reply;

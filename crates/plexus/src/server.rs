@@ -25,7 +25,9 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::reload::{ReloadSource, Reloader};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
+use crate::upgrade::{Handover, UpgradeOptions};
 use crate::worker::WorkerPool;
+use plexus_sys::pidfile::PidFile;
 
 /// Why a server could not be built or run.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +94,12 @@ pub struct ServerBuilder {
     systemd: bool,
     after_bind: Option<AfterBindHook>,
     reload_source: Option<ReloadSource>,
+    /// What SIGUSR2 starts (binary upgrades off without it).
+    upgrade: Option<UpgradeOptions>,
+    /// The sockets passed by the process this one upgrades.
+    handover: Option<Handover>,
+    /// The pid file, handed over by an upgrade.
+    pid_file: Option<Arc<PidFile>>,
 }
 
 /// The name of the protocol-group service, built per listener at bind time.
@@ -146,6 +154,28 @@ impl ServerBuilder {
         self
     }
 
+    /// Makes SIGUSR2 (with [`handle_signals`](Self::handle_signals)) upgrade the binary:
+    /// start `options.program` with every listening socket, wait for it to report ready, then
+    /// drain as on SIGTERM (see `docs/ARCHITECTURE.md`, "Binary upgrade").
+    pub fn upgrade(mut self, options: UpgradeOptions) -> Self {
+        self.upgrade = Some(options);
+        self
+    }
+
+    /// Takes the listening sockets from the process this one upgrades (instead of binding
+    /// them) and reports ready to it once serving.
+    pub fn handover(mut self, handover: Handover) -> Self {
+        self.handover = Some(handover);
+        self
+    }
+
+    /// The process's pid file: an upgrade passes it to the new process and rewrites it with
+    /// the new pid once that one is ready.
+    pub fn pid_file(mut self, pid_file: Arc<PidFile>) -> Self {
+        self.pid_file = Some(pid_file);
+        self
+    }
+
     /// Names errors after `source` (a file path) instead of `<config>`.
     pub fn source_name(mut self, source: impl Into<String>) -> Self {
         self.source = source.into();
@@ -165,7 +195,7 @@ impl ServerBuilder {
     /// Validates the configuration, binds every listener, and prepares the threads (none is
     /// started before [`Server::run`], except the worker pool's, which starts after the
     /// listeners are bound and the [`after_bind`](Self::after_bind) hook has run).
-    pub fn build(self) -> Result<Server, Error> {
+    pub fn build(mut self) -> Result<Server, Error> {
         let valid = self.validate()?;
         let server = &valid.config.server;
         if let Err(err) = plexus_sys::signal::ignore_sigpipe() {
@@ -191,9 +221,10 @@ impl ServerBuilder {
         // `after_bind` drops privileges) and handed to the loops once those exist.
         let mut datagram_sockets = Vec::new();
         let mut entries = Vec::new();
+        let mut handover = self.handover.take();
         for (index, listener) in valid.listeners.iter().enumerate() {
             if listener.config.transport.is_datagram() {
-                let (sockets, local) = bind_datagram(listener, loop_count)?;
+                let (sockets, local) = bind_datagram(listener, loop_count, handover.as_mut())?;
                 addrs.insert(index, local);
                 datagram_sockets.push((index, sockets));
                 continue;
@@ -209,7 +240,16 @@ impl ServerBuilder {
                 (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
                 _ => None,
             };
-            let socket = inherited.remove(index);
+            let passed = handover
+                .as_mut()
+                .and_then(|h| h.take_stream(&listener.config.name));
+            let socket = match passed {
+                Some(socket) => {
+                    check_inherited(&socket, raw_position(&socket), &listener.config.name)?;
+                    Some(socket)
+                }
+                None => inherited.remove(index),
+            };
             let config = &listener.config;
             let listener = bind(index, listener, service, tls_config, socket)?;
             entries.push(ListenerEntry {
@@ -222,6 +262,10 @@ impl ServerBuilder {
             bound.push(listener);
         }
         inherited.warn_unused();
+        let takeover = handover.as_mut().and_then(|h| {
+            h.warn_unused();
+            Some((h.take_channel()?, h.parent()))
+        });
         if let Some(hook) = self.after_bind {
             hook().map_err(Error::AfterBind)?;
         }
@@ -293,6 +337,7 @@ impl ServerBuilder {
             server.max_handshakes.div_ceil(2),
         ));
         admission.set_max_handshakes_per_ip(server.handshakes_per_ip());
+        let mut datagram_copies = Vec::new();
         for (index, sockets) in datagram_sockets {
             let listener = &valid.listeners[index];
             let dtls = match (&tls, listener.config.transport) {
@@ -329,10 +374,19 @@ impl ServerBuilder {
                 dtls,
                 batch: listener.config.datagram_batch,
             };
-            for (event_loop, socket) in loops.iter_mut().zip(sockets) {
+            // Each loop has one socket per listener; sockets passed by an upgrade from a
+            // process with more loops are spread over ours (a peer still meets one socket).
+            for (ordinal, (socket, relay)) in sockets.into_iter().enumerate() {
                 let local = socket.local_addr().ok();
-                event_loop
-                    .add_datagram_socket(socket, shared.clone())
+                if self.upgrade.is_some() {
+                    let copy = socket
+                        .try_clone()
+                        .map_err(Error::runtime("cannot keep a datagram socket for upgrades"))?;
+                    let name = crate::upgrade::datagram_name(&listener.config.name, ordinal);
+                    datagram_copies.push((index, ordinal, name, copy));
+                }
+                loops[ordinal % loop_count]
+                    .add_datagram_socket(socket, shared.clone(), ordinal, relay)
                     .map_err(|source| Error::Bind {
                         listener: listener.config.name.clone(),
                         addr: local.unwrap_or(listener.addr),
@@ -371,6 +425,10 @@ impl ServerBuilder {
         if self.systemd {
             acceptor.set_systemd(systemd_notifier(), plexus_sys::notify::watchdog_interval());
         }
+        acceptor.set_upgrade(self.upgrade, self.pid_file, datagram_copies);
+        if let Some((channel, parent)) = takeover {
+            acceptor.set_takeover(channel, parent);
+        }
         Ok(Server {
             acceptor,
             loops,
@@ -387,12 +445,21 @@ impl ServerBuilder {
 /// room for bursts of large datagrams between two turns of the loop.
 const DATAGRAM_SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
+/// A datagram socket, with its upgrade relay when an upgrading process passed it.
+type DatagramSocket = (
+    std::net::UdpSocket,
+    Option<std::os::unix::net::UnixDatagram>,
+);
+
 /// Binds one UDP socket per event loop on the listener's address with `SO_REUSEPORT` (the
-/// first resolves port 0; the others join it).
+/// first resolves port 0; the others join it) — or takes every socket of the listener that
+/// an upgrading process passed, binding none: a new member of the reuseport group would change
+/// which socket the old process's peers hash to.
 fn bind_datagram(
     listener: &ValidListener,
     loops: usize,
-) -> Result<(Vec<std::net::UdpSocket>, SocketAddr), Error> {
+    handover: Option<&mut Handover>,
+) -> Result<(Vec<DatagramSocket>, SocketAddr), Error> {
     let config = &listener.config;
     let mut addr = listener.addr;
     let bind_error = |addr, source| Error::Bind {
@@ -400,6 +467,23 @@ fn bind_datagram(
         addr,
         source,
     };
+    if let Some(handover) = handover {
+        let mut sockets = Vec::new();
+        while let Some(passed) = handover.take_datagram(&config.name, sockets.len()) {
+            sockets.push(passed);
+        }
+        if let Some((first, _)) = sockets.first() {
+            let local = first.local_addr().map_err(|err| bind_error(addr, err))?;
+            if addr.port() != 0 && local != addr {
+                tracing::warn!(
+                    "listener '{}': the socket passed by the upgrade is bound to {local}, not                      to the configured {addr}",
+                    config.name
+                );
+            }
+            info!(listener = %config.name, sockets = sockets.len(), "using the sockets passed by the upgrading process");
+            return Ok((sockets, local));
+        }
+    }
     let mut sockets = Vec::with_capacity(loops);
     for _ in 0..loops.max(1) {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
@@ -420,7 +504,7 @@ fn bind_datagram(
             .map_err(|err| bind_error(addr, err))?;
         let socket: std::net::UdpSocket = socket.into();
         addr = socket.local_addr().map_err(|err| bind_error(addr, err))?;
-        sockets.push(socket);
+        sockets.push((socket, None));
     }
     Ok((sockets, addr))
 }
@@ -492,6 +576,12 @@ impl InheritedSockets {
             );
         }
     }
+}
+
+/// The position (from descriptor 3) an inherited socket was passed at, for messages.
+fn raw_position(socket: &Socket) -> usize {
+    use std::os::fd::AsRawFd;
+    (socket.as_raw_fd() as usize).saturating_sub(3)
 }
 
 /// An inherited descriptor must be a listening TCP socket.
@@ -604,7 +694,7 @@ pub(crate) fn bind(
                     local.map_or_else(String::new, |l| l.to_string()),
                 );
             }
-            info!(listener = %config.name, "using the socket passed by the service manager");
+            info!(listener = %config.name, "using the socket passed by the service manager (or the upgrading process)");
             socket
         }
         None => {
@@ -695,6 +785,9 @@ impl Server {
             systemd: false,
             after_bind: None,
             reload_source: None,
+            upgrade: None,
+            handover: None,
+            pid_file: None,
         }
     }
 
@@ -750,12 +843,15 @@ impl Server {
                 Err(source) => tracing::error!("cannot start event loop {index}: {source}"),
             }
         }
-        // Every listener is bound and every loop started: tell the service manager.
-        let listeners = acceptor.listener_count();
-        acceptor.notify(&format!(
-            "READY=1\nSTATUS=serving on {listeners} listener(s)\nMAINPID={}",
-            std::process::id()
-        ));
+        // Every listener is bound and every loop started: tell the service manager — or,
+        // when upgrading another process, that process (which then tells the manager).
+        if !acceptor.report_ready_to_parent() {
+            let listeners = acceptor.listener_count();
+            acceptor.notify(&format!(
+                "READY=1\nSTATUS=serving on {listeners} listener(s)\nMAINPID={}",
+                std::process::id()
+            ));
+        }
         let mut result = acceptor.run().map_err(Error::runtime("acceptor failed"));
         // A loop that panicked or failed lost its sessions: the process must not exit 0 (a
         // supervisor restarts a process that fails, not one that says it stopped cleanly).

@@ -30,6 +30,7 @@ pub mod privileges;
 pub mod rlimit;
 pub mod sendfile;
 pub mod signal;
+pub mod spawn;
 pub mod splice;
 
 /// Whether an `accept` error means the process or the system ran out of file descriptors

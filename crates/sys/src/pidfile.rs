@@ -12,9 +12,11 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why the pid file could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -45,11 +47,14 @@ pub enum PidFileError {
     },
 }
 
-/// A locked pid file; unlocked and removed on drop.
+/// A locked pid file; unlocked and removed on drop (unless it was handed over).
 #[derive(Debug)]
 pub struct PidFile {
     file: File,
     path: PathBuf,
+    /// Set once another process owns the file (an upgrade handed it over), or while an
+    /// upgraded process has not yet taken it over: then drop leaves the file alone.
+    keep: AtomicBool,
 }
 
 impl PidFile {
@@ -113,7 +118,59 @@ impl PidFile {
         Ok(PidFile {
             file,
             path: path.to_owned(),
+            keep: AtomicBool::new(false),
         })
+    }
+
+    /// Adopts the pid file an upgrading process passed down: `fd` is its open (and locked:
+    /// `flock` locks belong to the open file, which both processes now share) descriptor,
+    /// checked to be the file at `path`. The file is left alone on drop until
+    /// [`take_over`](Self::take_over), so a new process that fails to start never removes the
+    /// file of the one still serving.
+    pub fn adopt(fd: OwnedFd, path: &Path) -> Result<PidFile, PidFileError> {
+        let io_error = |source| PidFileError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::from(fd);
+        let held = file.metadata().map_err(io_error)?;
+        let named = std::fs::metadata(path).map_err(io_error)?;
+        if (held.dev(), held.ino()) != (named.dev(), named.ino()) {
+            return Err(io_error(io::Error::other(
+                "the pid file passed by the upgrading process is not this file",
+            )));
+        }
+        Ok(PidFile {
+            file,
+            path: path.to_owned(),
+            keep: AtomicBool::new(true),
+        })
+    }
+
+    /// The old process of an upgrade, once the new one is ready: the file now names
+    /// `new_pid`, and this process leaves it alone at its exit.
+    pub fn hand_over(&self, new_pid: u32) -> io::Result<()> {
+        self.write_pid(new_pid)?;
+        self.keep.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The new process of an upgrade, once the old one has handed over: the file names this
+    /// process, and is removed at its exit.
+    pub fn take_over(&self) -> io::Result<()> {
+        self.write_pid(std::process::id())?;
+        self.keep.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rewrites the file in place without an empty moment (one write over the old text, then
+    /// the length cut), so a reader such as `plexus upgrade` sees one pid or the other.
+    fn write_pid(&self, pid: u32) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let text = format!("{pid}\n");
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)?;
+        self.file.sync_data()
     }
 
     /// The file's path.
@@ -122,8 +179,17 @@ impl PidFile {
     }
 }
 
+impl AsFd for PidFile {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 impl Drop for PidFile {
     fn drop(&mut self) {
+        if self.keep.load(Ordering::Acquire) {
+            return;
+        }
         // Removed while still locked, so no other instance can take a file that is about to
         // vanish. If removal is not allowed (privileges dropped, chroot), empty it instead:
         // an unlocked, empty pid file names no process.

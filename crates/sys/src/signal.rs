@@ -17,6 +17,16 @@ pub fn ignore_sigpipe() -> io::Result<()> {
     Ok(())
 }
 
+/// Sends `SIGUSR2` to process `pid` (what `plexus upgrade` does to the running server).
+pub fn send_sigusr2(pid: u32) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid)
+        .ok()
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a process id"))?;
+    // SAFETY: kill takes plain integers; a positive pid names exactly one process.
+    syscall!(kill(pid, libc::SIGUSR2)).map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -87,6 +87,18 @@ impl Server {
         env: &[(&str, &str)],
         config: &str,
     ) -> Server {
+        Server::start_binary(Path::new(BIN), prefix, args, env, config)
+    }
+
+    /// Like [`Server::start_with`], with another `plexus` binary than the one under test (e.g.
+    /// a copy that an upgrade test replaces).
+    pub(crate) fn start_binary(
+        bin: &Path,
+        prefix: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        config: &str,
+    ) -> Server {
         let dir = tempfile::tempdir().expect("create tempdir");
         let config_path = dir.path().join("plexus.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -94,10 +106,10 @@ impl Server {
         let mut cmd = match prefix.split_first() {
             Some((program, prefix_args)) => {
                 let mut cmd = Command::new(program);
-                cmd.args(prefix_args).arg(BIN);
+                cmd.args(prefix_args).arg(bin);
                 cmd
             }
-            None => Command::new(BIN),
+            None => Command::new(bin),
         };
         cmd.arg("serve")
             .arg("--config")

@@ -67,6 +67,10 @@ fn bounds(config: &Config) -> Vec<(String, Bound)> {
             Bound::Duration(server.shutdown_grace, Duration::ZERO, DAY),
         ),
         (
+            "server.upgrade_timeout",
+            Bound::Duration(server.upgrade_timeout, MS, HOUR),
+        ),
+        (
             "server.drain_delay",
             Bound::Duration(server.drain_delay, Duration::ZERO, HOUR),
         ),
