@@ -426,7 +426,10 @@ impl Acceptor {
             .upgrade
             .deadline()
             .map(|at| at.saturating_duration_since(now));
-        [accept, watchdog, lameduck, upgrade].into_iter().flatten().min()
+        [accept, watchdog, lameduck, upgrade]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn read_signals(&mut self) {

@@ -584,7 +584,10 @@ impl DatagramEndpoint {
         // loops race for the same places: five attempts, four reclaims at most.
         for attempt in 0..5 {
             let listener = &self.sockets[index].listener;
+            let loop_full = self.sessions.len() >= listener.caps.per_loop();
             let full = match listener.caps.take(&listener.listener_cap, ip) {
+                // This loop's share of max_datagram_sessions: reclaim here, on this loop.
+                Ok(_) if loop_full => Some(CapFull::Sessions),
                 Ok(place) => match listener.admission.admit_datagram(&listener.acl, ip) {
                     Ok(ticket) => {
                         listener.info.stats.accepted();

@@ -49,6 +49,10 @@ pub(crate) struct DatagramCaps {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     max_handshakes: usize,
     handshakes: Arc<AtomicUsize>,
+    /// One event loop's share of `max_sessions`: reclaiming looks only at the loop a datagram
+    /// arrived on, so each loop must reclaim before the global cap is full, or a loop holding
+    /// only active (healthy) sessions would have to evict one of them for another loop's flood.
+    per_loop: usize,
 }
 
 /// One listener's cap (`max_sessions`; 0 = only the server-wide caps) and its count.
@@ -77,6 +81,7 @@ impl DatagramCaps {
             per_ip: Mutex::new(HashMap::new()),
             max_handshakes,
             handshakes: Arc::new(AtomicUsize::new(0)),
+            per_loop: max_sessions,
         }
     }
 
@@ -93,6 +98,18 @@ impl DatagramCaps {
 
     /// Takes a place for a session of `listener` from `ip`, or says which cap is full (the most
     /// specific first: per IP, then the listener, then all datagram sessions).
+    /// Splits `max_sessions` over `loops` event loops (each gets `max_sessions / loops`, at
+    /// least 1), so the shares never add up to more than the global cap.
+    pub(crate) fn split_over_loops(mut self, loops: usize) -> Self {
+        self.per_loop = (self.max_sessions / loops.max(1)).max(1);
+        self
+    }
+
+    /// How many datagram sessions one event loop may hold before it reclaims its own.
+    pub(crate) fn per_loop(&self) -> usize {
+        self.per_loop
+    }
+
     pub(crate) fn take(
         self: &Arc<Self>,
         listener: &Arc<ListenerCap>,

@@ -35,8 +35,8 @@
 
 mod acceptor;
 mod admission;
-mod broadcast;
 mod breakdown;
+mod broadcast;
 pub mod builtin;
 pub mod config;
 mod datagram;

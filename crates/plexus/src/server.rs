@@ -326,16 +326,19 @@ impl ServerBuilder {
             Arc::clone(&metrics),
         ));
         // datagram: the datagram-session caps, shared by every udp/dtls listener and loop.
-        let datagram_caps = Arc::new(DatagramCaps::new(
-            server.datagram_session_cap(
-                valid
-                    .listeners
-                    .iter()
-                    .any(|listener| !listener.config.transport.is_datagram()),
-            ),
-            server.max_datagram_sessions_per_ip,
-            server.max_handshakes.div_ceil(2),
-        ));
+        let datagram_caps = Arc::new(
+            DatagramCaps::new(
+                server.datagram_session_cap(
+                    valid
+                        .listeners
+                        .iter()
+                        .any(|listener| !listener.config.transport.is_datagram()),
+                ),
+                server.max_datagram_sessions_per_ip,
+                server.max_handshakes.div_ceil(2),
+            )
+            .split_over_loops(loop_count),
+        );
         admission.set_max_handshakes_per_ip(server.handshakes_per_ip());
         let mut datagram_copies = Vec::new();
         for (index, sockets) in datagram_sockets {
