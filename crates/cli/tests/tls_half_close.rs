@@ -152,10 +152,14 @@ fn web_root(dir: &Path) {
 }
 
 fn config(root: &Path, listeners: &str) -> String {
-    format!(
-        "[server]\nevent_loops = 1\nidle_timeout = \"60s\"\n\n[http]\nroot = \"{}\"\n\n{listeners}",
-        root.display()
-    )
+    // `[http]` only where a listener serves http: elsewhere the key would not apply (exit 2).
+    let serves_http =
+        listeners.contains("service = \"http\"") || listeners.contains("service = \"auto\"");
+    let http = match serves_http {
+        true => format!("[http]\nroot = \"{}\"\n\n", root.display()),
+        false => String::new(),
+    };
+    format!("[server]\nevent_loops = 1\nidle_timeout = \"60s\"\n\n{http}{listeners}")
 }
 
 fn listener(name: &str, transport: &str, service: &str, extra: &str) -> String {

@@ -844,12 +844,23 @@ fn datagram_sessions_stay_with_the_old_process_and_new_peers_go_to_the_new_one()
     // The old DTLS session ends (close_notify), the old UDP one idles out (idle_timeout):
     // then the old process has nothing left and exits 0 on its own.
     dtls_old.finish();
-    let status = server
-        .wait_exit(STEP)
-        .expect("old process exits once its peers are gone");
+    // Meanwhile the new peers keep talking, so they do not idle out (3 s) in the new process.
+    let deadline = Instant::now() + STEP;
+    let status = loop {
+        if let Some(status) = server.wait_exit(Duration::from_millis(500)) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old process exits once its peers are gone"
+        );
+        dtls_new.echo("keep-alive");
+        udp_echo(&udp_new, b"udp new keep-alive");
+    };
     assert!(status.success(), "old process exit: {status}");
     // Its UDP peer, released, is the new process's now.
     udp_echo(&udp_old, b"udp after the old process");
+    udp_echo(&udp_new, b"udp new peer again");
     assert_eq!(metric(http, udp_open), Some(2));
     dtls_new.echo("still served");
     assert!(is_alive(new));

@@ -627,7 +627,11 @@ impl DatagramEndpoint {
             if attempt == 4 {
                 break;
             }
-            let Some(victim) = self.idle.oldest(scope) else {
+            let victim = match scope {
+                Scope::Loop => self.cheapest_to_reclaim(),
+                scope => self.idle.oldest(scope),
+            };
+            let Some(victim) = victim else {
                 LoopStats::add(&self.stats.datagrams_dropped_session_cap, 1);
                 if let Some(also) = self.refusals.allow(now) {
                     info!("datagram refused peer={peer}: {cap} full and no session of this loop to reclaim (+{also} more refused in the last second)");
@@ -644,6 +648,17 @@ impl DatagramEndpoint {
         }
         LoopStats::add(&self.stats.datagrams_dropped_session_cap, 1);
         None
+    }
+
+    /// The session a loop-wide cap reclaims: the longest-idle plain udp session, since its
+    /// peer loses nothing (its next datagram opens a new session); only a loop without udp
+    /// sessions gives up its longest-idle dtls session, whose peer must handshake again.
+    fn cheapest_to_reclaim(&self) -> Option<usize> {
+        let udp_oldest = (0..self.sockets.len())
+            .filter(|&socket| self.sockets[socket].listener.dtls.is_none())
+            .filter_map(|socket| self.idle.oldest(Scope::Socket(socket)))
+            .min_by_key(|&key| self.sessions.get(key).map(|s| s.last_activity));
+        udp_oldest.or_else(|| self.idle.oldest(Scope::Loop))
     }
 
     /// Inserts a session for `peer` on socket `index` and arms its idle timer.
