@@ -21,6 +21,15 @@ use tracing::{info, warn};
 use crate::logging::{self, LogFormat, LogTarget};
 use crate::EXIT_USAGE;
 
+/// Writes `error: …` to stderr in one write, so the line stays whole when another process
+/// (the other side of a binary upgrade) writes to the same stderr at the same time.
+macro_rules! eprint_error {
+    ($($arg:tt)*) => {{
+        let line = format!("error: {}\n", format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 /// Descriptors kept for listeners, logs and the acceptor's spare, beyond one per session.
 const DESCRIPTOR_HEADROOM: u64 = 64;
 /// Exit code for runtime failures (another instance running, bind or privilege failures).
@@ -68,7 +77,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let mut handover = match plexus::Handover::from_env() {
         Ok(handover) => handover,
         Err(err) => {
-            eprintln!("error: upgrade: {err}");
+            eprint_error!("upgrade: {err}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
@@ -127,7 +136,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let account = match Account::resolve(&args) {
         Ok(account) => account,
         Err(err) => {
-            eprintln!("error: {err}");
+            eprint_error!("{err}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
@@ -135,7 +144,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     let pid_path = args.pid_file.as_deref().map(absolute);
 
     if let Err(err) = logging::init(args.log_format, args.log_target) {
-        eprintln!("error: {err:#}");
+        eprint_error!("{err:#}");
         return ExitCode::from(EXIT_RUNTIME);
     }
     let startup = match args.daemon {
@@ -153,7 +162,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
                 Ok(Daemonized::Original { status }) => return ExitCode::from(status),
                 Ok(Daemonized::Daemon(report)) => Some(report),
                 Err(err) => {
-                    eprintln!("error: cannot daemonize: {err}");
+                    eprint_error!("cannot daemonize: {err}");
                     return ExitCode::from(EXIT_RUNTIME);
                 }
             }
@@ -244,7 +253,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err}");
-            eprintln!("error: {err}");
+            eprint_error!("{err}");
             ExitCode::FAILURE
         }
     }
@@ -282,7 +291,7 @@ impl Startup {
     /// Prints the error (still on the original stderr) and reports `code`.
     fn fail(self, code: u8, message: &str) -> ExitCode {
         for line in message.lines() {
-            eprintln!("error: {line}");
+            eprint_error!("{line}");
         }
         if let Some(report) = self.0 {
             let _ = report.report(code);
@@ -304,6 +313,7 @@ impl Startup {
 
 /// The arguments for the new process of an upgrade: ours, with the values of path options made
 /// absolute (a daemon runs in `/`, so a relative `--config` would name another file there).
+
 fn absolute_path_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     const PATH_OPTIONS: [&str; 3] = ["--config", "--pid-file", "--chroot"];
     let mut out = Vec::new();
@@ -334,7 +344,7 @@ fn absolute(path: &Path) -> PathBuf {
 
 fn config_failure(err: &ConfigError) -> ExitCode {
     for line in err.to_string().lines() {
-        eprintln!("error: {line}");
+        eprint_error!("{line}");
     }
     ExitCode::from(EXIT_USAGE)
 }

@@ -198,6 +198,9 @@ pub(crate) struct Acceptor {
     lameduck_until: Option<Instant>,
     /// Binary upgrades (SIGUSR2): what to start, and what is passed besides the listeners.
     upgrade: upgrade_flow::UpgradeState,
+    /// The listeners went to a new process (binary upgrade): this drain is not a shutdown of
+    /// the service, so `/healthz` keeps answering 200 on the sessions still here.
+    handed_over: bool,
 }
 
 impl Acceptor {
@@ -253,6 +256,7 @@ impl Acceptor {
             metrics: None,
             lameduck_until: None,
             upgrade: upgrade_flow::UpgradeState::default(),
+            handed_over: false,
         };
 
         Ok((acceptor, control))
@@ -725,7 +729,9 @@ impl Acceptor {
         match request {
             StopRequest::None => {}
             StopRequest::Graceful if self.phase == Phase::Running => {
-                self.mark_draining();
+                if !self.handed_over {
+                    self.mark_draining();
+                }
                 // After an upgrade the notifier is gone: the new process is the main one.
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;

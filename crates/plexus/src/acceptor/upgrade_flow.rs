@@ -327,6 +327,7 @@ impl Acceptor {
         // The last loop to be done with it writes `go`.
         drop(go);
         self.upgrade.datagram.clear();
+        self.handed_over = true;
         self.stop_loops(StopRequest::Graceful);
     }
 
