@@ -313,7 +313,6 @@ impl Startup {
 
 /// The arguments for the new process of an upgrade: ours, with the values of path options made
 /// absolute (a daemon runs in `/`, so a relative `--config` would name another file there).
-
 fn absolute_path_args(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
     const PATH_OPTIONS: [&str; 3] = ["--config", "--pid-file", "--chroot"];
     let mut out = Vec::new();
