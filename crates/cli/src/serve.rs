@@ -104,7 +104,7 @@ pub(crate) fn run(args: ServeArgs) -> ExitCode {
     }
     // SIGHUP re-reads the same file (by absolute path: the daemon runs in `/`).
     let reload_path = args.config.as_deref().map(absolute);
-    let builder = Server::builder(config)
+    let builder = plexus_services::register(Server::builder(config))
         .source_name(&source)
         .handle_signals(true)
         .systemd(true)

@@ -10,6 +10,23 @@
 
 use plexus::{Config, Reply, Server, Service, Session, SessionHandler};
 
+/// Echoes on the event loop.
+struct Inline;
+struct InlineSession;
+
+impl Service for Inline {
+    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        Box::new(InlineSession)
+    }
+}
+
+impl SessionHandler for InlineSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        session.send(data);
+    }
+}
+
+/// Echoes through the worker pool.
 struct Offload;
 struct OffloadSession;
 
@@ -33,12 +50,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::parse(
         &format!(
             "[server]\nevent_loops = 1\nworkers = 1\n\n\
-             [[listener]]\nname = \"inline\"\ntransport = \"tcp\"\naddr = \"{inline}\"\nservice = \"echo\"\n\n\
+             [[listener]]\nname = \"inline\"\ntransport = \"tcp\"\naddr = \"{inline}\"\nservice = \"inline\"\n\n\
              [[listener]]\nname = \"offload\"\ntransport = \"tcp\"\naddr = \"{offload}\"\nservice = \"offload\"\n"
         ),
         "offload_echo example",
     )?;
     let server = Server::builder(config)
+        .service("inline", Inline)
         .service("offload", Offload)
         .handle_signals(true)
         .build()?;

@@ -22,8 +22,6 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
 
-use std::collections::BTreeMap;
-
 use crate::admission::{Admission, RefusalReason};
 use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
@@ -596,7 +594,7 @@ impl Acceptor {
         &mut self,
         running: &ValidConfig,
         new: &ValidConfig,
-        services: &BTreeMap<String, Arc<dyn Service>>,
+        services: &crate::registry::ServiceRegistry,
     ) -> bool {
         let needs_tls = new
             .listeners
@@ -667,7 +665,6 @@ impl Acceptor {
         let service = crate::server::listener_service(
             new,
             &reloader.services,
-            &reloader.http,
             self.tls.as_ref(),
             handshake_timeout,
         )?;

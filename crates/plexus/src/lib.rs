@@ -2,8 +2,9 @@
 //!
 //! A [`Server`] binds the listeners of a [`Config`], admits connections on an acceptor thread
 //! (ACL, connection caps, descriptor exhaustion), and hands each to one of N event loops
-//! (mio, one thread each) that owns it until it closes. Each listener names a [`Service`]:
-//! built in ([`builtin::Echo`], [`builtin::Chat`]) or your own, registered on the builder.
+//! (mio, one thread each) that owns it until it closes. Each listener names a [`Service`]
+//! registered on the builder: your own, or the built-in ones of the `plexus-services` crate
+//! (`echo`, `chat`, `http`, the `auto` protocol group), which use nothing but this API.
 //!
 //! ```no_run
 //! use plexus::{Config, Server, Service, Session, SessionHandler};
@@ -37,7 +38,6 @@ mod acceptor;
 mod admission;
 mod breakdown;
 mod broadcast;
-pub mod builtin;
 pub mod config;
 mod datagram;
 mod datagram_admission;
@@ -48,6 +48,12 @@ mod idle_order;
 mod log_throttle;
 mod metrics;
 mod outbound;
+pub mod prometheus {
+    //! Writers for the Prometheus text exposition format, so that a service's own counters
+    //! join the server's on one `/metrics` page, with the same `plexus_` prefix and escaping.
+    pub use crate::metrics::{family, sample};
+}
+mod registry;
 mod reload;
 mod server;
 mod service;
@@ -57,10 +63,12 @@ pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
-pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome, ServerStatus};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
+pub use log_throttle::LogThrottle;
 pub use metrics::MetricsSnapshot;
+pub use registry::{BoxError, ListenerContext, ServiceFactory};
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;

@@ -3,18 +3,29 @@
 
 use std::time::{Duration, Instant};
 
-/// One throttled log line's state.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct LogThrottle {
+/// One throttled log line's state: lets a line through at most once per [`LogThrottle::INTERVAL`]
+/// and counts the ones it held back, so hostile input cannot flood the log.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// let mut throttle = plexus::LogThrottle::new();
+/// let now = Instant::now();
+/// assert_eq!(throttle.allow(now), Some(0));
+/// assert_eq!(throttle.allow(now + Duration::from_millis(5)), None);
+/// assert_eq!(throttle.allow(now + Duration::from_secs(1)), Some(1));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LogThrottle {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl LogThrottle {
     /// Lines of one kind are logged at most once per this interval.
-    pub(crate) const INTERVAL: Duration = Duration::from_secs(1);
+    pub const INTERVAL: Duration = Duration::from_secs(1);
 
-    pub(crate) const fn new() -> Self {
+    /// A throttle that lets the next line through.
+    pub const fn new() -> Self {
         LogThrottle {
             last: None,
             suppressed: 0,
@@ -23,7 +34,7 @@ impl LogThrottle {
 
     /// `Some(suppressed)` when a line may be logged now (with how many were dropped since
     /// the last one), `None` when this one is to be dropped.
-    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|last| now.duration_since(last) < Self::INTERVAL)

@@ -143,6 +143,21 @@ impl Metrics {
         self.refused[reason as usize].fetch_add(1, Relaxed);
     }
 
+    /// The counters with the facts around them, for a status page.
+    pub(crate) fn status(&self) -> crate::breakdown::ServerStatus {
+        crate::breakdown::ServerStatus {
+            metrics: self.snapshot(),
+            uptime: self.facts.started.elapsed(),
+            config_source: self
+                .facts
+                .config_source
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "<config>".into()),
+            last_reload: self.facts.last_reload(),
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         let sum = |field: fn(&LoopStats) -> &AtomicU64| -> u64 {
             self.loops
@@ -201,7 +216,7 @@ impl Metrics {
 }
 
 /// A point-in-time copy of the server's counters.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MetricsSnapshot {
     /// Sessions open now (every transport).
     pub sessions_open: u64,
@@ -534,8 +549,8 @@ impl MetricsSnapshot {
     }
 }
 
-/// Writes a metric family's `# HELP` and `# TYPE` lines.
-pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Writes a metric family's `# HELP` and `# TYPE` lines (`name` without the `plexus_` prefix).
+pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     use std::fmt::Write;
     let _ = writeln!(
         out,
@@ -544,7 +559,7 @@ pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// Writes one sample line; label values are escaped as the format requires.
-pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
     use std::fmt::Write;
     out.push_str("plexus_");
     out.push_str(name);

@@ -12,12 +12,8 @@
 //!
 //! [`plan`] is pure (two configurations in, a plan out); the acceptor applies it.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-
-use crate::builtin::Http;
 use crate::config::{Config, ConfigError, ListenerConfig, ValidConfig, ValidListener};
-use crate::service::Service;
+use crate::registry::ServiceRegistry;
 
 /// Produces the configuration to reload (the CLI re-reads its `--config` file).
 pub(crate) type ReloadSource = Box<dyn FnMut() -> Result<Config, ConfigError> + Send>;
@@ -27,9 +23,7 @@ pub(crate) type ReloadSource = Box<dyn FnMut() -> Result<Config, ConfigError> + 
 pub(crate) struct Reloader {
     pub(crate) source: ReloadSource,
     pub(crate) source_name: String,
-    pub(crate) services: BTreeMap<String, Arc<dyn Service>>,
-    /// The http service `auto` listeners hand HTTP sessions to.
-    pub(crate) http: Arc<Http>,
+    pub(crate) services: ServiceRegistry,
     /// What is in effect: the last configuration applied, with the restart-only settings it
     /// could not change kept at their running values.
     pub(crate) running: ValidConfig,
@@ -39,12 +33,7 @@ impl Reloader {
     /// Reads and validates the new configuration.
     pub(crate) fn load(&mut self) -> Result<ValidConfig, ConfigError> {
         let config = (self.source)()?;
-        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
-        // Built per listener at bind time, as in `ServerBuilder::validate`.
-        if !self.services.contains_key("auto") {
-            names.push("auto");
-        }
-        config.validate(&self.source_name, &names)
+        config.validate(&self.source_name, &self.services.names())
     }
 }
 

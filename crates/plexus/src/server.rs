@@ -14,7 +14,6 @@ use tracing::info;
 use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
 use crate::admission::Admission;
 use crate::breakdown::ListenerEntry;
-use crate::builtin::{Auto, Chat, Echo, Http};
 use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
 use crate::datagram_admission::{DatagramCaps, ListenerCap};
@@ -22,6 +21,7 @@ use crate::dtls::{DtlsContext, DtlsError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
 use crate::forward::{Forward, ForwardTarget};
 use crate::metrics::{Metrics, MetricsSnapshot};
+use crate::registry::{ServiceFactory, ServiceLookupError, ServiceRegistry};
 use crate::reload::{ReloadSource, Reloader};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::{TlsContext, TlsError};
@@ -31,10 +31,19 @@ use plexus_sys::pidfile::PidFile;
 
 /// Why a server could not be built or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
     #[error("{0}")]
     Config(#[from] ConfigError),
+    /// A [`ServiceFactory`] could not build a listener's service.
+    #[error("listener '{listener}': cannot build its service: {source}")]
+    Service {
+        /// The listener's name.
+        listener: String,
+        /// What the factory said.
+        source: crate::registry::BoxError,
+    },
     /// A listener could not be bound.
     #[error("listener '{listener}': cannot listen on {addr}: {source}")]
     Bind {
@@ -87,9 +96,7 @@ type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + 
 pub struct ServerBuilder {
     config: Config,
     source: String,
-    services: BTreeMap<String, Arc<dyn Service>>,
-    /// The built-in http service, which `auto` listeners hand HTTP sessions to.
-    http: Arc<Http>,
+    services: ServiceRegistry,
     handle_signals: bool,
     systemd: bool,
     after_bind: Option<AfterBindHook>,
@@ -102,15 +109,42 @@ pub struct ServerBuilder {
     pid_file: Option<Arc<PidFile>>,
 }
 
-/// The name of the protocol-group service, built per listener at bind time.
-const AUTO: &str = "auto";
-
 impl ServerBuilder {
-    /// Registers a service under `name`, for listeners with `service = "<name>"`.
-    /// A name already taken (built-in ones included) is replaced.
+    /// Registers a service under `name`, for listeners with `service = "<name>"`: one
+    /// instance shared by every such listener. A name already taken is replaced.
     pub fn service(mut self, name: impl Into<String>, service: impl Service) -> Self {
         self.services.insert(name.into(), Arc::new(service));
         self
+    }
+
+    /// Registers a service already shared elsewhere (e.g. one a protocol group also hands
+    /// sessions to) under `name`. A name already taken is replaced.
+    pub fn shared_service(mut self, name: impl Into<String>, service: Arc<dyn Service>) -> Self {
+        self.services.insert(name.into(), service);
+        self
+    }
+
+    /// Registers a factory under `name` that builds one service per listener naming it,
+    /// when the listener is bound: for protocol groups and other services that depend on the
+    /// listener (see [`ServiceFactory`]). A name already taken is replaced.
+    pub fn service_factory(
+        mut self,
+        name: impl Into<String>,
+        factory: impl ServiceFactory,
+    ) -> Self {
+        self.services.insert_factory(name.into(), Arc::new(factory));
+        self
+    }
+
+    /// The configuration this server is being built from (services read their sections,
+    /// e.g. `[http]`, from it when they are registered).
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether a service or factory of this name is registered.
+    pub fn has_service(&self, name: &str) -> bool {
+        self.services.contains(name)
     }
 
     /// Whether SIGTERM/SIGINT/SIGQUIT/SIGHUP are handled as events (the CLI turns this on;
@@ -185,11 +219,7 @@ impl ServerBuilder {
     /// Checks the configuration against the registered services without binding anything
     /// (what `plexus serve --check` does).
     pub fn validate(&self) -> Result<ValidConfig, ConfigError> {
-        let mut names: Vec<&str> = self.services.keys().map(String::as_str).collect();
-        if !self.services.contains_key(AUTO) {
-            names.push(AUTO);
-        }
-        self.config.validate(&self.source, &names)
+        self.config.validate(&self.source, &self.services.names())
     }
 
     /// Validates the configuration, binds every listener, and prepares the threads (none is
@@ -232,7 +262,6 @@ impl ServerBuilder {
             let service = listener_service(
                 listener,
                 &self.services,
-                &self.http,
                 tls.as_ref(),
                 server.handshake_timeout,
             )?;
@@ -366,7 +395,6 @@ impl ServerBuilder {
                 service: listener_service(
                     listener,
                     &self.services,
-                    &self.http,
                     tls.as_ref(),
                     server.handshake_timeout,
                 )?,
@@ -413,7 +441,6 @@ impl ServerBuilder {
                 source,
                 source_name: self.source.clone(),
                 services: self.services.clone(),
-                http: Arc::clone(&self.http),
                 running: valid.clone(),
             });
         }
@@ -609,53 +636,39 @@ fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(
     }
 }
 
-/// Whether a listener needs the TLS context: a tls listener, or an `auto` group (which detects
-/// and terminates TLS on a plain listener).
-pub(crate) fn needs_tls(
-    listener: &ValidListener,
-    services: &BTreeMap<String, Arc<dyn Service>>,
-) -> bool {
+/// Whether a listener needs the TLS context: a tls or dtls listener, or a plain one whose
+/// service factory detects and terminates TLS itself.
+pub(crate) fn needs_tls(listener: &ValidListener, services: &ServiceRegistry) -> bool {
     matches!(listener.config.transport, Transport::Tls | Transport::Dtls)
-        || is_auto(listener, services)
+        || services.uses_tls(listener)
 }
 
-fn is_auto(listener: &ValidListener, services: &BTreeMap<String, Arc<dyn Service>>) -> bool {
-    listener.config.service == AUTO && !services.contains_key(AUTO)
-}
-
-/// The service of one listener: the registered one, or for `auto` (unless a service of that
-/// name was registered) a protocol group built for this listener.
+/// The service of one listener: the registered one, or the one its factory builds (given the
+/// listener's TLS configuration when the factory detects TLS on a plain listener).
 pub(crate) fn listener_service(
     listener: &ValidListener,
-    services: &BTreeMap<String, Arc<dyn Service>>,
-    http: &Arc<Http>,
+    services: &ServiceRegistry,
     tls: Option<&Arc<TlsContext>>,
     handshake_timeout: std::time::Duration,
 ) -> Result<Arc<dyn Service>, Error> {
-    if is_auto(listener, services) {
-        // TLS is detected (and terminated) by the group on plain listeners only.
-        let detect_tls = match (tls, listener.config.transport) {
-            (Some(tls), Transport::Tcp) => Some(tls.server_config(&listener.config.alpn)?),
-            _ => None,
-        };
-        return Ok(Arc::new(Auto::new(
-            Arc::clone(http),
-            detect_tls,
-            handshake_timeout,
-        )));
-    }
-    // Validation checked the name against these services.
+    let detect_tls = match tls {
+        Some(tls) if services.uses_tls(listener) => Some(tls.server_config(&listener.config.alpn)?),
+        _ => None,
+    };
     services
-        .get(&listener.config.service)
-        .map(Arc::clone)
-        .ok_or_else(|| {
-            Error::Config(ConfigError {
+        .for_listener(listener, detect_tls, handshake_timeout)
+        .map_err(|err| match err {
+            ServiceLookupError::Unknown(name) => Error::Config(ConfigError {
                 source: String::new(),
                 problems: vec![crate::config::Problem {
                     key: "service".into(),
-                    message: format!("unknown service '{}'", listener.config.service),
+                    message: format!("unknown service '{name}'"),
                 }],
-            })
+            }),
+            ServiceLookupError::Factory(source) => Error::Service {
+                listener: listener.config.name.clone(),
+                source,
+            },
         })
 }
 
@@ -770,20 +783,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts configuring a server; `echo` and `chat` are registered already.
+    /// Starts configuring a server. Only `forward` (the runtime's relay, which listeners with
+    /// an `upstream` use) is registered; register your services with
+    /// [`ServerBuilder::service`], or the built-in ones (`echo`, `chat`, `http`, `auto`) with
+    /// the `plexus-services` crate.
     pub fn builder(config: Config) -> ServerBuilder {
-        let chat = Chat::new(config.chat.max_line_bytes);
-        let mut services: BTreeMap<String, Arc<dyn Service>> = BTreeMap::new();
-        services.insert("echo".into(), Arc::new(Echo));
-        services.insert("chat".into(), Arc::new(chat));
+        let mut services = ServiceRegistry::default();
         services.insert("forward".into(), Arc::new(Forward));
-        let http = Arc::new(Http::new(&config.http));
-        services.insert("http".into(), Arc::clone(&http) as Arc<dyn Service>);
         ServerBuilder {
             config,
             source: "<config>".into(),
             services,
-            http,
             handle_signals: false,
             systemd: false,
             after_bind: None,

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::breakdown::ServerStatus;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbound::OutboundQueue;
 use crate::worker::{Reply, WorkQueue};
@@ -367,16 +368,24 @@ impl Session<'_> {
             .is_some_and(|m| m.draining.load(std::sync::atomic::Ordering::Acquire))
     }
 
-    /// The server's counters and facts (start, configuration source, reloads), for the
-    /// status page.
-    pub(crate) fn server_registry(&self) -> Option<&Metrics> {
-        self.metrics
+    /// The server's counters with the facts around them (uptime, configuration source, the
+    /// last reload), for a status page. `None` only for a session not running under a
+    /// [`crate::Server`].
+    pub fn server_status(&self) -> Option<ServerStatus> {
+        self.metrics.map(Metrics::status)
     }
 
-    /// Turns this plain session into a TLS session: `received` (bytes the handler read) is
-    /// the start of the ClientHello; once the handshake completes, `service` is opened on the
-    /// decrypted stream and replaces this handler.
-    pub(crate) fn start_tls(
+    /// Turns this plain TCP session into a TLS session — what a protocol group does when the
+    /// first bytes are a TLS ClientHello. `received` holds the bytes the handler has read so
+    /// far (the start of the ClientHello); they become the first ciphertext of the handshake.
+    /// Once the handshake completes, `service` is opened on the decrypted stream and its
+    /// handler replaces this one (so detection can run again inside TLS).
+    ///
+    /// Applied when the current callback returns; the handshake is bounded by
+    /// `handshake_timeout` and counted like a tls listener's. On a session that is already TLS,
+    /// on a session that is closing, or on a udp/dtls session, the request is ignored and the
+    /// session goes on as it was.
+    pub fn start_tls(
         &mut self,
         config: Arc<rustls::ServerConfig>,
         received: Vec<u8>,

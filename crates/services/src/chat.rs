@@ -13,7 +13,7 @@ use bytes::Bytes;
 use plexus_proto::LineFramer;
 use tracing::info;
 
-use crate::service::{Service, Session, SessionHandler};
+use plexus::{Service, Session, SessionHandler};
 
 /// The chat service.
 #[derive(Debug, Clone, Copy)]

@@ -1,7 +1,7 @@
 //! `GET /status` and `GET /status.json`: the live status page of the http service.
 //!
 //! One [`Report`] is built per request from the same counters `/metrics` renders (the server's
-//! [`crate::MetricsSnapshot`] and this service's request counters), then written either as a
+//! [`plexus::MetricsSnapshot`] and this service's request counters), then written either as a
 //! self-contained HTML page (inline CSS, no script, no external asset; `<meta http-equiv=
 //! "refresh">` reloads it every [`REFRESH_SECONDS`]) or as JSON.
 //!
@@ -24,9 +24,8 @@ use plexus_proto::{Acl, Cidr};
 use serde::Serialize;
 
 use super::{HttpSession, HttpStats, LATENCY_BUCKETS, REJECT_STATUSES};
-use crate::config::HttpConfig;
-use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::service::Session;
+use plexus::config::HttpConfig;
+use plexus::{MetricsSnapshot, ServerStatus, Session};
 
 /// How often the HTML page reloads itself.
 pub(super) const REFRESH_SECONDS: u32 = 5;
@@ -326,16 +325,15 @@ fn quantile_ms(buckets: &[u64], total: u64, q: f64) -> Option<f64> {
     LATENCY_BUCKETS.last().map(|le| le * 1e3)
 }
 
-fn refusals(list: &[(crate::RefusalReason, u64)]) -> BTreeMap<&'static str, u64> {
+fn refusals(list: &[(plexus::RefusalReason, u64)]) -> BTreeMap<&'static str, u64> {
     list.iter().map(|(r, n)| (r.as_str(), *n)).collect()
 }
 
-fn build(metrics: &Metrics, http: &HttpStats, page: &StatusPage) -> Report {
+fn build(status: &ServerStatus, http: &HttpStats, page: &StatusPage) -> Report {
     let now = Instant::now();
-    let snapshot = metrics.snapshot();
-    let facts = &metrics.facts;
-    let uptime = now.duration_since(facts.started);
-    let rates = page.rates(&snapshot, uptime, now);
+    let snapshot = &status.metrics;
+    let uptime = status.uptime;
+    let rates = page.rates(snapshot, uptime, now);
     let listeners = snapshot
         .listeners
         .iter()
@@ -372,12 +370,8 @@ fn build(metrics: &Metrics, http: &HttpStats, page: &StatusPage) -> Report {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: uptime.as_secs(),
         started_unix_seconds: snapshot.started_unix_seconds,
-        config_source: facts
-            .config_source
-            .get()
-            .cloned()
-            .unwrap_or_else(|| "<config>".into()),
-        last_reload: facts.last_reload().map(|r| ReloadReport {
+        config_source: status.config_source.clone(),
+        last_reload: status.last_reload.clone().map(|r| ReloadReport {
             at_unix_seconds: r.at_unix_seconds,
             ok: r.ok,
             message: r.message,
@@ -439,11 +433,11 @@ impl HttpSession {
             self.send_simple(session, 403, text, body, keep_alive, head_only);
             return;
         }
-        let Some(metrics) = session.server_registry() else {
+        let Some(status) = session.server_status() else {
             self.not_found(session, keep_alive, head_only);
             return;
         };
-        let report = build(metrics, &self.shared.stats, &self.shared.status);
+        let report = build(&status, &self.shared.stats, &self.shared.status);
         let (mime, body) = if json {
             let mut body = serde_json::to_vec(&report).unwrap_or_default();
             body.push(b'\n');
@@ -886,20 +880,20 @@ mod tests {
 
     #[test]
     fn the_page_escapes_listener_names_and_has_no_external_asset_or_script() {
-        let metrics = Metrics::default();
-        let info = std::sync::Arc::new(crate::service::ListenerInfo {
-            index: 0,
+        let mut status = ServerStatus::default();
+        status.metrics.listeners.push(plexus::ListenerSnapshot {
             name: "<script>x</script>".into(),
-            stats: Default::default(),
-        });
-        metrics.facts.add_listener(crate::breakdown::ListenerEntry {
-            info,
             transport: "tcp",
             addr: "127.0.0.1:1".parse().unwrap(),
             service: "echo".into(),
+            sessions_open: 0,
+            accepted: 0,
+            refused: Vec::new(),
+            bytes_in: 0,
+            bytes_out: 0,
         });
         let page = StatusPage::new(&HttpConfig::default());
-        let html = render_html(&build(&metrics, &HttpStats::default(), &page));
+        let html = render_html(&build(&status, &HttpStats::default(), &page));
         assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"), "{html}");
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("src=") && !html.contains("@import"));

@@ -14,12 +14,16 @@ use std::time::Duration;
 use plexus_proto::detect::{sniff, Sniff, MAX_SNIFF_BYTES};
 use rustls::ServerConfig;
 
-use crate::builtin::http::{self, Http};
-use crate::builtin::Echo;
-use crate::service::{CloseReason, Service, Session, SessionHandler, SessionInfo};
+use plexus::{
+    BoxError, CloseReason, ListenerContext, Service, ServiceFactory, Session, SessionHandler,
+    SessionInfo,
+};
+
+use crate::http::{self, Http};
+use crate::Echo;
 
 /// The protocol group of one listener.
-pub(crate) struct Auto {
+pub struct Auto {
     http: Arc<Http>,
     /// Present when TLS may be detected (the listener is plain TCP and TLS is configured).
     tls: Option<Arc<ServerConfig>>,
@@ -31,7 +35,7 @@ pub(crate) struct Auto {
 impl Auto {
     /// A group for a plain TCP listener (`tls` = the listener's TLS configuration) or, with
     /// `tls = None`, for a tls listener (the transport already decrypted).
-    pub(crate) fn new(http: Arc<Http>, tls: Option<Arc<ServerConfig>>, budget: Duration) -> Auto {
+    pub fn new(http: Arc<Http>, tls: Option<Arc<ServerConfig>>, budget: Duration) -> Auto {
         let inner = tls.as_ref().map(|_| {
             Arc::new(Auto {
                 http: Arc::clone(&http),
@@ -46,6 +50,34 @@ impl Auto {
             budget,
             inner,
         }
+    }
+}
+
+/// Builds the `auto` group of each listener naming it: TLS is detected on plain tcp listeners
+/// (with the listener's TLS configuration), HTTP goes to the shared `http` service, and the
+/// detection budget is the server's `handshake_timeout`.
+pub struct AutoFactory {
+    http: Arc<Http>,
+}
+
+impl AutoFactory {
+    /// A factory whose groups hand HTTP sessions to `http`.
+    pub fn new(http: Arc<Http>) -> AutoFactory {
+        AutoFactory { http }
+    }
+}
+
+impl ServiceFactory for AutoFactory {
+    fn uses_tls(&self) -> bool {
+        true
+    }
+
+    fn build(&self, listener: &ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError> {
+        Ok(Arc::new(Auto::new(
+            Arc::clone(&self.http),
+            listener.tls().cloned(),
+            listener.handshake_timeout(),
+        )))
     }
 }
 

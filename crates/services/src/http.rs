@@ -26,10 +26,9 @@ use plexus_proto::http::{
 };
 use tracing::{debug, info, warn};
 
-use crate::config::HttpConfig;
-use crate::log_throttle::LogThrottle;
-use crate::metrics::{family, sample};
-use crate::service::{Service, Session, SessionHandler};
+use plexus::config::HttpConfig;
+use plexus::prometheus::{family, sample};
+use plexus::{LogThrottle, Service, Session, SessionHandler};
 
 mod status;
 

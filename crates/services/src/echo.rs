@@ -1,7 +1,7 @@
 //! `echo`: every byte comes back unchanged, in order. Backpressure comes from the event loop,
 //! which stops reading a session whose outbound queue passed the high watermark.
 
-use crate::service::{Service, Session, SessionHandler};
+use plexus::{Service, Session, SessionHandler};
 
 /// The echo service.
 #[derive(Debug, Default, Clone, Copy)]
