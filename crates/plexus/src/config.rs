@@ -179,26 +179,57 @@ pub struct PskConfig {
 
 impl PskConfig {
     /// Reads and decodes the key file.
-    pub fn load_key(&self) -> Result<Vec<u8>, String> {
-        let text = std::fs::read_to_string(&self.key_file)
-            .map_err(|err| format!("cannot read {}: {err}", self.key_file.display()))?;
+    pub fn load_key(&self) -> Result<Vec<u8>, PskKeyError> {
+        let path = || self.key_file.clone();
+        let text = std::fs::read_to_string(&self.key_file).map_err(|source| PskKeyError::Read {
+            path: path(),
+            source,
+        })?;
         let hex = text.trim();
         if hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!("{}: not a hex key", self.key_file.display()));
+            return Err(PskKeyError::NotHex { path: path() });
         }
         let key: Vec<u8> = (0..hex.len())
             .step_by(2)
-            .filter_map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+            .filter_map(|i| hex.get(i..i + 2))
+            .filter_map(|pair| u8::from_str_radix(pair, 16).ok())
             .collect();
         if !(16..=64).contains(&key.len()) {
-            return Err(format!(
-                "{}: a key of {} bytes; 16 to 64 are accepted",
-                self.key_file.display(),
-                key.len()
-            ));
+            return Err(PskKeyError::Length {
+                path: path(),
+                len: key.len(),
+            });
         }
         Ok(key)
     }
+}
+
+/// Why a `[[tls.psk]]` key file cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PskKeyError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file does not hold an even number of hex digits.
+    #[error("{}: not a hex key", path.display())]
+    NotHex {
+        /// The key file.
+        path: std::path::PathBuf,
+    },
+    /// The key is shorter than 16 or longer than 64 bytes.
+    #[error("{}: a key of {len} bytes; 16 to 64 are accepted", path.display())]
+    Length {
+        /// The key file.
+        path: std::path::PathBuf,
+        /// Its length in bytes.
+        len: usize,
+    },
 }
 
 impl Default for TlsConfig {
@@ -618,7 +649,7 @@ impl Config {
                         format!("{} is not a regular file", psk.key_file.display()),
                     );
                 } else if let Err(err) = psk.load_key() {
-                    problem(format!("tls.psk[{index}].key_file"), err);
+                    problem(format!("tls.psk[{index}].key_file"), err.to_string());
                 }
             }
             for (key, path) in files {

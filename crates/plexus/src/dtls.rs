@@ -63,13 +63,14 @@ fn isolated<T>(peer: SocketAddr, now: Instant, call: impl FnOnce() -> T) -> (T, 
 
 /// Why a DTLS context could not be built.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DtlsError {
     /// OpenSSL refused the certificate, key or settings.
     #[error("dtls: {0}")]
     OpenSsl(#[from] ErrorStack),
     /// A `[[tls.psk]]` key file could not be used.
     #[error("tls.psk: {0}")]
-    Psk(String),
+    Psk(#[from] crate::config::PskKeyError),
 }
 
 /// The keyed MAC behind cookies, with its rotating secret.

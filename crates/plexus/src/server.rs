@@ -60,9 +60,10 @@ pub enum Error {
     /// The DTLS (OpenSSL) context could not be built.
     #[error("{0}")]
     Dtls(#[from] DtlsError),
-    /// An inherited descriptor (systemd socket activation) could not be used.
+    /// An inherited descriptor (systemd socket activation, or a binary upgrade) could not be
+    /// used.
     #[error("socket activation: {0}")]
-    Inherited(String),
+    Inherited(#[from] InheritedError),
     /// The [`ServerBuilder::after_bind`] hook failed (e.g. privileges could not be dropped).
     #[error("{0}")]
     AfterBind(Box<dyn std::error::Error + Send + Sync>),
@@ -81,6 +82,46 @@ pub enum Error {
         /// What the operating system said.
         source: io::Error,
     },
+}
+
+/// Why the descriptors passed by a service manager (or an upgrading process) cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InheritedError {
+    /// `LISTEN_FDS` / `LISTEN_PID` / `LISTEN_FDNAMES` could not be read.
+    #[error("{0}")]
+    Environment(io::Error),
+    /// A passed descriptor is not what a listener can adopt.
+    #[error("descriptor {fd} for listener '{listener}' {problem}")]
+    Descriptor {
+        /// The descriptor number.
+        fd: usize,
+        /// The listener it was meant for.
+        listener: String,
+        /// What is wrong with it.
+        problem: DescriptorProblem,
+    },
+}
+
+/// What is wrong with a passed descriptor.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DescriptorProblem {
+    /// It is a socket, but not a stream socket.
+    #[error("is not a stream socket")]
+    NotStream,
+    /// It is not a socket at all.
+    #[error("is not a socket: {0}")]
+    NotASocket(io::Error),
+    /// It is not bound to an IPv4/IPv6 address.
+    #[error("is not an IPv4/IPv6 socket")]
+    NotInet,
+    /// It is not listening.
+    #[error("is not listening")]
+    NotListening,
+    /// Whether it listens cannot be told.
+    #[error("cannot be inspected: {0}")]
+    Uninspectable(io::Error),
 }
 
 impl Error {
@@ -564,7 +605,7 @@ struct InheritedSockets {
 impl InheritedSockets {
     fn take(listeners: &[ValidListener]) -> Result<InheritedSockets, Error> {
         let fds =
-            plexus_sys::listen_fds::take().map_err(|err| Error::Inherited(err.to_string()))?;
+            plexus_sys::listen_fds::take().map_err(InheritedError::Environment)?;
         let mut sockets = InheritedSockets::default();
         if fds.is_empty() {
             return Ok(sockets);
@@ -616,23 +657,26 @@ fn raw_position(socket: &Socket) -> usize {
 
 /// An inherited descriptor must be a listening TCP socket.
 fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(), Error> {
-    let fd = position + 3;
-    let problem = |what: String| {
-        Error::Inherited(format!("descriptor {fd} for listener '{listener}' {what}"))
+    let problem = |problem: DescriptorProblem| {
+        Error::Inherited(InheritedError::Descriptor {
+            fd: position + 3,
+            listener: listener.to_owned(),
+            problem,
+        })
     };
     match socket.r#type() {
         Ok(Type::STREAM) => {}
-        Ok(_) => return Err(problem("is not a stream socket".into())),
-        Err(err) => return Err(problem(format!("is not a socket: {err}"))),
+        Ok(_) => return Err(problem(DescriptorProblem::NotStream)),
+        Err(err) => return Err(problem(DescriptorProblem::NotASocket(err))),
     }
     match socket.local_addr().map(|addr| addr.as_socket()) {
         Ok(Some(_)) => {}
-        _ => return Err(problem("is not an IPv4/IPv6 socket".into())),
+        _ => return Err(problem(DescriptorProblem::NotInet)),
     }
     match socket.is_listener() {
         Ok(true) => Ok(()),
-        Ok(false) => Err(problem("is not listening".into())),
-        Err(err) => Err(problem(format!("cannot be inspected: {err}"))),
+        Ok(false) => Err(problem(DescriptorProblem::NotListening)),
+        Err(err) => Err(problem(DescriptorProblem::Uninspectable(err))),
     }
 }
 

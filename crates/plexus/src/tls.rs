@@ -25,6 +25,7 @@ const EPHEMERAL_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
 /// Why certificates could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TlsError {
     /// A file could not be read.
     #[error("cannot read {path}: {source}")]
@@ -41,13 +42,16 @@ pub enum TlsError {
         path: PathBuf,
     },
     /// A PEM block could not be parsed.
-    #[error("{path}: invalid PEM: {detail}")]
+    #[error("{}: invalid PEM: {source}", path.display())]
     Pem {
         /// The file.
         path: PathBuf,
-        /// What was wrong.
-        detail: String,
+        /// What the PEM parser said.
+        source: rustls::pki_types::pem::Error,
     },
+    /// The generated ephemeral key could not be used.
+    #[error("the generated ephemeral key is unusable: {0}")]
+    EphemeralKey(&'static str),
     /// The key is not usable with the certificate (unsupported type, or not its key).
     #[error("{path}: {source}")]
     Key {
@@ -253,9 +257,9 @@ fn load_pair(
             source,
         })
     };
-    let pem_error = |path: &Path, err: rustls::pki_types::pem::Error| TlsError::Pem {
+    let pem_error = |path: &Path, source: rustls::pki_types::pem::Error| TlsError::Pem {
         path: path.to_owned(),
-        detail: err.to_string(),
+        source,
     };
     let cert_pem = read(cert_path)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
@@ -291,12 +295,8 @@ fn ephemeral(
         .collect::<Vec<_>>();
     let generated = rcgen::generate_simple_self_signed(names)?;
     let cert = generated.cert.der().clone();
-    let key = PrivateKeyDer::try_from(generated.key_pair.serialize_der()).map_err(|detail| {
-        TlsError::Pem {
-            path: PathBuf::from("<ephemeral>"),
-            detail: detail.to_owned(),
-        }
-    })?;
+    let key = PrivateKeyDer::try_from(generated.key_pair.serialize_der())
+        .map_err(TlsError::EphemeralKey)?;
     let certified =
         CertifiedKey::from_der(vec![cert], key.clone_key(), provider).map_err(|source| {
             TlsError::Key {

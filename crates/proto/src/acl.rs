@@ -13,6 +13,7 @@ use std::str::FromStr;
 /// Why a CIDR could not be parsed or built. Every variant quotes the text
 /// that was rejected.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AclError {
     /// The address part is not an IPv4 or IPv6 address.
     #[error("invalid IP address {address:?} in {input:?}")]

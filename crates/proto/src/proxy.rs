@@ -43,6 +43,7 @@ pub enum ProxyHeader {
 
 /// Why bytes are not a valid PROXY header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProxyError {
     /// Neither the v1 preamble nor the v2 signature.
     #[error("not a PROXY protocol header")]

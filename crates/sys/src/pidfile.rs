@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Why the pid file could not be taken.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PidFileError {
     /// Another process holds the lock.
     #[error("plexus already running with pid {pid} (pid file {})", path.display())]

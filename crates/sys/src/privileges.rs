@@ -12,6 +12,7 @@ use std::path::Path;
 
 /// Why privileges could not be dropped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum PrivilegeError {
     /// No such user in the password database.
     #[error("user '{0}' not found")]

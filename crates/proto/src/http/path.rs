@@ -4,6 +4,7 @@
 
 /// Why a request-target cannot name a file under the root.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PathError {
     /// Not origin-form (`/path?query`): absolute-form, authority-form, `*`.
     #[error("request-target is not an absolute path")]

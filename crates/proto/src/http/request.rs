@@ -203,6 +203,7 @@ pub enum RequestEvent {
 /// Why a request was refused. Each variant maps to the status the server
 /// answers with ([`RequestError::status`]) before closing the connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// The request line is not `method SP request-target SP HTTP-version`.
     #[error("malformed request line: {0}")]
