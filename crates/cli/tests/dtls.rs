@@ -56,7 +56,9 @@ impl InProcess {
 
     fn from_text(text: &str) -> InProcess {
         let config = plexus::Config::parse(text, "dtls-test").unwrap();
-        let server = plexus::Server::builder(config).build().unwrap();
+        let server = plexus_services::register(plexus::Server::builder(config))
+            .build()
+            .unwrap();
         let addr = server.local_addr("dtls-echo").unwrap();
         let handle = server.handle();
         let runner = Some(thread::spawn(move || server.run()));
@@ -610,7 +612,9 @@ fn stalled_dtls_handshakes_never_take_every_tls_handshake_slot() {
         dtls_config("max_handshakes = 4\nhandshake_timeout = \"60s\"")
     );
     let config = plexus::Config::parse(&text, "dtls-share").unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let dtls = server.local_addr("dtls-echo").unwrap();
     let tls = server.local_addr("tls-echo").unwrap();
     let handle = server.handle();

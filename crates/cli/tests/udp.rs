@@ -249,7 +249,9 @@ fn one_hosts_source_ports_reclaim_only_that_hosts_sessions() {
         "udp-per-ip",
     )
     .unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let to = server.local_addr("udp-echo").unwrap();
     let handle = server.handle();
     let runner = thread::spawn(move || server.run());
@@ -290,7 +292,9 @@ fn a_new_datagram_peer_replaces_the_longest_idle_one_when_streams_fill_max_conne
             .replace("event_loops = 2", "event_loops = 1")
     );
     let config = plexus::Config::parse(&text, "udp-total").unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let udp = server.local_addr("udp-echo").unwrap();
     let tcp = server.local_addr("tcp-echo").unwrap();
     let handle = server.handle();
@@ -360,7 +364,9 @@ fn udp_listener_with_a_stream_service_is_a_config_error() {
 fn udp_metrics_count_datagrams_and_sessions() {
     let config =
         plexus::Config::parse(&udp_config("idle_timeout = \"1s\""), "udp-metrics").unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let to = server.local_addr("udp-echo").unwrap();
     let handle = server.handle();
     let runner = thread::spawn(move || server.run());
@@ -403,7 +409,9 @@ fn udp_acl_drops_datagrams_of_denied_sources() {
         udp_config("idle_timeout = \"60s\"")
     );
     let config = plexus::Config::parse(&text, "udp-acl").unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let to = server.local_addr("udp-echo").unwrap();
     let handle = server.handle();
     let runner = thread::spawn(move || server.run());

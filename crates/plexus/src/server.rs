@@ -604,8 +604,7 @@ struct InheritedSockets {
 
 impl InheritedSockets {
     fn take(listeners: &[ValidListener]) -> Result<InheritedSockets, Error> {
-        let fds =
-            plexus_sys::listen_fds::take().map_err(InheritedError::Environment)?;
+        let fds = plexus_sys::listen_fds::take().map_err(InheritedError::Environment)?;
         let mut sockets = InheritedSockets::default();
         if fds.is_empty() {
             return Ok(sockets);
