@@ -54,6 +54,7 @@ use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
+use crate::service::{SessionExtras, TimerRequest};
 use crate::service::{SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -85,6 +86,8 @@ pub(crate) enum DatagramTimer {
     Handshake,
     /// OpenSSL's DTLS retransmission timer.
     Retransmit,
+    /// The handler's deadline ([`Session::set_timer`]).
+    Handler,
 }
 
 /// What every loop needs to know about one udp/dtls listener.
@@ -188,6 +191,11 @@ struct DatagramSession {
     last_activity: Instant,
     idle_timer: Option<TimerKey>,
     dtls: Option<Box<DtlsPeer>>,
+    /// The handler's timer and its pending change (allocated by the sessions that use one).
+    extras: Option<Box<SessionExtras>>,
+    /// The handler asked for `on_drain` once the socket's send queue is down to the low
+    /// watermark.
+    drain_wanted: bool,
     _ticket: Ticket,
     _place: DatagramPlace,
 }
@@ -246,6 +254,9 @@ pub(crate) struct DatagramEndpoint {
     held: bool,
     /// Old process of an upgrade: its sessions were kept for the drain (`release`).
     released: bool,
+    /// Sessions that asked for `on_drain` (key and id), told once their socket's send queue
+    /// is down to the low watermark. At most one entry per session (`drain_wanted`).
+    drain_waiters: Vec<(usize, SessionId)>,
 }
 
 impl DatagramEndpoint {
@@ -265,6 +276,7 @@ impl DatagramEndpoint {
             draining: false,
             held: false,
             released: false,
+            drain_waiters: Vec::new(),
         }
     }
 
@@ -350,7 +362,7 @@ impl DatagramEndpoint {
         self.sockets.iter().any(|socket| {
             (socket.readable && !socket.read_paused && !socket.retired && !self.held)
                 || socket.relay.as_ref().is_some_and(|relay| relay.readable)
-        })
+        }) || self.drain_due()
     }
 
     /// Datagram sessions open on this loop.
@@ -387,6 +399,7 @@ impl DatagramEndpoint {
 
     /// Serves every socket with unread datagrams (after the loop's events of a turn).
     pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
+        self.deliver_drains(now, parts);
         for index in 0..self.sockets.len() {
             if self.sockets[index]
                 .relay
@@ -694,6 +707,8 @@ impl DatagramEndpoint {
             last_activity: now,
             idle_timer: Some(idle_timer),
             dtls,
+            extras: None,
+            drain_wanted: false,
             _ticket: ticket,
             _place: place,
         });
@@ -930,12 +945,12 @@ impl DatagramEndpoint {
             outbound,
             closing,
             work,
+            extras,
+            drain_wanted,
             ..
         } = session;
-        // Handler timers, drain requests and TLS upgrades are stream features: a datagram
-        // session's requests land here and are not acted on.
-        let mut extras = None;
-        let mut drain_wanted = false;
+        // A TLS upgrade request (a stream feature) lands in `extras` and is dropped by
+        // `after_callback`; timers and drain requests are applied there.
         let mut handle = Session {
             info,
             outbound,
@@ -945,8 +960,8 @@ impl DatagramEndpoint {
             work,
             work_limit: self.limits.work_limit,
             relay: None,
-            extras: &mut extras,
-            drain_wanted: &mut drain_wanted,
+            extras,
+            drain_wanted,
             high_watermark: self.limits.high_watermark,
             metrics: parts.metrics,
         };
@@ -1001,9 +1016,71 @@ impl DatagramEndpoint {
                 }
             }
         }
+        self.apply_handler_requests(key, now, parts);
         let closing = self.sessions.get(key).and_then(|s| s.closing.clone());
         if let Some(reason) = closing {
             self.close(key, reason, parts);
+        }
+    }
+
+    /// Applies what the handler asked for in its callback: its timer set or cancelled, a
+    /// drain notification (queued until the socket's send queue has room). A TLS upgrade
+    /// request is a stream feature and is dropped.
+    fn apply_handler_requests(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if std::mem::take(&mut session.drain_wanted) && session.closing.is_none() {
+            self.drain_waiters.push((key, session.info.id));
+        }
+        let id = session.info.id;
+        let Some(extras) = session.extras.as_deref_mut() else {
+            return;
+        };
+        if extras.tls_upgrade.take().is_some() {
+            debug!(session = %id, "start_tls is not available on udp/dtls sessions; ignored");
+        }
+        let request = std::mem::take(&mut extras.timer_request);
+        if request == TimerRequest::Keep {
+            return;
+        }
+        if let Some(timer) = extras.handler_timer.take() {
+            parts.timers.cancel(timer);
+        }
+        if let TimerRequest::Set(after) = request {
+            let due = deadline_after(now, after);
+            let entry = timer_entry(key, id, DatagramTimer::Handler);
+            extras.handler_timer = Some(parts.timers.insert(due, entry));
+        }
+    }
+
+    /// Whether a session waits for `on_drain` and its socket's queue is down to the low
+    /// watermark (the loop must not block while one does).
+    fn drain_due(&self) -> bool {
+        self.drain_waiters.iter().any(|(key, _)| {
+            self.sessions
+                .get(*key)
+                .is_some_and(|s| self.sockets[s.socket].pending_bytes <= self.limits.low_watermark)
+        })
+    }
+
+    /// Calls `on_drain` for the sessions that asked and whose socket has room; the others
+    /// keep waiting. A handler that asks again in `on_drain` is told on a later turn.
+    fn deliver_drains(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
+        if self.drain_waiters.is_empty() {
+            return;
+        }
+        let waiters = std::mem::take(&mut self.drain_waiters);
+        for (key, id) in waiters {
+            let Some(session) = self.sessions.get(key).filter(|s| s.info.id == id) else {
+                continue;
+            };
+            if self.sockets[session.socket].pending_bytes > self.limits.low_watermark {
+                self.drain_waiters.push((key, id));
+                continue;
+            }
+            self.callback(key, parts, |handler, handle| handler.on_drain(handle));
+            self.after_callback(key, now, parts);
         }
     }
 
@@ -1097,6 +1174,16 @@ impl DatagramEndpoint {
                     self.close(key, CloseReason::HandshakeTimeout, parts);
                 }
             }
+            DatagramTimer::Handler => {
+                if let Some(extras) = session.extras.as_deref_mut() {
+                    extras.handler_timer = None;
+                }
+                let index = session.socket;
+                self.callback(key, parts, |handler, handle| handler.on_timer(handle));
+                self.after_callback(key, now, parts);
+                // Timers run after the turn's flush: send what the handler queued now.
+                self.flush(index);
+            }
             DatagramTimer::Retransmit => {
                 let Some(dtls) = session.dtls.as_mut() else {
                     return;
@@ -1130,6 +1217,12 @@ impl DatagramEndpoint {
             }
         };
         cancel(session.idle_timer.take());
+        cancel(
+            session
+                .extras
+                .as_deref_mut()
+                .and_then(|extras| extras.handler_timer.take()),
+        );
         let open = match session.dtls.as_mut() {
             Some(dtls) => {
                 cancel(dtls.handshake_timer.take());

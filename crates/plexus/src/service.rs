@@ -330,6 +330,7 @@ impl Session<'_> {
 
     /// Calls [`SessionHandler::on_timer`] once `after` has passed (replacing an earlier
     /// deadline). For protocol deadlines such as "the request head must arrive in 10 s".
+    /// Works the same on every transport (tcp, tls, udp, dtls sessions).
     pub fn set_timer(&mut self, after: Duration) {
         self.extras.get_or_insert_with(Box::default).timer_request = TimerRequest::Set(after);
     }
@@ -350,7 +351,9 @@ impl Session<'_> {
     }
 
     /// Asks for one [`SessionHandler::on_drain`] call once the outbound queue is down to the
-    /// low watermark (at once, after this callback, if it already is).
+    /// low watermark (at once, after this callback, if it already is). On a udp or dtls
+    /// session the queue that counts is its socket's send queue, shared with the other peers
+    /// of that socket.
     pub fn notify_when_drained(&mut self) {
         *self.drain_wanted = true;
     }

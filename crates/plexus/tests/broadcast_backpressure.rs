@@ -3,8 +3,9 @@
 //!
 //! The service broadcasts every byte it reads as its own message, so one 64 KiB read becomes
 //! 65,536 broadcasts: far more than a loop may have in flight towards another (half its
-//! 65,536-command channel), while the receiving loop is held up for a second by a member whose
-//! handler blocks (`!`; a stand-in for a loop busy with other work). Before, what did not fit
+//! 65,536-command channel), while the receiving loop is held up by a member whose handler
+//! blocks (`!`; a stand-in for a loop busy with other work) until the sender has stalled.
+//! Before, what did not fit
 //! was dropped with a debug log.
 
 use std::io::{Read, Write};
@@ -12,7 +13,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use plexus::{Config, Server, ServerHandle, Service, Session, SessionHandler};
+
+/// Lets the blocked loop go on.
+static RELEASE: AtomicBool = AtomicBool::new(false);
 
 struct Bytewise;
 struct BytewiseSession;
@@ -26,8 +32,12 @@ impl Service for Bytewise {
 impl SessionHandler for BytewiseSession {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
         if data == b"!" {
-            // Holds this loop up (on purpose: a test of what the other loop does meanwhile).
-            thread::sleep(Duration::from_secs(1));
+            // Holds this loop up (on purpose: a test of what the other loop does meanwhile)
+            // until the test has seen the sender stall, or 30 s at most.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !RELEASE.load(Ordering::Acquire) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
             return;
         }
         for byte in data {
@@ -118,7 +128,16 @@ fn a_flood_of_broadcasts_to_another_loop_arrives_whole_and_in_order() {
         .collect();
     blocker.write_all(b"!").unwrap();
     thread::sleep(Duration::from_millis(100));
-    sender.write_all(&expected).unwrap();
+    let flood = expected.clone();
+    let writer = thread::spawn(move || sender.write_all(&flood));
+    // Loop 1 stays blocked until the sender has been paused for want of room there.
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while server.handle.metrics().broadcast_stalls == 0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let stalled = server.handle.metrics().broadcast_stalls;
+    RELEASE.store(true, Ordering::Release);
+    writer.join().unwrap().unwrap();
     for reader in readers {
         match reader.join() {
             Ok(Ok(())) => {}
@@ -126,10 +145,9 @@ fn a_flood_of_broadcasts_to_another_loop_arrives_whole_and_in_order() {
             Err(_) => panic!("reader panicked"),
         }
     }
-    let metrics = server.handle.metrics();
     assert!(
-        metrics.broadcast_stalls > 0,
-        "the sender was paused while loop 1 had no room"
+        stalled > 0,
+        "the sender was never paused while loop 1 had no room"
     );
-    assert_eq!(metrics.closed_outbound_overflow, 0);
+    assert_eq!(server.handle.metrics().closed_outbound_overflow, 0);
 }
