@@ -51,6 +51,7 @@ use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
 use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
 use crate::idle_order::{IdleOrder, Scope};
 use crate::log_throttle::LogThrottle;
+use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
@@ -228,6 +229,8 @@ impl SessionHandler for Opening {
 
 /// The loop's parts a datagram operation touches besides the endpoint itself.
 pub(crate) struct LoopParts<'a> {
+    pub(crate) now: Instant,
+    pub(crate) locals: &'a mut LoopLocals,
     pub(crate) timers: &'a mut TimerWheel<TimerEntry>,
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
     pub(crate) metrics: Option<&'a Metrics>,
@@ -964,6 +967,8 @@ impl DatagramEndpoint {
             drain_wanted,
             high_watermark: self.limits.high_watermark,
             metrics: parts.metrics,
+            now: parts.now,
+            locals: &mut *parts.locals,
         };
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");

@@ -30,6 +30,7 @@ use crate::config::READ_CHUNK;
 use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
+use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::{Flushed, OutboundQueue};
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
@@ -245,6 +246,8 @@ pub(crate) struct EventLoop {
     stopping: bool,
     // datagram: this loop's udp/dtls sockets and their sessions.
     datagram: DatagramEndpoint,
+    /// Services' per-loop state ([`crate::LoopLocal`]).
+    locals: LoopLocals,
 }
 
 impl EventLoop {
@@ -290,6 +293,7 @@ impl EventLoop {
             idle_limit: limits.idle_timeout,
             // datagram:
             datagram: DatagramEndpoint::new(limits.clone(), Arc::clone(&stats)),
+            locals: LoopLocals::default(),
             limits,
             stats,
             metrics: None,
@@ -361,6 +365,8 @@ impl EventLoop {
                 // datagram: a udp/dtls socket's readiness.
                 if let Some(index) = datagram::token_socket(event.token()) {
                     let mut parts = LoopParts {
+                        now,
+                        locals: &mut self.locals,
                         timers: &mut self.timers,
                         broadcasts: &mut self.broadcasts,
                         metrics: self.metrics.as_deref(),
@@ -401,6 +407,8 @@ impl EventLoop {
             }
             // datagram: sockets with datagrams left unread, then every queued reply.
             let mut parts = LoopParts {
+                now,
+                locals: &mut self.locals,
                 timers: &mut self.timers,
                 broadcasts: &mut self.broadcasts,
                 metrics: self.metrics.as_deref(),
@@ -473,6 +481,8 @@ impl EventLoop {
                 }
                 Command::ResumeDatagrams => {
                     let mut parts = LoopParts {
+                        now,
+                        locals: &mut self.locals,
                         timers: &mut self.timers,
                         broadcasts: &mut self.broadcasts,
                         metrics: self.metrics.as_deref(),
@@ -611,6 +621,8 @@ impl EventLoop {
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
             let mut context = CallbackContext {
+                now,
+                locals: &mut self.locals,
                 broadcasts: &mut self.broadcasts,
                 limits: &self.limits,
                 stats: &self.stats,
@@ -626,7 +638,7 @@ impl EventLoop {
 
     /// Reads what the session has (within its budget), hands it to the handler, then flushes.
     fn serve(&mut self, key: usize, now: Instant) {
-        self.deliver_drain(key);
+        self.deliver_drain(key, now);
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -662,6 +674,8 @@ impl EventLoop {
                     session.last_activity = now;
                     self.stats.received(&session.info.listener, n);
                     let mut context = CallbackContext {
+                        now,
+                        locals: &mut self.locals,
                         broadcasts: &mut self.broadcasts,
                         limits: &self.limits,
                         stats: &self.stats,
@@ -787,6 +801,8 @@ impl EventLoop {
         debug!(session = %session.info.id, client = %session.info.peer, via = %balancer, "PROXY header accepted");
         let rest = &received[consumed..];
         let mut context = CallbackContext {
+            now,
+            locals: &mut self.locals,
             broadcasts: &mut self.broadcasts,
             limits: &self.limits,
             stats: &self.stats,
@@ -877,6 +893,8 @@ impl EventLoop {
             session.last_activity = now;
             self.stats.received(&session.info.listener, n);
             let mut context = CallbackContext {
+                now,
+                locals: &mut self.locals,
                 broadcasts: &mut self.broadcasts,
                 limits: &self.limits,
                 stats: &self.stats,
@@ -1026,6 +1044,8 @@ impl EventLoop {
         session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
         LoopStats::add(&self.stats.tls_sessions_open, 1);
         let mut context = CallbackContext {
+            now,
+            locals: &mut self.locals,
             broadcasts: &mut self.broadcasts,
             limits: &self.limits,
             stats: &self.stats,
@@ -1041,7 +1061,7 @@ impl EventLoop {
     }
 
     /// Calls the handler's `on_drain`, when the queue drained as it asked.
-    fn deliver_drain(&mut self, key: usize) {
+    fn deliver_drain(&mut self, key: usize, now: Instant) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -1050,6 +1070,8 @@ impl EventLoop {
         }
         session.drain_due = false;
         let mut context = CallbackContext {
+            now,
+            locals: &mut self.locals,
             broadcasts: &mut self.broadcasts,
             limits: &self.limits,
             stats: &self.stats,
@@ -1067,6 +1089,8 @@ impl EventLoop {
             extras.handler_timer = None;
         }
         let mut context = CallbackContext {
+            now,
+            locals: &mut self.locals,
             broadcasts: &mut self.broadcasts,
             limits: &self.limits,
             stats: &self.stats,
@@ -1480,6 +1504,8 @@ impl EventLoop {
             // datagram: udp/dtls session timers.
             if let TimerKind::Datagram(kind) = kind {
                 let mut parts = LoopParts {
+                    now,
+                    locals: &mut self.locals,
                     timers: &mut self.timers,
                     broadcasts: &mut self.broadcasts,
                     metrics: self.metrics.as_deref(),
@@ -1571,6 +1597,8 @@ impl EventLoop {
         self.idle_limit = self.idle_limit.min(DRAIN_IDLE);
         // datagram: no new peers; datagram sessions end now (DTLS with close_notify).
         let mut parts = LoopParts {
+            now,
+            locals: &mut self.locals,
             timers: &mut self.timers,
             broadcasts: &mut self.broadcasts,
             metrics: self.metrics.as_deref(),
@@ -1600,11 +1628,14 @@ impl EventLoop {
     }
 
     fn close_all(&mut self, reason: CloseReason) {
+        let now = Instant::now();
         for key in self.sessions.keys() {
             self.close(key, reason.clone());
         }
         // datagram:
         let mut parts = LoopParts {
+            now,
+            locals: &mut self.locals,
             timers: &mut self.timers,
             broadcasts: &mut self.broadcasts,
             metrics: self.metrics.as_deref(),

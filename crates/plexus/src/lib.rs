@@ -46,6 +46,7 @@ mod event_loop;
 mod forward;
 mod idle_order;
 mod log_throttle;
+mod loop_local;
 mod metrics;
 mod outbound;
 pub mod prometheus {
@@ -67,6 +68,7 @@ pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome, ServerStatus}
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use log_throttle::LogThrottle;
+pub use loop_local::LoopLocal;
 pub use metrics::MetricsSnapshot;
 pub use registry::{BoxError, ListenerContext, ServiceFactory};
 pub use server::{Error, Server, ServerBuilder, ServerHandle};

@@ -11,11 +11,12 @@ use std::fmt;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::breakdown::ServerStatus;
+use crate::loop_local::{LoopLocal, LoopLocals};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbound::OutboundQueue;
 use crate::worker::{Reply, WorkQueue};
@@ -247,6 +248,10 @@ pub struct Session<'a> {
     pub(crate) drain_wanted: &'a mut bool,
     pub(crate) high_watermark: usize,
     pub(crate) metrics: Option<&'a Metrics>,
+    /// The loop's clock for this callback.
+    pub(crate) now: Instant,
+    /// The loop's per-service state ([`crate::LoopLocal`]).
+    pub(crate) locals: &'a mut LoopLocals,
 }
 
 impl Session<'_> {
@@ -261,6 +266,21 @@ impl Session<'_> {
     /// What stays true for the session's whole life.
     pub fn info(&self) -> &SessionInfo {
         self.info
+    }
+
+    /// The time of this callback: the event loop reads its clock once per turn (after
+    /// `epoll_wait`) and every callback of that turn sees the same instant. Protocol code
+    /// takes its time from here rather than calling `Instant::now()` (cheaper, and a test
+    /// harness can set it).
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// This event loop's value of `key` (created with `T::default()` on first use): state a
+    /// service shares among its sessions on one loop without a lock. See
+    /// [`crate::LoopLocal`].
+    pub fn loop_local<T: Default + Send + 'static>(&mut self, key: &LoopLocal<T>) -> &mut T {
+        self.locals.get(key)
     }
 
     /// Queues bytes for the peer. If the queue would pass `outbound_limit` the session is

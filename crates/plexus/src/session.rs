@@ -24,6 +24,7 @@ use tracing::error;
 use crate::admission::{HandshakeSlot, Ticket};
 use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
+use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, Session, SessionExtras};
@@ -134,6 +135,8 @@ impl TcpSession {
 
 /// What a handler callback needs besides its session: the loop's shared parts.
 pub(crate) struct CallbackContext<'a> {
+    pub(crate) now: Instant,
+    pub(crate) locals: &'a mut LoopLocals,
     pub(crate) broadcasts: &'a mut Vec<Broadcast>,
     pub(crate) limits: &'a SessionLimits,
     pub(crate) stats: &'a LoopStats,
@@ -173,6 +176,8 @@ impl TcpSession {
             drain_wanted,
             high_watermark: context.limits.high_watermark,
             metrics: context.metrics,
+            now: context.now,
+            locals: &mut *context.locals,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

@@ -132,3 +132,83 @@ fn unknown_service_is_a_config_error_naming_the_key() {
     assert!(text.contains("listener[0].service"), "{text}");
     assert!(text.contains("'count'"), "{text}");
 }
+
+/// Answers every chunk with how many bytes its event loop has received in all, kept in a
+/// `LoopLocal` (one counter per loop, no lock).
+struct PerLoop {
+    total: plexus::LoopLocal<u64>,
+}
+struct PerLoopSession {
+    total: plexus::LoopLocal<u64>,
+}
+
+impl Service for PerLoop {
+    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        Box::new(PerLoopSession {
+            total: self.total.clone(),
+        })
+    }
+}
+
+impl SessionHandler for PerLoopSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        let total = session.loop_local(&self.total);
+        *total += data.len() as u64;
+        let line = format!("{total}\n");
+        session.send(line.as_bytes());
+    }
+}
+
+#[test]
+fn loop_local_state_is_shared_by_the_sessions_of_one_loop_only() {
+    let text = "[server]\nevent_loops = 2\n[[listener]]\nname = \"count\"\ntransport = \"tcp\"\n\
+                addr = \"127.0.0.1:0\"\nservice = \"count\"\n";
+    let server = Server::builder(Config::parse(text, "test").unwrap())
+        .service(
+            "count",
+            PerLoop {
+                total: plexus::LoopLocal::new(),
+            },
+        )
+        .build()
+        .unwrap();
+    let addr = server.local_addr("count").unwrap();
+    let handle = server.handle();
+    let running = thread::spawn(move || server.run());
+    let ask = |stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, data: &[u8]| {
+        stream.write_all(data).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line.trim().parse::<u64>().unwrap()
+    };
+    // New sessions go to the loop with the fewest: a and b land on different loops, c on
+    // a's loop once b's loop has more sessions than a's.
+    let mut a = connect(addr);
+    let mut a_reader = BufReader::new(a.try_clone().unwrap());
+    assert_eq!(ask(&mut a, &mut a_reader, b"1234"), 4);
+    let mut b = connect(addr);
+    let mut b_reader = BufReader::new(b.try_clone().unwrap());
+    assert_eq!(
+        ask(&mut b, &mut b_reader, b"12"),
+        2,
+        "b's loop starts from zero"
+    );
+    let mut b2 = connect(addr);
+    let mut b2_reader = BufReader::new(b2.try_clone().unwrap());
+    let third = ask(&mut b2, &mut b2_reader, b"1");
+    // The third session shares a counter with a (5) or with b (3), never a fresh one.
+    assert!(third == 5 || third == 3, "{third}");
+    // Each loop's counter has every byte of its sessions: 4 + 1 + 2 + 1 + 1 in all.
+    let (a_total, b_total) = (
+        ask(&mut a, &mut a_reader, b"1"),
+        ask(&mut b, &mut b_reader, b"1"),
+    );
+    assert_eq!(a_total + b_total, 9, "{a_total} + {b_total}");
+    assert_eq!(
+        a_total == 6,
+        third == 5,
+        "the third session's loop counted its byte"
+    );
+    handle.stop();
+    running.join().unwrap().unwrap();
+}

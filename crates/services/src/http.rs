@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use plexus::config::HttpConfig;
 use plexus::prometheus::{family, sample};
-use plexus::{LogThrottle, Service, Session, SessionHandler};
+use plexus::{LogThrottle, LoopLocal, Service, Session, SessionHandler};
 
 mod status;
 
@@ -63,12 +63,12 @@ const LATENCY_BUCKETS: [f64; 12] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 0.5, 2.5,
 ];
 
-/// Small files kept in memory, per event-loop thread (no lock on the hot path), for at most
-/// `file_cache_valid` before the file is looked at again (as nginx's `open_file_cache_valid`).
-/// Bounded by `file_cache_bytes` per loop; when full it starts over (entries are cheap to refill).
+/// Small files kept in memory, per event loop (a [`LoopLocal`]: no lock on the hot path), for
+/// at most `file_cache_valid` before the file is looked at again (as nginx's
+/// `open_file_cache_valid`). Bounded by `file_cache_bytes` per loop; when full it starts over
+/// (entries are cheap to refill).
 struct FileCache {
-    /// Tells this service's entries apart from another server's in the same thread.
-    id: usize,
+    store: LoopLocal<CacheStore>,
     capacity: usize,
     valid: Duration,
 }
@@ -79,22 +79,17 @@ struct CachedFile {
     filled: Instant,
 }
 
+/// One loop's cached files, by path (looked up by `&str`: no allocation on a hit).
 #[derive(Default)]
 struct CacheStore {
-    /// By cache id, then by path (looked up by `&str`: no allocation on a hit).
-    entries: std::collections::HashMap<usize, std::collections::HashMap<String, CachedFile>>,
+    files: std::collections::HashMap<String, CachedFile>,
     bytes: usize,
-}
-
-thread_local! {
-    static FILE_CACHE: std::cell::RefCell<CacheStore> = std::cell::RefCell::default();
 }
 
 impl FileCache {
     fn new(capacity: usize, valid: Duration) -> FileCache {
-        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         FileCache {
-            id: NEXT_ID.fetch_add(1, Relaxed) as usize,
+            store: LoopLocal::new(),
             capacity,
             valid,
         }
@@ -105,41 +100,40 @@ impl FileCache {
         len <= INLINE_FILE_MAX && (len as usize) <= self.capacity
     }
 
-    fn get(&self, key: &str, now: Instant) -> Option<(Arc<FileMeta>, FileBody)> {
+    fn get(&self, session: &mut Session<'_>, key: &str) -> Option<(Arc<FileMeta>, FileBody)> {
         if self.capacity == 0 {
             return None;
         }
-        FILE_CACHE.with(|store| {
-            let store = store.borrow();
-            let entry = store.entries.get(&self.id)?.get(key)?;
-            (now.duration_since(entry.filled) < self.valid).then(|| {
-                (
-                    Arc::clone(&entry.meta),
-                    FileBody::Memory(entry.body.clone()),
-                )
-            })
+        let now = session.now();
+        let entry = session.loop_local(&self.store).files.get(key)?;
+        (now.duration_since(entry.filled) < self.valid).then(|| {
+            (
+                Arc::clone(&entry.meta),
+                FileBody::Memory(entry.body.clone()),
+            )
         })
     }
 
-    fn insert(&self, key: String, meta: Arc<FileMeta>, body: Bytes, now: Instant) {
-        FILE_CACHE.with(|store| {
-            let mut store = store.borrow_mut();
-            if store.bytes + body.len() > self.capacity {
-                store.entries.clear();
-                store.bytes = 0;
-            }
-            store.bytes += body.len();
-            let entry = CachedFile {
-                meta,
-                body,
-                filled: now,
-            };
-            let files = store.entries.entry(self.id).or_default();
-            if let Some(old) = files.insert(key, entry) {
-                store.bytes -= old.body.len();
-            }
-        });
+    fn insert(&self, session: &mut Session<'_>, key: String, meta: Arc<FileMeta>, body: Bytes) {
+        let filled = session.now();
+        let store = session.loop_local(&self.store);
+        if store.bytes + body.len() > self.capacity {
+            store.files.clear();
+            store.bytes = 0;
+        }
+        store.bytes += body.len();
+        let entry = CachedFile { meta, body, filled };
+        if let Some(old) = store.files.insert(key, entry) {
+            store.bytes -= old.body.len();
+        }
     }
+}
+
+/// The `Date` header value of one loop, formatted at most once per second.
+#[derive(Default)]
+struct DateCache {
+    second: Option<u64>,
+    value: String,
 }
 
 /// The http service. Shared by every http listener of a server.
@@ -154,6 +148,7 @@ struct Shared {
     limits: Limits,
     header_timeout: Duration,
     cache: FileCache,
+    dates: LoopLocal<DateCache>,
     stats: HttpStats,
     /// Refused requests are logged at most once a second (a flood must not flood the log).
     refusals: Mutex<LogThrottle>,
@@ -287,6 +282,7 @@ impl Http {
                 limits,
                 header_timeout: config.header_timeout,
                 cache: FileCache::new(config.file_cache_bytes, config.file_cache_valid),
+                dates: LoopLocal::new(),
                 stats: HttpStats::default(),
                 refusals: Mutex::new(LogThrottle::new()),
                 status: status::StatusPage::new(config),
@@ -421,7 +417,7 @@ impl HttpSession {
             .refusals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .allow(Instant::now());
+            .allow(session.now());
         if let Some(also) = allowed {
             info!(
                 "http request refused peer={} listener={} status={status}: {why} \
@@ -646,7 +642,7 @@ impl HttpSession {
                 0
             },
         );
-        self.write_response_head(&mut out, status, &headers, keep_alive);
+        self.write_response_head(session, &mut out, status, &headers, keep_alive);
         if head_only || count == 0 {
             session.send(&out);
             return;
@@ -699,8 +695,7 @@ impl HttpSession {
         if wants_directory {
             key.push('/');
         }
-        let now = Instant::now();
-        if let Some(hit) = self.shared.cache.get(&key, now) {
+        if let Some(hit) = self.shared.cache.get(session, &key) {
             return Some(hit);
         }
         let relative: PathBuf = if segments.is_empty() {
@@ -816,7 +811,7 @@ impl HttpSession {
                 let body = Bytes::from(body);
                 self.shared
                     .cache
-                    .insert(key, Arc::clone(&meta), body.clone(), now);
+                    .insert(session, key, Arc::clone(&meta), body.clone());
                 return Some((meta, FileBody::Memory(body)));
             }
         }
@@ -869,7 +864,7 @@ impl HttpSession {
             headers.push(("Content-Length", length.as_bytes()));
         }
         let mut out = Vec::with_capacity(256 + body.len());
-        self.write_response_head(&mut out, status, &headers, keep_alive);
+        self.write_response_head(session, &mut out, status, &headers, keep_alive);
         if !head_only {
             out.extend_from_slice(body);
         }
@@ -879,13 +874,14 @@ impl HttpSession {
     /// Writes the status line and headers common to every response, then `headers`.
     fn write_response_head(
         &self,
+        session: &mut Session<'_>,
         out: &mut Vec<u8>,
         status: u16,
         headers: &[(&str, &[u8])],
         keep_alive: bool,
     ) {
         self.shared.stats.response(status);
-        let date = http_date_now();
+        let date = http_date_now(session.loop_local(&self.shared.dates));
         let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
         all.push(("Server", b"plexus"));
         all.push(("Date", date.as_bytes()));
@@ -995,19 +991,13 @@ fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
     file.read_exact_at(buf, offset)
 }
 
-/// The `Date` header value, formatted at most once per second per thread.
-fn http_date_now() -> String {
-    use std::cell::RefCell;
-    thread_local! {
-        static CACHE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
-    }
+/// The `Date` header value, formatted at most once per second per loop.
+fn http_date_now(cache: &mut DateCache) -> String {
     let now = SystemTime::now();
     let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.0 != second {
-            *cache = (second, format_http_date(now));
-        }
-        cache.1.clone()
-    })
+    if cache.second != Some(second) {
+        cache.second = Some(second);
+        cache.value = format_http_date(now);
+    }
+    cache.value.clone()
 }
