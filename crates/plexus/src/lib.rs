@@ -44,6 +44,7 @@ mod datagram_admission;
 mod dtls;
 mod event_loop;
 mod forward;
+pub mod framing;
 mod idle_order;
 mod log_throttle;
 mod loop_local;

@@ -134,6 +134,9 @@ pub(crate) struct Metrics {
     pub(crate) pool_stats: Arc<PoolStats>,
     /// Set on SIGTERM (lameduck or drain): health checks answer 503 from then on.
     pub(crate) draining: AtomicBool,
+    /// Sessions closed because a frame passed its framer's limit (rare: one shared counter,
+    /// counted where `Framed` decides the close).
+    pub(crate) closed_frame_too_large: AtomicU64,
     /// Version, start, configuration source, last reload, and the listeners to break down.
     pub(crate) facts: ServerFacts,
 }
@@ -183,6 +186,7 @@ impl Metrics {
             read_pauses: sum(|s| &s.read_pauses),
             broadcast_stalls: sum(|s| &s.broadcast_stalls),
             closed_worker_pool_full: sum(|s| &s.closed_worker_pool_full),
+            closed_frame_too_large: self.closed_frame_too_large.load(Relaxed),
             handshakes_ok: sum(|s| &s.handshakes_ok),
             handshakes_failed: sum(|s| &s.handshakes_failed),
             handshake_timeouts: sum(|s| &s.handshake_timeouts),
@@ -247,6 +251,8 @@ pub struct MetricsSnapshot {
     pub broadcast_stalls: u64,
     /// Sessions closed because the worker pool's queue stayed full for `idle_timeout`.
     pub closed_worker_pool_full: u64,
+    /// Sessions closed because a frame passed its framer's limit (`CloseReason::FrameTooLarge`).
+    pub closed_frame_too_large: u64,
     /// TLS handshakes completed.
     pub handshakes_ok: u64,
     /// TLS handshakes that failed (bad bytes, protocol errors, no common version or ALPN).
@@ -405,6 +411,7 @@ impl MetricsSnapshot {
             ("shutdown_forced", self.closed_forced),
             ("handler_panic", self.handler_panics),
             ("worker_pool_full", self.closed_worker_pool_full),
+            ("frame_too_large", self.closed_frame_too_large),
         ] {
             sample(out, "sessions_closed_total", &[("reason", reason)], count);
         }

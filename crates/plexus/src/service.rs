@@ -148,6 +148,8 @@ pub enum CloseReason {
     /// A datagram session cap was full and this was the longest-idle session in its scope:
     /// it made room for a new peer.
     Reclaimed,
+    /// A [`crate::framing::Framed`] session's peer sent a frame longer than the framer's limit.
+    FrameTooLarge,
 }
 
 impl CloseReason {
@@ -155,7 +157,10 @@ impl CloseReason {
     pub(crate) fn flushes(&self) -> bool {
         matches!(
             self,
-            CloseReason::PeerClosed | CloseReason::Requested | CloseReason::Shutdown
+            CloseReason::PeerClosed
+                | CloseReason::Requested
+                | CloseReason::Shutdown
+                | CloseReason::FrameTooLarge
         )
     }
 }
@@ -189,6 +194,7 @@ impl fmt::Display for CloseReason {
             CloseReason::WorkerPoolFull => {
                 f.write_str("the worker pool's queue (worker_queue) stayed full for idle_timeout")
             }
+            CloseReason::FrameTooLarge => f.write_str("frame longer than the framer's limit"),
         }
     }
 }
