@@ -896,7 +896,7 @@ mod tests {
     #[test]
     fn length_prefixed_offset_adjustment_and_header() {
         // [type byte][u16 length counting the whole frame][payload], kept whole.
-        let mut framer = LengthPrefixed::new(LengthWidth::U16, 16)
+        let framer = LengthPrefixed::new(LengthWidth::U16, 16)
             .length_offset(1)
             .length_adjustment(-3)
             .keep_header();
@@ -973,6 +973,7 @@ mod tests {
         work: WorkQueue,
         extras: Option<Box<crate::service::SessionExtras>>,
         metrics: crate::metrics::Metrics,
+        locals: crate::loop_local::LoopLocals,
     }
 
     impl Harness {
@@ -994,6 +995,7 @@ mod tests {
                 work: WorkQueue::default(),
                 extras: None,
                 metrics: Default::default(),
+                locals: Default::default(),
             }
         }
 
@@ -1013,6 +1015,8 @@ mod tests {
                 drain_wanted: &mut drain_wanted,
                 high_watermark: 1 << 16,
                 metrics: Some(&self.metrics),
+                now: std::time::Instant::now(),
+                locals: &mut self.locals,
             };
             handler.on_data(&mut session, data);
         }

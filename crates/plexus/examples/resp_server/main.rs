@@ -29,7 +29,7 @@ mod resp;
 mod store;
 
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use plexus::framing::{FrameError, FrameHandler, Framed};
@@ -87,7 +87,7 @@ impl RespSession {
 
 impl FrameHandler<Vec<Bytes>> for RespSession {
     fn on_frame(&mut self, session: &mut Session<'_>, command: Vec<Bytes>) {
-        let now = Instant::now();
+        let now = session.now();
         let next = {
             let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
             if store.sweeper.is_none() {
@@ -126,7 +126,7 @@ impl FrameHandler<Vec<Bytes>> for RespSession {
     }
 
     fn on_timer(&mut self, session: &mut Session<'_>) {
-        let more = self.store().sweep(Instant::now(), SWEEP_BUDGET);
+        let more = self.store().sweep(session.now(), SWEEP_BUDGET);
         session.set_timer(if more {
             Duration::from_millis(1)
         } else {
