@@ -58,6 +58,8 @@ mod reload;
 mod server;
 mod service;
 mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 pub mod upgrade;
 mod worker;
