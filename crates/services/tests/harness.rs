@@ -24,7 +24,11 @@ fn echo_sends_every_byte_back_however_it_is_split() {
             }
         }
         echoed.extend(h.take_sent());
-        assert_eq!(echoed, input, "split {split}");
+        assert!(
+            echoed == input,
+            "split {split}: {} bytes back",
+            echoed.len()
+        );
         h.close_by_peer();
         assert_eq!(h.closed(), Some(&CloseReason::PeerClosed));
     }
