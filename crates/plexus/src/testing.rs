@@ -493,6 +493,11 @@ impl Harness {
         std::mem::take(&mut self.broadcasts)
     }
 
+    /// The broadcasts made since the last [`Harness::take_broadcasts`], without taking them.
+    pub fn broadcasts(&self) -> &[Bytes] {
+        &self.broadcasts
+    }
+
     /// Another session of the listener broadcast `data`: it is queued for this session's peer
     /// as the loop queues it (shared, no copy), or closes this session with
     /// [`CloseReason::OutboundOverflow`] if it would pass `outbound_limit`.
