@@ -6,6 +6,9 @@
 //! registered on the builder: your own, or the built-in ones of the `plexus-services` crate
 //! (`echo`, `chat`, `http`, the `auto` protocol group), which use nothing but this API.
 //!
+//! With the `testing` cargo feature, `plexus::testing` drives a service's session in memory
+//! with a fake clock, for the service's own unit tests.
+//!
 //! ```no_run
 //! use plexus::{Config, Server, Service, Session, SessionHandler};
 //!
@@ -60,6 +63,8 @@ mod reload;
 mod server;
 mod service;
 mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 pub mod upgrade;
 mod worker;
