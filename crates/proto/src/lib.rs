@@ -30,6 +30,7 @@
 pub mod acl;
 pub mod detect;
 pub mod dtls;
+pub mod h2;
 pub mod http;
 pub mod line;
 pub mod proxy;
