@@ -13,6 +13,13 @@
 //! transition and every attack bound is a deterministic unit test and a
 //! fuzz target (`fuzz/fuzz_targets/h2_frames.rs`, `hpack_decode.rs`).
 
+pub mod connection;
 pub mod frame;
 pub mod hpack;
 pub mod huffman;
+
+pub use connection::{
+    ConnectionError, Event, Flood, Limits, RequestHead, SendError, ServerConnection, Settings,
+    Violation,
+};
+pub use frame::ErrorCode;
