@@ -5,7 +5,7 @@
 //! order, and shorter codes sort first; `tests::table_is_canonical` checks
 //! it), so decoding needs only, per bit length, the first code and where its
 //! symbols start in a symbol list sorted by (length, symbol) — both computed
-//! at compile time from [`CODES`]. Decoding walks the input bit by bit and
+//! at compile time from the `CODES` table. Decoding walks the input bit by bit and
 //! never allocates more than the caller's `limit`.
 
 /// Why a Huffman-coded string was refused (each is a COMPRESSION_ERROR).
@@ -30,8 +30,8 @@ const MAX_LEN: usize = 30;
 /// The EOS symbol's index in [`CODES`].
 const EOS: u16 = 256;
 
-/// Per code length: the first canonical code, and the index in [`SORTED`]
-/// of its first symbol; `COUNT` is the number of codes of that length.
+/// Per code length: the first canonical code, and the index in `sorted`
+/// of its first symbol; `count` is the number of codes of that length.
 struct Canonical {
     first: [u32; MAX_LEN + 1],
     start: [u16; MAX_LEN + 1],
