@@ -860,14 +860,19 @@ impl ServerConnection {
             self.release_connection(flow_len);
             return self.stream_error(stream, ErrorCode::PROTOCOL_ERROR, now);
         }
-        if end_stream {
-            s.recv_closed = true;
-        }
+        // The response is complete: the rest of the body is read and dropped.
+        let discard = s.send_closed;
         // Padding is never handed to the service: its window comes back at once.
-        if padding > 0 {
-            self.release_capacity(stream, padding);
+        let unseen = if discard { flow_len } else { padding };
+        if unseen > 0 {
+            self.release_capacity(stream, unseen);
         }
-        if !data.is_empty() || end_stream {
+        if end_stream {
+            if let Some(s) = self.streams.get_mut(&stream) {
+                s.recv_closed = true;
+            }
+        }
+        if !discard && (!data.is_empty() || end_stream) {
             self.events.push_back(Event::Data {
                 stream,
                 data: data.to_vec(),
@@ -1167,7 +1172,10 @@ impl ServerConnection {
     /// allows, in frames of the peer's SETTINGS_MAX_FRAME_SIZE; returns how
     /// many were taken (0 when a window is closed: wait for
     /// [`Event::SendReady`]). `end_stream` applies only if every byte was
-    /// taken; an empty `data` with `end_stream` just ends the stream.
+    /// taken; an empty `data` with `end_stream` just ends the stream. After
+    /// a complete response, request body still coming is discarded (no
+    /// events, windows reopened at once) until the peer ends it, as nginx
+    /// does: curl 7.88 reports an RST_STREAM NO_ERROR (§8.1) as a failure.
     pub fn send_data(
         &mut self,
         stream: u32,
@@ -1275,6 +1283,12 @@ impl ServerConnection {
     /// Bytes queued for sending.
     pub fn pending_output(&self) -> usize {
         self.output.len()
+    }
+
+    /// Bytes of a partial frame held until the rest arrives (at most
+    /// 9 + `max_frame_size`, or the 24-byte preface).
+    pub fn buffered_input(&self) -> usize {
+        self.input.len()
     }
 
     /// Streams currently open or half-closed.
@@ -2422,6 +2436,50 @@ mod tests {
             conn.recv(&b, c.t0).unwrap_err().violation,
             Violation::PushPromise
         );
+    }
+
+    /// A response completed before the request body: RST_STREAM NO_ERROR
+    /// after it, the stream slot is free, DATA still in flight is ignored
+    /// (and credited back to the connection window).
+    #[test]
+    fn early_response_stops_the_upload() {
+        let (mut conn, mut c) = open();
+        let mut b = Vec::new();
+        write_frame(
+            &mut b,
+            kind::HEADERS,
+            flag::END_HEADERS,
+            1,
+            &c.block(&[(":method", "POST"), (":scheme", "http"), (":path", "/")]),
+        );
+        conn.recv(&b, c.t0).unwrap();
+        events(&mut conn);
+        conn.send_headers(1, 405, &[], true).unwrap();
+        let frames = drain(&mut conn);
+        assert_eq!(frames.len(), 1);
+        assert_eq!(conn.open_streams(), 1);
+        // 10 MB through a 65,535-byte stream window: every frame's window comes back.
+        for _ in 0..625 {
+            let mut b = Vec::new();
+            frame::write_data(&mut b, 1, &[0; 16_000], false);
+            conn.recv(&b, c.t0).unwrap();
+        }
+        let mut b = Vec::new();
+        frame::write_data(&mut b, 1, b"end", true);
+        conn.recv(&b, c.t0).unwrap();
+        assert_eq!(events(&mut conn), []);
+        assert_eq!(conn.open_streams(), 0);
+        let frames = drain(&mut conn);
+        assert!(frames.iter().all(|f| f.kind == kind::WINDOW_UPDATE));
+        let credited = |id| -> u64 {
+            frames
+                .iter()
+                .filter(|f| f.stream == id)
+                .map(|f| u64::from(u32::from_be_bytes(f.payload[..].try_into().unwrap())))
+                .sum()
+        };
+        assert!(credited(1) >= 10_000_000 - 65_535);
+        assert!(credited(0) >= 10_000_000 - (1 << 20));
     }
 
     #[test]
