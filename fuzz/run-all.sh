@@ -42,6 +42,7 @@ dict_for() {
         tls_replay) echo dict/tls.dict ;;
         dtls_preparse) echo dict/dtls.dict ;;
         config) echo dict/config.dict ;;
+        h2_frames | hpack_decode) echo dict/h2.dict ;;
     esac
 }
 

@@ -1,7 +1,8 @@
 //! Sans-IO building blocks of plexus: the hashed timer wheel that drives
 //! every timeout ([`TimerWheel`]), address access control ([`Acl`],
 //! [`Cidr`]), line framing for line-based services ([`LineFramer`]), the
-//! HTTP/1.1 request decoder and response helpers ([`http`]), first-bytes
+//! HTTP/1.1 request decoder and response helpers ([`http`]), the HTTP/2
+//! frame, HPACK and server-connection codec ([`h2`]), first-bytes
 //! protocol detection for the `auto` group ([`detect`]) and the PROXY
 //! protocol v1/v2 header ([`proxy`]).
 //! Nothing in this crate touches a socket, spawns a thread or reads a clock:
@@ -30,6 +31,7 @@
 pub mod acl;
 pub mod detect;
 pub mod dtls;
+pub mod h2;
 pub mod http;
 pub mod line;
 pub mod proxy;
