@@ -52,7 +52,7 @@ taskset -c 0 "$REDIS_BIN" --port "$PORT_REDIS" --bind 127.0.0.1 --io-threads 1 -
 PIDS+=($!); REDIS_PID=$!
 for port in "$PORT_RESP" "$PORT_REDIS"; do
     for _ in $(seq 100); do
-        redis-benchmark -p "$port" -t ping -n 1 -q >/dev/null 2>&1 && break
+        timeout 2 redis-cli -p "$port" ping 2>/dev/null | grep -q PONG && break
         sleep 0.1
     done
 done
