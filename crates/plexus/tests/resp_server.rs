@@ -503,8 +503,7 @@ fn redis_benchmark_pipelined_has_no_errors() {
     ] {
         let line = stdout
             .split(['\r', '\n'])
-            .filter(|line| line.starts_with(&format!("{test}: ")))
-            .next_back()
+            .rfind(|line| line.starts_with(&format!("{test}: ")))
             .unwrap_or_else(|| panic!("no {test} line in {stdout}"));
         let rate: f64 = line[test.len() + 2..]
             .split_whitespace()
