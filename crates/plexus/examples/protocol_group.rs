@@ -8,7 +8,8 @@
 //! - anything else: a line protocol, each line answered in upper case.
 //!
 //! Every protocol works fed one byte at a time; a client that sends nothing decisive within
-//! the time budget (`handshake_timeout`, 10 s) gets the line protocol.
+//! the time budget (`handshake_timeout`: 10 s, or the optional second argument such as `2s`)
+//! gets the line protocol.
 //!
 //! ```text
 //! cargo run --release -p plexus --example protocol_group -- 127.0.0.1:7600
@@ -85,6 +86,8 @@ struct UpperSession {
 impl SessionHandler for UpperSession {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
         let result = self.lines.push(data, |line| {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
             let mut reply = line.to_ascii_uppercase();
             reply.push(b'\n');
             session.send(&reply);
@@ -100,9 +103,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:7600".into());
+    // The time budget (the server's handshake_timeout), e.g. "2s"; 10 s by default.
+    let budget = std::env::args().nth(2).unwrap_or_else(|| "10s".into());
     let config = Config::parse(
         &format!(
-            "[server]\nevent_loops = 1\n\n[[listener]]\nname = \"group\"\ntransport = \"tcp\"\n\
+            "[server]\nevent_loops = 1\nhandshake_timeout = \"{budget}\"\n\n[[listener]]\nname = \"group\"\ntransport = \"tcp\"\n\
              addr = \"{addr}\"\nservice = \"group\"\n"
         ),
         "protocol_group example",
