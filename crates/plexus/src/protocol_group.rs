@@ -213,8 +213,13 @@ impl Group {
     /// Asks the members in order; `spent` = a budget is spent, so `NeedMore` counts as
     /// `NotMine`.
     fn decide(&self, first: &[u8], spent: bool) -> Decision {
-        if first.is_empty() && !spent {
-            return Decision::Wait;
+        if first.is_empty() {
+            // Detectors only ever see bytes; nothing at all within a budget is no match.
+            return if spent {
+                Decision::Fallback
+            } else {
+                Decision::Wait
+            };
         }
         let mut waiting = false;
         for (index, member) in self.members.iter().enumerate() {
@@ -257,8 +262,8 @@ impl Group {
 ///
 /// let group = ProtocolGroup::builder()
 ///     .member("hello", prefix(*b"HELLO"), Arc::new(Reply(b"hi\n")))
-///     .member("binary", |first: &[u8]| match first[0] {
-///         0xB7 => plexus::protocol_group::Detection::Mine,
+///     .member("binary", |first: &[u8]| match first.first() {
+///         Some(0xB7) => plexus::protocol_group::Detection::Mine,
 ///         _ => plexus::protocol_group::Detection::NotMine,
 ///     }, Arc::new(Reply(b"\xB7\0\0")))
 ///     .fallback(Arc::new(Reply(b"?\n")))
