@@ -386,6 +386,12 @@ pub struct ListenerConfig {
     pub addr: String,
     /// Name of the service that handles its sessions.
     pub service: String,
+    /// `service = "auto"` only: the protocol group's members in the order they are asked
+    /// (`"tls"`, `"http"`), then the fallback service (any shared service: `"echo"`, `"chat"`,
+    /// `"http"`, your own). Absent = the preset `["tls", "http", "echo"]` (without `"tls"`
+    /// on a tls listener). See [`ListenerConfig::protocols`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<String>>,
     /// `HOST:PORT` for the forward service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
@@ -443,6 +449,87 @@ pub struct ListenerConfig {
     /// udp/dtls: sessions of this listener open at once; 0 = only the `[server]` caps.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_sessions: usize,
+}
+
+impl ListenerConfig {
+    /// The protocol group of an auto listener, as configured or the preset: the members in
+    /// order, then the fallback (the last entry). Empty for a listener of another service.
+    pub fn protocols(&self) -> Vec<&str> {
+        if self.service != "auto" {
+            return Vec::new();
+        }
+        match &self.protocols {
+            Some(list) => list.iter().map(String::as_str).collect(),
+            None if self.transport == Transport::Tcp => vec!["tls", "http", "echo"],
+            None => vec!["http", "echo"],
+        }
+    }
+
+    /// Checks `protocols` (the key is only read with `service = "auto"`; `rules` says so).
+    fn check_protocols(
+        &self,
+        key: &str,
+        known_services: &[&str],
+        problem: &mut impl FnMut(String, String),
+    ) {
+        let Some(list) = self.protocols.as_ref().filter(|_| self.service == "auto") else {
+            return;
+        };
+        let Some((fallback, members)) = list.split_last() else {
+            problem(
+                key.into(),
+                "must list at least the fallback service (e.g. [\"tls\", \"http\", \"echo\"])"
+                    .into(),
+            );
+            return;
+        };
+        let detectors = crate::protocol_group::CONFIG_MEMBERS;
+        for (at, member) in members.iter().enumerate() {
+            let here = format!("{key}[{at}]");
+            if !detectors.contains(&member.as_str()) {
+                problem(
+                    here,
+                    format!(
+                        "'{member}' is not a protocol plexus detects (members: {}); only the \
+                         last entry, the fallback, may be any service",
+                        detectors.join(", ")
+                    ),
+                );
+            } else if members[..at].contains(member) {
+                problem(here, format!("'{member}' is listed twice"));
+            } else if member == "tls" && self.transport != Transport::Tcp {
+                problem(
+                    here,
+                    "a tls listener's sessions are decrypted before the group runs: \"tls\" \
+                     is a member on tcp listeners only"
+                        .into(),
+                );
+            } else if member != "tls" && !known_services.contains(&member.as_str()) {
+                problem(
+                    here,
+                    format!("'{member}' needs the {member} service, which is not registered"),
+                );
+            }
+        }
+        let here = format!("{key}[{}]", members.len());
+        if matches!(fallback.as_str(), "tls" | "auto" | "forward") {
+            problem(
+                here,
+                format!(
+                    "'{fallback}' cannot be the fallback (the last entry): it must be a service \
+                     that takes any session, e.g. \"echo\""
+                ),
+            );
+        } else if !known_services.contains(&fallback.as_str()) {
+            problem(
+                here,
+                format!(
+                    "'{fallback}' is not a known service (available: {})",
+                    known_services.join(", ")
+                ),
+            );
+        }
+    }
 }
 
 fn default_mtu() -> u32 {
@@ -761,6 +848,7 @@ impl Config {
                     ),
                 );
             }
+            listener.check_protocols(&key("protocols"), known_services, &mut problem);
             let proxy_trusted = listener.proxy_protocol.then(|| {
                 if listener.proxy_trusted.is_empty() {
                     problem(

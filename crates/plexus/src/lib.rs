@@ -58,6 +58,7 @@ pub mod prometheus {
     //! join the server's on one `/metrics` page, with the same `plexus_` prefix and escaping.
     pub use crate::metrics::{family, sample};
 }
+pub mod protocol_group;
 mod registry;
 mod reload;
 mod server;
@@ -76,6 +77,7 @@ pub use dtls::DtlsError;
 pub use log_throttle::LogThrottle;
 pub use loop_local::LoopLocal;
 pub use metrics::MetricsSnapshot;
+pub use protocol_group::{Detection, Detector, ProtocolGroup, ProtocolGroupBuilder};
 pub use registry::{BoxError, ListenerContext, ServiceFactory};
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};

@@ -43,11 +43,23 @@ where
 }
 
 /// What a [`ServiceFactory`] knows about the listener it builds a service for.
-#[derive(Debug)]
 pub struct ListenerContext<'a> {
     pub(crate) config: &'a ListenerConfig,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) handshake_timeout: Duration,
+    /// The server's shared services, for factories that compose them (protocol groups).
+    pub(crate) services: &'a BTreeMap<String, Arc<dyn Service>>,
+}
+
+impl std::fmt::Debug for ListenerContext<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerContext")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("services", &self.services.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl ListenerContext<'_> {
@@ -72,6 +84,14 @@ impl ListenerContext<'_> {
     /// The server's `handshake_timeout`: the time budget a detecting protocol group has.
     pub fn handshake_timeout(&self) -> Duration {
         self.handshake_timeout
+    }
+
+    /// The shared service registered as `name` (with [`crate::ServerBuilder::service`] or
+    /// [`crate::ServerBuilder::shared_service`]), for a factory whose service hands sessions
+    /// to others — a protocol group's members and fallback. `None` for unknown names and for
+    /// names registered as factories.
+    pub fn service(&self, name: &str) -> Option<Arc<dyn Service>> {
+        self.services.get(name).cloned()
     }
 }
 
@@ -137,6 +157,7 @@ impl ServiceRegistry {
             config: &listener.config,
             tls,
             handshake_timeout,
+            services: &self.services,
         };
         factory.build(&context).map_err(ServiceLookupError::Factory)
     }

@@ -1,69 +1,48 @@
-//! `auto`: the protocol group — several protocols on one port, told apart by their first bytes.
+//! `auto`: the protocol group of plexus' built-in services — a preset of
+//! [`plexus::ProtocolGroup`] built per listener from its `protocols` key.
 //!
-//! The detectors are the sans-IO `plexus_proto::detect::sniff`; this module applies them with a
-//! byte budget (`MAX_SNIFF_BYTES`) and a time budget (`handshake_timeout`): a TLS ClientHello
-//! turns the session into a TLS session (the bytes already read become the first ciphertext)
-//! and detection runs again on the decrypted stream; an HTTP request line hands the session to
-//! the `http` service; anything else — or nothing decisive within the budgets — is echoed.
-//! A PROXY header, when the listener accepts one, is consumed by the event loop before any of
-//! this runs (the group sees the real client address).
+//! The preset (no `protocols` key) is `["tls", "http", "echo"]`: a TLS ClientHello turns the
+//! session into a TLS session (the bytes already read become the first ciphertext) and the
+//! group runs again on the decrypted stream without TLS; an HTTP/1.x request line (or the
+//! HTTP/2 prior-knowledge preface, which `http` refuses clearly) goes to the `http` service;
+//! anything else — or nothing decisive within the budgets (the group's byte budget, and the
+//! server's `handshake_timeout`) — is echoed. On a tls listener the preset is
+//! `["http", "echo"]`. A PROXY header, when the listener accepts one, is consumed by the
+//! event loop before any of this runs (the group sees the real client address).
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use plexus_proto::detect::{sniff, Sniff, MAX_SNIFF_BYTES};
-use rustls::ServerConfig;
+use plexus::protocol_group::{Http1Request, Http2Preface};
+use plexus::{BoxError, ListenerContext, ProtocolGroup, Service, ServiceFactory};
 
-use plexus::{
-    BoxError, CloseReason, ListenerContext, Service, ServiceFactory, Session, SessionHandler,
-    SessionInfo,
-};
-
-use crate::http::{self, Http};
+use crate::http::Http;
 use crate::Echo;
 
-/// The protocol group of one listener.
-pub struct Auto {
-    http: Arc<Http>,
-    /// Present when TLS may be detected (the listener is plain TCP and TLS is configured).
-    tls: Option<Arc<ServerConfig>>,
-    budget: Duration,
-    /// The group run again inside TLS: HTTP or echo, no second TLS layer.
-    inner: Option<Arc<Auto>>,
-}
+/// The `auto` protocol group of one listener.
+pub type Auto = ProtocolGroup;
 
-impl Auto {
-    /// A group for a plain TCP listener (`tls` = the listener's TLS configuration) or, with
-    /// `tls = None`, for a tls listener (the transport already decrypted).
-    pub fn new(http: Arc<Http>, tls: Option<Arc<ServerConfig>>, budget: Duration) -> Auto {
-        let inner = tls.as_ref().map(|_| {
-            Arc::new(Auto {
-                http: Arc::clone(&http),
-                tls: None,
-                budget,
-                inner: None,
-            })
-        });
-        Auto {
-            http,
-            tls,
-            budget,
-            inner,
-        }
-    }
-}
-
-/// Builds the `auto` group of each listener naming it: TLS is detected on plain tcp listeners
-/// (with the listener's TLS configuration), HTTP goes to the shared `http` service, and the
-/// detection budget is the server's `handshake_timeout`.
+/// Builds the `auto` group of each listener naming it from the listener's `protocols` (or the
+/// preset): TLS is detected on plain tcp listeners (with the listener's TLS configuration),
+/// HTTP goes to the shared `http` service, the fallback is the shared service named last, and
+/// the time budget is the server's `handshake_timeout`.
 pub struct AutoFactory {
     http: Arc<Http>,
 }
 
 impl AutoFactory {
-    /// A factory whose groups hand HTTP sessions to `http`.
+    /// A factory whose groups hand HTTP sessions to `http` (unless the server's shared
+    /// `http` service is another one).
     pub fn new(http: Arc<Http>) -> AutoFactory {
         AutoFactory { http }
+    }
+
+    /// The shared service `name` of the listener's server, or the built-in of that name.
+    fn service(&self, listener: &ListenerContext<'_>, name: &str) -> Option<Arc<dyn Service>> {
+        listener.service(name).or_else(|| match name {
+            "http" => Some(Arc::clone(&self.http) as _),
+            "echo" => Some(Arc::new(Echo)),
+            _ => None,
+        })
     }
 }
 
@@ -73,126 +52,34 @@ impl ServiceFactory for AutoFactory {
     }
 
     fn build(&self, listener: &ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError> {
-        Ok(Arc::new(Auto::new(
-            Arc::clone(&self.http),
-            listener.tls().cloned(),
-            listener.handshake_timeout(),
-        )))
-    }
-}
-
-impl Service for Auto {
-    fn open(&self, session: &mut Session<'_>) -> Box<dyn SessionHandler> {
-        session.set_timer(self.budget);
-        Box::new(Detecting {
-            group: Detector {
-                http: Arc::clone(&self.http),
-                tls: self.tls.clone(),
-                inner: self.inner.clone(),
-            },
-            seen: Vec::new(),
-            chosen: None,
-        })
-    }
-}
-
-/// What a session needs to act on a detection.
-struct Detector {
-    http: Arc<Http>,
-    tls: Option<Arc<ServerConfig>>,
-    inner: Option<Arc<Auto>>,
-}
-
-/// A session of the group: detecting, then delegating to the protocol it chose.
-struct Detecting {
-    group: Detector,
-    /// The first bytes, kept until a protocol is chosen (at most `MAX_SNIFF_BYTES`).
-    seen: Vec<u8>,
-    chosen: Option<Box<dyn SessionHandler>>,
-}
-
-impl Detecting {
-    /// Hands the session to `handler`, replaying the bytes detection read.
-    fn choose(&mut self, session: &mut Session<'_>, mut handler: Box<dyn SessionHandler>) {
-        session.cancel_timer();
-        let seen = std::mem::take(&mut self.seen);
-        if !seen.is_empty() {
-            handler.on_data(session, &seen);
-        }
-        self.chosen = Some(handler);
-    }
-
-    fn decide(&mut self, session: &mut Session<'_>, verdict: Sniff) {
-        match verdict {
-            Sniff::NeedMore => {}
-            Sniff::Http => {
-                let handler = http::open_session(&self.group.http);
-                self.choose(session, handler);
-            }
-            Sniff::Tls => match (&self.group.tls, &self.group.inner) {
-                (Some(config), Some(inner)) => {
-                    session.cancel_timer();
-                    let ciphertext = std::mem::take(&mut self.seen);
-                    // The loop replaces this handler with `inner`'s once the handshake is done.
-                    session.start_tls(Arc::clone(config), ciphertext, Arc::clone(inner) as _);
-                    self.chosen = Some(Box::new(Upgrading));
-                }
-                // Inside TLS already (or no TLS configured): not ours to decrypt; echo it.
-                _ => self.echo(session),
-            },
-            // A PROXY header here was not consumed by the listener (proxy_protocol is off):
-            // it is just bytes.
-            Sniff::Proxy | Sniff::Other => self.echo(session),
-        }
-    }
-
-    fn echo(&mut self, session: &mut Session<'_>) {
-        let handler = Echo.open(session);
-        self.choose(session, handler);
-    }
-}
-
-impl SessionHandler for Detecting {
-    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
-        if let Some(chosen) = self.chosen.as_mut() {
-            chosen.on_data(session, data);
-            return;
-        }
-        // Bounded: detection decides by MAX_SNIFF_BYTES, so this holds at most that plus one read.
-        self.seen.extend_from_slice(data);
-        let verdict = match sniff(&self.seen, false) {
-            // The byte budget is spent without a verdict: not one of ours.
-            Sniff::NeedMore if self.seen.len() >= MAX_SNIFF_BYTES => Sniff::Other,
-            verdict => verdict,
+        let protocols = listener.config().protocols();
+        let Some((fallback, members)) = protocols.split_last() else {
+            return Err("protocols lists no fallback service".into());
         };
-        self.decide(session, verdict);
-    }
-
-    fn on_timer(&mut self, session: &mut Session<'_>) {
-        match self.chosen.as_mut() {
-            Some(chosen) => chosen.on_timer(session),
-            // The time budget is spent: whatever this is, it is echoed.
-            None => self.echo(session),
+        let mut group = ProtocolGroup::builder().time_budget(listener.handshake_timeout());
+        for &member in members {
+            match member {
+                // Configuration validation allows "tls" on tcp listeners only, which get the
+                // TLS configuration (`uses_tls`).
+                "tls" => {
+                    if let Some(tls) = listener.tls() {
+                        group = group.tls(Arc::clone(tls));
+                    }
+                }
+                "http" => {
+                    let http = self
+                        .service(listener, "http")
+                        .ok_or("no shared service named \"http\"")?;
+                    group = group
+                        .member("http", Http1Request, Arc::clone(&http))
+                        .member("http/2 preface", Http2Preface, http);
+                }
+                other => return Err(format!("'{other}' is not a protocol plexus detects").into()),
+            }
         }
+        let fallback = self
+            .service(listener, fallback)
+            .ok_or_else(|| format!("no shared service named {fallback:?} for the fallback"))?;
+        Ok(Arc::new(group.fallback(fallback).build()))
     }
-
-    fn on_drain(&mut self, session: &mut Session<'_>) {
-        if let Some(chosen) = self.chosen.as_mut() {
-            chosen.on_drain(session);
-        }
-    }
-
-    fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
-        if let Some(chosen) = self.chosen.as_mut() {
-            chosen.on_close(info, reason);
-        }
-    }
-}
-
-/// The handler between "this is TLS" and the end of the handshake (it receives nothing: the
-/// loop feeds rustls, then opens the inner group).
-struct Upgrading;
-
-impl SessionHandler for Upgrading {
-    fn on_data(&mut self, _: &mut Session<'_>, _: &[u8]) {}
 }

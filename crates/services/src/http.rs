@@ -297,11 +297,6 @@ impl Service for Http {
     }
 }
 
-/// Opens http sessions for other services (the `auto` protocol group).
-pub(crate) fn open_session(http: &Http) -> Box<dyn SessionHandler> {
-    Box::new(HttpSession::new(Arc::clone(&http.shared)))
-}
-
 /// One connection's HTTP state.
 struct HttpSession {
     shared: Arc<Shared>,

@@ -95,6 +95,11 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         "http and auto serve byte streams: tcp and tls listeners only",
     );
     rule(
+        listener.protocols.is_some() && listener.service != "auto",
+        "protocols",
+        "only read with service = \"auto\" (the protocol group)",
+    );
+    rule(
         !(listener.splice
             || (listener.service == "forward" && listener.transport == Transport::Tcp)),
         "splice",
