@@ -508,6 +508,45 @@ fn garbage_from_anywhere_never_disturbs_established_dtls_sessions() {
     assert_eq!(metrics.closed_io_error, 0);
 }
 
+/// Well-formed application-data records with garbage ciphertext, from an established
+/// session's own address and port (a spoofer's best guess): OpenSSL discards them (the MAC
+/// fails) without a word. Each is counted as `dtls_bad_record` (on `/metrics` too), the
+/// session survives and echoes, and no session fails. Before, they vanished uncounted.
+#[test]
+fn records_failing_the_mac_in_a_session_are_counted_and_the_session_survives() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        dtls_config("").replace("event_loops = 2", "event_loops = 1")
+    );
+    let server = InProcess::from_text(&text);
+    let http = server.http.unwrap();
+    let mut session = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut session, b"before", false), b"before");
+    for (i, sequence_byte) in [7u8, 8, 9].into_iter().enumerate() {
+        // Epoch 1 (the session's), a sequence number the client has not used yet.
+        let mut forged = record(23, 0xfefd, 1, &[0xee; 48]);
+        forged[10] = sequence_byte;
+        session.get_ref().0.send(&forged).unwrap();
+        let payload = format!("after forged record {i}");
+        assert_eq!(
+            dtls_echo(&mut session, payload.as_bytes(), false),
+            payload.as_bytes()
+        );
+    }
+    server.wait_for("bad records counted", |m| m.dtls_bad_record_dropped >= 3);
+    let metrics = server.metrics();
+    assert_eq!(metrics.dtls_bad_record_dropped, 3, "{metrics:?}");
+    assert_eq!(metrics.dtls_malformed_dropped, 0, "{metrics:?}");
+    assert_eq!(metrics.dtls_sessions_open, 1);
+    assert_eq!(metrics.handshakes_failed, 0);
+    assert_eq!(metrics.closed_io_error, 0);
+    let text = metrics_text(http);
+    assert!(
+        text.contains("plexus_datagrams_dropped_total{reason=\"dtls_bad_record\"} 3\n"),
+        "{text}"
+    );
+}
+
 /// A listener's `max_sessions`: a third DTLS client reclaims the longest-idle session (which
 /// gets close_notify), the two newest are served, and the reclaim is counted.
 #[test]

@@ -19,7 +19,10 @@
 //! `DTLSv1_listen`, and a session gets only well-formed records. The rest is dropped, counted
 //! (`plexus_datagrams_dropped_total{reason="dtls_malformed"|"dtls_not_client_hello"}`) and
 //! logged at most once a second; no other session notices (every OpenSSL call also runs with
-//! a clean error queue, see [`crate::dtls`]).
+//! a clean error queue, see [`crate::dtls`]). Well-formed application data that OpenSSL then
+//! discards for an established session (a failed MAC or decryption, or a replay: OpenSSL says
+//! nothing of either) is counted as `reason="dtls_bad_record"`, logged the same way, and does
+//! not keep the session alive.
 //!
 //! Backpressure: replies wait in the socket's send queue. Past the outbound high watermark the
 //! loop stops reading that socket (the kernel's receive buffer then absorbs or drops, which is
@@ -37,7 +40,9 @@ use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use openssl::ssl::SslStream;
-use plexus_proto::dtls::{check_records, parse_client_hello, DtlsError as RecordError};
+use plexus_proto::dtls::{
+    check_records, parse_client_hello, records, ContentType, DtlsError as RecordError,
+};
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
@@ -473,16 +478,34 @@ impl DatagramEndpoint {
         let socket = &mut self.sockets[index];
         if let Some(&key) = socket.peers.get(&peer) {
             let session = &mut self.sessions[key];
-            if session.dtls.is_some() {
+            if let Some(dtls) = session.dtls.as_ref() {
                 // Only well-formed records reach the session's OpenSSL object; the rest is
                 // not activity either (it must not keep the session alive).
                 if let Err(why) = check_records(data) {
                     self.drop_garbage(peer, why, now);
                     return;
                 }
-                session.last_activity = now;
-                self.idle.touch(key);
-                self.dtls_input(key, data, now, parts);
+                if dtls.handshaking() || !only_application_data(data) {
+                    session.last_activity = now;
+                    self.idle.touch(key);
+                    self.dtls_input(key, data, now, parts);
+                    return;
+                }
+                // Application data for an established session: activity only once OpenSSL
+                // accepts it. It discards records that fail the MAC (forged, corrupted, from
+                // another session) or replay old ones without a word: counted here.
+                let id = session.info.id;
+                if self.dtls_input(key, data, now, parts) {
+                    if let Some(session) = self.sessions.get_mut(key).filter(|s| s.info.id == id) {
+                        session.last_activity = now;
+                        self.idle.touch(key);
+                    }
+                } else {
+                    LoopStats::add(&self.stats.dtls_bad_record_dropped, 1);
+                    if let Some(also) = self.garbage.allow(now) {
+                        info!("dtls record dropped peer={peer}: an established session's record failed decryption or was a replay (+{also} more dropped in the last second)");
+                    }
+                }
             } else {
                 session.last_activity = now;
                 self.idle.touch(key);
@@ -800,24 +823,40 @@ impl DatagramEndpoint {
             dtls.handshake_timer = Some(timer);
         }
         // The buffered ClientHello: OpenSSL answers with the server's first flight.
-        self.dtls_drive(key, now, parts);
+        let _ = self.dtls_drive(key, now, parts);
     }
 
-    fn dtls_input(&mut self, key: usize, data: &[u8], now: Instant, parts: &mut LoopParts<'_>) {
-        let session = &mut self.sessions[key];
+    /// Gives `data` to session `key`'s OpenSSL object; true if OpenSSL made anything of it
+    /// (see [`Self::dtls_drive`]).
+    fn dtls_input(
+        &mut self,
+        key: usize,
+        data: &[u8],
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) -> bool {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return false;
+        };
         if let Some(dtls) = session.dtls.as_mut() {
             dtls.stream.get_mut().put(data);
         }
-        self.dtls_drive(key, now, parts);
+        self.dtls_drive(key, now, parts)
     }
 
     /// Lets OpenSSL process what arrived: the handshake, then application datagrams; sends
-    /// what it wrote and re-arms its retransmission timer.
-    fn dtls_drive(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
-        let session = &mut self.sessions[key];
-        let Some(dtls) = session.dtls.as_mut() else {
-            return;
+    /// what it wrote and re-arms its retransmission timer. Returns whether the input was of
+    /// use: a handshake step, plaintext for the service, something OpenSSL wrote, or the
+    /// session's end. False for an established session when OpenSSL silently discarded the
+    /// datagram (a record that failed decryption or the MAC, or a replay).
+    fn dtls_drive(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) -> bool {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return false;
         };
+        let Some(dtls) = session.dtls.as_mut() else {
+            return false;
+        };
+        let mut used = dtls.handshaking();
         let peer = session.info.peer;
         if dtls.handshaking() {
             match dtls::handshake(&mut dtls.stream, peer, now) {
@@ -839,19 +878,20 @@ impl DatagramEndpoint {
                 Progress::Closed => session.closing = Some(CloseReason::PeerClosed),
                 Progress::Failed(why) => {
                     self.dtls_failed(key, &why, parts);
-                    return;
+                    return true;
                 }
             }
         }
         while let Some(session) = self.sessions.get_mut(key) {
             let Some(dtls) = session.dtls.as_mut() else {
-                return;
+                return true;
             };
             if dtls.handshaking() || session.closing.is_some() {
                 break;
             }
             match dtls::read(&mut dtls.stream, &mut self.plain, peer, now) {
                 Ok(n) => {
+                    used = true;
                     let plain = std::mem::take(&mut self.plain);
                     self.callback(key, parts, |handler, session| {
                         handler.on_data(session, &plain[..n])
@@ -859,18 +899,30 @@ impl DatagramEndpoint {
                     self.plain = plain;
                     self.after_callback(key, now, parts);
                 }
-                Err(Progress::Closed) => session.closing = Some(CloseReason::PeerClosed),
+                Err(Progress::Closed) => {
+                    used = true;
+                    session.closing = Some(CloseReason::PeerClosed);
+                }
                 Err(Progress::Failed(why)) => {
                     self.dtls_failed(key, &why, parts);
-                    return;
+                    return true;
                 }
                 Err(_) => break,
             }
         }
+        let Some(session) = self.sessions.get(key) else {
+            return true;
+        };
+        used |= session.closing.is_some()
+            || session
+                .dtls
+                .as_ref()
+                .is_some_and(|dtls| !dtls.stream.get_ref().outbound.is_empty());
         self.dtls_output(key, now, parts);
         if let Some(reason) = self.sessions.get(key).and_then(|s| s.closing.clone()) {
             self.close(key, reason, parts);
         }
+        used
     }
 
     /// Queues the datagrams OpenSSL wrote for `key` and re-arms the retransmission timer.
@@ -1345,6 +1397,13 @@ impl DatagramEndpoint {
             self.close(key, reason.clone(), parts);
         }
     }
+}
+
+/// Whether every record of `datagram` (already checked well-formed) is application data.
+fn only_application_data(datagram: &[u8]) -> bool {
+    records(datagram).all(|record| {
+        record.is_ok_and(|record| record.header.content_type == ContentType::ApplicationData)
+    })
 }
 
 fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {
