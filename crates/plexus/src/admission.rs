@@ -423,6 +423,18 @@ impl Drop for HandshakeSlot {
 mod tests {
     use super::*;
 
+    /// Counters and log throttles are arrays indexed by the discriminant: `ALL` must list
+    /// every reason at its own index, with a distinct label (event_loop_busy included).
+    #[test]
+    fn every_refusal_reason_sits_at_its_index_with_its_own_label() {
+        let mut labels = std::collections::HashSet::new();
+        for (index, reason) in RefusalReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, index, "{reason}");
+            assert!(labels.insert(reason.as_str()), "{reason} twice");
+        }
+        assert_eq!(RefusalReason::EventLoopBusy.as_str(), "event_loop_busy");
+    }
+
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
     }
