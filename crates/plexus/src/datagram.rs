@@ -28,6 +28,25 @@
 //! loop stops reading that socket (the kernel's receive buffer then absorbs or drops, which is
 //! where UDP loses datagrams anyway) until the queue is below the low watermark; a datagram
 //! that would push the queue past `outbound_limit` is dropped and counted.
+//!
+//! No panics from input: indexing, unchecked arithmetic and unwrap/expect are denied in this
+//! module outside its tests (clippy), as in `plexus-proto`. Socket indexes and session keys
+//! come from this module's own tables; one that no longer names an entry is ignored.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -71,7 +90,13 @@ pub(crate) const MAX_DATAGRAM_SOCKETS: usize = 4096;
 
 /// The token of datagram socket `index`: counting down from just below the waker's.
 pub(crate) fn socket_token(index: usize) -> Token {
-    Token(usize::MAX - 1 - index)
+    // Indexes stay below 2 × MAX_DATAGRAM_SOCKETS, far from saturating.
+    Token(usize::MAX.saturating_sub(1).saturating_sub(index))
+}
+
+/// The token of the upgrade relay of datagram socket `index`.
+fn relay_token(index: usize) -> Token {
+    socket_token(MAX_DATAGRAM_SOCKETS.saturating_add(index))
 }
 
 /// The datagram socket a token names, if it is in the datagram range.
@@ -307,11 +332,7 @@ impl DatagramEndpoint {
             Some(relay) => {
                 relay.set_nonblocking(true)?;
                 let mut relay = mio::net::UnixDatagram::from_std(relay);
-                registry.register(
-                    &mut relay,
-                    socket_token(MAX_DATAGRAM_SOCKETS + index),
-                    Interest::READABLE,
-                )?;
+                registry.register(&mut relay, relay_token(index), Interest::READABLE)?;
                 // Nothing is read before the old process's claims are in.
                 self.held = true;
                 Some(Relay {
@@ -372,8 +393,7 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        if index >= MAX_DATAGRAM_SOCKETS {
-            let index = index - MAX_DATAGRAM_SOCKETS;
+        if let Some(index) = index.checked_sub(MAX_DATAGRAM_SOCKETS) {
             if let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) {
                 relay.readable |= readable;
             }
@@ -393,28 +413,29 @@ impl DatagramEndpoint {
     /// Serves every socket with unread datagrams (after the loop's events of a turn).
     pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
         for index in 0..self.sockets.len() {
-            if self.sockets[index]
-                .relay
-                .as_ref()
-                .is_some_and(|r| r.readable)
-            {
+            let relay_ready =
+                |socket: &DatagramSocket| socket.relay.as_ref().is_some_and(|r| r.readable);
+            if self.sockets.get(index).is_some_and(relay_ready) {
                 self.read_relay(index, now, parts);
             }
-            if self.sockets[index].readable && !self.sockets[index].read_paused {
+            let ready = |socket: &DatagramSocket| socket.readable && !socket.read_paused;
+            if self.sockets.get(index).is_some_and(ready) {
                 self.serve(index, now, parts);
             }
         }
     }
 
     fn serve(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
-        if self.held || self.sockets[index].retired {
+        if self.held || self.sockets.get(index).is_none_or(|s| s.retired) {
             return;
         }
         let Some(mut recv) = self.recv.take() else {
             return;
         };
         for _ in 0..RECV_BATCHES_PER_TURN {
-            let socket = &mut self.sockets[index];
+            let Some(socket) = self.sockets.get_mut(index) else {
+                break;
+            };
             if !socket.readable || socket.read_paused {
                 break;
             }
@@ -446,8 +467,11 @@ impl DatagramEndpoint {
                 let Some(peer) = received.source else {
                     continue;
                 };
-                let listener = &self.sockets[index].listener.info;
-                self.stats.received(listener, received.data.len());
+                let Some(socket) = self.sockets.get(index) else {
+                    continue;
+                };
+                self.stats
+                    .received(&socket.listener.info, received.data.len());
                 if received.truncated {
                     LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
                     continue;
@@ -468,16 +492,22 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         if let Some(relay) = socket.relay.as_mut().filter(|relay| relay.forwards) {
             if relay.claimed.contains(&peer) {
                 self.forward(index, peer, data);
                 return;
             }
         }
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         if let Some(&key) = socket.peers.get(&peer) {
-            let session = &mut self.sessions[key];
+            let Some(session) = self.sessions.get_mut(key) else {
+                return;
+            };
             if let Some(dtls) = session.dtls.as_ref() {
                 // Only well-formed records reach the session's OpenSSL object; the rest is
                 // not activity either (it must not keep the session alive).
@@ -529,8 +559,7 @@ impl DatagramEndpoint {
                     .admission
                     .permits(&socket.listener.acl, peer.ip()) =>
             {
-                let stats = &self.sockets[index].listener.info.stats;
-                stats.refused(RefusalReason::Acl);
+                socket.listener.info.stats.refused(RefusalReason::Acl);
                 self.refuse(peer, RefusalReason::Acl.as_str());
             }
             Some(_) if parse_client_hello(data).is_err() => {
@@ -597,7 +626,7 @@ impl DatagramEndpoint {
         parts: &mut LoopParts<'_>,
     ) -> Option<(Ticket, DatagramPlace)> {
         let ip = peer.ip().to_canonical();
-        let listener = &self.sockets[index].listener;
+        let listener = &self.sockets.get(index)?.listener;
         if !listener.admission.permits(&listener.acl, ip) {
             listener.info.stats.refused(RefusalReason::Acl);
             self.refuse(peer, RefusalReason::Acl.as_str());
@@ -606,7 +635,7 @@ impl DatagramEndpoint {
         // Each round frees one place, and each of the four caps needs at most one unless other
         // loops race for the same places: five attempts, four reclaims at most.
         for attempt in 0..5 {
-            let listener = &self.sockets[index].listener;
+            let listener = &self.sockets.get(index)?.listener;
             let loop_full = self.sessions.len() >= listener.caps.per_loop();
             let full = match listener.caps.take(&listener.listener_cap, ip) {
                 // This loop's share of max_datagram_sessions: reclaim here, on this loop.
@@ -677,9 +706,9 @@ impl DatagramEndpoint {
     /// peer loses nothing (its next datagram opens a new session); only a loop without udp
     /// sessions gives up its longest-idle dtls session, whose peer must handshake again.
     fn cheapest_to_reclaim(&self) -> Option<usize> {
-        let udp_oldest = (0..self.sockets.len())
-            .filter(|&socket| self.sockets[socket].listener.dtls.is_none())
-            .filter_map(|socket| self.idle.oldest(Scope::Socket(socket)))
+        let udp_oldest = (self.sockets.iter().enumerate())
+            .filter(|(_, socket)| socket.listener.dtls.is_none())
+            .filter_map(|(index, _)| self.idle.oldest(Scope::Socket(index)))
             .min_by_key(|&key| self.sessions.get(key).map(|s| s.last_activity));
         udp_oldest.or_else(|| self.idle.oldest(Scope::Loop))
     }
@@ -693,9 +722,9 @@ impl DatagramEndpoint {
         dtls: Option<Box<DtlsPeer>>,
         now: Instant,
         parts: &mut LoopParts<'_>,
-    ) -> usize {
+    ) -> Option<usize> {
         let key = self.sessions.vacant_key();
-        let socket = &mut self.sockets[index];
+        let socket = self.sockets.get_mut(index)?;
         let id = SessionId::next();
         let idle_timer = parts.timers.insert(
             deadline_after(now, self.limits.idle_timeout),
@@ -728,7 +757,7 @@ impl DatagramEndpoint {
             false => &self.stats.udp_sessions_open,
         };
         LoopStats::add(open, 1);
-        key
+        Some(key)
     }
 
     fn open_udp(
@@ -742,12 +771,17 @@ impl DatagramEndpoint {
         let Some(admitted) = self.admit(index, peer, now, parts) else {
             return;
         };
-        let key = self.insert(index, peer, admitted, None, now, parts);
-        let service = Arc::clone(&self.sockets[index].listener.service);
+        let Some(socket) = self.sockets.get(index) else {
+            return;
+        };
+        let service = Arc::clone(&socket.listener.service);
+        let Some(key) = self.insert(index, peer, admitted, None, now, parts) else {
+            return;
+        };
         self.callback(key, parts, |handler, session| {
             *handler = service.open(session)
         });
-        if self.sessions[key].closing.is_none() {
+        if self.sessions.get(key).is_some_and(|s| s.closing.is_none()) {
             self.callback(key, parts, |handler, session| {
                 handler.on_data(session, data)
             });
@@ -767,7 +801,10 @@ impl DatagramEndpoint {
         // The handshake places first: a refusal here must not have reclaimed a session.
         // DTLS handshakes may hold at most their share of max_handshakes, so datagrams alone
         // can never take every handshake slot tls clients need.
-        let listener = &self.sockets[index].listener;
+        let Some(socket) = self.sockets.get(index) else {
+            return;
+        };
+        let listener = &socket.listener;
         let Some(share) = listener.caps.reserve_handshake() else {
             listener
                 .admission
@@ -789,7 +826,10 @@ impl DatagramEndpoint {
         let Some(admitted) = self.admit(index, peer, now, parts) else {
             return;
         };
-        let listener = &self.sockets[index].listener;
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        let listener = &socket.listener;
         let Some(context) = listener.dtls.as_ref() else {
             return;
         };
@@ -801,7 +841,7 @@ impl DatagramEndpoint {
             }
         };
         let service = Arc::clone(&listener.service);
-        let Some(listen) = self.sockets[index].listen.as_mut() else {
+        let Some(listen) = socket.listen.as_mut() else {
             return;
         };
         let stream = std::mem::replace(listen, fresh);
@@ -813,13 +853,17 @@ impl DatagramEndpoint {
             pending_service: Some(service),
             close_notify_sent: false,
         });
-        let key = self.insert(index, peer, admitted, Some(peer_state), now, parts);
-        let id = self.sessions[key].info.id;
+        let Some(key) = self.insert(index, peer, admitted, Some(peer_state), now, parts) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         let timer = parts.timers.insert(
             deadline_after(now, self.limits.handshake_timeout),
-            timer_entry(key, id, DatagramTimer::Handshake),
+            timer_entry(key, session.info.id, DatagramTimer::Handshake),
         );
-        if let Some(dtls) = self.sessions[key].dtls.as_mut() {
+        if let Some(dtls) = session.dtls.as_mut() {
             dtls.handshake_timer = Some(timer);
         }
         // The buffered ClientHello: OpenSSL answers with the server's first flight.
@@ -894,7 +938,7 @@ impl DatagramEndpoint {
                     used = true;
                     let plain = std::mem::take(&mut self.plain);
                     self.callback(key, parts, |handler, session| {
-                        handler.on_data(session, &plain[..n])
+                        handler.on_data(session, plain.get(..n).unwrap_or_default())
                     });
                     self.plain = plain;
                     self.after_callback(key, now, parts);
@@ -959,7 +1003,8 @@ impl DatagramEndpoint {
 
     fn dtls_failed(&mut self, key: usize, why: &str, parts: &mut LoopParts<'_>) {
         if let Some(also) = self.failures.allow(Instant::now()) {
-            let peer = self.sessions[key].info.peer;
+            let peer = self.sessions.get(key).map(|s| s.info.peer);
+            let peer = peer.map_or_else(String::new, |peer| peer.to_string());
             info!("dtls session failed peer={peer}: {why} (+{also} more in the last second)");
         }
         // Failures close without close_notify (OpenSSL already queued its alert).
@@ -1061,18 +1106,23 @@ impl DatagramEndpoint {
 
     /// Adds a datagram to socket `index`'s send queue (dropped and counted when full).
     fn queue(&mut self, index: usize, peer: SocketAddr, datagram: Bytes) {
-        let socket = &mut self.sockets[index];
-        if socket.pending_bytes + datagram.len() > self.limits.outbound_limit {
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        let queued = socket.pending_bytes.checked_add(datagram.len());
+        let Some(queued) = queued.filter(|&queued| queued <= self.limits.outbound_limit) else {
             LoopStats::add(&self.stats.datagrams_dropped_overflow, 1);
             return;
-        }
-        socket.pending_bytes += datagram.len();
+        };
+        socket.pending_bytes = queued;
         socket.pending.push_back((peer, datagram));
     }
 
     /// Sends socket `index`'s queue with `sendmmsg` until it is empty or the socket is full.
     fn flush(&mut self, index: usize) {
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         let batch = socket.listener.batch.max(1);
         while !socket.pending.is_empty() && !socket.write_blocked {
             let (front, back) = socket.pending.as_slices();
@@ -1080,13 +1130,15 @@ impl DatagramEndpoint {
             let messages: Vec<(SocketAddr, &[u8])> = slice
                 .iter()
                 .take(batch)
-                .map(|(peer, data)| (*peer, &data[..]))
+                .map(|(peer, data)| (*peer, data.as_ref()))
                 .collect();
             match send_batch(&socket.socket, &messages) {
                 Ok(sent) => {
-                    let bytes: usize = messages[..sent].iter().map(|(_, d)| d.len()).sum();
+                    // `sendmmsg` reports at most the messages it was given.
+                    let sent = sent.min(messages.len());
+                    let bytes: usize = messages.iter().take(sent).map(|(_, d)| d.len()).sum();
                     socket.pending.drain(..sent);
-                    socket.pending_bytes -= bytes;
+                    socket.pending_bytes = socket.pending_bytes.saturating_sub(bytes);
                     LoopStats::add(&self.stats.datagrams_out, sent as u64);
                     self.stats.sent(&socket.listener.info, bytes);
                 }
@@ -1095,9 +1147,9 @@ impl DatagramEndpoint {
                 Err(err) => {
                     // The first datagram cannot be sent (too large, unreachable peer…):
                     // drop it, keep the others.
-                    debug!(peer = %messages[0].0, "udp send: {err}");
-                    if let Some((_, data)) = socket.pending.pop_front() {
-                        socket.pending_bytes -= data.len();
+                    if let Some((peer, data)) = socket.pending.pop_front() {
+                        debug!(peer = %peer, "udp send: {err}");
+                        socket.pending_bytes = socket.pending_bytes.saturating_sub(data.len());
                     }
                     LoopStats::add(&self.stats.datagrams_dropped_send_error, 1);
                 }
@@ -1112,7 +1164,11 @@ impl DatagramEndpoint {
     /// Flushes every socket whose queue is not empty (end of a loop turn).
     pub(crate) fn flush_all(&mut self) {
         for index in 0..self.sockets.len() {
-            if !self.sockets[index].pending.is_empty() {
+            if self
+                .sockets
+                .get(index)
+                .is_some_and(|s| !s.pending.is_empty())
+            {
                 self.flush(index);
             }
         }
@@ -1160,8 +1216,9 @@ impl DatagramEndpoint {
                     return;
                 }
                 self.dtls_output(key, now, parts);
-                let index = self.sessions[key].socket;
-                self.flush(index);
+                if let Some(index) = self.sessions.get(key).map(|s| s.socket) {
+                    self.flush(index);
+                }
             }
         }
     }
@@ -1173,7 +1230,9 @@ impl DatagramEndpoint {
             return;
         };
         let index = session.socket;
-        self.sockets[index].peers.remove(&session.info.peer);
+        if let Some(socket) = self.sockets.get_mut(index) {
+            socket.peers.remove(&session.info.peer);
+        }
         self.idle.remove(key);
         self.release_peers(index, &[session.info.peer]);
         let mut cancel = |timer: Option<TimerKey>| {
@@ -1246,12 +1305,14 @@ impl DatagramEndpoint {
             };
             let relay = relay.set_nonblocking(true).map(|()| {
                 let mut relay = mio::net::UnixDatagram::from_std(relay);
-                let token = socket_token(MAX_DATAGRAM_SOCKETS + index);
+                let token = relay_token(index);
                 registry
                     .register(&mut relay, token, Interest::READABLE)
                     .map(|()| relay)
             });
-            let socket = &mut self.sockets[index];
+            let Some(socket) = self.sockets.get_mut(index) else {
+                continue;
+            };
             socket.retired = true;
             socket.readable = false;
             match relay {
@@ -1293,20 +1354,20 @@ impl DatagramEndpoint {
 
     /// Sends peers (claims or releases) over socket `index`'s relay, if it has one.
     fn release_peers(&mut self, index: usize, peers: &[SocketAddr]) {
-        if self.sockets[index]
-            .relay
-            .as_ref()
-            .is_some_and(|relay| !relay.forwards)
-        {
+        let serves =
+            |socket: &DatagramSocket| socket.relay.as_ref().is_some_and(|relay| !relay.forwards);
+        if self.sockets.get(index).is_some_and(serves) {
             self.relay_send(index, RELAY_RELEASE, peers);
         }
     }
 
     fn relay_send(&mut self, index: usize, kind: u8, peers: &[SocketAddr]) {
-        let Some(relay) = self.sockets[index].relay.as_ref() else {
+        let Some(relay) = self.sockets.get(index).and_then(|s| s.relay.as_ref()) else {
             return;
         };
-        let mut message = Vec::with_capacity(1 + peers.len() * ADDR_LEN);
+        // At most CLAIMS_PER_MESSAGE peers: no overflow.
+        let capacity = peers.len().saturating_mul(ADDR_LEN).saturating_add(1);
+        let mut message = Vec::with_capacity(capacity);
         message.push(kind);
         for &peer in peers {
             encode_addr(&mut message, peer);
@@ -1319,10 +1380,10 @@ impl DatagramEndpoint {
 
     /// New process: a datagram from a peer the old process still serves goes to it.
     fn forward(&mut self, index: usize, peer: SocketAddr, data: &[u8]) {
-        let Some(relay) = self.sockets[index].relay.as_mut() else {
+        let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) else {
             return;
         };
-        let mut message = Vec::with_capacity(1 + ADDR_LEN + data.len());
+        let mut message = Vec::with_capacity(data.len().saturating_add(1 + ADDR_LEN));
         message.push(RELAY_DATA);
         encode_addr(&mut message, peer);
         message.extend_from_slice(data);
@@ -1333,10 +1394,13 @@ impl DatagramEndpoint {
             }
             Err(err) => {
                 info!(
-                    "upgrade: the old process no longer takes datagrams ({err}); its {} peer(s)                      are served here from now on",
+                    "upgrade: the old process no longer takes datagrams ({err}); its {} peer(s) \
+                     are served here from now on",
                     relay.claimed.len()
                 );
-                self.sockets[index].relay = None;
+                if let Some(socket) = self.sockets.get_mut(index) {
+                    socket.relay = None;
+                }
             }
         }
     }
@@ -1362,7 +1426,7 @@ impl DatagramEndpoint {
                     return;
                 }
             };
-            let Some((&kind, body)) = buf[..n].split_first() else {
+            let Some((&kind, body)) = buf.get(..n).and_then(|read| read.split_first()) else {
                 continue;
             };
             match (kind, relay.forwards) {
@@ -1378,7 +1442,7 @@ impl DatagramEndpoint {
                 }
                 (RELAY_DATA, false) => {
                     if let Some(peer) = decode_addr(body) {
-                        let data = body[ADDR_LEN..].to_vec();
+                        let data = body.get(ADDR_LEN..).unwrap_or_default().to_vec();
                         LoopStats::add(&self.stats.datagrams_in, 1);
                         LoopStats::add(&self.stats.bytes_in, data.len() as u64);
                         self.receive(index, peer, &data, now, parts);
