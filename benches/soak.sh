@@ -162,7 +162,15 @@ loop() {
             echo "${out##*$'\n'}" >>"$WORK/$name.jsonl"
         else
             local code=$?
-            # One JSON line whatever the output held (quotes, backslashes, newlines).
+            local last=${out##*$'\n'}
+            if [[ $last == "{"* ]]; then
+                # `plexus bench` exits 1 when a round had errors, after printing its report:
+                # keep that report, whose errors_total and counts are the real ones (a
+                # synthetic line would count the round as 1 error and 0 operations).
+                echo "$last" >>"$WORK/$name.jsonl"
+                continue
+            fi
+            # No report: one JSON line whatever the output held (quotes, backslashes, newlines).
             local raw
             raw=$(printf '%s' "${out:-}" | tr -d '"\\' | tr '\n\t' '  ' | head -c 300 || true)
             echo "{\"mode\":\"$name\",\"failed\":true,\"exit\":$code,\"errors_total\":1,\"raw\":\"$raw\"}" \
