@@ -37,6 +37,8 @@ service = "echo"
 /// A running in-process server (the library), for tests that read its metrics.
 struct InProcess {
     addr: SocketAddr,
+    /// The listener named "http", if the configuration has one.
+    http: Option<SocketAddr>,
     handle: plexus::ServerHandle,
     runner: Option<thread::JoinHandle<Result<(), plexus::Error>>>,
 }
@@ -60,10 +62,12 @@ impl InProcess {
             .build()
             .unwrap();
         let addr = server.local_addr("dtls-echo").unwrap();
+        let http = server.local_addr("http");
         let handle = server.handle();
         let runner = Some(thread::spawn(move || server.run()));
         InProcess {
             addr,
+            http,
             handle,
             runner,
         }
@@ -506,6 +510,45 @@ fn garbage_from_anywhere_never_disturbs_established_dtls_sessions() {
     assert_eq!(metrics.closed_io_error, 0);
 }
 
+/// Well-formed application-data records with garbage ciphertext, from an established
+/// session's own address and port (a spoofer's best guess): OpenSSL discards them (the MAC
+/// fails) without a word. Each is counted as `dtls_bad_record` (on `/metrics` too), the
+/// session survives and echoes, and no session fails. Before, they vanished uncounted.
+#[test]
+fn records_failing_the_mac_in_a_session_are_counted_and_the_session_survives() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        dtls_config("").replace("event_loops = 2", "event_loops = 1")
+    );
+    let server = InProcess::from_text(&text);
+    let http = server.http.unwrap();
+    let mut session = dtls_connect("127.0.0.1", server.addr, Duration::from_secs(20));
+    assert_eq!(dtls_echo(&mut session, b"before", false), b"before");
+    for (i, sequence_byte) in [7u8, 8, 9].into_iter().enumerate() {
+        // Epoch 1 (the session's), a sequence number the client has not used yet.
+        let mut forged = record(23, 0xfefd, 1, &[0xee; 48]);
+        forged[10] = sequence_byte;
+        session.get_ref().0.send(&forged).unwrap();
+        let payload = format!("after forged record {i}");
+        assert_eq!(
+            dtls_echo(&mut session, payload.as_bytes(), false),
+            payload.as_bytes()
+        );
+    }
+    server.wait_for("bad records counted", |m| m.dtls_bad_record_dropped >= 3);
+    let metrics = server.metrics();
+    assert_eq!(metrics.dtls_bad_record_dropped, 3, "{metrics:?}");
+    assert_eq!(metrics.dtls_malformed_dropped, 0, "{metrics:?}");
+    assert_eq!(metrics.dtls_sessions_open, 1);
+    assert_eq!(metrics.handshakes_failed, 0);
+    assert_eq!(metrics.closed_io_error, 0);
+    let text = metrics_text(http);
+    assert!(
+        text.contains("plexus_datagrams_dropped_total{reason=\"dtls_bad_record\"} 3\n"),
+        "{text}"
+    );
+}
+
 /// A listener's `max_sessions`: a third DTLS client reclaims the longest-idle session (which
 /// gets close_notify), the two newest are served, and the reclaim is counted.
 #[test]
@@ -648,6 +691,80 @@ fn stalled_dtls_handshakes_never_take_every_tls_handshake_slot() {
             format!("tls client {i}\n")
         );
     }
+    handle.stop();
+    let _ = runner.join();
+}
+
+/// `GET /metrics` from the server's http listener `http` (HTTP/1.0: the server closes after).
+fn metrics_text(http: SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// `max_handshakes_per_ip` over DTLS, end to end: 10 handshakes from 127.0.0.1 (each from its
+/// own port) pass the cookie exchange and stall. With a pool of 16 (a dtls share of 8) and a
+/// per-IP share of 3, the host keeps 3 and its other 7 are refused as
+/// `handshake_capacity_per_ip` (on `/metrics` too); a client from 127.0.0.2 still completes
+/// its DTLS handshake and echoes, and the pool itself is never full. Without the per-IP share
+/// the stalled host would take the whole dtls share (8) and the client would be refused.
+#[test]
+fn one_hosts_stalled_dtls_handshakes_leave_room_for_another_host() {
+    let text = format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\nservice = \"http\"\n",
+        dtls_config("max_handshakes = 16\nmax_handshakes_per_ip = 3\nhandshake_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "dtls-per-ip").unwrap();
+    let server = plexus::Server::builder(config).build().unwrap();
+    let dtls = server.local_addr("dtls-echo").unwrap();
+    let http = server.local_addr("http").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let _stalled: Vec<UdpSocket> = (0..10)
+        .map(|_| stalled_dtls_handshake("127.0.0.1", dtls))
+        .collect();
+    let per_ip = || {
+        handle
+            .metrics()
+            .refused(plexus::RefusalReason::HandshakeCapacityPerIp)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while per_ip() < 7 {
+        assert!(Instant::now() < deadline, "{:?}", handle.metrics());
+        thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = handle.metrics();
+    assert_eq!(per_ip(), 7, "{metrics:?}");
+    assert_eq!(
+        metrics.dtls_sessions_open, 3,
+        "the host's share: 3 handshaking"
+    );
+    let text = metrics_text(http);
+    assert!(
+        text.contains("plexus_connections_refused_total{reason=\"handshake_capacity_per_ip\"} 7\n"),
+        "{text}"
+    );
+
+    let mut other = dtls_connect("127.0.0.2", dtls, Duration::from_secs(20));
+    assert_eq!(
+        dtls_echo(&mut other, b"another host", false),
+        b"another host"
+    );
+    let metrics = handle.metrics();
+    assert_eq!(metrics.dtls_sessions_open, 4, "{metrics:?}");
+    assert_eq!(
+        metrics.refused(plexus::RefusalReason::HandshakeCapacity),
+        0,
+        "neither the pool nor the dtls share was full"
+    );
+    assert_eq!(per_ip(), 7, "the other host was not refused");
     handle.stop();
     let _ = runner.join();
 }

@@ -909,7 +909,14 @@ impl Acceptor {
         };
         let target = self.least_loaded();
         if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {
-            warn!(peer = %new.info.peer, event_loop = target, "event loop queue full; closing connection");
+            // The loop's command queue is full (or the loop is gone): the connection is closed
+            // (its ticket and handshake slot go with it), counted and logged as a refusal.
+            let reason = RefusalReason::EventLoopBusy;
+            self.admission.record_refusal(reason);
+            let listener = &self.listeners[index];
+            listener.info.stats.refused(reason);
+            self.refusals
+                .record(reason, Some(new.info.peer), &listener.info.name, now);
         }
     }
 

@@ -34,11 +34,14 @@ pub enum RefusalReason {
     ProxyHeader = 5,
     /// `max_handshakes_per_ip` handshakes from this address are already in flight.
     HandshakeCapacityPerIp = 6,
+    /// The event loop chosen for an accepted connection had a full command queue (it is far
+    /// behind) or had stopped, so the connection could not be handed to it and was closed.
+    EventLoopBusy = 7,
 }
 
 impl RefusalReason {
     /// Every reason, indexed by its discriminant.
-    pub const ALL: [RefusalReason; 7] = [
+    pub const ALL: [RefusalReason; 8] = [
         RefusalReason::Acl,
         RefusalReason::MaxConnections,
         RefusalReason::MaxConnectionsPerIp,
@@ -46,6 +49,7 @@ impl RefusalReason {
         RefusalReason::HandshakeCapacity,
         RefusalReason::ProxyHeader,
         RefusalReason::HandshakeCapacityPerIp,
+        RefusalReason::EventLoopBusy,
     ];
 
     /// The label used in logs and metrics.
@@ -58,6 +62,7 @@ impl RefusalReason {
             RefusalReason::HandshakeCapacity => "handshake_capacity",
             RefusalReason::ProxyHeader => "proxy_header",
             RefusalReason::HandshakeCapacityPerIp => "handshake_capacity_per_ip",
+            RefusalReason::EventLoopBusy => "event_loop_busy",
         }
     }
 }
@@ -417,6 +422,18 @@ impl Drop for HandshakeSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counters and log throttles are arrays indexed by the discriminant: `ALL` must list
+    /// every reason at its own index, with a distinct label (event_loop_busy included).
+    #[test]
+    fn every_refusal_reason_sits_at_its_index_with_its_own_label() {
+        let mut labels = std::collections::HashSet::new();
+        for (index, reason) in RefusalReason::ALL.into_iter().enumerate() {
+            assert_eq!(reason as usize, index, "{reason}");
+            assert!(labels.insert(reason.as_str()), "{reason} twice");
+        }
+        assert_eq!(RefusalReason::EventLoopBusy.as_str(), "event_loop_busy");
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

@@ -19,12 +19,34 @@
 //! `DTLSv1_listen`, and a session gets only well-formed records. The rest is dropped, counted
 //! (`plexus_datagrams_dropped_total{reason="dtls_malformed"|"dtls_not_client_hello"}`) and
 //! logged at most once a second; no other session notices (every OpenSSL call also runs with
-//! a clean error queue, see [`crate::dtls`]).
+//! a clean error queue, see [`crate::dtls`]). Well-formed application data that OpenSSL then
+//! discards for an established session (a failed MAC or decryption, or a replay: OpenSSL says
+//! nothing of either) is counted as `reason="dtls_bad_record"`, logged the same way, and does
+//! not keep the session alive.
 //!
 //! Backpressure: replies wait in the socket's send queue. Past the outbound high watermark the
 //! loop stops reading that socket (the kernel's receive buffer then absorbs or drops, which is
 //! where UDP loses datagrams anyway) until the queue is below the low watermark; a datagram
 //! that would push the queue past `outbound_limit` is dropped and counted.
+//!
+//! No panics from input: indexing, unchecked arithmetic and unwrap/expect are denied in this
+//! module outside its tests (clippy), as in `plexus-proto`. Socket indexes and session keys
+//! come from this module's own tables; one that no longer names an entry is ignored.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -37,7 +59,9 @@ use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
 use openssl::ssl::SslStream;
-use plexus_proto::dtls::{check_records, parse_client_hello, DtlsError as RecordError};
+use plexus_proto::dtls::{
+    check_records, parse_client_hello, records, ContentType, DtlsError as RecordError,
+};
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{send_batch, RecvBatch};
 use slab::Slab;
@@ -68,7 +92,13 @@ pub(crate) const MAX_DATAGRAM_SOCKETS: usize = 4096;
 
 /// The token of datagram socket `index`: counting down from just below the waker's.
 pub(crate) fn socket_token(index: usize) -> Token {
-    Token(usize::MAX - 1 - index)
+    // Indexes stay below 2 × MAX_DATAGRAM_SOCKETS, far from saturating.
+    Token(usize::MAX.saturating_sub(1).saturating_sub(index))
+}
+
+/// The token of the upgrade relay of datagram socket `index`.
+fn relay_token(index: usize) -> Token {
+    socket_token(MAX_DATAGRAM_SOCKETS.saturating_add(index))
 }
 
 /// The datagram socket a token names, if it is in the datagram range.
@@ -317,11 +347,7 @@ impl DatagramEndpoint {
             Some(relay) => {
                 relay.set_nonblocking(true)?;
                 let mut relay = mio::net::UnixDatagram::from_std(relay);
-                registry.register(
-                    &mut relay,
-                    socket_token(MAX_DATAGRAM_SOCKETS + index),
-                    Interest::READABLE,
-                )?;
+                registry.register(&mut relay, relay_token(index), Interest::READABLE)?;
                 // Nothing is read before the old process's claims are in.
                 self.held = true;
                 Some(Relay {
@@ -382,8 +408,7 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        if index >= MAX_DATAGRAM_SOCKETS {
-            let index = index - MAX_DATAGRAM_SOCKETS;
+        if let Some(index) = index.checked_sub(MAX_DATAGRAM_SOCKETS) {
             if let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) {
                 relay.readable |= readable;
             }
@@ -404,28 +429,29 @@ impl DatagramEndpoint {
     pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
         self.deliver_drains(now, parts);
         for index in 0..self.sockets.len() {
-            if self.sockets[index]
-                .relay
-                .as_ref()
-                .is_some_and(|r| r.readable)
-            {
+            let relay_ready =
+                |socket: &DatagramSocket| socket.relay.as_ref().is_some_and(|r| r.readable);
+            if self.sockets.get(index).is_some_and(relay_ready) {
                 self.read_relay(index, now, parts);
             }
-            if self.sockets[index].readable && !self.sockets[index].read_paused {
+            let ready = |socket: &DatagramSocket| socket.readable && !socket.read_paused;
+            if self.sockets.get(index).is_some_and(ready) {
                 self.serve(index, now, parts);
             }
         }
     }
 
     fn serve(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
-        if self.held || self.sockets[index].retired {
+        if self.held || self.sockets.get(index).is_none_or(|s| s.retired) {
             return;
         }
         let Some(mut recv) = self.recv.take() else {
             return;
         };
         for _ in 0..RECV_BATCHES_PER_TURN {
-            let socket = &mut self.sockets[index];
+            let Some(socket) = self.sockets.get_mut(index) else {
+                break;
+            };
             if !socket.readable || socket.read_paused {
                 break;
             }
@@ -457,8 +483,11 @@ impl DatagramEndpoint {
                 let Some(peer) = received.source else {
                     continue;
                 };
-                let listener = &self.sockets[index].listener.info;
-                self.stats.received(listener, received.data.len());
+                let Some(socket) = self.sockets.get(index) else {
+                    continue;
+                };
+                self.stats
+                    .received(&socket.listener.info, received.data.len());
                 if received.truncated {
                     LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
                     continue;
@@ -479,26 +508,50 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         if let Some(relay) = socket.relay.as_mut().filter(|relay| relay.forwards) {
             if relay.claimed.contains(&peer) {
                 self.forward(index, peer, data);
                 return;
             }
         }
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         if let Some(&key) = socket.peers.get(&peer) {
-            let session = &mut self.sessions[key];
-            if session.dtls.is_some() {
+            let Some(session) = self.sessions.get_mut(key) else {
+                return;
+            };
+            if let Some(dtls) = session.dtls.as_ref() {
                 // Only well-formed records reach the session's OpenSSL object; the rest is
                 // not activity either (it must not keep the session alive).
                 if let Err(why) = check_records(data) {
                     self.drop_garbage(peer, why, now);
                     return;
                 }
-                session.last_activity = now;
-                self.idle.touch(key);
-                self.dtls_input(key, data, now, parts);
+                if dtls.handshaking() || !only_application_data(data) {
+                    session.last_activity = now;
+                    self.idle.touch(key);
+                    self.dtls_input(key, data, now, parts);
+                    return;
+                }
+                // Application data for an established session: activity only once OpenSSL
+                // accepts it. It discards records that fail the MAC (forged, corrupted, from
+                // another session) or replay old ones without a word: counted here.
+                let id = session.info.id;
+                if self.dtls_input(key, data, now, parts) {
+                    if let Some(session) = self.sessions.get_mut(key).filter(|s| s.info.id == id) {
+                        session.last_activity = now;
+                        self.idle.touch(key);
+                    }
+                } else {
+                    LoopStats::add(&self.stats.dtls_bad_record_dropped, 1);
+                    if let Some(also) = self.garbage.allow(now) {
+                        info!("dtls record dropped peer={peer}: an established session's record failed decryption or was a replay (+{also} more dropped in the last second)");
+                    }
+                }
             } else {
                 session.last_activity = now;
                 self.idle.touch(key);
@@ -522,8 +575,7 @@ impl DatagramEndpoint {
                     .admission
                     .permits(&socket.listener.acl, peer.ip()) =>
             {
-                let stats = &self.sockets[index].listener.info.stats;
-                stats.refused(RefusalReason::Acl);
+                socket.listener.info.stats.refused(RefusalReason::Acl);
                 self.refuse(peer, RefusalReason::Acl.as_str());
             }
             Some(_) if parse_client_hello(data).is_err() => {
@@ -590,7 +642,7 @@ impl DatagramEndpoint {
         parts: &mut LoopParts<'_>,
     ) -> Option<(Ticket, DatagramPlace)> {
         let ip = peer.ip().to_canonical();
-        let listener = &self.sockets[index].listener;
+        let listener = &self.sockets.get(index)?.listener;
         if !listener.admission.permits(&listener.acl, ip) {
             listener.info.stats.refused(RefusalReason::Acl);
             self.refuse(peer, RefusalReason::Acl.as_str());
@@ -599,7 +651,7 @@ impl DatagramEndpoint {
         // Each round frees one place, and each of the four caps needs at most one unless other
         // loops race for the same places: five attempts, four reclaims at most.
         for attempt in 0..5 {
-            let listener = &self.sockets[index].listener;
+            let listener = &self.sockets.get(index)?.listener;
             let loop_full = self.sessions.len() >= listener.caps.per_loop();
             let full = match listener.caps.take(&listener.listener_cap, ip) {
                 // This loop's share of max_datagram_sessions: reclaim here, on this loop.
@@ -670,9 +722,9 @@ impl DatagramEndpoint {
     /// peer loses nothing (its next datagram opens a new session); only a loop without udp
     /// sessions gives up its longest-idle dtls session, whose peer must handshake again.
     fn cheapest_to_reclaim(&self) -> Option<usize> {
-        let udp_oldest = (0..self.sockets.len())
-            .filter(|&socket| self.sockets[socket].listener.dtls.is_none())
-            .filter_map(|socket| self.idle.oldest(Scope::Socket(socket)))
+        let udp_oldest = (self.sockets.iter().enumerate())
+            .filter(|(_, socket)| socket.listener.dtls.is_none())
+            .filter_map(|(index, _)| self.idle.oldest(Scope::Socket(index)))
             .min_by_key(|&key| self.sessions.get(key).map(|s| s.last_activity));
         udp_oldest.or_else(|| self.idle.oldest(Scope::Loop))
     }
@@ -686,9 +738,9 @@ impl DatagramEndpoint {
         dtls: Option<Box<DtlsPeer>>,
         now: Instant,
         parts: &mut LoopParts<'_>,
-    ) -> usize {
+    ) -> Option<usize> {
         let key = self.sessions.vacant_key();
-        let socket = &mut self.sockets[index];
+        let socket = self.sockets.get_mut(index)?;
         let id = SessionId::next();
         let idle_timer = parts.timers.insert(
             deadline_after(now, self.limits.idle_timeout),
@@ -723,7 +775,7 @@ impl DatagramEndpoint {
             false => &self.stats.udp_sessions_open,
         };
         LoopStats::add(open, 1);
-        key
+        Some(key)
     }
 
     fn open_udp(
@@ -737,12 +789,17 @@ impl DatagramEndpoint {
         let Some(admitted) = self.admit(index, peer, now, parts) else {
             return;
         };
-        let key = self.insert(index, peer, admitted, None, now, parts);
-        let service = Arc::clone(&self.sockets[index].listener.service);
+        let Some(socket) = self.sockets.get(index) else {
+            return;
+        };
+        let service = Arc::clone(&socket.listener.service);
+        let Some(key) = self.insert(index, peer, admitted, None, now, parts) else {
+            return;
+        };
         self.callback(key, parts, |handler, session| {
             *handler = service.open(session)
         });
-        if self.sessions[key].closing.is_none() {
+        if self.sessions.get(key).is_some_and(|s| s.closing.is_none()) {
             self.callback(key, parts, |handler, session| {
                 handler.on_data(session, data)
             });
@@ -762,7 +819,10 @@ impl DatagramEndpoint {
         // The handshake places first: a refusal here must not have reclaimed a session.
         // DTLS handshakes may hold at most their share of max_handshakes, so datagrams alone
         // can never take every handshake slot tls clients need.
-        let listener = &self.sockets[index].listener;
+        let Some(socket) = self.sockets.get(index) else {
+            return;
+        };
+        let listener = &socket.listener;
         let Some(share) = listener.caps.reserve_handshake() else {
             listener
                 .admission
@@ -784,7 +844,10 @@ impl DatagramEndpoint {
         let Some(admitted) = self.admit(index, peer, now, parts) else {
             return;
         };
-        let listener = &self.sockets[index].listener;
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        let listener = &socket.listener;
         let Some(context) = listener.dtls.as_ref() else {
             return;
         };
@@ -796,7 +859,7 @@ impl DatagramEndpoint {
             }
         };
         let service = Arc::clone(&listener.service);
-        let Some(listen) = self.sockets[index].listen.as_mut() else {
+        let Some(listen) = socket.listen.as_mut() else {
             return;
         };
         let stream = std::mem::replace(listen, fresh);
@@ -808,34 +871,54 @@ impl DatagramEndpoint {
             pending_service: Some(service),
             close_notify_sent: false,
         });
-        let key = self.insert(index, peer, admitted, Some(peer_state), now, parts);
-        let id = self.sessions[key].info.id;
+        let Some(key) = self.insert(index, peer, admitted, Some(peer_state), now, parts) else {
+            return;
+        };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         let timer = parts.timers.insert(
             deadline_after(now, self.limits.handshake_timeout),
-            timer_entry(key, id, DatagramTimer::Handshake),
+            timer_entry(key, session.info.id, DatagramTimer::Handshake),
         );
-        if let Some(dtls) = self.sessions[key].dtls.as_mut() {
+        if let Some(dtls) = session.dtls.as_mut() {
             dtls.handshake_timer = Some(timer);
         }
         // The buffered ClientHello: OpenSSL answers with the server's first flight.
-        self.dtls_drive(key, now, parts);
+        let _ = self.dtls_drive(key, now, parts);
     }
 
-    fn dtls_input(&mut self, key: usize, data: &[u8], now: Instant, parts: &mut LoopParts<'_>) {
-        let session = &mut self.sessions[key];
+    /// Gives `data` to session `key`'s OpenSSL object; true if OpenSSL made anything of it
+    /// (see [`Self::dtls_drive`]).
+    fn dtls_input(
+        &mut self,
+        key: usize,
+        data: &[u8],
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) -> bool {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return false;
+        };
         if let Some(dtls) = session.dtls.as_mut() {
             dtls.stream.get_mut().put(data);
         }
-        self.dtls_drive(key, now, parts);
+        self.dtls_drive(key, now, parts)
     }
 
     /// Lets OpenSSL process what arrived: the handshake, then application datagrams; sends
-    /// what it wrote and re-arms its retransmission timer.
-    fn dtls_drive(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) {
-        let session = &mut self.sessions[key];
-        let Some(dtls) = session.dtls.as_mut() else {
-            return;
+    /// what it wrote and re-arms its retransmission timer. Returns whether the input was of
+    /// use: a handshake step, plaintext for the service, something OpenSSL wrote, or the
+    /// session's end. False for an established session when OpenSSL silently discarded the
+    /// datagram (a record that failed decryption or the MAC, or a replay).
+    fn dtls_drive(&mut self, key: usize, now: Instant, parts: &mut LoopParts<'_>) -> bool {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return false;
         };
+        let Some(dtls) = session.dtls.as_mut() else {
+            return false;
+        };
+        let mut used = dtls.handshaking();
         let peer = session.info.peer;
         if dtls.handshaking() {
             match dtls::handshake(&mut dtls.stream, peer, now) {
@@ -857,38 +940,51 @@ impl DatagramEndpoint {
                 Progress::Closed => session.closing = Some(CloseReason::PeerClosed),
                 Progress::Failed(why) => {
                     self.dtls_failed(key, &why, parts);
-                    return;
+                    return true;
                 }
             }
         }
         while let Some(session) = self.sessions.get_mut(key) {
             let Some(dtls) = session.dtls.as_mut() else {
-                return;
+                return true;
             };
             if dtls.handshaking() || session.closing.is_some() {
                 break;
             }
             match dtls::read(&mut dtls.stream, &mut self.plain, peer, now) {
                 Ok(n) => {
+                    used = true;
                     let plain = std::mem::take(&mut self.plain);
                     self.callback(key, parts, |handler, session| {
-                        handler.on_data(session, &plain[..n])
+                        handler.on_data(session, plain.get(..n).unwrap_or_default())
                     });
                     self.plain = plain;
                     self.after_callback(key, now, parts);
                 }
-                Err(Progress::Closed) => session.closing = Some(CloseReason::PeerClosed),
+                Err(Progress::Closed) => {
+                    used = true;
+                    session.closing = Some(CloseReason::PeerClosed);
+                }
                 Err(Progress::Failed(why)) => {
                     self.dtls_failed(key, &why, parts);
-                    return;
+                    return true;
                 }
                 Err(_) => break,
             }
         }
+        let Some(session) = self.sessions.get(key) else {
+            return true;
+        };
+        used |= session.closing.is_some()
+            || session
+                .dtls
+                .as_ref()
+                .is_some_and(|dtls| !dtls.stream.get_ref().outbound.is_empty());
         self.dtls_output(key, now, parts);
         if let Some(reason) = self.sessions.get(key).and_then(|s| s.closing.clone()) {
             self.close(key, reason, parts);
         }
+        used
     }
 
     /// Queues the datagrams OpenSSL wrote for `key` and re-arms the retransmission timer.
@@ -925,7 +1021,8 @@ impl DatagramEndpoint {
 
     fn dtls_failed(&mut self, key: usize, why: &str, parts: &mut LoopParts<'_>) {
         if let Some(also) = self.failures.allow(Instant::now()) {
-            let peer = self.sessions[key].info.peer;
+            let peer = self.sessions.get(key).map(|s| s.info.peer);
+            let peer = peer.map_or_else(String::new, |peer| peer.to_string());
             info!("dtls session failed peer={peer}: {why} (+{also} more in the last second)");
         }
         // Failures close without close_notify (OpenSSL already queued its alert).
@@ -1091,18 +1188,23 @@ impl DatagramEndpoint {
 
     /// Adds a datagram to socket `index`'s send queue (dropped and counted when full).
     fn queue(&mut self, index: usize, peer: SocketAddr, datagram: Bytes) {
-        let socket = &mut self.sockets[index];
-        if socket.pending_bytes + datagram.len() > self.limits.outbound_limit {
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        let queued = socket.pending_bytes.checked_add(datagram.len());
+        let Some(queued) = queued.filter(|&queued| queued <= self.limits.outbound_limit) else {
             LoopStats::add(&self.stats.datagrams_dropped_overflow, 1);
             return;
-        }
-        socket.pending_bytes += datagram.len();
+        };
+        socket.pending_bytes = queued;
         socket.pending.push_back((peer, datagram));
     }
 
     /// Sends socket `index`'s queue with `sendmmsg` until it is empty or the socket is full.
     fn flush(&mut self, index: usize) {
-        let socket = &mut self.sockets[index];
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
         let batch = socket.listener.batch.max(1);
         while !socket.pending.is_empty() && !socket.write_blocked {
             let (front, back) = socket.pending.as_slices();
@@ -1110,13 +1212,15 @@ impl DatagramEndpoint {
             let messages: Vec<(SocketAddr, &[u8])> = slice
                 .iter()
                 .take(batch)
-                .map(|(peer, data)| (*peer, &data[..]))
+                .map(|(peer, data)| (*peer, data.as_ref()))
                 .collect();
             match send_batch(&socket.socket, &messages) {
                 Ok(sent) => {
-                    let bytes: usize = messages[..sent].iter().map(|(_, d)| d.len()).sum();
+                    // `sendmmsg` reports at most the messages it was given.
+                    let sent = sent.min(messages.len());
+                    let bytes: usize = messages.iter().take(sent).map(|(_, d)| d.len()).sum();
                     socket.pending.drain(..sent);
-                    socket.pending_bytes -= bytes;
+                    socket.pending_bytes = socket.pending_bytes.saturating_sub(bytes);
                     LoopStats::add(&self.stats.datagrams_out, sent as u64);
                     self.stats.sent(&socket.listener.info, bytes);
                 }
@@ -1125,9 +1229,9 @@ impl DatagramEndpoint {
                 Err(err) => {
                     // The first datagram cannot be sent (too large, unreachable peer…):
                     // drop it, keep the others.
-                    debug!(peer = %messages[0].0, "udp send: {err}");
-                    if let Some((_, data)) = socket.pending.pop_front() {
-                        socket.pending_bytes -= data.len();
+                    if let Some((peer, data)) = socket.pending.pop_front() {
+                        debug!(peer = %peer, "udp send: {err}");
+                        socket.pending_bytes = socket.pending_bytes.saturating_sub(data.len());
                     }
                     LoopStats::add(&self.stats.datagrams_dropped_send_error, 1);
                 }
@@ -1142,7 +1246,11 @@ impl DatagramEndpoint {
     /// Flushes every socket whose queue is not empty (end of a loop turn).
     pub(crate) fn flush_all(&mut self) {
         for index in 0..self.sockets.len() {
-            if !self.sockets[index].pending.is_empty() {
+            if self
+                .sockets
+                .get(index)
+                .is_some_and(|s| !s.pending.is_empty())
+            {
                 self.flush(index);
             }
         }
@@ -1200,8 +1308,9 @@ impl DatagramEndpoint {
                     return;
                 }
                 self.dtls_output(key, now, parts);
-                let index = self.sessions[key].socket;
-                self.flush(index);
+                if let Some(index) = self.sessions.get(key).map(|s| s.socket) {
+                    self.flush(index);
+                }
             }
         }
     }
@@ -1213,7 +1322,9 @@ impl DatagramEndpoint {
             return;
         };
         let index = session.socket;
-        self.sockets[index].peers.remove(&session.info.peer);
+        if let Some(socket) = self.sockets.get_mut(index) {
+            socket.peers.remove(&session.info.peer);
+        }
         self.idle.remove(key);
         self.release_peers(index, &[session.info.peer]);
         let mut cancel = |timer: Option<TimerKey>| {
@@ -1292,12 +1403,14 @@ impl DatagramEndpoint {
             };
             let relay = relay.set_nonblocking(true).map(|()| {
                 let mut relay = mio::net::UnixDatagram::from_std(relay);
-                let token = socket_token(MAX_DATAGRAM_SOCKETS + index);
+                let token = relay_token(index);
                 registry
                     .register(&mut relay, token, Interest::READABLE)
                     .map(|()| relay)
             });
-            let socket = &mut self.sockets[index];
+            let Some(socket) = self.sockets.get_mut(index) else {
+                continue;
+            };
             socket.retired = true;
             socket.readable = false;
             match relay {
@@ -1339,20 +1452,20 @@ impl DatagramEndpoint {
 
     /// Sends peers (claims or releases) over socket `index`'s relay, if it has one.
     fn release_peers(&mut self, index: usize, peers: &[SocketAddr]) {
-        if self.sockets[index]
-            .relay
-            .as_ref()
-            .is_some_and(|relay| !relay.forwards)
-        {
+        let serves =
+            |socket: &DatagramSocket| socket.relay.as_ref().is_some_and(|relay| !relay.forwards);
+        if self.sockets.get(index).is_some_and(serves) {
             self.relay_send(index, RELAY_RELEASE, peers);
         }
     }
 
     fn relay_send(&mut self, index: usize, kind: u8, peers: &[SocketAddr]) {
-        let Some(relay) = self.sockets[index].relay.as_ref() else {
+        let Some(relay) = self.sockets.get(index).and_then(|s| s.relay.as_ref()) else {
             return;
         };
-        let mut message = Vec::with_capacity(1 + peers.len() * ADDR_LEN);
+        // At most CLAIMS_PER_MESSAGE peers: no overflow.
+        let capacity = peers.len().saturating_mul(ADDR_LEN).saturating_add(1);
+        let mut message = Vec::with_capacity(capacity);
         message.push(kind);
         for &peer in peers {
             encode_addr(&mut message, peer);
@@ -1365,10 +1478,10 @@ impl DatagramEndpoint {
 
     /// New process: a datagram from a peer the old process still serves goes to it.
     fn forward(&mut self, index: usize, peer: SocketAddr, data: &[u8]) {
-        let Some(relay) = self.sockets[index].relay.as_mut() else {
+        let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) else {
             return;
         };
-        let mut message = Vec::with_capacity(1 + ADDR_LEN + data.len());
+        let mut message = Vec::with_capacity(data.len().saturating_add(1 + ADDR_LEN));
         message.push(RELAY_DATA);
         encode_addr(&mut message, peer);
         message.extend_from_slice(data);
@@ -1379,10 +1492,13 @@ impl DatagramEndpoint {
             }
             Err(err) => {
                 info!(
-                    "upgrade: the old process no longer takes datagrams ({err}); its {} peer(s)                      are served here from now on",
+                    "upgrade: the old process no longer takes datagrams ({err}); its {} peer(s) \
+                     are served here from now on",
                     relay.claimed.len()
                 );
-                self.sockets[index].relay = None;
+                if let Some(socket) = self.sockets.get_mut(index) {
+                    socket.relay = None;
+                }
             }
         }
     }
@@ -1408,7 +1524,7 @@ impl DatagramEndpoint {
                     return;
                 }
             };
-            let Some((&kind, body)) = buf[..n].split_first() else {
+            let Some((&kind, body)) = buf.get(..n).and_then(|read| read.split_first()) else {
                 continue;
             };
             match (kind, relay.forwards) {
@@ -1424,7 +1540,7 @@ impl DatagramEndpoint {
                 }
                 (RELAY_DATA, false) => {
                     if let Some(peer) = decode_addr(body) {
-                        let data = body[ADDR_LEN..].to_vec();
+                        let data = body.get(ADDR_LEN..).unwrap_or_default().to_vec();
                         LoopStats::add(&self.stats.datagrams_in, 1);
                         LoopStats::add(&self.stats.bytes_in, data.len() as u64);
                         self.receive(index, peer, &data, now, parts);
@@ -1443,6 +1559,13 @@ impl DatagramEndpoint {
             self.close(key, reason.clone(), parts);
         }
     }
+}
+
+/// Whether every record of `datagram` (already checked well-formed) is application data.
+fn only_application_data(datagram: &[u8]) -> bool {
+    records(datagram).all(|record| {
+        record.is_ok_and(|record| record.header.content_type == ContentType::ApplicationData)
+    })
 }
 
 fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {

@@ -15,6 +15,24 @@
 //! serves next. So every OpenSSL call of the runtime goes through this module, and each one
 //! runs [`isolated`]: the queue is emptied before the call and drained after it, and what the
 //! call left is reported for that call's session only.
+//!
+//! No panics from input: indexing, unchecked arithmetic and unwrap/expect are denied in this
+//! module outside its tests (clippy), as in `plexus-proto`.
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -116,8 +134,13 @@ impl CookieSecret {
     /// becomes the previous one; two or more, both are new. A key that cannot be generated
     /// (no entropy) leaves the secrets as they are until the next call.
     fn rotate_if_due(&self, keys: &mut Keys, now: Instant) {
-        let elapsed = now.saturating_duration_since(keys.rotated);
-        let periods = elapsed.as_nanos() / COOKIE_ROTATION.as_nanos();
+        let elapsed = now.saturating_duration_since(keys.rotated).as_nanos();
+        let period = COOKIE_ROTATION.as_nanos();
+        let (Some(periods), Some(into_period)) =
+            (elapsed.checked_div(period), elapsed.checked_rem(period))
+        else {
+            return;
+        };
         if periods == 0 {
             return;
         }
@@ -134,7 +157,6 @@ impl CookieSecret {
             keys.current = fresh;
         }
         // The start of the period `now` is in: `now` minus the part of a period elapsed.
-        let into_period = elapsed.as_nanos() % COOKIE_ROTATION.as_nanos();
         let into_period = Duration::from_nanos(u64::try_from(into_period).unwrap_or(0));
         keys.rotated = now.checked_sub(into_period).unwrap_or(now);
     }
@@ -143,9 +165,7 @@ impl CookieSecret {
         let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
         self.rotate_if_due(&mut keys, now);
         let tag = hmac::sign(&keys.current, &Self::message(peer));
-        let len = tag.as_ref().len().min(out.len());
-        out[..len].copy_from_slice(&tag.as_ref()[..len]);
-        len
+        copy_prefix(tag.as_ref(), out)
     }
 
     fn verify(&self, peer: SocketAddr, cookie: &[u8], now: Instant) -> bool {
@@ -201,13 +221,15 @@ impl DtlsContext {
             builder.set_cipher_list("DEFAULT:PSK")?;
             builder.set_psk_server_callback(move |_, identity, out| {
                 let key = identity.and_then(|identity| keys.get(identity));
-                Ok(match key {
-                    Some(key) if key.len() <= out.len() => {
-                        out[..key.len()].copy_from_slice(key);
+                let slot = key.and_then(|key| Some((key, out.get_mut(..key.len())?)));
+                Ok(match slot {
+                    Some((key, slot)) => {
+                        slot.copy_from_slice(key);
                         key.len()
                     }
-                    // 0 = unknown identity: the handshake fails.
-                    _ => 0,
+                    // 0 = unknown identity (or a key longer than OpenSSL's buffer): the
+                    // handshake fails.
+                    None => 0,
                 })
             });
         }
@@ -274,9 +296,7 @@ impl Read for DatagramIo {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         self.has_inbound = false;
-        let len = self.inbound.len().min(buf.len());
-        buf[..len].copy_from_slice(&self.inbound[..len]);
-        Ok(len)
+        Ok(copy_prefix(&self.inbound, buf))
     }
 }
 
@@ -289,6 +309,15 @@ impl Write for DatagramIo {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Copies as much of `from` as fits into the start of `to`; returns how many bytes.
+fn copy_prefix(from: &[u8], to: &mut [u8]) -> usize {
+    let len = from.len().min(to.len());
+    if let (Some(to), Some(from)) = (to.get_mut(..len), from.get(..len)) {
+        to.copy_from_slice(from);
+    }
+    len
 }
 
 /// What a step of OpenSSL made of the input so far.

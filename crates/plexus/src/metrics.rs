@@ -49,6 +49,7 @@ pub(crate) struct LoopStats {
     pub(crate) dtls_garbage_dropped: AtomicU64,
     pub(crate) dtls_malformed_dropped: AtomicU64,
     pub(crate) dtls_not_hello_dropped: AtomicU64,
+    pub(crate) dtls_bad_record_dropped: AtomicU64,
     pub(crate) datagrams_dropped_session_cap: AtomicU64,
     pub(crate) reclaimed_for_max_datagram_sessions: AtomicU64,
     pub(crate) reclaimed_for_max_sessions: AtomicU64,
@@ -202,6 +203,7 @@ impl Metrics {
             dtls_garbage_dropped: sum(|s| &s.dtls_garbage_dropped),
             dtls_malformed_dropped: sum(|s| &s.dtls_malformed_dropped),
             dtls_not_hello_dropped: sum(|s| &s.dtls_not_hello_dropped),
+            dtls_bad_record_dropped: sum(|s| &s.dtls_bad_record_dropped),
             datagrams_dropped_session_cap: sum(|s| &s.datagrams_dropped_session_cap),
             reclaimed_for_max_datagram_sessions: sum(|s| &s.reclaimed_for_max_datagram_sessions),
             reclaimed_for_max_sessions: sum(|s| &s.reclaimed_for_max_sessions),
@@ -292,6 +294,10 @@ pub struct MetricsSnapshot {
     /// Well-formed records from a new peer that were not a plausible ClientHello (dropped
     /// before OpenSSL saw them).
     pub dtls_not_hello_dropped: u64,
+    /// Well-formed application-data records for an established DTLS session that OpenSSL
+    /// discarded: they failed decryption or the MAC (forged, corrupted, or from another
+    /// session), or were replays.
+    pub dtls_bad_record_dropped: u64,
     /// Datagrams from new peers dropped because a datagram-session cap was full and the loop
     /// had no session in the cap's scope to reclaim.
     pub datagrams_dropped_session_cap: u64,
@@ -477,6 +483,7 @@ impl MetricsSnapshot {
             ("dtls_garbage", self.dtls_garbage_dropped),
             ("dtls_malformed", self.dtls_malformed_dropped),
             ("dtls_not_client_hello", self.dtls_not_hello_dropped),
+            ("dtls_bad_record", self.dtls_bad_record_dropped),
             ("session_cap", self.datagrams_dropped_session_cap),
         ] {
             sample(out, "datagrams_dropped_total", &[("reason", reason)], count);
