@@ -39,6 +39,7 @@ mod breakdown;
 mod broadcast;
 pub mod builtin;
 pub mod config;
+mod connection;
 mod datagram;
 mod datagram_admission;
 mod dtls;

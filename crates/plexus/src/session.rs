@@ -15,13 +15,13 @@ use slab::Slab;
 
 use std::sync::Arc;
 
-use rustls::ServerConnection;
-
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::connection::proxy_header::ProxyPreamble;
+use crate::connection::tls::TlsTransport;
 use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
 use crate::metrics::{LoopStats, Metrics};
@@ -188,8 +188,8 @@ impl TcpSession {
 
 /// A session waiting for its PROXY header.
 pub(crate) struct ProxyWait {
-    /// Bytes read so far (at most `MAX_PROXY_HEADER`).
-    pub(crate) received: Vec<u8>,
+    /// The preamble stage: the bytes read so far and the deadline.
+    pub(crate) preamble: ProxyPreamble,
     /// The listener's ACL, applied to the client the header names.
     pub(crate) acl: Arc<Acl>,
     /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
@@ -199,34 +199,33 @@ pub(crate) struct ProxyWait {
 
 /// A TLS session's protocol state.
 pub(crate) struct TlsState {
-    pub(crate) conn: ServerConnection,
+    /// The transport stage (rustls).
+    pub(crate) transport: TlsTransport,
     /// Held until the handshake completes: counts against `max_handshakes`.
     pub(crate) handshake: Option<HandshakeSlot>,
     pub(crate) handshake_timer: Option<TimerKey>,
     /// Opened once the handshake completes, so services only ever see established sessions.
     pub(crate) pending_service: Option<Arc<dyn Service>>,
-    pub(crate) close_notify_sent: bool,
 }
 
 impl TlsState {
     pub(crate) fn new(
-        conn: ServerConnection,
+        transport: TlsTransport,
         handshake: HandshakeSlot,
         handshake_timer: TimerKey,
         service: Arc<dyn Service>,
     ) -> Self {
         TlsState {
-            conn,
+            transport,
             handshake: Some(handshake),
             handshake_timer: Some(handshake_timer),
             pending_service: Some(service),
-            close_notify_sent: false,
         }
     }
 
     /// Whether the handshake is still running (the service has not been opened).
     pub(crate) fn handshaking(&self) -> bool {
-        self.pending_service.is_some()
+        !self.transport.is_established()
     }
 }
 
