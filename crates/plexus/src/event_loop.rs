@@ -1449,7 +1449,7 @@ impl EventLoop {
             _ => debug!(session = %info.id, peer = %info.peer, "session closed: {reason}"),
         }
         session.outbound.clear();
-        session.handler.on_close(&session.info, &reason);
+        session.handler_closed(&reason, &self.stats);
         // Dropping the stream closes the socket (and deregisters it); the ticket gives back
         // the session's admission place.
     }
@@ -1734,3 +1734,6 @@ fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
     };
     session.closing = Some(reason);
 }
+
+#[cfg(test)]
+mod tests;

@@ -186,6 +186,23 @@ impl TcpSession {
     }
 }
 
+impl TcpSession {
+    /// Tells the handler the session ended. A panic in its `on_close` is caught like one in
+    /// any other callback (logged with the session's id, counted): the session is gone
+    /// already, and the loop and every other session go on.
+    pub(crate) fn handler_closed(&mut self, reason: &CloseReason, stats: &LoopStats) {
+        let TcpSession { info, handler, .. } = self;
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler.on_close(info, reason)));
+        if outcome.is_err() {
+            error!(
+                session = %info.id, peer = %info.peer, listener = info.listener(),
+                "service handler panicked in on_close; the session was closed already"
+            );
+            LoopStats::add(&stats.handler_panics, 1);
+        }
+    }
+}
+
 /// A session waiting for its PROXY header.
 pub(crate) struct ProxyWait {
     /// The preamble stage: the bytes read so far and the deadline.
