@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::admission::RefusalReason;
-use crate::metrics::{family, sample};
-use crate::service::ListenerInfo;
+use crate::refusal::RefusalReason;
 
 /// Single-writer shards per listener (one per event loop); loops beyond share one more.
 const SHARDS: usize = 64;
@@ -28,6 +26,15 @@ struct Shard {
     sessions_open: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+}
+
+/// The listener a session arrived on.
+#[derive(Debug)]
+pub(crate) struct ListenerInfo {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
+    /// Its share of the counters (sessions, admission, bytes), for `/metrics` and `/status`.
+    pub(crate) stats: ListenerStats,
 }
 
 /// The counters of one listener.
@@ -368,6 +375,43 @@ pub(crate) fn write_prometheus(
             l.poll_wait_nanos as f64 / 1e9
         );
     }
+}
+
+/// Writes a metric family's `# HELP` and `# TYPE` lines.
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP plexus_{name} {help}\n# TYPE plexus_{name} {kind}"
+    );
+}
+
+/// Writes one sample line; label values are escaped as the format requires.
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
+    use std::fmt::Write;
+    out.push_str("plexus_");
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (index, (key, value)) in labels.iter().enumerate() {
+            if index > 0 {
+                out.push(',');
+            }
+            out.push_str(key);
+            out.push_str("=\"");
+            for c in value.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
 }
 
 #[cfg(test)]

@@ -34,6 +34,7 @@ use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
+pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
 
@@ -44,6 +45,8 @@ const MAX_READS_PER_TURN: usize = 16;
 const MAX_COMMANDS_PER_TURN: usize = 4096;
 /// Capacity of each loop's command channel.
 pub(crate) const COMMAND_QUEUE: usize = 65_536;
+// Broadcasts in flight to a loop never take more than half of its command channel.
+const _: () = assert!(broadcast::IN_FLIGHT_ENTRIES <= COMMAND_QUEUE / 2);
 /// During a graceful drain, a session with nothing queued and no traffic for this long is done.
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -96,18 +99,6 @@ pub(crate) struct NewSession {
 pub(crate) struct TlsStart {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) slot: HandshakeSlot,
-}
-
-/// The limits a loop applies to each session.
-#[derive(Debug, Clone)]
-pub(crate) struct SessionLimits {
-    pub(crate) idle_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) high_watermark: usize,
-    pub(crate) low_watermark: usize,
-    pub(crate) outbound_limit: usize,
-    /// Blocking jobs one session may have queued (`worker_session_limit`).
-    pub(crate) work_limit: usize,
 }
 
 /// How other threads reach a loop.
@@ -588,7 +579,7 @@ impl EventLoop {
                 };
                 let deadline = deadline_after(now, self.limits.handshake_timeout);
                 let timer = self.timers.insert(deadline, check);
-                session.extras.get_or_insert_with(Box::default).proxy = Some(Box::new(ProxyWait {
+                session.preamble = Some(Box::new(ProxyWait {
                     preamble: ProxyPreamble::new(deadline),
                     acl,
                     service: tls_service,
@@ -699,11 +690,7 @@ impl EventLoop {
                 &mut self.ready,
             )
         {
-            let Some(wait) = session
-                .extras
-                .as_mut()
-                .and_then(|extras| extras.proxy.as_mut())
-            else {
+            let Some(wait) = session.preamble.as_mut() else {
                 return;
             };
             let buf = &mut self.read_buf[..wait.preamble.room()];
@@ -734,11 +721,7 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(wait) = session
-            .extras
-            .as_mut()
-            .and_then(|extras| extras.proxy.take())
-        else {
+        let Some(wait) = session.preamble.take() else {
             return;
         };
         let ProxyWait {
@@ -1274,9 +1257,19 @@ impl EventLoop {
         };
         // This flush covers any pending entry on the flush list (listing again re-arms it).
         session.flush_listed = false;
-        if session.relay.is_some() && session.closing.is_none() {
+        if let (Some(relay), None) = (session.relay.as_deref_mut(), &session.closing) {
+            let client = forward::ClientSide {
+                stream: &mut session.stream,
+                readable: &mut session.readable,
+                write_blocked: &mut session.write_blocked,
+                peer_eof: &mut session.peer_eof,
+                last_activity: &mut session.last_activity,
+                outbound: &mut session.outbound,
+                listener: &session.info.listener,
+            };
             let high = self.limits.high_watermark;
-            if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
+            if let Err(reason) =
+                forward::pump(client, relay, &mut self.read_buf, high, &self.stats, now)
             {
                 session.closing = Some(reason);
             }
@@ -1400,7 +1393,10 @@ impl EventLoop {
         if let Some(timer) = extras.handler_timer {
             self.timers.cancel(timer);
         }
-        let proxy_pending = extras.proxy.map(|wait| self.timers.cancel(wait.timer));
+        let proxy_pending = session
+            .preamble
+            .take()
+            .map(|wait| self.timers.cancel(wait.timer));
         if let Some(timer) = session
             .relay
             .as_mut()

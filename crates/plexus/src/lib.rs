@@ -49,21 +49,26 @@ mod idle_order;
 mod log_throttle;
 mod metrics;
 mod outbound;
+mod refusal;
 mod reload;
 mod server;
 mod service;
 mod session;
+mod session_id;
 mod tls;
 pub mod upgrade;
 mod worker;
 
-pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;
+pub use refusal::RefusalReason;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;
 pub use upgrade::{Handover, UpgradeOptions};
 pub use worker::Reply;
+
+#[cfg(test)]
+mod layering;

@@ -6,8 +6,7 @@
 //! process-unique, membership is per listener, counts feed the metrics, and a broadcast reaches
 //! the members on every loop without any loop touching another's sessions.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use plexus_proto::{Acl, TimerKey};
@@ -22,7 +21,6 @@ use tracing::error;
 use crate::admission::{HandshakeSlot, Ticket};
 use crate::connection::proxy_header::ProxyPreamble;
 use crate::connection::tls::TlsTransport;
-use crate::event_loop::SessionLimits;
 use crate::forward::Relay;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
@@ -30,12 +28,16 @@ use crate::service::{Broadcast, Session, SessionExtras};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
-impl SessionId {
-    /// The next id; ids start at 1 and are never reused within a process.
-    pub(crate) fn next() -> SessionId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        SessionId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
+/// The limits a loop applies to each session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionLimits {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) high_watermark: usize,
+    pub(crate) low_watermark: usize,
+    pub(crate) outbound_limit: usize,
+    /// Blocking jobs one session may have queued (`worker_session_limit`).
+    pub(crate) work_limit: usize,
 }
 
 /// One TCP connection owned by an event loop.
@@ -66,8 +68,10 @@ pub(crate) struct TcpSession {
     pub(crate) work: WorkQueue,
     /// The upstream of a forward session.
     pub(crate) relay: Option<Box<Relay>>,
-    /// Handler timer, TLS upgrade, PROXY wait: allocated by the sessions that use them.
+    /// Handler timer, TLS upgrade: allocated by the sessions that use them.
     pub(crate) extras: Option<Box<SessionExtras>>,
+    /// The PROXY-header preamble of a `proxy_protocol` session, until the header is complete.
+    pub(crate) preamble: Option<Box<ProxyWait>>,
     /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
     pub(crate) drain_wanted: bool,
     /// The queue drained as asked: `on_drain` is called on the next `serve`.
@@ -105,6 +109,7 @@ impl TcpSession {
             work: WorkQueue::default(),
             relay: None,
             extras: None,
+            preamble: None,
             drain_wanted: false,
             drain_due: false,
             broadcast_wait: false,
@@ -122,9 +127,7 @@ impl TcpSession {
 
     /// A `proxy_protocol` session whose PROXY header is not complete yet.
     pub(crate) fn proxy_pending(&self) -> bool {
-        self.extras
-            .as_ref()
-            .is_some_and(|extras| extras.proxy.is_some())
+        self.preamble.is_some()
     }
 
     pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
