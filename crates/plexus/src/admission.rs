@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use plexus_proto::Acl;
 
 use crate::metrics::Metrics;
-pub(crate) use crate::refusal::RefusalReason;
+pub use crate::refusal::RefusalReason;
 
 /// The admission policy and the live counts it enforces. The policy can be replaced while
 /// running ([`Admission::update`], on SIGHUP); the counts carry over.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::metrics::{family, sample};
 use crate::refusal::RefusalReason;
 
 /// Single-writer shards per listener (one per event loop); loops beyond share one more.
@@ -375,43 +376,6 @@ pub(crate) fn write_prometheus(
             l.poll_wait_nanos as f64 / 1e9
         );
     }
-}
-
-/// Writes a metric family's `# HELP` and `# TYPE` lines.
-pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(
-        out,
-        "# HELP plexus_{name} {help}\n# TYPE plexus_{name} {kind}"
-    );
-}
-
-/// Writes one sample line; label values are escaped as the format requires.
-pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
-    use std::fmt::Write;
-    out.push_str("plexus_");
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (index, (key, value)) in labels.iter().enumerate() {
-            if index > 0 {
-                out.push(',');
-            }
-            out.push_str(key);
-            out.push_str("=\"");
-            for c in value.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
-            out.push('"');
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
 }
 
 #[cfg(test)]

@@ -59,11 +59,11 @@ mod tls;
 pub mod upgrade;
 mod worker;
 
+pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use metrics::MetricsSnapshot;
-pub use refusal::RefusalReason;
 pub use server::{Error, Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;
