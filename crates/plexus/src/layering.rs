@@ -27,7 +27,8 @@ const LAYERS: &[&[&str]] = &[
     &["admission"],
     // The service API, and what is built on it alone.
     &["service"],
-    &["broadcast", "forward", "builtin"],
+    // (`registry`: per-listener service factories, on main.)
+    &["broadcast", "forward", "builtin", "registry"],
     // The per-connection state an event loop keeps.
     &["session"],
     // The loops.
