@@ -32,10 +32,11 @@ use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, L
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{LoopStats, Metrics};
+use crate::service::ProxyWait;
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
-use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
+use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
@@ -579,7 +580,7 @@ impl EventLoop {
                 };
                 let deadline = deadline_after(now, self.limits.handshake_timeout);
                 let timer = self.timers.insert(deadline, check);
-                session.preamble = Some(Box::new(ProxyWait {
+                session.extras.get_or_insert_with(Box::default).proxy = Some(Box::new(ProxyWait {
                     preamble: ProxyPreamble::new(deadline),
                     acl,
                     service: tls_service,
@@ -690,7 +691,11 @@ impl EventLoop {
                 &mut self.ready,
             )
         {
-            let Some(wait) = session.preamble.as_mut() else {
+            let Some(wait) = session
+                .extras
+                .as_mut()
+                .and_then(|extras| extras.proxy.as_mut())
+            else {
                 return;
             };
             let buf = &mut self.read_buf[..wait.preamble.room()];
@@ -721,7 +726,11 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(wait) = session.preamble.take() else {
+        let Some(wait) = session
+            .extras
+            .as_mut()
+            .and_then(|extras| extras.proxy.take())
+        else {
             return;
         };
         let ProxyWait {
@@ -1393,10 +1402,7 @@ impl EventLoop {
         if let Some(timer) = extras.handler_timer {
             self.timers.cancel(timer);
         }
-        let proxy_pending = session
-            .preamble
-            .take()
-            .map(|wait| self.timers.cancel(wait.timer));
+        let proxy_pending = extras.proxy.map(|wait| self.timers.cancel(wait.timer));
         if let Some(timer) = session
             .relay
             .as_mut()

@@ -195,6 +195,19 @@ pub(crate) struct SessionExtras {
     pub(crate) timer_request: TimerRequest,
     /// The handler asked to switch this plain session to TLS (applied after its callback).
     pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
+    /// A `proxy_protocol` session before its PROXY header is complete.
+    pub(crate) proxy: Option<Box<ProxyWait>>,
+}
+
+/// A session waiting for its PROXY header.
+pub(crate) struct ProxyWait {
+    /// The preamble stage: the bytes read so far and the deadline.
+    pub(crate) preamble: crate::connection::proxy_header::ProxyPreamble,
+    /// The listener's ACL, applied to the client the header names.
+    pub(crate) acl: Arc<plexus_proto::Acl>,
+    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
+    pub(crate) service: Option<Arc<dyn Service>>,
+    pub(crate) timer: plexus_proto::TimerKey,
 }
 
 /// A change to a session's handler timer, applied by the loop after the callback.

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use plexus_proto::{Acl, TimerKey};
+use plexus_proto::TimerKey;
 use slab::Slab;
 
 use std::sync::Arc;
@@ -19,7 +19,6 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
-use crate::connection::proxy_header::ProxyPreamble;
 use crate::connection::tls::TlsTransport;
 use crate::forward::Relay;
 use crate::metrics::{LoopStats, Metrics};
@@ -68,10 +67,8 @@ pub(crate) struct TcpSession {
     pub(crate) work: WorkQueue,
     /// The upstream of a forward session.
     pub(crate) relay: Option<Box<Relay>>,
-    /// Handler timer, TLS upgrade: allocated by the sessions that use them.
+    /// Handler timer, TLS upgrade, PROXY wait: allocated by the sessions that use them.
     pub(crate) extras: Option<Box<SessionExtras>>,
-    /// The PROXY-header preamble of a `proxy_protocol` session, until the header is complete.
-    pub(crate) preamble: Option<Box<ProxyWait>>,
     /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
     pub(crate) drain_wanted: bool,
     /// The queue drained as asked: `on_drain` is called on the next `serve`.
@@ -109,7 +106,6 @@ impl TcpSession {
             work: WorkQueue::default(),
             relay: None,
             extras: None,
-            preamble: None,
             drain_wanted: false,
             drain_due: false,
             broadcast_wait: false,
@@ -127,7 +123,9 @@ impl TcpSession {
 
     /// A `proxy_protocol` session whose PROXY header is not complete yet.
     pub(crate) fn proxy_pending(&self) -> bool {
-        self.preamble.is_some()
+        self.extras
+            .as_ref()
+            .is_some_and(|extras| extras.proxy.is_some())
     }
 
     pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
@@ -204,17 +202,6 @@ impl TcpSession {
             LoopStats::add(&stats.handler_panics, 1);
         }
     }
-}
-
-/// A session waiting for its PROXY header.
-pub(crate) struct ProxyWait {
-    /// The preamble stage: the bytes read so far and the deadline.
-    pub(crate) preamble: ProxyPreamble,
-    /// The listener's ACL, applied to the client the header names.
-    pub(crate) acl: Arc<Acl>,
-    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
-    pub(crate) service: Option<Arc<dyn Service>>,
-    pub(crate) timer: TimerKey,
 }
 
 /// A TLS session's protocol state.
