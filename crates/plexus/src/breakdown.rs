@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::admission::RefusalReason;
 use crate::metrics::{family, sample, MetricsSnapshot};
-use crate::service::ListenerInfo;
+use crate::refusal::RefusalReason;
 
 /// Single-writer shards per listener (one per event loop); loops beyond share one more.
 const SHARDS: usize = 64;
@@ -28,6 +27,15 @@ struct Shard {
     sessions_open: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+}
+
+/// The listener a session arrived on.
+#[derive(Debug)]
+pub(crate) struct ListenerInfo {
+    pub(crate) index: usize,
+    pub(crate) name: Arc<str>,
+    /// Its share of the counters (sessions, admission, bytes), for `/metrics` and `/status`.
+    pub(crate) stats: ListenerStats,
 }
 
 /// The counters of one listener.

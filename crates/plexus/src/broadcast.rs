@@ -22,7 +22,7 @@ use crate::service::{Broadcast, SessionId};
 /// Broadcast bytes a loop may have in flight towards it (sent, not yet delivered).
 pub(crate) const IN_FLIGHT_BYTES: usize = 16 * 1024 * 1024;
 /// Broadcasts a loop may have in flight towards it: half its command channel.
-pub(crate) const IN_FLIGHT_ENTRIES: usize = crate::event_loop::COMMAND_QUEUE / 2;
+pub(crate) const IN_FLIGHT_ENTRIES: usize = 32_768;
 /// How soon a loop with waiting broadcasts tries again to hand them over.
 pub(crate) const RETRY_INTERVAL: Duration = Duration::from_millis(1);
 

@@ -8,7 +8,7 @@
 //! outbound queue passes the high watermark is not read until it drains below the low one.
 //! Other threads talk to a loop only through its [`LoopHandle`] (channel + `mio::Waker`).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,25 +17,27 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use plexus_proto::proxy::{parse_proxy_header, ProxyHeader, MAX_PROXY_HEADER};
 use plexus_proto::{deadline_after, Acl, TimerWheel};
 use tracing::{debug, error, info};
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::ServerConfig;
 
 use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
 use crate::broadcast::{self, BroadcastTarget, InFlight, NotSent, Outbox};
 use crate::config::READ_CHUNK;
+use crate::connection::proxy_header::{ProxyDone, ProxyFailure, ProxyPreamble};
+use crate::connection::tls::{TlsEvent, TlsFailure, TlsTransport, TLS_PLAINTEXT_CHUNK};
 // datagram: udp/dtls sockets and sessions of this loop.
 use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
 use crate::forward::{self, ForwardTarget, Relay};
 use crate::log_throttle::LogThrottle;
 use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
-use crate::outbound::{Flushed, OutboundQueue};
+use crate::service::ProxyWait;
 use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
-use crate::session::{CallbackContext, ProxyWait, SessionTable, TcpSession, TlsState};
+pub(crate) use crate::session::SessionLimits;
+use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
@@ -45,6 +47,8 @@ const MAX_READS_PER_TURN: usize = 16;
 const MAX_COMMANDS_PER_TURN: usize = 4096;
 /// Capacity of each loop's command channel.
 pub(crate) const COMMAND_QUEUE: usize = 65_536;
+// Broadcasts in flight to a loop never take more than half of its command channel.
+const _: () = assert!(broadcast::IN_FLIGHT_ENTRIES <= COMMAND_QUEUE / 2);
 /// During a graceful drain, a session with nothing queued and no traffic for this long is done.
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 const TIMER_TICK: Duration = Duration::from_millis(10);
@@ -53,8 +57,6 @@ const TIMER_SLOTS: usize = 4096;
 const WORK_HIGH_WATERMARK: usize = 64;
 /// …to this many.
 const WORK_LOW_WATERMARK: usize = 16;
-/// Plaintext handed to rustls per step: one full TLS record.
-const TLS_PLAINTEXT_CHUNK: usize = 16 * 1024;
 
 /// Work handed to a loop by another thread.
 pub(crate) enum Command {
@@ -99,18 +101,6 @@ pub(crate) struct NewSession {
 pub(crate) struct TlsStart {
     pub(crate) config: Arc<ServerConfig>,
     pub(crate) slot: HandshakeSlot,
-}
-
-/// The limits a loop applies to each session.
-#[derive(Debug, Clone)]
-pub(crate) struct SessionLimits {
-    pub(crate) idle_timeout: Duration,
-    pub(crate) handshake_timeout: Duration,
-    pub(crate) high_watermark: usize,
-    pub(crate) low_watermark: usize,
-    pub(crate) outbound_limit: usize,
-    /// Blocking jobs one session may have queued (`worker_session_limit`).
-    pub(crate) work_limit: usize,
 }
 
 /// How other threads reach a loop.
@@ -534,8 +524,8 @@ impl EventLoop {
         // Read whatever arrived before registration (the first edge may predate it).
         session.readable = true;
         let tls_service = match tls {
-            Some(TlsStart { config, slot }) => match ServerConnection::new(config) {
-                Ok(conn) => {
+            Some(TlsStart { config, slot }) => match TlsTransport::new(config) {
+                Ok(transport) => {
                     let check = TimerEntry {
                         key,
                         id,
@@ -544,7 +534,7 @@ impl EventLoop {
                     let timer = self
                         .timers
                         .insert(deadline_after(now, self.limits.handshake_timeout), check);
-                    session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
+                    session.tls = Some(Box::new(TlsState::new(transport, slot, timer, service)));
                     None
                 }
                 Err(err) => {
@@ -598,11 +588,10 @@ impl EventLoop {
                     id,
                     kind: TimerKind::ProxyHeader,
                 };
-                let timer = self
-                    .timers
-                    .insert(deadline_after(now, self.limits.handshake_timeout), check);
+                let deadline = deadline_after(now, self.limits.handshake_timeout);
+                let timer = self.timers.insert(deadline, check);
                 session.extras.get_or_insert_with(Box::default).proxy = Some(Box::new(ProxyWait {
-                    received: Vec::new(),
+                    preamble: ProxyPreamble::new(deadline),
                     acl,
                     service: tls_service,
                     timer,
@@ -697,9 +686,10 @@ impl EventLoop {
         self.flush(key, now);
     }
 
-    /// `serve` while a PROXY header is expected: reads raw bytes until the header is complete
-    /// (never more than `MAX_PROXY_HEADER` buffered), then charges the session to the client it
-    /// names (ACL, per-IP cap), opens the service or starts TLS, and replays what followed it.
+    /// `serve` while a PROXY header is expected: reads raw bytes into the preamble stage until
+    /// the header is complete (never more than it has room for, so what follows stays in the
+    /// socket), then charges the session to the client it names (ACL, per-IP cap), opens the
+    /// service or starts TLS, and replays what followed it.
     fn serve_proxy_header(&mut self, key: usize, now: Instant) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
@@ -722,28 +712,16 @@ impl EventLoop {
             else {
                 return;
             };
-            // Read no further than the longest header could need (the rest stays in the socket).
-            let room = MAX_PROXY_HEADER.saturating_sub(wait.received.len()).max(1);
-            let buf = &mut self.read_buf[..room];
+            let buf = &mut self.read_buf[..wait.preamble.room()];
             match session.stream.read(buf) {
                 Ok(0) => {
                     session.peer_eof = true;
-                    outcome = Some(Err(
-                        "connection closed before a complete PROXY header".to_owned()
-                    ));
+                    outcome = Some(Err(wait.preamble.peer_closed()));
                 }
                 Ok(n) => {
                     session.last_activity = now;
                     self.stats.received(&session.info.listener, n);
-                    wait.received.extend_from_slice(&buf[..n]);
-                    match parse_proxy_header(&wait.received) {
-                        Ok(Some((header, consumed))) => outcome = Some(Ok((header, consumed))),
-                        Ok(None) if wait.received.len() >= MAX_PROXY_HEADER => {
-                            outcome = Some(Err("PROXY header too long".to_owned()));
-                        }
-                        Ok(None) => {}
-                        Err(err) => outcome = Some(Err(format!("malformed PROXY header: {err}"))),
-                    }
+                    outcome = wait.preamble.receive(&buf[..n], now).transpose();
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => session.readable = false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -752,19 +730,13 @@ impl EventLoop {
         }
         match outcome {
             None => self.flush(key, now),
-            Some(Err(why)) => self.refuse_proxied(key, &why),
-            Some(Ok((header, consumed))) => self.proxy_header_done(key, header, consumed, now),
+            Some(Err(failure)) => self.refuse_proxied(key, &failure),
+            Some(Ok(done)) => self.proxy_header_done(key, done, now),
         }
     }
 
     /// Applies a parsed PROXY header, then carries on as a session that just started.
-    fn proxy_header_done(
-        &mut self,
-        key: usize,
-        header: ProxyHeader,
-        consumed: usize,
-        now: Instant,
-    ) {
+    fn proxy_header_done(&mut self, key: usize, done: ProxyDone, now: Instant) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -776,17 +748,15 @@ impl EventLoop {
             return;
         };
         let ProxyWait {
-            received,
             acl,
             service,
             timer,
+            ..
         } = *wait;
         self.timers.cancel(timer);
         let balancer = session.info.peer;
-        if let ProxyHeader::Proxied { source, .. } = header {
-            session.info.peer = source;
-        }
         // LOCAL / UNKNOWN (health checks): the connection's own address is the client.
+        session.info.peer = done.client(balancer);
         let client = session.info.peer.ip();
         if let Err(reason) = session.ticket_mut().assign_client(&acl, client) {
             session.info.listener.stats.refused(reason);
@@ -799,7 +769,7 @@ impl EventLoop {
             return;
         }
         debug!(session = %session.info.id, client = %session.info.peer, via = %balancer, "PROXY header accepted");
-        let rest = &received[consumed..];
+        let rest = &done.leftover[..];
         let mut context = CallbackContext {
             now,
             locals: &mut self.locals,
@@ -832,7 +802,7 @@ impl EventLoop {
     }
 
     /// Closes a `proxy_protocol` session whose header was missing, malformed or late.
-    fn refuse_proxied(&mut self, key: usize, why: &str) {
+    fn refuse_proxied(&mut self, key: usize, why: &ProxyFailure) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
@@ -1025,8 +995,8 @@ impl EventLoop {
                 return;
             }
         };
-        let conn = match ServerConnection::new(config) {
-            Ok(conn) => conn,
+        let transport = match TlsTransport::new(config) {
+            Ok(transport) => transport,
             Err(err) => {
                 error!(session = %session.info.id, "cannot start a TLS session: {err}");
                 session.closing = Some(CloseReason::Tls(Arc::new(err)));
@@ -1041,7 +1011,7 @@ impl EventLoop {
         let timer = self
             .timers
             .insert(deadline_after(now, self.limits.handshake_timeout), check);
-        session.tls = Some(Box::new(TlsState::new(conn, slot, timer, service)));
+        session.tls = Some(Box::new(TlsState::new(transport, slot, timer, service)));
         LoopStats::add(&self.stats.tls_sessions_open, 1);
         let mut context = CallbackContext {
             now,
@@ -1320,9 +1290,19 @@ impl EventLoop {
         };
         // This flush covers any pending entry on the flush list (listing again re-arms it).
         session.flush_listed = false;
-        if session.relay.is_some() && session.closing.is_none() {
+        if let (Some(relay), None) = (session.relay.as_deref_mut(), &session.closing) {
+            let client = forward::ClientSide {
+                stream: &mut session.stream,
+                readable: &mut session.readable,
+                write_blocked: &mut session.write_blocked,
+                peer_eof: &mut session.peer_eof,
+                last_activity: &mut session.last_activity,
+                outbound: &mut session.outbound,
+                listener: &session.info.listener,
+            };
             let high = self.limits.high_watermark;
-            if let Err(reason) = forward::pump(session, &mut self.read_buf, high, &self.stats, now)
+            if let Err(reason) =
+                forward::pump(client, relay, &mut self.read_buf, high, &self.stats, now)
             {
                 session.closing = Some(reason);
             }
@@ -1335,10 +1315,12 @@ impl EventLoop {
         let tls_pending = session
             .tls
             .as_ref()
-            .is_some_and(|tls| tls.conn.wants_write());
+            .is_some_and(|tls| tls.transport.has_pending_ciphertext());
         if (!session.outbound.is_empty() || tls_pending) && !session.write_blocked {
             let result = match session.tls.as_mut() {
-                Some(tls) => flush_tls(tls, &mut session.outbound, &mut session.stream),
+                Some(tls) => tls
+                    .transport
+                    .flush(&mut session.outbound, &mut session.stream),
                 None => session.outbound.write_to(&mut session.stream),
             };
             match result {
@@ -1408,11 +1390,13 @@ impl EventLoop {
         });
         let Some(reason) = finished else { return };
         if let Some(tls) = session.tls.as_mut() {
-            if !tls.handshaking() && !tls.close_notify_sent {
-                tls.conn.send_close_notify();
-                tls.close_notify_sent = true;
+            if !tls.handshaking() && !tls.transport.close_notify_sent() {
+                tls.transport.send_close_notify();
                 if !session.write_blocked {
-                    match flush_tls(tls, &mut session.outbound, &mut session.stream) {
+                    match tls
+                        .transport
+                        .flush(&mut session.outbound, &mut session.stream)
+                    {
                         Ok(flushed) => session.write_blocked = flushed.blocked,
                         Err(err) => {
                             self.close(key, CloseReason::Io(err.kind()));
@@ -1421,7 +1405,7 @@ impl EventLoop {
                     }
                 }
             }
-            if tls.conn.wants_write() {
+            if tls.transport.has_pending_ciphertext() {
                 // close_notify still queued: the writable edge brings us back.
                 return;
             }
@@ -1456,14 +1440,13 @@ impl EventLoop {
             }
             if tls.handshaking() && proxy_pending.is_none() {
                 self.handshake_failed(&session.info, &reason);
-            } else if !tls.close_notify_sent
+            } else if !tls.transport.close_notify_sent()
                 && !matches!(reason, CloseReason::Io(_) | CloseReason::Tls(_))
             {
                 // Closes decided by the server (idle timeout, drain, stop) still end the TLS
                 // session properly: one best-effort, non-blocking close_notify.
-                tls.conn.send_close_notify();
-                tls.close_notify_sent = true;
-                let _ = tls.conn.write_tls(&mut session.stream);
+                tls.transport.send_close_notify();
+                let _ = tls.transport.write_pending_ciphertext(&mut session.stream);
             }
         }
         self.stats.closed(&session.info.listener);
@@ -1492,7 +1475,7 @@ impl EventLoop {
             _ => debug!(session = %info.id, peer = %info.peer, "session closed: {reason}"),
         }
         session.outbound.clear();
-        session.handler.on_close(&session.info, &reason);
+        session.handler_closed(&reason, &self.stats);
         // Dropping the stream closes the socket (and deregisters it); the ticket gives back
         // the session's admission place.
     }
@@ -1530,7 +1513,7 @@ impl EventLoop {
             }
             if kind == TimerKind::ProxyHeader {
                 if session.proxy_pending() {
-                    self.refuse_proxied(key, "no complete PROXY header within handshake_timeout");
+                    self.refuse_proxied(key, &ProxyFailure::Late);
                 }
                 continue;
             }
@@ -1695,8 +1678,9 @@ fn may_read(
     true
 }
 
-/// Hands `ciphertext` to rustls record by record, processing each (handshake, then plaintext
-/// to the handler), until it is consumed or the session is closing.
+/// Hands `ciphertext` to the session's TLS stage step by step, delivering what each step
+/// produced (the handshake's end, then plaintext to the handler), until it is consumed or the
+/// session is closing.
 fn feed_ciphertext(
     session: &mut TcpSession,
     mut ciphertext: &[u8],
@@ -1708,119 +1692,81 @@ fn feed_ciphertext(
         let Some(tls) = session.tls.as_mut() else {
             return;
         };
-        match tls.conn.read_tls(&mut ciphertext) {
-            Ok(0) => {
-                session.closing = Some(CloseReason::Io(io::ErrorKind::InvalidData));
-                return;
-            }
-            Ok(_) => {}
-            Err(err) => {
-                session.closing = Some(CloseReason::Io(err.kind()));
+        match tls.transport.receive_ciphertext(ciphertext) {
+            Ok(taken) => ciphertext = &ciphertext[taken..],
+            Err(failure) => {
+                tls_failed(session, failure);
                 return;
             }
         }
-        process_tls_records(session, plain_buf, context, timers);
+        deliver_tls_events(session, plain_buf, context, timers);
     }
 }
 
-/// After rustls took ciphertext: advances the handshake (opening the service when it
-/// completes), then hands every decrypted byte to the handler. A protocol error queues rustls'
-/// alert and closes the session.
-fn process_tls_records(
+/// Delivers what the TLS stage has: opens the service when the handshake completes, hands
+/// every decrypted byte to the handler, and takes the peer's close_notify as its FIN.
+fn deliver_tls_events(
     session: &mut TcpSession,
     plain_buf: &mut [u8],
     context: &mut CallbackContext<'_>,
     timers: &mut TimerWheel<TimerEntry>,
 ) {
-    let Some(tls) = session.tls.as_mut() else {
-        return;
-    };
-    if let Err(err) = tls.conn.process_new_packets() {
-        // rustls queued an alert telling the peer why. A TLS error closes without a flush,
-        // so this best-effort write is what sends it.
-        let _ = tls.conn.write_tls(&mut session.stream);
-        session.closing = Some(CloseReason::Tls(Arc::new(err)));
-        return;
-    }
-    if tls.handshaking() && !tls.conn.is_handshaking() {
-        tls.handshake = None;
-        if let Some(timer) = tls.handshake_timer.take() {
-            timers.cancel(timer);
-        }
-        LoopStats::add(&context.stats.handshakes_ok, 1);
-        debug!(
-            session = %session.info.id,
-            version = ?tls.conn.protocol_version(),
-            alpn = ?tls.conn.alpn_protocol().map(String::from_utf8_lossy),
-            sni = ?tls.conn.server_name(),
-            "tls handshake complete"
-        );
-        if let Some(service) = tls.pending_service.take() {
-            session.callback(context, |handler, handle| *handler = service.open(handle));
-        }
-    }
     while session.closing.is_none() {
         let Some(tls) = session.tls.as_mut() else {
             return;
         };
-        match tls.conn.reader().read(plain_buf) {
-            // The peer's close_notify: an orderly end of its data.
-            Ok(0) => {
-                session.peer_eof = true;
-                return;
+        match tls.transport.poll_event(plain_buf) {
+            Ok(None) => return,
+            Ok(Some(TlsEvent::HandshakeComplete)) => {
+                tls.handshake = None;
+                if let Some(timer) = tls.handshake_timer.take() {
+                    timers.cancel(timer);
+                }
+                LoopStats::add(&context.stats.handshakes_ok, 1);
+                let conn = tls.transport.connection();
+                debug!(
+                    session = %session.info.id,
+                    version = ?conn.protocol_version(),
+                    alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
+                    sni = ?conn.server_name(),
+                    "tls handshake complete"
+                );
+                if let Some(service) = tls.pending_service.take() {
+                    session.callback(context, |handler, handle| *handler = service.open(handle));
+                }
             }
-            Ok(n) => {
+            Ok(Some(TlsEvent::Plaintext(n))) => {
                 let data = &plain_buf[..n];
                 session.callback(context, |handler, handle| handler.on_data(handle, data));
             }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return,
-            Err(err) => {
-                session.closing = Some(CloseReason::Io(err.kind()));
+            // The peer's close_notify: an orderly end of its data.
+            Ok(Some(TlsEvent::PeerClosed)) => {
+                session.peer_eof = true;
+                return;
+            }
+            Err(failure) => {
+                tls_failed(session, failure);
                 return;
             }
         }
     }
 }
 
-/// Moves queued plaintext through rustls and its records to the socket: one record's worth of
-/// plaintext at a time, and only when rustls has nothing left to write, so the bytes waiting
-/// for the peer are counted by the outbound queue (and its watermarks), not hidden in rustls.
-fn flush_tls(
-    tls: &mut TlsState,
-    outbound: &mut OutboundQueue,
-    stream: &mut TcpStream,
-) -> io::Result<Flushed> {
-    let mut written = 0;
-    loop {
-        while tls.conn.wants_write() {
-            match tls.conn.write_tls(stream) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Flushed {
-                        written,
-                        blocked: true,
-                    });
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(err) => return Err(err),
+/// Ends a session whose TLS stage failed. For a protocol error rustls queued an alert telling
+/// the peer why; a TLS error closes without a flush, so this best-effort write is what sends it.
+fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
+    let reason = match failure {
+        TlsFailure::Protocol(err) => {
+            if let Some(tls) = session.tls.as_mut() {
+                let _ = tls.transport.write_pending_ciphertext(&mut session.stream);
             }
+            CloseReason::Tls(Arc::new(err))
         }
-        if outbound.is_empty() || tls.handshaking() || tls.close_notify_sent {
-            return Ok(Flushed {
-                written,
-                blocked: false,
-            });
-        }
-        let chunk = outbound.front(TLS_PLAINTEXT_CHUNK)?;
-        let take = chunk.len().min(TLS_PLAINTEXT_CHUNK);
-        let accepted = tls.conn.writer().write(&chunk[..take])?;
-        if accepted == 0 {
-            return Ok(Flushed {
-                written,
-                blocked: false,
-            });
-        }
-        outbound.consume(accepted);
-    }
+        TlsFailure::Stalled => CloseReason::Io(io::ErrorKind::InvalidData),
+        TlsFailure::Io(kind) => CloseReason::Io(kind),
+    };
+    session.closing = Some(reason);
 }
+
+#[cfg(test)]
+mod tests;

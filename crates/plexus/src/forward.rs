@@ -19,10 +19,10 @@ use mio::net::TcpStream;
 use plexus_proto::TimerKey;
 use plexus_sys::splice::{splice, Pipe, PIPE_CAPACITY};
 
+use crate::breakdown::ListenerInfo;
 use crate::metrics::LoopStats;
 use crate::outbound::OutboundQueue;
 use crate::service::{CloseReason, Service, Session, SessionHandler};
-use crate::session::TcpSession;
 
 /// Where a forward listener relays to, and how.
 #[derive(Debug, Clone, Copy)]
@@ -173,18 +173,27 @@ impl Relay {
     }
 }
 
+/// The client's half of a forward session, borrowed field by field from its session.
+pub(crate) struct ClientSide<'a> {
+    pub(crate) stream: &'a mut TcpStream,
+    pub(crate) readable: &'a mut bool,
+    pub(crate) write_blocked: &'a mut bool,
+    pub(crate) peer_eof: &'a mut bool,
+    pub(crate) last_activity: &'a mut Instant,
+    pub(crate) outbound: &'a mut OutboundQueue,
+    pub(crate) listener: &'a ListenerInfo,
+}
+
 /// Moves what can move in both directions of a forward session, without blocking. Returns
 /// `Err` with the reason when the session must be closed.
 pub(crate) fn pump(
-    session: &mut TcpSession,
+    session: ClientSide<'_>,
+    relay: &mut Relay,
     read_buf: &mut [u8],
     high_watermark: usize,
     stats: &LoopStats,
     now: Instant,
 ) -> Result<(), CloseReason> {
-    let Some(relay) = session.relay.as_deref_mut() else {
-        return Ok(());
-    };
     if !relay.connected {
         return Ok(());
     }
@@ -192,10 +201,10 @@ pub(crate) fn pump(
     if let Some(pipes) = relay.pipes.as_deref_mut() {
         let moved = pump_spliced(
             pipes,
-            &mut session.stream,
-            &mut session.readable,
-            &mut session.write_blocked,
-            &mut session.peer_eof,
+            session.stream,
+            session.readable,
+            session.write_blocked,
+            session.peer_eof,
             relay_sides(
                 &mut relay.upstream,
                 &mut relay.up_readable,
@@ -205,16 +214,16 @@ pub(crate) fn pump(
         )
         .map_err(io_error)?;
         if moved.inbound > 0 || moved.outbound > 0 {
-            session.last_activity = now;
-            stats.received(&session.info.listener, moved.inbound);
-            stats.sent(&session.info.listener, moved.outbound);
+            *session.last_activity = now;
+            stats.received(session.listener, moved.inbound);
+            stats.sent(session.listener, moved.outbound);
         }
-        if session.peer_eof && pipes.to_upstream_len == 0 && !relay.up_shut {
+        if *session.peer_eof && pipes.to_upstream_len == 0 && !relay.up_shut {
             shutdown_write(&relay.upstream).map_err(io_error)?;
             relay.up_shut = true;
         }
         if relay.up_eof && pipes.to_client_len == 0 && !relay.client_shut {
-            shutdown_write(&session.stream).map_err(io_error)?;
+            shutdown_write(session.stream).map_err(io_error)?;
             relay.client_shut = true;
         }
         return Ok(());
@@ -228,10 +237,10 @@ pub(crate) fn pump(
             .map_err(io_error)?;
         relay.up_write_blocked = flushed.blocked;
         if flushed.written > 0 {
-            session.last_activity = now;
+            *session.last_activity = now;
         }
     }
-    if session.peer_eof && relay.to_upstream.is_empty() && !relay.up_shut {
+    if *session.peer_eof && relay.to_upstream.is_empty() && !relay.up_shut {
         shutdown_write(&relay.upstream).map_err(io_error)?;
         relay.up_shut = true;
     }
@@ -246,7 +255,7 @@ pub(crate) fn pump(
                 if n < read_buf.len() && !relay.up_read_closed {
                     relay.up_readable = false;
                 }
-                session.last_activity = now;
+                *session.last_activity = now;
                 session.outbound.push_copy(&read_buf[..n]);
             }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => relay.up_readable = false,

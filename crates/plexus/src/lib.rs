@@ -42,6 +42,7 @@ mod admission;
 mod breakdown;
 mod broadcast;
 pub mod config;
+mod connection;
 mod datagram;
 mod datagram_admission;
 mod dtls;
@@ -59,11 +60,13 @@ pub mod prometheus {
     pub use crate::metrics::{family, sample};
 }
 pub mod protocol_group;
+mod refusal;
 mod registry;
 mod reload;
 mod server;
 mod service;
 mod session;
+mod session_id;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tls;
@@ -84,3 +87,6 @@ pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, Sess
 pub use tls::TlsError;
 pub use upgrade::{Handover, UpgradeOptions};
 pub use worker::Reply;
+
+#[cfg(test)]
+mod layering;

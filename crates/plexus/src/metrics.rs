@@ -6,9 +6,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use crate::admission::RefusalReason;
-use crate::breakdown::{self, ListenerSnapshot, LoopSnapshot, ServerFacts};
-use crate::service::ListenerInfo;
+use crate::breakdown::{self, ListenerInfo, ListenerSnapshot, LoopSnapshot, ServerFacts};
+use crate::refusal::RefusalReason;
 use crate::worker::PoolStats;
 
 /// Counters written by one event loop.

@@ -55,31 +55,9 @@ pub trait SessionHandler: Send {
     }
 }
 
-/// A process-unique session number, never reused while the process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub(crate) u64);
+pub use crate::session_id::SessionId;
 
-impl SessionId {
-    /// The number itself.
-    pub fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s{}", self.0)
-    }
-}
-
-/// The listener a session arrived on.
-#[derive(Debug)]
-pub(crate) struct ListenerInfo {
-    pub(crate) index: usize,
-    pub(crate) name: Arc<str>,
-    /// Its share of the counters (sessions, admission, bytes), for `/metrics` and `/status`.
-    pub(crate) stats: crate::breakdown::ListenerStats,
-}
+pub(crate) use crate::breakdown::ListenerInfo;
 
 /// What stays true for a session's whole life.
 #[derive(Debug, Clone)]
@@ -226,7 +204,18 @@ pub(crate) struct SessionExtras {
     /// The handler asked to switch this plain session to TLS (applied after its callback).
     pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
     /// A `proxy_protocol` session before its PROXY header is complete.
-    pub(crate) proxy: Option<Box<crate::session::ProxyWait>>,
+    pub(crate) proxy: Option<Box<ProxyWait>>,
+}
+
+/// A session waiting for its PROXY header.
+pub(crate) struct ProxyWait {
+    /// The preamble stage: the bytes read so far and the deadline.
+    pub(crate) preamble: crate::connection::proxy_header::ProxyPreamble,
+    /// The listener's ACL, applied to the client the header names.
+    pub(crate) acl: Arc<plexus_proto::Acl>,
+    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
+    pub(crate) service: Option<Arc<dyn Service>>,
+    pub(crate) timer: plexus_proto::TimerKey,
 }
 
 /// A change to a session's handler timer, applied by the loop after the callback.

@@ -6,23 +6,20 @@
 //! process-unique, membership is per listener, counts feed the metrics, and a broadcast reaches
 //! the members on every loop without any loop touching another's sessions.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use plexus_proto::{Acl, TimerKey};
+use plexus_proto::TimerKey;
 use slab::Slab;
 
 use std::sync::Arc;
-
-use rustls::ServerConnection;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
-use crate::event_loop::SessionLimits;
+use crate::connection::tls::TlsTransport;
 use crate::forward::Relay;
 use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
@@ -31,12 +28,16 @@ use crate::service::{Broadcast, Session, SessionExtras};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
-impl SessionId {
-    /// The next id; ids start at 1 and are never reused within a process.
-    pub(crate) fn next() -> SessionId {
-        static NEXT: AtomicU64 = AtomicU64::new(1);
-        SessionId(NEXT.fetch_add(1, Ordering::Relaxed))
-    }
+/// The limits a loop applies to each session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionLimits {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) high_watermark: usize,
+    pub(crate) low_watermark: usize,
+    pub(crate) outbound_limit: usize,
+    /// Blocking jobs one session may have queued (`worker_session_limit`).
+    pub(crate) work_limit: usize,
 }
 
 /// One TCP connection owned by an event loop.
@@ -191,47 +192,52 @@ impl TcpSession {
     }
 }
 
-/// A session waiting for its PROXY header.
-pub(crate) struct ProxyWait {
-    /// Bytes read so far (at most `MAX_PROXY_HEADER`).
-    pub(crate) received: Vec<u8>,
-    /// The listener's ACL, applied to the client the header names.
-    pub(crate) acl: Arc<Acl>,
-    /// The service to open once the header is in (plain sessions; TLS ones hold theirs).
-    pub(crate) service: Option<Arc<dyn Service>>,
-    pub(crate) timer: TimerKey,
+impl TcpSession {
+    /// Tells the handler the session ended. A panic in its `on_close` is caught like one in
+    /// any other callback (logged with the session's id, counted): the session is gone
+    /// already, and the loop and every other session go on.
+    pub(crate) fn handler_closed(&mut self, reason: &CloseReason, stats: &LoopStats) {
+        let TcpSession { info, handler, .. } = self;
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler.on_close(info, reason)));
+        if outcome.is_err() {
+            error!(
+                session = %info.id, peer = %info.peer, listener = info.listener(),
+                "service handler panicked in on_close; the session was closed already"
+            );
+            LoopStats::add(&stats.handler_panics, 1);
+        }
+    }
 }
 
 /// A TLS session's protocol state.
 pub(crate) struct TlsState {
-    pub(crate) conn: ServerConnection,
+    /// The transport stage (rustls).
+    pub(crate) transport: TlsTransport,
     /// Held until the handshake completes: counts against `max_handshakes`.
     pub(crate) handshake: Option<HandshakeSlot>,
     pub(crate) handshake_timer: Option<TimerKey>,
     /// Opened once the handshake completes, so services only ever see established sessions.
     pub(crate) pending_service: Option<Arc<dyn Service>>,
-    pub(crate) close_notify_sent: bool,
 }
 
 impl TlsState {
     pub(crate) fn new(
-        conn: ServerConnection,
+        transport: TlsTransport,
         handshake: HandshakeSlot,
         handshake_timer: TimerKey,
         service: Arc<dyn Service>,
     ) -> Self {
         TlsState {
-            conn,
+            transport,
             handshake: Some(handshake),
             handshake_timer: Some(handshake_timer),
             pending_service: Some(service),
-            close_notify_sent: false,
         }
     }
 
     /// Whether the handshake is still running (the service has not been opened).
     pub(crate) fn handshaking(&self) -> bool {
-        self.pending_service.is_some()
+        !self.transport.is_established()
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use mio::Waker;
 
-use crate::service::SessionId;
+use crate::session_id::SessionId;
 
 /// Work to run on the pool; what it writes into its [`Reply`] goes to the peer.
 pub(crate) type Job = Box<dyn FnOnce(&mut Reply) + Send + 'static>;

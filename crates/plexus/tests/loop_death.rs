@@ -7,11 +7,12 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use plexus::{CloseReason, Config, Server, Service, Session, SessionHandler, SessionInfo};
+use plexus::{Config, Server, Service, Session, SessionHandler};
 
 /// Echoes; `timer` asks for a timer too far away to represent as an `Instant`, `die` closes
-/// the session, whose `on_close` then panics (on_close runs outside the per-callback panic
-/// guard: a panic there unwinds the loop thread).
+/// the session, whose handler then panics when the loop drops it (callbacks, `on_close`
+/// included, are guarded and close only their session; dropping the handler is not a callback,
+/// so this panic unwinds the loop thread).
 struct Faulty;
 struct FaultySession {
     die: bool,
@@ -35,10 +36,12 @@ impl SessionHandler for FaultySession {
         }
         session.send(data);
     }
+}
 
-    fn on_close(&mut self, _: &SessionInfo, _: &CloseReason) {
+impl Drop for FaultySession {
+    fn drop(&mut self) {
         if self.die {
-            panic!("on_close panics on purpose (test)");
+            panic!("the handler's drop panics on purpose (test)");
         }
     }
 }

@@ -1,0 +1,383 @@
+//! Unit tests of the event loop: a real `EventLoop` on its own thread, sessions adopted over
+//! real loopback sockets (no server, no acceptor, no CLI), a recording service. Every wait is
+//! bounded; no test asserts a duration.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener as StdListener, TcpStream as StdStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::{Poll, Token, Waker};
+use plexus_proto::Acl;
+
+use super::{Command, EventLoop, ExitSignal, LoopHandle, NewSession, SessionLimits};
+use crate::admission::Admission;
+use crate::breakdown::ListenerStats;
+use crate::metrics::Metrics;
+use crate::service::{CloseReason, ListenerInfo, Service, Session, SessionHandler};
+use crate::service::{SessionId, SessionInfo};
+
+/// Upper bound of every wait (never reached when the loop works).
+const WAIT: Duration = Duration::from_secs(10);
+
+/// What the recording service saw, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Opened(SessionId),
+    Data(SessionId, Vec<u8>),
+    Closed(SessionId, CloseReason),
+}
+
+/// Echoes, and obeys a few commands: `panic` panics in `on_data`, `bye` answers then closes.
+/// With `panic_on_close`, `on_close` panics after reporting.
+struct Recorder {
+    seen: mpsc::Sender<Seen>,
+    panic_on_close: bool,
+}
+
+struct RecorderSession {
+    seen: mpsc::Sender<Seen>,
+    panic_on_close: bool,
+}
+
+impl Service for Recorder {
+    fn open(&self, session: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        let _ = self.seen.send(Seen::Opened(session.id()));
+        Box::new(RecorderSession {
+            seen: self.seen.clone(),
+            panic_on_close: self.panic_on_close,
+        })
+    }
+}
+
+impl SessionHandler for RecorderSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        let _ = self.seen.send(Seen::Data(session.id(), data.to_vec()));
+        match data {
+            b"panic" => panic!("test handler panics in on_data"),
+            b"bye" => {
+                session.send(b"later\n");
+                session.close();
+            }
+            _ => session.send(data),
+        }
+    }
+
+    fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
+        let _ = self.seen.send(Seen::Closed(info.id(), reason.clone()));
+        if self.panic_on_close {
+            panic!("test handler panics in on_close");
+        }
+    }
+}
+
+/// One event loop running on its own thread, and what adopting sessions into it needs.
+struct Running {
+    handle: LoopHandle,
+    thread: Option<JoinHandle<std::io::Result<()>>>,
+    admission: Arc<Admission>,
+    listener: Arc<ListenerInfo>,
+    seen: mpsc::Receiver<Seen>,
+    /// Seen but not asked for yet (by `take`).
+    pending: RefCell<VecDeque<Seen>>,
+    service: Arc<dyn Service>,
+    live_loops: Arc<AtomicUsize>,
+    /// Owns the exit signal's waker registration.
+    _exit_poll: Poll,
+}
+
+fn limits(idle_timeout: Duration) -> SessionLimits {
+    SessionLimits {
+        idle_timeout,
+        handshake_timeout: Duration::from_secs(10),
+        high_watermark: 256 * 1024,
+        low_watermark: 64 * 1024,
+        outbound_limit: 4 << 20,
+        work_limit: 64,
+    }
+}
+
+impl Running {
+    fn start(idle_timeout: Duration, panic_on_close: bool) -> Running {
+        let (mut event_loop, handle) = EventLoop::new(0, 1, limits(idle_timeout), 64).unwrap();
+        event_loop.set_peers(vec![handle.clone()]);
+        let exit_poll = Poll::new().unwrap();
+        let live_loops = Arc::new(AtomicUsize::new(1));
+        let exit = ExitSignal {
+            live_loops: Arc::clone(&live_loops),
+            waker: Arc::new(Waker::new(exit_poll.registry(), Token(0)).unwrap()),
+        };
+        let thread = std::thread::spawn(move || event_loop.run(exit));
+        let (sender, seen) = mpsc::channel();
+        Running {
+            handle,
+            thread: Some(thread),
+            admission: Arc::new(Admission::new(
+                Acl::default(),
+                100,
+                0,
+                8,
+                Arc::new(Metrics::default()),
+            )),
+            listener: Arc::new(ListenerInfo {
+                index: 0,
+                name: "unit".into(),
+                stats: ListenerStats::default(),
+            }),
+            seen,
+            pending: RefCell::default(),
+            service: Arc::new(Recorder {
+                seen: sender,
+                panic_on_close,
+            }),
+            live_loops,
+            _exit_poll: exit_poll,
+        }
+    }
+
+    /// A loopback connection whose server side the loop adopts; returns the client side and
+    /// the session's id.
+    fn connect(&self) -> (StdStream, SessionId) {
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let client = StdStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        let id = SessionId::next();
+        let new = NewSession {
+            info: SessionInfo {
+                id,
+                peer,
+                local: server.local_addr().unwrap(),
+                listener: Arc::clone(&self.listener),
+            },
+            stream: mio::net::TcpStream::from_std(server),
+            service: Arc::clone(&self.service),
+            ticket: self.admission.admit(&Acl::default(), peer.ip()).unwrap(),
+            tls: None,
+            forward: None,
+            proxy: None,
+        };
+        assert!(self.handle.send(Command::Adopt(Box::new(new))).is_ok());
+        self.take(|seen| *seen == Seen::Opened(id));
+        (client, id)
+    }
+
+    /// The next thing the service saw (bounded wait).
+    fn next(&self) -> Seen {
+        if let Some(seen) = self.pending.borrow_mut().pop_front() {
+            return seen;
+        }
+        self.seen
+            .recv_timeout(WAIT)
+            .expect("the service saw nothing within the bound")
+    }
+
+    /// The first thing seen that `wanted` picks; the others stay for `next` in their order.
+    fn take(&self, wanted: impl Fn(&Seen) -> bool) -> Seen {
+        let mut pending = self.pending.borrow_mut();
+        if let Some(at) = pending.iter().position(&wanted) {
+            return pending.remove(at).unwrap();
+        }
+        loop {
+            let seen = self
+                .seen
+                .recv_timeout(WAIT)
+                .expect("the service did not see it within the bound");
+            if wanted(&seen) {
+                return seen;
+            }
+            pending.push_back(seen);
+        }
+    }
+
+    /// How session `id` ended.
+    fn closed(&self, id: SessionId) -> CloseReason {
+        match self.take(|seen| matches!(seen, Seen::Closed(closed, _) if *closed == id)) {
+            Seen::Closed(_, reason) => reason,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Stops the loop (unless it has stopped already) and returns how it ended.
+    fn stop(mut self) -> std::io::Result<()> {
+        let _ = self.handle.send(Command::Stop);
+        let result = self
+            .thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("loop thread panicked");
+        assert_eq!(self.live_loops.load(Ordering::Acquire), 0);
+        result
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.handle.send(Command::Stop);
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads until `want` bytes arrived (bounded by the socket's read timeout).
+fn read_exactly(client: &mut StdStream, want: usize) -> Vec<u8> {
+    let mut got = vec![0; want];
+    client.read_exact(&mut got).expect("bytes from the loop");
+    got
+}
+
+fn read_to_eof(client: &mut StdStream) -> Vec<u8> {
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("EOF from the loop");
+    rest
+}
+
+#[test]
+fn bytes_in_reach_the_handler_and_its_sends_go_out() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, id) = running.connect();
+    client.write_all(b"hello").unwrap();
+    assert_eq!(read_exactly(&mut client, 5), b"hello");
+    let mut data = Vec::new();
+    while data.len() < 5 {
+        match running.next() {
+            Seen::Data(from, bytes) => {
+                assert_eq!(from, id);
+                data.extend(bytes);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(data, b"hello");
+    let before = running.handle.stats.handler_panics.load(Ordering::Relaxed);
+    assert_eq!(before, 0);
+    running.stop().unwrap();
+}
+
+#[test]
+fn a_large_echo_comes_back_whole_under_backpressure() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, _) = running.connect();
+    let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    let mut reader = client.try_clone().unwrap();
+    let expected = payload.len();
+    let collector = std::thread::spawn(move || read_exactly(&mut reader, expected));
+    client.write_all(&payload).unwrap();
+    assert!(collector.join().unwrap() == payload);
+    running.stop().unwrap();
+}
+
+#[test]
+fn the_peers_fin_closes_the_session_as_peer_closed() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, id) = running.connect();
+    client.write_all(b"last words").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut client), b"last words");
+    assert_eq!(running.closed(id), CloseReason::PeerClosed);
+    running.stop().unwrap();
+}
+
+#[test]
+fn a_requested_close_flushes_what_was_queued_first() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, id) = running.connect();
+    client.write_all(b"bye").unwrap();
+    assert_eq!(read_to_eof(&mut client), b"later\n");
+    assert_eq!(running.closed(id), CloseReason::Requested);
+    running.stop().unwrap();
+}
+
+#[test]
+fn a_silent_session_is_closed_by_the_idle_timeout() {
+    let running = Running::start(Duration::from_millis(50), false);
+    let (mut client, id) = running.connect();
+    assert_eq!(running.closed(id), CloseReason::IdleTimeout);
+    assert!(read_to_eof(&mut client).is_empty());
+    assert_eq!(
+        running
+            .handle
+            .stats
+            .closed_idle_timeout
+            .load(Ordering::Relaxed),
+        1
+    );
+    running.stop().unwrap();
+}
+
+#[test]
+fn a_panic_in_on_data_closes_only_that_session() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut doomed, doomed_id) = running.connect();
+    let (mut other, other_id) = running.connect();
+    doomed.write_all(b"panic").unwrap();
+    assert_eq!(running.closed(doomed_id), CloseReason::Panic);
+    assert!(read_to_eof(&mut doomed).is_empty());
+    other.write_all(b"still here").unwrap();
+    assert_eq!(read_exactly(&mut other, 10), b"still here");
+    assert_eq!(
+        running.handle.stats.handler_panics.load(Ordering::Relaxed),
+        1
+    );
+    drop(other);
+    assert_eq!(running.closed(other_id), CloseReason::PeerClosed);
+    running.stop().unwrap();
+}
+
+#[test]
+fn a_panic_in_on_close_is_caught_and_the_loop_goes_on() {
+    let running = Running::start(Duration::from_secs(60), true);
+    let (mut first, first_id) = running.connect();
+    let (mut second, _) = running.connect();
+    first.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_eof(&mut first).is_empty());
+    assert_eq!(running.closed(first_id), CloseReason::PeerClosed);
+    // The loop survived the panic: an existing session and a new one are both served.
+    second.write_all(b"alive").unwrap();
+    assert_eq!(read_exactly(&mut second, 5), b"alive");
+    let (mut third, _) = running.connect();
+    third.write_all(b"new").unwrap();
+    assert_eq!(read_exactly(&mut third, 3), b"new");
+    let deadline = Instant::now() + WAIT;
+    while running.handle.stats.handler_panics.load(Ordering::Relaxed) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the on_close panic was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Stop closes the rest (their on_close panics too) and the loop still exits cleanly.
+    running.stop().unwrap();
+}
+
+#[test]
+fn stop_closes_every_session_as_forced() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, id) = running.connect();
+    assert!(running.handle.send(Command::Stop).is_ok());
+    assert_eq!(running.closed(id), CloseReason::ShutdownForced);
+    assert!(read_to_eof(&mut client).is_empty());
+    running
+        .stop()
+        .unwrap_or_else(|err| panic!("loop failed: {err}"));
+}
+
+#[test]
+fn drain_ends_idle_sessions_and_the_loop_exits() {
+    let mut running = Running::start(Duration::from_secs(60), false);
+    let (mut client, id) = running.connect();
+    let deadline = Instant::now() + WAIT;
+    assert!(running.handle.send(Command::Drain { deadline }).is_ok());
+    assert_eq!(running.closed(id), CloseReason::Shutdown);
+    assert!(read_to_eof(&mut client).is_empty());
+    let thread = running.thread.take().unwrap();
+    thread.join().expect("loop thread panicked").unwrap();
+    assert_eq!(running.live_loops.load(Ordering::Acquire), 0);
+}
