@@ -483,7 +483,7 @@ impl ListenerConfig {
             );
             return;
         };
-        let detectors = crate::protocol_group::CONFIG_MEMBERS;
+        let detectors = PROTOCOL_MEMBERS;
         for (at, member) in members.iter().enumerate() {
             let here = format!("{key}[{at}]");
             if !detectors.contains(&member.as_str()) {
@@ -564,6 +564,10 @@ pub struct Problem {
     /// What is wrong, in words an operator acts on.
     pub message: String,
 }
+
+/// The member names a listener's `protocols` key may list before its last entry (the
+/// fallback): the protocols plexus has a ready detector and a built-in service for.
+pub const PROTOCOL_MEMBERS: &[&str] = &["tls", "http"];
 
 /// A configuration that could not be read or does not make sense.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,6 +17,7 @@ const LAYERS: &[&[&str]] = &[
         "datagram_admission",
         "session_id",
         "refusal",
+        "loop_local",
     ],
     // Sans-IO stages and the TLS context.
     &["tls", "connection"],
@@ -27,8 +28,14 @@ const LAYERS: &[&[&str]] = &[
     &["admission"],
     // The service API, and what is built on it alone.
     &["service"],
-    // (`registry`: per-listener service factories, on main.)
-    &["broadcast", "forward", "builtin", "registry"],
+    // Per-listener service factories, framers, protocol groups.
+    &[
+        "broadcast",
+        "forward",
+        "registry",
+        "framing",
+        "protocol_group",
+    ],
     // The per-connection state an event loop keeps.
     &["session"],
     // The loops.
@@ -36,6 +43,8 @@ const LAYERS: &[&[&str]] = &[
     // The control plane.
     &["reload"],
     &["acceptor", "server"],
+    // Drives one session of a service in memory (feature `testing`).
+    &["testing"],
 ];
 
 /// Same-layer imports not yet broken up (each pair imports the other): listed so that no new

@@ -154,8 +154,9 @@ impl Detector for Http2Preface {
 }
 
 /// The member names a configuration's `protocols` key may list before its last entry (the
-/// fallback): the protocols plexus has a ready detector and a built-in service for.
-pub const CONFIG_MEMBERS: &[&str] = &["tls", "http"];
+/// fallback): the protocols plexus has a ready detector and a built-in service for. (Defined
+/// with the configuration, which validates the key.)
+pub use crate::config::PROTOCOL_MEMBERS as CONFIG_MEMBERS;
 
 /// The byte budget of a group built without [`ProtocolGroupBuilder::byte_budget`]: enough for
 /// every ready detector (the longest needs 14 bytes) and for short application signatures.
