@@ -1162,7 +1162,8 @@ impl DatagramEndpoint {
         self.drain_waiters.iter().any(|(key, _)| {
             self.sessions
                 .get(*key)
-                .is_some_and(|s| self.sockets[s.socket].pending_bytes <= self.limits.low_watermark)
+                .and_then(|s| self.sockets.get(s.socket))
+                .is_some_and(|socket| socket.pending_bytes <= self.limits.low_watermark)
         })
     }
 
@@ -1177,7 +1178,11 @@ impl DatagramEndpoint {
             let Some(session) = self.sessions.get(key).filter(|s| s.info.id == id) else {
                 continue;
             };
-            if self.sockets[session.socket].pending_bytes > self.limits.low_watermark {
+            let backlogged = self
+                .sockets
+                .get(session.socket)
+                .is_some_and(|socket| socket.pending_bytes > self.limits.low_watermark);
+            if backlogged {
                 self.drain_waiters.push((key, id));
                 continue;
             }
@@ -1368,7 +1373,11 @@ impl DatagramEndpoint {
         LoopStats::sub(open, 1);
         self.stats.closed(&session.info.listener);
         debug!(session = %session.info.id, peer = %session.info.peer, "datagram session closed: {reason}");
-        session.handler.on_close(&session.info, &reason);
+        let (handler, info) = (&mut session.handler, &session.info);
+        if catch_unwind(AssertUnwindSafe(|| handler.on_close(info, &reason))).is_err() {
+            error!(session = %info.id, peer = %info.peer, "service handler panicked in on_close");
+            LoopStats::add(&self.stats.handler_panics, 1);
+        }
         self.flush(index);
         // Dropping the session gives its admission place back (the ticket).
     }

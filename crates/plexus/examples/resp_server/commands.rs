@@ -114,7 +114,7 @@ pub(crate) fn execute(
             }
         }
         "mset" => {
-            if args.len() % 2 == 0 {
+            if args.len().is_multiple_of(2) {
                 arity_error(out, "mset");
             } else {
                 for pair in args[1..].chunks(2) {
