@@ -722,7 +722,9 @@ fn one_hosts_stalled_dtls_handshakes_leave_room_for_another_host() {
         dtls_config("max_handshakes = 16\nmax_handshakes_per_ip = 3\nhandshake_timeout = \"60s\"")
     );
     let config = plexus::Config::parse(&text, "dtls-per-ip").unwrap();
-    let server = plexus::Server::builder(config).build().unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
     let dtls = server.local_addr("dtls-echo").unwrap();
     let http = server.local_addr("http").unwrap();
     let handle = server.handle();

@@ -415,11 +415,15 @@ fn malformed_and_oversized_input_get_an_error_and_a_close_while_others_are_serve
     );
     other.write_all(b"PING\r\n").unwrap();
     expect_reply(&mut other, b"+PONG\r\n");
-    let log = server.log.lock().unwrap().join("\n");
-    assert!(
-        log.contains("Protocol error: invalid multibulk length; closing"),
-        "{log}"
-    );
+    // The server's stderr is read by another thread: wait (bounded) for the line.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let logged = |log: &str| log.contains("Protocol error: invalid multibulk length; closing");
+    let mut log = server.log.lock().unwrap().join("\n");
+    while !logged(&log) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log = server.log.lock().unwrap().join("\n");
+    }
+    assert!(logged(&log), "{log}");
 }
 
 #[test]
