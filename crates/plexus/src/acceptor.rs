@@ -151,7 +151,8 @@ impl RefusalLog {
         listener: &str,
         now: Instant,
     ) {
-        let Some(also) = self.throttles[reason as usize].allow(now) else {
+        let throttle = self.throttles.get_mut(reason as usize);
+        let Some(also) = throttle.and_then(|throttle| throttle.allow(now)) else {
             return;
         };
         let peer = peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string());
@@ -539,12 +540,19 @@ impl Acceptor {
                 );
             }
         }
-        for &index in &plan.kept {
-            self.update_listener(&new.listeners[index]);
+        for listener in plan
+            .kept
+            .iter()
+            .filter_map(|&index| new.listeners.get(index))
+        {
+            self.update_listener(listener);
         }
         let mut not_bound = Vec::new();
-        for &index in &plan.added {
-            let listener = &new.listeners[index];
+        for listener in plan
+            .added
+            .iter()
+            .filter_map(|&index| new.listeners.get(index))
+        {
             let handshake_timeout = new.config.server.handshake_timeout;
             if let Err(err) = self.add_listener(listener, reloader, handshake_timeout) {
                 error!(
@@ -579,7 +587,7 @@ impl Acceptor {
         let summary = format!(
             "reload done ({} listener(s): {} added, {} removed; {} setting(s) need a restart)",
             self.listeners.len(),
-            plan.added.len() - not_bound.len(),
+            plan.added.len().saturating_sub(not_bound.len()),
             plan.removed.len(),
             plan.restart.len()
         );
@@ -678,7 +686,7 @@ impl Acceptor {
                 what: "cannot register the listener",
                 source,
             })?;
-        self.next_listener_index += 1;
+        self.next_listener_index = self.next_listener_index.saturating_add(1);
         self.admission
             .metrics()
             .facts
@@ -775,13 +783,16 @@ impl Acceptor {
     fn accept_ready(&mut self, now: Instant) {
         for index in 0..self.listeners.len() {
             for _ in 0..ACCEPT_BUDGET {
-                if !self.listeners[index].ready {
+                let Some(listener) = self.listeners.get_mut(index) else {
+                    break;
+                };
+                if !listener.ready {
                     break;
                 }
-                match self.listeners[index].socket.accept() {
+                match listener.socket.accept() {
                     Ok((stream, peer)) => self.dispatch(index, stream, peer, now),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        self.listeners[index].ready = false;
+                        listener.ready = false;
                     }
                     Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
                         self.shed(index, &err, now);
@@ -789,7 +800,7 @@ impl Acceptor {
                     }
                     Err(err) if is_transient_accept_error(&err) => {}
                     Err(err) => {
-                        warn!(listener = %self.listeners[index].info.name, "accept failed: {err}; pausing");
+                        warn!(listener = %listener.info.name, "accept failed: {err}; pausing");
                         self.pause(now);
                         return;
                     }
@@ -802,18 +813,23 @@ impl Acceptor {
     /// Out of descriptors: close waiting connections with the help of the spare descriptor,
     /// then pause accepting.
     fn shed(&mut self, index: usize, err: &io::Error, now: Instant) {
-        let name = Arc::clone(&self.listeners[index].info.name);
+        let Some(listener) = self.listeners.get(index) else {
+            return;
+        };
+        let name = Arc::clone(&listener.info.name);
         self.reserve = None;
-        let mut shed = 0;
+        let mut shed = 0usize;
         for _ in 0..SHED_BUDGET {
-            match self.listeners[index].socket.accept() {
+            match listener.socket.accept() {
                 Ok((stream, peer)) => {
                     drop(stream);
-                    shed += 1;
+                    shed = shed.saturating_add(1);
                     self.admission
                         .record_refusal(RefusalReason::DescriptorsExhausted);
-                    let stats = &self.listeners[index].info.stats;
-                    stats.refused(RefusalReason::DescriptorsExhausted);
+                    listener
+                        .info
+                        .stats
+                        .refused(RefusalReason::DescriptorsExhausted);
                     self.refusals.record(
                         RefusalReason::DescriptorsExhausted,
                         Some(peer),
@@ -824,16 +840,18 @@ impl Acceptor {
                 Err(_) => break,
             }
         }
-        self.reserve = open_reserve();
-        self.pause(now);
         if shed == 0 {
             self.admission
                 .record_refusal(RefusalReason::DescriptorsExhausted);
-            let stats = &self.listeners[index].info.stats;
-            stats.refused(RefusalReason::DescriptorsExhausted);
+            listener
+                .info
+                .stats
+                .refused(RefusalReason::DescriptorsExhausted);
             self.refusals
                 .record(RefusalReason::DescriptorsExhausted, None, &name, now);
         }
+        self.reserve = open_reserve();
+        self.pause(now);
         warn!(
             listener = %name,
             "out of file descriptors ({err}); closed {shed} waiting connection(s), \
@@ -844,11 +862,13 @@ impl Acceptor {
 
     fn pause(&mut self, now: Instant) {
         self.paused_until = Some(deadline_after(now, self.backoff));
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.backoff = self.backoff.saturating_mul(2).min(BACKOFF_MAX);
     }
 
     fn dispatch(&mut self, index: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
-        let listener = &self.listeners[index];
+        let Some(listener) = self.listeners.get(index) else {
+            return;
+        };
         let admitted = match &listener.proxy_trusted {
             // The balancer's address says nothing about the client: ACLs and per-IP caps wait
             // for the PROXY header (read on the event loop).
@@ -908,32 +928,33 @@ impl Acceptor {
                 .map(|_| Arc::clone(&listener.acl)),
         };
         let target = self.least_loaded();
-        if let Err(Command::Adopt(new)) = self.loops[target].send(Command::Adopt(Box::new(new))) {
+        let command = Command::Adopt(Box::new(new));
+        let sent = match self.loops.get(target) {
+            Some(handle) => handle.send(command),
+            None => Err(command),
+        };
+        if let Err(Command::Adopt(new)) = sent {
             // The loop's command queue is full (or the loop is gone): the connection is closed
             // (its ticket and handshake slot go with it), counted and logged as a refusal.
             let reason = RefusalReason::EventLoopBusy;
             self.admission.record_refusal(reason);
-            let listener = &self.listeners[index];
-            listener.info.stats.refused(reason);
+            new.info.listener.stats.refused(reason);
             self.refusals
-                .record(reason, Some(new.info.peer), &listener.info.name, now);
+                .record(reason, Some(new.info.peer), &new.info.listener.name, now);
         }
     }
 
     /// The loop with the fewest sessions, starting after the last choice so ties rotate.
     fn least_loaded(&mut self) -> usize {
-        let count = self.loops.len();
-        let start = self.next_loop;
-        let best = (0..count)
-            .map(|offset| (start + offset) % count)
-            .min_by_key(|&index| {
-                self.loops[index]
-                    .stats
-                    .sessions_open
-                    .load(Ordering::Relaxed)
-            })
-            .unwrap_or(0);
-        self.next_loop = (best + 1) % count;
+        let start = self.next_loop.min(self.loops.len());
+        let loops = self.loops.iter().enumerate();
+        let best = loops
+            .clone()
+            .skip(start)
+            .chain(loops.take(start))
+            .min_by_key(|(_, handle)| handle.stats.sessions_open.load(Ordering::Relaxed))
+            .map_or(0, |(index, _)| index);
+        self.next_loop = best.saturating_add(1);
         best
     }
 }

@@ -115,7 +115,7 @@ impl Admission {
                 self.open.fetch_sub(1, Ordering::AcqRel);
                 return Err(RefusalReason::MaxConnectionsPerIp);
             }
-            *count += 1;
+            *count = count.saturating_add(1);
             return Ok(true);
         }
         Ok(false)
@@ -191,7 +191,7 @@ impl Admission {
             if *count >= max_per_ip {
                 return Err(RefusalReason::MaxConnectionsPerIp);
             }
-            *count += 1;
+            *count = count.saturating_add(1);
             return Ok(true);
         }
         Ok(false)
@@ -243,7 +243,7 @@ impl Admission {
                 self.metrics.refused(RefusalReason::HandshakeCapacityPerIp);
                 return Err(RefusalReason::HandshakeCapacityPerIp);
             }
-            *count += 1;
+            *count = count.saturating_add(1);
         }
         Ok(HandshakeSlot {
             handshakes: Arc::clone(handshakes),
@@ -265,7 +265,7 @@ impl Admission {
         if let Some(ip) = ip.filter(|_| counted_per_ip) {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(count) = per_ip.get_mut(&ip) {
-                *count -= 1;
+                *count = count.saturating_sub(1);
                 if *count == 0 {
                     per_ip.remove(&ip);
                 }
@@ -436,8 +436,7 @@ mod tests {
         drop(a);
         assert!(admission.admit(&open, ip("127.0.0.3")).is_ok());
         assert_eq!(
-            admission.metrics.refused[RefusalReason::MaxConnections as usize]
-                .load(Ordering::Relaxed),
+            admission.metrics.refused.get(RefusalReason::MaxConnections),
             1
         );
     }
@@ -501,8 +500,10 @@ mod tests {
         let other = admission.admit(&open, ip("127.0.0.1")).unwrap();
         let _others: Vec<_> = (0..2).map(|_| other.reserve_handshake().unwrap()).collect();
         assert_eq!(
-            admission.metrics.refused[RefusalReason::HandshakeCapacityPerIp as usize]
-                .load(Ordering::Relaxed),
+            admission
+                .metrics
+                .refused
+                .get(RefusalReason::HandshakeCapacityPerIp),
             2
         );
         drop(held);

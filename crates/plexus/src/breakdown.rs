@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::metrics::{family, sample, MetricsSnapshot};
-use crate::refusal::RefusalReason;
+use crate::refusal::{RefusalCounts, RefusalReason};
 
 /// Single-writer shards per listener (one per event loop); loops beyond share one more.
 const SHARDS: usize = 64;
@@ -45,7 +45,7 @@ pub(crate) struct ListenerStats {
     /// Written by every loop from index [`SHARDS`] on, with atomic adds.
     shared: Shard,
     accepted: AtomicU64,
-    refused: [AtomicU64; RefusalReason::ALL.len()],
+    refused: RefusalCounts,
 }
 
 impl Default for ListenerStats {
@@ -96,7 +96,7 @@ impl ListenerStats {
     }
 
     pub(crate) fn refused(&self, reason: RefusalReason) {
-        self.refused[reason as usize].fetch_add(1, Relaxed);
+        self.refused.add(reason);
     }
 
     fn sum(&self, field: fn(&Shard) -> &AtomicU64) -> u64 {
@@ -218,10 +218,7 @@ impl ServerFacts {
                     service: entry.service.clone(),
                     sessions_open: stats.sum(|s| &s.sessions_open),
                     accepted: stats.accepted.load(Relaxed),
-                    refused: RefusalReason::ALL
-                        .iter()
-                        .map(|r| (*r, stats.refused[*r as usize].load(Relaxed)))
-                        .collect(),
+                    refused: stats.refused.snapshot(),
                     bytes_in: stats.sum(|s| &s.bytes_in),
                     bytes_out: stats.sum(|s| &s.bytes_out),
                 }

@@ -28,7 +28,7 @@ pub(crate) const RETRY_INTERVAL: Duration = Duration::from_millis(1);
 
 /// What a broadcast costs in a loop's in-flight budget.
 pub(crate) fn cost(broadcast: &Broadcast) -> usize {
-    broadcast.data.len() + ENTRY_COST
+    broadcast.data.len().saturating_add(ENTRY_COST)
 }
 
 /// The receiving side's in-flight budget: charged by senders, released by the receiver once
@@ -46,7 +46,7 @@ impl InFlight {
         let entry = self
             .entries
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                (held < IN_FLIGHT_ENTRIES).then_some(held + 1)
+                (held < IN_FLIGHT_ENTRIES).then_some(held.saturating_add(1))
             });
         if entry.is_err() {
             return false;
@@ -126,11 +126,12 @@ impl Outbox {
         if self.waiting.len() < targets.len() {
             self.waiting.resize_with(targets.len(), VecDeque::new);
         }
-        for (index, target) in targets.iter().enumerate() {
+        // `waiting` has an entry for every target (resized above).
+        let queues = self.waiting.iter_mut();
+        for (index, (target, queue)) in targets.iter().zip(queues).enumerate() {
             if index == own {
                 continue;
             }
-            let queue = &mut self.waiting[index];
             if !queue.is_empty() {
                 queue.push_back(broadcast.clone());
                 continue;

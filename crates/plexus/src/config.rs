@@ -191,7 +191,7 @@ impl PskConfig {
         }
         let key: Vec<u8> = (0..hex.len())
             .step_by(2)
-            .filter_map(|i| hex.get(i..i + 2))
+            .filter_map(|i| hex.get(i..i.saturating_add(2)))
             .filter_map(|pair| u8::from_str_radix(pair, 16).ok())
             .collect();
         if !(16..=64).contains(&key.len()) {
@@ -495,7 +495,7 @@ impl ListenerConfig {
                         detectors.join(", ")
                     ),
                 );
-            } else if members[..at].contains(member) {
+            } else if members.iter().take(at).any(|earlier| earlier == member) {
                 problem(here, format!("'{member}' is listed twice"));
             } else if member == "tls" && self.transport != Transport::Tcp {
                 problem(
@@ -622,12 +622,14 @@ impl Config {
     }
 
     /// The embedded default configuration.
+    #[allow(clippy::expect_used)] // why: a constant input, parsed by a unit test.
     pub fn embedded_default() -> Config {
         Config::parse(DEFAULT_CONFIG, "<embedded default>")
             .expect("the embedded default configuration is valid TOML (checked by a unit test)")
     }
 
     /// The configuration as TOML, as `--print-config` shows it.
+    #[allow(clippy::expect_used)] // why: every field is a string, number, bool or table.
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("every Config value serialises to TOML")
     }
@@ -905,7 +907,8 @@ impl Config {
                             key("addr"),
                             format!(
                                 "duplicate port: {} is already used by listener[{other}] ({})",
-                                addr, self.listeners[*other].name
+                                addr,
+                                self.listeners.get(*other).map_or("", |l| l.name.as_str())
                             ),
                         );
                     }
@@ -1031,8 +1034,8 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> (String, String) {
     let Some(span) = err.span() else {
         return ("document".into(), message);
     };
-    let before = &text[..span.start.min(text.len())];
-    let line_number = before.matches('\n').count() + 1;
+    let before = text.get(..span.start).unwrap_or(text);
+    let line_number = before.matches('\n').count().saturating_add(1);
     let mut table = String::new();
     let mut listener_index: Option<usize> = None;
     for line in before.lines() {
@@ -1040,7 +1043,7 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> (String, String) {
         if let Some(header) = line.strip_prefix("[[").and_then(|l| l.split("]]").next()) {
             let header = header.trim();
             if header == "listener" {
-                listener_index = Some(listener_index.map_or(0, |i| i + 1));
+                listener_index = Some(listener_index.map_or(0, |i| i.saturating_add(1)));
             }
             table = header.to_owned();
         } else if let Some(header) = line.strip_prefix('[').and_then(|l| l.split(']').next()) {
@@ -1050,7 +1053,9 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> (String, String) {
     if let (Some(index), true) = (listener_index, table.starts_with("listener")) {
         table = table.replacen("listener", &format!("listener[{index}]"), 1);
     }
-    let current_line = text[before.rfind('\n').map_or(0, |i| i + 1)..]
+    let current_line = text
+        .get(before.rfind('\n').map_or(0, |i| i.saturating_add(1))..)
+        .unwrap_or_default()
         .lines()
         .next()
         .unwrap_or("");

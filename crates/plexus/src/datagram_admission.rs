@@ -101,7 +101,11 @@ impl DatagramCaps {
     /// Splits `max_sessions` over `loops` event loops (each gets `max_sessions / loops`, at
     /// least 1), so the shares never add up to more than the global cap.
     pub(crate) fn split_over_loops(mut self, loops: usize) -> Self {
-        self.per_loop = (self.max_sessions / loops.max(1)).max(1);
+        self.per_loop = self
+            .max_sessions
+            .checked_div(loops)
+            .unwrap_or(self.max_sessions)
+            .max(1);
         self
     }
 
@@ -124,7 +128,7 @@ impl DatagramCaps {
                 if *count >= max {
                     return Err(CapFull::PerIp);
                 }
-                *count += 1;
+                *count = count.saturating_add(1);
                 Some(ip)
             }
         };
@@ -192,7 +196,7 @@ impl Drop for DatagramPlace {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             if let Some(count) = per_ip.get_mut(&ip) {
-                *count -= 1;
+                *count = count.saturating_sub(1);
                 if *count == 0 {
                     per_ip.remove(&ip);
                 }

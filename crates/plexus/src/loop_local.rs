@@ -93,9 +93,10 @@ pub(crate) struct LoopLocals {
 
 impl LoopLocals {
     /// This loop's value of `key`, created on first use.
+    #[allow(clippy::indexing_slicing, clippy::expect_used)] // why: resized, then filled, here.
     pub(crate) fn get<T: Default + Send + 'static>(&mut self, key: &LoopLocal<T>) -> &mut T {
         if self.slots.len() <= key.slot {
-            self.slots.resize_with(key.slot + 1, || None);
+            self.slots.resize_with(key.slot.saturating_add(1), || None);
         }
         let entry = &mut self.slots[key.slot];
         if !entry.as_ref().is_some_and(|value| value.is::<T>()) {

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::breakdown::{self, ListenerInfo, ListenerSnapshot, LoopSnapshot, ServerFacts};
-use crate::refusal::RefusalReason;
+use crate::refusal::{RefusalCounts, RefusalReason};
 use crate::worker::PoolStats;
 
 /// Counters written by one event loop.
@@ -79,7 +79,7 @@ impl LoopStats {
     /// Runs `wait` (the loop's `epoll_wait`) and counts the time it took as idle time.
     pub(crate) fn waiting<T>(&self, wait: impl FnOnce() -> T) -> T {
         let start = breakdown::clock_nanos();
-        self.waiting_since.store(start + 1, Relaxed);
+        self.waiting_since.store(start.saturating_add(1), Relaxed);
         let result = wait();
         let waited = breakdown::clock_nanos().saturating_sub(start);
         Self::add(&self.poll_wait_nanos, waited);
@@ -115,12 +115,12 @@ impl LoopStats {
         let since = self.waiting_since.load(Relaxed);
         let current = match since {
             0 => 0,
-            since => breakdown::clock_nanos().saturating_sub(since - 1),
+            since => breakdown::clock_nanos().saturating_sub(since.saturating_sub(1)),
         };
         LoopSnapshot {
             index: self.index,
             sessions_open: self.sessions_open.load(Relaxed),
-            poll_wait_nanos: self.poll_wait_nanos.load(Relaxed) + current,
+            poll_wait_nanos: self.poll_wait_nanos.load(Relaxed).saturating_add(current),
         }
     }
 }
@@ -129,7 +129,7 @@ impl LoopStats {
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
     pub(crate) accepted: AtomicU64,
-    pub(crate) refused: [AtomicU64; RefusalReason::ALL.len()],
+    pub(crate) refused: RefusalCounts,
     pub(crate) loops: Vec<Arc<LoopStats>>,
     pub(crate) pool_stats: Arc<PoolStats>,
     /// Set on SIGTERM (lameduck or drain): health checks answer 503 from then on.
@@ -143,7 +143,7 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn refused(&self, reason: RefusalReason) {
-        self.refused[reason as usize].fetch_add(1, Relaxed);
+        self.refused.add(reason);
     }
 
     /// The counters with the facts around them, for a status page.
@@ -172,10 +172,7 @@ impl Metrics {
             sessions_open: sum(|s| &s.sessions_open),
             tls_sessions_open: sum(|s| &s.tls_sessions_open),
             accepted: self.accepted.load(Relaxed),
-            refused: RefusalReason::ALL
-                .iter()
-                .map(|reason| (*reason, self.refused[*reason as usize].load(Relaxed)))
-                .collect(),
+            refused: self.refused.snapshot(),
             bytes_in: sum(|s| &s.bytes_in),
             bytes_out: sum(|s| &s.bytes_out),
             closed_idle_timeout: sum(|s| &s.closed_idle_timeout),

@@ -94,7 +94,9 @@ impl OutboundQueue {
     /// (file regions included: their bytes are on disk, their entries are not). What
     /// `outbound_limit` bounds.
     pub(crate) fn memory_len(&self) -> usize {
-        (self.len - self.file_len) + self.chunks.len() * ENTRY_COST
+        self.len
+            .saturating_sub(self.file_len)
+            .saturating_add(self.chunks.len().saturating_mul(ENTRY_COST))
     }
 
     /// Whether an entry of `payload` more bytes in memory keeps [`OutboundQueue::memory_len`]
@@ -123,11 +125,11 @@ impl OutboundQueue {
         loop {
             let chunk = self.chunks.pop_front()?;
             let len = chunk.len();
-            self.len -= len;
+            self.len = self.len.saturating_sub(len);
             match chunk {
                 Chunk::Data(bytes) => return Some(bytes),
                 // A file region is not a datagram: datagram sessions do not send files.
-                Chunk::File(_) => self.file_len -= len,
+                Chunk::File(_) => self.file_len = self.file_len.saturating_sub(len),
             }
         }
     }
@@ -138,14 +140,14 @@ impl OutboundQueue {
             // An empty datagram is a valid datagram.
             self.chunks
                 .push_back(Chunk::Data(Bytes::copy_from_slice(data)));
-            self.len += data.len();
+            self.len = self.len.saturating_add(data.len());
             return;
         }
         if data.is_empty() {
             return;
         }
         self.staging.extend_from_slice(data);
-        self.len += data.len();
+        self.len = self.len.saturating_add(data.len());
         if self.staging.len() >= STAGING_CHUNK {
             self.chunks
                 .push_back(Chunk::Data(self.staging.split().freeze()));
@@ -158,7 +160,7 @@ impl OutboundQueue {
             return;
         }
         self.seal_staging();
-        self.len += data.len();
+        self.len = self.len.saturating_add(data.len());
         self.chunks.push_back(Chunk::Data(data));
     }
 
@@ -169,8 +171,8 @@ impl OutboundQueue {
         }
         self.seal_staging();
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        self.len += len;
-        self.file_len += len;
+        self.len = self.len.saturating_add(len);
+        self.file_len = self.file_len.saturating_add(len);
         self.chunks.push_back(Chunk::File(FileRegion {
             file,
             offset,
@@ -195,7 +197,7 @@ impl OutboundQueue {
     /// Writes as much as `writer` accepts. Returns the bytes written; stops at `WouldBlock`
     /// (returned as `Ok` with what was written so far, and `blocked = true`).
     pub(crate) fn write_to(&mut self, writer: &mut impl FileSink) -> io::Result<Flushed> {
-        let mut written = 0;
+        let mut written = 0usize;
         while !self.is_empty() {
             let result = match self.chunks.front_mut() {
                 Some(Chunk::File(region)) => {
@@ -213,7 +215,7 @@ impl OutboundQueue {
                 Ok((0, _)) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok((n, offered)) => {
                     self.consume(n);
-                    written += n;
+                    written = written.saturating_add(n);
                     if n < offered {
                         // A short write means the socket buffer is full; the writable edge
                         // that follows says when to go on (no WouldBlock round trip).
@@ -239,17 +241,20 @@ impl OutboundQueue {
         })
     }
 
-    /// One `writev` (or `send`) of the in-memory chunks up to the first file region.
-    /// Returns what was written and what was offered.
+    /// One `writev` (or `send`) of the in-memory chunks up to the first file region, and of
+    /// the staging buffer when every chunk before it fits. Returns what was written and what
+    /// was offered.
     fn write_memory(&self, writer: &mut impl FileSink) -> io::Result<(usize, usize)> {
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-        let mut count = 0;
+        let mut count = 0usize;
         let mut reached_file = false;
-        for chunk in self.chunks.iter().take(MAX_IOVECS - 1) {
+        let mut chunks = self.chunks.iter();
+        // One slot stays for the staging buffer.
+        for (slot, chunk) in slices.iter_mut().take(MAX_IOVECS - 1).zip(chunks.by_ref()) {
             match chunk {
                 Chunk::Data(bytes) => {
-                    slices[count] = IoSlice::new(bytes);
-                    count += 1;
+                    *slot = IoSlice::new(bytes);
+                    count = count.saturating_add(1);
                 }
                 Chunk::File(_) => {
                     reached_file = true;
@@ -257,16 +262,20 @@ impl OutboundQueue {
                 }
             }
         }
-        if !reached_file && !self.staging.is_empty() && count < MAX_IOVECS {
-            slices[count] = IoSlice::new(&self.staging);
-            count += 1;
+        // The staging buffer holds the newest bytes: it goes only behind the last chunk.
+        if !reached_file && !self.staging.is_empty() && chunks.next().is_none() {
+            if let Some(slot) = slices.get_mut(count) {
+                *slot = IoSlice::new(&self.staging);
+                count = count.saturating_add(1);
+            }
         }
-        let offered: usize = slices[..count].iter().map(|slice| slice.len()).sum();
+        let used = slices.get(..count).unwrap_or_default();
+        let offered: usize = used.iter().map(|slice| slice.len()).sum();
         // One buffer: plain write (send) is cheaper in the kernel than writev.
-        let n = match (count, reached_file) {
-            (_, true) => writer.write_before_file(&slices[..count])?,
-            (1, false) => writer.write(&slices[0])?,
-            _ => writer.write_vectored(&slices[..count])?,
+        let n = match (used, reached_file) {
+            (_, true) => writer.write_before_file(used)?,
+            ([one], false) => writer.write(one)?,
+            _ => writer.write_vectored(used)?,
         };
         Ok((n, offered))
     }
@@ -277,24 +286,14 @@ impl OutboundQueue {
         if let Some(Chunk::File(region)) = self.chunks.front_mut() {
             let take = (region.remaining as usize).min(max);
             let mut buf = vec![0u8; take];
-            let mut filled = 0;
-            while filled < take {
-                match region
-                    .file
-                    .read_at(&mut buf[filled..], region.offset + filled as u64)
-                {
-                    Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    Ok(n) => filled += n,
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Err(err),
-                }
-            }
-            region.offset += take as u64;
-            region.remaining -= take as u64;
+            // A file that shrank under us ends in `UnexpectedEof`: the length cannot be kept.
+            region.file.read_exact_at(&mut buf, region.offset)?;
+            region.offset = region.offset.saturating_add(take as u64);
+            region.remaining = region.remaining.saturating_sub(take as u64);
             if region.remaining == 0 {
                 self.chunks.pop_front();
             }
-            self.file_len -= take;
+            self.file_len = self.file_len.saturating_sub(take);
             self.chunks.push_front(Chunk::Data(Bytes::from(buf)));
         }
         Ok(match self.chunks.front() {
@@ -305,26 +304,26 @@ impl OutboundQueue {
 
     /// Drops the first `n` queued bytes (they were written).
     pub(crate) fn consume(&mut self, mut n: usize) {
-        self.len -= n;
+        self.len = self.len.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
-                self.staging.advance(n);
+                self.staging.advance(n.min(self.staging.len()));
                 break;
             };
             let front_len = front.len();
-            if n >= front_len {
-                n -= front_len;
+            if let Some(rest) = n.checked_sub(front_len) {
+                n = rest;
                 if let Chunk::File(_) = front {
-                    self.file_len -= front_len;
+                    self.file_len = self.file_len.saturating_sub(front_len);
                 }
                 self.chunks.pop_front();
             } else {
                 match front {
                     Chunk::Data(bytes) => bytes.advance(n),
                     Chunk::File(region) => {
-                        region.offset += n as u64;
-                        region.remaining -= n as u64;
-                        self.file_len -= n;
+                        region.offset = region.offset.saturating_add(n as u64);
+                        region.remaining = region.remaining.saturating_sub(n as u64);
+                        self.file_len = self.file_len.saturating_sub(n);
                     }
                 }
                 n = 0;
@@ -445,6 +444,26 @@ mod tests {
         assert!(!rest.blocked);
         assert_eq!(writer.out, expected);
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn staged_bytes_wait_behind_more_chunks_than_one_writev_takes() {
+        let mut queue = OutboundQueue::default();
+        let mut expected = Vec::new();
+        for i in 0..(MAX_IOVECS as u8 + 10) {
+            queue.push_shared(Bytes::from(vec![i]));
+            expected.push(i);
+        }
+        queue.push_copy(b"staged");
+        expected.extend_from_slice(b"staged");
+        let mut writer = Trickle {
+            out: Vec::new(),
+            per_call: usize::MAX,
+            budget: usize::MAX,
+        };
+        queue.write_to(&mut writer).unwrap();
+        assert!(queue.is_empty());
+        assert_eq!(writer.out, expected);
     }
 
     #[test]

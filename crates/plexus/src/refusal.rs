@@ -2,6 +2,7 @@
 //! decides), the counters (which count per reason) and the logs.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,5 +58,34 @@ impl RefusalReason {
 impl fmt::Display for RefusalReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// One counter per refusal reason.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalCounts([AtomicU64; RefusalReason::ALL.len()]);
+
+impl RefusalCounts {
+    /// Counts one refusal for `reason`.
+    pub(crate) fn add(&self, reason: RefusalReason) {
+        // Always a counter: the array has one per discriminant.
+        if let Some(count) = self.0.get(reason as usize) {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The refusals counted for `reason`.
+    pub(crate) fn get(&self, reason: RefusalReason) -> u64 {
+        self.0
+            .get(reason as usize)
+            .map_or(0, |count| count.load(Relaxed))
+    }
+
+    /// Every reason with its count, in [`RefusalReason::ALL`] order.
+    pub(crate) fn snapshot(&self) -> Vec<(RefusalReason, u64)> {
+        RefusalReason::ALL
+            .iter()
+            .map(|&reason| (reason, self.get(reason)))
+            .collect()
     }
 }

@@ -352,7 +352,7 @@ impl ServerBuilder {
             n => n,
         };
         // Results of jobs in flight (queued + running) always fit in a loop's channel.
-        let completion_capacity = server.worker_queue + workers;
+        let completion_capacity = server.worker_queue.saturating_add(workers);
         let mut loops = Vec::with_capacity(loop_count);
         let mut handles = Vec::with_capacity(loop_count);
         for index in 0..loop_count {
@@ -412,7 +412,9 @@ impl ServerBuilder {
         admission.set_max_handshakes_per_ip(server.handshakes_per_ip());
         let mut datagram_copies = Vec::new();
         for (index, sockets) in datagram_sockets {
-            let listener = &valid.listeners[index];
+            let Some(listener) = valid.listeners.get(index) else {
+                continue;
+            };
             let dtls = match (&tls, listener.config.transport) {
                 (Some(tls), Transport::Dtls) => {
                     let psk = valid.config.tls.as_ref().map_or(&[][..], |t| &t.psk[..]);
@@ -457,8 +459,17 @@ impl ServerBuilder {
                     let name = crate::upgrade::datagram_name(&listener.config.name, ordinal);
                     datagram_copies.push((index, ordinal, name, copy));
                 }
-                loops[ordinal % loop_count]
-                    .add_datagram_socket(socket, shared.clone(), ordinal, relay)
+                // `loops` has `loop_count` (at least 1) entries.
+                let event_loop = ordinal
+                    .checked_rem(loop_count)
+                    .and_then(|at| loops.get_mut(at));
+                event_loop
+                    .map_or_else(
+                        || Err(io::Error::other("no event loop")),
+                        |event_loop| {
+                            event_loop.add_datagram_socket(socket, shared.clone(), ordinal, relay)
+                        },
+                    )
                     .map_err(|source| Error::Bind {
                         listener: listener.config.name.clone(),
                         addr: local.unwrap_or(listener.addr),
@@ -621,10 +632,10 @@ impl InheritedSockets {
                     .position(|l| Some(l.config.name.as_str()) == fd.name.as_deref()),
                 false => (position < listeners.len()).then_some(position),
             };
-            match target {
-                Some(index) if !sockets.assigned.contains_key(&index) => {
+            match target.and_then(|index| Some((index, listeners.get(index)?))) {
+                Some((index, listener)) if !sockets.assigned.contains_key(&index) => {
                     let socket = Socket::from(fd.fd);
-                    check_inherited(&socket, position, &listeners[index].config.name)?;
+                    check_inherited(&socket, position, &listener.config.name)?;
                     sockets.assigned.insert(index, (socket, fd.name));
                 }
                 _ => sockets.unused.push((position, fd.name)),
@@ -641,7 +652,7 @@ impl InheritedSockets {
         for (position, name) in &self.unused {
             tracing::warn!(
                 "socket activation: descriptor {} (name {}) matches no listener; closed",
-                position + 3,
+                position.saturating_add(3),
                 name.as_deref().unwrap_or("-")
             );
         }
@@ -658,7 +669,7 @@ fn raw_position(socket: &Socket) -> usize {
 fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(), Error> {
     let problem = |problem: DescriptorProblem| {
         Error::Inherited(InheritedError::Descriptor {
-            fd: position + 3,
+            fd: position.saturating_add(3),
             listener: listener.to_owned(),
             problem,
         })
@@ -912,11 +923,11 @@ impl Server {
         // A loop that panicked or failed lost its sessions: the process must not exit 0 (a
         // supervisor restarts a process that fails, not one that says it stopped cleanly).
         let started = threads.len();
-        let mut dead = loop_count - started;
+        let mut dead = loop_count.saturating_sub(started);
         for thread in threads {
             match thread.join() {
                 Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => dead += 1,
+                Ok(Err(_)) | Err(_) => dead = dead.saturating_add(1),
             }
         }
         if dead > 0 && result.is_ok() {

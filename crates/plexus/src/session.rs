@@ -272,15 +272,20 @@ impl SessionTable {
         let listener = session.info.listener.index;
         // Listeners added by a reload get indexes past the initial count.
         if listener >= self.members.len() {
-            self.members.resize_with(listener + 1, Slab::new);
+            self.members
+                .resize_with(listener.saturating_add(1), Slab::new);
         }
-        session.member_slot = self.members[listener].insert(key);
+        if let Some(members) = self.members.get_mut(listener) {
+            session.member_slot = members.insert(key);
+        }
         self.sessions.insert(session)
     }
 
     pub(crate) fn remove(&mut self, key: usize) -> Option<TcpSession> {
         let session = self.sessions.try_remove(key)?;
-        self.members[session.info.listener.index].remove(session.member_slot);
+        if let Some(members) = self.members.get_mut(session.info.listener.index) {
+            members.try_remove(session.member_slot);
+        }
         Some(session)
     }
 

@@ -525,12 +525,12 @@ impl Harness {
     /// as the loop does (queued in order; a reply that asks to close closes once written; a
     /// job that panics closes the session with [`CloseReason::Panic`]). Returns how many ran.
     pub fn run_jobs(&mut self) -> usize {
-        let mut ran = 0;
+        let mut ran = 0usize;
         while self.closed.is_none() {
             let Some(job) = self.work.next() else { break };
             let mut reply = Reply::default();
             let outcome = catch_unwind(AssertUnwindSafe(|| job(&mut reply)));
-            ran += 1;
+            ran = ran.saturating_add(1);
             self.work.finished();
             match outcome {
                 Err(_) => {
@@ -643,11 +643,11 @@ impl Harness {
     /// Runs the loop's consequences of the current state until nothing more happens: a
     /// close that is due, an `on_drain` that is due, bytes that may be read.
     fn settle(&mut self) {
-        let mut drains = 0;
+        let mut drains = 0usize;
         if self.datagram {
             while self.closed.is_none() && self.drain_due && drains < MAX_DRAINS_PER_STEP {
                 self.drain_due = false;
-                drains += 1;
+                drains = drains.saturating_add(1);
                 self.callback(|handler, session| handler.on_drain(session));
             }
             return;
@@ -668,7 +668,7 @@ impl Harness {
             }
             if self.drain_due && drains < MAX_DRAINS_PER_STEP {
                 self.drain_due = false;
-                drains += 1;
+                drains = drains.saturating_add(1);
                 self.callback(|handler, session| handler.on_drain(session));
                 continue;
             }

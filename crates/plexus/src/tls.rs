@@ -183,7 +183,7 @@ impl TlsContext {
     /// the current ones (`session_tickets` is not changed: that needs a restart).
     pub(crate) fn reload_from(&self, config: Option<&TlsConfig>) -> Result<usize, TlsError> {
         let set = load_certificates(config, &self.provider)?;
-        let count = 1 + set.by_name.len();
+        let count = set.by_name.len().saturating_add(1);
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = config.cloned();
         *self
             .resolver
@@ -281,7 +281,7 @@ fn load_pair(
     info!(
         "tls certificate loaded cert={} sha256={}",
         cert_path.display(),
-        fingerprint(&certified.cert[0])
+        certified.cert.first().map_or_else(String::new, fingerprint)
     );
     Ok((Arc::new(certified), key))
 }
@@ -307,7 +307,7 @@ fn ephemeral(
     info!(
         "tls: no [tls] cert configured; using an ephemeral self-signed certificate for {} sha256={}",
         EPHEMERAL_NAMES.join(", "),
-        fingerprint(&certified.cert[0])
+        certified.cert.first().map_or_else(String::new, fingerprint)
     );
     Ok((Arc::new(certified), key))
 }

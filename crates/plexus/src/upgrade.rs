@@ -238,7 +238,8 @@ impl InProgress {
             match self.channel.read(&mut buf) {
                 Ok(0) => return ChannelState::Closed,
                 Ok(n) => {
-                    self.received.extend_from_slice(&buf[..n]);
+                    self.received
+                        .extend_from_slice(buf.get(..n).unwrap_or_default());
                     if self.received.starts_with(READY) {
                         return ChannelState::Ready;
                     }
@@ -258,7 +259,7 @@ impl InProgress {
     /// Kills the new process (if it still runs) and describes how it ended. A process whose
     /// channel just closed is given a moment to exit on its own, so its status is its own.
     pub(crate) fn abandon(&mut self, grace: Duration) -> String {
-        let until = Instant::now() + grace;
+        let until = plexus_proto::deadline_after(Instant::now(), grace);
         while Instant::now() < until {
             match self.child.try_wait() {
                 Ok(Some(status)) => return status.to_string(),
@@ -330,7 +331,7 @@ pub(crate) fn spawn(
         channel: mio::net::UnixStream::from_std(ours),
         go,
         started: now,
-        deadline: now + options.timeout,
+        deadline: plexus_proto::deadline_after(now, options.timeout),
         received: Vec::new(),
         relays,
     })
@@ -370,7 +371,7 @@ impl Takeover {
         loop {
             match self.channel.read(&mut buf) {
                 Ok(0) => return true,
-                Ok(n) if buf[..n].contains(&b'\n') => return true,
+                Ok(n) if buf.get(..n).is_some_and(|read| read.contains(&b'\n')) => return true,
                 Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}

@@ -59,7 +59,9 @@ pub(crate) struct WorkQueue {
 impl WorkQueue {
     /// Jobs queued and not yet finished (waiting + the one on the pool).
     pub(crate) fn len(&self) -> usize {
-        self.waiting.len() + usize::from(self.in_flight)
+        self.waiting
+            .len()
+            .saturating_add(usize::from(self.in_flight))
     }
 
     /// No job waiting or running.
@@ -144,7 +146,7 @@ impl PoolWaiters {
             });
         }
         if self.next_retry.is_none() {
-            self.next_retry = Some(now + self.backoff);
+            self.next_retry = Some(plexus_proto::deadline_after(now, self.backoff));
         }
     }
 
@@ -168,8 +170,8 @@ impl PoolWaiters {
     pub(crate) fn keep(&mut self, waiter: PoolWaiter, now: Instant) {
         self.waiting.push(waiter);
         if self.next_retry.is_none() {
-            self.backoff = (self.backoff * 2).min(RETRY_MAX);
-            self.next_retry = Some(now + self.backoff);
+            self.backoff = self.backoff.saturating_mul(2).min(RETRY_MAX);
+            self.next_retry = Some(plexus_proto::deadline_after(now, self.backoff));
         }
     }
 
@@ -304,7 +306,10 @@ fn work(queue: &Receiver<Task>, sinks: &[CompletionSink], stats: &PoolStats) {
                 None
             }
         };
-        let sink = &sinks[origin.event_loop];
+        let Some(sink) = sinks.get(origin.event_loop) else {
+            // No such loop: nobody waits for the result.
+            return;
+        };
         // Completions are bounded by the jobs in flight (queue + workers), and each loop's
         // channel is sized for that, so this send does not block in practice; it fails only
         // when the loop is gone, and then nobody waits for the result.

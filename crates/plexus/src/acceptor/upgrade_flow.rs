@@ -104,7 +104,7 @@ impl Acceptor {
                     channel,
                     parent,
                     started: now,
-                    deadline: now + upgrade::GO_TIMEOUT,
+                    deadline: plexus_proto::deadline_after(now, upgrade::GO_TIMEOUT),
                 });
             }
             Err(err) => {
@@ -305,7 +305,10 @@ impl Acceptor {
         let loops = self.loops.len().max(1);
         let mut relays: Vec<Vec<_>> = (0..loops).map(|_| Vec::new()).collect();
         for (listener, ordinal, relay) in up.relays.drain(..) {
-            relays[ordinal % loops].push((listener, ordinal, relay));
+            // Always a slot: `relays` has `loops` (at least 1) entries.
+            if let Some(slot) = relays.get_mut(ordinal.checked_rem(loops).unwrap_or(0)) {
+                slot.push((listener, ordinal, relay));
+            }
         }
         for (index, relays) in relays.into_iter().enumerate() {
             let command = Command::ReleaseDatagrams {

@@ -15,6 +15,7 @@ const fn secs(n: u64) -> Duration {
 }
 const HOUR: Duration = secs(3600);
 const DAY: Duration = secs(86_400);
+const MONTH: Duration = secs(30 * 86_400);
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -60,7 +61,7 @@ fn bounds(config: &Config) -> Vec<(String, Bound)> {
         ),
         (
             "server.idle_timeout",
-            Bound::Duration(server.idle_timeout, MS, 30 * DAY),
+            Bound::Duration(server.idle_timeout, MS, MONTH),
         ),
         (
             "server.shutdown_grace",

@@ -160,12 +160,12 @@ impl TlsTransport {
         outbound: &mut OutboundQueue,
         out: &mut impl Write,
     ) -> io::Result<Flushed> {
-        let mut written = 0;
+        let mut written = 0usize;
         loop {
             while self.conn.wants_write() {
                 match self.conn.write_tls(out) {
                     Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(n) => written += n,
+                    Ok(n) => written = written.saturating_add(n),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         return Ok(Flushed {
                             written,
@@ -183,8 +183,8 @@ impl TlsTransport {
                 });
             }
             let chunk = outbound.front(TLS_PLAINTEXT_CHUNK)?;
-            let take = chunk.len().min(TLS_PLAINTEXT_CHUNK);
-            let accepted = self.write_plaintext(&chunk[..take])?;
+            let chunk = chunk.get(..TLS_PLAINTEXT_CHUNK).unwrap_or(chunk);
+            let accepted = self.write_plaintext(chunk)?;
             if accepted == 0 {
                 return Ok(Flushed {
                     written,
