@@ -14,22 +14,21 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use plexus_proto::{deadline_after, Acl};
+use plexus_proto::deadline_after;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
-use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, RefusalReason};
 use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
-use crate::forward::ForwardTarget;
+use crate::listen::{self, BoundListener};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader};
-use crate::service::{ListenerInfo, Service, SessionId, SessionInfo};
+use crate::service::{SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
 mod upgrade_flow;
@@ -44,55 +43,6 @@ const ACCEPT_BUDGET: usize = 64;
 const SHED_BUDGET: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// Socket options applied to each accepted connection.
-#[derive(Debug, Clone)]
-pub(crate) struct SocketOptions {
-    pub(crate) nodelay: bool,
-    pub(crate) recv_buffer: usize,
-    pub(crate) send_buffer: usize,
-    pub(crate) keepalive: Option<Duration>,
-    pub(crate) linger: Option<Duration>,
-}
-
-impl SocketOptions {
-    fn apply(&self, stream: &TcpStream) -> io::Result<()> {
-        stream.set_nodelay(self.nodelay)?;
-        let socket = SockRef::from(stream);
-        if self.recv_buffer > 0 {
-            socket.set_recv_buffer_size(self.recv_buffer)?;
-        }
-        if self.send_buffer > 0 {
-            socket.set_send_buffer_size(self.send_buffer)?;
-        }
-        if let Some(idle) = self.keepalive {
-            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
-        }
-        if let Some(linger) = self.linger {
-            socket.set_linger(Some(linger))?;
-        }
-        Ok(())
-    }
-}
-
-/// A bound TCP listener and what its sessions need.
-pub(crate) struct BoundListener {
-    pub(crate) socket: TcpListener,
-    pub(crate) local: SocketAddr,
-    pub(crate) info: Arc<ListenerInfo>,
-    pub(crate) service: Arc<dyn Service>,
-    pub(crate) acl: Arc<Acl>,
-    /// For `proxy_protocol` listeners: the sources trusted to send a PROXY header.
-    pub(crate) proxy_trusted: Option<Acl>,
-    pub(crate) options: SocketOptions,
-    /// The rustls configuration of a tls listener.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// Where a forward listener relays to.
-    pub(crate) forward: Option<ForwardTarget>,
-    /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`
-    /// (start with `true`: connections may be waiting before the first edge).
-    pub(crate) ready: bool,
-}
 
 /// A request to stop, from a signal or a [`crate::ServerHandle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -571,7 +521,7 @@ impl Acceptor {
         );
         self.admission
             .set_max_handshakes_per_ip(server.handshakes_per_ip());
-        let limits = crate::server::session_limits(server);
+        let limits = listen::session_limits(server);
         for (index, handle) in self.loops.iter().enumerate() {
             if handle.send(Command::SetLimits(limits.clone())).is_err() {
                 warn!(
@@ -604,10 +554,7 @@ impl Acceptor {
         new: &ValidConfig,
         services: &crate::registry::ServiceRegistry,
     ) -> bool {
-        let needs_tls = new
-            .listeners
-            .iter()
-            .any(|l| crate::server::needs_tls(l, services));
+        let needs_tls = new.listeners.iter().any(|l| listen::needs_tls(l, services));
         match &self.tls {
             Some(tls) if tls.has_files() || running.config.tls != new.config.tls => {
                 match tls.reload_from(new.config.tls.as_ref()) {
@@ -656,8 +603,8 @@ impl Acceptor {
         };
         listener.acl = Arc::new(new.acl.clone());
         listener.proxy_trusted = new.proxy_trusted.clone();
-        listener.options = crate::server::socket_options(&new.config);
-        listener.forward = crate::server::forward_target(new);
+        listener.options = listen::socket_options(&new.config);
+        listener.forward = listen::forward_target(new);
         if listener.tls.is_some() {
             listener.tls = tls;
         }
@@ -670,7 +617,7 @@ impl Acceptor {
         reloader: &Reloader,
         handshake_timeout: Duration,
     ) -> Result<(), crate::Error> {
-        let service = crate::server::listener_service(
+        let service = listen::listener_service(
             new,
             &reloader.services,
             self.tls.as_ref(),
@@ -678,7 +625,7 @@ impl Acceptor {
         )?;
         let tls = self.tls_config_for(new)?;
         let index = self.next_listener_index;
-        let mut listener = crate::server::bind(index, new, service, tls, None)?;
+        let mut listener = listen::bind(index, new, service, tls, None)?;
         self.poll
             .registry()
             .register(&mut listener.socket, Token(index), Interest::READABLE)

@@ -12,9 +12,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use crate::metrics::{family, sample, MetricsSnapshot};
+use crate::prometheus::{family, sample};
 use crate::refusal::{RefusalCounts, RefusalReason};
 
 /// Single-writer shards per listener (one per event loop); loops beyond share one more.
@@ -125,19 +125,6 @@ pub struct ReloadOutcome {
     pub ok: bool,
     /// What the log said about it.
     pub message: String,
-}
-
-/// The server as a status page shows it: the counters, with the facts around them.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ServerStatus {
-    /// The counters, per listener and per event loop included.
-    pub metrics: MetricsSnapshot,
-    /// How long the server has run.
-    pub uptime: Duration,
-    /// Where the configuration came from: a file path, or `<embedded default>`.
-    pub config_source: String,
-    /// How the last reload (SIGHUP) ended, if there was one.
-    pub last_reload: Option<ReloadOutcome>,
 }
 
 /// Facts about the process and its listeners, alongside the counters.

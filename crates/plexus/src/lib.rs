@@ -59,6 +59,7 @@ mod connection;
 mod datagram;
 mod datagram_admission;
 mod dtls;
+mod error;
 // why: not converted to the no-panic lints yet (being restructured into connection stages);
 // the crate enables no other restriction lint.
 #[allow(clippy::restriction)]
@@ -69,15 +70,12 @@ mod event_loop;
 mod forward;
 pub mod framing;
 mod idle_order;
+mod listen;
 mod log_throttle;
 mod loop_local;
 mod metrics;
 mod outbound;
-pub mod prometheus {
-    //! Writers for the Prometheus text exposition format, so that a service's own counters
-    //! join the server's on one `/metrics` page, with the same `plexus_` prefix and escaping.
-    pub use crate::metrics::{family, sample};
-}
+pub mod prometheus;
 pub mod protocol_group;
 mod refusal;
 mod registry;
@@ -93,15 +91,16 @@ pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
-pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome, ServerStatus};
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
+pub use error::Error;
 pub use log_throttle::LogThrottle;
 pub use loop_local::LoopLocal;
-pub use metrics::MetricsSnapshot;
+pub use metrics::{MetricsSnapshot, ServerStatus};
 pub use protocol_group::{Detection, Detector, ProtocolGroup, ProtocolGroupBuilder};
 pub use registry::{BoxError, ListenerContext, ServiceFactory};
-pub use server::{Error, Server, ServerBuilder, ServerHandle};
+pub use server::{Server, ServerBuilder, ServerHandle};
 pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
 pub use tls::TlsError;
 pub use upgrade::{Handover, UpgradeOptions};

@@ -5,8 +5,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
-use crate::breakdown::{self, ListenerInfo, ListenerSnapshot, LoopSnapshot, ServerFacts};
+use crate::breakdown::{
+    self, ListenerInfo, ListenerSnapshot, LoopSnapshot, ReloadOutcome, ServerFacts,
+};
+use crate::prometheus::{family, sample};
 use crate::refusal::{RefusalCounts, RefusalReason};
 use crate::worker::PoolStats;
 
@@ -125,6 +129,19 @@ impl LoopStats {
     }
 }
 
+/// The server as a status page shows it: the counters, with the facts around them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerStatus {
+    /// The counters, per listener and per event loop included.
+    pub metrics: MetricsSnapshot,
+    /// How long the server has run.
+    pub uptime: Duration,
+    /// Where the configuration came from: a file path, or `<embedded default>`.
+    pub config_source: String,
+    /// How the last reload (SIGHUP) ended, if there was one.
+    pub last_reload: Option<ReloadOutcome>,
+}
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub(crate) struct Metrics {
@@ -147,8 +164,8 @@ impl Metrics {
     }
 
     /// The counters with the facts around them, for a status page.
-    pub(crate) fn status(&self) -> crate::breakdown::ServerStatus {
-        crate::breakdown::ServerStatus {
+    pub(crate) fn status(&self) -> ServerStatus {
+        ServerStatus {
             metrics: self.snapshot(),
             uptime: self.facts.started.elapsed(),
             config_source: self
@@ -557,43 +574,6 @@ impl MetricsSnapshot {
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
     }
-}
-
-/// Writes a metric family's `# HELP` and `# TYPE` lines (`name` without the `plexus_` prefix).
-pub fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    use std::fmt::Write;
-    let _ = writeln!(
-        out,
-        "# HELP plexus_{name} {help}\n# TYPE plexus_{name} {kind}"
-    );
-}
-
-/// Writes one sample line; label values are escaped as the format requires.
-pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64) {
-    use std::fmt::Write;
-    out.push_str("plexus_");
-    out.push_str(name);
-    if !labels.is_empty() {
-        out.push('{');
-        for (index, (key, value)) in labels.iter().enumerate() {
-            if index > 0 {
-                out.push(',');
-            }
-            out.push_str(key);
-            out.push_str("=\"");
-            for c in value.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
-            out.push('"');
-        }
-        out.push('}');
-    }
-    let _ = writeln!(out, " {value}");
 }
 
 #[cfg(test)]

@@ -7,128 +7,28 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread;
 
-use mio::net::TcpListener;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
-use crate::acceptor::{Acceptor, BoundListener, Control, SocketOptions, StopRequest};
+use crate::acceptor::{Acceptor, Control, StopRequest};
 use crate::admission::Admission;
 use crate::breakdown::ListenerEntry;
-use crate::config::{Config, ConfigError, ServerConfig, Transport, ValidConfig, ValidListener};
+use crate::config::{Config, ConfigError, Transport, ValidConfig, ValidListener};
 use crate::datagram::DatagramListener;
 use crate::datagram_admission::{DatagramCaps, ListenerCap};
-use crate::dtls::{DtlsContext, DtlsError};
-use crate::event_loop::{EventLoop, ExitSignal, LoopHandle, SessionLimits};
-use crate::forward::{Forward, ForwardTarget};
+use crate::dtls::DtlsContext;
+use crate::error::{DescriptorProblem, Error, InheritedError};
+use crate::event_loop::{EventLoop, ExitSignal, LoopHandle};
+use crate::forward::Forward;
+use crate::listen::{bind, listener_service, needs_tls, session_limits};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::registry::{ServiceFactory, ServiceLookupError, ServiceRegistry};
+use crate::registry::{ServiceFactory, ServiceRegistry};
 use crate::reload::{ReloadSource, Reloader};
 use crate::service::{ListenerInfo, Service};
-use crate::tls::{TlsContext, TlsError};
+use crate::tls::TlsContext;
 use crate::upgrade::{Handover, UpgradeOptions};
 use crate::worker::WorkerPool;
 use plexus_sys::pidfile::PidFile;
-
-/// Why a server could not be built or run.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The configuration is invalid.
-    #[error("{0}")]
-    Config(#[from] ConfigError),
-    /// A [`ServiceFactory`] could not build a listener's service.
-    #[error("listener '{listener}': cannot build its service: {source}")]
-    Service {
-        /// The listener's name.
-        listener: String,
-        /// What the factory said.
-        source: crate::registry::BoxError,
-    },
-    /// A listener could not be bound.
-    #[error("listener '{listener}': cannot listen on {addr}: {source}")]
-    Bind {
-        /// The listener's name.
-        listener: String,
-        /// The address it was to bind.
-        addr: SocketAddr,
-        /// What the operating system said.
-        source: io::Error,
-    },
-    /// TLS certificates could not be loaded or generated.
-    #[error("tls: {0}")]
-    Tls(#[from] TlsError),
-    /// The DTLS (OpenSSL) context could not be built.
-    #[error("{0}")]
-    Dtls(#[from] DtlsError),
-    /// An inherited descriptor (systemd socket activation, or a binary upgrade) could not be
-    /// used.
-    #[error("socket activation: {0}")]
-    Inherited(#[from] InheritedError),
-    /// The [`ServerBuilder::after_bind`] hook failed (e.g. privileges could not be dropped).
-    #[error("{0}")]
-    AfterBind(Box<dyn std::error::Error + Send + Sync>),
-    /// Event loops died while the server ran (a panic, or an error from the poll instance):
-    /// their sessions were lost and the server stopped.
-    #[error("{dead} event loop(s) died (see the log); the server stopped")]
-    LoopDied {
-        /// How many loops died.
-        dead: usize,
-    },
-    /// A runtime resource (poll instance, thread) could not be created.
-    #[error("{what}: {source}")]
-    Runtime {
-        /// What was being created.
-        what: &'static str,
-        /// What the operating system said.
-        source: io::Error,
-    },
-}
-
-/// Why the descriptors passed by a service manager (or an upgrading process) cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum InheritedError {
-    /// `LISTEN_FDS` / `LISTEN_PID` / `LISTEN_FDNAMES` could not be read.
-    #[error("{0}")]
-    Environment(io::Error),
-    /// A passed descriptor is not what a listener can adopt.
-    #[error("descriptor {fd} for listener '{listener}' {problem}")]
-    Descriptor {
-        /// The descriptor number.
-        fd: usize,
-        /// The listener it was meant for.
-        listener: String,
-        /// What is wrong with it.
-        problem: DescriptorProblem,
-    },
-}
-
-/// What is wrong with a passed descriptor.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum DescriptorProblem {
-    /// It is a socket, but not a stream socket.
-    #[error("is not a stream socket")]
-    NotStream,
-    /// It is not a socket at all.
-    #[error("is not a socket: {0}")]
-    NotASocket(io::Error),
-    /// It is not bound to an IPv4/IPv6 address.
-    #[error("is not an IPv4/IPv6 socket")]
-    NotInet,
-    /// It is not listening.
-    #[error("is not listening")]
-    NotListening,
-    /// Whether it listens cannot be told.
-    #[error("cannot be inspected: {0}")]
-    Uninspectable(io::Error),
-}
-
-impl Error {
-    fn runtime(what: &'static str) -> impl FnOnce(io::Error) -> Error {
-        move |source| Error::Runtime { what, source }
-    }
-}
 
 /// What [`ServerBuilder::after_bind`] runs.
 type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
@@ -688,141 +588,6 @@ fn check_inherited(socket: &Socket, position: usize, listener: &str) -> Result<(
         Ok(false) => Err(problem(DescriptorProblem::NotListening)),
         Err(err) => Err(problem(DescriptorProblem::Uninspectable(err))),
     }
-}
-
-/// Whether a listener needs the TLS context: a tls or dtls listener, or a plain one whose
-/// service factory detects and terminates TLS itself.
-pub(crate) fn needs_tls(listener: &ValidListener, services: &ServiceRegistry) -> bool {
-    matches!(listener.config.transport, Transport::Tls | Transport::Dtls)
-        || services.uses_tls(listener)
-}
-
-/// The service of one listener: the registered one, or the one its factory builds (given the
-/// listener's TLS configuration when the factory detects TLS on a plain listener).
-pub(crate) fn listener_service(
-    listener: &ValidListener,
-    services: &ServiceRegistry,
-    tls: Option<&Arc<TlsContext>>,
-    handshake_timeout: std::time::Duration,
-) -> Result<Arc<dyn Service>, Error> {
-    let detect_tls = match tls {
-        Some(tls) if services.uses_tls(listener) => Some(tls.server_config(&listener.config.alpn)?),
-        _ => None,
-    };
-    services
-        .for_listener(listener, detect_tls, handshake_timeout)
-        .map_err(|err| match err {
-            ServiceLookupError::Unknown(name) => Error::Config(ConfigError {
-                source: String::new(),
-                problems: vec![crate::config::Problem {
-                    key: "service".into(),
-                    message: format!("unknown service '{name}'"),
-                }],
-            }),
-            ServiceLookupError::Factory(source) => Error::Service {
-                listener: listener.config.name.clone(),
-                source,
-            },
-        })
-}
-
-/// The limits event loops apply to sessions, from `[server]`.
-pub(crate) fn session_limits(server: &ServerConfig) -> SessionLimits {
-    SessionLimits {
-        idle_timeout: server.idle_timeout,
-        handshake_timeout: server.handshake_timeout,
-        high_watermark: server.outbound_high_watermark,
-        low_watermark: server.outbound_low_watermark,
-        outbound_limit: server.outbound_limit,
-        work_limit: server.worker_session_limit,
-    }
-}
-
-/// Binds (or adopts, when `inherited`) one listener's socket; `index` is its stable identity.
-pub(crate) fn bind(
-    index: usize,
-    listener: &ValidListener,
-    service: Arc<dyn Service>,
-    tls: Option<Arc<rustls::ServerConfig>>,
-    inherited: Option<Socket>,
-) -> Result<BoundListener, Error> {
-    let config = &listener.config;
-    let addr = listener.addr;
-    let bind_error = |source| Error::Bind {
-        listener: config.name.clone(),
-        addr,
-        source,
-    };
-    let socket = match inherited {
-        Some(socket) => {
-            socket.set_nonblocking(true).map_err(bind_error)?;
-            let local = socket.local_addr().ok().and_then(|a| a.as_socket());
-            if local.is_some_and(|local| addr.port() != 0 && local != addr) {
-                tracing::warn!(
-                    "listener '{}': the inherited socket is bound to {}, not to the configured {addr}",
-                    config.name,
-                    local.map_or_else(String::new, |l| l.to_string()),
-                );
-            }
-            info!(listener = %config.name, "using the socket passed by the service manager (or the upgrading process)");
-            socket
-        }
-        None => {
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
-                .map_err(bind_error)?;
-            socket.set_reuse_address(true).map_err(bind_error)?;
-            if config.reuse_port {
-                socket.set_reuse_port(true).map_err(bind_error)?;
-            }
-            if addr.is_ipv6() {
-                socket.set_only_v6(true).map_err(bind_error)?;
-            }
-            socket.set_nonblocking(true).map_err(bind_error)?;
-            socket.bind(&addr.into()).map_err(bind_error)?;
-            socket
-                .listen(config.backlog.min(i32::MAX as u32) as i32)
-                .map_err(bind_error)?;
-            socket
-        }
-    };
-    let std_listener: std::net::TcpListener = socket.into();
-    let local = std_listener.local_addr().map_err(bind_error)?;
-    let info = Arc::new(ListenerInfo {
-        index,
-        name: config.name.as_str().into(),
-        stats: Default::default(),
-    });
-    Ok(BoundListener {
-        socket: TcpListener::from_std(std_listener),
-        local,
-        info,
-        service,
-        acl: Arc::new(listener.acl.clone()),
-        proxy_trusted: listener.proxy_trusted.clone(),
-        options: socket_options(config),
-        tls,
-        forward: forward_target(listener),
-        ready: true,
-    })
-}
-
-/// The options applied to each connection a listener accepts.
-pub(crate) fn socket_options(config: &crate::config::ListenerConfig) -> SocketOptions {
-    SocketOptions {
-        nodelay: config.tcp_nodelay,
-        recv_buffer: config.recv_buffer,
-        send_buffer: config.send_buffer,
-        keepalive: config.keepalive,
-        linger: config.linger,
-    }
-}
-
-/// Where a forward listener relays to.
-pub(crate) fn forward_target(listener: &ValidListener) -> Option<ForwardTarget> {
-    listener.upstream.map(|upstream| ForwardTarget {
-        upstream,
-        splice: listener.config.splice,
-    })
 }
 
 /// A server with its listeners bound, ready to [`run`](Server::run).

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::breakdown::ServerStatus;
 use crate::loop_local::{LoopLocal, LoopLocals};
+use crate::metrics::ServerStatus;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbound::OutboundQueue;
 use crate::worker::{Reply, WorkQueue};
