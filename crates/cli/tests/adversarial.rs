@@ -32,13 +32,12 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use openssl::ssl::{ErrorCode, SslConnector, SslMethod, SslOptions, SslStream, SslVerifyMode};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 use socket2::SockRef;
 
 use common::*;
+use plexus_testkit::accept_any_cert_config;
 
 /// Where every healthy client connects from (no attack uses it).
 const HEALTHY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 99, 0, 1));
@@ -358,67 +357,6 @@ fn message(prefix: &str, seq: u64, len: usize) -> Vec<u8> {
 
 type Tls = rustls::StreamOwned<ClientConnection, TcpStream>;
 
-/// Accepts any server certificate (the server's is ephemeral); signatures are still checked.
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A rustls client configuration that accepts the server's (ephemeral) certificate.
-fn tls_config() -> Arc<ClientConfig> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
-    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
-    Arc::new(config)
-}
-
 /// A TCP connection from `from` with the harness's timeouts.
 fn tcp_from(from: IpAddr, addr: SocketAddr) -> io::Result<TcpStream> {
     connect_socket(addr, Some(from), None)
@@ -489,7 +427,7 @@ impl EchoClient {
     }
 
     fn tls(addr: SocketAddr) -> EchoClient {
-        EchoClient::new(addr, Some(tls_config()), "tls")
+        EchoClient::new(addr, Some(accept_any_cert_config()), "tls")
     }
 
     /// On an `auto` listener: the first byte (`#`) is neither TLS, HTTP nor PROXY, so echo.
@@ -795,7 +733,7 @@ impl HttpClient {
     fn new(addr: SocketAddr, tls: bool) -> HttpClient {
         HttpClient {
             addr,
-            tls: tls.then(tls_config),
+            tls: tls.then(accept_any_cert_config),
             conn: None,
             seq: 0,
         }
@@ -1040,7 +978,7 @@ fn reset_on_drop(s: &TcpStream) {
 /// The first flight of a rustls client (its ClientHello record).
 fn client_hello() -> Vec<u8> {
     let name = ServerName::try_from("localhost").expect("server name");
-    let mut conn = ClientConnection::new(tls_config(), name).expect("client");
+    let mut conn = ClientConnection::new(accept_any_cert_config(), name).expect("client");
     let mut out = Vec::new();
     while conn.wants_write() {
         conn.write_tls(&mut out).expect("ClientHello to memory");
@@ -1099,7 +1037,7 @@ fn slowloris() {
         ];
         let https = fx.addr("https");
         let tls_dribbled = swarm(3, move |i, deadline| {
-            let config = tls_config();
+            let config = accept_any_cert_config();
             let mut socks: Vec<Tls> = (0..10)
                 .filter_map(|_| tls_from(ATTACK_IPS[3], https, &config).ok())
                 .collect();
@@ -1452,7 +1390,7 @@ fn rst_storms() {
         let resets = swarm(3, move |i, deadline| {
             let from = attacker(i);
             let hello = client_hello();
-            let config = tls_config();
+            let config = accept_any_cert_config();
             let mut n = 0u64;
             let mut k = 0usize;
             while Instant::now() < deadline {
@@ -1513,7 +1451,7 @@ fn half_open_connections() {
         let opened = Arc::clone(&total);
         let closed = swarm(3, move |i, deadline| {
             let from = attacker(i);
-            let config = tls_config();
+            let config = accept_any_cert_config();
             let mut socks = Vec::new();
             for (name, addr) in &targets {
                 for _ in 0..5 {
@@ -1592,7 +1530,7 @@ fn slow_readers() {
         });
         let read = swarm(3, move |i, deadline| {
             let from = attacker(i);
-            let config = tls_config();
+            let config = accept_any_cert_config();
             let mut readers: Vec<SlowReader> = Vec::new();
             for (name, addr) in &targets {
                 for _ in 0..3 {
@@ -1748,7 +1686,7 @@ fn garbage_tls_records_after_handshake() {
         });
         let sent = swarm(3, move |i, deadline| {
             let from = attacker(i);
-            let config = tls_config();
+            let config = accept_any_cert_config();
             let mut n = 0u64;
             while Instant::now() < deadline {
                 n += 1;

@@ -17,15 +17,15 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{
-    ClientConfig, ClientConnection, DigitallySignedStruct, HandshakeKind, ProtocolVersion,
-    RootCertStore, SignatureScheme, StreamOwned, SupportedProtocolVersion,
+    ClientConfig, ClientConnection, HandshakeKind, ProtocolVersion, RootCertStore, StreamOwned,
+    SupportedProtocolVersion,
 };
 
 use common::*;
+use plexus_testkit::accept_any_cert_config;
 
 /// A client TLS stream over a blocking socket (with the harness's read/write timeouts).
 type Tls = StreamOwned<ClientConnection, TcpStream>;
@@ -155,68 +155,6 @@ fn client_config(
         .with_root_certificates(store)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Arc::new(config)
-}
-
-/// A verifier that accepts any certificate (for the ephemeral certificate, whose issuer the
-/// test does not know in advance). Signatures are still checked.
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// A client config that accepts any server certificate.
-fn accept_any_config() -> Arc<ClientConfig> {
-    let provider = provider();
-    let config = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(BOTH)
-        .expect("protocol versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
-        .with_no_client_auth();
     Arc::new(config)
 }
 
@@ -1133,7 +1071,7 @@ fn sni_selects_certificate() {
     assert_tls_echo(&mut no_sni, b"no sni\n");
 
     // A name with no entry gets the default.
-    let mut unknown = tls_connect(addr, &accept_any_config(), "unknown.test");
+    let mut unknown = tls_connect(addr, &accept_any_cert_config(), "unknown.test");
     assert_eq!(leaf(&unknown), a.der, "SNI unknown.test gets the default");
     assert_tls_echo(&mut unknown, b"unknown.test\n");
 }
@@ -1154,7 +1092,7 @@ fn ephemeral_certificate_fingerprint() {
     let logged = parse_fingerprint(&line)
         .unwrap_or_else(|| panic!("no SHA-256 fingerprint (64 hex digits) in: {line}"));
 
-    let mut s = tls_connect(addr, &accept_any_config(), "localhost");
+    let mut s = tls_connect(addr, &accept_any_cert_config(), "localhost");
     assert_tls_echo(&mut s, b"ephemeral\n");
     let der = leaf(&s);
     let actual = sha256_hex(der.as_ref());

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use plexus_testkit::{curl, read_until, through_openssl};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -133,25 +135,6 @@ fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
-/// Reads until `expected` has arrived (bounded), returns what arrived.
-fn read_until(stream: &mut impl Read, expected: &[u8]) -> Vec<u8> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !contains(&got, expected) && Instant::now() < deadline {
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    got
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-/// A binary frame: `0xB7`, the big-endian u16 length, the payload.
 fn frame(payload: &[u8]) -> Vec<u8> {
     let len = u16::try_from(payload.len()).expect("short payload");
     let mut out = vec![0xB7];
@@ -174,69 +157,22 @@ fn assert_line_and_binary_over_tcp(addr: SocketAddr) {
     lines
         .write_all(b"hello, group\nsecond line\n")
         .expect("write");
-    let got = read_until(&mut lines, b"SECOND LINE\n");
+    let got = read_until(&mut lines, b"SECOND LINE\n", IO_TIMEOUT);
     assert_eq!(got, b"HELLO, GROUP\nSECOND LINE\n");
 
     let (request, expected) = binary_exchange();
     let mut binary = connect(addr);
     binary.write_all(&request).expect("write");
-    assert_eq!(read_until(&mut binary, &expected), expected);
+    assert_eq!(read_until(&mut binary, &expected, IO_TIMEOUT), expected);
 
     // HTTP by hand (through the relay: one byte at a time).
     let mut http = connect(addr);
     http.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .expect("write");
-    let got = String::from_utf8_lossy(&read_until(&mut http, b"\r\n\r\nok")).into_owned();
+    let got =
+        String::from_utf8_lossy(&read_until(&mut http, b"\r\n\r\nok", IO_TIMEOUT)).into_owned();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     assert!(got.ends_with("\r\n\r\nok"), "{got}");
-}
-
-fn curl(args: &[&str]) -> (i32, String) {
-    let out = Command::new("curl")
-        .args(["--max-time", "30", "-sS"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("curl is installed");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-/// Sends `input` through `openssl s_client -quiet` to `addr` (one byte per write when
-/// `dribble`) and returns what came back once `expected` arrived (bounded).
-fn through_openssl(addr: SocketAddr, input: &[u8], expected: &[u8], dribble: bool) -> Vec<u8> {
-    let mut child = Command::new("openssl")
-        .args(["s_client", "-quiet", "-connect", &addr.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl is installed");
-    let mut stdin = child.stdin.take().expect("piped");
-    let mut stdout = child.stdout.take().expect("piped");
-    let expected_owned = expected.to_vec();
-    let reader = thread::spawn(move || read_until(&mut stdout, &expected_owned));
-    if dribble {
-        for byte in input {
-            stdin.write_all(&[*byte]).expect("write to openssl");
-            stdin.flush().expect("flush");
-            thread::sleep(Duration::from_millis(5));
-        }
-    } else {
-        stdin.write_all(input).expect("write to openssl");
-        stdin.flush().expect("flush");
-    }
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(reader.join());
-    });
-    let got = rx.recv_timeout(IO_TIMEOUT + Duration::from_secs(5));
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
-    got.expect("openssl answered in time").expect("reader")
 }
 
 #[test]
@@ -261,9 +197,9 @@ fn line_and_binary_protocols_inside_tls() {
     // Direct (application bytes at once or one per TLS record), and through the relay (the
     // handshake itself one byte at a time).
     for (addr, dribble) in [(example.addr, false), (example.addr, true), (relay, false)] {
-        let got = through_openssl(addr, b"inside tls\n", b"INSIDE TLS\n", dribble);
+        let got = through_openssl(addr, b"inside tls\n", b"INSIDE TLS\n", dribble, IO_TIMEOUT);
         assert_eq!(got, b"INSIDE TLS\n", "line via {addr}, dribble {dribble}");
-        let got = through_openssl(addr, &request, &expected, dribble);
+        let got = through_openssl(addr, &request, &expected, dribble, IO_TIMEOUT);
         assert_eq!(got, expected, "binary via {addr}, dribble {dribble}");
     }
     // HTTP inside TLS, its request one byte per record.
@@ -272,6 +208,7 @@ fn line_and_binary_protocols_inside_tls() {
         b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\r\n\r\nok",
         true,
+        IO_TIMEOUT,
     );
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
@@ -290,7 +227,7 @@ fn an_undecided_client_gets_the_line_protocol_when_the_time_budget_passes() {
     client
         .write_all(b"ET /healthz HTTP/1.1\r\n\r\n")
         .expect("write");
-    let got = read_until(&mut client, b"HTTP/1.1");
+    let got = read_until(&mut client, b"HTTP/1.1", IO_TIMEOUT);
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("GET /HEALTHZ HTTP/1.1"), "{got}");
 
@@ -298,6 +235,7 @@ fn an_undecided_client_gets_the_line_protocol_when_the_time_budget_passes() {
     let mut silent = connect(example.addr);
     thread::sleep(Duration::from_secs(2));
     silent.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
-    let got = String::from_utf8_lossy(&read_until(&mut silent, b"HTTP/1.1")).into_owned();
+    let got =
+        String::from_utf8_lossy(&read_until(&mut silent, b"HTTP/1.1", IO_TIMEOUT)).into_owned();
     assert!(got.starts_with("GET / HTTP/1.1"), "{got}");
 }
