@@ -465,6 +465,21 @@ impl ListenerConfig {
         }
     }
 
+    /// The ALPN protocols a TLS handshake on this listener offers, in preference order: its
+    /// `alpn` when set; otherwise `["h2", "http/1.1"]` when the listener serves HTTP (the
+    /// `http` service, or an `auto` group with `http` among its members — the built-in
+    /// `http` service speaks HTTP/2); otherwise none.
+    pub fn alpn_offered(&self) -> Vec<String> {
+        if !self.alpn.is_empty() {
+            return self.alpn.clone();
+        }
+        if self.service == "http" || self.protocols().contains(&"http") {
+            vec!["h2".into(), "http/1.1".into()]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Checks `protocols` (the key is only read with `service = "auto"`; `rules` says so).
     fn check_protocols(
         &self,

@@ -205,6 +205,8 @@ pub(crate) struct SessionExtras {
     pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
     /// A `proxy_protocol` session before its PROXY header is complete.
     pub(crate) proxy: Option<Box<ProxyWait>>,
+    /// The protocol the TLS handshake agreed by ALPN (set when the handshake completes).
+    pub(crate) alpn: Option<Box<[u8]>>,
 }
 
 /// A session waiting for its PROXY header.
@@ -414,6 +416,15 @@ impl Session<'_> {
             received,
             service,
         }));
+    }
+
+    /// The application protocol the TLS handshake agreed on by ALPN (RFC 7301), e.g. `b"h2"`
+    /// or `b"http/1.1"` — what a listener's `alpn` list offered and the client chose. `None`
+    /// on a plain session, or when the client offered no protocol the listener lists. Known
+    /// from the service's [`Service::open`] on (services are opened once the handshake
+    /// completes), also on a session an `auto` group turned into TLS.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.extras.as_deref()?.alpn.as_deref()
     }
 
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).
