@@ -597,3 +597,172 @@ fn abusive_clients_are_closed_with_the_right_code_while_a_good_one_is_served() {
     thread::sleep(Duration::from_millis(100));
     assert_served(&mut good, 13, "the zero-window readers left");
 }
+
+/// A zero-window reader's streams are reset (CANCEL) once `h2_stall_timeout` passes without
+/// progress, and counted; the connection stays up for what it asks next.
+#[test]
+fn a_stream_stalled_by_a_closed_window_is_reset_after_h2_stall_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let config = config(&root).replace(
+        "[http]\n",
+        "[http]\nh2_stall_timeout = \"300ms\"\nh2_max_concurrent_streams = 10\n",
+    );
+    let server = Server::start(&config);
+    let addr = server.addr("h2c");
+    let mut sleeper = Raw::connect(addr, &[(setting::INITIAL_WINDOW_SIZE, 0)]);
+    sleeper.get(1, "/big.bin");
+    let reset = loop {
+        let (h, payload) = sleeper.frame().expect("the connection stays open");
+        assert_ne!(h.kind, kind::DATA, "DATA into a zero window");
+        if h.kind == kind::HEADERS {
+            // Decoded to keep the HPACK table in step.
+            sleeper.decoder.decode(&payload, 1 << 20).unwrap();
+        }
+        if h.kind == kind::SETTINGS && h.flags & flag::ACK == 0 {
+            let mut ack = Vec::new();
+            frame::write_settings_ack(&mut ack);
+            sleeper.send(&ack);
+        }
+        if h.kind == kind::RST_STREAM && h.stream == 1 {
+            break ErrorCode(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+        }
+    };
+    assert_eq!(reset, ErrorCode::CANCEL);
+    // The SETTINGS advertised what the keys say.
+    let mut other = Raw::connect(addr, &[]);
+    let (h, payload) = other.frame().unwrap();
+    assert_eq!(h.kind, kind::SETTINGS);
+    let params: Vec<(u16, u32)> = payload
+        .chunks(6)
+        .map(|p| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+            )
+        })
+        .collect();
+    assert!(
+        params.contains(&(setting::MAX_CONCURRENT_STREAMS, 10)),
+        "{params:?}"
+    );
+    // Small responses still go out on the stalled connection (their window is 0 too, so a
+    // HEAD, which has no body).
+    let mut block = Vec::new();
+    sleeper.encoder.encode(
+        [
+            (&b":method"[..], &b"HEAD"[..]),
+            (b":scheme", b"http"),
+            (b":authority", b"localhost"),
+            (b":path", b"/hello.txt"),
+        ],
+        &mut block,
+    );
+    let mut out = Vec::new();
+    frame::write_headers(&mut out, 3, &block, true, 16_384);
+    sleeper.send(&out);
+    let answer = sleeper.answer(3).expect("an answer");
+    assert_eq!(answer.status.as_deref(), Some("200"));
+    assert_eq!(
+        metric(addr, "plexus_http2_streams_stalled_total "),
+        1,
+        "counted"
+    );
+}
+
+/// SIGTERM: GOAWAY (NO_ERROR, the last stream) goes out, the response in flight finishes
+/// byte-exact, a new stream is refused, and the connection then closes.
+#[test]
+fn graceful_drain_sends_goaway_and_the_stream_in_flight_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let mut server = Server::start(&config(&root).replace(
+        "idle_timeout = \"30s\"",
+        "idle_timeout = \"30s\"\nshutdown_grace = \"60s\"",
+    ));
+    let addr = server.addr("h2c");
+    let mut client = Raw::connect(addr, &[(setting::INITIAL_WINDOW_SIZE, 16_384)]);
+    client.get(1, "/big.bin");
+    // The first window's worth arrives; no WINDOW_UPDATE yet.
+    let mut body = Vec::new();
+    while body.len() < 16_384 {
+        let (h, payload) = client.frame().expect("the first DATA");
+        if h.kind == kind::SETTINGS && h.flags & flag::ACK == 0 {
+            let mut ack = Vec::new();
+            frame::write_settings_ack(&mut ack);
+            client.send(&ack);
+        }
+        if h.kind == kind::DATA && h.stream == 1 {
+            body.extend_from_slice(&payload);
+        }
+    }
+    let mark = server.log_mark();
+    server.signal("TERM");
+    // PINGs keep the connection busy (a drain closes sessions idle for 1 s) until the drain
+    // has begun.
+    while server
+        .wait_for_log(mark, Duration::from_millis(200), |l| {
+            l.contains("draining sessions")
+        })
+        .is_none()
+    {
+        let mut ping = Vec::new();
+        frame::write_ping(&mut ping, *b"waiting!", false);
+        client.send(&ping);
+    }
+    let mut ping = Vec::new();
+    frame::write_ping(&mut ping, *b"drained?", false);
+    client.send(&ping);
+    // GOAWAY arrives with NO_ERROR and last stream 1.
+    let mut goaway = None;
+    let mut refused = false;
+    let mut ended = false;
+    let mut update = Vec::new();
+    frame::write_window_update(&mut update, 0, 16_384);
+    frame::write_window_update(&mut update, 1, 16_384);
+    client.send(&update);
+    while !(ended && refused) {
+        let (h, payload) = client
+            .frame()
+            .unwrap_or_else(|| panic!("closed early: {} bytes, goaway {goaway:?}", body.len()));
+        match h.kind {
+            kind::GOAWAY => {
+                let last = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                let code = ErrorCode(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                goaway = Some((last, code));
+                // A stream opened now is refused.
+                client.get(3, "/hello.txt");
+            }
+            kind::RST_STREAM if h.stream == 3 => {
+                let code = ErrorCode(u32::from_be_bytes(payload[..4].try_into().unwrap()));
+                assert_eq!(code, ErrorCode::REFUSED_STREAM);
+                refused = true;
+            }
+            kind::HEADERS if h.stream == 3 => panic!("a stream after GOAWAY was served"),
+            kind::DATA if h.stream == 1 => {
+                body.extend_from_slice(&payload);
+                ended = h.flags & flag::END_STREAM != 0;
+                if !payload.is_empty() {
+                    let mut update = Vec::new();
+                    let n = payload.len() as u32;
+                    frame::write_window_update(&mut update, 0, n);
+                    frame::write_window_update(&mut update, 1, n);
+                    client.send(&update);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(goaway, Some((1, ErrorCode::NO_ERROR)));
+    assert!(
+        body == big(),
+        "the stream in flight differs ({} bytes)",
+        body.len()
+    );
+    assert!(
+        client.closed(),
+        "the connection closes once its streams are done"
+    );
+    let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}

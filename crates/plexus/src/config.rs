@@ -282,6 +282,16 @@ pub struct HttpConfig {
     pub status: bool,
     /// Clients allowed to see the status page (CIDRs); others get 403.
     pub status_allow: Vec<String>,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: requests one connection may have in flight.
+    pub h2_max_concurrent_streams: usize,
+    /// HTTP/2 SETTINGS_INITIAL_WINDOW_SIZE: each request body's receive window, in bytes.
+    pub h2_initial_window_size: usize,
+    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE: the largest frame payload accepted, in bytes.
+    pub h2_max_frame_size: usize,
+    /// An HTTP/2 response body that the peer's flow-control windows let nothing of out for
+    /// this long is reset (a zero-window reader holds no stream forever).
+    #[serde(with = "human_duration")]
+    pub h2_stall_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -296,6 +306,10 @@ impl Default for HttpConfig {
             file_cache_valid: Duration::from_secs(1),
             status: true,
             status_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            h2_max_concurrent_streams: 128,
+            h2_initial_window_size: 65_535,
+            h2_max_frame_size: 16_384,
+            h2_stall_timeout: Duration::from_secs(30),
         }
     }
 }

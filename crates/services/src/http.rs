@@ -1,4 +1,8 @@
-//! `http`: an HTTP/1.1 server for static files, `/healthz` and `/metrics`.
+//! `http`: an HTTP/1.1 and HTTP/2 server for static files, `/healthz` and `/metrics`.
+//!
+//! Requests are answered by a protocol-neutral core ([`Shared::respond`]: a [`Request`] in, a
+//! [`Response`] out) that HTTP/1.1 (this module's `HttpSession`) and HTTP/2 (`h2`, on the
+//! first bytes being the client preface, or ALPN `h2`) write each their own way.
 //!
 //! The protocol itself (request parsing, limits, ranges, paths, dates) is the sans-IO codec in
 //! `plexus_proto::http`; this module owns what touches the world: the document root (opened

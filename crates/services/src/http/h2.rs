@@ -20,7 +20,7 @@
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use plexus::config::HttpConfig;
@@ -57,23 +57,31 @@ const ERROR_REASONS: [&str; 9] = [
 /// and the throttle of its error log.
 pub(super) struct H2Shared {
     settings: Settings,
+    stall_timeout: Duration,
     connections: AtomicU64,
     streams: AtomicU64,
+    stalled: AtomicU64,
     errors: [AtomicU64; ERROR_REASONS.len()],
     log: Mutex<LogThrottle>,
 }
 
 impl H2Shared {
     pub(super) fn new(config: &HttpConfig) -> H2Shared {
+        let u32_of = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         let settings = Settings {
+            max_concurrent_streams: u32_of(config.h2_max_concurrent_streams),
+            initial_window_size: u32_of(config.h2_initial_window_size),
+            max_frame_size: u32_of(config.h2_max_frame_size),
             // One limit for both protocols: HTTP/2's header list is what HTTP/1.1's head is.
-            max_header_list_size: u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX),
+            max_header_list_size: u32_of(config.max_header_bytes),
             ..Settings::default()
         };
         H2Shared {
             settings,
+            stall_timeout: config.h2_stall_timeout,
             connections: AtomicU64::new(0),
             streams: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
             errors: Default::default(),
             log: Mutex::new(LogThrottle::new()),
         }
@@ -116,6 +124,19 @@ impl H2Shared {
         sample(out, "http2_streams_total", &[], self.streams.load(Relaxed));
         family(
             out,
+            "http2_streams_stalled_total",
+            "counter",
+            "HTTP/2 responses reset (CANCEL) because the peer's windows let nothing out for \
+             h2_stall_timeout.",
+        );
+        sample(
+            out,
+            "http2_streams_stalled_total",
+            &[],
+            self.stalled.load(Relaxed),
+        );
+        family(
+            out,
             "http2_connection_errors_total",
             "counter",
             "HTTP/2 connections closed with an error GOAWAY, by reason (floods past their \
@@ -156,6 +177,10 @@ pub(super) struct H2Session {
     draining: bool,
     /// The connection failed (counted and logged once); nothing more is done.
     failed: bool,
+    /// When a body last moved (or the first one was queued): for `h2_stall_timeout`.
+    last_progress: Instant,
+    /// The stall timer is set.
+    timer_armed: bool,
 }
 
 impl H2Session {
@@ -169,6 +194,8 @@ impl H2Session {
             chunk: Vec::new(),
             draining: false,
             failed: false,
+            last_progress: session.now(),
+            timer_armed: false,
         };
         h2.transmit(session);
         h2
@@ -189,7 +216,27 @@ impl H2Session {
         self.run(session);
     }
 
+    /// The stall timer: bodies that could send nothing for `h2_stall_timeout` are reset.
     pub(super) fn on_timer(&mut self, session: &mut Session<'_>) {
+        self.timer_armed = false;
+        if self.failed {
+            return;
+        }
+        let stall = self.shared.h2.stall_timeout;
+        let waited = session.now().saturating_duration_since(self.last_progress);
+        if !self.sending.is_empty() && waited >= stall {
+            let n = self.sending.len();
+            self.shared.h2.stalled.fetch_add(n as u64, Relaxed);
+            info!(
+                "http/2 responses reset peer={} listener={}: {n} stream(s) sent nothing for \
+                 h2_stall_timeout ({stall:?}): the peer's flow-control windows stayed closed",
+                session.peer(),
+                session.info().listener()
+            );
+            for sending in self.sending.drain(..) {
+                self.conn.reset(sending.stream, ErrorCode::CANCEL);
+            }
+        }
         self.run(session);
     }
 
@@ -224,11 +271,28 @@ impl H2Session {
         }
         self.pump(session);
         self.transmit(session);
+        self.update_stall_timer(session);
         if let Some(error) = self.conn.error().cloned() {
             self.failed(session, &error);
         } else if self.conn.is_closed() {
             session.close();
         }
+    }
+
+    /// While bodies wait, the stall timer runs from their last progress.
+    fn update_stall_timer(&mut self, session: &mut Session<'_>) {
+        if self.sending.is_empty() {
+            if self.timer_armed {
+                session.cancel_timer();
+                self.timer_armed = false;
+            }
+            return;
+        }
+        let waited = session.now().saturating_duration_since(self.last_progress);
+        let left = self.shared.h2.stall_timeout.saturating_sub(waited);
+        // Re-armed on each callback: the deadline moves with the last progress.
+        session.set_timer(left);
+        self.timer_armed = true;
     }
 
     /// One request: the core's response, written as HEADERS (and DATA queued).
@@ -302,6 +366,9 @@ impl H2Session {
                 left: count,
             },
         };
+        if self.sending.is_empty() {
+            self.last_progress = session.now();
+        }
         self.sending.push(Sending { stream, body });
     }
 
@@ -319,6 +386,9 @@ impl H2Session {
                 }
                 let (moved, finished) = self.send_some(session, index);
                 progressed |= moved;
+                if moved {
+                    self.last_progress = session.now();
+                }
                 if finished {
                     self.sending.swap_remove(index);
                 } else {
@@ -419,5 +489,100 @@ impl H2Session {
             }
         }
         session.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use plexus::config::HttpConfig;
+    use plexus::testing::Harness;
+    use plexus_proto::h2::frame::{self, kind, FrameHeader};
+    use plexus_proto::h2::hpack;
+
+    use crate::Http;
+
+    /// (type, stream, payload) of every frame in `bytes`.
+    fn frames(bytes: &[u8]) -> Vec<(u8, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut rest = bytes;
+        while let Some(h) = FrameHeader::parse(rest) {
+            let end = frame::HEADER_LEN + h.length as usize;
+            out.push((h.kind, h.stream, rest[frame::HEADER_LEN..end].to_vec()));
+            rest = &rest[end..];
+        }
+        assert!(rest.is_empty(), "a partial frame");
+        out
+    }
+
+    fn request(path: &str) -> Vec<u8> {
+        let mut bytes = frame::PREFACE.to_vec();
+        frame::write_settings(&mut bytes, &[]);
+        let mut block = Vec::new();
+        hpack::Encoder::new().encode(
+            [
+                (&b":method"[..], &b"GET"[..]),
+                (b":scheme", b"http"),
+                (b":path", path.as_bytes()),
+            ],
+            &mut block,
+        );
+        frame::write_headers(&mut bytes, 1, &block, true, 16_384);
+        bytes
+    }
+
+    /// The preface fed one byte at a time is still recognised (the session waits while the
+    /// bytes are a prefix of it), and `/healthz` is answered over HTTP/2.
+    #[test]
+    fn a_preface_split_into_single_bytes_switches_to_http2() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(service as _).open();
+        for byte in request("/healthz") {
+            h.receive(&[byte]);
+        }
+        let sent = frames(&h.take_sent());
+        assert_eq!(sent.first().map(|f| f.0), Some(kind::SETTINGS));
+        let headers = sent
+            .iter()
+            .find(|f| f.0 == kind::HEADERS && f.1 == 1)
+            .expect("a response");
+        let fields = hpack::Decoder::new(4096)
+            .decode(&headers.2, 1 << 16)
+            .unwrap();
+        assert_eq!(fields.fields[0].name, b":status");
+        assert_eq!(fields.fields[0].value, b"200");
+        let data: Vec<u8> = sent
+            .iter()
+            .filter(|f| f.0 == kind::DATA && f.1 == 1)
+            .flat_map(|f| f.2.clone())
+            .collect();
+        assert_eq!(data, b"ok");
+        assert!(h.closed().is_none());
+    }
+
+    /// `POST` shares the preface's first byte: HTTP/1.1 as before.
+    #[test]
+    fn a_request_line_that_starts_like_the_preface_stays_http11() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(service as _).open();
+        h.receive(b"P");
+        assert!(h.take_sent().is_empty());
+        h.receive(b"OST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        let sent = String::from_utf8(h.take_sent()).unwrap();
+        assert!(sent.starts_with("HTTP/1.1 405"), "{sent}");
+    }
+
+    /// Garbage after the preface is a connection error: GOAWAY, then the session closes.
+    #[test]
+    fn a_bad_first_frame_gets_goaway_and_a_close() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(service as _).open();
+        let mut bytes = frame::PREFACE.to_vec();
+        frame::write_ping(&mut bytes, [0; 8], false);
+        h.receive(&bytes);
+        let sent = frames(&h.take_sent());
+        assert!(sent.iter().any(|f| f.0 == kind::GOAWAY), "{sent:?}");
+        assert!(h.closed().is_some());
     }
 }
