@@ -1731,9 +1731,6 @@ fn deliver_tls_events(
                     sni = ?conn.server_name(),
                     "tls handshake complete"
                 );
-                if let Some(protocol) = conn.alpn_protocol() {
-                    session.extras.get_or_insert_with(Box::default).alpn = Some(protocol.into());
-                }
                 if let Some(service) = tls.pending_service.take() {
                     session.callback(context, |handler, handle| *handler = service.open(handle));
                 }

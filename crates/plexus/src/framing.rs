@@ -1023,6 +1023,7 @@ mod tests {
                 metrics: Some(&self.metrics),
                 now: std::time::Instant::now(),
                 locals: &mut self.locals,
+                alpn: None,
             };
             handler.on_data(&mut session, data);
         }

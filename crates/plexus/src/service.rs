@@ -205,8 +205,6 @@ pub(crate) struct SessionExtras {
     pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
     /// A `proxy_protocol` session before its PROXY header is complete.
     pub(crate) proxy: Option<Box<ProxyWait>>,
-    /// The protocol the TLS handshake agreed by ALPN (set when the handshake completes).
-    pub(crate) alpn: Option<Box<[u8]>>,
 }
 
 /// A session waiting for its PROXY header.
@@ -249,6 +247,8 @@ pub struct Session<'a> {
     pub(crate) now: Instant,
     /// The loop's per-service state ([`crate::LoopLocal`]).
     pub(crate) locals: &'a mut LoopLocals,
+    /// The protocol the TLS handshake agreed on by ALPN (read from the TLS stage).
+    pub(crate) alpn: Option<&'a [u8]>,
 }
 
 impl Session<'_> {
@@ -424,7 +424,7 @@ impl Session<'_> {
     /// from the service's [`Service::open`] on (services are opened once the handshake
     /// completes), also on a session an `auto` group turned into TLS.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
-        self.extras.as_deref()?.alpn.as_deref()
+        self.alpn
     }
 
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).

@@ -319,6 +319,9 @@ impl Service for Http {
 
 /// One connection: HTTP/1.1, or HTTP/2 once the client's preface (prior knowledge, or
 /// `auto` having recognised it) or ALPN said so.
+// The connection is itself boxed (the session's `Box<dyn SessionHandler>`): HTTP/1.1, the
+// common case, lives in it without a second allocation; HTTP/2's larger state is boxed.
+#[allow(clippy::large_enum_variant)]
 enum HttpConnection {
     /// The bytes so far are a prefix of the HTTP/2 preface (or none arrived yet).
     Sniffing {

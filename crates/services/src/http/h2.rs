@@ -561,6 +561,32 @@ mod tests {
         assert!(h.closed().is_none());
     }
 
+    /// ALPN `h2` decides at once: the server's SETTINGS go out before the client sent a byte,
+    /// and a request is answered over HTTP/2; ALPN `http/1.1` never looks for the preface.
+    #[test]
+    fn alpn_decides_the_protocol_before_any_byte_arrives() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(Arc::clone(&service) as _)
+            .alpn(b"h2")
+            .open();
+        let sent = frames(&h.take_sent());
+        assert_eq!(sent.first().map(|f| f.0), Some(kind::SETTINGS));
+        h.receive(&request("/healthz"));
+        let sent = frames(&h.take_sent());
+        assert!(
+            sent.iter().any(|f| f.0 == kind::HEADERS && f.1 == 1),
+            "{sent:?}"
+        );
+
+        let mut h1 = Harness::builder_shared(service as _)
+            .alpn(b"http/1.1")
+            .open();
+        assert!(h1.take_sent().is_empty());
+        h1.receive(&request("/healthz"));
+        let sent = String::from_utf8_lossy(&h1.take_sent()).into_owned();
+        assert!(sent.starts_with("HTTP/1.1 505"), "{sent}");
+    }
+
     /// `POST` shares the preface's first byte: HTTP/1.1 as before.
     #[test]
     fn a_request_line_that_starts_like_the_preface_stays_http11() {
