@@ -4,7 +4,8 @@
 //! that the client reopens slowly; HTTP/1.1 clients on the same listeners are unaffected, and
 //! a listener restricted to `alpn = ["http/1.1"]` negotiates HTTP/1.1. Then hand-written
 //! abusive clients (raw frames over a TcpStream): rapid reset, CONTINUATION flood, HPACK bomb,
-//! SETTINGS and PING floods, a zero-window reader — each is closed with the right GOAWAY code
+//! SETTINGS, PING and empty-DATA floods, a zero-window reader, stream ids at 2^31-1, window
+//! overflow (FLOW_CONTROL_ERROR) — each is closed with the right GOAWAY code
 //! (or limited) while a well-behaved HTTP/2 connection opened before them keeps being served,
 //! and the server's RSS stays bounded.
 //!
@@ -765,4 +766,131 @@ fn graceful_drain_sends_goaway_and_the_stream_in_flight_finishes() {
     );
     let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{status:?}");
+}
+
+/// The RST_STREAM code of a frame's payload.
+fn rst_code(payload: &[u8]) -> ErrorCode {
+    ErrorCode(u32::from_be_bytes(payload[..4].try_into().unwrap()))
+}
+
+/// Empty-DATA floods, stream-ID exhaustion and window overflow (issue 16 item 2): each
+/// abuser is closed or limited with the right code while a well-behaved connection opened
+/// before them keeps being served, and the server's RSS stays bounded.
+#[test]
+fn empty_data_floods_exhausted_stream_ids_and_window_overflows_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&config(&root));
+    let addr = server.addr("h2c");
+    let rss_before = rss_kib(server.pid());
+    let mut good = Raw::connect(addr, &[]);
+    assert_served(&mut good, 1, "the start");
+
+    // Empty-DATA flood: a request whose body never comes, only DATA frames of 0 bytes
+    // without END_STREAM (each costs the server a frame's work and carries nothing).
+    let mut abuser = Raw::connect(addr, &[]);
+    let block = abuser.block("/hello.txt");
+    let mut out = Vec::new();
+    frame::write_headers(&mut out, 1, &block, false, 16_384);
+    for _ in 0..500 {
+        frame::write_data(&mut out, 1, &[], false);
+    }
+    abuser.send(&out);
+    assert_eq!(abuser.goaway_code(), Some(ErrorCode::ENHANCE_YOUR_CALM));
+    assert!(abuser.closed(), "empty-DATA flood");
+    assert_served(&mut good, 3, "an empty-DATA flood");
+
+    // Stream-ID exhaustion: a client at the top of the id space is served on its last id,
+    // told with GOAWAY (NO_ERROR, last stream 2^31-1) that the connection is used up, and
+    // the connection closes once that stream is done. An id not above the last one is a
+    // connection error (PROTOCOL_ERROR).
+    let max = (1u32 << 31) - 1;
+    let mut client = Raw::connect(addr, &[]);
+    client.get(max - 2, "/hello.txt");
+    let answer = client.answer(max - 2).expect("stream 2^31-3 answered");
+    assert_eq!(answer.status.as_deref(), Some("200"));
+    client.get(max, "/hello.txt");
+    let mut goaway = None;
+    let mut body = Vec::new();
+    let mut ended = false;
+    while let Some((h, payload)) = client.frame() {
+        match h.kind {
+            kind::GOAWAY => {
+                let last = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                goaway = Some((last, rst_code(&payload[4..8])));
+            }
+            kind::HEADERS => {
+                client.decoder.decode(&payload, 1 << 20).unwrap();
+            }
+            kind::DATA if h.stream == max => {
+                body.extend_from_slice(&payload);
+                ended |= h.flags & flag::END_STREAM != 0;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(goaway, Some((max, ErrorCode::NO_ERROR)));
+    assert!(
+        ended && body == b"hello, plexus\n",
+        "the last stream is served"
+    );
+    let mut client = Raw::connect(addr, &[]);
+    client.get(101, "/hello.txt");
+    assert_eq!(client.answer(101).unwrap().status.as_deref(), Some("200"));
+    client.get(99, "/hello.txt");
+    assert_eq!(client.goaway_code(), Some(ErrorCode::PROTOCOL_ERROR));
+    assert_served(&mut good, 5, "stream-ID exhaustion");
+
+    // Window overflow on the connection: a WINDOW_UPDATE taking the send window past
+    // 2^31-1 is a connection error FLOW_CONTROL_ERROR.
+    let mut abuser = Raw::connect(addr, &[]);
+    let mut out = Vec::new();
+    frame::write_window_update(&mut out, 0, max);
+    abuser.send(&out);
+    assert_eq!(abuser.goaway_code(), Some(ErrorCode::FLOW_CONTROL_ERROR));
+    assert!(abuser.closed(), "connection window overflow");
+    // On a stream: that stream is reset with FLOW_CONTROL_ERROR, the connection goes on.
+    let mut abuser = Raw::connect(addr, &[(setting::INITIAL_WINDOW_SIZE, 0)]);
+    abuser.get(1, "/big.bin");
+    let mut out = Vec::new();
+    // The stream's window is 0: 2^31-1 brings it to the maximum, one more is past it (both
+    // in one write, so no DATA goes out in between).
+    frame::write_window_update(&mut out, 1, max);
+    frame::write_window_update(&mut out, 1, 1);
+    abuser.send(&out);
+    let code = loop {
+        let (h, payload) = abuser.frame().expect("the connection stays open");
+        assert_ne!(
+            h.kind,
+            kind::GOAWAY,
+            "a stream's overflow is a stream error"
+        );
+        if h.kind == kind::HEADERS {
+            abuser.decoder.decode(&payload, 1 << 20).unwrap();
+        }
+        if h.kind == kind::RST_STREAM && h.stream == 1 {
+            break rst_code(&payload);
+        }
+    };
+    assert_eq!(code, ErrorCode::FLOW_CONTROL_ERROR);
+    let mut ping = Vec::new();
+    frame::write_ping(&mut ping, *b"still up", false);
+    abuser.send(&ping);
+    loop {
+        let (h, _) = abuser.frame().expect("the connection stays open");
+        assert_ne!(h.kind, kind::GOAWAY);
+        if h.kind == kind::PING && h.flags & flag::ACK != 0 {
+            break;
+        }
+    }
+    assert_served(&mut good, 7, "window overflows");
+
+    let rss_after = rss_kib(server.pid());
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+    let errors = "plexus_http2_connection_errors_total{reason=";
+    assert_eq!(metric(addr, &format!("{errors}\"empty_frame_flood\"}}")), 1);
+    assert_eq!(metric(addr, &format!("{errors}\"protocol\"}}")), 2);
 }
