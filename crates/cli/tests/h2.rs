@@ -894,3 +894,51 @@ fn empty_data_floods_exhausted_stream_ids_and_window_overflows_are_bounded() {
     assert_eq!(metric(addr, &format!("{errors}\"empty_frame_flood\"}}")), 1);
     assert_eq!(metric(addr, &format!("{errors}\"protocol\"}}")), 2);
 }
+
+/// `[http] hsts`: `Strict-Transport-Security` on every response over TLS (HTTP/1.1 and h2),
+/// never over plain HTTP (h2c or HTTP/1.1).
+#[test]
+fn hsts_is_sent_over_tls_only() {
+    if !have("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let config = config(&root).replace(
+        "[http]\n",
+        "[http]\nhsts = \"max-age=63072000; includeSubDomains\"\n",
+    );
+    let server = Server::start(&config);
+    let tls = format!("https://{}/hello.txt", server.addr("h2"));
+    let clear = format!("http://{}/hello.txt", server.addr("h2c"));
+    for (flags, url, wanted) in [
+        ("--http1.1 -k", &tls, true),
+        ("--http2 -k", &tls, true),
+        ("--http1.1", &clear, false),
+        ("--http2-prior-knowledge", &clear, false),
+    ] {
+        let (ok, out, err) = run(&format!(
+            "curl -sS --max-time 20 {flags} -D - -o /dev/null {url}"
+        ));
+        assert!(ok, "{flags}: {err}");
+        let head = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(head.contains(" 200"), "{flags}: {head}");
+        assert_eq!(
+            head.contains("strict-transport-security: max-age=63072000; includesubdomains"),
+            wanted,
+            "{flags}: {head}"
+        );
+    }
+    // A bad value is a configuration error naming the key.
+    let bad = config.replace("max-age=63072000; includeSubDomains", "max-age=1y");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, bad).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_plexus"))
+        .args(["serve", "--check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.hsts"), "{err}");
+}

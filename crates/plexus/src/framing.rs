@@ -1024,6 +1024,7 @@ mod tests {
                 now: std::time::Instant::now(),
                 locals: &mut self.locals,
                 alpn: None,
+                tls: false,
             };
             handler.on_data(&mut session, data);
         }

@@ -249,6 +249,8 @@ pub struct Session<'a> {
     pub(crate) locals: &'a mut LoopLocals,
     /// The protocol the TLS handshake agreed on by ALPN (read from the TLS stage).
     pub(crate) alpn: Option<&'a [u8]>,
+    /// The bytes arrive decrypted from TLS.
+    pub(crate) tls: bool,
 }
 
 impl Session<'_> {
@@ -425,6 +427,13 @@ impl Session<'_> {
     /// completes), also on a session an `auto` group turned into TLS.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.alpn
+    }
+
+    /// Whether the session's bytes travel inside TLS: a tls listener's session, or one a
+    /// protocol group upgraded with [`Session::start_tls`] (from the service's
+    /// [`Service::open`] on). False on plain, udp and dtls sessions.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).

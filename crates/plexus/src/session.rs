@@ -184,6 +184,7 @@ impl TcpSession {
             now: context.now,
             locals: &mut *context.locals,
             alpn,
+            tls: tls.is_some(),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

@@ -192,7 +192,8 @@ impl HarnessBuilder {
     }
 
     /// The protocol [`Session::alpn_protocol`] reports, as if a TLS handshake had agreed on it
-    /// by ALPN (the harness runs no TLS: bytes stay plaintext); default none.
+    /// by ALPN, and [`Session::is_tls`] true (the harness runs no TLS: bytes stay plaintext);
+    /// default none.
     pub fn alpn(mut self, protocol: &[u8]) -> Self {
         self.alpn = Some(protocol.to_vec());
         self
@@ -594,6 +595,7 @@ impl Harness {
             now: self.now,
             locals: &mut self.locals,
             alpn: self.alpn.as_deref(),
+            tls: self.alpn.is_some(),
         };
         let handler = &mut self.handler;
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {

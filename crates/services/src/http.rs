@@ -162,6 +162,8 @@ struct Shared {
     status: status::StatusPage,
     /// HTTP/2: its SETTINGS and counters (its own module).
     h2: h2::H2Shared,
+    /// `Strict-Transport-Security` on responses over TLS (`[http] hsts`).
+    hsts: Option<String>,
 }
 
 /// Counters of every http session, rendered by `/metrics`.
@@ -295,6 +297,7 @@ impl Http {
                 refusals: Mutex::new(LogThrottle::new()),
                 status: status::StatusPage::new(config),
                 h2: h2::H2Shared::new(config),
+                hsts: config.hsts.clone(),
             }),
         }
     }
@@ -785,6 +788,12 @@ impl Shared {
         Ok((meta, FileBody::File(file)))
     }
 
+    /// The `Strict-Transport-Security` value for a response on `session`: `[http] hsts`, on
+    /// TLS sessions only (RFC 6797 §7.2: never over plain HTTP).
+    pub(crate) fn hsts(&self, session: &Session<'_>) -> Option<&str> {
+        self.hsts.as_deref().filter(|_| session.is_tls())
+    }
+
     /// The `Date` header value of this loop (formatted at most once a second).
     pub(crate) fn date(&self, session: &mut Session<'_>) -> String {
         http_date_now(session.loop_local(&self.dates))
@@ -996,6 +1005,9 @@ impl HttpSession {
         all.push(("Server", b"plexus"));
         all.push(("Date", date.as_bytes()));
         all.extend_from_slice(headers);
+        if let Some(hsts) = self.shared.hsts(session) {
+            all.push(("Strict-Transport-Security", hsts.as_bytes()));
+        }
         if !keep_alive {
             all.push(("Connection", b"close"));
         } else if self.http10 {

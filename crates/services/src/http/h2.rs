@@ -349,6 +349,9 @@ impl H2Session {
         if response.content_length {
             fields.push((b"content-length", length.as_bytes()));
         }
+        if let Some(hsts) = self.shared.hsts(session) {
+            fields.push((b"strict-transport-security", hsts.as_bytes()));
+        }
         let empty = response.head_only || response.body_len() == 0;
         if self
             .conn
