@@ -57,10 +57,11 @@ service = "http"
     )
 }
 
-/// Runs curl with a time bound; returns (exit code, stdout, stderr).
+/// Runs curl with a time bound; returns (exit code, stdout, stderr). HTTP/1.1 only (https
+/// listeners also offer h2 by ALPN, which `tests/h2.rs` covers).
 fn curl(args: &[&str]) -> (i32, Vec<u8>, String) {
     let mut child = Command::new("curl")
-        .args(["--max-time", "20", "-sS"])
+        .args(["--max-time", "20", "-sS", "--http1.1"])
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -657,7 +657,9 @@ impl Acceptor {
         listener: &ValidListener,
     ) -> Result<Option<Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
         match (&self.tls, listener.config.transport) {
-            (Some(tls), Transport::Tls) => tls.server_config(&listener.config.alpn).map(Some),
+            (Some(tls), Transport::Tls) => {
+                tls.server_config(&listener.config.alpn_offered()).map(Some)
+            }
             _ => Ok(None),
         }
     }

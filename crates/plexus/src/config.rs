@@ -282,6 +282,20 @@ pub struct HttpConfig {
     pub status: bool,
     /// Clients allowed to see the status page (CIDRs); others get 403.
     pub status_allow: Vec<String>,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: requests one connection may have in flight.
+    pub h2_max_concurrent_streams: usize,
+    /// HTTP/2 SETTINGS_INITIAL_WINDOW_SIZE: each request body's receive window, in bytes.
+    pub h2_initial_window_size: usize,
+    /// HTTP/2 SETTINGS_MAX_FRAME_SIZE: the largest frame payload accepted, in bytes.
+    pub h2_max_frame_size: usize,
+    /// An HTTP/2 response body that the peer's flow-control windows let nothing of out for
+    /// this long is reset (a zero-window reader holds no stream forever).
+    #[serde(with = "human_duration")]
+    pub h2_stall_timeout: Duration,
+    /// The `Strict-Transport-Security` value sent on http responses over TLS (RFC 6797), e.g.
+    /// `"max-age=63072000; includeSubDomains"`; absent = none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -296,6 +310,11 @@ impl Default for HttpConfig {
             file_cache_valid: Duration::from_secs(1),
             status: true,
             status_allow: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            h2_max_concurrent_streams: 128,
+            h2_initial_window_size: 65_535,
+            h2_max_frame_size: 16_384,
+            h2_stall_timeout: Duration::from_secs(30),
+            hsts: None,
         }
     }
 }
@@ -462,6 +481,21 @@ impl ListenerConfig {
             Some(list) => list.iter().map(String::as_str).collect(),
             None if self.transport == Transport::Tcp => vec!["tls", "http", "echo"],
             None => vec!["http", "echo"],
+        }
+    }
+
+    /// The ALPN protocols a TLS handshake on this listener offers, in preference order: its
+    /// `alpn` when set; otherwise `["h2", "http/1.1"]` when the listener serves HTTP (the
+    /// `http` service, or an `auto` group with `http` among its members — the built-in
+    /// `http` service speaks HTTP/2); otherwise none.
+    pub fn alpn_offered(&self) -> Vec<String> {
+        if !self.alpn.is_empty() {
+            return self.alpn.clone();
+        }
+        if self.service == "http" || self.protocols().contains(&"http") {
+            vec!["h2".into(), "http/1.1".into()]
+        } else {
+            Vec::new()
         }
     }
 
@@ -649,6 +683,11 @@ impl Config {
         bounds::check(self, &mut problem);
         // Keys set where their transport or service never reads them (table in `rules`).
         rules::check(self, &mut problem);
+        if let Some(value) = &self.http.hsts {
+            if let Err(why) = check_hsts(value) {
+                problem("http.hsts".into(), why);
+            }
+        }
         if server.outbound_low_watermark >= server.outbound_high_watermark {
             problem(
                 "server.outbound_low_watermark".into(),
@@ -1294,5 +1333,84 @@ service = "echo"
         let valid = config.validate("t", SERVICES).unwrap();
         assert!(!valid.listeners[0].acl.permits("127.0.0.2".parse().unwrap()));
         assert!(valid.listeners[0].acl.permits("127.0.0.1".parse().unwrap()));
+    }
+}
+
+/// A `Strict-Transport-Security` value (RFC 6797 §6.1): `max-age=SECONDS` (required), and
+/// optionally `includeSubDomains` and `preload`, each once, separated by `;`.
+fn check_hsts(value: &str) -> Result<(), String> {
+    if !value.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+        return Err("must be printable ASCII (it becomes a header value)".into());
+    }
+    let mut max_age = false;
+    let mut seen: Vec<String> = Vec::new();
+    for directive in value.split(';').map(str::trim) {
+        if directive.is_empty() {
+            continue;
+        }
+        let (name, argument) = match directive.split_once('=') {
+            Some((name, argument)) => (name.trim(), Some(argument.trim())),
+            None => (directive, None),
+        };
+        let lower = name.to_ascii_lowercase();
+        if seen.contains(&lower) {
+            return Err(format!("directive {name} appears twice"));
+        }
+        match (lower.as_str(), argument) {
+            ("max-age", Some(seconds)) => {
+                let digits = seconds
+                    .strip_prefix('"')
+                    .and_then(|s| s.strip_suffix('"'))
+                    .unwrap_or(seconds);
+                if digits.is_empty()
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                    || digits.parse::<u64>().is_err()
+                {
+                    return Err(format!("max-age={seconds}: must be a number of seconds"));
+                }
+                max_age = true;
+            }
+            ("includesubdomains" | "preload", None) => {}
+            ("max-age", None) => return Err("max-age needs a value (max-age=SECONDS)".into()),
+            ("includesubdomains" | "preload", Some(_)) => {
+                return Err(format!("directive {name} takes no value"))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown directive {name:?} (known: max-age, includeSubDomains, preload)"
+                ))
+            }
+        }
+        seen.push(lower);
+    }
+    if !max_age {
+        return Err("must start with max-age=SECONDS (e.g. \"max-age=63072000\")".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod hsts_tests {
+    use super::check_hsts;
+
+    #[test]
+    fn hsts_values_are_checked_by_directive() {
+        assert_eq!(check_hsts("max-age=63072000"), Ok(()));
+        assert_eq!(check_hsts("max-age=0; includeSubDomains; preload"), Ok(()));
+        assert_eq!(check_hsts("Max-Age=\"300\";INCLUDESUBDOMAINS"), Ok(()));
+        for bad in [
+            "",
+            "includeSubDomains",
+            "max-age",
+            "max-age=",
+            "max-age=-1",
+            "max-age=1y",
+            "max-age=99999999999999999999999",
+            "max-age=1; max-age=2",
+            "max-age=1; preload=yes",
+            "max-age=1\r\nSet-Cookie: x",
+        ] {
+            assert!(check_hsts(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -1051,6 +1051,8 @@ impl DatagramEndpoint {
             metrics: parts.metrics,
             now: parts.now,
             locals: &mut *parts.locals,
+            alpn: None,
+            tls: false,
         };
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");

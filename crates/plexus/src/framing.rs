@@ -1023,6 +1023,8 @@ mod tests {
                 metrics: Some(&self.metrics),
                 now: std::time::Instant::now(),
                 locals: &mut self.locals,
+                alpn: None,
+                tls: false,
             };
             handler.on_data(&mut session, data);
         }

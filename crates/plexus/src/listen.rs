@@ -85,7 +85,9 @@ pub(crate) fn listener_service(
     handshake_timeout: std::time::Duration,
 ) -> Result<Arc<dyn Service>, Error> {
     let detect_tls = match tls {
-        Some(tls) if services.uses_tls(listener) => Some(tls.server_config(&listener.config.alpn)?),
+        Some(tls) if services.uses_tls(listener) => {
+            Some(tls.server_config(&listener.config.alpn_offered())?)
+        }
         _ => None,
     };
     services

@@ -142,8 +142,8 @@ impl Detector for Http1Request {
     }
 }
 
-/// The HTTP/2 prior-knowledge connection preface, as far as `PRI * HTTP/2.0`. plexus has no
-/// HTTP/2 service; the `http` service answers such a client with a clear refusal.
+/// The HTTP/2 prior-knowledge connection preface, as far as `PRI * HTTP/2.0`. The built-in
+/// `http` service (`plexus_services::Http`) serves such a session as HTTP/2.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Http2Preface;
 

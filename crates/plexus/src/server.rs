@@ -207,7 +207,9 @@ impl ServerBuilder {
                 server.handshake_timeout,
             )?;
             let tls_config = match (&tls, listener.config.transport) {
-                (Some(tls), Transport::Tls) => Some(tls.server_config(&listener.config.alpn)?),
+                (Some(tls), Transport::Tls) => {
+                    Some(tls.server_config(&listener.config.alpn_offered())?)
+                }
                 _ => None,
             };
             let passed = handover

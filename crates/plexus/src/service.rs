@@ -247,6 +247,10 @@ pub struct Session<'a> {
     pub(crate) now: Instant,
     /// The loop's per-service state ([`crate::LoopLocal`]).
     pub(crate) locals: &'a mut LoopLocals,
+    /// The protocol the TLS handshake agreed on by ALPN (read from the TLS stage).
+    pub(crate) alpn: Option<&'a [u8]>,
+    /// The bytes arrive decrypted from TLS.
+    pub(crate) tls: bool,
 }
 
 impl Session<'_> {
@@ -414,6 +418,22 @@ impl Session<'_> {
             received,
             service,
         }));
+    }
+
+    /// The application protocol the TLS handshake agreed on by ALPN (RFC 7301), e.g. `b"h2"`
+    /// or `b"http/1.1"` — what a listener's `alpn` list offered and the client chose. `None`
+    /// on a plain session, or when the client offered no protocol the listener lists. Known
+    /// from the service's [`Service::open`] on (services are opened once the handshake
+    /// completes), also on a session an `auto` group turned into TLS.
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.alpn
+    }
+
+    /// Whether the session's bytes travel inside TLS: a tls listener's session, or one a
+    /// protocol group upgraded with [`Session::start_tls`] (from the service's
+    /// [`Service::open`] on). False on plain, udp and dtls sessions.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).

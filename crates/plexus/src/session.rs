@@ -162,8 +162,12 @@ impl TcpSession {
             relay,
             extras,
             drain_wanted,
+            tls,
             ..
         } = self;
+        let alpn = tls
+            .as_deref()
+            .and_then(|tls| tls.transport.connection().alpn_protocol());
         let mut handle = Session {
             info,
             outbound,
@@ -179,6 +183,8 @@ impl TcpSession {
             metrics: context.metrics,
             now: context.now,
             locals: &mut *context.locals,
+            alpn,
+            tls: tls.is_some(),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

@@ -122,6 +122,7 @@ pub struct HarnessBuilder {
     listener: String,
     limits: Limits,
     datagram: bool,
+    alpn: Option<Vec<u8>>,
 }
 
 impl HarnessBuilder {
@@ -190,6 +191,14 @@ impl HarnessBuilder {
         self
     }
 
+    /// The protocol [`Session::alpn_protocol`] reports, as if a TLS handshake had agreed on it
+    /// by ALPN, and [`Session::is_tls`] true (the harness runs no TLS: bytes stay plaintext);
+    /// default none.
+    pub fn alpn(mut self, protocol: &[u8]) -> Self {
+        self.alpn = Some(protocol.to_vec());
+        self
+    }
+
     /// Opens the session: [`Service::open`] runs (it may already send or close).
     pub fn open(self) -> Harness {
         let now = Instant::now();
@@ -240,6 +249,7 @@ impl HarnessBuilder {
             sent: Vec::new(),
             datagrams: Vec::new(),
             tls_request: None,
+            alpn: self.alpn,
         };
         let service = Arc::clone(&self.service);
         harness.callback(|handler, session| *handler = service.open(session));
@@ -287,6 +297,7 @@ pub struct Harness {
     sent: Vec<u8>,
     datagrams: Vec<Bytes>,
     tls_request: Option<Vec<u8>>,
+    alpn: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -342,6 +353,7 @@ impl Harness {
             listener: "test".to_owned(),
             limits: Limits::from_config(&ServerConfig::default()),
             datagram: false,
+            alpn: None,
         }
     }
 
@@ -582,6 +594,8 @@ impl Harness {
             metrics: None,
             now: self.now,
             locals: &mut self.locals,
+            alpn: self.alpn.as_deref(),
+            tls: self.alpn.is_some(),
         };
         let handler = &mut self.handler;
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {

@@ -4,7 +4,7 @@
 //! The preset (no `protocols` key) is `["tls", "http", "echo"]`: a TLS ClientHello turns the
 //! session into a TLS session (the bytes already read become the first ciphertext) and the
 //! group runs again on the decrypted stream without TLS; an HTTP/1.x request line (or the
-//! HTTP/2 prior-knowledge preface, which `http` refuses clearly) goes to the `http` service;
+//! HTTP/2 prior-knowledge preface, which `http` serves as HTTP/2) goes to the `http` service;
 //! anything else — or nothing decisive within the budgets (the group's byte budget, and the
 //! server's `handshake_timeout`) — is echoed. On a tls listener the preset is
 //! `["http", "echo"]`. A PROXY header, when the listener accepts one, is consumed by the

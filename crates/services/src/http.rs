@@ -1,4 +1,8 @@
-//! `http`: an HTTP/1.1 server for static files, `/healthz` and `/metrics`.
+//! `http`: an HTTP/1.1 and HTTP/2 server for static files, `/healthz` and `/metrics`.
+//!
+//! Requests are answered by a protocol-neutral core ([`Shared::respond`]: a [`Request`] in, a
+//! [`Response`] out) that HTTP/1.1 (this module's `HttpSession`) and HTTP/2 (`h2`, on the
+//! first bytes being the client preface, or ALPN `h2`) write each their own way.
 //!
 //! The protocol itself (request parsing, limits, ranges, paths, dates) is the sans-IO codec in
 //! `plexus_proto::http`; this module owns what touches the world: the document root (opened
@@ -10,6 +14,7 @@
 //! and when the peer stops reading (the outbound queue passes the high watermark) the session
 //! stops parsing pipelined requests until the queue drains.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +35,7 @@ use plexus::config::HttpConfig;
 use plexus::prometheus::{family, sample};
 use plexus::{LogThrottle, LoopLocal, Service, Session, SessionHandler};
 
+mod h2;
 mod status;
 
 /// Files up to this size are read and sent with their head in one write; larger ones are
@@ -154,6 +160,10 @@ struct Shared {
     refusals: Mutex<LogThrottle>,
     /// `/status` and `/status.json` (their own module).
     status: status::StatusPage,
+    /// HTTP/2: its SETTINGS and counters (its own module).
+    h2: h2::H2Shared,
+    /// `Strict-Transport-Security` on responses over TLS (`[http] hsts`).
+    hsts: Option<String>,
 }
 
 /// Counters of every http session, rendered by `/metrics`.
@@ -286,18 +296,511 @@ impl Http {
                 stats: HttpStats::default(),
                 refusals: Mutex::new(LogThrottle::new()),
                 status: status::StatusPage::new(config),
+                h2: h2::H2Shared::new(config),
+                hsts: config.hsts.clone(),
             }),
         }
     }
 }
 
 impl Service for Http {
-    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
-        Box::new(HttpSession::new(Arc::clone(&self.shared)))
+    fn open(&self, session: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        let shared = Arc::clone(&self.shared);
+        // On TLS the ALPN answer decides; elsewhere (and without ALPN) the first bytes do.
+        match session.alpn_protocol() {
+            Some(b"h2") => Box::new(HttpConnection::H2(Box::new(h2::H2Session::new(
+                shared, session,
+            )))),
+            Some(b"http/1.1") => Box::new(HttpConnection::H1(HttpSession::new(shared))),
+            _ => Box::new(HttpConnection::Sniffing {
+                shared,
+                seen: Vec::new(),
+            }),
+        }
     }
 }
 
-/// One connection's HTTP state.
+/// One connection: HTTP/1.1, or HTTP/2 once the client's preface (prior knowledge, or
+/// `auto` having recognised it) or ALPN said so.
+// The connection is itself boxed (the session's `Box<dyn SessionHandler>`): HTTP/1.1, the
+// common case, lives in it without a second allocation; HTTP/2's larger state is boxed.
+#[allow(clippy::large_enum_variant)]
+enum HttpConnection {
+    /// The bytes so far are a prefix of the HTTP/2 preface (or none arrived yet).
+    Sniffing {
+        shared: Arc<Shared>,
+        seen: Vec<u8>,
+    },
+    H1(HttpSession),
+    H2(Box<h2::H2Session>),
+}
+
+impl SessionHandler for HttpConnection {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        if let HttpConnection::Sniffing { shared, seen } = self {
+            let preface = h2::PREFACE;
+            let offered = seen.len() + data.len();
+            let matches = {
+                let got = seen.iter().chain(data).take(preface.len());
+                got.zip(preface).all(|(a, b)| a == b)
+            };
+            if matches && offered < preface.len() {
+                // Not decided yet: a prefix of the preface (a client sending `P`, `PR`, …).
+                if seen.is_empty() {
+                    session.set_timer(shared.header_timeout);
+                }
+                seen.extend_from_slice(data);
+                return;
+            }
+            let seen = std::mem::take(seen);
+            let shared = Arc::clone(shared);
+            if !seen.is_empty() {
+                session.cancel_timer();
+            }
+            *self = if matches {
+                HttpConnection::H2(Box::new(h2::H2Session::new(shared, session)))
+            } else {
+                HttpConnection::H1(HttpSession::new(shared))
+            };
+            if !seen.is_empty() {
+                self.on_data(session, &seen);
+            }
+        }
+        match self {
+            HttpConnection::Sniffing { .. } => {}
+            HttpConnection::H1(h1) => h1.on_data(session, data),
+            HttpConnection::H2(h2) => h2.on_data(session, data),
+        }
+    }
+
+    fn on_timer(&mut self, session: &mut Session<'_>) {
+        match self {
+            HttpConnection::Sniffing { shared, .. } => {
+                // A few bytes of the preface and then nothing: as a late HTTP/1.1 head.
+                let mut h1 = HttpSession::new(Arc::clone(shared));
+                h1.timed_out(session);
+                *self = HttpConnection::H1(h1);
+            }
+            HttpConnection::H1(h1) => h1.on_timer(session),
+            HttpConnection::H2(h2) => h2.on_timer(session),
+        }
+    }
+
+    fn on_drain(&mut self, session: &mut Session<'_>) {
+        match self {
+            HttpConnection::Sniffing { .. } => {}
+            HttpConnection::H1(h1) => h1.on_drain(session),
+            HttpConnection::H2(h2) => h2.on_drain(session),
+        }
+    }
+}
+
+/// A request as the response core sees it, whichever protocol carried it.
+pub(crate) struct Request<'a> {
+    pub(crate) method: &'a Method,
+    /// The target as sent (`:path` on HTTP/2), for logs.
+    pub(crate) raw_target: &'a str,
+    /// The origin-form path and query the response is for.
+    pub(crate) target: &'a str,
+    pub(crate) headers: &'a [plexus_proto::http::Header],
+}
+
+impl Request<'_> {
+    /// The first field called `name` (case-insensitive).
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_slice())
+    }
+}
+
+/// Where a response's body comes from.
+pub(crate) enum Body {
+    /// Bytes in memory (a page, a cached file, a slice of one).
+    Memory(Bytes),
+    /// `count` bytes of an open file from `start`: HTTP/1.1 sends them with sendfile (or
+    /// inline when small), HTTP/2 reads them in window-sized chunks.
+    File { file: File, start: u64, count: u64 },
+}
+
+/// A response, protocol-neutral: [`Shared::respond`] makes it, HTTP/1.1 and HTTP/2 write it.
+/// `Server`, `Date` and `Content-Length` (from the body) are added by the writer.
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(&'static str, Cow<'static, str>)>,
+    pub(crate) body: Body,
+    /// The head only (HEAD, 204, 304): the body's length may still be announced.
+    pub(crate) head_only: bool,
+    /// Whether `Content-Length` is sent (not on 204 and 304).
+    pub(crate) content_length: bool,
+    /// Nothing after this request can be trusted (unknown method, bad target): HTTP/1.1
+    /// closes the connection; HTTP/2 only ends the stream.
+    pub(crate) close: bool,
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+impl Response {
+    /// A response with `body` from memory and the given fields.
+    fn with(
+        status: u16,
+        headers: Vec<(&'static str, Cow<'static, str>)>,
+        body: impl Into<Bytes>,
+        head_only: bool,
+    ) -> Response {
+        Response {
+            status,
+            headers,
+            body: Body::Memory(body.into()),
+            head_only: head_only || status == 204 || status == 304,
+            content_length: status != 204 && status != 304,
+            close: false,
+        }
+    }
+
+    /// A response whose only field is its `Content-Type`.
+    fn simple(
+        status: u16,
+        mime: &'static str,
+        body: impl Into<Bytes>,
+        head_only: bool,
+    ) -> Response {
+        Response::with(
+            status,
+            vec![("Content-Type", Cow::Borrowed(mime))],
+            body,
+            head_only,
+        )
+    }
+
+    fn not_found(head_only: bool) -> Response {
+        Response::simple(404, TEXT, &b"404 Not Found\n"[..], head_only)
+    }
+
+    fn forbidden(head_only: bool) -> Response {
+        Response::simple(403, TEXT, &b"403 Forbidden\n"[..], head_only)
+    }
+
+    /// The body's length (what `Content-Length` says).
+    pub(crate) fn body_len(&self) -> u64 {
+        match &self.body {
+            Body::Memory(bytes) => bytes.len() as u64,
+            Body::File { count, .. } => *count,
+        }
+    }
+}
+
+impl Shared {
+    /// Logs why a request was refused, at most once a second for the whole service.
+    pub(crate) fn log_refusal(
+        &self,
+        session: &Session<'_>,
+        status: u16,
+        why: &dyn std::fmt::Display,
+    ) {
+        let allowed = self
+            .refusals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allow(session.now());
+        if let Some(also) = allowed {
+            info!(
+                "http request refused peer={} listener={} status={status}: {why} \
+                 (+{also} more refused in the last second)",
+                session.peer(),
+                session.info().listener()
+            );
+        }
+    }
+
+    /// The response to one complete request: the protocol-neutral core of the service
+    /// (methods, `/healthz`, `/metrics`, the status page, static files with their
+    /// conditionals and ranges). Counts the response's status class.
+    pub(crate) fn respond(&self, session: &mut Session<'_>, request: &Request<'_>) -> Response {
+        let response = self.answer(session, request);
+        self.stats.response(response.status);
+        response
+    }
+
+    fn answer(&self, session: &mut Session<'_>, request: &Request<'_>) -> Response {
+        let head_only = *request.method == Method::Head;
+        let target = request.target;
+        let path = target.split(['?', '#']).next().unwrap_or("");
+        match request.method {
+            Method::Get | Method::Head => {}
+            Method::Options => {
+                let allow = vec![("Allow", Cow::Borrowed("GET, HEAD, OPTIONS"))];
+                return Response::with(204, allow, Bytes::new(), true);
+            }
+            Method::Other(method) => {
+                // Unknown semantics: nothing after this request can be trusted; close.
+                let why = format!("unknown method {method:?}");
+                self.log_refusal(session, 501, &why);
+                self.stats.rejected(501);
+                let body = &b"501 Not Implemented: unknown method\n"[..];
+                let mut response = Response::simple(501, TEXT, body, head_only);
+                response.close = true;
+                return response;
+            }
+            _ => {
+                let body = &b"405 Method Not Allowed: this server serves GET and HEAD\n"[..];
+                let headers = vec![
+                    ("Allow", Cow::Borrowed("GET, HEAD, OPTIONS")),
+                    ("Content-Type", Cow::Borrowed(TEXT)),
+                ];
+                return Response::with(405, headers, body, false);
+            }
+        }
+        match path {
+            "/healthz" if session.server_draining() => {
+                // Lameduck / drain: the balancer takes this instance out before it refuses.
+                Response::simple(503, TEXT, &b"draining"[..], head_only)
+            }
+            "/healthz" => Response::simple(200, TEXT, &b"ok"[..], head_only),
+            "/metrics" => {
+                let mut text = String::with_capacity(8 * 1024);
+                if let Some(snapshot) = session.server_metrics() {
+                    snapshot.write_prometheus(&mut text);
+                }
+                self.stats.write_prometheus(&mut text);
+                self.h2.write_prometheus(&mut text);
+                let mime = "text/plain; version=0.0.4; charset=utf-8";
+                Response::simple(200, mime, text.into_bytes(), head_only)
+            }
+            "/status" | "/status.json" => {
+                let json = path == "/status.json";
+                self.serve_status(session, json, head_only)
+            }
+            _ => self.serve_file(session, request, head_only),
+        }
+    }
+
+    fn serve_file(
+        &self,
+        session: &mut Session<'_>,
+        request: &Request<'_>,
+        head_only: bool,
+    ) -> Response {
+        let target = request.target;
+        if self.root.is_none() {
+            return if target == "/" || target == "/index.html" {
+                let mime = "text/html; charset=utf-8";
+                Response::simple(200, mime, BUILTIN_INDEX.as_bytes(), head_only)
+            } else {
+                Response::not_found(head_only)
+            };
+        }
+        let segments = match normalize_path(target) {
+            Ok(segments) => segments,
+            Err(err) => {
+                // A traversal attempt or an undecodable path: answer and close.
+                let why = format!("request target {:?}: {err}", request.raw_target);
+                self.log_refusal(session, 400, &why);
+                self.stats.rejected(400);
+                let body = format!("400 Bad Request: {err}\n");
+                let mut response = Response::simple(400, TEXT, body.into_bytes(), head_only);
+                response.close = true;
+                return response;
+            }
+        };
+        let (meta, body) = match self.resolve(session, request, &segments, head_only) {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+        let len = meta.len;
+        // Conditional requests: If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+        let not_modified = match request.header("if-none-match") {
+            Some(value) => if_none_match(value, &meta.etag),
+            None => request
+                .header("if-modified-since")
+                .and_then(parse_http_date)
+                .is_some_and(|since| unix_seconds(meta.modified) <= unix_seconds(since)),
+        };
+        if not_modified {
+            let validators = vec![
+                ("ETag", Cow::Owned(meta.etag.clone())),
+                ("Last-Modified", Cow::Owned(meta.last_modified.clone())),
+            ];
+            return Response::with(304, validators, Bytes::new(), true);
+        }
+        // A Range under a stale If-Range validator gets the whole file (RFC 9110 13.1.5).
+        let range = match request.header("range") {
+            Some(value)
+                if *request.method == Method::Get
+                    && request.header("if-range").is_none_or(|validator| {
+                        if_range_matches(validator, &meta.etag, meta.modified)
+                    }) =>
+            {
+                parse_range(value, len)
+            }
+            _ => RangeRequest::Full,
+        };
+        let (status, start, count, content_range) = match range {
+            RangeRequest::Full => (200, 0, len, None),
+            RangeRequest::Partial { start, end } => (
+                206,
+                start,
+                end - start + 1,
+                Some(format!("bytes {start}-{end}/{len}")),
+            ),
+            RangeRequest::Unsatisfiable => {
+                let headers = vec![
+                    ("Content-Range", Cow::Owned(format!("bytes */{len}"))),
+                    ("Content-Type", Cow::Borrowed(TEXT)),
+                ];
+                let body = &b"416 Range Not Satisfiable\n"[..];
+                return Response::with(416, headers, body, head_only);
+            }
+        };
+        let mut headers = vec![
+            ("Content-Type", Cow::Borrowed(meta.mime)),
+            ("ETag", Cow::Owned(meta.etag.clone())),
+            ("Last-Modified", Cow::Owned(meta.last_modified.clone())),
+            ("Accept-Ranges", Cow::Borrowed("bytes")),
+        ];
+        if let Some(content_range) = content_range {
+            headers.push(("Content-Range", Cow::Owned(content_range)));
+        }
+        let body = match body {
+            FileBody::Memory(bytes) => {
+                let (start, end) = (start as usize, (start + count) as usize);
+                Body::Memory(bytes.slice(start..end))
+            }
+            FileBody::File(file) => Body::File { file, start, count },
+        };
+        Response {
+            status,
+            headers,
+            body,
+            head_only,
+            content_length: true,
+            close: false,
+        }
+    }
+
+    /// Finds the file a request names (through the per-loop cache of small files, or below the
+    /// root), or the response that answers the request instead (redirect, 403, 404, 500).
+    fn resolve(
+        &self,
+        session: &mut Session<'_>,
+        request: &Request<'_>,
+        segments: &[String],
+        head_only: bool,
+    ) -> Result<(Arc<FileMeta>, FileBody), Response> {
+        let target = request.target;
+        let Some(root) = self.root.as_ref() else {
+            return Err(Response::not_found(head_only));
+        };
+        let path = target.split(['?', '#']).next().unwrap_or("");
+        let wants_directory = path.ends_with('/');
+        // `dir/` (its index.html) and `dir` (a redirect) are different answers: the key says
+        // which was asked, so a cached index never answers the path without its slash.
+        let mut key = segments.join("/");
+        if wants_directory {
+            key.push('/');
+        }
+        if let Some(hit) = self.cache.get(session, &key) {
+            return Ok(hit);
+        }
+        let relative: PathBuf = if segments.is_empty() {
+            PathBuf::from(".")
+        } else {
+            segments.iter().collect()
+        };
+        let (file, metadata, name) = match open_below(root, &relative) {
+            Ok((_, metadata)) if metadata.is_dir() => {
+                if !wants_directory {
+                    let headers = vec![
+                        ("Location", Cow::Owned(directory_location(target))),
+                        ("Content-Type", Cow::Borrowed(TEXT)),
+                    ];
+                    let body = &b"301 Moved Permanently\n"[..];
+                    return Err(Response::with(301, headers, body, head_only));
+                }
+                match open_below(root, &relative.join("index.html")) {
+                    Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html"),
+                    Ok(_) => return Err(Response::forbidden(head_only)),
+                    _ => return Err(Response::not_found(head_only)),
+                }
+            }
+            Ok((_, metadata)) if metadata.is_file() && wants_directory => {
+                // `/file.txt/` names a directory that is not there.
+                return Err(Response::not_found(head_only));
+            }
+            Ok((file, metadata)) if metadata.is_file() => {
+                (file, metadata, segments.last().map_or("", String::as_str))
+            }
+            Ok((_, metadata)) => {
+                // A FIFO, socket or device under the root: opened without blocking, never read.
+                debug!(
+                    session = %session.id(), target = %request.raw_target,
+                    "http: forbidden: not a regular file ({:?})", metadata.file_type()
+                );
+                return Err(Response::forbidden(head_only));
+            }
+            Err(err)
+                if plexus_sys::fs::is_escape(&err)
+                    || err.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                // Outside the root (openat2 refused the path) or not readable by this process.
+                debug!(session = %session.id(), target = %target, "http: forbidden: {err}");
+                return Err(Response::forbidden(head_only));
+            }
+            Err(err)
+                if err.kind() == io::ErrorKind::NotFound
+                    || plexus_sys::fs::is_not_a_directory(&err) =>
+            {
+                return Err(Response::not_found(head_only));
+            }
+            Err(err) => {
+                warn!(
+                    root = %self.root_path.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+                    target = %request.raw_target,
+                    "http: cannot open file: {err}"
+                );
+                let body = &b"500 Internal Server Error\n"[..];
+                return Err(Response::simple(500, TEXT, body, head_only));
+            }
+        };
+        let len = metadata.len();
+        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
+        let modified_nanos = modified
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+        let meta = Arc::new(FileMeta {
+            len,
+            modified,
+            etag: entity_tag(len, modified_nanos ^ u128::from(metadata.ino())),
+            last_modified: format_http_date(modified),
+            mime: content_type(extension),
+        });
+        if self.cache.admits(len) {
+            let mut body = vec![0u8; len as usize];
+            if read_exact_at(&file, &mut body, 0).is_ok() {
+                let body = Bytes::from(body);
+                self.cache
+                    .insert(session, key, Arc::clone(&meta), body.clone());
+                return Ok((meta, FileBody::Memory(body)));
+            }
+        }
+        Ok((meta, FileBody::File(file)))
+    }
+
+    /// The `Strict-Transport-Security` value for a response on `session`: `[http] hsts`, on
+    /// TLS sessions only (RFC 6797 §7.2: never over plain HTTP).
+    pub(crate) fn hsts(&self, session: &Session<'_>) -> Option<&str> {
+        self.hsts.as_deref().filter(|_| session.is_tls())
+    }
+
+    /// The `Date` header value of this loop (formatted at most once a second).
+    pub(crate) fn date(&self, session: &mut Session<'_>) -> String {
+        http_date_now(session.loop_local(&self.dates))
+    }
+}
+
+/// One HTTP/1.1 connection's state.
 struct HttpSession {
     shared: Arc<Shared>,
     decoder: RequestDecoder,
@@ -387,483 +890,105 @@ impl HttpSession {
     /// Answers a request the parser refused, and closes the connection.
     fn reject(&mut self, session: &mut Session<'_>, err: &RequestError) {
         let status = err.status();
-        self.log_refusal(session, status, err);
+        self.shared.log_refusal(session, status, err);
         self.shared.stats.rejected(status);
+        self.shared.stats.response(status);
         let body = format!(
             "{status} {}: {err}\n",
             plexus_proto::http::reason_phrase(status)
         );
-        self.send_simple(
-            session,
-            status,
-            "text/plain; charset=utf-8",
-            body.as_bytes(),
-            false,
-            false,
-        );
+        let response = Response::simple(status, TEXT, body.into_bytes(), false);
+        self.write(session, response, false);
         self.done = true;
         session.close();
     }
 
-    /// Logs why a request was refused, at most once a second for the whole service.
-    fn log_refusal(&self, session: &Session<'_>, status: u16, why: &dyn std::fmt::Display) {
-        let allowed = self
-            .shared
-            .refusals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .allow(session.now());
-        if let Some(also) = allowed {
-            info!(
-                "http request refused peer={} listener={} status={status}: {why} \
-                 (+{also} more refused in the last second)",
-                session.peer(),
-                session.info().listener()
-            );
-        }
+    /// The head did not complete within `header_timeout`: 408, and the connection closes.
+    fn timed_out(&mut self, session: &mut Session<'_>) {
+        self.shared.log_refusal(
+            session,
+            408,
+            &"request head not complete within header_timeout",
+        );
+        self.shared.stats.rejected(408);
+        self.shared.stats.response(408);
+        let response = Response::simple(408, TEXT, &b"408 Request Timeout\n"[..], false);
+        self.write(session, response, false);
+        self.done = true;
+        session.close();
     }
 
     /// Answers one complete request; returns whether the connection stays open.
     fn respond(&mut self, session: &mut Session<'_>, head: &RequestHead, started: Instant) -> bool {
-        let keep_alive = head.keep_alive;
         self.http10 = head.version == Version::Http10;
-        let head_only = head.method == Method::Head;
         // An absolute-form target (`GET http://host/x`) is served as its path (RFC 9112
         // §3.2.2); other forms stay as sent and are refused by the path mapping.
         let origin = origin_form(&head.target);
         let target: &str = origin
             .as_ref()
             .map_or(head.target.as_str(), |o| &*o.path_and_query);
-        let path = target.split(['?', '#']).next().unwrap_or("");
-        match &head.method {
-            Method::Get | Method::Head => {}
-            Method::Options => {
-                self.send_with(
-                    session,
-                    204,
-                    &[("Allow", b"GET, HEAD, OPTIONS")],
-                    b"",
-                    keep_alive,
-                    true,
-                );
-                self.shared.stats.latency(started.elapsed());
-                return keep_alive;
-            }
-            Method::Other(method) => {
-                // Unknown semantics: nothing after this request can be trusted; close.
-                let why = format!("unknown method {method:?}");
-                self.log_refusal(session, 501, &why);
-                self.shared.stats.rejected(501);
-                let body = b"501 Not Implemented: unknown method\n";
-                let mime = "text/plain; charset=utf-8";
-                self.send_simple(session, 501, mime, body, false, head_only);
-                return false;
-            }
-            _ => {
-                let body = b"405 Method Not Allowed: this server serves GET and HEAD\n";
-                self.send_with(
-                    session,
-                    405,
-                    &[
-                        ("Allow", b"GET, HEAD, OPTIONS"),
-                        ("Content-Type", b"text/plain; charset=utf-8"),
-                    ],
-                    body,
-                    keep_alive,
-                    false,
-                );
-                self.shared.stats.latency(started.elapsed());
-                return keep_alive;
-            }
-        }
-        match path {
-            "/healthz" if session.server_draining() => {
-                // Lameduck / drain: the balancer takes this instance out before it refuses.
-                self.send_simple(
-                    session,
-                    503,
-                    "text/plain; charset=utf-8",
-                    b"draining",
-                    keep_alive,
-                    head_only,
-                );
-            }
-            "/healthz" => {
-                self.send_simple(
-                    session,
-                    200,
-                    "text/plain; charset=utf-8",
-                    b"ok",
-                    keep_alive,
-                    head_only,
-                );
-            }
-            "/metrics" => {
-                let mut text = String::with_capacity(8 * 1024);
-                if let Some(snapshot) = session.server_metrics() {
-                    snapshot.write_prometheus(&mut text);
-                }
-                self.shared.stats.write_prometheus(&mut text);
-                self.send_simple(
-                    session,
-                    200,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    text.as_bytes(),
-                    keep_alive,
-                    head_only,
-                );
-            }
-            "/status" | "/status.json" => {
-                let json = path == "/status.json";
-                self.serve_status(session, json, keep_alive, head_only);
-            }
-            _ => self.serve_file(session, head, target, keep_alive, head_only),
-        }
+        let request = Request {
+            method: &head.method,
+            raw_target: &head.target,
+            target,
+            headers: &head.headers,
+        };
+        let response = self.shared.respond(session, &request);
+        let keep_alive = head.keep_alive && !response.close;
+        let open = self.write(session, response, keep_alive);
         self.shared.stats.latency(started.elapsed());
-        keep_alive
+        keep_alive && open
     }
 
-    fn serve_file(
-        &mut self,
-        session: &mut Session<'_>,
-        head: &RequestHead,
-        target: &str,
-        keep_alive: bool,
-        head_only: bool,
-    ) {
-        if self.shared.root.is_none() {
-            if target == "/" || target == "/index.html" {
-                self.send_simple(
-                    session,
-                    200,
-                    "text/html; charset=utf-8",
-                    BUILTIN_INDEX.as_bytes(),
-                    keep_alive,
-                    head_only,
-                );
-            } else {
-                self.not_found(session, keep_alive, head_only);
-            }
-            return;
-        }
-        let segments = match normalize_path(target) {
-            Ok(segments) => segments,
-            Err(err) => {
-                // A traversal attempt or an undecodable path: answer and close.
-                let why = format!("request target {:?}: {err}", head.target);
-                self.log_refusal(session, 400, &why);
-                self.shared.stats.rejected(400);
-                let body = format!("400 Bad Request: {err}\n");
-                let mime = "text/plain; charset=utf-8";
-                self.send_simple(session, 400, mime, body.as_bytes(), false, head_only);
-                self.done = true;
-                session.close();
-                return;
-            }
-        };
-        let Some((meta, body)) =
-            self.resolve(session, head, target, &segments, keep_alive, head_only)
-        else {
-            return;
-        };
-        let len = meta.len;
-        // Conditional requests: If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
-        let not_modified = match head.header("if-none-match") {
-            Some(value) => if_none_match(value, &meta.etag),
-            None => head
-                .header("if-modified-since")
-                .and_then(parse_http_date)
-                .is_some_and(|since| unix_seconds(meta.modified) <= unix_seconds(since)),
-        };
-        if not_modified {
-            let validators = [
-                ("ETag", meta.etag.as_bytes()),
-                ("Last-Modified", meta.last_modified.as_bytes()),
-            ];
-            self.send_with(session, 304, &validators, b"", keep_alive, true);
-            return;
-        }
-        // A Range under a stale If-Range validator gets the whole file (RFC 9110 13.1.5).
-        let range = match head.header("range") {
-            Some(value)
-                if head.method == Method::Get
-                    && head.header("if-range").is_none_or(|validator| {
-                        if_range_matches(validator, &meta.etag, meta.modified)
-                    }) =>
-            {
-                parse_range(value, len)
-            }
-            _ => RangeRequest::Full,
-        };
-        let (status, start, count, content_range) = match range {
-            RangeRequest::Full => (200, 0, len, None),
-            RangeRequest::Partial { start, end } => (
-                206,
-                start,
-                end - start + 1,
-                Some(format!("bytes {start}-{end}/{len}")),
-            ),
-            RangeRequest::Unsatisfiable => {
-                let content_range = format!("bytes */{len}");
-                self.send_with(
-                    session,
-                    416,
-                    &[
-                        ("Content-Range", content_range.as_bytes()),
-                        ("Content-Type", b"text/plain; charset=utf-8"),
-                    ],
-                    b"416 Range Not Satisfiable\n",
-                    keep_alive,
-                    head_only,
-                );
-                return;
-            }
-        };
+    /// Writes `response` as HTTP/1.1: head and small bodies in one write, larger files as
+    /// sendfile regions. Returns false if the connection must close (a file read failed).
+    fn write(&mut self, session: &mut Session<'_>, response: Response, keep_alive: bool) -> bool {
+        let count = response.body_len();
         let length = count.to_string();
-        let mut headers: Vec<(&str, &[u8])> = vec![
-            ("Content-Type", meta.mime.as_bytes()),
-            ("Content-Length", length.as_bytes()),
-            ("ETag", meta.etag.as_bytes()),
-            ("Last-Modified", meta.last_modified.as_bytes()),
-            ("Accept-Ranges", b"bytes"),
-        ];
-        if let Some(content_range) = &content_range {
-            headers.push(("Content-Range", content_range.as_bytes()));
+        let mut headers: Vec<(&str, &[u8])> = Vec::with_capacity(response.headers.len() + 1);
+        headers.extend(response.headers.iter().map(|(n, v)| (*n, v.as_bytes())));
+        if response.content_length {
+            headers.push(("Content-Length", length.as_bytes()));
         }
-        let mut out = Vec::with_capacity(
-            320 + if count <= INLINE_FILE_MAX {
-                count as usize
-            } else {
-                0
-            },
-        );
-        self.write_response_head(session, &mut out, status, &headers, keep_alive);
-        if head_only || count == 0 {
+        let inline = match &response.body {
+            _ if response.head_only => 0,
+            Body::Memory(bytes) => bytes.len(),
+            Body::File { count, .. } if *count <= INLINE_FILE_MAX => *count as usize,
+            Body::File { .. } => 0,
+        };
+        let mut out = Vec::with_capacity(320 + inline);
+        self.write_response_head(session, &mut out, response.status, &headers, keep_alive);
+        if response.head_only || count == 0 {
             session.send(&out);
-            return;
+            return true;
         }
-        let (start, end) = (start as usize, (start + count) as usize);
-        match body {
-            FileBody::Memory(bytes) => {
+        match response.body {
+            Body::Memory(bytes) => {
                 // Head and body leave in one write.
-                out.extend_from_slice(&bytes[start..end]);
+                out.extend_from_slice(&bytes);
                 session.send(&out);
             }
-            FileBody::File(file) if count <= INLINE_FILE_MAX => {
+            Body::File { file, start, count } if count <= INLINE_FILE_MAX => {
                 let mut body = vec![0u8; count as usize];
-                match read_exact_at(&file, &mut body, start as u64) {
+                match read_exact_at(&file, &mut body, start) {
                     Ok(()) => {
                         out.extend_from_slice(&body);
                         session.send(&out);
                     }
                     Err(err) => {
-                        warn!(target = %head.target, "http: cannot read file: {err}");
+                        warn!(session = %session.id(), "http: cannot read file: {err}");
                         self.done = true;
                         session.close();
+                        return false;
                     }
                 }
             }
-            FileBody::File(file) => {
+            Body::File { file, start, count } => {
                 session.send(&out);
-                session.send_file(Arc::new(file), start as u64, count);
+                session.send_file(Arc::new(file), start, count);
             }
         }
-    }
-
-    /// Finds the file a request names (through the per-loop cache of small files, or below the
-    /// root), or answers the request itself (redirect, 403, 404, 500) and returns `None`.
-    fn resolve(
-        &mut self,
-        session: &mut Session<'_>,
-        head: &RequestHead,
-        target: &str,
-        segments: &[String],
-        keep_alive: bool,
-        head_only: bool,
-    ) -> Option<(Arc<FileMeta>, FileBody)> {
-        let root = self.shared.root.as_ref()?;
-        let path = target.split(['?', '#']).next().unwrap_or("");
-        let wants_directory = path.ends_with('/');
-        // `dir/` (its index.html) and `dir` (a redirect) are different answers: the key says
-        // which was asked, so a cached index never answers the path without its slash.
-        let mut key = segments.join("/");
-        if wants_directory {
-            key.push('/');
-        }
-        if let Some(hit) = self.shared.cache.get(session, &key) {
-            return Some(hit);
-        }
-        let relative: PathBuf = if segments.is_empty() {
-            PathBuf::from(".")
-        } else {
-            segments.iter().collect()
-        };
-        let text = "text/plain; charset=utf-8";
-        let (file, metadata, name) = match open_below(root, &relative) {
-            Ok((_, metadata)) if metadata.is_dir() => {
-                if !wants_directory {
-                    let location = directory_location(target);
-                    self.send_with(
-                        session,
-                        301,
-                        &[
-                            ("Location", location.as_bytes()),
-                            ("Content-Type", text.as_bytes()),
-                        ],
-                        b"301 Moved Permanently\n",
-                        keep_alive,
-                        head_only,
-                    );
-                    return None;
-                }
-                match open_below(root, &relative.join("index.html")) {
-                    Ok((file, metadata)) if metadata.is_file() => (file, metadata, "index.html"),
-                    Ok(_) => {
-                        let body = b"403 Forbidden\n";
-                        self.send_simple(session, 403, text, body, keep_alive, head_only);
-                        return None;
-                    }
-                    _ => {
-                        self.not_found(session, keep_alive, head_only);
-                        return None;
-                    }
-                }
-            }
-            Ok((_, metadata)) if metadata.is_file() && wants_directory => {
-                // `/file.txt/` names a directory that is not there.
-                self.not_found(session, keep_alive, head_only);
-                return None;
-            }
-            Ok((file, metadata)) if metadata.is_file() => {
-                (file, metadata, segments.last().map_or("", String::as_str))
-            }
-            Ok((_, metadata)) => {
-                // A FIFO, socket or device under the root: opened without blocking, never read.
-                debug!(
-                    session = %session.id(), target = %head.target,
-                    "http: forbidden: not a regular file ({:?})", metadata.file_type()
-                );
-                self.send_simple(
-                    session,
-                    403,
-                    text,
-                    b"403 Forbidden\n",
-                    keep_alive,
-                    head_only,
-                );
-                return None;
-            }
-            Err(err)
-                if plexus_sys::fs::is_escape(&err)
-                    || err.kind() == io::ErrorKind::PermissionDenied =>
-            {
-                // Outside the root (openat2 refused the path) or not readable by this process.
-                debug!(session = %session.id(), target = %target, "http: forbidden: {err}");
-                self.send_simple(
-                    session,
-                    403,
-                    text,
-                    b"403 Forbidden\n",
-                    keep_alive,
-                    head_only,
-                );
-                return None;
-            }
-            Err(err)
-                if err.kind() == io::ErrorKind::NotFound
-                    || plexus_sys::fs::is_not_a_directory(&err) =>
-            {
-                self.not_found(session, keep_alive, head_only);
-                return None;
-            }
-            Err(err) => {
-                warn!(
-                    root = %self.shared.root_path.as_deref().unwrap_or(std::path::Path::new("?")).display(),
-                    target = %head.target,
-                    "http: cannot open file: {err}"
-                );
-                let body = b"500 Internal Server Error\n";
-                self.send_simple(session, 500, text, body, keep_alive, head_only);
-                return None;
-            }
-        };
-        let len = metadata.len();
-        let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
-        let modified_nanos = modified
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
-        let meta = Arc::new(FileMeta {
-            len,
-            modified,
-            etag: entity_tag(len, modified_nanos ^ u128::from(metadata.ino())),
-            last_modified: format_http_date(modified),
-            mime: content_type(extension),
-        });
-        if self.shared.cache.admits(len) {
-            let mut body = vec![0u8; len as usize];
-            if read_exact_at(&file, &mut body, 0).is_ok() {
-                let body = Bytes::from(body);
-                self.shared
-                    .cache
-                    .insert(session, key, Arc::clone(&meta), body.clone());
-                return Some((meta, FileBody::Memory(body)));
-            }
-        }
-        Some((meta, FileBody::File(file)))
-    }
-
-    fn not_found(&mut self, session: &mut Session<'_>, keep_alive: bool, head_only: bool) {
-        self.send_simple(
-            session,
-            404,
-            "text/plain; charset=utf-8",
-            b"404 Not Found\n",
-            keep_alive,
-            head_only,
-        );
-    }
-
-    fn send_simple(
-        &mut self,
-        session: &mut Session<'_>,
-        status: u16,
-        mime: &str,
-        body: &[u8],
-        keep_alive: bool,
-        head_only: bool,
-    ) {
-        self.send_with(
-            session,
-            status,
-            &[("Content-Type", mime.as_bytes())],
-            body,
-            keep_alive,
-            head_only,
-        );
-    }
-
-    /// Sends a response with a body from memory (Content-Length framed).
-    fn send_with(
-        &mut self,
-        session: &mut Session<'_>,
-        status: u16,
-        extra: &[(&str, &[u8])],
-        body: &[u8],
-        keep_alive: bool,
-        head_only: bool,
-    ) {
-        let length = body.len().to_string();
-        let mut headers: Vec<(&str, &[u8])> = extra.to_vec();
-        if status != 304 && status != 204 {
-            headers.push(("Content-Length", length.as_bytes()));
-        }
-        let mut out = Vec::with_capacity(256 + body.len());
-        self.write_response_head(session, &mut out, status, &headers, keep_alive);
-        if !head_only {
-            out.extend_from_slice(body);
-        }
-        session.send(&out);
+        true
     }
 
     /// Writes the status line and headers common to every response, then `headers`.
@@ -875,12 +1000,14 @@ impl HttpSession {
         headers: &[(&str, &[u8])],
         keep_alive: bool,
     ) {
-        self.shared.stats.response(status);
-        let date = http_date_now(session.loop_local(&self.shared.dates));
+        let date = self.shared.date(session);
         let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(headers.len() + 3);
         all.push(("Server", b"plexus"));
         all.push(("Date", date.as_bytes()));
         all.extend_from_slice(headers);
+        if let Some(hsts) = self.shared.hsts(session) {
+            all.push(("Strict-Transport-Security", hsts.as_bytes()));
+        }
         if !keep_alive {
             all.push(("Connection", b"close"));
         } else if self.http10 {
@@ -906,22 +1033,7 @@ impl SessionHandler for HttpSession {
         if self.done || !self.decoder.head_in_progress() {
             return;
         }
-        self.log_refusal(
-            session,
-            408,
-            &"request head not complete within header_timeout",
-        );
-        self.shared.stats.rejected(408);
-        self.send_simple(
-            session,
-            408,
-            "text/plain; charset=utf-8",
-            b"408 Request Timeout\n",
-            false,
-            false,
-        );
-        self.done = true;
-        session.close();
+        self.timed_out(session);
     }
 
     fn on_drain(&mut self, session: &mut Session<'_>) {

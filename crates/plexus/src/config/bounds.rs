@@ -105,6 +105,23 @@ fn bounds(config: &Config) -> Vec<(String, Bound)> {
             "http.file_cache_valid",
             Bound::Duration(http.file_cache_valid, Duration::ZERO, DAY),
         ),
+        // RFC 9113 §6.5.2: windows up to 2^31 - 1, frames 2^14 to 2^24 - 1.
+        (
+            "http.h2_max_concurrent_streams",
+            size(http.h2_max_concurrent_streams, 1, 65_536),
+        ),
+        (
+            "http.h2_initial_window_size",
+            size(http.h2_initial_window_size, 1024, (1 << 31) - 1),
+        ),
+        (
+            "http.h2_max_frame_size",
+            size(http.h2_max_frame_size, 16 * KIB, 16 * MIB - 1),
+        ),
+        (
+            "http.h2_stall_timeout",
+            Bound::Duration(http.h2_stall_timeout, MS, DAY),
+        ),
         (
             "chat.max_line_bytes",
             size(config.chat.max_line_bytes, 1, 16 * MIB),

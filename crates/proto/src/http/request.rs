@@ -89,7 +89,10 @@ pub enum Method {
 }
 
 impl Method {
-    fn from_token(token: &str) -> Method {
+    /// The method a token names (`"GET"` → [`Method::Get`]; unknown ones as
+    /// [`Method::Other`]): for methods that arrive outside a request line,
+    /// such as HTTP/2's `:method`.
+    pub fn from_token(token: &str) -> Method {
         match token {
             "GET" => Method::Get,
             "HEAD" => Method::Head,

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use plexus_proto::{Acl, Cidr};
 use serde::Serialize;
 
-use super::{HttpSession, HttpStats, LATENCY_BUCKETS, REJECT_STATUSES};
+use std::borrow::Cow;
+
+use super::{HttpStats, Response, Shared, LATENCY_BUCKETS, REJECT_STATUSES, TEXT};
 use plexus::config::HttpConfig;
 use plexus::{MetricsSnapshot, ServerStatus, Session};
 
@@ -412,32 +414,27 @@ fn build(status: &ServerStatus, http: &HttpStats, page: &StatusPage) -> Report {
     }
 }
 
-impl HttpSession {
+impl Shared {
     /// Answers `/status` (`json == false`) or `/status.json`: 404 when turned off, 403 to a
     /// client outside `status_allow`.
     pub(super) fn serve_status(
-        &mut self,
+        &self,
         session: &mut Session<'_>,
         json: bool,
-        keep_alive: bool,
         head_only: bool,
-    ) {
-        let page = &self.shared.status;
+    ) -> Response {
+        let page = &self.status;
         if !page.enabled {
-            self.not_found(session, keep_alive, head_only);
-            return;
+            return Response::not_found(head_only);
         }
         if !page.permits(session.peer().ip()) {
-            let text = "text/plain; charset=utf-8";
-            let body = b"403 Forbidden: this client is not in [http] status_allow\n";
-            self.send_simple(session, 403, text, body, keep_alive, head_only);
-            return;
+            let body = &b"403 Forbidden: this client is not in [http] status_allow\n"[..];
+            return Response::simple(403, TEXT, body, head_only);
         }
         let Some(status) = session.server_status() else {
-            self.not_found(session, keep_alive, head_only);
-            return;
+            return Response::not_found(head_only);
         };
-        let report = build(&status, &self.shared.stats, &self.shared.status);
+        let report = build(&status, &self.stats, &self.status);
         let (mime, body) = if json {
             let mut body = serde_json::to_vec(&report).unwrap_or_default();
             body.push(b'\n');
@@ -449,16 +446,18 @@ impl HttpSession {
             )
         };
         // No script, no external asset, ever: the page is inline CSS and server-rendered text.
-        let headers: [(&str, &[u8]); 3] = [
-            ("Content-Type", mime.as_bytes()),
-            ("Cache-Control", b"no-store"),
+        let headers = vec![
+            ("Content-Type", Cow::Borrowed(mime)),
+            ("Cache-Control", Cow::Borrowed("no-store")),
             (
                 "Content-Security-Policy",
-                b"default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
-                  form-action 'none'; frame-ancestors 'none'",
+                Cow::Borrowed(
+                    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
+                     form-action 'none'; frame-ancestors 'none'",
+                ),
             ),
         ];
-        self.send_with(session, 200, &headers, &body, keep_alive, head_only);
+        Response::with(200, headers, body, head_only)
     }
 }
 
