@@ -604,7 +604,6 @@ impl Acceptor {
         listener.acl = Arc::new(new.acl.clone());
         listener.proxy_trusted = new.proxy_trusted.clone();
         listener.options = listen::socket_options(&new.config);
-        listener.forward = listen::forward_target(new);
         if listener.tls.is_some() {
             listener.tls = tls;
         }
@@ -868,7 +867,6 @@ impl Acceptor {
             service: Arc::clone(&listener.service),
             ticket,
             tls,
-            forward: listener.forward,
             proxy: listener
                 .proxy_trusted
                 .as_ref()
