@@ -73,7 +73,15 @@ pub enum UpstreamError {
 pub struct Upstream {
     addrs: Arc<[SocketAddr]>,
     connect_timeout: Duration,
+    tls: Option<UpstreamTls>,
     shared: Arc<Shared>,
+}
+
+/// TLS origination: the client configuration and the name sent (SNI) and verified.
+#[derive(Clone)]
+pub(crate) struct UpstreamTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) name: rustls::pki_types::ServerName<'static>,
 }
 
 /// What every connection to one upstream shares.
@@ -94,6 +102,7 @@ impl std::fmt::Debug for Upstream {
             .field("name", &self.name())
             .field("addrs", &self.addrs)
             .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
             .finish()
     }
 }
@@ -126,6 +135,7 @@ impl Upstream {
         Ok(Upstream {
             addrs: addrs.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -161,6 +171,29 @@ impl Upstream {
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Upstream {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// The same upstream spoken to over TLS: once connected, the upstream session runs a
+    /// client handshake with `config` (see [`crate::tls_client::client_config`]) for
+    /// `server_name` (sent as SNI and verified), bounded by `handshake_timeout`; bytes sent to
+    /// it before the handshake completes wait in its queue. A refused certificate closes the
+    /// upstream session with [`crate::CloseReason::Tls`].
+    #[must_use]
+    pub fn with_tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> Upstream {
+        self.tls = Some(UpstreamTls {
+            config,
+            name: server_name,
+        });
+        self
+    }
+
+    /// The TLS origination settings, if any.
+    pub(crate) fn tls(&self) -> Option<&UpstreamTls> {
+        self.tls.as_ref()
     }
 
     /// The upstream's name.

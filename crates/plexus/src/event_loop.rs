@@ -1310,11 +1310,13 @@ impl EventLoop {
             self.timers.cancel(timer);
         }
         let proxy_pending = extras.proxy.map(|wait| self.timers.cancel(wait.timer));
+        // Upstream sessions (no ticket) are TLS clients: their failures are not the server's.
+        let admitted = session.ticket().is_some();
         if let Some(tls) = session.tls.as_mut() {
             if let Some(timer) = tls.handshake_timer.take() {
                 self.timers.cancel(timer);
             }
-            if tls.handshaking() && proxy_pending.is_none() {
+            if tls.handshaking() && proxy_pending.is_none() && admitted {
                 self.handshake_failed(&session.info, &reason);
             } else if !tls.transport.close_notify_sent()
                 && !matches!(reason, CloseReason::Io(_) | CloseReason::Tls(_))
@@ -1607,7 +1609,7 @@ fn deliver_tls_events(
                     session = %session.info.id,
                     version = ?conn.protocol_version(),
                     alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
-                    sni = ?conn.server_name(),
+                    sni = ?tls.transport.server_name(),
                     "tls handshake complete"
                 );
                 if let Some(service) = tls.pending_service.take() {

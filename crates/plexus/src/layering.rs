@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
         "prometheus",
     ],
     // Sans-IO stages and the TLS context.
-    &["tls", "connection"],
+    &["tls", "connection", "tls_client"],
     &["dtls"],
     // Counters and the worker pool.
     &["worker"],

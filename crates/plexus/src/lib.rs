@@ -85,6 +85,7 @@ mod session_id;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tls;
+pub mod tls_client;
 pub mod upgrade;
 mod worker;
 

@@ -234,6 +234,17 @@ impl TlsState {
         }
     }
 
+    /// A connector's client session: no handshake slot (it was not admitted), no service to
+    /// open (its handler is there already).
+    pub(crate) fn client(transport: TlsTransport, handshake_timer: TimerKey) -> Self {
+        TlsState {
+            transport,
+            handshake: None,
+            handshake_timer: Some(handshake_timer),
+            pending_service: None,
+        }
+    }
+
     /// Whether the handshake is still running (the service has not been opened).
     pub(crate) fn handshaking(&self) -> bool {
         !self.transport.is_established()

@@ -14,11 +14,14 @@
 //! `splice = true` is accepted and has no effect any more.
 //!
 //! The upstream (`upstream = "HOST:PORT"`) is resolved when the listener is built (at start or
-//! when a reload adds it), never on a loop; its addresses are tried in order, each within the
-//! server's `handshake_timeout`.
+//! when a reload adds or changes it), never on a loop; its addresses are tried in order, each
+//! within the server's `handshake_timeout`. With `upstream_tls = true` the upstream session is
+//! a TLS client (TLS origination): the certificate must chain to `upstream_ca` (else the
+//! system's roots) and name `upstream_sni` (else the upstream's host).
 
 use std::sync::Arc;
 
+use plexus::tls_client::{self, ServerTrust};
 use plexus::{
     BoxError, CloseReason, LinkEvent, ListenerContext, Service, ServiceFactory, Session,
     SessionHandler, SessionId, Upstream,
@@ -34,9 +37,26 @@ impl ServiceFactory for ForwardFactory {
         let Some(upstream) = listener.config().upstream.as_deref() else {
             return Err(format!("listener {}: forward needs an upstream", listener.name()).into());
         };
-        let upstream =
+        let config = listener.config();
+        let mut resolved =
             Upstream::resolve(upstream)?.with_connect_timeout(listener.handshake_timeout());
-        Ok(Arc::new(Forward::new(upstream)))
+        if config.upstream_tls {
+            let trust = match &config.upstream_ca {
+                Some(path) => ServerTrust::CaFile(path.clone()),
+                None => ServerTrust::SystemRoots,
+            };
+            let client = tls_client::client_config(&trust, &[])?;
+            // The host of HOST:PORT unless upstream_sni names another (validated with the
+            // configuration).
+            let host = upstream
+                .rsplit_once(':')
+                .map_or(upstream, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = config.upstream_sni.as_deref().unwrap_or(host);
+            resolved = resolved.with_tls(client, tls_client::server_name(name)?);
+        }
+        Ok(Arc::new(Forward::new(resolved)))
     }
 }
 

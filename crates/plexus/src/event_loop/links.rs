@@ -14,13 +14,14 @@ use plexus_proto::deadline_after;
 use tracing::{debug, info};
 
 use super::{client_token, upstream_token, EventLoop};
+use crate::connection::tls::TlsTransport;
 use crate::connector::{Connecting, UpstreamEvent};
 use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::LoopStats;
 use crate::service::{
     CloseReason, ConnectRequest, LinkEvent, LinkOp, Links, SessionExtras, SessionId, SessionInfo,
 };
-use crate::session::{CallbackContext, TcpSession};
+use crate::session::{CallbackContext, TcpSession, TlsState};
 
 /// The links in a session's extras, if any.
 fn links_of(extras: &mut Option<Box<SessionExtras>>) -> Option<&mut Links> {
@@ -311,6 +312,26 @@ impl EventLoop {
         session.readable = true;
         session.write_blocked = false;
         session.last_activity = now;
+        if let Some(tls) = connecting.upstream.tls() {
+            match TlsTransport::client(Arc::clone(&tls.config), tls.name.clone()) {
+                Ok(transport) => {
+                    let timer = self.timers.insert(
+                        deadline_after(now, self.limits.handshake_timeout),
+                        TimerEntry {
+                            key,
+                            id,
+                            kind: TimerKind::Handshake,
+                        },
+                    );
+                    session.tls = Some(Box::new(TlsState::client(transport, timer)));
+                    LoopStats::add(&self.stats.tls_sessions_open, 1);
+                }
+                Err(err) => {
+                    self.close(key, CloseReason::Tls(Arc::new(err)));
+                    return;
+                }
+            }
+        }
         debug!(session = %id, upstream = connecting.upstream.name(), %addr, "upstream connected");
         if let Some((opener_key, opener_id)) = opener {
             self.link_callback(opener_key, opener_id, now, |handler, session| {
@@ -469,6 +490,12 @@ impl EventLoop {
         };
         upstream.count(UpstreamEvent::Closed);
         let Some(connecting) = links.connecting.as_deref() else {
+            if matches!(reason, CloseReason::Tls(_) | CloseReason::HandshakeTimeout) {
+                info!(
+                    session = %info.id, upstream = upstream.name(), addr = %info.peer,
+                    "upstream session ended: {reason}"
+                );
+            }
             return;
         };
         if let Some(timer) = connecting.timer {
