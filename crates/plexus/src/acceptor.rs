@@ -621,8 +621,7 @@ impl Acceptor {
     /// A kept listener whose `upstream` (or its TLS keys) changed gets its service built again (forward
     /// resolves its upstream when built): new connections go to the new upstream.
     fn rebuild_service(&mut self, new: &ValidListener, reloader: &Reloader, timeout: Duration) {
-        let service =
-            listen::listener_service(new, &reloader.services, self.tls.as_ref(), timeout);
+        let service = listen::listener_service(new, &reloader.services, self.tls.as_ref(), timeout);
         let Some(listener) = self
             .listeners
             .iter_mut()
