@@ -176,7 +176,8 @@ impl Upstream {
     /// The same upstream spoken to over TLS: once connected, the upstream session runs a
     /// client handshake with `config` (see [`crate::tls_client::client_config`]) for
     /// `server_name` (sent as SNI and verified), bounded by `handshake_timeout`; bytes sent to
-    /// it before the handshake completes wait in its queue. A refused certificate closes the
+    /// it before the handshake completes wait in its queue, and the opener's
+    /// [`crate::LinkEvent::Connected`] comes after the handshake. A refused certificate closes the
     /// upstream session with [`crate::CloseReason::Tls`].
     #[must_use]
     pub fn with_tls(

@@ -406,8 +406,10 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        // datagram: a socket with unread datagrams counts as ready.
-        if !self.ready.is_empty() || self.datagram.has_ready() {
+        // datagram: a socket with unread datagrams counts as ready. Sessions listed for a
+        // flush by the timers that just fired (a linked session told its upstream timed out)
+        // are flushed at the start of the next turn, without waiting for another event.
+        if !self.ready.is_empty() || !self.flush_list.is_empty() || self.datagram.has_ready() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -826,8 +828,15 @@ impl EventLoop {
                 &mut self.timers,
             );
         }
-        if session.peer_eof && session.extras.is_some() {
-            self.deliver_eof(key, now);
+        if session.extras.is_some() {
+            self.announce_connected(key, now);
+            if self
+                .sessions
+                .get_mut(key)
+                .is_some_and(|session| session.peer_eof)
+            {
+                self.deliver_eof(key, now);
+            }
         }
         self.after_callback(key, now);
         self.flush(key, now);

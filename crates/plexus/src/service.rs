@@ -79,7 +79,10 @@ pub trait SessionHandler: Send {
 #[non_exhaustive]
 pub enum LinkEvent {
     /// The upstream session `upstream` (the id [`Session::connect`] returned) is connected
-    /// to `addr`; bytes sent to it before are on their way.
+    /// to `addr`; bytes sent to it before are on their way. For a TLS upstream
+    /// ([`crate::Upstream::with_tls`]) this comes once the TLS handshake is complete (the
+    /// server's certificate verified), not at the TCP connect: an upstream that accepts TCP
+    /// and fails or stalls the handshake only ever reports [`LinkEvent::Closed`].
     Connected {
         /// The upstream session.
         upstream: SessionId,
@@ -272,6 +275,9 @@ pub(crate) struct Links {
     pub(crate) connecting: Option<Box<Connecting>>,
     /// The upstream of an upstream session (its counters).
     pub(crate) upstream: Option<Upstream>,
+    /// A TLS upstream session whose TCP connect succeeded: the opener hears `Connected` (with
+    /// this address) once the TLS handshake is done, not before.
+    pub(crate) announce: Option<SocketAddr>,
 }
 
 /// What a callback asked of a linked session.

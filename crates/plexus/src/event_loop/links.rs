@@ -345,13 +345,44 @@ impl EventLoop {
             }
         }
         debug!(session = %id, upstream = connecting.upstream.name(), %addr, "upstream connected");
-        if let Some((opener_key, opener_id)) = opener {
+        if session.tls.is_some() {
+            // The opener hears of it once the handshake is done (`announce_connected`): a
+            // TLS upstream is not usable before, and may still refuse its certificate.
+            if let Some(links) = links_of(&mut session.extras) {
+                links.announce = Some(addr);
+            }
+        } else if let Some((opener_key, opener_id)) = opener {
             self.link_callback(opener_key, opener_id, now, |handler, session| {
                 handler.on_link(session, LinkEvent::Connected { upstream: id, addr })
             });
         }
-        // Write what waited for the connect, and read what the upstream may have sent.
+        // Write what waited for the connect (the ClientHello first, for TLS), and read what
+        // the upstream may have sent.
         self.ready.push(key);
+    }
+
+    /// A TLS upstream session whose handshake just completed: its opener hears that it is
+    /// connected (`LinkEvent::Connected`), once.
+    pub(super) fn announce_connected(&mut self, key: usize, now: Instant) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        if session.tls.as_deref().is_none_or(|tls| tls.handshaking()) {
+            return;
+        }
+        let id = session.info.id;
+        let Some(links) = links_of(&mut session.extras) else {
+            return;
+        };
+        let Some(addr) = links.announce.take() else {
+            return;
+        };
+        debug!(session = %id, %addr, "upstream tls handshake complete");
+        if let Some((opener_key, opener_id)) = links.peers.first().copied() {
+            self.link_callback(opener_key, opener_id, now, |handler, session| {
+                handler.on_link(session, LinkEvent::Connected { upstream: id, addr })
+            });
+        }
     }
 
     /// The current attempt failed (`None`: timed out): the next address, or the end.
