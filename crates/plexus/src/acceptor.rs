@@ -496,6 +496,15 @@ impl Acceptor {
             .filter_map(|&index| new.listeners.get(index))
         {
             self.update_listener(listener);
+            let old_upstream = reloader
+                .running
+                .listeners
+                .iter()
+                .find(|old| old.config.name == listener.config.name)
+                .map(|old| upstream_keys(&old.config));
+            if old_upstream.is_some_and(|old| old != upstream_keys(&listener.config)) {
+                self.rebuild_service(listener, reloader, new.config.server.handshake_timeout);
+            }
         }
         let mut not_bound = Vec::new();
         for listener in plan
@@ -604,9 +613,28 @@ impl Acceptor {
         listener.acl = Arc::new(new.acl.clone());
         listener.proxy_trusted = new.proxy_trusted.clone();
         listener.options = listen::socket_options(&new.config);
-        listener.forward = listen::forward_target(new);
         if listener.tls.is_some() {
             listener.tls = tls;
+        }
+    }
+
+    /// A kept listener whose `upstream` (or its TLS keys) changed gets its service built again (forward
+    /// resolves its upstream when built): new connections go to the new upstream.
+    fn rebuild_service(&mut self, new: &ValidListener, reloader: &Reloader, timeout: Duration) {
+        let service = listen::listener_service(new, &reloader.services, self.tls.as_ref(), timeout);
+        let Some(listener) = self
+            .listeners
+            .iter_mut()
+            .find(|l| *l.info.name == new.config.name)
+        else {
+            return;
+        };
+        match service {
+            Ok(service) => listener.service = service,
+            Err(err) => error!(
+                "reload: listener '{}': {err}; keeping its previous service",
+                new.config.name
+            ),
         }
     }
 
@@ -870,7 +898,6 @@ impl Acceptor {
             service: Arc::clone(&listener.service),
             ticket,
             tls,
-            forward: listener.forward,
             proxy: listener
                 .proxy_trusted
                 .as_ref()
@@ -920,5 +947,22 @@ fn is_transient_accept_error(err: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
             | io::ErrorKind::PermissionDenied
+    )
+}
+
+/// The keys a forward listener's service is built from.
+fn upstream_keys(
+    config: &crate::config::ListenerConfig,
+) -> (
+    &Option<String>,
+    bool,
+    &Option<std::path::PathBuf>,
+    &Option<String>,
+) {
+    (
+        &config.upstream,
+        config.upstream_tls,
+        &config.upstream_ca,
+        &config.upstream_sni,
     )
 }

@@ -414,6 +414,17 @@ pub struct ListenerConfig {
     /// `HOST:PORT` for the forward service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// Forward only: speak TLS to the upstream (TLS origination), its certificate verified
+    /// against `upstream_ca` (else the system's roots) for `upstream_sni`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub upstream_tls: bool,
+    /// With `upstream_tls`: a PEM file of the CAs the upstream's certificate must chain to
+    /// (only these are trusted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_ca: Option<PathBuf>,
+    /// With `upstream_tls`: the name sent (SNI) and verified; absent = the upstream's host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_sni: Option<String>,
     /// Require a PROXY v1/v2 header (from a load balancer) before anything else.
     #[serde(default, skip_serializing_if = "is_false")]
     pub proxy_protocol: bool,
@@ -980,6 +991,23 @@ impl Config {
                 }
                 (None, false) => None,
             };
+            let sni = listener.upstream_sni.as_deref().or_else(|| {
+                let upstream = listener.upstream.as_deref()?;
+                let (host, _) = upstream.rsplit_once(':')?;
+                Some(host.trim_start_matches('[').trim_end_matches(']'))
+            });
+            if let (true, Some(sni)) = (listener.upstream_tls, sni) {
+                if rustls::pki_types::ServerName::try_from(sni).is_err() {
+                    let name = match listener.upstream_sni {
+                        Some(_) => "upstream_sni",
+                        None => "upstream",
+                    };
+                    problem(
+                        key(name),
+                        format!("'{sni}' is not a DNS name or IP address to verify (TLS)"),
+                    );
+                }
+            }
             if let Some(addr) = addr {
                 listeners.push(ValidListener {
                     config: listener.clone(),

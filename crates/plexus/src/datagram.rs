@@ -57,15 +57,17 @@ use crate::datagram_admission::{
     CapFull, DatagramCaps, DatagramPlace, DtlsHandshakePlace, ListenerCap,
 };
 use crate::dtls::{self, DatagramIo, DtlsContext, Progress};
-use crate::event_loop::{SessionLimits, TimerEntry, TimerKind};
 use crate::idle_order::{IdleOrder, Scope};
 use crate::log_throttle::LogThrottle;
 use crate::loop_local::LoopLocals;
+pub(crate) use crate::loop_timer::DatagramTimer;
+use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
 use crate::service::{Broadcast, CloseReason, ListenerInfo, Service, Session, SessionHandler};
 use crate::service::{SessionExtras, TimerRequest};
 use crate::service::{SessionId, SessionInfo};
+use crate::session::SessionLimits;
 use crate::worker::WorkQueue;
 
 /// Receive slot per datagram: anything up to the largest UDP payload arrives whole.
@@ -91,19 +93,6 @@ pub(crate) fn token_socket(token: Token) -> Option<usize> {
     let index = (usize::MAX - 1).checked_sub(token.0)?;
     // Indexes from MAX_DATAGRAM_SOCKETS on are the upgrade relays of the sockets.
     (token.0 != usize::MAX && index < 2 * MAX_DATAGRAM_SOCKETS).then_some(index)
-}
-
-/// Which datagram-session timer fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DatagramTimer {
-    /// Check the session's last activity against `idle_timeout`.
-    Idle,
-    /// The DTLS handshake must be done by now.
-    Handshake,
-    /// OpenSSL's DTLS retransmission timer.
-    Retransmit,
-    /// The handler's deadline ([`Session::set_timer`]).
-    Handler,
 }
 
 /// What every loop needs to know about one udp/dtls listener.
@@ -1044,7 +1033,6 @@ impl DatagramEndpoint {
             outbound_limit: self.limits.outbound_limit,
             work,
             work_limit: self.limits.work_limit,
-            relay: None,
             extras,
             drain_wanted,
             high_watermark: self.limits.high_watermark,

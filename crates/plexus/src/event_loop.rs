@@ -28,13 +28,13 @@ use crate::config::READ_CHUNK;
 use crate::connection::proxy_header::{ProxyDone, ProxyFailure, ProxyPreamble};
 use crate::connection::tls::{TlsEvent, TlsFailure, TlsTransport, TLS_PLAINTEXT_CHUNK};
 // datagram: udp/dtls sockets and sessions of this loop.
-use crate::datagram::{self, DatagramEndpoint, DatagramListener, DatagramTimer, LoopParts};
-use crate::forward::{self, ForwardTarget, Relay};
+use crate::datagram::{self, DatagramEndpoint, DatagramListener, LoopParts};
 use crate::log_throttle::LogThrottle;
 use crate::loop_local::LoopLocals;
+pub(crate) use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::{LoopStats, Metrics};
 use crate::service::ProxyWait;
-use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
+use crate::service::{Broadcast, CloseReason, Service, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
@@ -90,8 +90,6 @@ pub(crate) struct NewSession {
     pub(crate) ticket: Ticket,
     /// Present for tls listeners: the handshake runs on the loop before the service opens.
     pub(crate) tls: Option<TlsStart>,
-    /// Present for forward listeners: where to relay.
-    pub(crate) forward: Option<ForwardTarget>,
     /// Present for `proxy_protocol` listeners: a PROXY header comes first; the listener's ACL
     /// then applies to the client it names.
     pub(crate) proxy: Option<Arc<Acl>>,
@@ -174,30 +172,6 @@ impl Drop for ExitSignal {
         self.live_loops.fetch_sub(1, Ordering::AcqRel);
         let _ = self.waker.wake();
     }
-}
-
-/// Timer payload: which session, which session it was when armed (keys are reused), and why.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct TimerEntry {
-    pub(crate) key: usize,
-    pub(crate) id: SessionId,
-    pub(crate) kind: TimerKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TimerKind {
-    // datagram: a udp/dtls session's timer (key is a datagram-session key).
-    Datagram(DatagramTimer),
-    /// Check `last_activity` against the idle limit.
-    Idle,
-    /// The TLS handshake must be done by now.
-    Handshake,
-    /// A forward session's upstream must be connected by now.
-    Connect,
-    /// The deadline a service set with `Session::set_timer`.
-    Handler,
-    /// A `proxy_protocol` session's PROXY header must have arrived by now.
-    ProxyHeader,
 }
 
 /// One event-loop thread's state.
@@ -372,7 +346,8 @@ impl EventLoop {
                     continue;
                 };
                 if upstream_side {
-                    self.upstream_event(key, event, now);
+                    // An upstream session's socket while its connect runs.
+                    self.connect_event(key, event, now);
                     continue;
                 }
                 if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -431,8 +406,10 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        // datagram: a socket with unread datagrams counts as ready.
-        if !self.ready.is_empty() || self.datagram.has_ready() {
+        // datagram: a socket with unread datagrams counts as ready. Sessions listed for a
+        // flush by the timers that just fired (a linked session told its upstream timed out)
+        // are flushed at the start of the next turn, without waiting for another event.
+        if !self.ready.is_empty() || !self.flush_list.is_empty() || self.datagram.has_ready() {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -498,7 +475,6 @@ impl EventLoop {
             service,
             ticket,
             tls,
-            forward,
             proxy,
         } = new;
         let key = self.sessions.vacant_key();
@@ -520,7 +496,7 @@ impl EventLoop {
         let idle_timer = self
             .timers
             .insert(deadline_after(now, self.idle_limit), idle_check);
-        let mut session = TcpSession::new(stream, info, ticket, idle_timer, now);
+        let mut session = TcpSession::new(stream, info, Some(ticket), idle_timer, now);
         // Read whatever arrived before registration (the first edge may predate it).
         session.readable = true;
         let tls_service = match tls {
@@ -545,41 +521,6 @@ impl EventLoop {
             },
             None => Some(service),
         };
-        if let Some(target) = forward {
-            let plain_client = session.tls.is_none();
-            let started = Relay::connect(target, plain_client).and_then(|mut relay| {
-                self.poll.registry().register(
-                    &mut relay.upstream,
-                    upstream_token(key),
-                    interest,
-                )?;
-                Ok(relay)
-            });
-            match started {
-                Ok(mut relay) => {
-                    let check = TimerEntry {
-                        key,
-                        id,
-                        kind: TimerKind::Connect,
-                    };
-                    let deadline = deadline_after(now, self.limits.handshake_timeout);
-                    relay.connect_timer = Some(self.timers.insert(deadline, check));
-                    session.relay = Some(Box::new(relay));
-                }
-                Err(err) => {
-                    info!(session = %id, upstream = %target.upstream, "forward: cannot connect upstream: {err}; closing client");
-                    self.timers.cancel(idle_timer);
-                    if let Some(timer) = session
-                        .tls
-                        .as_mut()
-                        .and_then(|tls| tls.handshake_timer.take())
-                    {
-                        self.timers.cancel(timer);
-                    }
-                    return;
-                }
-            }
-        }
         let session_is_tls = session.tls.is_some();
         let tls_service = match proxy {
             Some(acl) => {
@@ -682,6 +623,9 @@ impl EventLoop {
                 }
             }
         }
+        if session.peer_eof && session.extras.is_some() {
+            self.deliver_eof(key, now);
+        }
         self.after_callback(key, now);
         self.flush(key, now);
     }
@@ -758,7 +702,11 @@ impl EventLoop {
         // LOCAL / UNKNOWN (health checks): the connection's own address is the client.
         session.info.peer = done.client(balancer);
         let client = session.info.peer.ip();
-        if let Err(reason) = session.ticket_mut().assign_client(&acl, client) {
+        let assigned = match session.ticket_mut() {
+            Some(ticket) => ticket.assign_client(&acl, client),
+            None => Ok(()),
+        };
+        if let Err(reason) = assigned {
             session.info.listener.stats.refused(reason);
             info!(
                 session = %session.info.id, peer = %session.info.peer, via = %balancer,
@@ -806,7 +754,9 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        session.ticket().record_refusal(RefusalReason::ProxyHeader);
+        if let Some(ticket) = session.ticket() {
+            ticket.record_refusal(RefusalReason::ProxyHeader);
+        }
         session
             .info
             .listener
@@ -878,47 +828,17 @@ impl EventLoop {
                 &mut self.timers,
             );
         }
-        self.after_callback(key, now);
-        self.flush(key, now);
-    }
-
-    /// Readiness of a forward session's upstream socket: finish the connect, then relay.
-    fn upstream_event(&mut self, key: usize, event: &mio::event::Event, now: Instant) {
-        let Some(session) = self.sessions.get_mut(key) else {
-            return;
-        };
-        let Some(relay) = session.relay.as_mut() else {
-            return;
-        };
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
-            relay.up_readable = true;
-        }
-        if event.is_read_closed() || event.is_error() {
-            // Final state: read until the socket says so, never infer "drained" from a short read.
-            relay.up_read_closed = true;
-        }
-        if event.is_writable() || event.is_error() {
-            relay.up_write_blocked = false;
-        }
-        if relay.connecting() {
-            match relay.check_connected() {
-                Ok(true) => {
-                    if let Some(timer) = relay.connect_timer.take() {
-                        self.timers.cancel(timer);
-                    }
-                    debug!(session = %session.info.id, upstream = %relay.target, "forward: upstream connected");
-                }
-                Ok(false) => return,
-                Err(err) => {
-                    info!(
-                        session = %session.info.id, upstream = %relay.target,
-                        "forward: upstream failed: {err}; closing client"
-                    );
-                    self.close(key, CloseReason::UpstreamFailed(err.kind()));
-                    return;
-                }
+        if session.extras.is_some() {
+            self.announce_connected(key, now);
+            if self
+                .sessions
+                .get_mut(key)
+                .is_some_and(|session| session.peer_eof)
+            {
+                self.deliver_eof(key, now);
             }
         }
+        self.after_callback(key, now);
         self.flush(key, now);
     }
 
@@ -933,6 +853,7 @@ impl EventLoop {
         {
             self.apply_timer_request(key, now);
             self.apply_tls_upgrade(key, now);
+            self.apply_link_ops(key, now);
         }
         self.publish_broadcasts(Some(key));
         self.submit_work(key);
@@ -986,7 +907,11 @@ impl EventLoop {
         if session.tls.is_some() || session.closing.is_some() {
             return;
         }
-        let slot = match session.ticket().reserve_handshake() {
+        let Some(ticket) = session.ticket() else {
+            // Upstream sessions are TLS clients, not servers.
+            return;
+        };
+        let slot = match ticket.reserve_handshake() {
             Ok(slot) => slot,
             Err(reason) => {
                 session.info.listener.stats.refused(reason);
@@ -1290,23 +1215,6 @@ impl EventLoop {
         };
         // This flush covers any pending entry on the flush list (listing again re-arms it).
         session.flush_listed = false;
-        if let (Some(relay), None) = (session.relay.as_deref_mut(), &session.closing) {
-            let client = forward::ClientSide {
-                stream: &mut session.stream,
-                readable: &mut session.readable,
-                write_blocked: &mut session.write_blocked,
-                peer_eof: &mut session.peer_eof,
-                last_activity: &mut session.last_activity,
-                outbound: &mut session.outbound,
-                listener: &session.info.listener,
-            };
-            let high = self.limits.high_watermark;
-            if let Err(reason) =
-                forward::pump(client, relay, &mut self.read_buf, high, &self.stats, now)
-            {
-                session.closing = Some(reason);
-            }
-        }
         if let Some(reason) = session.closing.as_ref().filter(|reason| !reason.flushes()) {
             let reason = reason.clone();
             self.close(key, reason);
@@ -1337,18 +1245,15 @@ impl EventLoop {
                 }
             }
         }
-        if session.outbound.is_empty() && session.closing.is_none() {
-            let client_tls = session.tls.is_some();
-            if let Some(relay) = session.relay.as_deref_mut() {
-                if let Err(err) = relay.pass_fin_to_client(&session.stream, client_tls) {
-                    session.closing = Some(CloseReason::Io(err.kind()));
-                }
-            }
-        }
-        let relay_backlog = session.relay.as_ref().map_or(0, |relay| relay.backlog());
+        let links_done = match session.extras.is_some() {
+            true => self.flush_links(key),
+            false => true,
+        };
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         if session.read_paused
             && session.outbound.len() <= self.limits.low_watermark
-            && relay_backlog <= self.limits.low_watermark
             && session.work.len() <= WORK_LOW_WATERMARK
         {
             session.read_paused = false;
@@ -1364,28 +1269,15 @@ impl EventLoop {
             session.drain_due = true;
             self.ready.push(key);
         }
-        if session.outbound.len() <= self.limits.low_watermark
-            && session
-                .relay
-                .as_ref()
-                .is_some_and(|relay| relay.upstream_pending())
-        {
-            // Same for the upstream side of a forward session (copy mode).
-            self.ready.push(key);
-        }
         if !session.outbound.is_empty() || (!session.work.is_idle() && session.closing.is_none()) {
             // Replies of blocking jobs still to come are part of what the peer is owed.
             return;
         }
-        // A forward session is done when both directions are (each side's FIN delivered).
-        let relay_done = session
-            .relay
-            .as_ref()
-            .is_none_or(|relay| relay.finished(session.peer_eof));
         // The peer's end (FIN or close_notify) waits for what the handler still holds back for
-        // a drained queue (pipelined requests): its `on_drain` is due and may answer more.
+        // a drained queue (pipelined requests): its `on_drain` is due and may answer more. A
+        // linked session also waits for its own write side to be finished (a relay).
         let finished = session.closing.clone().or_else(|| {
-            (session.peer_eof && relay_done && !session.drain_due)
+            (session.peer_eof && links_done && !session.drain_due)
                 .then_some(CloseReason::PeerClosed)
         });
         let Some(reason) = finished else { return };
@@ -1427,18 +1319,13 @@ impl EventLoop {
             self.timers.cancel(timer);
         }
         let proxy_pending = extras.proxy.map(|wait| self.timers.cancel(wait.timer));
-        if let Some(timer) = session
-            .relay
-            .as_mut()
-            .and_then(|relay| relay.connect_timer.take())
-        {
-            self.timers.cancel(timer);
-        }
+        // Upstream sessions (no ticket) are TLS clients: their failures are not the server's.
+        let admitted = session.ticket().is_some();
         if let Some(tls) = session.tls.as_mut() {
             if let Some(timer) = tls.handshake_timer.take() {
                 self.timers.cancel(timer);
             }
-            if tls.handshaking() && proxy_pending.is_none() {
+            if tls.handshaking() && proxy_pending.is_none() && admitted {
                 self.handshake_failed(&session.info, &reason);
             } else if !tls.transport.close_notify_sent()
                 && !matches!(reason, CloseReason::Io(_) | CloseReason::Tls(_))
@@ -1450,6 +1337,9 @@ impl EventLoop {
             }
         }
         self.stats.closed(&session.info.listener);
+        if session.ticket().is_none() {
+            self.upstream_closed(&session.info, extras.links.as_deref(), &reason);
+        }
         if session.tls.is_some() {
             LoopStats::sub(&self.stats.tls_sessions_open, 1);
         }
@@ -1476,6 +1366,9 @@ impl EventLoop {
         }
         session.outbound.clear();
         session.handler_closed(&reason, &self.stats);
+        if let Some(links) = extras.links {
+            self.tell_links_closed(session.info.id, *links, &reason, Instant::now());
+        }
         // Dropping the stream closes the socket (and deregisters it); the ticket gives back
         // the session's admission place.
     }
@@ -1502,13 +1395,7 @@ impl EventLoop {
                 continue;
             };
             if kind == TimerKind::Connect {
-                if let Some(relay) = session.relay.as_mut() {
-                    relay.connect_timer = None;
-                    if relay.connecting() {
-                        info!(session = %id, upstream = %relay.target, "forward: upstream did not accept in time; closing client");
-                        self.close(key, CloseReason::UpstreamTimeout);
-                    }
-                }
+                self.connect_timed_out(key, now);
                 continue;
             }
             if kind == TimerKind::ProxyHeader {
@@ -1652,26 +1539,29 @@ fn may_read(
     stats: &LoopStats,
     ready: &mut Vec<usize>,
 ) -> bool {
-    let relay = session.relay.as_deref();
     if !session.readable
         || session.read_paused
         || session.broadcast_wait
+        || session.link_wait
         || session.peer_eof
         || session.closing.is_some()
-        || relay.is_some_and(|relay| relay.spliced())
     {
-        // (A spliced relay reads the client socket itself, in forward::pump.)
         return false;
     }
-    if session.outbound.len() > high_watermark
-        || relay.is_some_and(|relay| relay.backlog() > high_watermark)
-        || session.work.len() > WORK_HIGH_WATERMARK
-    {
+    if session.outbound.len() > high_watermark || session.work.len() > WORK_HIGH_WATERMARK {
         session.read_paused = true;
         LoopStats::add(&stats.read_pauses, 1);
         return false;
     }
-    if reads == MAX_READS_PER_TURN {
+    // Bytes for a linked session wait in the handler's requests until the callback returns:
+    // past the high watermark, stop and let the loop hand them over (and pause if need be).
+    let sending = session.extras.as_deref().is_some_and(|extras| {
+        extras
+            .links
+            .as_deref()
+            .is_some_and(|links| links.pending > high_watermark)
+    });
+    if reads == MAX_READS_PER_TURN || sending {
         ready.push(key);
         return false;
     }
@@ -1728,7 +1618,7 @@ fn deliver_tls_events(
                     session = %session.info.id,
                     version = ?conn.protocol_version(),
                     alpn = ?conn.alpn_protocol().map(String::from_utf8_lossy),
-                    sni = ?conn.server_name(),
+                    sni = ?tls.transport.server_name(),
                     "tls handshake complete"
                 );
                 if let Some(service) = tls.pending_service.take() {
@@ -1768,5 +1658,6 @@ fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
     session.closing = Some(reason);
 }
 
+mod links;
 #[cfg(test)]
 mod tests;

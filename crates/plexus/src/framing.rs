@@ -1016,7 +1016,6 @@ mod tests {
                 outbound_limit: 1 << 20,
                 work: &mut self.work,
                 work_limit: 1,
-                relay: None,
                 extras: &mut self.extras,
                 drain_wanted: &mut drain_wanted,
                 high_watermark: 1 << 16,

@@ -56,6 +56,7 @@ mod breakdown;
 mod broadcast;
 pub mod config;
 mod connection;
+pub mod connector;
 mod datagram;
 mod datagram_admission;
 mod dtls;
@@ -64,15 +65,12 @@ mod error;
 // the crate enables no other restriction lint.
 #[allow(clippy::restriction)]
 mod event_loop;
-// why: not converted to the no-panic lints yet (being restructured into connection stages);
-// the crate enables no other restriction lint.
-#[allow(clippy::restriction)]
-mod forward;
 pub mod framing;
 mod idle_order;
 mod listen;
 mod log_throttle;
 mod loop_local;
+mod loop_timer;
 mod metrics;
 mod outbound;
 pub mod prometheus;
@@ -87,12 +85,14 @@ mod session_id;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod tls;
+pub mod tls_client;
 pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
+pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
 pub use dtls::DtlsError;
 pub use error::Error;
 pub use log_throttle::LogThrottle;
@@ -101,7 +101,9 @@ pub use metrics::{MetricsSnapshot, ServerStatus};
 pub use protocol_group::{Detection, Detector, ProtocolGroup, ProtocolGroupBuilder};
 pub use registry::{BoxError, ListenerContext, ServiceFactory};
 pub use server::{Server, ServerBuilder, ServerHandle};
-pub use service::{CloseReason, Service, Session, SessionHandler, SessionId, SessionInfo};
+pub use service::{
+    CloseReason, LinkEvent, Service, Session, SessionHandler, SessionId, SessionInfo,
+};
 pub use tls::TlsError;
 pub use upgrade::{Handover, UpgradeOptions};
 pub use worker::Reply;

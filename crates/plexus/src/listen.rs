@@ -15,7 +15,6 @@ use tracing::info;
 use crate::config::{ConfigError, ServerConfig, Transport, ValidListener};
 use crate::error::Error;
 use crate::event_loop::SessionLimits;
-use crate::forward::ForwardTarget;
 use crate::registry::{ServiceLookupError, ServiceRegistry};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::TlsContext;
@@ -62,8 +61,6 @@ pub(crate) struct BoundListener {
     pub(crate) options: SocketOptions,
     /// The rustls configuration of a tls listener.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// Where a forward listener relays to.
-    pub(crate) forward: Option<ForwardTarget>,
     /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`
     /// (start with `true`: connections may be waiting before the first edge).
     pub(crate) ready: bool,
@@ -182,7 +179,6 @@ pub(crate) fn bind(
         proxy_trusted: listener.proxy_trusted.clone(),
         options: socket_options(config),
         tls,
-        forward: forward_target(listener),
         ready: true,
     })
 }
@@ -196,12 +192,4 @@ pub(crate) fn socket_options(config: &crate::config::ListenerConfig) -> SocketOp
         keepalive: config.keepalive,
         linger: config.linger,
     }
-}
-
-/// Where a forward listener relays to.
-pub(crate) fn forward_target(listener: &ValidListener) -> Option<ForwardTarget> {
-    listener.upstream.map(|upstream| ForwardTarget {
-        upstream,
-        splice: listener.config.splice,
-    })
 }

@@ -19,7 +19,6 @@ use crate::datagram_admission::{DatagramCaps, ListenerCap};
 use crate::dtls::DtlsContext;
 use crate::error::{DescriptorProblem, Error, InheritedError};
 use crate::event_loop::{EventLoop, ExitSignal, LoopHandle};
-use crate::forward::Forward;
 use crate::listen::{bind, listener_service, needs_tls, session_limits};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::registry::{ServiceFactory, ServiceRegistry};
@@ -604,13 +603,11 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts configuring a server. Only `forward` (the runtime's relay, which listeners with
-    /// an `upstream` use) is registered; register your services with
-    /// [`ServerBuilder::service`], or the built-in ones (`echo`, `chat`, `http`, `auto`) with
-    /// the `plexus-services` crate.
+    /// Starts configuring a server. No service is registered: register yours with
+    /// [`ServerBuilder::service`], or the built-in ones (`echo`, `chat`, `http`, `forward`,
+    /// `auto`) with the `plexus-services` crate.
     pub fn builder(config: Config) -> ServerBuilder {
-        let mut services = ServiceRegistry::default();
-        services.insert("forward".into(), Arc::new(Forward));
+        let services = ServiceRegistry::default();
         ServerBuilder {
             config,
             source: "<config>".into(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use crate::connector::{Connecting, Upstream};
 use crate::loop_local::{LoopLocal, LoopLocals};
 use crate::metrics::ServerStatus;
 use crate::metrics::{Metrics, MetricsSnapshot};
@@ -53,6 +54,49 @@ pub trait SessionHandler: Send {
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
         let _ = (info, reason);
     }
+
+    /// Something happened to a session linked with this one (see [`crate::connector`]): the
+    /// upstream this session opened with [`Session::connect`] is connected, or a linked session
+    /// ended. The default closes this session (after flushing) when a linked one ends.
+    fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
+        if let LinkEvent::Closed { .. } = event {
+            session.close();
+        }
+    }
+
+    /// The peer finished sending (TCP FIN, or TLS close_notify) on a session that has linked
+    /// sessions. Such a session stays open until its own write side is finished too (with
+    /// [`Session::finish`], or by a linked session's [`Session::finish_to`]), or it closes:
+    /// a relay passes the end on with `finish_to`. Sessions without links are not asked: they
+    /// close once their queue is flushed. The default closes the session after flushing.
+    fn on_eof(&mut self, session: &mut Session<'_>) {
+        session.close();
+    }
+}
+
+/// What [`SessionHandler::on_link`] reports.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum LinkEvent {
+    /// The upstream session `upstream` (the id [`Session::connect`] returned) is connected
+    /// to `addr`; bytes sent to it before are on their way. For a TLS upstream
+    /// ([`crate::Upstream::with_tls`]) this comes once the TLS handshake is complete (the
+    /// server's certificate verified), not at the TCP connect: an upstream that accepts TCP
+    /// and fails or stalls the handshake only ever reports [`LinkEvent::Closed`].
+    Connected {
+        /// The upstream session.
+        upstream: SessionId,
+        /// The address it connected to (the first of its upstream's addresses that accepted).
+        addr: SocketAddr,
+    },
+    /// The linked session `peer` ended (its queued bytes are gone with it).
+    Closed {
+        /// The session that ended.
+        peer: SessionId,
+        /// Why: [`CloseReason::UpstreamFailed`] or [`CloseReason::UpstreamTimeout`] for an
+        /// upstream that never connected.
+        reason: CloseReason,
+    },
 }
 
 pub use crate::session_id::SessionId;
@@ -117,9 +161,10 @@ pub enum CloseReason {
     /// The session's next blocking job found the worker pool's queue (`worker_queue`) full
     /// for `idle_timeout`.
     WorkerPoolFull,
-    /// A forward session's upstream refused, reset or failed.
+    /// An upstream session ([`Session::connect`]) could not connect: every address refused,
+    /// reset or failed (the last failure's kind).
     UpstreamFailed(std::io::ErrorKind),
-    /// A forward session's upstream did not accept the connection within `handshake_timeout`.
+    /// An upstream session's last address did not accept within the connect timeout.
     UpstreamTimeout,
     /// A `proxy_protocol` session's PROXY header was missing, malformed or late.
     ProxyHeader,
@@ -205,6 +250,49 @@ pub(crate) struct SessionExtras {
     pub(crate) tls_upgrade: Option<Box<TlsUpgrade>>,
     /// A `proxy_protocol` session before its PROXY header is complete.
     pub(crate) proxy: Option<Box<ProxyWait>>,
+    /// Linked sessions (connectors), and what a callback asked of them.
+    pub(crate) links: Option<Box<Links>>,
+}
+
+/// A session's links to other sessions of its loop (see [`crate::connector`]).
+#[derive(Default)]
+pub(crate) struct Links {
+    /// The linked sessions: key in the loop's table, and id.
+    pub(crate) peers: Vec<(usize, SessionId)>,
+    /// Asked in the current callback; applied by the loop after it.
+    pub(crate) ops: Vec<LinkOp>,
+    /// Bytes in `ops` (the loop stops reading this session's peer past the high watermark).
+    pub(crate) pending: usize,
+    /// Sessions not read because their sends put this session's queue past the high watermark.
+    pub(crate) waiters: Vec<(usize, SessionId)>,
+    /// The write side is to be closed (FIN / close_notify) once the queue is flushed.
+    pub(crate) finish: bool,
+    /// …and it was.
+    pub(crate) write_shut: bool,
+    /// The handler was told of the peer's end (`on_eof`).
+    pub(crate) eof_told: bool,
+    /// An upstream session whose connect is still running.
+    pub(crate) connecting: Option<Box<Connecting>>,
+    /// The upstream of an upstream session (its counters).
+    pub(crate) upstream: Option<Upstream>,
+    /// A TLS upstream session whose TCP connect succeeded: the opener hears `Connected` (with
+    /// this address) once the TLS handshake is done, not before.
+    pub(crate) announce: Option<SocketAddr>,
+}
+
+/// What a callback asked of a linked session.
+pub(crate) enum LinkOp {
+    Connect(Box<ConnectRequest>),
+    Send(SessionId, bytes::BytesMut),
+    Finish(SessionId),
+    Close(SessionId),
+}
+
+/// An upstream session to open.
+pub(crate) struct ConnectRequest {
+    pub(crate) id: SessionId,
+    pub(crate) upstream: Upstream,
+    pub(crate) handler: Box<dyn SessionHandler>,
 }
 
 /// A session waiting for its PROXY header.
@@ -236,8 +324,6 @@ pub struct Session<'a> {
     pub(crate) outbound_limit: usize,
     pub(crate) work: &'a mut WorkQueue,
     pub(crate) work_limit: usize,
-    /// The upstream queue of a forward session.
-    pub(crate) relay: Option<&'a mut OutboundQueue>,
     /// Rarely used per-session state (handler timer, TLS upgrade), allocated on first use.
     pub(crate) extras: &'a mut Option<Box<SessionExtras>>,
     pub(crate) drain_wanted: &'a mut bool,
@@ -436,11 +522,79 @@ impl Session<'_> {
         self.tls
     }
 
-    /// Queues bytes for the upstream of a forward session (the relay's own handler uses this).
-    pub(crate) fn relay_upstream(&mut self, data: &[u8]) {
-        if let Some(queue) = self.relay.as_deref_mut() {
-            queue.push_copy(data);
+    /// Opens a TCP connection to `upstream` on this session's event loop, handled by
+    /// `handler`, linked with this session (see [`crate::connector`]); returns the new
+    /// session's id, for [`Session::send_to`]. The connect starts when this callback returns;
+    /// [`SessionHandler::on_link`] reports [`LinkEvent::Connected`] or
+    /// [`LinkEvent::Closed`]. Bytes sent to it meanwhile wait in its queue.
+    ///
+    /// On tcp and tls sessions only: on a udp or dtls session (or a closing one) the request
+    /// is dropped, and the handler's `on_link` is never called.
+    pub fn connect(&mut self, upstream: &Upstream, handler: Box<dyn SessionHandler>) -> SessionId {
+        let id = SessionId::next();
+        if self.closing.is_none() {
+            self.links()
+                .ops
+                .push(LinkOp::Connect(Box::new(ConnectRequest {
+                    id,
+                    upstream: upstream.clone(),
+                    handler,
+                })));
         }
+        id
+    }
+
+    /// Queues `data` for the linked session `peer` (the upstream this session opened, or the
+    /// session that opened this one). Dropped if `peer` is not linked or already ended. If
+    /// `peer`'s queue would pass `outbound_limit`, `peer` is closed (`OutboundOverflow`);
+    /// past its high watermark, this session is not read until it drains.
+    pub fn send_to(&mut self, peer: SessionId, data: &[u8]) {
+        if data.is_empty() || self.closing.is_some() {
+            return;
+        }
+        let links = self.links();
+        links.pending = links.pending.saturating_add(data.len());
+        if let Some(LinkOp::Send(to, buf)) = links.ops.last_mut() {
+            if *to == peer {
+                buf.extend_from_slice(data);
+                return;
+            }
+        }
+        links
+            .ops
+            .push(LinkOp::Send(peer, bytes::BytesMut::from(data)));
+    }
+
+    /// Closes the write side of the linked session `peer` once its queue is flushed: a TCP
+    /// FIN, or close_notify on TLS. It goes on reading; it closes once its own peer finished.
+    pub fn finish_to(&mut self, peer: SessionId) {
+        self.links().ops.push(LinkOp::Finish(peer));
+    }
+
+    /// Closes the linked session `peer` once its queue is flushed (as its own
+    /// [`Session::close`] would).
+    pub fn close_to(&mut self, peer: SessionId) {
+        self.links().ops.push(LinkOp::Close(peer));
+    }
+
+    /// Closes this session's write side once its queue is flushed (FIN, or close_notify on
+    /// TLS) and goes on reading. On a session without links this is [`Session::close`].
+    pub fn finish(&mut self) {
+        match self
+            .extras
+            .as_deref_mut()
+            .and_then(|e| e.links.as_deref_mut())
+        {
+            Some(links) if !links.peers.is_empty() => links.finish = true,
+            _ => self.close(),
+        }
+    }
+
+    fn links(&mut self) -> &mut Links {
+        self.extras
+            .get_or_insert_with(Box::default)
+            .links
+            .get_or_insert_with(Box::default)
     }
 
     /// Closes the session once every queued byte has been written.

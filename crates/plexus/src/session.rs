@@ -20,7 +20,7 @@ use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
 use crate::connection::tls::TlsTransport;
-use crate::forward::Relay;
+use crate::connector::UPSTREAM_LISTENER;
 use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
@@ -66,8 +66,6 @@ pub(crate) struct TcpSession {
     pub(crate) tls: Option<Box<TlsState>>,
     /// Blocking jobs of this session, run on the worker pool one at a time.
     pub(crate) work: WorkQueue,
-    /// The upstream of a forward session.
-    pub(crate) relay: Option<Box<Relay>>,
     /// Handler timer, TLS upgrade, PROXY wait: allocated by the sessions that use them.
     pub(crate) extras: Option<Box<SessionExtras>>,
     /// The handler wants `on_drain` once the outbound queue is down to the low watermark.
@@ -76,16 +74,19 @@ pub(crate) struct TcpSession {
     pub(crate) drain_due: bool,
     /// Not read because broadcasts it sent wait for room on another loop.
     pub(crate) broadcast_wait: bool,
+    /// Not read because what it sent put a linked session's queue past the high watermark.
+    pub(crate) link_wait: bool,
     member_slot: usize,
-    /// Holds the session's place in the admission counts until dropped.
-    _ticket: Ticket,
+    /// Holds the session's place in the admission counts until dropped (`None` for upstream
+    /// sessions, which were not admitted).
+    ticket: Option<Ticket>,
 }
 
 impl TcpSession {
     pub(crate) fn new(
         stream: TcpStream,
         info: SessionInfo,
-        ticket: Ticket,
+        ticket: Option<Ticket>,
         idle_timer: TimerKey,
         now: Instant,
     ) -> Self {
@@ -105,21 +106,21 @@ impl TcpSession {
             flush_listed: false,
             tls: None,
             work: WorkQueue::default(),
-            relay: None,
             extras: None,
             drain_wanted: false,
             drain_due: false,
             broadcast_wait: false,
+            link_wait: false,
             member_slot: usize::MAX,
-            _ticket: ticket,
+            ticket,
         }
     }
 }
 
 impl TcpSession {
-    /// The session's admission ticket.
-    pub(crate) fn ticket(&self) -> &Ticket {
-        &self._ticket
+    /// The session's admission ticket (`None` for an upstream session).
+    pub(crate) fn ticket(&self) -> Option<&Ticket> {
+        self.ticket.as_ref()
     }
 
     /// A `proxy_protocol` session whose PROXY header is not complete yet.
@@ -129,8 +130,8 @@ impl TcpSession {
             .is_some_and(|extras| extras.proxy.is_some())
     }
 
-    pub(crate) fn ticket_mut(&mut self) -> &mut Ticket {
-        &mut self._ticket
+    pub(crate) fn ticket_mut(&mut self) -> Option<&mut Ticket> {
+        self.ticket.as_mut()
     }
 }
 
@@ -159,7 +160,6 @@ impl TcpSession {
             outbound,
             closing,
             work,
-            relay,
             extras,
             drain_wanted,
             tls,
@@ -176,7 +176,6 @@ impl TcpSession {
             outbound_limit: context.limits.outbound_limit,
             work,
             work_limit: context.limits.work_limit,
-            relay: relay.as_deref_mut().map(|relay| &mut relay.to_upstream),
             extras,
             drain_wanted,
             high_watermark: context.limits.high_watermark,
@@ -241,6 +240,17 @@ impl TlsState {
         }
     }
 
+    /// A connector's client session: no handshake slot (it was not admitted), no service to
+    /// open (its handler is there already).
+    pub(crate) fn client(transport: TlsTransport, handshake_timer: TimerKey) -> Self {
+        TlsState {
+            transport,
+            handshake: None,
+            handshake_timer: Some(handshake_timer),
+            pending_service: None,
+        }
+    }
+
     /// Whether the handshake is still running (the service has not been opened).
     pub(crate) fn handshaking(&self) -> bool {
         !self.transport.is_established()
@@ -276,6 +286,10 @@ impl SessionTable {
     pub(crate) fn insert(&mut self, mut session: TcpSession) -> usize {
         let key = self.sessions.vacant_key();
         let listener = session.info.listener.index;
+        if listener == UPSTREAM_LISTENER {
+            // Upstream sessions belong to no listener.
+            return self.sessions.insert(session);
+        }
         // Listeners added by a reload get indexes past the initial count.
         if listener >= self.members.len() {
             self.members

@@ -587,7 +587,6 @@ impl Harness {
             outbound_limit: self.limits.outbound_limit,
             work: &mut self.work,
             work_limit: self.limits.work_limit,
-            relay: None,
             extras,
             drain_wanted,
             high_watermark: self.limits.high_watermark,

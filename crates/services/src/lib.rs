@@ -1,10 +1,10 @@
-//! The services plexus ships — `echo`, `chat`, `http` and the `auto` protocol group — written
+//! The services plexus ships — `echo`, `chat`, `http`, `forward` and the `auto` protocol group — written
 //! against plexus' public API only, as any application's services are (this crate cannot
 //! reach anything else: it is a separate crate).
 //!
 //! [`register`] adds all of them to a [`ServerBuilder`], configured from the builder's
-//! configuration (`[chat]`, `[http]`); that is what `plexus serve` runs. `forward` is not
-//! here: it is the runtime's relay, registered by [`plexus::Server::builder`] itself.
+//! configuration (`[chat]`, `[http]`, each listener's `upstream`); that is what `plexus serve`
+//! runs.
 //!
 //! ```no_run
 //! let config = plexus::Config::parse(r#"
@@ -25,14 +25,16 @@ use plexus::ServerBuilder;
 mod auto;
 mod chat;
 mod echo;
+mod forward;
 mod http;
 
 pub use auto::{Auto, AutoFactory};
 pub use chat::Chat;
 pub use echo::Echo;
+pub use forward::{Forward, ForwardFactory};
 pub use http::Http;
 
-/// Registers `echo`, `chat`, `http` and `auto` on `builder`, configured from its
+/// Registers `echo`, `chat`, `http`, `forward` and `auto` on `builder`, configured from its
 /// configuration. A name the builder already has is kept (an application's own service of
 /// that name wins).
 pub fn register(builder: ServerBuilder) -> ServerBuilder {
@@ -48,6 +50,9 @@ pub fn register(builder: ServerBuilder) -> ServerBuilder {
     }
     if !builder.has_service("http") {
         builder = builder.shared_service("http", Arc::clone(&http) as _);
+    }
+    if !builder.has_service("forward") {
+        builder = builder.service_factory("forward", ForwardFactory);
     }
     if !builder.has_service("auto") {
         builder = builder.service_factory("auto", AutoFactory::new(http));

@@ -100,6 +100,21 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         "only read with service = \"auto\" (the protocol group)",
     );
     rule(
+        listener.upstream_tls && listener.service != "forward",
+        "upstream_tls",
+        "only forward listeners originate TLS to an upstream",
+    );
+    rule(
+        listener.upstream_ca.is_some() && !listener.upstream_tls,
+        "upstream_ca",
+        "only read with upstream_tls = true",
+    );
+    rule(
+        listener.upstream_sni.is_some() && !listener.upstream_tls,
+        "upstream_sni",
+        "only read with upstream_tls = true",
+    );
+    rule(
         !(listener.splice
             || (listener.service == "forward" && listener.transport == Transport::Tcp)),
         "splice",

@@ -1,4 +1,5 @@
-//! The TLS transport stage: one `rustls::ServerConnection` and what a session needs from it.
+//! The TLS transport stage: one rustls connection — a server's, or a connector's client one —
+//! and what a session needs from it.
 //!
 //! Ciphertext from the socket goes in with [`TlsTransport::receive_ciphertext`]; what it
 //! produced comes out of [`TlsTransport::poll_event`]: the end of the handshake (once), the
@@ -10,7 +11,8 @@
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
-use rustls::{ServerConfig, ServerConnection};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
 use crate::outbound::{Flushed, OutboundQueue};
 
@@ -45,9 +47,9 @@ pub(crate) enum TlsEvent {
     PeerClosed,
 }
 
-/// A server-side TLS session's protocol state.
+/// A TLS session's protocol state.
 pub(crate) struct TlsTransport {
-    conn: ServerConnection,
+    conn: Connection,
     established: bool,
     peer_closed: bool,
     close_notify_sent: bool,
@@ -57,7 +59,21 @@ impl TlsTransport {
     /// Starts a server session with `config` (the handshake waits for the ClientHello).
     pub(crate) fn new(config: Arc<ServerConfig>) -> Result<Self, rustls::Error> {
         Ok(TlsTransport {
-            conn: ServerConnection::new(config)?,
+            conn: Connection::Server(ServerConnection::new(config)?),
+            established: false,
+            peer_closed: false,
+            close_notify_sent: false,
+        })
+    }
+
+    /// Starts a client session to `name` (SNI and the name verified) with `config`; its
+    /// ClientHello is pending at once (`has_pending_ciphertext`).
+    pub(crate) fn client(
+        config: Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<Self, rustls::Error> {
+        Ok(TlsTransport {
+            conn: Connection::Client(ClientConnection::new(config, name)?),
             established: false,
             peer_closed: false,
             close_notify_sent: false,
@@ -112,9 +128,17 @@ impl TlsTransport {
         self.established
     }
 
-    /// The rustls session, for what it negotiated (version, ALPN, SNI).
-    pub(crate) fn connection(&self) -> &ServerConnection {
+    /// The rustls session, for what it negotiated (version, ALPN).
+    pub(crate) fn connection(&self) -> &Connection {
         &self.conn
+    }
+
+    /// The name the client asked for (SNI), on a server session.
+    pub(crate) fn server_name(&self) -> Option<&str> {
+        match &self.conn {
+            Connection::Server(conn) => conn.server_name(),
+            Connection::Client(_) => None,
+        }
     }
 
     /// Encrypts `data` into records (rustls may take less than all of it); `Ok(0)` before the

@@ -159,7 +159,6 @@ impl Running {
             service: Arc::clone(&self.service),
             ticket: self.admission.admit(&Acl::default(), peer.ip()).unwrap(),
             tls: None,
-            forward: None,
             proxy: None,
         };
         assert!(self.handle.send(Command::Adopt(Box::new(new))).is_ok());

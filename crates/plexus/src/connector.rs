@@ -1,0 +1,327 @@
+//! Connectors: client connections a session opens on its own event loop.
+//!
+//! An [`Upstream`] names a server to connect to: its addresses (resolved before the loop ever
+//! sees them — [`Upstream::resolve`] blocks, so call it at start-up, in a
+//! [`crate::ServiceFactory`], or in [`crate::Session::spawn_blocking`]), the timeout of each
+//! connect attempt, and counters shared by every connection to it. A handler opens a
+//! connection with [`crate::Session::connect`], giving the handler of the new connection; the
+//! connection is then an ordinary session of the loop that opened it — the same outbound
+//! watermarks and `outbound_limit`, the same idle timeout and close reasons — *linked* to the
+//! session that opened it:
+//!
+//! - each side sends to the other with [`crate::Session::send_to`] (queued on the other's
+//!   outbound queue after the callback; no copy beyond the one into the queue);
+//! - backpressure is automatic in both directions: a session whose sends put its linked
+//!   session's queue past the high watermark is not read until that queue drains to the low
+//!   watermark, so a peer that stops reading stops the other side too (memory stays bounded);
+//! - [`crate::SessionHandler::on_link`] tells the opener when the connection is established
+//!   ([`crate::LinkEvent::Connected`]) and either side when the other ended
+//!   ([`crate::LinkEvent::Closed`], with its reason: [`crate::CloseReason::UpstreamFailed`]
+//!   or [`crate::CloseReason::UpstreamTimeout`] when it never connected). By default a session
+//!   closes (after flushing) when its linked session ends;
+//! - half-close: a linked session's peer FIN (or TLS close_notify) is delivered as
+//!   [`crate::SessionHandler::on_eof`] rather than ending it, so a relay can pass it on with
+//!   [`crate::Session::finish_to`] (the other side's write end closes once its queue is
+//!   flushed); a session closes once its peer finished and its own write end is closed.
+//!
+//! The connect is non-blocking. Addresses are tried in order: when one refuses, fails or does
+//! not answer within the connect timeout (armed on the loop's timer wheel), the next is tried
+//! — the sequential fallback of happy eyeballs (RFC 8305) without the parallel race. When none
+//! is left the upstream session ends with the last failure as its close reason, logged and
+//! counted ([`UpstreamSnapshot`]).
+//!
+//! Upstream sessions are not admitted connections: they count neither towards
+//! `max_connections` nor in any listener's sessions, and are members of no listener for
+//! broadcasts.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use plexus_proto::TimerKey;
+
+use crate::breakdown::{ListenerInfo, ListenerStats};
+
+/// The connect timeout of an [`Upstream`] unless set otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The listener index of upstream sessions: no listener has it, so they belong to none.
+pub(crate) const UPSTREAM_LISTENER: usize = usize::MAX;
+
+/// Why an [`Upstream`] could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UpstreamError {
+    /// The address list was empty (or the name resolved to nothing).
+    #[error("upstream '{0}' has no address")]
+    NoAddress(String),
+    /// Name resolution failed.
+    #[error("cannot resolve upstream '{name}': {source}")]
+    Resolve {
+        /// The `host:port` that did not resolve.
+        name: String,
+        /// The resolver's error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A server sessions connect to: addresses tried in order, a connect timeout, and counters
+/// shared by every connection to it (cheap to clone: the clones share them).
+#[derive(Clone)]
+pub struct Upstream {
+    addrs: Arc<[SocketAddr]>,
+    connect_timeout: Duration,
+    tls: Option<UpstreamTls>,
+    shared: Arc<Shared>,
+}
+
+/// TLS origination: the client configuration and the name sent (SNI) and verified.
+#[derive(Clone)]
+pub(crate) struct UpstreamTls {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) name: rustls::pki_types::ServerName<'static>,
+}
+
+/// What every connection to one upstream shares.
+struct Shared {
+    /// The upstream's name (logs, [`UpstreamSnapshot`]) and its sessions' byte counters.
+    info: Arc<ListenerInfo>,
+    attempts: AtomicU64,
+    connected: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+    unreachable: AtomicU64,
+    open: AtomicU64,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name())
+            .field("addrs", &self.addrs)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
+            .finish()
+    }
+}
+
+/// An upstream's counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct UpstreamSnapshot {
+    /// Connect attempts started (one per address tried).
+    pub attempts: u64,
+    /// Attempts that connected.
+    pub connected: u64,
+    /// Attempts the upstream refused or reset (or that failed with another socket error).
+    pub refused: u64,
+    /// Attempts that did not connect within the connect timeout.
+    pub timed_out: u64,
+    /// Connections that failed on every address: the session that asked got
+    /// [`crate::LinkEvent::Closed`] without ever being connected.
+    pub unreachable: u64,
+    /// Upstream sessions open now (connecting or connected).
+    pub open: u64,
+}
+
+impl Upstream {
+    /// An upstream at `addrs`, tried in order. `name` is how logs and metrics call it.
+    pub fn new(name: &str, addrs: Vec<SocketAddr>) -> Result<Upstream, UpstreamError> {
+        if addrs.is_empty() {
+            return Err(UpstreamError::NoAddress(name.to_owned()));
+        }
+        Ok(Upstream {
+            addrs: addrs.into(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            tls: None,
+            shared: Arc::new(Shared {
+                info: Arc::new(ListenerInfo {
+                    index: UPSTREAM_LISTENER,
+                    name: name.into(),
+                    stats: ListenerStats::default(),
+                }),
+                attempts: AtomicU64::new(0),
+                connected: AtomicU64::new(0),
+                refused: AtomicU64::new(0),
+                timed_out: AtomicU64::new(0),
+                unreachable: AtomicU64::new(0),
+                open: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Resolves `host_port` (`"db.internal:5432"`, `"127.0.0.1:6379"`) into an upstream named
+    /// after it, addresses in the resolver's order. **Blocks** on the system resolver: call it
+    /// at start-up or from a blocking job, never in a handler callback.
+    pub fn resolve(host_port: &str) -> Result<Upstream, UpstreamError> {
+        let addrs = host_port
+            .to_socket_addrs()
+            .map_err(|source| UpstreamError::Resolve {
+                name: host_port.to_owned(),
+                source,
+            })?
+            .collect();
+        Upstream::new(host_port, addrs)
+    }
+
+    /// The same upstream (sharing its counters) with another connect timeout per attempt.
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Upstream {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The same upstream spoken to over TLS: once connected, the upstream session runs a
+    /// client handshake with `config` (see [`crate::tls_client::client_config`]) for
+    /// `server_name` (sent as SNI and verified), bounded by `handshake_timeout`; bytes sent to
+    /// it before the handshake completes wait in its queue, and the opener's
+    /// [`crate::LinkEvent::Connected`] comes after the handshake. A refused certificate closes the
+    /// upstream session with [`crate::CloseReason::Tls`].
+    #[must_use]
+    pub fn with_tls(
+        mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+    ) -> Upstream {
+        self.tls = Some(UpstreamTls {
+            config,
+            name: server_name,
+        });
+        self
+    }
+
+    /// The TLS origination settings, if any.
+    pub(crate) fn tls(&self) -> Option<&UpstreamTls> {
+        self.tls.as_ref()
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.shared.info.name
+    }
+
+    /// Its addresses, in the order they are tried.
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// How long one connect attempt may take.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Its counters now.
+    pub fn snapshot(&self) -> UpstreamSnapshot {
+        let s = &self.shared;
+        UpstreamSnapshot {
+            attempts: s.attempts.load(Relaxed),
+            connected: s.connected.load(Relaxed),
+            refused: s.refused.load(Relaxed),
+            timed_out: s.timed_out.load(Relaxed),
+            unreachable: s.unreachable.load(Relaxed),
+            open: s.open.load(Relaxed),
+        }
+    }
+
+    /// The listener-like identity of this upstream's sessions (name and byte counters).
+    pub(crate) fn info(&self) -> &Arc<ListenerInfo> {
+        &self.shared.info
+    }
+
+    pub(crate) fn count(&self, event: UpstreamEvent) {
+        let s = &self.shared;
+        let counter = match event {
+            UpstreamEvent::Attempt => &s.attempts,
+            UpstreamEvent::Connected => &s.connected,
+            UpstreamEvent::Refused => &s.refused,
+            UpstreamEvent::TimedOut => &s.timed_out,
+            UpstreamEvent::Unreachable => &s.unreachable,
+            UpstreamEvent::Opened => &s.open,
+            UpstreamEvent::Closed => {
+                s.open.fetch_sub(1, Relaxed);
+                return;
+            }
+        };
+        counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// What [`Upstream::count`] counts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum UpstreamEvent {
+    Attempt,
+    Connected,
+    Refused,
+    TimedOut,
+    Unreachable,
+    Opened,
+    Closed,
+}
+
+/// An upstream session while its connect runs: which address is being tried, and its timer.
+pub(crate) struct Connecting {
+    pub(crate) upstream: Upstream,
+    /// Index in `upstream.addrs()` of the address being tried.
+    pub(crate) attempt: usize,
+    pub(crate) timer: Option<TimerKey>,
+}
+
+impl Connecting {
+    pub(crate) fn new(upstream: Upstream) -> Self {
+        Connecting {
+            upstream,
+            attempt: 0,
+            timer: None,
+        }
+    }
+
+    /// The address being tried.
+    pub(crate) fn addr(&self) -> Option<SocketAddr> {
+        self.upstream.addrs().get(self.attempt).copied()
+    }
+
+    /// Moves on to the next address, if there is one.
+    pub(crate) fn advance(&mut self) -> Option<SocketAddr> {
+        self.attempt = self.attempt.saturating_add(1);
+        self.addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upstream_needs_an_address_and_tries_them_in_order() {
+        assert!(matches!(
+            Upstream::new("none", Vec::new()),
+            Err(UpstreamError::NoAddress(_))
+        ));
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "[::1]:1".parse().unwrap();
+        let upstream = Upstream::new("two", vec![a, b]).unwrap();
+        let mut connecting = Connecting::new(upstream.clone());
+        assert_eq!(connecting.addr(), Some(a));
+        assert_eq!(connecting.advance(), Some(b));
+        assert_eq!(connecting.advance(), None);
+        assert_eq!(connecting.advance(), None);
+        upstream.count(UpstreamEvent::Attempt);
+        upstream.count(UpstreamEvent::Opened);
+        upstream.count(UpstreamEvent::Closed);
+        let snap = upstream.snapshot();
+        assert_eq!((snap.attempts, snap.open), (1, 0));
+        assert_eq!(upstream.name(), "two");
+    }
+
+    #[test]
+    fn resolve_reads_numeric_addresses_and_reports_bad_names() {
+        let upstream = Upstream::resolve("127.0.0.1:6379").unwrap();
+        assert_eq!(upstream.addrs(), &["127.0.0.1:6379".parse().unwrap()]);
+        assert!(matches!(
+            Upstream::resolve("no port here"),
+            Err(UpstreamError::Resolve { .. })
+        ));
+    }
+}
