@@ -415,7 +415,7 @@ impl EventLoop {
         let now = Instant::now();
         let mut timer = self.timers.next_wakeup();
         if self.outbox.is_stalled() {
-            let retry = now + broadcast::RETRY_INTERVAL;
+            let retry = now.checked_add(broadcast::RETRY_INTERVAL).unwrap_or(now);
             timer = Some(timer.map_or(retry, |at| at.min(retry)));
         }
         if let Some(retry) = self.waiting_for_pool.next_wakeup() {
@@ -547,7 +547,9 @@ impl EventLoop {
         if session_is_tls {
             LoopStats::add(&self.stats.tls_sessions_open, 1);
         }
-        let session = self.sessions.get_mut(key).expect("just inserted");
+        let Some(session) = self.sessions.get_mut(key) else {
+            return; // just inserted: always there
+        };
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
             let mut context = CallbackContext {
@@ -595,7 +597,7 @@ impl EventLoop {
                     session.readable = false;
                 }
                 Ok(n) => {
-                    reads += 1;
+                    reads = reads.saturating_add(1);
                     // A short read drained the socket: the next byte brings a new edge, so
                     // skip the read that would only return WouldBlock (as tokio does).
                     if n < self.read_buf.len() && !session.read_closed {
@@ -611,7 +613,7 @@ impl EventLoop {
                         stats: &self.stats,
                         metrics: self.metrics.as_deref(),
                     };
-                    let data = &self.read_buf[..n];
+                    let data = self.read_buf.get(..n).unwrap_or_default();
                     session.callback(&mut context, |handler, handle| {
                         handler.on_data(handle, data)
                     });
@@ -656,7 +658,8 @@ impl EventLoop {
             else {
                 return;
             };
-            let buf = &mut self.read_buf[..wait.preamble.room()];
+            let room = wait.preamble.room().min(self.read_buf.len());
+            let buf = self.read_buf.get_mut(..room).unwrap_or_default();
             match session.stream.read(buf) {
                 Ok(0) => {
                     session.peer_eof = true;
@@ -665,7 +668,10 @@ impl EventLoop {
                 Ok(n) => {
                     session.last_activity = now;
                     self.stats.received(&session.info.listener, n);
-                    outcome = wait.preamble.receive(&buf[..n], now).transpose();
+                    outcome = wait
+                        .preamble
+                        .receive(buf.get(..n).unwrap_or_default(), now)
+                        .transpose();
                 }
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => session.readable = false,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -806,7 +812,7 @@ impl EventLoop {
                     continue;
                 }
             };
-            reads += 1;
+            reads = reads.saturating_add(1);
             if n < self.read_buf.len() && !session.read_closed {
                 session.readable = false;
             }
@@ -822,7 +828,7 @@ impl EventLoop {
             };
             feed_ciphertext(
                 session,
-                &self.read_buf[..n],
+                self.read_buf.get(..n).unwrap_or_default(),
                 &mut self.plain_buf,
                 &mut context,
                 &mut self.timers,
@@ -1093,7 +1099,7 @@ impl EventLoop {
                     let (mut data, close) = reply.into_parts();
                     // The queue counts the reply's length: the slack of a grown Vec must not
                     // ride along uncounted.
-                    if data.capacity() - data.len() > 4096 {
+                    if data.capacity().saturating_sub(data.len()) > 4096 {
                         data.shrink_to_fit();
                     }
                     if session.closing.is_none() {
@@ -1583,7 +1589,7 @@ fn feed_ciphertext(
             return;
         };
         match tls.transport.receive_ciphertext(ciphertext) {
-            Ok(taken) => ciphertext = &ciphertext[taken..],
+            Ok(taken) => ciphertext = ciphertext.get(taken..).unwrap_or_default(),
             Err(failure) => {
                 tls_failed(session, failure);
                 return;
@@ -1626,7 +1632,7 @@ fn deliver_tls_events(
                 }
             }
             Ok(Some(TlsEvent::Plaintext(n))) => {
-                let data = &plain_buf[..n];
+                let data = plain_buf.get(..n).unwrap_or_default();
                 session.callback(context, |handler, handle| handler.on_data(handle, data));
             }
             // The peer's close_notify: an orderly end of its data.

@@ -61,9 +61,6 @@ mod datagram;
 mod datagram_admission;
 mod dtls;
 mod error;
-// why: not converted to the no-panic lints yet (being restructured into connection stages);
-// the crate enables no other restriction lint.
-#[allow(clippy::restriction)]
 mod event_loop;
 pub mod framing;
 mod idle_order;

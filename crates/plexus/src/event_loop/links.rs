@@ -2,18 +2,6 @@
 //! non-blocking connect per address, bounded by the connect timeout on the wheel), handing
 //! bytes between linked sessions with backpressure both ways, passing half-closes on, and
 //! telling each side when the other connected or ended.
-//!
-//! New code, so it obeys the crate's no-panic lints although its parent `event_loop` is still
-//! exempt from them.
-#![cfg_attr(
-    not(test),
-    deny(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        clippy::arithmetic_side_effects
-    )
-)]
 
 use std::io;
 use std::net::{Shutdown, SocketAddr};
