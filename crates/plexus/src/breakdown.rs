@@ -99,6 +99,18 @@ impl ListenerStats {
         self.refused.add(reason);
     }
 
+    /// Connections of this listener admitted so far.
+    #[cfg(test)]
+    pub(crate) fn accepted_count(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+
+    /// Connections of this listener refused so far, by reason.
+    #[cfg(test)]
+    pub(crate) fn refusals(&self) -> &RefusalCounts {
+        &self.refused
+    }
+
     fn sum(&self, field: fn(&Shard) -> &AtomicU64) -> u64 {
         let shards = self.shards.iter().chain([&self.shared]);
         shards.fold(0u64, |sum, shard| {
