@@ -145,7 +145,7 @@ impl<F> plexus::ServiceFactory for TlsFactory<F>
 where
     F: Fn(&ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError> + Send + Sync + 'static,
 {
-    fn uses_tls(&self) -> bool {
+    fn uses_tls(&self, _: &plexus::config::ListenerConfig) -> bool {
         true
     }
 
