@@ -163,7 +163,10 @@ service = "auto"
     );
     let (code, out) = curl(&["-k", &format!("https://{}/healthz", preset.addr("auto"))]);
     assert_eq!((code, out.as_str()), (0, "ok"));
-    assert!(generated_a_certificate(&preset), "the preset has a tls member");
+    assert!(
+        generated_a_certificate(&preset),
+        "the preset has a tls member"
+    );
 }
 
 /// `serve --check` on `listener`'s table: exit 2, stderr names every needle.

@@ -91,7 +91,7 @@ pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
-pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use dtls::DtlsError;
 pub use error::Error;
