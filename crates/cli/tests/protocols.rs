@@ -126,6 +126,49 @@ protocols = ["tls", "echo"]
     assert_eq!(got, b"echo inside tls\n");
 }
 
+/// Whether the server said it generated a self-signed certificate (it does so only when a
+/// listener needs TLS and `[tls]` names no certificate).
+fn generated_a_certificate(server: &Server) -> bool {
+    server
+        .stderr_lines()
+        .iter()
+        .any(|line| line.contains("ephemeral self-signed certificate"))
+}
+
+#[test]
+fn only_a_group_with_a_tls_member_gets_a_certificate() {
+    let plain = Server::start(
+        r#"[[listener]]
+name = "web-echo"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "auto"
+protocols = ["http", "echo"]
+"#,
+    );
+    let (code, out) = curl(&[&format!("http://{}/healthz", plain.addr("web-echo"))]);
+    assert_eq!((code, out.as_str()), (0, "ok"));
+    assert!(
+        !generated_a_certificate(&plain),
+        "no tls member, no certificate:\n{}",
+        plain.stderr_lines().join("\n")
+    );
+    let preset = Server::start(
+        r#"[[listener]]
+name = "auto"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "auto"
+"#,
+    );
+    let (code, out) = curl(&["-k", &format!("https://{}/healthz", preset.addr("auto"))]);
+    assert_eq!((code, out.as_str()), (0, "ok"));
+    assert!(
+        generated_a_certificate(&preset),
+        "the preset has a tls member"
+    );
+}
+
 /// `serve --check` on `listener`'s table: exit 2, stderr names every needle.
 fn assert_rejected(listener: &str, needles: &[&str]) {
     let dir = tempfile::tempdir().expect("tempdir");

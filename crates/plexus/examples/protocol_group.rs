@@ -1,7 +1,8 @@
 //! One port, four protocols, through a [`plexus::ProtocolGroup`]:
 //!
 //! - a binary protocol whose frames are `0xB7`, a big-endian u16 length, then the payload,
-//!   answered with the payload reversed in the same framing;
+//!   answered with the payload reversed in the same framing (framed by
+//!   [`plexus::framing::LengthPrefixed`], the marker as its one-byte offset);
 //! - TLS (a self-signed certificate, generated because no certificate files are configured),
 //!   with detection again inside;
 //! - HTTP/1.1, served by the built-in `http` service (so `curl` works);
@@ -21,50 +22,70 @@
 
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
+use plexus::framing::{FrameError, FrameHandler, Framed, Framer, LengthPrefixed, LengthWidth};
 use plexus::protocol_group::{prefix, Http1Request, ProtocolGroup};
 use plexus::{BoxError, Config, ListenerContext, Server, Service, Session, SessionHandler};
 use plexus_proto::LineFramer;
 
 /// The binary protocol's frame marker.
 const MAGIC: u8 = 0xB7;
-/// Frame header: the marker and the u16 length.
-const HEADER: usize = 3;
+
+/// The binary protocol's framer: a [`LengthPrefixed`] frame (a big-endian u16 length after a
+/// one-byte offset, the marker) whose first byte must be [`MAGIC`].
+struct BinaryFrames(LengthPrefixed);
+
+impl BinaryFrames {
+    fn new() -> Self {
+        let frames = LengthPrefixed::new(LengthWidth::U16, usize::from(u16::MAX))
+            .length_offset(1)
+            .keep_header();
+        BinaryFrames(frames)
+    }
+}
+
+impl Framer for BinaryFrames {
+    type Frame = Bytes;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, FrameError> {
+        match buf.first() {
+            Some(&found) if found != MAGIC => Err(FrameError::Unexpected {
+                expected: "0xB7",
+                found,
+            }),
+            _ => self.0.decode(buf),
+        }
+    }
+
+    fn max_buffered(&self) -> usize {
+        self.0.max_buffered()
+    }
+}
 
 /// Binary frames: each payload comes back reversed.
 struct Reverse;
 
 impl Service for Reverse {
     fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
-        Box::new(ReverseSession { buffer: Vec::new() })
+        Box::new(Framed::new(BinaryFrames::new(), Reversing))
     }
 }
 
-/// Bytes of an incomplete frame (at most one header and a 64 KiB payload).
-struct ReverseSession {
-    buffer: Vec<u8>,
-}
+/// Answers each whole frame (header kept) with its payload reversed, in the same framing.
+struct Reversing;
 
-impl SessionHandler for ReverseSession {
-    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
-        self.buffer.extend_from_slice(data);
-        let mut at = 0;
-        while let Some(&[magic, high, low]) = self.buffer.get(at..at + HEADER) {
-            if magic != MAGIC {
-                session.send(b"\xB7\x00\x0dbad frame tag");
-                session.close();
-                return;
-            }
-            let len = usize::from(u16::from_be_bytes([high, low]));
-            let Some(payload) = self.buffer.get(at + HEADER..at + HEADER + len) else {
-                break;
-            };
-            let mut reply = Vec::with_capacity(HEADER + len);
-            reply.extend_from_slice(&[MAGIC, high, low]);
-            reply.extend(payload.iter().rev());
-            session.send(&reply);
-            at += HEADER + len;
-        }
-        self.buffer.drain(..at);
+impl FrameHandler<Bytes> for Reversing {
+    fn on_frame(&mut self, session: &mut Session<'_>, frame: Bytes) {
+        let (header, payload) = frame.split_at(frame.len().min(3));
+        let mut reply = BytesMut::with_capacity(frame.len());
+        reply.extend_from_slice(header);
+        reply.extend(payload.iter().rev());
+        session.send(&reply);
+    }
+
+    fn on_frame_error(&mut self, session: &mut Session<'_>, _: &FrameError) {
+        // Framed closes the session after this.
+        session.send(b"\xB7\x00\x0dbad frame tag");
     }
 }
 
@@ -145,7 +166,7 @@ impl<F> plexus::ServiceFactory for TlsFactory<F>
 where
     F: Fn(&ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError> + Send + Sync + 'static,
 {
-    fn uses_tls(&self) -> bool {
+    fn uses_tls(&self, _: &plexus::config::ListenerConfig) -> bool {
         true
     }
 

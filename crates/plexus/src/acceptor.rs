@@ -25,13 +25,17 @@ use crate::admission::{Admission, RefusalReason};
 use crate::config::{Transport, ValidConfig, ValidListener};
 use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
 use crate::listen::{self, BoundListener};
-use crate::log_throttle::LogThrottle;
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader};
 use crate::service::{SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
+mod admit;
+#[cfg(test)]
+mod tests;
 mod upgrade_flow;
+
+use admit::{Admitted, Gate, RefusalLog};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
@@ -79,38 +83,6 @@ enum Phase {
     Running,
     Draining,
     Stopping,
-}
-
-/// Logs refusals of each reason at most once per interval, with a count of the rest.
-#[derive(Debug)]
-struct RefusalLog {
-    throttles: [LogThrottle; RefusalReason::ALL.len()],
-}
-
-impl RefusalLog {
-    fn new() -> Self {
-        RefusalLog {
-            throttles: [LogThrottle::new(); RefusalReason::ALL.len()],
-        }
-    }
-
-    fn record(
-        &mut self,
-        reason: RefusalReason,
-        peer: Option<SocketAddr>,
-        listener: &str,
-        now: Instant,
-    ) {
-        let throttle = self.throttles.get_mut(reason as usize);
-        let Some(also) = throttle.and_then(|throttle| throttle.allow(now)) else {
-            return;
-        };
-        let peer = peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string());
-        warn!(
-            "refused connection reason={reason} peer={peer} listener={listener} \
-             (+{also} more refused for this reason in the last second)"
-        );
-    }
 }
 
 /// The acceptor thread's state.
@@ -846,27 +818,15 @@ impl Acceptor {
         let Some(listener) = self.listeners.get(index) else {
             return;
         };
-        let admitted = match &listener.proxy_trusted {
-            // The balancer's address says nothing about the client: ACLs and per-IP caps wait
-            // for the PROXY header (read on the event loop).
-            Some(trusted) if trusted.permits(peer.ip()) => self.admission.admit_proxied(),
-            Some(_) => {
-                self.admission.record_refusal(RefusalReason::ProxyHeader);
-                Err(RefusalReason::ProxyHeader)
-            }
-            None => self.admission.admit(&listener.acl, peer.ip()),
+        let gate = Gate {
+            admission: &self.admission,
+            acl: &listener.acl,
+            proxy_trusted: listener.proxy_trusted.as_ref(),
+            tls: listener.tls.is_some(),
+            listener: &listener.info,
         };
-        let ticket = match admitted {
-            Ok(ticket) => {
-                listener.info.stats.accepted();
-                ticket
-            }
-            Err(reason) => {
-                listener.info.stats.refused(reason);
-                self.refusals
-                    .record(reason, Some(peer), &listener.info.name, now);
-                return;
-            }
+        let Ok(Admitted { ticket, handshake }) = gate.admit(peer, now, &mut self.refusals) else {
+            return;
         };
         if let Err(err) = listener.options.apply(&stream) {
             debug!(peer = %peer, "cannot set socket options: {err}");
@@ -877,20 +837,12 @@ impl Acceptor {
             local: stream.local_addr().unwrap_or(listener.local),
             listener: Arc::clone(&listener.info),
         };
-        let tls = match &listener.tls {
-            Some(config) => match ticket.reserve_handshake() {
-                Ok(slot) => Some(TlsStart {
-                    config: Arc::clone(config),
-                    slot,
-                }),
-                Err(reason) => {
-                    listener.info.stats.refused(reason);
-                    self.refusals
-                        .record(reason, Some(peer), &listener.info.name, now);
-                    return;
-                }
-            },
-            None => None,
+        let tls = match (&listener.tls, handshake) {
+            (Some(config), Some(slot)) => Some(TlsStart {
+                config: Arc::clone(config),
+                slot,
+            }),
+            _ => None,
         };
         let new = NewSession {
             stream,

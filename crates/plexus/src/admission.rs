@@ -251,6 +251,12 @@ impl Admission {
         })
     }
 
+    /// Sessions holding a place now.
+    #[cfg(test)]
+    pub(crate) fn open_count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
     /// The counters refusals and admissions go to.
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics

@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::prometheus::{family, sample};
@@ -46,6 +46,10 @@ pub(crate) struct ListenerStats {
     shared: Shard,
     accepted: AtomicU64,
     refused: RefusalCounts,
+    /// What each protocol group running on this listener decided (one entry per group: the
+    /// listener's own, and the one it runs inside TLS). Written once per session, when its
+    /// group decides; an entry is added by a group's first session here.
+    groups: RwLock<Vec<Arc<GroupTally>>>,
 }
 
 impl Default for ListenerStats {
@@ -55,6 +59,156 @@ impl Default for ListenerStats {
             shared: Shard::default(),
             accepted: AtomicU64::new(0),
             refused: Default::default(),
+            groups: RwLock::new(Vec::new()),
+        }
+    }
+}
+
+/// Why a protocol group gave a session to its fallback (or closed it, having none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupFallback {
+    /// Every member said "not mine".
+    NoMatch = 0,
+    /// The byte budget was spent with no member claiming the bytes.
+    ByteBudget = 1,
+    /// The time budget passed with no member claiming the bytes.
+    TimeBudget = 2,
+}
+
+impl GroupFallback {
+    const ALL: [GroupFallback; 3] = [
+        GroupFallback::NoMatch,
+        GroupFallback::ByteBudget,
+        GroupFallback::TimeBudget,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            GroupFallback::NoMatch => "no_match",
+            GroupFallback::ByteBudget => "byte_budget",
+            GroupFallback::TimeBudget => "time_budget",
+        }
+    }
+}
+
+/// A protocol group's detection budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupBudget {
+    /// The most first bytes it buffers.
+    Bytes = 0,
+    /// How long it waits for the bytes that decide.
+    Time = 1,
+}
+
+impl GroupBudget {
+    const ALL: [GroupBudget; 2] = [GroupBudget::Bytes, GroupBudget::Time];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            GroupBudget::Bytes => "bytes",
+            GroupBudget::Time => "time",
+        }
+    }
+}
+
+/// What one protocol group decided for the sessions of one listener.
+#[derive(Debug)]
+pub(crate) struct GroupTally {
+    /// The group's identity (unique per group built).
+    group: u64,
+    /// The group runs inside TLS (after its parent's TLS member).
+    inside_tls: bool,
+    /// Sessions given to each member, in the group's order.
+    members: Box<[(String, AtomicU64)]>,
+    fallbacks: [AtomicU64; GroupFallback::ALL.len()],
+    budgets_spent: [AtomicU64; GroupBudget::ALL.len()],
+}
+
+impl GroupTally {
+    /// A zero tally of group `group` whose members are `members`, in order.
+    pub(crate) fn new(group: u64, inside_tls: bool, members: Vec<String>) -> GroupTally {
+        GroupTally {
+            group,
+            inside_tls,
+            members: members
+                .into_iter()
+                .map(|name| (name, AtomicU64::new(0)))
+                .collect(),
+            fallbacks: Default::default(),
+            budgets_spent: Default::default(),
+        }
+    }
+
+    /// The member at `index` was given a session.
+    pub(crate) fn member(&self, index: usize) {
+        if let Some((_, count)) = self.members.get(index) {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The fallback was given a session, for `why`.
+    pub(crate) fn fallback(&self, why: GroupFallback) {
+        if let Some(count) = self.fallbacks.get(why as usize) {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A session's detection ended because `budget` was spent.
+    pub(crate) fn budget_spent(&self, budget: GroupBudget) {
+        if let Some(count) = self.budgets_spent.get(budget as usize) {
+            count.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn layer(&self) -> &'static str {
+        match self.inside_tls {
+            true => "tls",
+            false => "plain",
+        }
+    }
+
+    /// Adds this tally to `into` (a snapshot of the same layer).
+    fn add_to(&self, into: &mut ProtocolGroupSnapshot) {
+        for (name, count) in self.members.iter() {
+            let count = count.load(Relaxed);
+            match into.members.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum = sum.saturating_add(count),
+                None => into.members.push((name.clone(), count)),
+            }
+        }
+        for ((_, sum), count) in into.fallbacks.iter_mut().zip(&self.fallbacks) {
+            *sum = sum.saturating_add(count.load(Relaxed));
+        }
+        for ((_, sum), count) in into.budgets_spent.iter_mut().zip(&self.budgets_spent) {
+            *sum = sum.saturating_add(count.load(Relaxed));
+        }
+    }
+}
+
+/// What the protocol groups of one layer of a listener decided, since it was bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolGroupSnapshot {
+    /// `"plain"`: the listener's group, on the bytes as they arrive; `"tls"`: the group run on
+    /// the decrypted stream after a TLS member started TLS.
+    pub layer: &'static str,
+    /// Sessions given to each member, by member name, in the group's order (a TLS member is
+    /// `"tls"`).
+    pub members: Vec<(String, u64)>,
+    /// Sessions given to the fallback (or closed, for a group without one), by why:
+    /// `no_match` (every member said "not mine"), `byte_budget`, `time_budget`.
+    pub fallbacks: Vec<(&'static str, u64)>,
+    /// Sessions whose detection a budget ended (`bytes` or `time`): undecided members then
+    /// counted as not matching, whether a member or the fallback got the session.
+    pub budgets_spent: Vec<(&'static str, u64)>,
+}
+
+impl ProtocolGroupSnapshot {
+    fn empty(layer: &'static str) -> ProtocolGroupSnapshot {
+        ProtocolGroupSnapshot {
+            layer,
+            members: Vec::new(),
+            fallbacks: GroupFallback::ALL.iter().map(|f| (f.as_str(), 0)).collect(),
+            budgets_spent: GroupBudget::ALL.iter().map(|b| (b.as_str(), 0)).collect(),
         }
     }
 }
@@ -97,6 +251,63 @@ impl ListenerStats {
 
     pub(crate) fn refused(&self, reason: RefusalReason) {
         self.refused.add(reason);
+    }
+
+    /// Connections of this listener admitted so far.
+    #[cfg(test)]
+    pub(crate) fn accepted_count(&self) -> u64 {
+        self.accepted.load(Relaxed)
+    }
+
+    /// Connections of this listener refused so far, by reason.
+    #[cfg(test)]
+    pub(crate) fn refusals(&self) -> &RefusalCounts {
+        &self.refused
+    }
+
+    /// Counts into group `group`'s tally for this listener, created by `make` for the group's
+    /// first session here.
+    pub(crate) fn with_group_tally(
+        &self,
+        group: u64,
+        make: impl FnOnce() -> GroupTally,
+        count: impl FnOnce(&GroupTally),
+    ) {
+        {
+            let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(tally) = groups.iter().find(|t| t.group == group) {
+                count(tally);
+                return;
+            }
+        }
+        let mut groups = self.groups.write().unwrap_or_else(PoisonError::into_inner);
+        let tally = match groups.iter().find(|t| t.group == group) {
+            Some(tally) => Arc::clone(tally),
+            None => {
+                let tally = Arc::new(make());
+                groups.push(Arc::clone(&tally));
+                tally
+            }
+        };
+        drop(groups);
+        count(&tally);
+    }
+
+    /// The protocol groups' tallies, one snapshot per layer (groups of the same layer, such as
+    /// a group nested in another, summed by member name), plain first.
+    pub(crate) fn group_snapshots(&self) -> Vec<ProtocolGroupSnapshot> {
+        let groups = self.groups.read().unwrap_or_else(PoisonError::into_inner);
+        let mut snapshots: Vec<ProtocolGroupSnapshot> = Vec::new();
+        for inside_tls in [false, true] {
+            let mut layer = None;
+            for tally in groups.iter().filter(|t| t.inside_tls == inside_tls) {
+                let snapshot =
+                    layer.get_or_insert_with(|| ProtocolGroupSnapshot::empty(tally.layer()));
+                tally.add_to(snapshot);
+            }
+            snapshots.extend(layer);
+        }
+        snapshots
     }
 
     fn sum(&self, field: fn(&Shard) -> &AtomicU64) -> u64 {
@@ -208,6 +419,7 @@ impl ServerFacts {
                     refused: stats.refused.snapshot(),
                     bytes_in: stats.sum(|s| &s.bytes_in),
                     bytes_out: stats.sum(|s| &s.bytes_out),
+                    protocol_groups: stats.group_snapshots(),
                 }
             })
             .collect()
@@ -240,6 +452,9 @@ pub struct ListenerSnapshot {
     pub bytes_in: u64,
     /// Bytes written to this listener's peers.
     pub bytes_out: u64,
+    /// What the listener's protocol groups decided, per layer (empty when its service is
+    /// not a [`crate::ProtocolGroup`] or no session was decided yet).
+    pub protocol_groups: Vec<ProtocolGroupSnapshot>,
 }
 
 /// One event loop's counters at a point in time.
@@ -343,6 +558,7 @@ pub(crate) fn write_prometheus(
             sample(out, name, &[("listener", l.name.as_str())], pick(l));
         }
     }
+    write_protocol_groups(out, listeners);
     family(
         out,
         "event_loop_sessions_open",
@@ -375,6 +591,65 @@ pub(crate) fn write_prometheus(
     }
 }
 
+/// The `protocol_group_*` families: what each listener's protocol groups decided.
+fn write_protocol_groups(out: &mut String, listeners: &[ListenerSnapshot]) {
+    let groups = || {
+        listeners.iter().flat_map(|l| {
+            l.protocol_groups
+                .iter()
+                .map(move |group| (l.name.as_str(), group))
+        })
+    };
+    family(
+        out,
+        "protocol_group_sessions_total",
+        "counter",
+        "Sessions a protocol group gave to a member, by listener, layer (plain, or tls: the group run inside TLS) and member.",
+    );
+    for (listener, group) in groups() {
+        for (member, count) in &group.members {
+            let labels = [
+                ("listener", listener),
+                ("layer", group.layer),
+                ("member", member.as_str()),
+            ];
+            sample(out, "protocol_group_sessions_total", &labels, *count);
+        }
+    }
+    family(
+        out,
+        "protocol_group_fallbacks_total",
+        "counter",
+        "Sessions a protocol group gave to its fallback, by listener, layer and reason (no_match, byte_budget, time_budget).",
+    );
+    for (listener, group) in groups() {
+        for (reason, count) in &group.fallbacks {
+            let labels = [
+                ("listener", listener),
+                ("layer", group.layer),
+                ("reason", reason),
+            ];
+            sample(out, "protocol_group_fallbacks_total", &labels, *count);
+        }
+    }
+    family(
+        out,
+        "protocol_group_budget_spent_total",
+        "counter",
+        "Sessions whose protocol detection a budget ended (bytes or time), by listener, layer and budget.",
+    );
+    for (listener, group) in groups() {
+        for (budget, count) in &group.budgets_spent {
+            let labels = [
+                ("listener", listener),
+                ("layer", group.layer),
+                ("budget", budget),
+            ];
+            sample(out, "protocol_group_budget_spent_total", &labels, *count);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -398,6 +673,71 @@ mod tests {
     }
 
     #[test]
+    fn protocol_group_tallies_are_summed_per_layer_and_rendered_per_member_reason_and_budget() {
+        let stats = ListenerStats::default();
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let count = |group: u64, inside_tls: bool, list: &[&str], what: &dyn Fn(&GroupTally)| {
+            stats.with_group_tally(
+                group,
+                || GroupTally::new(group, inside_tls, names(list)),
+                what,
+            )
+        };
+        count(1, false, &["tls", "http"], &|t| t.member(0));
+        count(1, false, &["tls", "http"], &|t| t.member(1));
+        count(1, false, &["tls", "http"], &|t| {
+            t.fallback(GroupFallback::TimeBudget);
+            t.budget_spent(GroupBudget::Time);
+        });
+        count(2, true, &["http"], &|t| t.member(0));
+        // A second group on the same layer (nested): summed by member name.
+        count(3, false, &["http", "raw"], &|t| t.member(1));
+        count(3, false, &["http", "raw"], &|t| t.member(0));
+        let snapshots = stats.group_snapshots();
+        assert_eq!(
+            snapshots,
+            [
+                ProtocolGroupSnapshot {
+                    layer: "plain",
+                    members: vec![("tls".into(), 1), ("http".into(), 2), ("raw".into(), 1)],
+                    fallbacks: vec![("no_match", 0), ("byte_budget", 0), ("time_budget", 1)],
+                    budgets_spent: vec![("bytes", 0), ("time", 1)],
+                },
+                ProtocolGroupSnapshot {
+                    layer: "tls",
+                    members: vec![("http".into(), 1)],
+                    fallbacks: vec![("no_match", 0), ("byte_budget", 0), ("time_budget", 0)],
+                    budgets_spent: vec![("bytes", 0), ("time", 0)],
+                },
+            ]
+        );
+        let listener = ListenerSnapshot {
+            name: "group".into(),
+            transport: "tcp",
+            addr: "127.0.0.1:80".parse().unwrap(),
+            service: "auto".into(),
+            sessions_open: 0,
+            accepted: 5,
+            refused: Vec::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+            protocol_groups: snapshots,
+        };
+        let mut out = String::new();
+        write_prometheus(&mut out, &[listener], &[], 0);
+        for line in [
+            "# TYPE plexus_protocol_group_sessions_total counter\n",
+            "plexus_protocol_group_sessions_total{listener=\"group\",layer=\"plain\",member=\"http\"} 2\n",
+            "plexus_protocol_group_sessions_total{listener=\"group\",layer=\"tls\",member=\"http\"} 1\n",
+            "plexus_protocol_group_fallbacks_total{listener=\"group\",layer=\"plain\",reason=\"time_budget\"} 1\n",
+            "plexus_protocol_group_fallbacks_total{listener=\"group\",layer=\"tls\",reason=\"no_match\"} 0\n",
+            "plexus_protocol_group_budget_spent_total{listener=\"group\",layer=\"plain\",budget=\"time\"} 1\n",
+        ] {
+            assert!(out.contains(line), "{line} in:\n{out}");
+        }
+    }
+
+    #[test]
     fn breakdown_families_are_typed_and_labelled() {
         let listener = ListenerSnapshot {
             name: "we\"b".into(),
@@ -409,6 +749,7 @@ mod tests {
             refused: vec![(RefusalReason::Acl, 1)],
             bytes_in: 7,
             bytes_out: 9,
+            protocol_groups: Vec::new(),
         };
         let event_loop = LoopSnapshot {
             index: 0,

@@ -87,7 +87,7 @@ pub mod upgrade;
 mod worker;
 
 pub use admission::RefusalReason;
-pub use breakdown::{ListenerSnapshot, LoopSnapshot, ReloadOutcome};
+pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
 pub use dtls::DtlsError;

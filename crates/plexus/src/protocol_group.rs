@@ -27,11 +27,18 @@
 //!
 //! Because detectors see every byte so far each time, a group decides the same way whether
 //! the client sends its first bytes at once or one at a time.
+//!
+//! What a group decides is counted per listener and shown on `/metrics`
+//! (`plexus_protocol_group_sessions_total`, `…_fallbacks_total`, `…_budget_spent_total`,
+//! labelled with the listener, the layer — `plain`, or `tls` for the group run inside TLS —
+//! and the member, fallback reason or budget; see [`crate::ProtocolGroupSnapshot`]), and per
+//! group by [`ProtocolGroup::counts`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::breakdown::{GroupBudget, GroupFallback, GroupTally};
 use crate::service::{CloseReason, Service, Session, SessionHandler, SessionInfo};
 
 /// A detector's answer about a session's first bytes.
@@ -184,14 +191,23 @@ struct Member {
 
 /// How one session's detection ended, for [`ProtocolGroup::counts`].
 struct Counters {
-    /// Fallbacks because every member said `NotMine` or the byte budget was spent.
+    /// Fallbacks because every member said `NotMine`.
     no_match: AtomicU64,
+    /// Fallbacks because the byte budget was spent.
+    byte_budget: AtomicU64,
     /// Fallbacks because the time budget passed.
     timed_out: AtomicU64,
 }
 
+/// Gives each group built its identity (the key of its per-listener counts).
+static NEXT_GROUP: AtomicU64 = AtomicU64::new(0);
+
 /// The members of a group, in order, and what it does when none claims a session.
 struct Group {
+    /// Unique per group built.
+    id: u64,
+    /// Runs on the decrypted stream after another group's TLS member.
+    inside_tls: bool,
     members: Vec<Member>,
     fallback: Option<Arc<dyn Service>>,
     byte_budget: usize,
@@ -211,6 +227,12 @@ enum Decision {
 }
 
 impl Group {
+    /// A zero tally of this group's decisions, for the first session on a listener.
+    fn tally(&self) -> GroupTally {
+        let names = self.members.iter().map(|m| m.name.clone()).collect();
+        GroupTally::new(self.id, self.inside_tls, names)
+    }
+
     /// Asks the members in order; `spent` = a budget is spent, so `NeedMore` counts as
     /// `NotMine`.
     fn decide(&self, first: &[u8], spent: bool) -> Decision {
@@ -292,9 +314,10 @@ impl ProtocolGroup {
         self.group.members.iter().map(|m| m.name.as_str()).collect()
     }
 
-    /// How many sessions each member was given, then `"fallback"` (nothing matched within the
-    /// byte budget) and `"fallback (time budget)"`, since the group was built. The counts of
-    /// the group run inside TLS are not included (see [`ProtocolGroup::inner`]).
+    /// How many sessions each member was given, then `"fallback"` (every member said "not
+    /// mine"), `"fallback (byte budget)"` and `"fallback (time budget)"`, since the group was
+    /// built, over every listener it serves. The counts of the group run inside TLS are not
+    /// included (see [`ProtocolGroup::inner`]). `/metrics` shows the same per listener.
     pub fn counts(&self) -> Vec<(String, u64)> {
         let group = &self.group;
         let mut counts: Vec<(String, u64)> = group
@@ -305,6 +328,10 @@ impl ProtocolGroup {
         counts.push((
             "fallback".into(),
             group.counters.no_match.load(Ordering::Relaxed),
+        ));
+        counts.push((
+            "fallback (byte budget)".into(),
+            group.counters.byte_budget.load(Ordering::Relaxed),
         ));
         counts.push((
             "fallback (time budget)".into(),
@@ -392,6 +419,11 @@ impl ProtocolGroupBuilder {
 
     /// The group.
     pub fn build(self) -> ProtocolGroup {
+        self.build_group(false)
+    }
+
+    /// The group; `inside_tls` for the one a TLS member runs on the decrypted stream.
+    fn build_group(self, inside_tls: bool) -> ProtocolGroup {
         // The group run inside TLS: the same members but TLS, the same fallback and budgets.
         let inside = self.tls.as_ref().map(|_| {
             Arc::new(
@@ -407,7 +439,7 @@ impl ProtocolGroupBuilder {
                     byte_budget: self.byte_budget,
                     time_budget: self.time_budget,
                 }
-                .build(),
+                .build_group(true),
             )
         });
         let members = self
@@ -435,12 +467,15 @@ impl ProtocolGroupBuilder {
             .collect();
         ProtocolGroup {
             group: Arc::new(Group {
+                id: NEXT_GROUP.fetch_add(1, Ordering::Relaxed),
+                inside_tls,
                 members,
                 fallback: self.fallback,
                 byte_budget: self.byte_budget,
                 time_budget: self.time_budget,
                 counters: Counters {
                     no_match: AtomicU64::new(0),
+                    byte_budget: AtomicU64::new(0),
                     timed_out: AtomicU64::new(0),
                 },
             }),
@@ -468,7 +503,50 @@ struct GroupSession {
 }
 
 impl GroupSession {
-    fn act(&mut self, session: &mut Session<'_>, decision: Decision, timed_out: bool) {
+    /// Counts a decision (not `Wait`) in the group's totals and in its tally for the
+    /// session's listener; `spent` is the budget that ended the wait, if one did.
+    fn count(&self, session: &Session<'_>, decision: Decision, spent: Option<GroupBudget>) {
+        let group = &self.group;
+        let fallback = match spent {
+            None => GroupFallback::NoMatch,
+            Some(GroupBudget::Bytes) => GroupFallback::ByteBudget,
+            Some(GroupBudget::Time) => GroupFallback::TimeBudget,
+        };
+        match decision {
+            Decision::Wait => return,
+            Decision::Member(index) => {
+                if let Some(member) = group.members.get(index) {
+                    member.chosen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Decision::Fallback => {
+                let counter = match fallback {
+                    GroupFallback::NoMatch => &group.counters.no_match,
+                    GroupFallback::ByteBudget => &group.counters.byte_budget,
+                    GroupFallback::TimeBudget => &group.counters.timed_out,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let stats = &session.info.listener.stats;
+        stats.with_group_tally(
+            group.id,
+            || group.tally(),
+            |tally| {
+                match decision {
+                    Decision::Member(index) => tally.member(index),
+                    Decision::Fallback => tally.fallback(fallback),
+                    Decision::Wait => {}
+                }
+                if let Some(budget) = spent {
+                    tally.budget_spent(budget);
+                }
+            },
+        );
+    }
+
+    fn act(&mut self, session: &mut Session<'_>, decision: Decision, spent: Option<GroupBudget>) {
+        self.count(session, decision, spent);
         let group = Arc::clone(&self.group);
         let service = match decision {
             Decision::Wait => return,
@@ -476,7 +554,6 @@ impl GroupSession {
                 let Some(member) = group.members.get(index) else {
                     return;
                 };
-                member.chosen.fetch_add(1, Ordering::Relaxed);
                 match &member.action {
                     Action::Open(service) => Arc::clone(service),
                     Action::Tls(config, inner) => {
@@ -490,26 +567,19 @@ impl GroupSession {
                     }
                 }
             }
-            Decision::Fallback => {
-                let counter = match timed_out {
-                    true => &group.counters.timed_out,
-                    false => &group.counters.no_match,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                match &group.fallback {
-                    Some(service) => Arc::clone(service),
-                    None => {
-                        tracing::debug!(
-                            session = %session.id(),
-                            "protocol group: no member claims the session and there is no \
-                             fallback; closing"
-                        );
-                        session.close();
-                        self.chosen = Some(Box::new(Upgrading));
-                        return;
-                    }
+            Decision::Fallback => match &group.fallback {
+                Some(service) => Arc::clone(service),
+                None => {
+                    tracing::debug!(
+                        session = %session.id(),
+                        "protocol group: no member claims the session and there is no \
+                         fallback; closing"
+                    );
+                    session.close();
+                    self.chosen = Some(Box::new(Upgrading));
+                    return;
                 }
-            }
+            },
         };
         session.cancel_timer();
         let mut handler = service.open(session);
@@ -528,9 +598,15 @@ impl SessionHandler for GroupSession {
             return;
         }
         self.seen.extend_from_slice(data);
-        let spent = self.seen.len() >= self.group.byte_budget;
-        let decision = self.group.decide(&self.seen, spent);
-        self.act(session, decision, false);
+        let mut decision = self.group.decide(&self.seen, false);
+        let mut spent = None;
+        if decision == Decision::Wait && self.seen.len() >= self.group.byte_budget {
+            // The byte budget ends the wait (deciding with it spent from the start gives the
+            // same answer whenever some member is decided anyway).
+            decision = self.group.decide(&self.seen, true);
+            spent = Some(GroupBudget::Bytes);
+        }
+        self.act(session, decision, spent);
     }
 
     fn on_timer(&mut self, session: &mut Session<'_>) {
@@ -540,7 +616,7 @@ impl SessionHandler for GroupSession {
         }
         // The time budget is spent: undecided members are not chosen.
         let decision = self.group.decide(&self.seen, true);
-        self.act(session, decision, true);
+        self.act(session, decision, Some(GroupBudget::Time));
     }
 
     fn on_drain(&mut self, session: &mut Session<'_>) {
@@ -677,6 +753,8 @@ mod tests {
     #[test]
     fn an_earlier_undecided_member_holds_back_a_later_claim() {
         let group = Group {
+            id: u64::MAX,
+            inside_tls: false,
             members: ["needs", "claims"]
                 .iter()
                 .zip([
@@ -695,6 +773,7 @@ mod tests {
             time_budget: DEFAULT_TIME_BUDGET,
             counters: Counters {
                 no_match: AtomicU64::new(0),
+                byte_budget: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
             },
         };
@@ -746,7 +825,15 @@ mod tests {
             .build();
         assert_eq!(built.member_names(), ["a"]);
         let names: Vec<String> = built.counts().into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["a", "fallback", "fallback (time budget)"]);
+        assert_eq!(
+            names,
+            [
+                "a",
+                "fallback",
+                "fallback (byte budget)",
+                "fallback (time budget)"
+            ]
+        );
         assert!(built.inner().is_none());
     }
 }

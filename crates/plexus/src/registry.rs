@@ -21,10 +21,14 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A closure `Fn(&ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError>` is a factory
 /// that needs no TLS configuration.
 pub trait ServiceFactory: Send + Sync + 'static {
-    /// Whether plain tcp listeners of this service need the server's TLS configuration
-    /// ([`ListenerContext::tls`]). When true, the server loads (or generates) certificates
-    /// for them as it does for tls listeners. The default is false.
-    fn uses_tls(&self) -> bool {
+    /// Whether `listener`, a plain tcp listener of this service, needs the server's TLS
+    /// configuration ([`ListenerContext::tls`]): true when the service it builds for that
+    /// listener detects and terminates TLS itself (a protocol group with a TLS member). When
+    /// some listener's answer is true, the server loads (or generates) certificates as it
+    /// does for tls listeners; when none is, no certificate is loaded or generated. The
+    /// default is false.
+    fn uses_tls(&self, listener: &ListenerConfig) -> bool {
+        let _ = listener;
         false
     }
 
@@ -135,7 +139,7 @@ impl ServiceRegistry {
             && self
                 .factories
                 .get(&listener.config.service)
-                .is_some_and(|factory| factory.uses_tls())
+                .is_some_and(|factory| factory.uses_tls(&listener.config))
     }
 
     /// The service of one listener: the shared one of its name, or one its factory builds.

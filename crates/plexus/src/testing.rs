@@ -574,6 +574,13 @@ impl Harness {
         self.tls_request.as_deref()
     }
 
+    /// What the protocol groups this session ran through decided, as the listener's
+    /// `/metrics` counts it ([`crate::ListenerSnapshot::protocol_groups`]): for a service that
+    /// is (or builds on) a [`crate::ProtocolGroup`].
+    pub fn protocol_groups(&self) -> Vec<crate::ProtocolGroupSnapshot> {
+        self.info.listener.stats.group_snapshots()
+    }
+
     /// Calls into the handler with a [`Session`] handle built as the loop builds it; a panic
     /// closes the session ([`CloseReason::Panic`]), as in the runtime.
     fn callback(&mut self, call: impl FnOnce(&mut Box<dyn SessionHandler>, &mut Session<'_>)) {

@@ -212,6 +212,40 @@ fn line_and_binary_protocols_inside_tls() {
     );
     let got = String::from_utf8_lossy(&got).into_owned();
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    // What the group decided, per layer, on /metrics (itself one more plain http session):
+    // seven TLS sessions; inside them three binary, one http, and three lines (no member
+    // claims "inside tls", so the fallback, at once).
+    let metrics = metrics(example.addr);
+    for (layer, member, count) in [
+        ("plain", "tls", 7),
+        ("plain", "binary", 0),
+        ("plain", "http", 1),
+        ("tls", "binary", 3),
+        ("tls", "http", 1),
+    ] {
+        let line = format!(
+            "plexus_protocol_group_sessions_total{{listener=\"group\",layer=\"{layer}\",member=\"{member}\"}} {count}\n"
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    for (layer, reason, count) in [
+        ("plain", "no_match", 0),
+        ("tls", "no_match", 3),
+        ("tls", "time_budget", 0),
+    ] {
+        let line = format!(
+            "plexus_protocol_group_fallbacks_total{{listener=\"group\",layer=\"{layer}\",reason=\"{reason}\"}} {count}\n"
+        );
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+}
+
+/// The example's `/metrics` page (its http member serves it to loopback clients).
+fn metrics(addr: SocketAddr) -> String {
+    let (code, out) = curl(&[&format!("http://{addr}/metrics")]);
+    assert_eq!(code, 0, "{out}");
+    out
 }
 
 #[test]
@@ -238,4 +272,14 @@ fn an_undecided_client_gets_the_line_protocol_when_the_time_budget_passes() {
     let got =
         String::from_utf8_lossy(&read_until(&mut silent, b"HTTP/1.1", IO_TIMEOUT)).into_owned();
     assert!(got.starts_with("GET / HTTP/1.1"), "{got}");
+
+    // Both were the time budget's fallbacks, and counted as such.
+    let metrics = metrics(example.addr);
+    for line in [
+        "plexus_protocol_group_fallbacks_total{listener=\"group\",layer=\"plain\",reason=\"time_budget\"} 2\n",
+        "plexus_protocol_group_budget_spent_total{listener=\"group\",layer=\"plain\",budget=\"time\"} 2\n",
+        "plexus_protocol_group_sessions_total{listener=\"group\",layer=\"plain\",member=\"http\"} 1\n",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
 }

@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 
+use plexus::config::ListenerConfig;
 use plexus::protocol_group::{Http1Request, Http2Preface};
 use plexus::{BoxError, ListenerContext, ProtocolGroup, Service, ServiceFactory};
 
@@ -47,8 +48,10 @@ impl AutoFactory {
 }
 
 impl ServiceFactory for AutoFactory {
-    fn uses_tls(&self) -> bool {
-        true
+    /// Whether the listener's group has a TLS member (`"tls"` in its `protocols`, as in the
+    /// preset of tcp listeners): only then does the server need certificates for it.
+    fn uses_tls(&self, listener: &ListenerConfig) -> bool {
+        listener.protocols().contains(&"tls")
     }
 
     fn build(&self, listener: &ListenerContext<'_>) -> Result<Arc<dyn Service>, BoxError> {
@@ -81,5 +84,60 @@ impl ServiceFactory for AutoFactory {
             .service(listener, fallback)
             .ok_or_else(|| format!("no shared service named {fallback:?} for the fallback"))?;
         Ok(Arc::new(group.fallback(fallback).build()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use plexus::Config;
+
+    use super::*;
+
+    #[test]
+    fn only_a_group_with_a_tls_member_asks_for_the_tls_configuration() {
+        let text = r#"
+[[listener]]
+name = "preset"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "auto"
+
+[[listener]]
+name = "explicit"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "auto"
+protocols = ["http", "tls", "echo"]
+
+[[listener]]
+name = "plain"
+transport = "tcp"
+addr = "127.0.0.1:0"
+service = "auto"
+protocols = ["http", "echo"]
+
+[[listener]]
+name = "decrypted"
+transport = "tls"
+addr = "127.0.0.1:0"
+service = "auto"
+"#;
+        let config = Config::parse(text, "test").unwrap();
+        let factory = AutoFactory::new(Arc::new(Http::new(&config.http)));
+        let answers: Vec<(&str, bool)> = config
+            .listeners
+            .iter()
+            .map(|l| (l.name.as_str(), factory.uses_tls(l)))
+            .collect();
+        assert_eq!(
+            answers,
+            [
+                ("preset", true),
+                ("explicit", true),
+                ("plain", false),
+                // A tls listener's preset has no TLS member: its sessions arrive decrypted.
+                ("decrypted", false),
+            ]
+        );
     }
 }

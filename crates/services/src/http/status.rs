@@ -890,6 +890,7 @@ mod tests {
             refused: Vec::new(),
             bytes_in: 0,
             bytes_out: 0,
+            protocol_groups: Vec::new(),
         });
         let page = StatusPage::new(&HttpConfig::default());
         let html = render_html(&build(&status, &HttpStats::default(), &page));
