@@ -99,16 +99,17 @@ fn dead_upstream_closes_the_client_promptly() {
     let relay = Server::start(&forward_config(dead, "tcp", ""));
     let mark = relay.log_mark();
     let mut client = connect(relay.addr("fwd"));
-    let started = Instant::now();
+    // The refused connect closes the client (no wall-clock check: the read timeout only bounds
+    // the test, and the log line below names the upstream failure as the reason).
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut buf = [0u8; 16];
     let result = client.read(&mut buf);
     assert!(
-        matches!(result, Ok(0) | Err(_)),
-        "closed, not answered: {result:?}"
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "closed promptly"
+        matches!(result, Ok(0))
+            || matches!(&result, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut),
+        "closed, not answered or left open: {result:?}"
     );
     relay.assert_log(
         mark,

@@ -501,15 +501,31 @@ fn status_json_parses_and_agrees_with_metrics() {
     // Both on one keep-alive connection, nothing else running: the differences between the
     // two are exactly this connection's own bytes and responses.
     let mut stream = connect(server.addr("web"));
-    let (_, status) = request(&mut stream, "/status.json");
-    assert_eq!(status.status, 200);
-    assert_eq!(status.header("content-type"), Some("application/json"));
-    assert_eq!(status.header("cache-control"), Some("no-store"));
-    let (metrics_request_len, metrics) = request(&mut stream, "/metrics");
-    assert_eq!(metrics.status, 200);
-    let json: serde_json::Value = serde_json::from_slice(&status.body).expect("valid JSON");
-    let m = parse_metrics(&metrics.text());
     let n = |v: &serde_json::Value| v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"));
+    // A loop adds a session's byte counts just after its write: under a loaded machine the
+    // echo loop may not have done so when status.json is rendered. So the pair is asked again
+    // (at most 5 times) until no other session's count moves between them; a real disagreement
+    // between the two renderings fails every time.
+    let mut attempt = 0;
+    let (status, metrics_request_len, json, m) = loop {
+        attempt += 1;
+        let (_, status) = request(&mut stream, "/status.json");
+        assert_eq!(status.status, 200);
+        assert_eq!(status.header("content-type"), Some("application/json"));
+        assert_eq!(status.header("cache-control"), Some("no-store"));
+        let (metrics_request_len, metrics) = request(&mut stream, "/metrics");
+        assert_eq!(metrics.status, 200);
+        let json: serde_json::Value = serde_json::from_slice(&status.body).expect("valid JSON");
+        let m = parse_metrics(&metrics.text());
+        let settled = metric(&m, "plexus_bytes_received_total")
+            == n(&json["totals"]["bytes_in"]) + metrics_request_len as f64
+            && metric(&m, "plexus_bytes_sent_total")
+                == n(&json["totals"]["bytes_out"]) + status.raw_len as f64;
+        if settled || attempt == 5 {
+            break (status, metrics_request_len, json, m);
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
 
     assert_eq!(json["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(
