@@ -13,7 +13,8 @@
 //! accepted, after its name and validity period are checked); `--insecure` accepts any
 //! certificate (the handshake signatures are still checked, chain and name are not); neither
 //! uses the system roots. The name checked (and sent as SNI) is `--sni NAME`, else HOST.
-//! [`Trust`] is the one place the trust rules live (`connect` and `bench` use it).
+//! The trust rules live in [`plexus::tls_client`]; [`trust_of`] maps the options onto them
+//! (`connect` and `bench` use it).
 //!
 //! Design: one thread reads standard input and hands chunks over a bounded channel; the calling
 //! thread owns the [`ClientConnection`] and the non-blocking socket and takes turns: plaintext
@@ -33,15 +34,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use plexus::tls_client::ServerTrust;
+use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::{aws_lc_rs, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, ClientConnection, DigitallySignedStruct, RootCertStore,
-    SignatureScheme,
-};
+use rustls::pki_types::ServerName;
+use rustls::{CertificateError, ClientConfig, ClientConnection};
 
 use crate::connect::dial;
 use crate::EXIT_USAGE;
@@ -103,26 +100,20 @@ fn prepare(
         })?,
     };
 
-    let provider = Arc::new(aws_lc_rs::default_provider());
-    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .context("TLS configuration")?;
-    let mut config = if options.insecure {
+    if options.insecure {
         eprintln!(
             "warning: --insecure: the server's certificate is not verified (anyone on the path \
              can impersonate the server)"
         );
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate { provider }))
-            .with_no_client_auth()
-    } else {
-        let trust = Trust::load(options.ca.as_deref())?;
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(trust.verifier(provider)?)
-            .with_no_client_auth()
-    };
+    }
+    let trust = trust_of(options.insecure, options.ca.as_deref());
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("TLS configuration")?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier_of(&trust, provider)?)
+        .with_no_client_auth();
     for protocol in &options.alpn {
         if protocol.is_empty() || protocol.len() > 255 {
             bail!("--alpn {protocol:?}: an ALPN protocol name is 1 to 255 bytes");
@@ -150,235 +141,39 @@ fn host_of(target: &str) -> anyhow::Result<&str> {
     Ok(host)
 }
 
-/// What a client trusts when it verifies (not `--insecure`): the certificates of `--ca FILE`,
-/// or the system roots.
-#[derive(Debug, Clone)]
-pub(crate) struct Trust {
-    roots: Arc<RootCertStore>,
-    /// `--ca`'s certificates: a server presenting one of these exact certificates is trusted.
-    pinned: Arc<[CertificateDer<'static>]>,
-}
-
-impl Trust {
-    /// `--ca FILE`'s certificates, else the system roots.
-    pub(crate) fn load(ca: Option<&Path>) -> anyhow::Result<Trust> {
-        Ok(match ca {
-            Some(path) => {
-                let (roots, pinned) = roots_from_file(path)?;
-                Trust {
-                    roots: Arc::new(roots),
-                    pinned: pinned.into(),
-                }
+/// The trust `--insecure` / `--ca FILE` ask for (the rules live in [`plexus::tls_client`]):
+/// any certificate, the certificates of FILE only, or else the system roots. Problems reading
+/// the system store are warnings; without any root every certificate is refused at the
+/// handshake, with a clear error.
+pub(crate) fn trust_of(insecure: bool, ca: Option<&Path>) -> ServerTrust {
+    match (insecure, ca) {
+        (true, _) => ServerTrust::AnyCertificate,
+        (false, Some(path)) => ServerTrust::CaFile(path.to_owned()),
+        (false, None) => {
+            let native = plexus::tls_client::native_roots();
+            for err in &native.errors {
+                eprintln!("warning: reading the system root certificates: {err}");
             }
-            None => Trust {
-                roots: Arc::new(system_roots()),
-                pinned: Arc::new([]),
-            },
-        })
-    }
-
-    /// The verifier for a client configuration built on `provider`.
-    pub(crate) fn verifier(
-        &self,
-        provider: Arc<CryptoProvider>,
-    ) -> anyhow::Result<Arc<dyn ServerCertVerifier>> {
-        // No root at all (an empty system store): nothing chains, every certificate is refused
-        // at the handshake (with a clear error) rather than here.
-        let webpki = match self.roots.is_empty() {
-            true => None,
-            false => Some(
-                WebPkiServerVerifier::builder_with_provider(
-                    Arc::clone(&self.roots),
-                    Arc::clone(&provider),
-                )
-                .build()
-                .map_err(|err| anyhow!("certificate verifier: {err}"))?,
-            ),
-        };
-        Ok(Arc::new(TrustVerifier {
-            webpki,
-            pinned: Arc::clone(&self.pinned),
-            provider,
-        }))
+            if native.roots.is_empty() {
+                eprintln!(
+                    "warning: no system root certificates found: every server certificate will \
+                     be rejected (use --ca FILE)"
+                );
+            }
+            ServerTrust::Roots(Arc::new(native.roots))
+        }
     }
 }
 
-/// webpki verification, except that a server certificate byte-identical to one of `--ca`'s is
-/// accepted once its name and validity period check out.
-#[derive(Debug)]
-struct TrustVerifier {
-    webpki: Option<Arc<WebPkiServerVerifier>>,
-    pinned: Arc<[CertificateDer<'static>]>,
-    /// The handshake signatures are checked with its algorithms, as webpki would.
+/// The verifier for `trust` on `provider`; a `--ca` file that cannot be used is a usage error.
+pub(crate) fn verifier_of(
+    trust: &ServerTrust,
     provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for TrustVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .pinned
-            .iter()
-            .any(|trusted| trusted.as_ref() == end_entity.as_ref())
-        {
-            check_validity(end_entity, now)?;
-            let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_name(&parsed, server_name)?;
-            return Ok(ServerCertVerified::assertion());
-        }
-        match &self.webpki {
-            Some(webpki) => webpki.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            ),
-            None => Err(rustls::Error::InvalidCertificate(
-                CertificateError::UnknownIssuer,
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = &self.provider.signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The certificate's notBefore ≤ `now` ≤ notAfter (the check webpki makes on every chain).
-fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
-    use std::cmp::Ordering;
-    let bad = |_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding);
-    let x509 = openssl::x509::X509::from_der(cert.as_ref()).map_err(bad)?;
-    let seconds = libc::time_t::try_from(now.as_secs()).unwrap_or(libc::time_t::MAX);
-    let now = openssl::asn1::Asn1Time::from_unix(seconds).map_err(bad)?;
-    if x509.not_before().compare(&now).map_err(bad)? == Ordering::Greater {
-        return Err(rustls::Error::InvalidCertificate(
-            CertificateError::NotValidYet,
-        ));
-    }
-    if x509.not_after().compare(&now).map_err(bad)? == Ordering::Less {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
-    }
-    Ok(())
-}
-
-/// The certificates of a PEM file, as the only trusted roots (and the certificates themselves).
-fn roots_from_file(path: &Path) -> anyhow::Result<(RootCertStore, Vec<CertificateDer<'static>>)> {
-    let shown = path.display();
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| anyhow!("--ca {shown}: {err}"))?;
-    if certs.is_empty() {
-        bail!("--ca {shown}: no certificate (PEM 'BEGIN CERTIFICATE' block) in the file");
-    }
-    let mut roots = RootCertStore::empty();
-    for (i, cert) in certs.iter().enumerate() {
-        roots
-            .add(cert.clone())
-            .map_err(|err| anyhow!("--ca {shown}: certificate {}: {err}", i + 1))?;
-    }
-    Ok((roots, certs))
-}
-
-/// The system's trusted roots (rustls-native-certs); problems reading them are warnings, and
-/// an empty store rejects every certificate.
-fn system_roots() -> RootCertStore {
-    let loaded = rustls_native_certs::load_native_certs();
-    for err in &loaded.errors {
-        eprintln!("warning: reading the system root certificates: {err}");
-    }
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(loaded.certs);
-    if roots.is_empty() {
-        eprintln!(
-            "warning: no system root certificates found: every server certificate will be \
-             rejected (use --ca FILE)"
-        );
-    }
-    roots
-}
-
-/// `--insecure`: accepts any certificate chain for any name, but still verifies the handshake
-/// signatures with the provider's algorithms (so the peer must hold the certificate's key).
-#[derive(Debug)]
-pub(crate) struct AcceptAnyCertificate {
-    pub(crate) provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
+) -> anyhow::Result<Arc<dyn ServerCertVerifier>> {
+    plexus::tls_client::verifier(trust, provider).map_err(|err| match trust {
+        ServerTrust::CaFile(_) => anyhow!("--ca {err}"),
+        _ => anyhow!("certificate verifier: {err}"),
+    })
 }
 
 /// What the standard-input thread hands over; the end is the channel disconnecting.

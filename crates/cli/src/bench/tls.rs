@@ -13,7 +13,8 @@ use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, SupportedProtocolVersion};
 
 use super::Fail;
-use crate::tls_client::{AcceptAnyCertificate, Trust};
+use crate::tls_client::{trust_of, verifier_of};
+use plexus::tls_client::ServerTrust;
 
 static BOTH: [&SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
 static ONLY_12: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS12];
@@ -24,8 +25,7 @@ static ONLY_13: [&SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
 pub(crate) struct TlsPlan {
     name: ServerName<'static>,
     insecure: bool,
-    /// `None` with `--insecure`.
-    trust: Option<Trust>,
+    trust: ServerTrust,
     versions: &'static [&'static SupportedProtocolVersion],
 }
 
@@ -52,10 +52,9 @@ impl TlsPlan {
             Some("1.3") => &ONLY_13,
             Some(other) => bail!("--tls-version {other:?}: expected 1.2 or 1.3"),
         };
-        let trust = match insecure {
-            true => None,
-            false => Some(Trust::load(ca)?),
-        };
+        let trust = trust_of(insecure, ca);
+        // A --ca file that cannot be used is a usage error now, not at the first connection.
+        verifier_of(&trust, Arc::new(aws_lc_rs::default_provider()))?;
         Ok(TlsPlan {
             name,
             insecure,
@@ -71,10 +70,7 @@ impl TlsPlan {
         let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(self.versions)
             .map_err(|err| anyhow!("TLS configuration: {err}"))?;
-        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &self.trust {
-            None => Arc::new(AcceptAnyCertificate { provider }),
-            Some(trust) => trust.verifier(provider)?,
-        };
+        let verifier = verifier_of(&self.trust, provider)?;
         let mut config = builder
             .dangerous()
             .with_custom_certificate_verifier(verifier)
