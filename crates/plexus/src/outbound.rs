@@ -12,13 +12,13 @@ use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 
 /// Most buffers handed to one `writev` (Linux allows 1024; 64 covers any realistic burst).
 const MAX_IOVECS: usize = 64;
 /// The staging buffer is frozen into the chunk list once it holds this much.
 const STAGING_CHUNK: usize = 64 * 1024;
-/// Staging capacity kept across sends while a session is busy; more is released when empty.
+/// Staging capacity always kept once everything staged was written (see `Staging::restart`).
 const STAGING_KEEP: usize = 4 * 1024;
 /// Most file bytes handed to one `sendfile` call.
 const SENDFILE_CHUNK: usize = 1 << 20;
@@ -72,11 +72,87 @@ impl Chunk {
     }
 }
 
+/// Copies of small sends, coalesced behind the queued chunks; its first `sent` bytes already
+/// went out. A plain `Vec` with an offset rather than a `BytesMut`: when everything staged was
+/// written the buffer starts over at its beginning with its capacity kept, so a session that
+/// answers each read at once never reallocates or moves bytes (a `BytesMut` advanced to its
+/// end has to reclaim its space on every next copy).
+#[derive(Debug, Default)]
+struct Staging {
+    buf: Vec<u8>,
+    sent: usize,
+}
+
+impl Staging {
+    /// The bytes not written yet.
+    #[inline]
+    fn pending(&self) -> &[u8] {
+        self.buf.get(self.sent..).unwrap_or_default()
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.buf.len().saturating_sub(self.sent)
+    }
+
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes the buffer holds, written or not (what bounds its size).
+    #[inline]
+    fn stored(&self) -> usize {
+        self.buf.len()
+    }
+
+    #[inline]
+    fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// `n` more bytes were written; when that is all of them the buffer starts over.
+    #[inline]
+    fn advance(&mut self, n: usize) {
+        self.sent = self.sent.saturating_add(n).min(self.buf.len());
+        if self.sent == self.buf.len() {
+            self.restart();
+        }
+    }
+
+    /// Empties the buffer (everything in it was written). Its capacity is kept while it is the
+    /// session's working size: at most [`STAGING_KEEP`], or up to [`STAGING_CHUNK`] when the
+    /// fill just written used at least half of it, so a steady stream of same-size replies
+    /// never reallocates. A buffer that one burst grew past what is now used is released.
+    fn restart(&mut self) {
+        let capacity = self.buf.capacity();
+        let working = capacity <= STAGING_CHUNK && self.buf.len().saturating_mul(2) >= capacity;
+        match capacity > STAGING_KEEP && !working {
+            true => self.buf = Vec::new(),
+            false => self.buf.clear(),
+        }
+        self.sent = 0;
+    }
+
+    /// The pending bytes as one shared buffer (no copy); the staging buffer is left empty.
+    fn take(&mut self) -> Bytes {
+        let mut bytes = Bytes::from(std::mem::take(&mut self.buf));
+        bytes.advance(self.sent.min(bytes.len()));
+        self.sent = 0;
+        bytes
+    }
+
+    #[cfg(test)]
+    fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+}
+
 /// Bytes queued for one peer, oldest first.
 #[derive(Debug, Default)]
 pub(crate) struct OutboundQueue {
     chunks: VecDeque<Chunk>,
-    staging: BytesMut,
+    staging: Staging,
     len: usize,
     /// Datagram mode: each push is its own chunk (one datagram), never coalesced.
     framed: bool,
@@ -93,6 +169,7 @@ impl OutboundQueue {
     /// Memory the queue holds: payload bytes in memory plus [`ENTRY_COST`] per queued entry
     /// (file regions included: their bytes are on disk, their entries are not). What
     /// `outbound_limit` bounds.
+    #[inline]
     pub(crate) fn memory_len(&self) -> usize {
         self.len
             .saturating_sub(self.file_len)
@@ -101,6 +178,7 @@ impl OutboundQueue {
 
     /// Whether an entry of `payload` more bytes in memory keeps [`OutboundQueue::memory_len`]
     /// within `limit` (charged as a whole new entry, whichever way the push stores it).
+    #[inline]
     pub(crate) fn fits(&self, payload: usize, limit: usize) -> bool {
         self.memory_len()
             .saturating_add(payload)
@@ -135,6 +213,7 @@ impl OutboundQueue {
     }
 
     /// Queues a copy of `data`.
+    #[inline]
     pub(crate) fn push_copy(&mut self, data: &[u8]) {
         if self.framed {
             // An empty datagram is a valid datagram.
@@ -146,15 +225,15 @@ impl OutboundQueue {
         if data.is_empty() {
             return;
         }
-        self.staging.extend_from_slice(data);
+        self.staging.push(data);
         self.len = self.len.saturating_add(data.len());
-        if self.staging.len() >= STAGING_CHUNK {
-            self.chunks
-                .push_back(Chunk::Data(self.staging.split().freeze()));
+        if self.staging.stored() >= STAGING_CHUNK {
+            self.chunks.push_back(Chunk::Data(self.staging.take()));
         }
     }
 
     /// Queues `data` without copying.
+    #[inline]
     pub(crate) fn push_shared(&mut self, data: Bytes) {
         if data.is_empty() && !self.framed {
             return;
@@ -182,8 +261,7 @@ impl OutboundQueue {
 
     fn seal_staging(&mut self) {
         if !self.staging.is_empty() {
-            self.chunks
-                .push_back(Chunk::Data(self.staging.split().freeze()));
+            self.chunks.push_back(Chunk::Data(self.staging.take()));
         }
     }
 
@@ -265,7 +343,7 @@ impl OutboundQueue {
         // The staging buffer holds the newest bytes: it goes only behind the last chunk.
         if !reached_file && !self.staging.is_empty() && chunks.next().is_none() {
             if let Some(slot) = slices.get_mut(count) {
-                *slot = IoSlice::new(&self.staging);
+                *slot = IoSlice::new(self.staging.pending());
                 count = count.saturating_add(1);
             }
         }
@@ -298,7 +376,7 @@ impl OutboundQueue {
         }
         Ok(match self.chunks.front() {
             Some(Chunk::Data(chunk)) => &chunk[..],
-            _ => &self.staging[..],
+            _ => self.staging.pending(),
         })
     }
 
@@ -307,7 +385,7 @@ impl OutboundQueue {
         self.len = self.len.saturating_sub(n);
         while n > 0 {
             let Some(front) = self.chunks.front_mut() else {
-                self.staging.advance(n.min(self.staging.len()));
+                self.staging.advance(n);
                 break;
             };
             let front_len = front.len();
@@ -332,11 +410,6 @@ impl OutboundQueue {
         if self.len == 0 {
             if self.chunks.capacity() > 0 {
                 self.chunks = VecDeque::new();
-            }
-            if self.staging.capacity() > STAGING_KEEP {
-                self.staging = BytesMut::new();
-            } else {
-                self.staging.clear();
             }
         }
     }
@@ -479,6 +552,67 @@ mod tests {
         queue.write_to(&mut writer).unwrap();
         assert_eq!(queue.staging.capacity(), 0);
         assert_eq!(queue.chunks.capacity(), 0);
+    }
+
+    #[test]
+    fn a_steady_stream_of_same_size_replies_reuses_one_staging_buffer() {
+        let mut queue = OutboundQueue::default();
+        let mut writer = Trickle {
+            out: Vec::new(),
+            per_call: usize::MAX,
+            budget: usize::MAX,
+        };
+        queue.push_copy(&[7u8; 16 * 1024]);
+        queue.write_to(&mut writer).unwrap();
+        let buffer = queue.staging.buf.as_ptr();
+        let capacity = queue.staging.capacity();
+        assert!(capacity >= 16 * 1024);
+        for round in 0..10u8 {
+            queue.push_copy(&[round; 16 * 1024]);
+            queue.write_to(&mut writer).unwrap();
+            assert!(queue.is_empty());
+            assert_eq!(queue.staging.buf.as_ptr(), buffer, "round {round} reallocated");
+        }
+        assert_eq!(queue.staging.capacity(), capacity);
+        assert_eq!(writer.out.len(), 11 * 16 * 1024);
+    }
+
+    #[test]
+    fn a_staging_buffer_grown_by_one_burst_is_released_when_small_replies_follow() {
+        let mut queue = OutboundQueue::default();
+        let mut writer = Trickle {
+            out: Vec::new(),
+            per_call: usize::MAX,
+            budget: usize::MAX,
+        };
+        queue.push_copy(&[1u8; 40_000]);
+        queue.write_to(&mut writer).unwrap();
+        queue.push_copy(b"small");
+        queue.write_to(&mut writer).unwrap();
+        assert_eq!(queue.staging.capacity(), 0);
+        // Small buffers are always kept.
+        queue.push_copy(b"small again");
+        queue.write_to(&mut writer).unwrap();
+        assert!(queue.staging.capacity() > 0 && queue.staging.capacity() <= STAGING_KEEP);
+    }
+
+    #[test]
+    fn bytes_staged_behind_a_partly_written_staging_buffer_keep_their_order() {
+        let mut queue = OutboundQueue::default();
+        let mut writer = Trickle {
+            out: Vec::new(),
+            per_call: 3,
+            budget: 4,
+        };
+        queue.push_copy(b"abcdef");
+        let _ = queue.write_to(&mut writer);
+        assert_eq!(writer.out, b"abc");
+        queue.push_copy(b"ghi");
+        writer.budget = usize::MAX;
+        writer.per_call = usize::MAX;
+        queue.write_to(&mut writer).unwrap();
+        assert_eq!(writer.out, b"abcdefghi");
+        assert!(queue.is_empty());
     }
 
     #[test]

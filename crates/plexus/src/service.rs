@@ -371,6 +371,7 @@ impl Session<'_> {
     /// Queues bytes for the peer. If the queue would pass `outbound_limit` the session is
     /// closed instead (its peer is not reading) and the bytes are dropped with it. On a udp or
     /// dtls session, each call sends exactly one datagram.
+    #[inline]
     pub fn send(&mut self, data: &[u8]) {
         if self.admits(data.len()) {
             self.outbound.push_copy(data);
@@ -378,6 +379,7 @@ impl Session<'_> {
     }
 
     /// Like [`Session::send`], for bytes the caller already owns (no copy).
+    #[inline]
     pub fn send_bytes(&mut self, data: Bytes) {
         if self.admits(data.len()) {
             self.outbound.push_shared(data);
@@ -607,6 +609,7 @@ impl Session<'_> {
         self.outbound.len()
     }
 
+    #[inline]
     fn admits(&mut self, extra: usize) -> bool {
         if self.closing.is_some() {
             return false;
