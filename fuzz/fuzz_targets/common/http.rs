@@ -4,8 +4,8 @@
 //! (body pieces joined per message), so two cuttings can be compared.
 
 use plexus_proto::http::{
-    if_none_match, AcceptEncoding, Q_MAX, normalize_path, parse_http_date, parse_range, Limits, RequestDecoder,
-    RequestEvent, RequestHead,
+    if_none_match, normalize_path, parse_http_date, parse_range, AcceptEncoding, Limits,
+    RequestDecoder, RequestEvent, RequestHead, Q_MAX,
 };
 
 /// The limits the targets decode with: small, so every limit is reachable.
