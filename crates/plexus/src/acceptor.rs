@@ -123,7 +123,7 @@ pub(crate) struct Acceptor {
     /// the service, so `/healthz` keeps answering 200 on the sessions still here.
     handed_over: bool,
     /// What SIGUSR1 runs: services reopening their log files.
-    reopen_hooks: Vec<crate::server::ReopenHook>,
+    reopen_hooks: Vec<crate::registry::ReopenHook>,
 }
 
 impl Acceptor {
@@ -251,7 +251,7 @@ impl Acceptor {
     }
 
     /// What SIGUSR1 runs (reopen log files).
-    pub(crate) fn set_reopen_hooks(&mut self, hooks: Vec<crate::server::ReopenHook>) {
+    pub(crate) fn set_reopen_hooks(&mut self, hooks: Vec<crate::registry::ReopenHook>) {
         self.reopen_hooks = hooks;
     }
 

@@ -32,8 +32,7 @@ use plexus_sys::pidfile::PidFile;
 /// What [`ServerBuilder::after_bind`] runs.
 type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 
-/// What [`ServerBuilder::on_reopen`] runs on SIGUSR1.
-pub type ReopenHook = Arc<dyn Fn() + Send + Sync>;
+use crate::registry::ReopenHook;
 
 /// Configures a [`Server`]: services beyond the built-in ones, signal handling.
 pub struct ServerBuilder {

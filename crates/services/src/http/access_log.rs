@@ -186,8 +186,10 @@ pub(crate) struct AccessLog {
 /// The running writer: the sending end of its queue, and the thread (joined on drop, so
 /// every queued line is written before the process exits).
 struct Writer {
-    sender: Mutex<Option<SyncSender<Vec<u8>>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// `None` when the thread could not be started (every line is then dropped). A
+    /// `SyncSender` is shared by the loops without a lock.
+    sender: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -222,8 +224,7 @@ impl AccessLog {
         let mut line = Vec::with_capacity(256);
         format_line(self.format, entry, &mut line);
         let writer = self.writer.get_or_init(|| self.start());
-        let sender = writer.sender.lock().unwrap_or_else(PoisonError::into_inner);
-        let sent = match sender.as_ref() {
+        let sent = match writer.sender.as_ref() {
             Some(sender) => match sender.try_send(line) {
                 Ok(()) => true,
                 Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
@@ -255,8 +256,7 @@ impl AccessLog {
     pub(crate) fn reopen(&self) {
         self.reopen.store(true, Relaxed);
         if let Some(writer) = self.writer.get() {
-            let sender = writer.sender.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(sender) = sender.as_ref() {
+            if let Some(sender) = writer.sender.as_ref() {
                 // An empty message wakes the writer; a full queue wakes it anyway.
                 let _ = sender.try_send(Vec::new());
             }
@@ -305,14 +305,14 @@ impl AccessLog {
             .spawn(move || write_loop(receiver, output, &reopen, &stats));
         match spawned {
             Ok(thread) => Writer {
-                sender: Mutex::new(Some(sender)),
-                thread: Mutex::new(Some(thread)),
+                sender: Some(sender),
+                thread: Some(thread),
             },
             Err(err) => {
                 warn!("http access log: cannot start its writer thread: {err}; lines are dropped");
                 Writer {
-                    sender: Mutex::new(None),
-                    thread: Mutex::new(None),
+                    sender: None,
+                    thread: None,
                 }
             }
         }
@@ -323,17 +323,8 @@ impl Drop for AccessLog {
     fn drop(&mut self) {
         if let Some(writer) = self.writer.get_mut() {
             // Closing the queue ends the writer once it has written what is queued.
-            writer
-                .sender
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            let thread = writer
-                .thread
-                .get_mut()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take();
-            if let Some(thread) = thread {
+            writer.sender.take();
+            if let Some(thread) = writer.thread.take() {
                 let _ = thread.join();
             }
         }
