@@ -43,6 +43,8 @@ dict_for() {
         dtls_preparse) echo dict/dtls.dict ;;
         config) echo dict/config.dict ;;
         h2_frames | hpack_decode) echo dict/h2.dict ;;
+        accept_encoding) echo dict/accept_encoding.dict ;;
+        ocsp) echo dict/ocsp.dict ;;
     esac
 }
 

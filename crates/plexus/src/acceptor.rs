@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::deadline_after;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR2};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
@@ -122,6 +122,8 @@ pub(crate) struct Acceptor {
     /// The listeners went to a new process (binary upgrade): this drain is not a shutdown of
     /// the service, so `/healthz` keeps answering 200 on the sessions still here.
     handed_over: bool,
+    /// What SIGUSR1 runs: services reopening their log files.
+    reopen_hooks: Vec<crate::registry::ReopenHook>,
 }
 
 impl Acceptor {
@@ -141,7 +143,7 @@ impl Acceptor {
                 .register(&mut listener.socket, token, Interest::READABLE)?;
         }
         let signals = if handle_signals {
-            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR2])?;
+            let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])?;
             poll.registry()
                 .register(&mut signals, SIGNALS, Interest::READABLE)?;
             Some(signals)
@@ -178,6 +180,7 @@ impl Acceptor {
             lameduck_until: None,
             upgrade: upgrade_flow::UpgradeState::default(),
             handed_over: false,
+            reopen_hooks: Vec::new(),
         };
 
         Ok((acceptor, control))
@@ -243,6 +246,25 @@ impl Acceptor {
                     "cannot notify systemd ({}): {err}",
                     state.replace('\n', " ")
                 );
+            }
+        }
+    }
+
+    /// What SIGUSR1 runs (reopen log files).
+    pub(crate) fn set_reopen_hooks(&mut self, hooks: Vec<crate::registry::ReopenHook>) {
+        self.reopen_hooks = hooks;
+    }
+
+    /// SIGUSR1: every registered hook reopens its files (each hands the work to its own
+    /// thread; a panicking hook is logged and the others still run).
+    fn reopen_logs(&self) {
+        info!(
+            "SIGUSR1 received: reopening log files ({} hook(s))",
+            self.reopen_hooks.len()
+        );
+        for hook in &self.reopen_hooks {
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook())).is_err() {
+                error!("SIGUSR1: a reopen hook panicked");
             }
         }
     }
@@ -393,6 +415,7 @@ impl Acceptor {
                     self.stop_loops(StopRequest::Fast);
                 }
                 SIGHUP => self.reload(),
+                SIGUSR1 => self.reopen_logs(),
                 SIGUSR2 => self.start_upgrade(),
                 other => debug!(signal = other, "ignoring signal"),
             }

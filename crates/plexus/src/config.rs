@@ -15,6 +15,8 @@ use plexus_proto::{Acl, Cidr};
 use serde::{Deserialize, Serialize};
 
 mod bounds;
+mod http_keys;
+pub(crate) use http_keys::MAX_OCSP_BYTES;
 mod rules;
 
 /// The embedded default configuration: what `plexus serve` runs without `--config`.
@@ -156,6 +158,9 @@ pub struct TlsConfig {
     /// PEM private key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+    /// A DER OCSP response for `cert`, stapled to every TLS handshake (re-read on SIGHUP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocsp: Option<PathBuf>,
     /// Session resumption with stateless tickets.
     #[serde(default = "default_true")]
     pub session_tickets: bool,
@@ -237,6 +242,7 @@ impl Default for TlsConfig {
         TlsConfig {
             cert: None,
             key: None,
+            ocsp: None,
             session_tickets: true,
             sni: Vec::new(),
             psk: Vec::new(),
@@ -254,6 +260,9 @@ pub struct SniConfig {
     pub cert: PathBuf,
     /// PEM private key.
     pub key: PathBuf,
+    /// A DER OCSP response for this certificate, stapled (re-read on SIGHUP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ocsp: Option<PathBuf>,
 }
 
 /// `[http]`: limits and document root of http services.
@@ -296,6 +305,51 @@ pub struct HttpConfig {
     /// `"max-age=63072000; includeSubDomains"`; absent = none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hsts: Option<String>,
+    /// Where one line per response goes: `"stderr"` or a file path; absent = no access log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<PathBuf>,
+    /// The access log's line format.
+    pub access_log_format: AccessLogFormat,
+    /// Lines waiting for the access log's writer thread; past it, lines are dropped (counted).
+    pub access_log_queue: usize,
+    /// Content codings served from files next to the requested one (`x.br`, `x.gz`,
+    /// `x.zst`) when the request's Accept-Encoding takes them, in order of preference.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub precompressed: Vec<String>,
+}
+
+/// Where the access log goes (`[http] access_log`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// The process's standard error.
+    Stderr,
+    /// A file, opened for appending (created if missing), reopened on SIGUSR1.
+    File(PathBuf),
+}
+
+/// `[http] access_log_format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// The NCSA combined format (Apache's and nginx's default).
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The codings `[http] precompressed` accepts, with the file extension of each.
+pub const PRECOMPRESSED_CODINGS: [(&str, &str); 3] =
+    [("br", "br"), ("gzip", "gz"), ("zstd", "zst")];
+
+impl HttpConfig {
+    /// Where the access log goes, if anywhere.
+    pub fn access_log_target(&self) -> Option<AccessLogTarget> {
+        self.access_log.as_ref().map(|path| match path.to_str() {
+            Some("stderr") => AccessLogTarget::Stderr,
+            _ => AccessLogTarget::File(path.clone()),
+        })
+    }
 }
 
 impl Default for HttpConfig {
@@ -314,6 +368,10 @@ impl Default for HttpConfig {
             h2_initial_window_size: 65_535,
             h2_max_frame_size: 16_384,
             h2_stall_timeout: Duration::from_secs(30),
+            access_log: None,
+            access_log_format: AccessLogFormat::Combined,
+            access_log_queue: 16 * 1024,
+            precompressed: Vec::new(),
             hsts: None,
         }
     }
@@ -699,6 +757,8 @@ impl Config {
                 problem("http.hsts".into(), why);
             }
         }
+        // Values of the access-log, precompressed and OCSP keys.
+        http_keys::check(self, &mut problem);
         if server.outbound_low_watermark >= server.outbound_high_watermark {
             problem(
                 "server.outbound_low_watermark".into(),

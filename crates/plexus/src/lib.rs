@@ -96,7 +96,7 @@ pub use log_throttle::LogThrottle;
 pub use loop_local::LoopLocal;
 pub use metrics::{MetricsSnapshot, ServerStatus};
 pub use protocol_group::{Detection, Detector, ProtocolGroup, ProtocolGroupBuilder};
-pub use registry::{BoxError, ListenerContext, ServiceFactory};
+pub use registry::{BoxError, ListenerContext, ReopenHook, ServiceFactory};
 pub use server::{Server, ServerBuilder, ServerHandle};
 pub use service::{
     CloseReason, LinkEvent, Service, Session, SessionHandler, SessionId, SessionInfo,

@@ -13,6 +13,13 @@ use crate::service::Service;
 /// The error a [`ServiceFactory`] returns: any error, reported with the listener's name.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A hook SIGUSR1 runs (with [`ServerBuilder::handle_signals`](crate::ServerBuilder::handle_signals)),
+/// registered with [`ServerBuilder::on_reopen`](crate::ServerBuilder::on_reopen): where a service
+/// reopens its log files after logrotate moved them (the http service's access log does). It runs
+/// on the acceptor thread, so it must not block: hand the reopen to the thread that owns the
+/// file. A panic in it is caught and logged; the other hooks still run.
+pub type ReopenHook = Arc<dyn Fn() + Send + Sync>;
+
 /// Builds the service of each listener that names it, when the listener is bound (at start,
 /// or when a reload adds it). For services that depend on the listener itself: a protocol
 /// group that detects TLS on a plain port needs that listener's TLS configuration, and its

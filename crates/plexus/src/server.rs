@@ -32,6 +32,8 @@ use plexus_sys::pidfile::PidFile;
 /// What [`ServerBuilder::after_bind`] runs.
 type AfterBindHook = Box<dyn FnOnce() -> Result<(), Box<dyn std::error::Error + Send + Sync>>>;
 
+use crate::registry::ReopenHook;
+
 /// Configures a [`Server`]: services beyond the built-in ones, signal handling.
 pub struct ServerBuilder {
     config: Config,
@@ -47,6 +49,8 @@ pub struct ServerBuilder {
     handover: Option<Handover>,
     /// The pid file, handed over by an upgrade.
     pid_file: Option<Arc<PidFile>>,
+    /// Run on SIGUSR1 (reopen log files).
+    reopen: Vec<ReopenHook>,
 }
 
 impl ServerBuilder {
@@ -125,6 +129,15 @@ impl ServerBuilder {
         source: impl FnMut() -> Result<Config, ConfigError> + Send + 'static,
     ) -> Self {
         self.reload_source = Some(Box::new(source));
+        self
+    }
+
+    /// Runs `hook` on SIGUSR1 (with [`handle_signals`](Self::handle_signals)): where a
+    /// service reopens its log files after logrotate moved them. It runs on the acceptor
+    /// thread, so it must not block (hand the work to the thread owning the file); a panic in
+    /// it is caught and logged.
+    pub fn on_reopen(mut self, hook: ReopenHook) -> Self {
+        self.reopen.push(hook);
         self
     }
 
@@ -389,6 +402,7 @@ impl ServerBuilder {
         .map_err(Error::runtime("cannot create the acceptor"))?;
         let mut acceptor = acceptor;
         acceptor.set_lameduck(server.drain_delay, Arc::clone(&metrics));
+        acceptor.set_reopen_hooks(std::mem::take(&mut self.reopen));
         if let Some(source) = self.reload_source {
             acceptor.set_reloader(Reloader {
                 source,
@@ -619,6 +633,7 @@ impl Server {
             upgrade: None,
             handover: None,
             pid_file: None,
+            reopen: Vec::new(),
         }
     }
 

@@ -63,6 +63,24 @@ pub enum TlsError {
     /// The ephemeral certificate could not be generated.
     #[error("cannot generate the ephemeral certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    /// An OCSP response file is not a stapleable OCSP response.
+    #[error("{}: {source}", path.display())]
+    Ocsp {
+        /// The OCSP response file.
+        path: PathBuf,
+        /// What is wrong with it.
+        source: plexus_proto::ocsp::OcspError,
+    },
+    /// An OCSP response file is larger than any real response.
+    #[error("{}: {len} bytes; an OCSP response is at most {max}", path.display())]
+    OcspTooLarge {
+        /// The OCSP response file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
@@ -228,13 +246,21 @@ fn load_certificates(
 ) -> Result<CertificateSet, TlsError> {
     let (default, default_key) =
         match config.and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())) {
-            Some((cert, key)) => load_pair(cert, key, provider)?,
+            Some((cert, key)) => {
+                let ocsp = config.and_then(|tls| tls.ocsp.as_deref());
+                load_pair(cert, key, ocsp, provider)?
+            }
             None => ephemeral(provider)?,
         };
     let mut by_name = Vec::new();
     for sni in config.map_or(&[][..], |tls| &tls.sni[..]) {
-        let SniConfig { names, cert, key } = sni;
-        let (certified, _) = load_pair(cert, key, provider)?;
+        let SniConfig {
+            names,
+            cert,
+            key,
+            ocsp,
+        } = sni;
+        let (certified, _) = load_pair(cert, key, ocsp.as_deref(), provider)?;
         for name in names {
             by_name.push((NamePattern::parse(name), Arc::clone(&certified)));
         }
@@ -249,6 +275,7 @@ fn load_certificates(
 fn load_pair(
     cert_path: &Path,
     key_path: &Path,
+    ocsp_path: Option<&Path>,
     provider: &CryptoProvider,
 ) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'static>), TlsError> {
     let read = |path: &Path| {
@@ -272,18 +299,55 @@ fn load_pair(
     }
     let key_pem = read(key_path)?;
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|err| pem_error(key_path, err))?;
-    let certified = CertifiedKey::from_der(chain, key.clone_key(), provider).map_err(|source| {
-        TlsError::Key {
-            path: key_path.to_owned(),
-            source,
-        }
-    })?;
+    let mut certified =
+        CertifiedKey::from_der(chain, key.clone_key(), provider).map_err(|source| {
+            TlsError::Key {
+                path: key_path.to_owned(),
+                source,
+            }
+        })?;
+    if let Some(path) = ocsp_path {
+        certified.ocsp = Some(load_ocsp(path)?);
+    }
     info!(
-        "tls certificate loaded cert={} sha256={}",
+        "tls certificate loaded cert={} sha256={}{}",
         cert_path.display(),
-        certified.cert.first().map_or_else(String::new, fingerprint)
+        certified.cert.first().map_or_else(String::new, fingerprint),
+        ocsp_path.map_or(String::new(), |path| format!(
+            " ocsp={} (stapled)",
+            path.display()
+        ))
     );
     Ok((Arc::new(certified), key))
+}
+
+/// Reads an OCSP response file and checks it is a successful DER response (its signature and
+/// freshness are the client's to verify).
+fn load_ocsp(path: &Path) -> Result<Vec<u8>, TlsError> {
+    let read_error = |source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let max = crate::config::MAX_OCSP_BYTES;
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    if !meta.is_file() {
+        // A FIFO put there would block the reload until a writer appears.
+        return Err(read_error(std::io::Error::other("not a regular file")));
+    }
+    let len = meta.len();
+    if len > max {
+        return Err(TlsError::OcspTooLarge {
+            path: path.to_owned(),
+            len,
+            max,
+        });
+    }
+    let der = std::fs::read(path).map_err(read_error)?;
+    plexus_proto::ocsp::check_response(&der).map_err(|source| TlsError::Ocsp {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(der)
 }
 
 fn ephemeral(

@@ -3,8 +3,9 @@
 //! [`Cidr`]), line framing for line-based services ([`LineFramer`]), the
 //! HTTP/1.1 request decoder and response helpers ([`http`]), the HTTP/2
 //! frame, HPACK and server-connection codec ([`h2`]), first-bytes
-//! protocol detection for the `auto` group ([`detect`]) and the PROXY
-//! protocol v1/v2 header ([`proxy`]).
+//! protocol detection for the `auto` group ([`detect`]), the PROXY
+//! protocol v1/v2 header ([`proxy`]) and the envelope check of a stapled
+//! OCSP response ([`ocsp`]).
 //! Nothing in this crate touches a socket, spawns a thread or reads a clock:
 //! bytes and the current [`Instant`](std::time::Instant) are always passed in
 //! by the caller, which keeps every piece deterministic and unit-testable.
@@ -34,6 +35,7 @@ pub mod dtls;
 pub mod h2;
 pub mod http;
 pub mod line;
+pub mod ocsp;
 pub mod proxy;
 pub mod timer;
 

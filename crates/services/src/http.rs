@@ -35,8 +35,12 @@ use plexus::config::HttpConfig;
 use plexus::prometheus::{family, sample};
 use plexus::{LogThrottle, LoopLocal, Service, Session, SessionHandler};
 
+mod access_log;
 mod h2;
+mod precompressed;
 mod status;
+
+use access_log::{AccessLog, AccessLogEntry};
 
 /// Files up to this size are read and sent with their head in one write; larger ones are
 /// queued as file regions (sendfile on plain TCP).
@@ -49,6 +53,8 @@ struct FileMeta {
     etag: String,
     last_modified: String,
     mime: &'static str,
+    /// The coding of a precompressed variant (`Content-Encoding`); `None` = the file itself.
+    encoding: Option<&'static str>,
 }
 
 /// Where a file's bytes come from.
@@ -164,6 +170,10 @@ struct Shared {
     h2: h2::H2Shared,
     /// `Strict-Transport-Security` on responses over TLS (`[http] hsts`).
     hsts: Option<String>,
+    /// One line per response (`[http] access_log`), written by its own thread.
+    access_log: Option<AccessLog>,
+    /// `x.br` / `x.gz` next to `x` (`[http] precompressed`).
+    precompressed: precompressed::Precompressed,
 }
 
 /// Counters of every http session, rendered by `/metrics`.
@@ -298,7 +308,24 @@ impl Http {
                 status: status::StatusPage::new(config),
                 h2: h2::H2Shared::new(config),
                 hsts: config.hsts.clone(),
+                access_log: AccessLog::new(config),
+                precompressed: precompressed::Precompressed::new(&config.precompressed),
             }),
+        }
+    }
+
+    /// Whether this service writes an access log (then SIGUSR1 should reach
+    /// [`reopen_logs`](Self::reopen_logs), e.g. through [`plexus::ServerBuilder::on_reopen`]).
+    pub fn has_access_log(&self) -> bool {
+        self.shared.access_log.is_some()
+    }
+
+    /// Reopens the access log file at its configured path (SIGUSR1, after logrotate moved
+    /// it). Never blocks: the log's writer thread reopens it; lines queued before go to the
+    /// old file.
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.shared.access_log {
+            log.reopen();
         }
     }
 }
@@ -482,6 +509,15 @@ impl Response {
         Response::simple(403, TEXT, &b"403 Forbidden\n"[..], head_only)
     }
 
+    /// The body bytes that go out (none for a head-only response).
+    pub(crate) fn sent_len(&self) -> u64 {
+        if self.head_only {
+            0
+        } else {
+            self.body_len()
+        }
+    }
+
     /// The body's length (what `Content-Length` says).
     pub(crate) fn body_len(&self) -> u64 {
         match &self.body {
@@ -512,6 +548,36 @@ impl Shared {
                 session.info().listener()
             );
         }
+    }
+
+    /// Hook: the access-log line of one response, queued for the log's writer (no-op
+    /// without `[http] access_log`). `request` is `None` for a request refused before its
+    /// head was complete (400 from the parser, 408); `bytes` counts body bytes queued.
+    pub(crate) fn log_access(
+        &self,
+        session: &Session<'_>,
+        request: Option<&Request<'_>>,
+        response: (u16, u64),
+        protocol: &str,
+        started: Instant,
+    ) {
+        let Some(log) = &self.access_log else {
+            return;
+        };
+        let (status, bytes) = response;
+        log.record(&AccessLogEntry {
+            peer: session.peer(),
+            method: request.map_or("", |r| r.method.as_str()),
+            target: request.map_or("", |r| r.raw_target),
+            protocol,
+            status,
+            bytes,
+            referer: request.and_then(|r| r.header("referer")),
+            user_agent: request.and_then(|r| r.header("user-agent")),
+            started,
+            finished: Instant::now(),
+            time: SystemTime::now(),
+        });
     }
 
     /// The response to one complete request: the protocol-neutral core of the service
@@ -565,6 +631,9 @@ impl Shared {
                 }
                 self.stats.write_prometheus(&mut text);
                 self.h2.write_prometheus(&mut text);
+                if let Some(log) = &self.access_log {
+                    log.write_prometheus(&mut text);
+                }
                 let mime = "text/plain; version=0.0.4; charset=utf-8";
                 Response::simple(200, mime, text.into_bytes(), head_only)
             }
@@ -618,10 +687,13 @@ impl Shared {
                 .is_some_and(|since| unix_seconds(meta.modified) <= unix_seconds(since)),
         };
         if not_modified {
-            let validators = vec![
+            let mut validators = vec![
                 ("ETag", Cow::Owned(meta.etag.clone())),
                 ("Last-Modified", Cow::Owned(meta.last_modified.clone())),
             ];
+            if self.precompressed.enabled() {
+                validators.push(("Vary", Cow::Borrowed("Accept-Encoding")));
+            }
             return Response::with(304, validators, Bytes::new(), true);
         }
         // A Range under a stale If-Range validator gets the whole file (RFC 9110 13.1.5).
@@ -645,10 +717,13 @@ impl Shared {
                 Some(format!("bytes {start}-{end}/{len}")),
             ),
             RangeRequest::Unsatisfiable => {
-                let headers = vec![
+                let mut headers = vec![
                     ("Content-Range", Cow::Owned(format!("bytes */{len}"))),
                     ("Content-Type", Cow::Borrowed(TEXT)),
                 ];
+                if self.precompressed.enabled() {
+                    headers.push(("Vary", Cow::Borrowed("Accept-Encoding")));
+                }
                 let body = &b"416 Range Not Satisfiable\n"[..];
                 return Response::with(416, headers, body, head_only);
             }
@@ -661,6 +736,12 @@ impl Shared {
         ];
         if let Some(content_range) = content_range {
             headers.push(("Content-Range", Cow::Owned(content_range)));
+        }
+        if let Some(coding) = meta.encoding {
+            headers.push(("Content-Encoding", Cow::Borrowed(coding)));
+        }
+        if self.precompressed.enabled() {
+            headers.push(("Vary", Cow::Borrowed("Accept-Encoding")));
         }
         let body = match body {
             FileBody::Memory(bytes) => {
@@ -699,6 +780,13 @@ impl Shared {
         let mut key = segments.join("/");
         if wants_directory {
             key.push('/');
+        }
+        // Hook: the precompressed codings this request takes, best first; the cache keeps
+        // one answer per list (no variant found = the file itself).
+        let wanted = self.precompressed.wanted(request.headers);
+        for (index, (coding, _)) in wanted.iter().enumerate() {
+            key.push(if index == 0 { '\0' } else { ',' });
+            key.push_str(coding);
         }
         if let Some(hit) = self.cache.get(session, &key) {
             return Ok(hit);
@@ -763,18 +851,38 @@ impl Shared {
                 return Err(Response::simple(500, TEXT, body, head_only));
             }
         };
+        // Hook: a precompressed variant of the file, when the request takes one that exists
+        // (the file itself decided 404/403/redirects above).
+        let (file, metadata, encoding) = if wanted.is_empty() {
+            (file, metadata, None)
+        } else {
+            let identity = if wants_directory {
+                relative.join("index.html")
+            } else {
+                relative
+            };
+            match precompressed::open_variant(&wanted, &identity, |path| open_below(root, path)) {
+                Some((coding, file, metadata)) => (file, metadata, Some(coding)),
+                None => (file, metadata, None),
+            }
+        };
         let len = metadata.len();
         let modified = metadata.modified().unwrap_or(UNIX_EPOCH);
         let modified_nanos = modified
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let extension = name.rsplit_once('.').map_or("", |(_, ext)| ext);
+        let etag = entity_tag(len, modified_nanos ^ u128::from(metadata.ino()));
         let meta = Arc::new(FileMeta {
             len,
             modified,
-            etag: entity_tag(len, modified_nanos ^ u128::from(metadata.ino())),
+            etag: match encoding {
+                Some(coding) => precompressed::variant_tag(&etag, coding),
+                None => etag,
+            },
             last_modified: format_http_date(modified),
             mime: content_type(extension),
+            encoding,
         });
         if self.cache.admits(len) {
             let mut body = vec![0u8; len as usize];
@@ -898,7 +1006,10 @@ impl HttpSession {
             plexus_proto::http::reason_phrase(status)
         );
         let response = Response::simple(status, TEXT, body.into_bytes(), false);
+        let sent = (status, response.body_len());
         self.write(session, response, false);
+        self.shared
+            .log_access(session, None, sent, "HTTP/1.1", Instant::now());
         self.done = true;
         session.close();
     }
@@ -913,7 +1024,10 @@ impl HttpSession {
         self.shared.stats.rejected(408);
         self.shared.stats.response(408);
         let response = Response::simple(408, TEXT, &b"408 Request Timeout\n"[..], false);
+        let sent = (408, response.body_len());
         self.write(session, response, false);
+        self.shared
+            .log_access(session, None, sent, "HTTP/1.1", Instant::now());
         self.done = true;
         session.close();
     }
@@ -935,8 +1049,12 @@ impl HttpSession {
         };
         let response = self.shared.respond(session, &request);
         let keep_alive = head.keep_alive && !response.close;
+        let sent = (response.status, response.sent_len());
         let open = self.write(session, response, keep_alive);
         self.shared.stats.latency(started.elapsed());
+        let protocol = if self.http10 { "HTTP/1.0" } else { "HTTP/1.1" };
+        self.shared
+            .log_access(session, Some(&request), sent, protocol, started);
         keep_alive && open
     }
 

@@ -42,6 +42,11 @@ pub fn register(builder: ServerBuilder) -> ServerBuilder {
     let chat = Chat::new(config.chat.max_line_bytes);
     let http = Arc::new(Http::new(&config.http));
     let mut builder = builder;
+    if http.has_access_log() {
+        // SIGUSR1 (logrotate): the access log's writer reopens its file.
+        let reopen = Arc::clone(&http);
+        builder = builder.on_reopen(Arc::new(move || reopen.reopen_logs()));
+    }
     if !builder.has_service("echo") {
         builder = builder.service("echo", Echo);
     }

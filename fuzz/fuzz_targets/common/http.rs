@@ -4,8 +4,8 @@
 //! (body pieces joined per message), so two cuttings can be compared.
 
 use plexus_proto::http::{
-    if_none_match, normalize_path, parse_http_date, parse_range, Limits, RequestDecoder,
-    RequestEvent, RequestHead,
+    if_none_match, normalize_path, parse_http_date, parse_range, AcceptEncoding, Limits,
+    RequestDecoder, RequestEvent, RequestHead, Q_MAX,
 };
 
 /// The limits the targets decode with: small, so every limit is reachable.
@@ -127,6 +127,11 @@ fn check_helpers(head: &RequestHead) {
         let _ = parse_range(&header.value, 1000);
         let _ = parse_http_date(&header.value);
         let _ = if_none_match(&header.value, "\"a-1\"");
+        let accept = AcceptEncoding::parse([header.value.as_slice()]);
+        assert!(accept.quality("identity") <= Q_MAX);
+        if let Some(chosen) = accept.choose(&["br", "gzip", "zstd"]) {
+            assert!(accept.quality(chosen) > 0, "chose a refused coding");
+        }
     }
 }
 

@@ -101,6 +101,7 @@ fn bounds(config: &Config) -> Vec<(String, Bound)> {
             Bound::Duration(http.header_timeout, MS, HOUR),
         ),
         ("http.file_cache_bytes", size(http.file_cache_bytes, 0, GIB)),
+        ("http.access_log_queue", size(http.access_log_queue, 1, MIB)),
         (
             "http.file_cache_valid",
             Bound::Duration(http.file_cache_valid, Duration::ZERO, DAY),

@@ -39,6 +39,16 @@ pub(super) fn check(config: &Config, problem: &mut impl FnMut(String, String)) {
                         .into(),
                 );
             }
+            if (tls.ocsp.is_some() || tls.sni.iter().any(|sni| sni.ocsp.is_some()))
+                && !uses(&rustls)
+            {
+                problem(
+                    "tls.ocsp".into(),
+                    "OCSP responses are stapled by tls listeners (and auto on tcp), and there is \
+                     none (dtls listeners do not staple)"
+                        .into(),
+                );
+            }
             if !tls.session_tickets && !uses(&rustls) {
                 problem(
                     "tls.session_tickets".into(),

@@ -2,7 +2,8 @@
 //! ([`RequestDecoder`], RFC 9112 framing with explicit [`Limits`]) and the
 //! pure response-side helpers (status line and header writing, chunked
 //! encoding, HTTP dates, byte ranges, conditional requests, content types,
-//! and the mapping of a request target to safe path segments).
+//! `Accept-Encoding` negotiation ([`AcceptEncoding`]), and the mapping of a
+//! request target to safe path segments).
 //!
 //! The decoder is fed whatever bytes a read returned and hands out
 //! [`RequestEvent`]s: a head, pieces of decoded body, the end of a message;
@@ -25,10 +26,12 @@
 //! assert_eq!(decoder.poll().map_err(|e| e.status()), Err(400));
 //! ```
 
+mod accept_encoding;
 mod path;
 mod request;
 mod response;
 
+pub use accept_encoding::{AcceptEncoding, MAX_CODINGS, Q_MAX};
 pub use path::{normalize_path, origin_form, OriginForm, PathError};
 pub use request::{
     BodyLength, Header, Limits, Method, RequestDecoder, RequestError, RequestEvent, RequestHead,

@@ -302,6 +302,12 @@ impl H2Session {
         let method = Method::from_token(&head.method);
         let path = head.path.as_deref().unwrap_or("");
         let limits = &self.shared.limits;
+        let request = Request {
+            method: &method,
+            raw_target: path,
+            target: path,
+            headers: &head.headers,
+        };
         let response = if path.len() > limits.max_uri_bytes {
             self.refused(session, 414, "request target longer than max_uri_bytes")
         } else if head
@@ -310,16 +316,14 @@ impl H2Session {
         {
             self.refused(session, 413, "request body larger than max_body_bytes")
         } else {
-            let request = Request {
-                method: &method,
-                raw_target: path,
-                target: path,
-                headers: &head.headers,
-            };
             self.shared.respond(session, &request)
         };
+        let sent = (response.status, response.sent_len());
         self.write(session, stream, response);
         self.shared.stats.latency(started.elapsed());
+        // Hook: the access log (bytes = the body queued for the stream).
+        self.shared
+            .log_access(session, Some(&request), sent, "HTTP/2.0", started);
     }
 
     /// A request refused by a limit: counted and logged as HTTP/1.1 refusals are.
