@@ -565,7 +565,7 @@ impl Acceptor {
                     Ok(count) => info!("reload: {count} certificate(s) loaded"),
                     Err(err) => {
                         error!(
-                            "SIGHUP received: reload failed, keeping the previous certificates                              and the running configuration: {err}"
+                            "SIGHUP received: reload failed, keeping the previous certificates and the running configuration: {err}"
                         );
                         return false;
                     }
@@ -576,7 +576,7 @@ impl Acceptor {
                 Ok(tls) => self.tls = Some(Arc::new(tls)),
                 Err(err) => {
                     error!(
-                        "SIGHUP received: reload failed, keeping the running configuration:                          tls: {err}"
+                        "SIGHUP received: reload failed, keeping the running configuration: tls: {err}"
                     );
                     return false;
                 }

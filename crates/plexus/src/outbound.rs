@@ -571,7 +571,11 @@ mod tests {
             queue.push_copy(&[round; 16 * 1024]);
             queue.write_to(&mut writer).unwrap();
             assert!(queue.is_empty());
-            assert_eq!(queue.staging.buf.as_ptr(), buffer, "round {round} reallocated");
+            assert_eq!(
+                queue.staging.buf.as_ptr(),
+                buffer,
+                "round {round} reallocated"
+            );
         }
         assert_eq!(queue.staging.capacity(), capacity);
         assert_eq!(writer.out.len(), 11 * 16 * 1024);
