@@ -20,6 +20,7 @@
 //! system's roots) and name `upstream_sni` (else the upstream's host).
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use plexus::tls_client::{self, ServerTrust};
 use plexus::{
@@ -79,7 +80,8 @@ impl Service for Forward {
         let upstream = session.connect(&self.upstream, Box::new(UpstreamSide { client }));
         Box::new(ClientSide {
             upstream,
-            name: self.upstream.name().into(),
+            target: self.upstream.clone(),
+            asked: session.now(),
             connected: false,
         })
     }
@@ -88,7 +90,9 @@ impl Service for Forward {
 /// The client's half: its bytes go upstream.
 struct ClientSide {
     upstream: SessionId,
-    name: Arc<str>,
+    target: Upstream,
+    /// When the upstream connection was asked for (its connect time is counted).
+    asked: Instant,
     connected: bool,
 }
 
@@ -103,13 +107,17 @@ impl SessionHandler for ClientSide {
 
     fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
         match event {
-            LinkEvent::Connected { .. } => self.connected = true,
+            LinkEvent::Connected { .. } => {
+                self.connected = true;
+                let elapsed = session.now().saturating_duration_since(self.asked);
+                self.target.record_connect_time(elapsed);
+            }
             LinkEvent::Closed { reason, .. } => {
                 if !self.connected
                     || !matches!(reason, CloseReason::PeerClosed | CloseReason::Requested)
                 {
                     info!(
-                        session = %session.id(), peer = %session.peer(), upstream = %self.name,
+                        session = %session.id(), peer = %session.peer(), upstream = self.target.name(),
                         "forward: upstream ended ({reason}); closing client"
                     );
                 }
