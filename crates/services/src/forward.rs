@@ -177,11 +177,11 @@ impl Pool {
     ) -> Option<usize> {
         let count = self.members.len();
         let start = cursor.checked_rem(count)?;
-        let eligible = (0..count)
+        let mut eligible = (0..count)
             .map(|step| start.wrapping_add(step).checked_rem(count).unwrap_or(0))
             .filter(|index| !tried.contains(index) && !self.is_down(*index, now));
         let chosen = match self.balance {
-            Balance::RoundRobin => eligible.into_iter().next(),
+            Balance::RoundRobin => eligible.next(),
             // The first of the least loaded, in turn from the cursor (ties rotate).
             Balance::LeastConn => eligible
                 .map(|index| (self.upstream(index).map_or(u64::MAX, &load), index))
