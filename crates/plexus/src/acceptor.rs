@@ -926,18 +926,6 @@ fn is_transient_accept_error(err: &io::Error) -> bool {
 }
 
 /// The keys a forward listener's service is built from.
-fn upstream_keys(
-    config: &crate::config::ListenerConfig,
-) -> (
-    &Option<String>,
-    bool,
-    &Option<std::path::PathBuf>,
-    &Option<String>,
-) {
-    (
-        &config.upstream,
-        config.upstream_tls,
-        &config.upstream_ca,
-        &config.upstream_sni,
-    )
+fn upstream_keys(config: &crate::config::ListenerConfig) -> crate::config::UpstreamKeys<'_> {
+    config.upstream_keys()
 }

@@ -245,6 +245,16 @@ impl ListenerStats {
         self.add(event_loop, |s| &s.sessions_open, 1u64.wrapping_neg());
     }
 
+    /// Bytes read from this listener's peers, on every loop.
+    pub(crate) fn bytes_received(&self) -> u64 {
+        self.sum(|s| &s.bytes_in)
+    }
+
+    /// Bytes written to this listener's peers, on every loop.
+    pub(crate) fn bytes_sent(&self) -> u64 {
+        self.sum(|s| &s.bytes_out)
+    }
+
     pub(crate) fn accepted(&self) {
         self.accepted.fetch_add(1, Relaxed);
     }

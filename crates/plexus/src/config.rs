@@ -451,6 +451,33 @@ impl fmt::Display for Transport {
     }
 }
 
+/// How a forward listener with several `upstreams` picks one for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each in turn (per event loop).
+    #[default]
+    RoundRobin,
+    /// The one with the fewest open upstream sessions (ties: in turn).
+    LeastConn,
+}
+
+impl Balance {
+    fn is_default(&self) -> bool {
+        *self == Balance::default()
+    }
+}
+
+/// The PROXY protocol version a forward listener sends to its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    /// The text header (`PROXY TCP4 …\r\n`).
+    V1,
+    /// The binary header.
+    V2,
+}
+
 /// One `[[listener]]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -472,6 +499,26 @@ pub struct ListenerConfig {
     /// `HOST:PORT` for the forward service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+    /// Forward only, instead of `upstream`: several `HOST:PORT` upstreams, each connection
+    /// going to one of them (see `balance`), those whose connect failed skipped for
+    /// `upstream_fail_timeout`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<String>,
+    /// With `upstreams`: how a connection picks its upstream.
+    #[serde(default, skip_serializing_if = "Balance::is_default")]
+    pub balance: Balance,
+    /// With `upstreams`: how long an upstream whose connect failed (refused, timed out) is
+    /// skipped — the passive health check; 0 = never skipped.
+    #[serde(
+        default = "default_upstream_fail_timeout",
+        with = "human_duration",
+        skip_serializing_if = "is_default_upstream_fail_timeout"
+    )]
+    pub upstream_fail_timeout: Duration,
+    /// Forward only: send a PROXY header (v1 text or v2 binary) naming the client as the
+    /// first bytes to the upstream; absent = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_proxy_protocol: Option<ProxyVersion>,
     /// Forward only: speak TLS to the upstream (TLS origination), its certificate verified
     /// against `upstream_ca` (else the system's roots) for `upstream_sni`.
     #[serde(default, skip_serializing_if = "is_false")]
@@ -539,7 +586,35 @@ pub struct ListenerConfig {
     pub max_sessions: usize,
 }
 
+/// The keys a forward listener's service is built from (a reload that changes one rebuilds
+/// it).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamKeys<'a> {
+    upstream: &'a Option<String>,
+    upstreams: &'a [String],
+    balance: Balance,
+    fail_timeout: Duration,
+    proxy: Option<ProxyVersion>,
+    tls: bool,
+    ca: &'a Option<PathBuf>,
+    sni: &'a Option<String>,
+}
+
 impl ListenerConfig {
+    /// The keys its forward service is built from.
+    pub(crate) fn upstream_keys(&self) -> UpstreamKeys<'_> {
+        UpstreamKeys {
+            upstream: &self.upstream,
+            upstreams: &self.upstreams,
+            balance: self.balance,
+            fail_timeout: self.upstream_fail_timeout,
+            proxy: self.upstream_proxy_protocol,
+            tls: self.upstream_tls,
+            ca: &self.upstream_ca,
+            sni: &self.upstream_sni,
+        }
+    }
+
     /// The protocol group of an auto listener, as configured or the preset: the members in
     /// order, then the fallback (the last entry). Empty for a listener of another service.
     pub fn protocols(&self) -> Vec<&str> {
@@ -644,6 +719,13 @@ fn default_datagram_batch() -> usize {
 
 fn default_proxy_trusted() -> Vec<String> {
     vec!["127.0.0.0/8".into(), "::1/128".into()]
+}
+
+fn default_upstream_fail_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn is_default_upstream_fail_timeout(value: &Duration) -> bool {
+    *value == default_upstream_fail_timeout()
 }
 
 fn default_backlog() -> u32 {
@@ -986,13 +1068,6 @@ impl Config {
                     .collect();
                 Acl::new(trusted, Vec::new())
             });
-            if listener.proxy_protocol && listener.service == "forward" {
-                problem(
-                    key("proxy_protocol"),
-                    "forward listeners relay bytes as they are; PROXY is not supported there"
-                        .into(),
-                );
-            }
             let addr = match listener.addr.parse::<SocketAddr>() {
                 Ok(addr) => Some(addr),
                 Err(_) => {
@@ -1027,30 +1102,79 @@ impl Config {
                 }
             }
             let acl = parse_acl(&listener.acl, &key("acl"), &mut problem);
-            let upstream = match (&listener.upstream, listener.service == "forward") {
-                (Some(upstream), true) => match resolve_upstream(upstream) {
+            let forward = listener.service == "forward";
+            let upstream = match (&listener.upstream, &listener.upstreams[..], forward) {
+                (Some(_), [_, ..], true) => {
+                    problem(
+                        key("upstreams"),
+                        "set either upstream (one) or upstreams (several), not both".into(),
+                    );
+                    None
+                }
+                (Some(upstream), [], true) => match resolve_upstream(upstream) {
                     Ok(resolved) => Some(resolved),
                     Err(err) => {
                         problem(key("upstream"), format!("'{upstream}': {err}"));
                         None
                     }
                 },
-                (None, true) => {
+                (None, list @ [_, ..], true) => {
+                    let mut first = None;
+                    for (at, upstream) in list.iter().enumerate() {
+                        let entry = format!("{}[{at}]", key("upstreams"));
+                        if list.iter().take(at).any(|earlier| earlier == upstream) {
+                            problem(entry, format!("'{upstream}' is listed twice"));
+                            continue;
+                        }
+                        match resolve_upstream(upstream) {
+                            Ok(resolved) => {
+                                first.get_or_insert(resolved);
+                            }
+                            Err(err) => problem(entry, format!("'{upstream}': {err}")),
+                        }
+                    }
+                    first
+                }
+                (None, [], true) => {
                     problem(
                         key("upstream"),
-                        "required for service = \"forward\" (HOST:PORT)".into(),
+                        "required for service = \"forward\" (upstream = \"HOST:PORT\", or \
+                         upstreams = [\"HOST:PORT\", …])"
+                            .into(),
                     );
                     None
                 }
-                (Some(_), false) => {
+                (Some(_), _, false) => {
                     problem(
                         key("upstream"),
                         "only forward listeners have an upstream".into(),
                     );
                     None
                 }
-                (None, false) => None,
+                (None, [_, ..], false) => {
+                    problem(
+                        key("upstreams"),
+                        "only forward listeners have upstreams".into(),
+                    );
+                    None
+                }
+                (None, [], false) => None,
             };
+            if listener.upstream_tls && listener.upstream_sni.is_none() {
+                // Each upstream's own host is verified: check them all below.
+                for (at, upstream) in listener.upstreams.iter().enumerate() {
+                    let Some((host, _)) = upstream.rsplit_once(':') else {
+                        continue;
+                    };
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    if rustls::pki_types::ServerName::try_from(host).is_err() {
+                        problem(
+                            format!("{}[{at}]", key("upstreams")),
+                            format!("'{host}' is not a DNS name or IP address to verify (TLS)"),
+                        );
+                    }
+                }
+            }
             let sni = listener.upstream_sni.as_deref().or_else(|| {
                 let upstream = listener.upstream.as_deref()?;
                 let (host, _) = upstream.rsplit_once(':')?;
@@ -1120,7 +1244,7 @@ pub struct ValidListener {
     pub addr: SocketAddr,
     /// The parsed `[listener.acl]`.
     pub acl: Acl,
-    /// The resolved upstream of a forward listener.
+    /// The resolved upstream of a forward listener (the first of `upstreams`).
     pub upstream: Option<SocketAddr>,
     /// For `proxy_protocol = true`: the sources trusted to send PROXY headers.
     pub proxy_trusted: Option<Acl>,

@@ -33,10 +33,17 @@
 //! Upstream sessions are not admitted connections: they count neither towards
 //! `max_connections` nor in any listener's sessions, and are members of no listener for
 //! broadcasts.
+//!
+//! Metrics: an upstream joins the server's `/metrics` (`plexus_upstream_*`, labelled with its
+//! name) the first time a session of a [`crate::Server`] connects to it, and leaves when the
+//! last clone of it is dropped (a reload replaced the listener that held it and its sessions
+//! ended). Upstreams with the same name (two listeners forwarding to one address) are shown
+//! summed. Bytes are the upstream sessions' own (read from and written to the upstream);
+//! connect time is what the opener reports with [`Upstream::record_connect_time`].
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use plexus_proto::TimerKey;
@@ -94,7 +101,20 @@ struct Shared {
     timed_out: AtomicU64,
     unreachable: AtomicU64,
     open: AtomicU64,
+    /// Connect times by [`CONNECT_BUCKETS`] (one more slot: above the last bound), their sum
+    /// in microseconds and their number.
+    connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    connect_micros: AtomicU64,
+    connects_timed: AtomicU64,
+    /// Whether a server's [`UpstreamRegistry`] lists it already.
+    registered: AtomicBool,
 }
+
+/// Upper bounds of the connect-time histogram's buckets, in microseconds (the Prometheus
+/// `le` labels, in seconds, are these / 1e6).
+pub const CONNECT_BUCKETS: [u64; 12] = [
+    250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+];
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -124,6 +144,36 @@ pub struct UpstreamSnapshot {
     pub unreachable: u64,
     /// Upstream sessions open now (connecting or connected).
     pub open: u64,
+    /// Bytes read from the upstream (by its sessions).
+    pub bytes_received: u64,
+    /// Bytes written to the upstream.
+    pub bytes_sent: u64,
+    /// Connect times recorded with [`Upstream::record_connect_time`], per bucket of
+    /// [`CONNECT_BUCKETS`] (not cumulative; the last slot: longer than every bound).
+    pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
+    /// Their sum, in microseconds.
+    pub connect_micros: u64,
+    /// How many were recorded.
+    pub connects_timed: u64,
+}
+
+impl UpstreamSnapshot {
+    /// Adds `other`'s counters to these (two upstreams of the same name).
+    fn add(&mut self, other: &UpstreamSnapshot) {
+        self.attempts = self.attempts.wrapping_add(other.attempts);
+        self.connected = self.connected.wrapping_add(other.connected);
+        self.refused = self.refused.wrapping_add(other.refused);
+        self.timed_out = self.timed_out.wrapping_add(other.timed_out);
+        self.unreachable = self.unreachable.wrapping_add(other.unreachable);
+        self.open = self.open.wrapping_add(other.open);
+        self.bytes_received = self.bytes_received.wrapping_add(other.bytes_received);
+        self.bytes_sent = self.bytes_sent.wrapping_add(other.bytes_sent);
+        for (sum, n) in self.connect_buckets.iter_mut().zip(other.connect_buckets) {
+            *sum = sum.wrapping_add(n);
+        }
+        self.connect_micros = self.connect_micros.wrapping_add(other.connect_micros);
+        self.connects_timed = self.connects_timed.wrapping_add(other.connects_timed);
+    }
 }
 
 impl Upstream {
@@ -148,6 +198,10 @@ impl Upstream {
                 timed_out: AtomicU64::new(0),
                 unreachable: AtomicU64::new(0),
                 open: AtomicU64::new(0),
+                connect_buckets: Default::default(),
+                connect_micros: AtomicU64::new(0),
+                connects_timed: AtomicU64::new(0),
+                registered: AtomicBool::new(false),
             }),
         })
     }
@@ -214,7 +268,13 @@ impl Upstream {
 
     /// Its counters now.
     pub fn snapshot(&self) -> UpstreamSnapshot {
-        let s = &self.shared;
+        self.shared.snapshot()
+    }
+}
+
+impl Shared {
+    fn snapshot(&self) -> UpstreamSnapshot {
+        let s = self;
         UpstreamSnapshot {
             attempts: s.attempts.load(Relaxed),
             connected: s.connected.load(Relaxed),
@@ -222,7 +282,48 @@ impl Upstream {
             timed_out: s.timed_out.load(Relaxed),
             unreachable: s.unreachable.load(Relaxed),
             open: s.open.load(Relaxed),
+            bytes_received: s.info.stats.bytes_received(),
+            bytes_sent: s.info.stats.bytes_sent(),
+            connect_buckets: std::array::from_fn(|at| {
+                s.connect_buckets.get(at).map_or(0, |n| n.load(Relaxed))
+            }),
+            connect_micros: s.connect_micros.load(Relaxed),
+            connects_timed: s.connects_timed.load(Relaxed),
         }
+    }
+}
+
+impl Upstream {
+    /// Upstream sessions open now (connecting or connected), on every event loop: one
+    /// relaxed load, for balancing by least connections.
+    pub fn open_sessions(&self) -> u64 {
+        self.shared.open.load(Relaxed)
+    }
+
+    /// Records how long one connection took to become usable (from the opener's
+    /// [`crate::Session::connect`] to its [`crate::LinkEvent::Connected`]: the TCP connect,
+    /// and the TLS handshake for a TLS upstream), for the `plexus_upstream_connect_seconds`
+    /// histogram.
+    pub fn record_connect_time(&self, elapsed: Duration) {
+        let s = &self.shared;
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = CONNECT_BUCKETS
+            .iter()
+            .position(|bound| micros <= *bound)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        if let Some(counter) = s.connect_buckets.get(bucket) {
+            counter.fetch_add(1, Relaxed);
+        }
+        s.connect_micros.fetch_add(micros, Relaxed);
+        s.connects_timed.fetch_add(1, Relaxed);
+    }
+
+    /// Lists this upstream in `registry` (once: later calls are one relaxed load).
+    pub(crate) fn register(&self, registry: &UpstreamRegistry) {
+        if self.shared.registered.load(Relaxed) || self.shared.registered.swap(true, Relaxed) {
+            return;
+        }
+        registry.add(Arc::downgrade(&self.shared));
     }
 
     /// The listener-like identity of this upstream's sessions (name and byte counters).
@@ -245,6 +346,53 @@ impl Upstream {
             }
         };
         counter.fetch_add(1, Relaxed);
+    }
+}
+
+/// The upstreams a server's sessions connected to, for `/metrics`: weak, so an upstream no
+/// listener or session holds any more leaves the list.
+#[derive(Default)]
+pub(crate) struct UpstreamRegistry {
+    upstreams: Mutex<Vec<Weak<Shared>>>,
+}
+
+impl std::fmt::Debug for UpstreamRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamRegistry").finish_non_exhaustive()
+    }
+}
+
+impl UpstreamRegistry {
+    fn add(&self, upstream: Weak<Shared>) {
+        let mut list = self
+            .upstreams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        list.retain(|weak| weak.strong_count() > 0);
+        list.push(upstream);
+    }
+
+    /// Every live upstream's counters, those of one name summed, sorted by name.
+    pub(crate) fn snapshots(&self) -> Vec<(String, UpstreamSnapshot)> {
+        let live: Vec<Arc<Shared>> = {
+            let mut list = self
+                .upstreams
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            list.retain(|weak| weak.strong_count() > 0);
+            list.iter().filter_map(Weak::upgrade).collect()
+        };
+        let mut out: Vec<(String, UpstreamSnapshot)> = Vec::new();
+        for shared in live {
+            let name = shared.info.name.to_string();
+            let snapshot = shared.snapshot();
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, sum)) => sum.add(&snapshot),
+                None => out.push((name, snapshot)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 }
 

@@ -26,8 +26,10 @@ const LAYERS: &[&[&str]] = &[
     // Counters and the worker pool.
     &["worker"],
     &["breakdown"],
+    // Upstreams (below the counters that list them).
+    &["connector"],
     &["metrics"],
-    &["admission", "connector"],
+    &["admission"],
     // The service API, and what is built on it alone.
     &["service"],
     // Per-listener service factories, framers, protocol groups.

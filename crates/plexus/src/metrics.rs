@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::breakdown::{
     self, ListenerInfo, ListenerSnapshot, LoopSnapshot, ReloadOutcome, ServerFacts,
 };
-use crate::prometheus::{family, sample};
+use crate::connector::{UpstreamRegistry, UpstreamSnapshot, CONNECT_BUCKETS};
+use crate::prometheus::{family, label_pairs, sample};
 use crate::refusal::{RefusalCounts, RefusalReason};
 use crate::worker::PoolStats;
 
@@ -156,6 +157,8 @@ pub(crate) struct Metrics {
     pub(crate) closed_frame_too_large: AtomicU64,
     /// Version, start, configuration source, last reload, and the listeners to break down.
     pub(crate) facts: ServerFacts,
+    /// The upstreams sessions connected to (`plexus_upstream_*`).
+    pub(crate) upstreams: UpstreamRegistry,
 }
 
 impl Metrics {
@@ -228,6 +231,7 @@ impl Metrics {
             jobs_completed: self.pool_stats.completed.load(Relaxed),
             job_panics: self.pool_stats.panics.load(Relaxed),
             listeners: self.facts.listeners(),
+            upstreams: self.upstreams.snapshots(),
             event_loops: self.loops.iter().map(|stats| stats.snapshot()).collect(),
             started_unix_seconds: breakdown::unix_seconds(self.facts.started_at),
         }
@@ -328,6 +332,9 @@ pub struct MetricsSnapshot {
     pub dtls_sessions_open: u64,
     /// The same counters per listener (those bound now).
     pub listeners: Vec<ListenerSnapshot>,
+    /// The counters of each upstream sessions connected to, by name (those of one name
+    /// summed), sorted by name.
+    pub upstreams: Vec<(String, UpstreamSnapshot)>,
     /// Sessions and idle time per event loop.
     pub event_loops: Vec<LoopSnapshot>,
     /// When the server started, in seconds since the Unix epoch.
@@ -565,6 +572,7 @@ impl MetricsSnapshot {
             &self.event_loops,
             self.started_unix_seconds,
         );
+        write_upstreams(out, &self.upstreams);
     }
 
     /// Refusals for one reason.
@@ -573,6 +581,112 @@ impl MetricsSnapshot {
             .iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The `upstream_*` families: each upstream's connects, bytes and open sessions.
+fn write_upstreams(out: &mut String, upstreams: &[(String, UpstreamSnapshot)]) {
+    family(
+        out,
+        "upstream_connect_attempts_total",
+        "counter",
+        "Connect attempts to an upstream (one per address tried).",
+    );
+    for (name, u) in upstreams {
+        sample(
+            out,
+            "upstream_connect_attempts_total",
+            &[("upstream", name)],
+            u.attempts,
+        );
+    }
+    family(
+        out,
+        "upstream_connected_total",
+        "counter",
+        "Connect attempts to an upstream that connected.",
+    );
+    for (name, u) in upstreams {
+        sample(
+            out,
+            "upstream_connected_total",
+            &[("upstream", name)],
+            u.connected,
+        );
+    }
+    family(
+        out,
+        "upstream_connect_failures_total",
+        "counter",
+        "Failed connect attempts to an upstream, by reason (refused: refused, reset or another socket error; timeout: no answer within the connect timeout; unreachable: every address failed, the connection was given up).",
+    );
+    for (name, u) in upstreams {
+        for (reason, count) in [
+            ("refused", u.refused),
+            ("timeout", u.timed_out),
+            ("unreachable", u.unreachable),
+        ] {
+            let labels = [("upstream", name.as_str()), ("reason", reason)];
+            sample(out, "upstream_connect_failures_total", &labels, count);
+        }
+    }
+    family(
+        out,
+        "upstream_sessions_open",
+        "gauge",
+        "Upstream sessions open now (connecting or connected).",
+    );
+    for (name, u) in upstreams {
+        sample(out, "upstream_sessions_open", &[("upstream", name)], u.open);
+    }
+    for (metric, help, direction) in [
+        (
+            "upstream_bytes_received_total",
+            "Bytes read from an upstream.",
+            false,
+        ),
+        (
+            "upstream_bytes_sent_total",
+            "Bytes written to an upstream.",
+            true,
+        ),
+    ] {
+        family(out, metric, "counter", help);
+        for (name, u) in upstreams {
+            let value = match direction {
+                true => u.bytes_sent,
+                false => u.bytes_received,
+            };
+            sample(out, metric, &[("upstream", name)], value);
+        }
+    }
+    use std::fmt::Write;
+    let metric = "plexus_upstream_connect_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {metric} Time until an upstream connection was usable (TCP connect, plus the TLS handshake for a TLS upstream).\n\
+         # TYPE {metric} histogram"
+    );
+    for (name, u) in upstreams {
+        let mut label = String::new();
+        label_pairs(&mut label, &[("upstream", name)]);
+        let mut cumulative = 0u64;
+        for (bound, count) in CONNECT_BUCKETS.iter().zip(u.connect_buckets) {
+            cumulative = cumulative.wrapping_add(count);
+            let le = *bound as f64 / 1e6;
+            let _ = writeln!(out, "{metric}_bucket{{{label},le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{metric}_bucket{{{label},le=\"+Inf\"}} {}",
+            u.connects_timed
+        );
+        let _ = writeln!(
+            out,
+            "{metric}_sum{{{label}}} {:.6}",
+            u.connect_micros as f64 / 1e6
+        );
+        let _ = writeln!(out, "{metric}_count{{{label}}} {}", u.connects_timed);
     }
 }
 
@@ -607,6 +721,52 @@ mod tests {
                 assert!(typed.contains(name), "{name} has no TYPE line");
             }
         }
+    }
+
+    #[test]
+    fn upstreams_are_listed_by_name_summed_and_rendered_with_a_histogram() {
+        use crate::connector::{Upstream, UpstreamEvent};
+        let metrics = Metrics::default();
+        let addr = "127.0.0.1:9".parse().unwrap();
+        let a = Upstream::new("db:5432", vec![addr]).unwrap();
+        let b = Upstream::new("db:5432", vec![addr]).unwrap();
+        let gone = Upstream::new("gone:1", vec![addr]).unwrap();
+        for upstream in [&a, &b, &gone] {
+            upstream.register(&metrics.upstreams);
+            upstream.register(&metrics.upstreams);
+            upstream.count(UpstreamEvent::Attempt);
+            upstream.count(UpstreamEvent::Connected);
+            upstream.count(UpstreamEvent::Opened);
+        }
+        a.count(UpstreamEvent::Refused);
+        a.record_connect_time(Duration::from_micros(300));
+        b.record_connect_time(Duration::from_secs(9));
+        drop(gone);
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.upstreams.len(), 1, "{:?}", snapshot.upstreams);
+        let (name, u) = &snapshot.upstreams[0];
+        assert_eq!(
+            (name.as_str(), u.attempts, u.connected, u.open),
+            ("db:5432", 2, 2, 2)
+        );
+        let mut out = String::new();
+        snapshot.write_prometheus(&mut out);
+        for line in [
+            "plexus_upstream_connect_attempts_total{upstream=\"db:5432\"} 2\n",
+            "plexus_upstream_connect_failures_total{upstream=\"db:5432\",reason=\"refused\"} 1\n",
+            "plexus_upstream_sessions_open{upstream=\"db:5432\"} 2\n",
+            "plexus_upstream_bytes_sent_total{upstream=\"db:5432\"} 0\n",
+            "plexus_upstream_connect_seconds_bucket{upstream=\"db:5432\",le=\"0.00025\"} 0\n",
+            "plexus_upstream_connect_seconds_bucket{upstream=\"db:5432\",le=\"0.0005\"} 1\n",
+            "plexus_upstream_connect_seconds_bucket{upstream=\"db:5432\",le=\"5\"} 1\n",
+            "plexus_upstream_connect_seconds_bucket{upstream=\"db:5432\",le=\"+Inf\"} 2\n",
+            "plexus_upstream_connect_seconds_sum{upstream=\"db:5432\"} 9.000300\n",
+            "plexus_upstream_connect_seconds_count{upstream=\"db:5432\"} 2\n",
+            "# TYPE plexus_upstream_connect_seconds histogram\n",
+        ] {
+            assert!(out.contains(line), "{line} in:\n{out}");
+        }
+        assert!(!out.contains("gone:1"));
     }
 
     #[test]

@@ -17,23 +17,29 @@ pub fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: u64)
     out.push_str(name);
     if !labels.is_empty() {
         out.push('{');
-        for (index, (key, value)) in labels.iter().enumerate() {
-            if index > 0 {
-                out.push(',');
-            }
-            out.push_str(key);
-            out.push_str("=\"");
-            for c in value.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '"' => out.push_str("\\\""),
-                    '\n' => out.push_str("\\n"),
-                    c => out.push(c),
-                }
-            }
-            out.push('"');
-        }
+        label_pairs(out, labels);
         out.push('}');
     }
     let _ = writeln!(out, " {value}");
+}
+
+/// Writes `key="value"` pairs separated by commas (no braces), values escaped as the format
+/// requires: for samples [`sample`] does not write (histogram buckets, fractional values).
+pub fn label_pairs(out: &mut String, labels: &[(&str, &str)]) {
+    for (index, (key, value)) in labels.iter().enumerate() {
+        if index > 0 {
+            out.push(',');
+        }
+        out.push_str(key);
+        out.push_str("=\"");
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '"' => out.push_str("\\\""),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
 }

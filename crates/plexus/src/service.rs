@@ -534,6 +534,9 @@ impl Session<'_> {
     /// is dropped, and the handler's `on_link` is never called.
     pub fn connect(&mut self, upstream: &Upstream, handler: Box<dyn SessionHandler>) -> SessionId {
         let id = SessionId::next();
+        if let Some(metrics) = self.metrics {
+            upstream.register(&metrics.upstreams);
+        }
         if self.closing.is_none() {
             self.links()
                 .ops

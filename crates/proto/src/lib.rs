@@ -42,5 +42,7 @@ pub mod timer;
 pub use acl::{Acl, AclError, Cidr};
 pub use detect::{sniff, Sniff, MAX_SNIFF_BYTES};
 pub use line::{LineFramer, LineTooLong};
-pub use proxy::{parse_proxy_header, ProxyError, ProxyHeader, MAX_PROXY_HEADER};
+pub use proxy::{
+    encode_proxy_v1, encode_proxy_v2, parse_proxy_header, ProxyError, ProxyHeader, MAX_PROXY_HEADER,
+};
 pub use timer::{deadline_after, TimerKey, TimerWheel};

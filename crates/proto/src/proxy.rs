@@ -2,6 +2,10 @@
 //! the header a load balancer puts in front of a connection to pass on the
 //! client's address.
 //!
+//! [`encode_proxy_v1`] and [`encode_proxy_v2`] write the header a proxy sends in front of
+//! the connection it opens to an upstream (what HAProxy's `send-proxy` / `send-proxy-v2` do),
+//! for a TCP client; [`parse_proxy_header`] reads them back.
+//!
 //! [`parse_proxy_header`] is pure: it answers `Ok(None)` while the bytes are
 //! a valid prefix of a header, and otherwise the header and its length, or a
 //! precise error. Its answer on a prefix never contradicts its answer on the
@@ -342,9 +346,129 @@ fn check_tlvs(mut tlvs: &[u8], mut offset: usize) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// The two addresses in one family: both IPv4 when both are (IPv4-mapped IPv6 counts as
+/// IPv4), otherwise both IPv6 (an IPv4 one mapped).
+fn same_family(source: SocketAddr, destination: SocketAddr) -> (SocketAddr, SocketAddr) {
+    let canonical = |addr: SocketAddr| SocketAddr::new(addr.ip().to_canonical(), addr.port());
+    let (source, destination) = (canonical(source), canonical(destination));
+    let v6 = |addr: SocketAddr| match addr.ip() {
+        IpAddr::V4(ip) => SocketAddr::new(IpAddr::V6(ip.to_ipv6_mapped()), addr.port()),
+        IpAddr::V6(_) => addr,
+    };
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(_), IpAddr::V4(_)) => (source, destination),
+        _ => (v6(source), v6(destination)),
+    }
+}
+
+/// Appends a PROXY v1 header (`PROXY TCP4 SRC DST SPORT DPORT\r\n`) for a TCP connection
+/// from `source` to `destination` to `out`: TCP4 when both are IPv4 (IPv4-mapped IPv6
+/// included), else TCP6.
+pub fn encode_proxy_v1(source: SocketAddr, destination: SocketAddr, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let (source, destination) = same_family(source, destination);
+    let family = match source.ip() {
+        IpAddr::V4(_) => "TCP4",
+        IpAddr::V6(_) => "TCP6",
+    };
+    // Writing to a Vec cannot fail.
+    let _ = write!(
+        out,
+        "PROXY {family} {} {} {} {}\r\n",
+        source.ip(),
+        destination.ip(),
+        source.port(),
+        destination.port()
+    );
+}
+
+/// Appends a PROXY v2 header (command PROXY, TCP over IPv4 or IPv6, no TLVs) for a TCP
+/// connection from `source` to `destination` to `out`; families as [`encode_proxy_v1`].
+pub fn encode_proxy_v2(source: SocketAddr, destination: SocketAddr, out: &mut Vec<u8>) {
+    let (source, destination) = same_family(source, destination);
+    out.extend_from_slice(PROXY_V2_SIGNATURE);
+    // Version 2, command PROXY.
+    out.push(0x21);
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            out.push(0x11);
+            out.extend_from_slice(&12u16.to_be_bytes());
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+        }
+        (src, dst) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V6(ip) => ip,
+                IpAddr::V4(ip) => ip.to_ipv6_mapped(),
+            };
+            out.push(0x21);
+            out.extend_from_slice(&36u16.to_be_bytes());
+            out.extend_from_slice(&v6(src).octets());
+            out.extend_from_slice(&v6(dst).octets());
+        }
+    }
+    out.extend_from_slice(&source.port().to_be_bytes());
+    out.extend_from_slice(&destination.port().to_be_bytes());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_headers_parse_back_to_the_same_addresses() {
+        let cases = [
+            (
+                "192.0.2.1:56324",
+                "198.51.100.7:443",
+                "192.0.2.1:56324",
+                "198.51.100.7:443",
+            ),
+            (
+                "[2001:db8::1]:1",
+                "[2001:db8::2]:65535",
+                "[2001:db8::1]:1",
+                "[2001:db8::2]:65535",
+            ),
+            // IPv4-mapped on both sides: sent as IPv4.
+            (
+                "[::ffff:10.0.0.1]:9",
+                "[::ffff:10.0.0.2]:80",
+                "10.0.0.1:9",
+                "10.0.0.2:80",
+            ),
+            // Mixed families: both as IPv6.
+            (
+                "10.0.0.1:9",
+                "[2001:db8::2]:80",
+                "[::ffff:10.0.0.1]:9",
+                "[2001:db8::2]:80",
+            ),
+        ];
+        for (source, destination, want_source, want_destination) in cases {
+            let (source, destination) = (addr(source), addr(destination));
+            let want = ProxyHeader::Proxied {
+                source: addr(want_source),
+                destination: addr(want_destination),
+            };
+            for encode in [encode_proxy_v1, encode_proxy_v2] {
+                let mut out = b"already queued".to_vec();
+                encode(source, destination, &mut out);
+                let header = out.split_off(14);
+                assert_eq!(out, b"already queued");
+                let mut stream = header.clone();
+                stream.extend_from_slice(b"payload");
+                assert_eq!(check(&stream), Ok(Some((want, header.len()))), "{header:?}");
+            }
+        }
+        let mut v1 = Vec::new();
+        encode_proxy_v1(addr("192.0.2.1:56324"), addr("198.51.100.7:443"), &mut v1);
+        assert_eq!(v1, b"PROXY TCP4 192.0.2.1 198.51.100.7 56324 443\r\n");
+        let mut v2 = Vec::new();
+        encode_proxy_v2(addr("192.0.2.1:56324"), addr("198.51.100.7:443"), &mut v2);
+        assert_eq!(v2.len(), 28);
+        assert_eq!(&v2[12..16], &[0x21, 0x11, 0, 12]);
+    }
 
     fn v2(command: u8, family: u8, body: &[u8]) -> Vec<u8> {
         let mut out = PROXY_V2_SIGNATURE.to_vec();

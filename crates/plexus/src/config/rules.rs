@@ -5,9 +5,10 @@
 //! explicit default from an absent key, and an explicit default changes nothing). The table
 //! is mirrored in docs/CONFIG.md ("Where each key applies"). Rules checked elsewhere in
 //! `validate`, next to the key's other checks: `upstream` (forward only), `alpn` (tls, or auto
-//! on tcp), `proxy_protocol` on forward, chat/forward on udp/dtls.
+//! on tcp), `upstreams` (forward only, not with `upstream`), chat/forward on udp/dtls.
 
 use super::{default_backlog, default_datagram_batch, default_mtu, default_proxy_trusted};
+use super::{default_upstream_fail_timeout, Balance};
 use super::{ChatConfig, Config, HttpConfig, ListenerConfig, Transport};
 
 /// Reports every key that cannot apply.
@@ -113,6 +114,22 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         listener.upstream_tls && listener.service != "forward",
         "upstream_tls",
         "only forward listeners originate TLS to an upstream",
+    );
+    rule(
+        listener.upstream_proxy_protocol.is_some() && listener.service != "forward",
+        "upstream_proxy_protocol",
+        "only forward listeners send a PROXY header to an upstream",
+    );
+    rule(
+        listener.balance != Balance::default() && listener.upstreams.is_empty(),
+        "balance",
+        "only read with upstreams = [...] (several upstreams to balance)",
+    );
+    rule(
+        listener.upstream_fail_timeout != default_upstream_fail_timeout()
+            && listener.upstreams.is_empty(),
+        "upstream_fail_timeout",
+        "only read with upstreams = [...] (the health check skips one of several)",
     );
     rule(
         listener.upstream_ca.is_some() && !listener.upstream_tls,
