@@ -48,7 +48,9 @@ use plexus_proto::dtls::{
     check_records, parse_client_hello, records, ContentType, DtlsError as RecordError,
 };
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
-use plexus_sys::dgram::{send_batch, RecvBatch};
+use plexus_sys::dgram::{
+    enable_gro, offload, send_batch_segmented, GsoRefusal, RecvBatch, MAX_UDP_PAYLOAD,
+};
 use slab::Slab;
 use tracing::{debug, error, info, warn};
 
@@ -128,6 +130,10 @@ struct DatagramSocket {
     write_blocked: bool,
     /// Not read while the send queue is above the high watermark.
     read_paused: bool,
+    /// Runs of equal-size replies to one peer, of a size below this, go out as one
+    /// `UDP_SEGMENT` message (GSO). 0 when the kernel has no GSO or refused it on this
+    /// socket; lowered to a size the kernel refused (larger than the route's MTU allows).
+    gso_below: usize,
     /// The socket's position among its listener's sockets (its name in an upgrade).
     ordinal: usize,
     /// Upgrade: the relay to (new process) or from (old process) the other process.
@@ -304,6 +310,11 @@ impl DatagramEndpoint {
         }
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
+        let gso_below = if udp_offload(&socket, &listener) {
+            MAX_UDP_PAYLOAD
+        } else {
+            0
+        };
         let mut socket = UdpSocket::from_std(socket);
         registry.register(
             &mut socket,
@@ -353,6 +364,7 @@ impl DatagramEndpoint {
             readable: true,
             write_blocked: false,
             read_paused: false,
+            gso_below,
             ordinal,
             relay,
             retired: false,
@@ -1194,10 +1206,28 @@ impl DatagramEndpoint {
                 .take(batch)
                 .map(|(peer, data)| (*peer, data.as_ref()))
                 .collect();
-            match send_batch(&socket.socket, &messages) {
+            // With `gso_below` 0 no run forms: plain `sendmmsg`, one message per datagram.
+            match send_batch_segmented(&socket.socket, &messages, socket.gso_below) {
                 Ok(sent) => {
+                    match sent.refused {
+                        None => {}
+                        Some(GsoRefusal::SegmentTooLarge(size)) => {
+                            socket.gso_below = size;
+                            info!(
+                                listener = socket.listener.info.name.as_ref(),
+                                "udp: the kernel refused UDP_SEGMENT (GSO) with {size}-byte segments; such replies go datagram by datagram from now on"
+                            );
+                        }
+                        Some(GsoRefusal::Unsupported) => {
+                            socket.gso_below = 0;
+                            info!(
+                                listener = socket.listener.info.name.as_ref(),
+                                "udp: the kernel refused UDP_SEGMENT (GSO) on this socket; sending datagram by datagram from now on"
+                            );
+                        }
+                    }
                     // `sendmmsg` reports at most the messages it was given.
-                    let sent = sent.min(messages.len());
+                    let sent = sent.datagrams.min(messages.len());
                     let bytes: usize = messages.iter().take(sent).map(|(_, d)| d.len()).sum();
                     socket.pending.drain(..sent);
                     socket.pending_bytes = socket.pending_bytes.saturating_sub(bytes);
@@ -1546,6 +1576,31 @@ impl DatagramEndpoint {
 }
 
 /// Whether every record of `datagram` (already checked well-formed) is application data.
+/// Turns on the kernel's UDP offloads for a new socket where the kernel has them (probed once
+/// per process, logged once): `UDP_GRO` on receive (coalesced buffers are split back into
+/// their datagrams by [`RecvBatch`]), and returns whether sends may use `UDP_SEGMENT` (GSO).
+fn udp_offload(socket: &std::net::UdpSocket, listener: &DatagramListener) -> bool {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    let support = offload();
+    LOGGED.call_once(|| {
+        let word = |on: bool| if on { "on" } else { "unavailable (kernel)" };
+        info!(
+            "udp offload: GSO (UDP_SEGMENT) {}, GRO (UDP_GRO) {}",
+            word(support.gso),
+            word(support.gro)
+        );
+    });
+    if support.gro {
+        if let Err(err) = enable_gro(socket) {
+            debug!(
+                listener = listener.info.name.as_ref(),
+                "udp: UDP_GRO refused: {err}; receiving without it"
+            );
+        }
+    }
+    support.gso
+}
+
 fn only_application_data(datagram: &[u8]) -> bool {
     records(datagram).all(|record| {
         record.is_ok_and(|record| record.header.content_type == ContentType::ApplicationData)
