@@ -9,7 +9,10 @@
 #   connect-rate tcp         tcp echo                tokio-echo
 #   connect-rate tls full    tls echo                tokio-rustls-echo
 #   connect-rate tls resumed tls echo                tokio-rustls-echo
-#   udp-echo 64 B            udp echo                tokio-udp-echo
+#   udp-echo 64 B            udp echo                tokio-udp-echo, and plexus with udp_offload = false
+#                            (GSO/GRO off), also at UDP_PIPELINE datagrams in flight per socket
+#   udp sockets (udpsock)    udp-sockets-echo --threads 2: one SO_REUSEPORT socket per thread
+#                            (the plexus column) vs one shared socket (the reference column)
 #   dtls-echo 64 B           dtls echo               openssl-dtls-echo (benches/, openssl crate)
 #   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1; h2o, num-threads 1
 #   https small              https                   nginx, worker_processes 1
@@ -39,7 +42,10 @@
 #       HS_CONNECTIONS=16        concurrent connect-rate slots
 #       HTTP_CONNECTIONS=50      http scenarios
 #       IDLE_N=10000             sessions for the idle footprint (0 = skip)
+#       UDP_PIPELINE=16          udp: the second on/off pair's datagrams in flight per socket
+#                                (runs of replies to one peer are what GSO can coalesce)
 #       SCENARIOS="tcp half tls connect udp dtls http idle"   which groups, in this order
+#                                (udpsock: the socket-topology pair, not in the default list)
 #       SKIP_BUILD=1             use the existing release binaries
 #       PLEXUS_BIN=path          default <repo>/target/release/plexus
 set -euo pipefail
@@ -56,10 +62,11 @@ HS_CONNECTIONS=${HS_CONNECTIONS:-16}
 HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
 IDLE_N=${IDLE_N:-10000}
 SCENARIOS=${SCENARIOS:-tcp half tls connect udp dtls http idle}
+UDP_PIPELINE=${UDP_PIPELINE:-16}
 SERVER_CPU=0
 LOAD_CPU=1
 
-for v in DURATION WARMUP CONNECTIONS SIZE HS_CONNECTIONS HTTP_CONNECTIONS IDLE_N; do
+for v in DURATION WARMUP CONNECTIONS SIZE HS_CONNECTIONS HTTP_CONNECTIONS IDLE_N UDP_PIPELINE; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
         echo "error: $v must be a non-negative integer (got '${!v}')" >&2
         exit 2
@@ -120,6 +127,7 @@ fi
 # The reference servers the chosen scenario groups run (http's reference is nginx).
 declare -A REFERENCES=([tcp]="tokio-echo mio-echo monoio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
     [connect]="tokio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
+    [udpsock]=udp-sockets-echo
     [http]="" [idle]="tokio-echo tokio-rustls-echo")
 for group in $SCENARIOS; do
     for b in ${REFERENCES[$group]:-}; do
@@ -207,9 +215,14 @@ supports() {
 }
 HAS_UDP=0; supports udp echo && HAS_UDP=1
 HAS_DTLS=0; supports dtls echo && HAS_DTLS=1
+# udp_offload (GSO/GRO switch) is a listener key: probed with a listener of its own.
+HAS_OFFLOAD=0
+printf '[[listener]]\nname = "probe"\ntransport = "udp"\naddr = "127.0.0.1:0"\nservice = "echo"\nudp_offload = false\n' \
+    >"$WORK/probe-offload.toml"
+"$PLEXUS_BIN" serve --check --config "$WORK/probe-offload.toml" >/dev/null 2>&1 && HAS_OFFLOAD=1
 HAS_HTTP=0; supports tcp http "[http]
 root = \"$WWW\"" && HAS_HTTP=1
-log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}; h2o: ${H2O:-none}"
+log "plexus: udp=$HAS_UDP (udp_offload key: $HAS_OFFLOAD) dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}; h2o: ${H2O:-none}"
 
 {
     echo "[server]"
@@ -232,6 +245,10 @@ log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}; 
     listener tcp-echo tcp echo
     listener tls-echo tls echo
     [[ $HAS_UDP == 1 ]] && listener udp-echo udp echo
+    if [[ $HAS_OFFLOAD == 1 ]]; then
+        listener udp-plain udp echo
+        echo "udp_offload = false"
+    fi
     [[ $HAS_DTLS == 1 ]] && listener dtls-echo dtls echo
     if [[ $HAS_HTTP == 1 ]]; then
         listener http tcp http
@@ -528,17 +545,39 @@ for group in $SCENARIOS; do
         done
         ;;
     udp)
-        log "udp-echo ${SIZE} B x $CONNECTIONS sockets"
-        p=""
-        if [[ $HAS_UDP == 1 ]]; then
-            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-            p=$(bench plexus udp-echo udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        for depth in 1 "$UDP_PIPELINE"; do
+            log "udp-echo ${SIZE} B x $CONNECTIONS sockets, pipeline $depth"
+            pipe=(--pipeline "$depth")
+            p=""; q=""
+            if [[ $HAS_UDP == 1 ]]; then
+                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+                p=$(bench plexus "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            if [[ $HAS_OFFLOAD == 1 ]]; then
+                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+                q=$(bench plexus-no-offload "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-plain]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            start_server tokio-udp "$BIN_DIR/tokio-udp-echo" --addr 127.0.0.1:0
+            t=$(bench tokio-udp "udp-echo-p$depth" udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
             stop_server
-        fi
-        start_server tokio-udp "$BIN_DIR/tokio-udp-echo" --addr 127.0.0.1:0
-        t=$(bench tokio-udp udp-echo udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
-        stop_server
-        row "udp-echo $SIZE B, $CONNECTIONS sockets (msgs/s)" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+            label="udp-echo $SIZE B, $CONNECTIONS sockets, pipeline $depth (msgs/s)"
+            row "$label" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+            row "$label" higher "$p" "plexus udp_offload = false" "$q" throughput_per_s "no udp transport in this build"
+            [[ $UDP_PIPELINE == 1 ]] && break
+        done
+        ;;
+    udpsock)
+        # Socket topology for two loops on one core: what each costs per datagram.
+        for mode in reuseport shared; do
+            log "udp-sockets-echo --threads 2 --mode $mode"
+            start_server "udp-$mode" "$BIN_DIR/udp-sockets-echo" --addr 127.0.0.1:0 --threads 2 --mode "$mode"
+            r=$(bench "udp-sockets-$mode" udp-sockets udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+            stop_server
+            [[ $mode == reuseport ]] && rp=$r || rs=$r
+        done
+        row "udp-sockets-echo, 2 threads: SO_REUSEPORT socket each (plexus column) vs shared (msgs/s)" higher "$rp" "one shared socket" "$rs" throughput_per_s
         ;;
     dtls)
         log "dtls-echo ${SIZE} B x $CONNECTIONS sessions"
@@ -608,7 +647,7 @@ for group in $SCENARIOS; do
         done
         ;;
     *)
-        echo "error: unknown scenario group '$group' (tcp half tls connect udp dtls http idle)" >&2
+        echo "error: unknown scenario group '$group' (tcp half tls connect udp udpsock dtls http idle)" >&2
         exit 2
         ;;
     esac

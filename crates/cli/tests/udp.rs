@@ -478,8 +478,20 @@ fn metrics_endpoint_shows_datagram_counters() {
 /// exactly the datagrams that were sent, in order, and a GRO client split the same way.
 #[test]
 fn gso_bursts_to_a_gro_socket_come_back_as_the_datagrams_sent() {
+    gso_bursts_round_trip("");
+}
+
+/// `udp_offload = false`: the server's socket has no `UDP_GRO` (the kernel cuts each GSO
+/// message before it is queued) and it replies datagram by datagram; clients see the same.
+#[test]
+fn with_udp_offload_off_gso_bursts_still_come_back_as_the_datagrams_sent() {
+    gso_bursts_round_trip("udp_offload = false\n");
+}
+
+fn gso_bursts_round_trip(listener_extra: &str) {
     use plexus_sys::dgram::{enable_gro, offload, send_batch_segmented, RecvBatch};
-    let config = plexus::Config::parse(&udp_config("idle_timeout = \"60s\""), "udp-gro").unwrap();
+    let text = format!("{}{listener_extra}", udp_config("idle_timeout = \"60s\""));
+    let config = plexus::Config::parse(&text, "udp-gro").unwrap();
     let server = plexus_services::register(plexus::Server::builder(config))
         .build()
         .unwrap();
@@ -566,6 +578,92 @@ fn gso_bursts_to_a_gro_socket_come_back_as_the_datagrams_sent() {
         wait_metrics(&handle, |m| m.datagrams_in >= before + total as u64);
         assert_eq!(handle.metrics().datagrams_in, before + total as u64);
     }
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
+/// Datagrams coalesced by GRO are still admitted one by one: bursts sent with GSO from a
+/// denied source are each refused and counted (none reaches the service), bursts from many
+/// sources (127.0.0.10–29, as a spoofer would rotate them) never hold more than the
+/// listener's `max_sessions`, every datagram in is counted once, and a reply is only ever
+/// an exact datagram its own source sent, in order.
+#[test]
+fn gro_coalesced_bursts_are_admitted_and_bounded_datagram_by_datagram() {
+    use plexus_sys::dgram::send_batch_segmented;
+    let text = format!(
+        "{}max_sessions = 4\n[listener.acl]\ndeny = [\"127.0.0.5/32\"]\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "udp-gro-bounded").unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let burst = |socket: &UdpSocket, seed: u8| -> Vec<Vec<u8>> {
+        let sent: Vec<Vec<u8>> = (0..16u8).map(|i| pattern(100, seed ^ i)).collect();
+        let list: Vec<(SocketAddr, &[u8])> = sent.iter().map(|d| (to, d.as_slice())).collect();
+        let mut done = 0;
+        while done < list.len() {
+            done += send_batch_segmented(socket, &list[done..], usize::MAX)
+                .unwrap()
+                .datagrams;
+        }
+        sent
+    };
+
+    let denied = client("127.0.0.5");
+    denied
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for seed in 0..3 {
+        burst(&denied, seed);
+    }
+    let mut buf = vec![0u8; 70_000];
+    assert!(
+        denied.recv_from(&mut buf).is_err(),
+        "a denied source gets nothing back"
+    );
+    wait_metrics(&handle, |m| m.datagrams_dropped_refused >= 48);
+    let metrics = handle.metrics();
+    assert_eq!(
+        metrics.datagrams_dropped_refused, 48,
+        "each datagram refused"
+    );
+    assert_eq!(metrics.refused(plexus::RefusalReason::Acl), 48);
+    assert_eq!(metrics.udp_sessions_open, 0);
+
+    let sources: Vec<UdpSocket> = (10..30).map(|n| client(&format!("127.0.0.{n}"))).collect();
+    let mut total = 48u64;
+    for round in 0..2u8 {
+        for (n, socket) in sources.iter().enumerate() {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let sent = burst(socket, round.wrapping_mul(64) ^ n as u8);
+            total += sent.len() as u64;
+            // Whatever comes back is this source's datagrams, whole and in order.
+            let mut next = 0;
+            while let Ok((len, from)) = socket.recv_from(&mut buf) {
+                assert_eq!(from, to);
+                let at = sent[next..]
+                    .iter()
+                    .position(|d| d.as_slice() == &buf[..len])
+                    .expect("a reply that this source sent");
+                next += at + 1;
+                if next == sent.len() {
+                    break;
+                }
+            }
+            assert!(handle.metrics().udp_sessions_open <= 4);
+        }
+    }
+    wait_metrics(&handle, |m| m.datagrams_in >= total);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.datagrams_in, total, "every datagram counted once");
+    assert!(metrics.udp_sessions_open <= 4, "{metrics:?}");
+    assert!(metrics.datagrams_out > 0, "the allowed sources were served");
     handle.stop();
     runner.join().unwrap().unwrap();
 }

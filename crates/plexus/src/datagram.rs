@@ -37,6 +37,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -111,6 +112,8 @@ pub(crate) struct DatagramListener {
     /// Present for dtls listeners.
     pub(crate) dtls: Option<DtlsContext>,
     pub(crate) batch: usize,
+    /// `udp_offload`: GRO/GSO where the kernel has them (false: plain messages both ways).
+    pub(crate) offload: bool,
 }
 
 /// One loop's socket of one listener.
@@ -1209,22 +1212,12 @@ impl DatagramEndpoint {
             // With `gso_below` 0 no run forms: plain `sendmmsg`, one message per datagram.
             match send_batch_segmented(&socket.socket, &messages, socket.gso_below) {
                 Ok(sent) => {
-                    match sent.refused {
-                        None => {}
-                        Some(GsoRefusal::SegmentTooLarge(size)) => {
-                            socket.gso_below = size;
-                            info!(
-                                listener = socket.listener.info.name.as_ref(),
-                                "udp: the kernel refused UDP_SEGMENT (GSO) with {size}-byte segments; such replies go datagram by datagram from now on"
-                            );
-                        }
-                        Some(GsoRefusal::Unsupported) => {
-                            socket.gso_below = 0;
-                            info!(
-                                listener = socket.listener.info.name.as_ref(),
-                                "udp: the kernel refused UDP_SEGMENT (GSO) on this socket; sending datagram by datagram from now on"
-                            );
-                        }
+                    if let Some(refusal) = sent.refused {
+                        socket.gso_below = match refusal {
+                            GsoRefusal::SegmentTooLarge(size) => size.min(socket.gso_below),
+                            GsoRefusal::Unsupported => 0,
+                        };
+                        log_gso_refusal(socket.listener.info.name.as_ref(), refusal);
                     }
                     // `sendmmsg` reports at most the messages it was given.
                     let sent = sent.datagrams.min(messages.len());
@@ -1575,12 +1568,20 @@ impl DatagramEndpoint {
     }
 }
 
-/// Whether every record of `datagram` (already checked well-formed) is application data.
-/// Turns on the kernel's UDP offloads for a new socket where the kernel has them (probed once
-/// per process, logged once): `UDP_GRO` on receive (coalesced buffers are split back into
-/// their datagrams by [`RecvBatch`]), and returns whether sends may use `UDP_SEGMENT` (GSO).
+/// Turns on the kernel's UDP offloads for a new socket of a listener with `udp_offload` on,
+/// where the kernel has them (probed once per process, logged once): `UDP_GRO` on receive
+/// (coalesced buffers are split back into their datagrams by [`RecvBatch`]), and returns
+/// whether sends may use `UDP_SEGMENT` (GSO). A listener with `udp_offload = false` gets
+/// neither: one datagram per message both ways.
 fn udp_offload(socket: &std::net::UdpSocket, listener: &DatagramListener) -> bool {
     static LOGGED: std::sync::Once = std::sync::Once::new();
+    if !listener.offload {
+        debug!(
+            listener = listener.info.name.as_ref(),
+            "udp offload off (udp_offload = false)"
+        );
+        return false;
+    }
     let support = offload();
     LOGGED.call_once(|| {
         let word = |on: bool| if on { "on" } else { "unavailable (kernel)" };
@@ -1601,6 +1602,27 @@ fn udp_offload(socket: &std::net::UdpSocket, listener: &DatagramListener) -> boo
     support.gso
 }
 
+/// Logs a GSO refusal at info the first time in this process (each socket then stops using
+/// that size, or GSO altogether), at debug after that: a refusal costs one log line.
+fn log_gso_refusal(listener: &str, refusal: GsoRefusal) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    let first = !LOGGED.swap(true, Ordering::Relaxed);
+    let what = match refusal {
+        GsoRefusal::SegmentTooLarge(size) => format!(
+            "with {size}-byte segments; replies of that size or larger go datagram by datagram"
+        ),
+        GsoRefusal::Unsupported => {
+            "on this socket; it sends datagram by datagram from now on".to_owned()
+        }
+    };
+    if first {
+        info!(listener, "udp: the kernel refused UDP_SEGMENT (GSO) {what}");
+    } else {
+        debug!(listener, "udp: the kernel refused UDP_SEGMENT (GSO) {what}");
+    }
+}
+
+/// Whether every record of `datagram` (already checked well-formed) is application data.
 fn only_application_data(datagram: &[u8]) -> bool {
     records(datagram).all(|record| {
         record.is_ok_and(|record| record.header.content_type == ContentType::ApplicationData)

@@ -714,6 +714,53 @@ mod tests {
         }
     }
 
+    /// A coalesced buffer longer than the slot: the kernel copies the slot's worth and flags
+    /// `MSG_TRUNC`; the split yields the datagrams that fit whole, byte-exact, then one piece
+    /// flagged truncated, and never reads past the slot. The rest of the buffer is gone (as a
+    /// plain datagram's tail is), so one oversized message costs at most one slot.
+    #[test]
+    fn a_coalesced_buffer_longer_than_the_slot_is_cut_at_the_slot_and_flagged() {
+        if !(offload().gro && offload().gso) {
+            eprintln!("UDP_GRO/UDP_SEGMENT unsupported by this kernel: nothing to coalesce");
+            return;
+        }
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        enable_gro(&server).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = server.local_addr().unwrap();
+        let sent: Vec<Vec<u8>> = (0..10u8).map(|n| vec![n; 300]).collect();
+        let list: Vec<(SocketAddr, &[u8])> = sent.iter().map(|d| (to, d.as_slice())).collect();
+        let result = send_batch_segmented(&client, &list, usize::MAX).unwrap();
+        assert_eq!((result.datagrams, result.refused), (10, None));
+        // A 1000-byte slot for a 3000-byte coalesced message.
+        let mut batch = RecvBatch::new(2, 1000);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let count = loop {
+            match batch.recv(&server) {
+                Ok(n) => break n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "nothing received");
+                    std::thread::yield_now()
+                }
+                Err(err) => panic!("{err}"),
+            }
+        };
+        assert_eq!(count, 4, "three whole datagrams and the cut one");
+        for (index, want) in sent.iter().take(3).enumerate() {
+            let got = batch.get(index);
+            assert_eq!((got.data, got.truncated), (want.as_slice(), false));
+        }
+        let cut = batch.get(3);
+        assert_eq!((cut.data.len(), cut.truncated), (100, true));
+        assert_eq!(cut.data, &sent[3][..100]);
+        // Nothing of the lost tail is waiting: the message was consumed as a whole.
+        assert_eq!(
+            batch.recv(&server).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+    }
+
     #[test]
     fn a_refused_gso_send_goes_out_datagram_by_datagram() {
         if !offload().gso {
