@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# HTTP/1.1 static files, side by side: plexus vs nginx (1 worker), measured with wrk.
+# HTTP/1.1 static files, side by side: plexus vs nginx (1 worker) vs h2o (1 thread), with wrk.
 #
 # The server is pinned to CPU 0, wrk to CPU 1. Scenarios: a small file with keep-alive
-# (requests/s and p99), a 1 MiB file (throughput: sendfile on both), and the small file over
-# https (TLS 1.3 on both, the same certificate). Servers alternate over REPEATS rounds; the
-# table reports the median round of each. Raw wrk output goes to benches/results/.
+# (requests/s and p99), a 1 MiB file (throughput: sendfile on plexus and nginx; h2o reads the
+# file), and the small file over https (TLS 1.3, the same certificate; plexus and nginx only).
+# Servers alternate over REPEATS rounds; the table reports the median round of each, with the
+# server's CPU per request: utime+stime of the server process and its children (nginx's
+# worker) from /proc over the wrk run ÷ the requests wrk completed. Raw wrk output goes to
+# benches/results/.
 #
 # Usage:   benches/run-http.sh
-# Env:     DURATION=8 CONNECTIONS=50 REPEATS=3 SMALL_BYTES=1024
-#          SKIP_PLEXUS_BUILD=1 PLEXUS_BIN=... NGINX_BIN=/usr/sbin/nginx
-# Needs:   wrk, nginx, taskset (apt-get install wrk nginx util-linux), 2+ CPUs.
+# Env:     DURATION=8 CONNECTIONS=50 REPEATS=3 SMALL_BYTES=1024 SERVERS="nginx h2o plexus"
+#          SKIP_PLEXUS_BUILD=1 PLEXUS_BIN=... NGINX_BIN=/usr/sbin/nginx H2O_BIN=/usr/bin/h2o
+# Needs:   wrk, nginx, taskset (apt-get install wrk nginx util-linux), 2+ CPUs; h2o
+#          (apt-get install h2o; Debian's 2.2.5) or it is skipped with a message.
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,6 +24,12 @@ DURATION=${DURATION:-8}
 CONNECTIONS=${CONNECTIONS:-50}
 REPEATS=${REPEATS:-3}
 SMALL_BYTES=${SMALL_BYTES:-1024}
+SERVERS=${SERVERS:-nginx h2o plexus}
+H2O_BIN=${H2O_BIN:-$(command -v h2o || echo /usr/bin/h2o)}
+if [[ " $SERVERS " == *" h2o "* && ! -x $H2O_BIN ]]; then
+    echo "note: h2o not found ($H2O_BIN; apt-get install h2o): its rows are skipped" >&2
+    SERVERS=${SERVERS/h2o/}
+fi
 
 for tool in wrk taskset "$NGINX_BIN"; do
     command -v "$tool" >/dev/null || { echo "error: $tool not found (apt-get install wrk nginx util-linux)" >&2; exit 2; }
@@ -70,6 +80,22 @@ addr = "127.0.0.1:$HTTPS_PORT"
 service = "http"
 EOF
 
+mkdir -p "$WORK/h2o"
+cat > "$WORK/h2o/h2o.conf" <<EOF
+num-threads: 1
+max-connections: 10240
+user: root
+error-log: $WORK/h2o/error.log
+listen:
+  host: 127.0.0.1
+  port: $HTTP_PORT
+hosts:
+  default:
+    paths:
+      /:
+        file.dir: $WORK/root
+EOF
+
 mkdir -p "$WORK/nginx"
 cat > "$WORK/nginx.conf" <<EOF
 worker_processes 1;
@@ -115,6 +141,7 @@ start_server() {
     case $1 in
         plexus) taskset -c 0 "$PLEXUS_BIN" serve --config "$WORK/plexus.toml" 2>"$WORK/plexus.log" & ;;
         nginx)  taskset -c 0 "$NGINX_BIN" -c "$WORK/nginx.conf" -p "$WORK/nginx" 2>"$WORK/nginx.stderr" & ;;
+        h2o)    taskset -c 0 "$H2O_BIN" -c "$WORK/h2o/h2o.conf" >"$WORK/h2o.log" 2>&1 & ;;
     esac
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
@@ -126,10 +153,31 @@ stop_server() {
     wait "$SERVER_PID" 2>/dev/null || true
 }
 
-# Prints "<requests/s> <transfer MB/s> <p99 ms>" for one wrk run.
+# cpu_ticks PID: utime+stime (clock ticks) of PID and its direct children (nginx's worker).
+cpu_ticks() {
+    python3 - "$1" <<'PY'
+import os, sys
+root, total = int(sys.argv[1]), 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        continue
+    fields = stat[stat.rindex(")") + 2:].split()
+    if int(pid) == root or int(fields[1]) == root:
+        total += int(fields[11]) + int(fields[12])
+print(total)
+PY
+}
+CLK_TCK=$(getconf CLK_TCK)
+
+# Prints "<requests/s> <transfer MB/s> <p99 ms> <server CPU µs/request> <load average>" for
+# one wrk run against SERVER_PID.
 run_wrk() {
-    local url=$1 out
+    local url=$1 out c0 c1
+    c0=$(cpu_ticks "$SERVER_PID")
     out=$(taskset -c 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$url")
+    c1=$(cpu_ticks "$SERVER_PID")
     echo "== $url" >> "$RAW"; echo "$out" >> "$RAW"
     local rps mbs p99
     rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
@@ -141,18 +189,26 @@ run_wrk() {
         echo "error: $url: $errors (see $RAW)" >&2
         exit 1
     fi
-    echo "$rps $mbs $p99"
+    local requests per load1
+    requests=$(awk '/requests in/ {print $1}' <<<"$out")
+    per=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" -v n="$requests" 'BEGIN { printf "%.2f", (n > 0) ? (b - a) * 1e6 / t / n : -1 }')
+    read -r load1 _ </proc/loadavg
+    echo "== cpu: server ticks $c0 -> $c1 ($CLK_TCK/s), $requests requests, $per µs/request, load $load1" >> "$RAW"
+    echo "$rps $mbs $p99 $per $load1"
 }
 
+read -r LOAD_START _ </proc/loadavg
 declare -A RESULT
 for round in $(seq "$REPEATS"); do
-    for server in nginx plexus; do
+    for server in $SERVERS; do
         start_server "$server"
         RESULT[$server,small,$round]=$(run_wrk "http://127.0.0.1:$HTTP_PORT/small.bin")
         RESULT[$server,1m,$round]=$(run_wrk "http://127.0.0.1:$HTTP_PORT/1m.bin")
-        RESULT[$server,tls,$round]=$(run_wrk "https://127.0.0.1:$HTTPS_PORT/small.bin")
+        if [[ $server != h2o ]]; then
+            RESULT[$server,tls,$round]=$(run_wrk "https://127.0.0.1:$HTTPS_PORT/small.bin")
+        fi
         stop_server
-        echo "round $round $server: small ${RESULT[$server,small,$round]} | 1m ${RESULT[$server,1m,$round]} | https ${RESULT[$server,tls,$round]}" >&2
+        echo "round $round $server: small ${RESULT[$server,small,$round]} | 1m ${RESULT[$server,1m,$round]} | https ${RESULT[$server,tls,$round]:-–}" >&2
     done
 done
 
@@ -164,15 +220,27 @@ median() {
 }
 
 echo
-echo "| scenario | nginx (1 worker) | plexus (1 loop) | plexus / nginx | p99 nginx | p99 plexus |"
-echo "|---|---|---|---|---|---|"
+echo "Median round of $REPEATS per server; CPU µs/req: the server's utime+stime over the wrk run ÷ requests; ratios plexus / that server (throughput: above 1 = plexus faster; CPU: below 1 = plexus cheaper)."
+echo
+echo "| scenario | server | throughput | p99 | server CPU µs/req | plexus / this (throughput) | plexus / this (CPU µs/req) | load avg |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|"
 for spec in "small:1:req/s:small file ${SMALL_BYTES} B, keep-alive, $CONNECTIONS conns" "1m:2:MB/s:1 MiB file, $CONNECTIONS conns" "tls:1:req/s:https small file (TLS 1.3), $CONNECTIONS conns"; do
     IFS=: read -r scenario field unit label <<<"$spec"
-    n=$(median nginx "$scenario" "$field"); p=$(median plexus "$scenario" "$field")
-    nv=$(cut -d' ' -f"$field" <<<"$n"); pv=$(cut -d' ' -f"$field" <<<"$p")
-    ratio=$(awk -v a="$pv" -v b="$nv" 'BEGIN { printf "%.2f", a / b }')
-    printf '| %s | %s %s | %s %s | %s× | %s ms | %s ms |\n' "$label" "$nv" "$unit" "$pv" "$unit" "$ratio" \
-        "$(cut -d' ' -f3 <<<"$n")" "$(cut -d' ' -f3 <<<"$p")"
+    p=""
+    [[ " $SERVERS " == *" plexus "* ]] && p=$(median plexus "$scenario" "$field")
+    for server in $SERVERS; do
+        [[ -n ${RESULT[$server,$scenario,1]:-} ]] || continue
+        r=$(median "$server" "$scenario" "$field")
+        read -r rps mbs p99 per load1 <<<"$r"
+        value=$rps; [[ $field == 2 ]] && value=$mbs
+        ratios=$(awk -v p="$p" -v f="$field" -v v="$value" -v c="$per" 'BEGIN {
+            if (p == "") { print "n/a n/a"; exit }
+            split(p, x, " "); pv = x[f]; pc = x[4];
+            printf "%.2f× %.2f\n", (v > 0) ? pv / v : 0, (c > 0) ? pc / c : 0 }')
+        printf '| %s | %s | %s %s | %s ms | %s | %s | %s | %s |\n' "$label" "$server" "$value" "$unit" "$p99" "$per" \
+            "${ratios% *}" "${ratios#* }" "$load1"
+    done
 done
 echo
+echo "load average (1 min): $LOAD_START at the start, $(cut -d' ' -f1 /proc/loadavg) at the end"
 echo "raw wrk output: $RAW"

@@ -3,21 +3,26 @@
 # in one run, server pinned to CPU 0 and load (`plexus bench`) pinned to CPU 1.
 #
 #   scenario                 plexus listener         reference
-#   tcp-echo 64 B            tcp echo                tokio-echo (and mio-echo)
+#   tcp-echo 64 B            tcp echo                tokio-echo (and mio-echo, monoio-echo)
 #   tcp-echo at half load    tcp echo (open loop)    tokio-echo (same rate)
 #   tls-echo 64 B            tls echo                tokio-rustls-echo
 #   connect-rate tcp         tcp echo                tokio-echo
 #   connect-rate tls full    tls echo                tokio-rustls-echo
 #   connect-rate tls resumed tls echo                tokio-rustls-echo
-#   udp-echo 64 B            udp echo                tokio-udp-echo
+#   udp-echo 64 B            udp echo                tokio-udp-echo, and plexus with udp_offload = false
+#                            (GSO/GRO off), also at UDP_PIPELINE datagrams in flight per socket
+#   udp sockets (udpsock)    udp-sockets-echo --threads 2: one SO_REUSEPORT socket per thread
+#                            (the plexus column) vs one shared socket (the reference column)
 #   dtls-echo 64 B           dtls echo               openssl-dtls-echo (benches/, openssl crate)
-#   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1
+#   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1; h2o, num-threads 1
 #   https small              https                   nginx, worker_processes 1
 #   idle TCP / TLS sessions  RSS growth per session  tokio-echo / tokio-rustls-echo
 #
 # Rows whose plexus side does not exist in this build (checked with `plexus serve --check`)
-# print "n/a" and the reason. nginx is installed from the distribution's packages when
-# missing (as root; otherwise the nginx rows are n/a).
+# print "n/a" and the reason. nginx and h2o are installed from the distribution's packages when
+# missing (as root; otherwise their rows are n/a). monoio-echo (the io_uring anchor) is
+# probed first (`monoio-echo --probe`); a kernel that refuses io_uring makes its row n/a with
+# the reason.
 #
 # Output: a Markdown table on stdout; every raw JSON line (with "server", "scenario" and the
 # server's CPU per operation added) in benches/results/suite-<UTC date>.jsonl, each run's
@@ -28,14 +33,19 @@
 #
 # Server CPU per operation: utime+stime of the server process and its children (nginx's
 # worker) read from /proc between the end of the warm-up and the end of the measured window,
-# divided by the operations of that window (throughput x DURATION).
+# divided by the operations of that window (throughput x DURATION). Every row shows it for
+# both servers and their ratio plexus / reference (below 1 = plexus spends less CPU per
+# operation); every JSON line carries the 1-minute load average at its end ("loadavg1").
 #
 # Env:  DURATION=5 WARMUP=1      seconds per measured run / warm-up
 #       CONNECTIONS=100 SIZE=64  echo scenarios
 #       HS_CONNECTIONS=16        concurrent connect-rate slots
 #       HTTP_CONNECTIONS=50      http scenarios
 #       IDLE_N=10000             sessions for the idle footprint (0 = skip)
+#       UDP_PIPELINE=16          udp: the second on/off pair's datagrams in flight per socket
+#                                (runs of replies to one peer are what GSO can coalesce)
 #       SCENARIOS="tcp half tls connect udp dtls http idle"   which groups, in this order
+#                                (udpsock: the socket-topology pair, not in the default list)
 #       SKIP_BUILD=1             use the existing release binaries
 #       PLEXUS_BIN=path          default <repo>/target/release/plexus
 set -euo pipefail
@@ -52,10 +62,11 @@ HS_CONNECTIONS=${HS_CONNECTIONS:-16}
 HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
 IDLE_N=${IDLE_N:-10000}
 SCENARIOS=${SCENARIOS:-tcp half tls connect udp dtls http idle}
+UDP_PIPELINE=${UDP_PIPELINE:-16}
 SERVER_CPU=0
 LOAD_CPU=1
 
-for v in DURATION WARMUP CONNECTIONS SIZE HS_CONNECTIONS HTTP_CONNECTIONS IDLE_N; do
+for v in DURATION WARMUP CONNECTIONS SIZE HS_CONNECTIONS HTTP_CONNECTIONS IDLE_N UDP_PIPELINE; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]]; then
         echo "error: $v must be a non-negative integer (got '${!v}')" >&2
         exit 2
@@ -77,6 +88,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/plexus-suite.XXXXXX")
 SERVER_PID=""
 ROWS=()
 T0=$(date +%s)
+read -r LOAD_START _ </proc/loadavg
 
 log() { echo "[suite $(($(date +%s) - T0))s] $*" >&2; }
 
@@ -113,8 +125,9 @@ if [[ ${SKIP_BUILD:-0} != 1 ]]; then
 fi
 [[ -x $PLEXUS_BIN ]] || { echo "error: $PLEXUS_BIN not found" >&2; exit 1; }
 # The reference servers the chosen scenario groups run (http's reference is nginx).
-declare -A REFERENCES=([tcp]="tokio-echo mio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
+declare -A REFERENCES=([tcp]="tokio-echo mio-echo monoio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
     [connect]="tokio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
+    [udpsock]=udp-sockets-echo
     [http]="" [idle]="tokio-echo tokio-rustls-echo")
 for group in $SCENARIOS; do
     for b in ${REFERENCES[$group]:-}; do
@@ -152,6 +165,36 @@ if [[ " $SCENARIOS " == *" http "* ]]; then
     fi
 fi
 
+H2O=""
+H2O_WHY=""
+if [[ " $SCENARIOS " == *" http "* ]]; then
+    if ! command -v h2o >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing h2o (apt-get install h2o)"
+        policy_made=0
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+            chmod +x /usr/sbin/policy-rc.d
+            policy_made=1
+        fi
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends h2o \
+            >>"$WORK/apt.log" 2>&1 || true
+        [[ $policy_made == 1 ]] && rm -f /usr/sbin/policy-rc.d
+    fi
+    if command -v h2o >/dev/null; then
+        H2O=$(command -v h2o)
+    else
+        H2O_WHY="h2o not installed (needs root and apt-get; see $WORK/apt.log)"
+    fi
+fi
+
+# The io_uring anchor: does this kernel let monoio set up a ring?
+MONOIO_WHY=""
+if [[ " $SCENARIOS " == *" tcp "* ]] && ! MONOIO_WHY=$("$BIN_DIR/monoio-echo" --probe 2>&1); then
+    log "monoio-echo: $MONOIO_WHY (its row is n/a)"
+else
+    MONOIO_WHY=""
+fi
+
 # --- certificate, static files, capabilities --------------------------------------------------
 "$PLEXUS_BIN" cert --out "$WORK" >/dev/null 2>&1
 CERT="$WORK/cert.pem"
@@ -172,9 +215,14 @@ supports() {
 }
 HAS_UDP=0; supports udp echo && HAS_UDP=1
 HAS_DTLS=0; supports dtls echo && HAS_DTLS=1
+# udp_offload (GSO/GRO switch) is a listener key: probed with a listener of its own.
+HAS_OFFLOAD=0
+printf '[[listener]]\nname = "probe"\ntransport = "udp"\naddr = "127.0.0.1:0"\nservice = "echo"\nudp_offload = false\n' \
+    >"$WORK/probe-offload.toml"
+"$PLEXUS_BIN" serve --check --config "$WORK/probe-offload.toml" >/dev/null 2>&1 && HAS_OFFLOAD=1
 HAS_HTTP=0; supports tcp http "[http]
 root = \"$WWW\"" && HAS_HTTP=1
-log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}"
+log "plexus: udp=$HAS_UDP (udp_offload key: $HAS_OFFLOAD) dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}; h2o: ${H2O:-none}"
 
 {
     echo "[server]"
@@ -197,6 +245,10 @@ log "plexus: udp=$HAS_UDP dtls=$HAS_DTLS http=$HAS_HTTP; nginx: ${NGINX:-none}"
     listener tcp-echo tcp echo
     listener tls-echo tls echo
     [[ $HAS_UDP == 1 ]] && listener udp-echo udp echo
+    if [[ $HAS_OFFLOAD == 1 ]]; then
+        listener udp-plain udp echo
+        echo "udp_offload = false"
+    fi
     [[ $HAS_DTLS == 1 ]] && listener dtls-echo dtls echo
     if [[ $HAS_HTTP == 1 ]]; then
         listener http tcp http
@@ -288,6 +340,41 @@ EOF
     return 1
 }
 
+# h2o (Debian's 2.2.5): one worker thread, plain http only, the same static root; runs as root
+# (`user: root`) so its logs can live in the work directory.
+start_h2o() {
+    local port
+    port=$(free_port)
+    mkdir -p "$WORK/h2o"
+    cat >"$WORK/h2o/h2o.conf" <<EOF
+num-threads: 1
+max-connections: 16000
+user: root
+error-log: $WORK/h2o/error.log
+listen:
+  host: 127.0.0.1
+  port: $port
+hosts:
+  default:
+    paths:
+      /:
+        file.dir: $WWW
+EOF
+    NO_COLOR=1 taskset -c "$SERVER_CPU" "$H2O" -c "$WORK/h2o/h2o.conf" >"$WORK/h2o.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            ADDR=([http]="127.0.0.1:$port")
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "h2o did not start:"; sed 's/^/    /' "$WORK/h2o.log" "$WORK/h2o/error.log" >&2 || true
+    SERVER_PID=""
+    return 1
+}
+
 # cpu_ticks PID: utime+stime (clock ticks) of PID and its direct children (nginx's worker).
 cpu_ticks() {
     python3 - "$1" <<'PY'
@@ -330,14 +417,18 @@ bench() {
         grep -v '^\[ *[0-9]*s\]' "$errf" | tail -n 5 | sed 's/^/    /' >&2
         return 0
     fi
-    python3 -c 'import json,sys
+    local load1 line
+    read -r load1 _ </proc/loadavg
+    line=$(python3 -c 'import json,sys
 d=json.loads(sys.argv[1]); d["server"]=sys.argv[2]; d["scenario"]=sys.argv[3]
 c0, c1, tck, secs = sys.argv[4], sys.argv[5], float(sys.argv[6]), float(sys.argv[7])
+d["loadavg1"] = float(sys.argv[8])
 ops = float(d.get("throughput_per_s") or 0) * secs
 if c0 and c1 and ops > 0:
     d["server_cpu_us_per_op"] = round((int(c1) - int(c0)) * 1e6 / tck / ops, 3)
-print(json.dumps(d))' "$out" "$server" "$scenario" "$cpu0" "$cpu1" "$CLK_TCK" "$DURATION" >>"$RESULTS"
-    echo "$out"
+print(json.dumps(d))' "$out" "$server" "$scenario" "$cpu0" "$cpu1" "$CLK_TCK" "$DURATION" "$load1")
+    echo "$line" >>"$RESULTS"
+    echo "$line"
 }
 
 # field JSON PATH: a value from a JSON line ("a.b" paths); empty when absent or null.
@@ -352,9 +443,14 @@ print("" if d is None else d)' "${1:-}" "$2"
 # row SCENARIO BETTER PLEXUS_JSON REF_NAME REF_JSON VALUE_PATH [NOTE]
 row() {
     local scenario=$1 better=$2 pj=$3 rname=$4 rj=$5 path=$6 note=${7:-}
-    local pv rv ratio pp rp
+    local pv rv ratio pp rp pc rc cratio pl rl
     pv=$(field "$pj" "$path"); rv=$(field "$rj" "$path")
     pp=$(field "$pj" latency_us.p99); rp=$(field "$rj" latency_us.p99)
+    pc=$(field "$pj" server_cpu_us_per_op); rc=$(field "$rj" server_cpu_us_per_op)
+    pl=$(field "$pj" loadavg1); rl=$(field "$rj" loadavg1)
+    cratio=$(python3 -c 'import sys
+try: print("%.2f" % (float(sys.argv[1]) / float(sys.argv[2])))
+except Exception: print("n/a")' "$pc" "$rc")
     ratio=$(python3 -c 'import sys
 p,r,b=sys.argv[1],sys.argv[2],sys.argv[3]
 try:
@@ -369,8 +465,8 @@ except Exception: print(v if v else "n/a")' "$1"; }
     local pshow rshow
     pshow=$(fmt "$pv"); rshow=$(fmt "$rv")
     [[ -n $note && -z $pv ]] && pshow="n/a ($note)"
-    ROWS+=("| $scenario | $pshow | $rshow ($rname) | $ratio | ${pp:-–} | ${rp:-–} |")
-    log "  => $scenario: plexus ${pv:-n/a} vs $rname ${rv:-n/a} ($ratio)"
+    ROWS+=("| $scenario | $pshow | $rshow ($rname) | $ratio | ${pp:-–} | ${rp:-–} | ${pc:-n/a} | ${rc:-n/a} | $cratio | ${pl:-–} / ${rl:-–} |")
+    log "  => $scenario: plexus ${pv:-n/a} vs $rname ${rv:-n/a} ($ratio); CPU µs/op ${pc:-n/a} vs ${rc:-n/a}"
 }
 
 ECHO_ARGS=(--duration "${DURATION}s" --warmup "${WARMUP}s")
@@ -390,8 +486,15 @@ for group in $SCENARIOS; do
         start_server mio "$BIN_DIR/mio-echo" --addr 127.0.0.1:0
         m=$(bench mio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
         stop_server
+        u=""
+        if [[ -z $MONOIO_WHY ]]; then
+            start_server monoio "$BIN_DIR/monoio-echo" --addr 127.0.0.1:0
+            u=$(bench monoio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+            stop_server
+        fi
         row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" tokio-echo "$t" throughput_per_s
         row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" mio-echo "$m" throughput_per_s
+        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" "monoio-echo, io_uring${MONOIO_WHY:+: $MONOIO_WHY}" "$u" throughput_per_s
         TCP_RATE=$(field "$t" throughput_per_s)
         ;;
     half)
@@ -442,17 +545,39 @@ for group in $SCENARIOS; do
         done
         ;;
     udp)
-        log "udp-echo ${SIZE} B x $CONNECTIONS sockets"
-        p=""
-        if [[ $HAS_UDP == 1 ]]; then
-            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-            p=$(bench plexus udp-echo udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+        for depth in 1 "$UDP_PIPELINE"; do
+            log "udp-echo ${SIZE} B x $CONNECTIONS sockets, pipeline $depth"
+            pipe=(--pipeline "$depth")
+            p=""; q=""
+            if [[ $HAS_UDP == 1 ]]; then
+                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+                p=$(bench plexus "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            if [[ $HAS_OFFLOAD == 1 ]]; then
+                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
+                q=$(bench plexus-no-offload "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-plain]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            start_server tokio-udp "$BIN_DIR/tokio-udp-echo" --addr 127.0.0.1:0
+            t=$(bench tokio-udp "udp-echo-p$depth" udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
             stop_server
-        fi
-        start_server tokio-udp "$BIN_DIR/tokio-udp-echo" --addr 127.0.0.1:0
-        t=$(bench tokio-udp udp-echo udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
-        stop_server
-        row "udp-echo $SIZE B, $CONNECTIONS sockets (msgs/s)" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+            label="udp-echo $SIZE B, $CONNECTIONS sockets, pipeline $depth (msgs/s)"
+            row "$label" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+            row "$label" higher "$p" "plexus udp_offload = false" "$q" throughput_per_s "no udp transport in this build"
+            [[ $UDP_PIPELINE == 1 ]] && break
+        done
+        ;;
+    udpsock)
+        # Socket topology for two loops on one core: what each costs per datagram.
+        for mode in reuseport shared; do
+            log "udp-sockets-echo --threads 2 --mode $mode"
+            start_server "udp-$mode" "$BIN_DIR/udp-sockets-echo" --addr 127.0.0.1:0 --threads 2 --mode "$mode"
+            r=$(bench "udp-sockets-$mode" udp-sockets udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
+            stop_server
+            [[ $mode == reuseport ]] && rp=$r || rs=$r
+        done
+        row "udp-sockets-echo, 2 threads: SO_REUSEPORT socket each (plexus column) vs shared (msgs/s)" higher "$rp" "one shared socket" "$rs" throughput_per_s
         ;;
     dtls)
         log "dtls-echo ${SIZE} B x $CONNECTIONS sessions"
@@ -488,6 +613,14 @@ for group in $SCENARIOS; do
                 stop_server
             fi
             row "$label" higher "$p" "nginx${NGINX_WHY:+: $NGINX_WHY}" "$t" throughput_per_s "no http service in this build"
+            if [[ $kind != https ]]; then
+                h=""
+                if [[ -n $H2O ]] && start_h2o; then
+                    h=$(bench h2o "http-$kind" http --addr "${ADDR[http]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${ECHO_ARGS[@]}")
+                    stop_server
+                fi
+                row "$label" higher "$p" "h2o${H2O_WHY:+: $H2O_WHY}" "$h" throughput_per_s "no http service in this build"
+            fi
         done
         ;;
     idle)
@@ -514,7 +647,7 @@ for group in $SCENARIOS; do
         done
         ;;
     *)
-        echo "error: unknown scenario group '$group' (tcp half tls connect udp dtls http idle)" >&2
+        echo "error: unknown scenario group '$group' (tcp half tls connect udp udpsock dtls http idle)" >&2
         exit 2
         ;;
     esac
@@ -523,9 +656,11 @@ done
 echo
 echo "Suite run of $(date -u +%Y-%m-%d) on $(nproc --all) CPUs; server on CPU $SERVER_CPU, \`plexus bench\` on CPU $LOAD_CPU; ${DURATION} s measured + ${WARMUP} s warm-up per run."
 echo "Ratio: plexus / reference for rates, reference / plexus for latency and memory (above 1 = plexus better)."
+echo "CPU µs/op: the server's utime+stime over the measured window ÷ its operations; CPU ratio = plexus / reference (below 1 = plexus cheaper)."
+echo "Load: the 1-minute load average at the end of each run (plexus / reference); it was $LOAD_START when the suite started, $(cut -d' ' -f1 /proc/loadavg) at its end."
 echo
-echo "| scenario | plexus | reference | ratio | plexus p99 µs | reference p99 µs |"
-echo "|---|---:|---:|---:|---:|---:|"
+echo "| scenario | plexus | reference | ratio | plexus p99 µs | reference p99 µs | plexus CPU µs/op | reference CPU µs/op | CPU ratio | load |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "Raw JSON: $RESULTS ($(($(date +%s) - T0)) s in total)"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# TCP echo, side by side: plexus vs tokio-echo vs mio-echo, in one run.
+# TCP echo, side by side: plexus vs tokio-echo vs mio-echo vs monoio-echo (io_uring), in one run.
 #
 # Every server is pinned to CPU 0, the load generator (echo-load) to CPU 1.
 # Servers are run one after the other, interleaved over REPEATS rounds, and
@@ -11,7 +11,9 @@
 #          WARMUP=2      warm-up seconds per run (not measured)
 #          REPEATS=3     rounds over all servers (median is reported)
 #          CONNECTIONS=100 SIZE=64 PIPELINE=1
-#          SERVERS="tokio mio plexus"   which servers, in this order
+#          SERVERS="tokio mio monoio plexus"   which servers, in this order
+#                                       (monoio is skipped, with a message, when the
+#                                       kernel refuses io_uring: `monoio-echo --probe`)
 #          SKIP_PLEXUS_BUILD=1          use the existing plexus binary as is
 #          PLEXUS_BIN=/path/to/plexus   default: <repo>/target/release/plexus
 set -euo pipefail
@@ -29,7 +31,7 @@ REPEATS=${REPEATS:-3}
 CONNECTIONS=${CONNECTIONS:-100}
 SIZE=${SIZE:-64}
 PIPELINE=${PIPELINE:-1}
-SERVERS=${SERVERS:-tokio mio plexus}
+SERVERS=${SERVERS:-tokio mio monoio plexus}
 SERVER_CPU=0
 LOAD_CPU=1
 
@@ -84,6 +86,15 @@ if [[ " $SERVERS " == *" plexus "* ]]; then
         PLEXUS_OK=1
     else
         log "SKIPPING plexus: binary $PLEXUS_BIN not found (does 'cargo build --release -p plexus-cli' succeed?)"
+    fi
+fi
+
+MONOIO_OK=1
+MONOIO_WHY=""
+if [[ " $SERVERS " == *" monoio "* ]]; then
+    if ! MONOIO_WHY=$("$BIN_DIR/monoio-echo" --probe 2>&1); then
+        MONOIO_OK=0
+        log "SKIPPING monoio: $MONOIO_WHY"
     fi
 fi
 
@@ -169,6 +180,8 @@ run_one() {
         "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0 --threads 1 || return 1 ;;
     mio) start_server mio-echo "$logf" 'listening addr=127\.0\.0\.1:[0-9]+' \
         "$BIN_DIR/mio-echo" --addr 127.0.0.1:0 || return 1 ;;
+    monoio) start_server monoio-echo "$logf" 'listening addr=127\.0\.0\.1:[0-9]+' \
+        "$BIN_DIR/monoio-echo" --addr 127.0.0.1:0 || return 1 ;;
     plexus)
         ready='listening name=tcp-echo transport=tcp addr=127\.0\.0\.1:[0-9]+'
         start_server plexus "$logf" "$ready" \
@@ -213,8 +226,10 @@ run_one() {
     if [[ -s $cpu_file ]]; then
         read -r srv_cpu core0 core1 <"$cpu_file"
     fi
+    local loadavg
+    read -r loadavg _ </proc/loadavg
     # Prefix the load generator's JSON with the run's identity.
-    echo "{\"server\":\"$name\",\"round\":$round,\"date\":\"$STAMP\",\"server_cpu_pct\":$srv_cpu,\"cpu${SERVER_CPU}_busy_pct\":$core0,\"cpu${LOAD_CPU}_busy_pct\":$core1,${out#\{}" >>"$RESULTS"
+    echo "{\"server\":\"$name\",\"round\":$round,\"date\":\"$STAMP\",\"loadavg1\":$loadavg,\"server_cpu_pct\":$srv_cpu,\"cpu${SERVER_CPU}_busy_pct\":$core0,\"cpu${LOAD_CPU}_busy_pct\":$core1,${out#\{}" >>"$RESULTS"
 }
 
 # --- run -------------------------------------------------------------------
@@ -226,6 +241,7 @@ log "servers: $SERVERS; ${CONNECTIONS} conns x ${SIZE} B, pipeline $PIPELINE, ${
 ran=()
 for name in $SERVERS; do
     if [[ $name == plexus && $PLEXUS_OK != 1 ]]; then continue; fi
+    if [[ $name == monoio && $MONOIO_OK != 1 ]]; then continue; fi
     ran+=("$name")
 done
 for ((r = 1; r <= REPEATS; r++)); do
@@ -247,17 +263,22 @@ for name in "${ran[@]}"; do
 done
 
 tokio_mps=""
-[[ -n ${MED_LINE[tokio]:-} ]] && tokio_mps=$(json_num "${MED_LINE[tokio]}" msgs_per_s)
+tokio_per=""
+if [[ -n ${MED_LINE[tokio]:-} ]]; then
+    tokio_mps=$(json_num "${MED_LINE[tokio]}" msgs_per_s)
+    tokio_per=$(awk -v c="$(json_num "${MED_LINE[tokio]}" server_cpu_pct)" -v m="$tokio_mps" \
+        'BEGIN { if (c != "" && m > 0) printf "%.4f", c / 100 / m * 1e6 }')
+fi
 
 echo
 echo "TCP echo, ${CONNECTIONS} connections x ${SIZE} B, pipeline ${PIPELINE}, ${DURATION}s per run, median of ${REPEATS}; server on CPU ${SERVER_CPU}, load on CPU ${LOAD_CPU}"
 echo
-echo "| server | msgs/s | p50 µs | p99 µs | ratio vs tokio | runs msgs/s (min–max) | server CPU % | server CPU µs/msg | load CPU % | errors |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| server | msgs/s | p50 µs | p99 µs | ratio vs tokio | runs msgs/s (min–max) | server CPU % | server CPU µs/msg | CPU/msg ÷ tokio's | load CPU % | errors |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for name in "${ran[@]}"; do
     line=${MED_LINE[$name]:-}
     if [[ -z $line ]]; then
-        echo "| $name | failed | | | | | | | | |"
+        echo "| $name | failed | | | | | | | | | |"
         continue
     fi
     all=$(grep -F "\"server\":\"$name\"" "$RESULTS" | while read -r l; do json_num "$l" msgs_per_s; done | sort -g)
@@ -266,11 +287,12 @@ for name in "${ran[@]}"; do
         -v p99="$(json_num "$line" p99_us)" -v tok="$tokio_mps" \
         -v lo="$(head -n1 <<<"$all")" -v hi="$(tail -n1 <<<"$all")" \
         -v scpu="$(json_num "$line" server_cpu_pct)" -v lcpu="$(json_num "$line" load_cpu_pct)" \
-        -v errs="$errs" 'BEGIN {
+        -v errs="$errs" -v tper="$tokio_per" 'BEGIN {
             ratio = (tok != "" && tok > 0) ? sprintf("%.2fx", mps / tok) : "n/a";
             per = (scpu != "" && mps > 0) ? sprintf("%.2f", scpu / 100 / mps * 1e6) : "n/a";
-            printf "| %s | %.0f | %.0f | %.0f | %s | %.0f–%.0f | %s | %s | %s | %d |\n",
-                name, mps, p50, p99, ratio, lo, hi, scpu, per, lcpu, errs
+            cratio = (per != "n/a" && tper != "" && tper > 0) ? sprintf("%.2f", (scpu / 100 / mps * 1e6) / tper) : "n/a";
+            printf "| %s | %.0f | %.0f | %.0f | %s | %.0f–%.0f | %s | %s | %s | %s | %d |\n",
+                name, mps, p50, p99, ratio, lo, hi, scpu, per, cratio, lcpu, errs
         }'
 done
 # A core busier than its one process says means something else ran there.
@@ -288,7 +310,12 @@ if [[ -n $noisy ]]; then
     while read -r w; do echo "  - $w"; done <<<"$noisy"
 fi
 echo
+read -r load1_end _ </proc/loadavg
+echo "load average (1 min): $load1 before, $load1_end after; per run in the raw results (loadavg1)"
 echo "raw results: $RESULTS"
 if [[ " $SERVERS " == *" plexus "* && $PLEXUS_OK != 1 ]]; then
     echo "note: plexus was skipped (binary missing or failed to build)"
+fi
+if [[ " $SERVERS " == *" monoio "* && $MONOIO_OK != 1 ]]; then
+    echo "note: monoio (the io_uring anchor) was skipped: $MONOIO_WHY"
 fi

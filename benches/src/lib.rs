@@ -6,6 +6,9 @@
 //! * `tokio-rustls-echo` — the same over TLS (tokio-rustls, aws-lc-rs);
 //! * `mio-echo` — a minimal hand-written single-threaded mio echo loop, the
 //!   "how fast can the bare event loop go" baseline;
+//! * `monoio-echo` — the io_uring anchor: a monoio (io_uring driver) echo server;
+//! * `udp-sockets-echo` — a UDP echo loop per thread, one `SO_REUSEPORT` socket each
+//!   or one shared socket;
 //! * `echo-load` — the closed-loop load generator that drives any of them
 //!   (`--tls` for the TLS servers);
 //! * `handshake-load` — TLS handshakes per second (full or resumed).

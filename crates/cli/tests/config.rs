@@ -248,6 +248,11 @@ fn out_of_range_durations_and_sizes_are_rejected_naming_key_and_range() {
             &["listener[1].linger", "allowed 0s to 1h"],
         ),
         (
+            "service = \"echo\"\n",
+            "udp_offload = \"yes\"\n",
+            &["udp_offload", "boolean"],
+        ),
+        (
             "[server]\n",
             "[chat]\nmax_line_bytes = 1000000000000\n",
             &["chat.max_line_bytes", "out of range"],
@@ -299,6 +304,14 @@ fn keys_that_cannot_apply_are_rejected() {
                 1,
             ),
             &["listener[0].datagram_batch"],
+        ),
+        (
+            good_config().replacen(
+                "service = \"echo\"\n",
+                "service = \"echo\"\nudp_offload = false\n",
+                1,
+            ),
+            &["listener[0].udp_offload", "only udp and dtls"],
         ),
         (
             good_config().replacen(

@@ -470,3 +470,200 @@ fn metrics_endpoint_shows_datagram_counters() {
         thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Bursts of equal-size datagrams sent with GSO (`UDP_SEGMENT`) reach the server's socket,
+/// which has `UDP_GRO` on, as coalesced buffers on this kernel: the server must split each
+/// buffer back into its datagrams (one `on_data` each, counted one by one), and its replies —
+/// runs to one peer, which it sends with GSO in turn — must reach a plain client socket as
+/// exactly the datagrams that were sent, in order, and a GRO client split the same way.
+#[test]
+fn gso_bursts_to_a_gro_socket_come_back_as_the_datagrams_sent() {
+    gso_bursts_round_trip("");
+}
+
+/// `udp_offload = false`: the server's socket has no `UDP_GRO` (the kernel cuts each GSO
+/// message before it is queued) and it replies datagram by datagram; clients see the same.
+#[test]
+fn with_udp_offload_off_gso_bursts_still_come_back_as_the_datagrams_sent() {
+    gso_bursts_round_trip("udp_offload = false\n");
+}
+
+fn gso_bursts_round_trip(listener_extra: &str) {
+    use plexus_sys::dgram::{enable_gro, offload, send_batch_segmented, RecvBatch};
+    let text = format!("{}{listener_extra}", udp_config("idle_timeout = \"60s\""));
+    let config = plexus::Config::parse(&text, "udp-gro").unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    eprintln!("kernel offloads: {:?}", offload());
+
+    // Bursts: runs of one size (with and without a shorter last datagram), lone datagrams,
+    // a run as long as GSO allows, and sizes up to a jumbo-ish 8000 bytes.
+    let mut bursts: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut seed = 0u8;
+    for (count, size, short_tail) in [
+        (16, 64, false),
+        (16, 64, true),
+        (1, 300, false),
+        (64, 100, false),
+        (8, 1200, true),
+        (4, 8000, false),
+        (3, 1, false),
+    ] {
+        let burst = (0..count)
+            .map(|i| {
+                seed = seed.wrapping_add(1);
+                let len = if short_tail && i + 1 == count {
+                    size / 3
+                } else {
+                    size
+                };
+                pattern(len, seed)
+            })
+            .collect();
+        bursts.push(burst);
+    }
+    let total: usize = bursts.iter().map(Vec::len).sum();
+
+    for gro_client in [false, true] {
+        let socket = client("127.0.0.1");
+        if gro_client && offload().gro {
+            enable_gro(&socket).unwrap();
+        }
+        let before = handle.metrics().datagrams_in;
+        let mut received: Vec<Vec<u8>> = Vec::new();
+        let mut batch = RecvBatch::new(8, 64 * 1024);
+        for burst in &bursts {
+            let list: Vec<(SocketAddr, &[u8])> = burst.iter().map(|d| (to, d.as_slice())).collect();
+            let mut done = 0;
+            while done < list.len() {
+                done += send_batch_segmented(&socket, &list[done..], usize::MAX)
+                    .unwrap()
+                    .datagrams;
+            }
+            // Read this burst's replies before the next (bounded by the socket's timeout).
+            let want = received.len() + burst.len();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while received.len() < want {
+                assert!(
+                    Instant::now() < deadline,
+                    "replies missing: {} of {want}",
+                    received.len()
+                );
+                match batch.recv(&socket) {
+                    Ok(n) => {
+                        for i in 0..n {
+                            let reply = batch.get(i);
+                            assert_eq!(reply.source, Some(to));
+                            assert!(!reply.truncated);
+                            received.push(reply.data.to_vec());
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                        thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(err) => panic!("receiving the echoes: {err}"),
+                }
+            }
+        }
+        let sent: Vec<Vec<u8>> = bursts.iter().flatten().cloned().collect();
+        assert_eq!(received.len(), sent.len());
+        for (index, (got, want)) in received.iter().zip(&sent).enumerate() {
+            assert_eq!(got, want, "datagram {index} (gro client: {gro_client})");
+        }
+        // The server counted every datagram, not every coalesced buffer.
+        wait_metrics(&handle, |m| m.datagrams_in >= before + total as u64);
+        assert_eq!(handle.metrics().datagrams_in, before + total as u64);
+    }
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}
+
+/// Datagrams coalesced by GRO are still admitted one by one: bursts sent with GSO from a
+/// denied source are each refused and counted (none reaches the service), bursts from many
+/// sources (127.0.0.10–29, as a spoofer would rotate them) never hold more than the
+/// listener's `max_sessions`, every datagram in is counted once, and a reply is only ever
+/// an exact datagram its own source sent, in order.
+#[test]
+fn gro_coalesced_bursts_are_admitted_and_bounded_datagram_by_datagram() {
+    use plexus_sys::dgram::send_batch_segmented;
+    let text = format!(
+        "{}max_sessions = 4\n[listener.acl]\ndeny = [\"127.0.0.5/32\"]\n",
+        udp_config("idle_timeout = \"60s\"")
+    );
+    let config = plexus::Config::parse(&text, "udp-gro-bounded").unwrap();
+    let server = plexus_services::register(plexus::Server::builder(config))
+        .build()
+        .unwrap();
+    let to = server.local_addr("udp-echo").unwrap();
+    let handle = server.handle();
+    let runner = thread::spawn(move || server.run());
+    let burst = |socket: &UdpSocket, seed: u8| -> Vec<Vec<u8>> {
+        let sent: Vec<Vec<u8>> = (0..16u8).map(|i| pattern(100, seed ^ i)).collect();
+        let list: Vec<(SocketAddr, &[u8])> = sent.iter().map(|d| (to, d.as_slice())).collect();
+        let mut done = 0;
+        while done < list.len() {
+            done += send_batch_segmented(socket, &list[done..], usize::MAX)
+                .unwrap()
+                .datagrams;
+        }
+        sent
+    };
+
+    let denied = client("127.0.0.5");
+    denied
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    for seed in 0..3 {
+        burst(&denied, seed);
+    }
+    let mut buf = vec![0u8; 70_000];
+    assert!(
+        denied.recv_from(&mut buf).is_err(),
+        "a denied source gets nothing back"
+    );
+    wait_metrics(&handle, |m| m.datagrams_dropped_refused >= 48);
+    let metrics = handle.metrics();
+    assert_eq!(
+        metrics.datagrams_dropped_refused, 48,
+        "each datagram refused"
+    );
+    assert_eq!(metrics.refused(plexus::RefusalReason::Acl), 48);
+    assert_eq!(metrics.udp_sessions_open, 0);
+
+    let sources: Vec<UdpSocket> = (10..30).map(|n| client(&format!("127.0.0.{n}"))).collect();
+    let mut total = 48u64;
+    for round in 0..2u8 {
+        for (n, socket) in sources.iter().enumerate() {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            let sent = burst(socket, round.wrapping_mul(64) ^ n as u8);
+            total += sent.len() as u64;
+            // Whatever comes back is this source's datagrams, whole and in order.
+            let mut next = 0;
+            while let Ok((len, from)) = socket.recv_from(&mut buf) {
+                assert_eq!(from, to);
+                let at = sent[next..]
+                    .iter()
+                    .position(|d| d.as_slice() == &buf[..len])
+                    .expect("a reply that this source sent");
+                next += at + 1;
+                if next == sent.len() {
+                    break;
+                }
+            }
+            assert!(handle.metrics().udp_sessions_open <= 4);
+        }
+    }
+    wait_metrics(&handle, |m| m.datagrams_in >= total);
+    let metrics = handle.metrics();
+    assert_eq!(metrics.datagrams_in, total, "every datagram counted once");
+    assert!(metrics.udp_sessions_open <= 4, "{metrics:?}");
+    assert!(metrics.datagrams_out > 0, "the allowed sources were served");
+    handle.stop();
+    runner.join().unwrap().unwrap();
+}

@@ -581,6 +581,10 @@ pub struct ListenerConfig {
     /// udp/dtls: datagrams received (recvmmsg) or sent (sendmmsg) per system call.
     #[serde(default = "default_datagram_batch")]
     pub datagram_batch: usize,
+    /// udp/dtls: use the kernel's UDP offloads (`UDP_GRO` on receive, `UDP_SEGMENT` on send)
+    /// where it has them; false = one datagram per message both ways.
+    #[serde(default = "default_true")]
+    pub udp_offload: bool,
     /// udp/dtls: sessions of this listener open at once; 0 = only the `[server]` caps.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_sessions: usize,

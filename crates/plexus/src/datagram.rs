@@ -37,6 +37,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +49,9 @@ use plexus_proto::dtls::{
     check_records, parse_client_hello, records, ContentType, DtlsError as RecordError,
 };
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
-use plexus_sys::dgram::{send_batch, RecvBatch};
+use plexus_sys::dgram::{
+    enable_gro, offload, send_batch_segmented, GsoRefusal, RecvBatch, MAX_UDP_PAYLOAD,
+};
 use slab::Slab;
 use tracing::{debug, error, info, warn};
 
@@ -109,6 +112,8 @@ pub(crate) struct DatagramListener {
     /// Present for dtls listeners.
     pub(crate) dtls: Option<DtlsContext>,
     pub(crate) batch: usize,
+    /// `udp_offload`: GRO/GSO where the kernel has them (false: plain messages both ways).
+    pub(crate) offload: bool,
 }
 
 /// One loop's socket of one listener.
@@ -128,6 +133,10 @@ struct DatagramSocket {
     write_blocked: bool,
     /// Not read while the send queue is above the high watermark.
     read_paused: bool,
+    /// Runs of equal-size replies to one peer, of a size below this, go out as one
+    /// `UDP_SEGMENT` message (GSO). 0 when the kernel has no GSO or refused it on this
+    /// socket; lowered to a size the kernel refused (larger than the route's MTU allows).
+    gso_below: usize,
     /// The socket's position among its listener's sockets (its name in an upgrade).
     ordinal: usize,
     /// Upgrade: the relay to (new process) or from (old process) the other process.
@@ -304,6 +313,11 @@ impl DatagramEndpoint {
         }
         socket.set_nonblocking(true)?;
         let local = socket.local_addr()?;
+        let gso_below = if udp_offload(&socket, &listener) {
+            MAX_UDP_PAYLOAD
+        } else {
+            0
+        };
         let mut socket = UdpSocket::from_std(socket);
         registry.register(
             &mut socket,
@@ -353,6 +367,7 @@ impl DatagramEndpoint {
             readable: true,
             write_blocked: false,
             read_paused: false,
+            gso_below,
             ordinal,
             relay,
             retired: false,
@@ -1194,10 +1209,18 @@ impl DatagramEndpoint {
                 .take(batch)
                 .map(|(peer, data)| (*peer, data.as_ref()))
                 .collect();
-            match send_batch(&socket.socket, &messages) {
+            // With `gso_below` 0 no run forms: plain `sendmmsg`, one message per datagram.
+            match send_batch_segmented(&socket.socket, &messages, socket.gso_below) {
                 Ok(sent) => {
+                    if let Some(refusal) = sent.refused {
+                        socket.gso_below = match refusal {
+                            GsoRefusal::SegmentTooLarge(size) => size.min(socket.gso_below),
+                            GsoRefusal::Unsupported => 0,
+                        };
+                        log_gso_refusal(socket.listener.info.name.as_ref(), refusal);
+                    }
                     // `sendmmsg` reports at most the messages it was given.
-                    let sent = sent.min(messages.len());
+                    let sent = sent.datagrams.min(messages.len());
                     let bytes: usize = messages.iter().take(sent).map(|(_, d)| d.len()).sum();
                     socket.pending.drain(..sent);
                     socket.pending_bytes = socket.pending_bytes.saturating_sub(bytes);
@@ -1542,6 +1565,60 @@ impl DatagramEndpoint {
         for key in keys {
             self.close(key, reason.clone(), parts);
         }
+    }
+}
+
+/// Turns on the kernel's UDP offloads for a new socket of a listener with `udp_offload` on,
+/// where the kernel has them (probed once per process, logged once): `UDP_GRO` on receive
+/// (coalesced buffers are split back into their datagrams by [`RecvBatch`]), and returns
+/// whether sends may use `UDP_SEGMENT` (GSO). A listener with `udp_offload = false` gets
+/// neither: one datagram per message both ways.
+fn udp_offload(socket: &std::net::UdpSocket, listener: &DatagramListener) -> bool {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    if !listener.offload {
+        debug!(
+            listener = listener.info.name.as_ref(),
+            "udp offload off (udp_offload = false)"
+        );
+        return false;
+    }
+    let support = offload();
+    LOGGED.call_once(|| {
+        let word = |on: bool| if on { "on" } else { "unavailable (kernel)" };
+        info!(
+            "udp offload: GSO (UDP_SEGMENT) {}, GRO (UDP_GRO) {}",
+            word(support.gso),
+            word(support.gro)
+        );
+    });
+    if support.gro {
+        if let Err(err) = enable_gro(socket) {
+            debug!(
+                listener = listener.info.name.as_ref(),
+                "udp: UDP_GRO refused: {err}; receiving without it"
+            );
+        }
+    }
+    support.gso
+}
+
+/// Logs a GSO refusal at info the first time in this process (each socket then stops using
+/// that size, or GSO altogether), at debug after that: a refusal costs one log line.
+fn log_gso_refusal(listener: &str, refusal: GsoRefusal) {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    let first = !LOGGED.swap(true, Ordering::Relaxed);
+    let what = match refusal {
+        GsoRefusal::SegmentTooLarge(size) => format!(
+            "with {size}-byte segments; replies of that size or larger go datagram by datagram"
+        ),
+        GsoRefusal::Unsupported => {
+            "on this socket; it sends datagram by datagram from now on".to_owned()
+        }
+    };
+    if first {
+        info!(listener, "udp: the kernel refused UDP_SEGMENT (GSO) {what}");
+    } else {
+        debug!(listener, "udp: the kernel refused UDP_SEGMENT (GSO) {what}");
     }
 }
 

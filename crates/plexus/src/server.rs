@@ -361,6 +361,7 @@ impl ServerBuilder {
                 listener_cap: Arc::new(ListenerCap::new(listener.config.max_sessions)),
                 dtls,
                 batch: listener.config.datagram_batch,
+                offload: listener.config.udp_offload,
             };
             // Each loop has one socket per listener; sockets passed by an upgrade from a
             // process with more loops are spread over ours (a peer still meets one socket).

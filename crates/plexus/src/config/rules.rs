@@ -170,5 +170,10 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         "datagram_batch",
         "only udp and dtls listeners batch datagrams",
     );
+    rule(
+        !datagram && !listener.udp_offload,
+        "udp_offload",
+        "only udp and dtls listeners use the UDP offloads (GSO/GRO)",
+    );
     found
 }
