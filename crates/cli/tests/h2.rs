@@ -768,6 +768,80 @@ fn graceful_drain_sends_goaway_and_the_stream_in_flight_finishes() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Reads until GOAWAY (acknowledging SETTINGS): its (last stream, code); `None` if the
+/// connection ended without one.
+fn read_goaway(client: &mut Raw) -> Option<(u32, ErrorCode)> {
+    loop {
+        let (h, payload) = client.frame()?;
+        match h.kind {
+            kind::SETTINGS if h.flags & flag::ACK == 0 => {
+                let mut ack = Vec::new();
+                frame::write_settings_ack(&mut ack);
+                client.send(&ack);
+            }
+            kind::GOAWAY => {
+                let last = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
+                let code = u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?);
+                return Some((last, ErrorCode(code)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SIGTERM reaches idle HTTP/2 connections when the drain starts (`on_server_drain`): an idle
+/// connection reads GOAWAY (NO_ERROR, its last stream) and then the close — before, it saw
+/// only the FIN of the drain's idle close —, and a connection whose response is blocked on a
+/// closed window gets GOAWAY too, then its whole body once it reopens the window.
+#[test]
+fn a_drain_sends_goaway_to_idle_connections_and_lets_the_blocked_stream_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let mut server = Server::start(&config(&root).replace(
+        "idle_timeout = \"30s\"",
+        "idle_timeout = \"30s\"\nshutdown_grace = \"60s\"",
+    ));
+    let addr = server.addr("h2c");
+    let mut idle = Raw::connect(addr, &[]);
+    assert_served(&mut idle, 1, "the start");
+    let mut busy = Raw::connect(addr, &[(setting::INITIAL_WINDOW_SIZE, 16_384)]);
+    busy.get(1, "/big.bin");
+    let mut body = Vec::new();
+    while body.len() < 16_384 {
+        let (h, payload) = busy.frame().expect("the first DATA");
+        if h.kind == kind::SETTINGS && h.flags & flag::ACK == 0 {
+            let mut ack = Vec::new();
+            frame::write_settings_ack(&mut ack);
+            busy.send(&ack);
+        }
+        if h.kind == kind::DATA && h.stream == 1 {
+            body.extend_from_slice(&payload);
+        }
+    }
+    server.signal("TERM");
+    assert_eq!(read_goaway(&mut idle), Some((1, ErrorCode::NO_ERROR)));
+    assert!(idle.closed(), "the idle connection closes after its GOAWAY");
+    // The blocked stream: GOAWAY while nothing of it moves, then the rest as windows open.
+    assert_eq!(read_goaway(&mut busy), Some((1, ErrorCode::NO_ERROR)));
+    let mut update = Vec::new();
+    frame::write_window_update(&mut update, 0, 16_384);
+    frame::write_window_update(&mut update, 1, 16_384);
+    busy.send(&update);
+    let rest = busy.answer(1).expect("the stream in flight finishes");
+    body.extend_from_slice(&rest.body);
+    assert!(
+        body == big(),
+        "the body in flight differs ({} bytes)",
+        body.len()
+    );
+    assert!(
+        busy.closed(),
+        "the connection closes once its stream is done"
+    );
+    let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
 /// The RST_STREAM code of a frame's payload.
 fn rst_code(payload: &[u8]) -> ErrorCode {
     ErrorCode(u32::from_be_bytes(payload[..4].try_into().unwrap()))

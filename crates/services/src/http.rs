@@ -393,6 +393,17 @@ impl SessionHandler for HttpConnection {
             HttpConnection::H2(h2) => h2.on_drain(session),
         }
     }
+
+    /// A graceful drain began: HTTP/2 sends GOAWAY; HTTP/1.1 closes between requests (see
+    /// [`HttpSession::on_server_drain`]); a connection that has sent nothing yet closes.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        match self {
+            HttpConnection::Sniffing { seen, .. } if seen.is_empty() => session.close(),
+            HttpConnection::Sniffing { .. } => {}
+            HttpConnection::H1(h1) => h1.on_server_drain(session),
+            HttpConnection::H2(h2) => h2.on_server_drain(session),
+        }
+    }
 }
 
 /// A request as the response core sees it, whichever protocol carried it.
@@ -811,6 +822,8 @@ struct HttpSession {
     done: bool,
     /// The request being answered is HTTP/1.0: keeping the connection open must be said.
     http10: bool,
+    /// The server is draining: the response in progress says `Connection: close`.
+    draining: bool,
 }
 
 impl HttpSession {
@@ -822,6 +835,7 @@ impl HttpSession {
             header_timer_armed: false,
             done: false,
             http10: false,
+            draining: false,
         }
     }
 
@@ -934,7 +948,7 @@ impl HttpSession {
             headers: &head.headers,
         };
         let response = self.shared.respond(session, &request);
-        let keep_alive = head.keep_alive && !response.close;
+        let keep_alive = head.keep_alive && !response.close && !self.draining;
         let open = self.write(session, response, keep_alive);
         self.shared.stats.latency(started.elapsed());
         keep_alive && open
@@ -1038,6 +1052,24 @@ impl SessionHandler for HttpSession {
 
     fn on_drain(&mut self, session: &mut Session<'_>) {
         self.process(session);
+    }
+
+    /// A graceful drain began. Between requests (nothing of a next one received) the
+    /// connection closes now, after the response still queued, if any, is written — what a
+    /// `Connection: close` on the last response would have done, without waiting for the
+    /// drain's idle close. With a request in progress (its head or body arriving, or
+    /// pipelined requests waiting for the peer to read), that request is answered with
+    /// `Connection: close` and nothing after it is parsed.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        self.draining = true;
+        if !self.done && self.current.is_none() && self.decoder.is_idle() {
+            self.done = true;
+            if self.header_timer_armed {
+                session.cancel_timer();
+                self.header_timer_armed = false;
+            }
+            session.close();
+        }
     }
 }
 

@@ -11,8 +11,10 @@
 //! and only while the session's outbound queue is under its high watermark — the rest waits
 //! for the peer's WINDOW_UPDATE (the next `on_data`) or for the queue to drain (`on_drain`).
 //!
-//! On a graceful drain (SIGTERM, an upgrade) the next callback sends GOAWAY: streams already
-//! opened finish, new ones are refused, and the session closes once the last one ended. A
+//! On a graceful drain (SIGTERM, an upgrade) GOAWAY goes out when the drain begins
+//! (`SessionHandler::on_server_drain`, so idle connections get it too), or on the first
+//! callback during the `drain_delay` lameduck before it: streams already opened finish, new
+//! ones are refused, and the session closes once the last one ended. A
 //! connection error (a protocol violation, a flood past its budget) sends GOAWAY with its
 //! code, is counted by reason in `/metrics` and logged at most once a second, and closes the
 //! session.
@@ -216,6 +218,22 @@ impl H2Session {
         self.run(session);
     }
 
+    /// The server began a graceful drain: GOAWAY (NO_ERROR, the last stream the peer opened)
+    /// goes out now, also on an idle connection; streams in flight finish, new ones are
+    /// refused, and the session closes once the last one ended — at once when none is open.
+    pub(super) fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        self.goaway();
+        self.run(session);
+    }
+
+    /// Starts the graceful GOAWAY (once).
+    fn goaway(&mut self) {
+        if !self.draining && !self.failed {
+            self.draining = true;
+            self.conn.goaway(true);
+        }
+    }
+
     /// The stall timer: bodies that could send nothing for `h2_stall_timeout` are reset.
     pub(super) fn on_timer(&mut self, session: &mut Session<'_>) {
         self.timer_armed = false;
@@ -246,9 +264,9 @@ impl H2Session {
         if self.failed {
             return;
         }
-        if !self.draining && session.server_draining() {
-            self.draining = true;
-            self.conn.goaway(true);
+        if session.server_draining() {
+            // Also covers the `drain_delay` lameduck, before `on_server_drain`.
+            self.goaway();
         }
         while let Some(event) = self.conn.poll_event() {
             match event {
@@ -600,6 +618,119 @@ mod tests {
         h.receive(b"OST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
         let sent = String::from_utf8(h.take_sent()).unwrap();
         assert!(sent.starts_with("HTTP/1.1 405"), "{sent}");
+    }
+
+    /// GOAWAY (type, last stream, code) frames in `sent`.
+    fn goaways(sent: &[(u8, u32, Vec<u8>)]) -> Vec<(u32, u32)> {
+        sent.iter()
+            .filter(|f| f.0 == kind::GOAWAY)
+            .map(|f| {
+                let last = u32::from_be_bytes(f.2[..4].try_into().unwrap());
+                let code = u32::from_be_bytes(f.2[4..8].try_into().unwrap());
+                (last, code)
+            })
+            .collect()
+    }
+
+    /// A drain reaching an idle HTTP/2 connection: GOAWAY(last stream 1, NO_ERROR) at once,
+    /// and the session closes (nothing is in flight).
+    #[test]
+    fn an_idle_connection_gets_goaway_when_the_drain_starts_and_closes() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(service as _).open();
+        h.receive(&request("/healthz"));
+        let _ = h.take_sent();
+        assert!(h.closed().is_none());
+        h.start_server_drain();
+        let sent = frames(&h.take_sent());
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(h.closed().is_some(), "closed once GOAWAY is written");
+    }
+
+    /// A drain while a body is still going out: GOAWAY now, the body finishes as the window
+    /// opens, a new stream is refused, then the session closes.
+    #[test]
+    fn a_drain_lets_the_stream_in_flight_finish_and_refuses_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("big.bin"), &body).unwrap();
+        let config = HttpConfig {
+            root: Some(dir.path().to_owned()),
+            ..HttpConfig::default()
+        };
+        let service = Arc::new(Http::new(&config));
+        let mut h = Harness::builder_shared(service as _).open();
+        h.receive(&request("/big.bin"));
+        let mut got: Vec<u8> = Vec::new();
+        let data = |sent: &[(u8, u32, Vec<u8>)]| -> Vec<u8> {
+            sent.iter()
+                .filter(|f| f.0 == kind::DATA && f.1 == 1)
+                .flat_map(|f| f.2.clone())
+                .collect()
+        };
+        got.extend(data(&frames(&h.take_sent())));
+        assert_eq!(got.len(), 65_535, "the first window's worth");
+        h.start_server_drain();
+        let sent = frames(&h.take_sent());
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(h.closed().is_none(), "stream 1 is still in flight");
+        // A new stream is refused.
+        let mut block = Vec::new();
+        hpack::Encoder::new().encode(
+            [
+                (&b":method"[..], &b"GET"[..]),
+                (b":scheme", b"http"),
+                (b":path", b"/healthz"),
+            ],
+            &mut block,
+        );
+        let mut more = Vec::new();
+        frame::write_headers(&mut more, 3, &block, true, 16_384);
+        h.receive(&more);
+        let sent = frames(&h.take_sent());
+        assert!(
+            sent.iter().any(|f| f.0 == kind::RST_STREAM && f.1 == 3),
+            "{sent:?}"
+        );
+        while h.closed().is_none() {
+            let mut update = Vec::new();
+            frame::write_window_update(&mut update, 0, 65_535);
+            frame::write_window_update(&mut update, 1, 65_535);
+            h.receive(&update);
+            let sent = frames(&h.take_sent());
+            assert!(!sent.iter().any(|f| f.1 == 3 && f.0 != kind::RST_STREAM));
+            got.extend(data(&sent));
+        }
+        assert!(
+            got == body,
+            "the body in flight differs ({} bytes)",
+            got.len()
+        );
+    }
+
+    /// HTTP/1.1 at a drain: a keep-alive connection between requests closes at once; one
+    /// whose next request head is arriving gets it answered with `Connection: close`.
+    #[test]
+    fn http11_closes_between_requests_and_answers_the_one_in_progress_with_close() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut idle = Harness::builder_shared(Arc::clone(&service) as _).open();
+        idle.receive(get);
+        let sent = String::from_utf8(idle.take_sent()).unwrap();
+        assert!(!sent.contains("Connection: close"), "{sent}");
+        idle.start_server_drain();
+        assert!(idle.take_sent().is_empty());
+        assert!(idle.closed().is_some());
+
+        let mut busy = Harness::builder_shared(service as _).open();
+        busy.receive(b"GET /healthz HTTP/1.1\r\nHo");
+        busy.start_server_drain();
+        assert!(busy.closed().is_none(), "a head in progress is answered");
+        busy.receive(b"st: x\r\n\r\n");
+        let sent = String::from_utf8(busy.take_sent()).unwrap();
+        assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+        assert!(sent.contains("Connection: close"), "{sent}");
+        assert!(busy.closed().is_some());
     }
 
     /// Garbage after the preface is a connection error: GOAWAY, then the session closes.
