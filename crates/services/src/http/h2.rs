@@ -6,10 +6,14 @@
 //! [`Session::now`], turning each request into the protocol-neutral [`Request`] that
 //! [`Shared::respond`] answers (the same core as HTTP/1.1: files, HEAD, ETag/304, Range,
 //! `/healthz`, `/metrics`, the status page, the limits), and writing the [`Response`] back as
-//! HEADERS and DATA. Bodies leave as the windows allow: a file is read in chunks no larger
-//! than what the stream and connection windows accept (and at most [`CHUNK`]), never whole,
-//! and only while the session's outbound queue is under its high watermark — the rest waits
-//! for the peer's WINDOW_UPDATE (the next `on_data`) or for the queue to drain (`on_drain`).
+//! HEADERS and DATA. Bodies leave as the windows allow, never whole, and only while the
+//! session's outbound queue is under its high watermark — the rest waits for the peer's
+//! WINDOW_UPDATE (the next `on_data`) or for the queue to drain (`on_drain`). On plain TCP
+//! (h2c) a file goes out without a copy: each DATA frame is its 9-byte header, then the file
+//! region queued with [`Session::send_file`] (the loop writes it with `sendfile`, as for
+//! HTTP/1.1), a frame no larger than the windows and the peer's max frame size allow. On TLS
+//! the file is read in chunks no larger than the windows accept (and at most [`CHUNK`]),
+//! since its bytes must pass through rustls anyway.
 //!
 //! On a graceful drain (SIGTERM, an upgrade) GOAWAY goes out when the drain begins
 //! (`SessionHandler::on_server_drain`, so idle connections get it too), or on the first
@@ -42,6 +46,10 @@ pub(super) const PREFACE: &[u8] = plexus_proto::h2::frame::PREFACE;
 /// The most file bytes read for one stream at a time (the windows may allow less).
 pub(super) const CHUNK: usize = 64 * 1024;
 
+/// Output up to this size is copied into the session's queue rather than moved (a copy of a
+/// few frames is cheaper than an allocation per write).
+const SMALL_OUTPUT: usize = 4096;
+
 /// Why connections ended with an error, as `/metrics` labels them.
 const ERROR_REASONS: [&str; 9] = [
     "rapid_reset",
@@ -63,6 +71,9 @@ pub(super) struct H2Shared {
     connections: AtomicU64,
     streams: AtomicU64,
     stalled: AtomicU64,
+    /// File body bytes queued as file regions (sendfile) and read into memory.
+    file_bytes_sendfile: AtomicU64,
+    file_bytes_read: AtomicU64,
     errors: [AtomicU64; ERROR_REASONS.len()],
     log: Mutex<LogThrottle>,
 }
@@ -84,6 +95,8 @@ impl H2Shared {
             connections: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
+            file_bytes_sendfile: AtomicU64::new(0),
+            file_bytes_read: AtomicU64::new(0),
             errors: Default::default(),
             log: Mutex::new(LogThrottle::new()),
         }
@@ -139,6 +152,25 @@ impl H2Shared {
         );
         family(
             out,
+            "http2_file_bytes_total",
+            "counter",
+            "HTTP/2 response body bytes from files, by how they left: sendfile (plain TCP: \
+             DATA frame headers, then the file regions the loop writes with sendfile) or read \
+             (TLS: read into memory in window-sized chunks).",
+        );
+        for (via, count) in [
+            ("sendfile", &self.file_bytes_sendfile),
+            ("read", &self.file_bytes_read),
+        ] {
+            sample(
+                out,
+                "http2_file_bytes_total",
+                &[("via", via)],
+                count.load(Relaxed),
+            );
+        }
+        family(
+            out,
             "http2_connection_errors_total",
             "counter",
             "HTTP/2 connections closed with an error GOAWAY, by reason (floods past their \
@@ -163,8 +195,15 @@ struct Sending {
 }
 
 enum Pending {
-    Memory { bytes: Bytes, sent: usize },
-    File { file: File, offset: u64, left: u64 },
+    Memory {
+        bytes: Bytes,
+        sent: usize,
+    },
+    File {
+        file: Arc<File>,
+        offset: u64,
+        left: u64,
+    },
 }
 
 /// One HTTP/2 connection.
@@ -173,8 +212,13 @@ pub(super) struct H2Session {
     conn: ServerConnection,
     /// Bodies being sent, in the order their responses started (served round-robin).
     sending: Vec<Sending>,
-    /// The buffer files are read into, one chunk at a time (allocated on first use).
+    /// The buffer files are read into, one chunk at a time (allocated on first use; TLS).
     chunk: Vec<u8>,
+    /// The frames handed to the session when they are few: the codec's output buffer and
+    /// this one swap, so small writes allocate nothing.
+    scratch: Vec<u8>,
+    /// File bodies leave as file regions (sendfile): the session is plain TCP.
+    sendfile: bool,
     /// GOAWAY was sent for a graceful drain.
     draining: bool,
     /// The connection failed (counted and logged once); nothing more is done.
@@ -194,6 +238,8 @@ impl H2Session {
             shared,
             sending: Vec::new(),
             chunk: Vec::new(),
+            scratch: Vec::new(),
+            sendfile: !session.is_tls(),
             draining: false,
             failed: false,
             last_progress: session.now(),
@@ -382,7 +428,7 @@ impl H2Session {
         let body = match response.body {
             Body::Memory(bytes) => Pending::Memory { bytes, sent: 0 },
             Body::File { file, start, count } => Pending::File {
-                file,
+                file: Arc::new(file),
                 offset: start,
                 left: count,
             },
@@ -431,7 +477,7 @@ impl H2Session {
     }
 
     /// Sends what the windows allow of body `index`: (whether bytes moved, whether done).
-    fn send_some(&mut self, session: &Session<'_>, index: usize) -> (bool, bool) {
+    fn send_some(&mut self, session: &mut Session<'_>, index: usize) -> (bool, bool) {
         let Some(sending) = self.sending.get_mut(index) else {
             return (false, true);
         };
@@ -446,6 +492,24 @@ impl H2Session {
                     }
                     Err(_) => (false, true),
                 }
+            }
+            Pending::File { file, offset, left } if self.sendfile => {
+                let n = match self.conn.send_data_header(stream, *left, true) {
+                    Ok(0) => return (false, false),
+                    Ok(n) => n,
+                    Err(_) => return (false, true),
+                };
+                // The frame header (and whatever the codec queued before it), then its
+                // payload as a file region: nothing of this connection may come between.
+                Self::transmit_into(&mut self.conn, &mut self.scratch, session);
+                session.send_file(Arc::clone(file), *offset, n as u64);
+                self.shared
+                    .h2
+                    .file_bytes_sendfile
+                    .fetch_add(n as u64, Relaxed);
+                *offset += n as u64;
+                *left -= n as u64;
+                (true, *left == 0)
             }
             Pending::File { file, offset, left } => {
                 let room = self.conn.send_capacity(stream).min(CHUNK);
@@ -468,6 +532,10 @@ impl H2Session {
                 let last = n as u64 == *left;
                 match self.conn.send_data(stream, buf, last) {
                     Ok(sent) => {
+                        self.shared
+                            .h2
+                            .file_bytes_read
+                            .fetch_add(sent as u64, Relaxed);
                         *offset += sent as u64;
                         *left -= sent as u64;
                         (sent > 0, *left == 0)
@@ -478,10 +546,28 @@ impl H2Session {
         }
     }
 
-    /// Hands the codec's queued frames to the session (no copy: the buffer moves).
+    /// Hands the codec's queued frames to the session.
     fn transmit(&mut self, session: &mut Session<'_>) {
+        Self::transmit_into(&mut self.conn, &mut self.scratch, session);
+    }
+
+    /// [`H2Session::transmit`], for callers holding a borrow of another field: a few frames
+    /// are copied into the session's staging buffer (the codec's buffer and `scratch` swap,
+    /// nothing is allocated); many move to the session without a copy.
+    fn transmit_into(
+        conn: &mut ServerConnection,
+        scratch: &mut Vec<u8>,
+        session: &mut Session<'_>,
+    ) {
+        if conn.pending_output() <= SMALL_OUTPUT {
+            scratch.clear();
+            if conn.poll_transmit(scratch) {
+                session.send(scratch);
+            }
+            return;
+        }
         let mut out = Vec::new();
-        if self.conn.poll_transmit(&mut out) {
+        if conn.poll_transmit(&mut out) {
             session.send_bytes(Bytes::from(out));
         }
     }
@@ -706,6 +792,56 @@ mod tests {
             "the body in flight differs ({} bytes)",
             got.len()
         );
+    }
+
+    /// A file over h2c leaves as DATA frame headers and file regions (sendfile), within the
+    /// windows and the 16 KiB frame size, byte-exact; over TLS it is read in chunks.
+    #[test]
+    fn file_bodies_use_sendfile_on_plain_tcp_and_reads_on_tls() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(dir.path().join("big.bin"), &body).unwrap();
+        let config = HttpConfig {
+            root: Some(dir.path().to_owned()),
+            ..HttpConfig::default()
+        };
+        for tls in [false, true] {
+            let service = Arc::new(Http::new(&config));
+            let mut builder = Harness::builder_shared(Arc::clone(&service) as _);
+            if tls {
+                builder = builder.alpn(b"h2");
+            }
+            let mut h = builder.open();
+            h.receive(&request("/big.bin"));
+            let mut got = Vec::new();
+            while got.len() < body.len() {
+                let sent = frames(&h.take_sent());
+                let mut update = Vec::new();
+                for (kind_, stream, payload) in &sent {
+                    if *kind_ == kind::DATA && *stream == 1 {
+                        assert!(payload.len() <= 16_384);
+                        got.extend_from_slice(payload);
+                        let n = payload.len() as u32;
+                        frame::write_window_update(&mut update, 0, n);
+                        frame::write_window_update(&mut update, 1, n);
+                    }
+                }
+                assert!(!update.is_empty(), "stuck at {} bytes", got.len());
+                h.receive(&update);
+            }
+            assert!(got == body, "tls={tls}: {} bytes differ", got.len());
+            let h2 = &service.shared.h2;
+            let (sendfile, read) = (
+                h2.file_bytes_sendfile.load(Relaxed),
+                h2.file_bytes_read.load(Relaxed),
+            );
+            if tls {
+                assert_eq!((sendfile, read), (0, body.len() as u64));
+            } else {
+                assert_eq!((sendfile, read), (body.len() as u64, 0));
+            }
+        }
     }
 
     /// HTTP/1.1 at a drain: a keep-alive connection between requests closes at once; one
