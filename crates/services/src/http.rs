@@ -315,6 +315,7 @@ impl Service for Http {
             _ => Box::new(HttpConnection::Sniffing {
                 shared,
                 seen: Vec::new(),
+                draining: false,
             }),
         }
     }
@@ -330,6 +331,8 @@ enum HttpConnection {
     Sniffing {
         shared: Arc<Shared>,
         seen: Vec<u8>,
+        /// The server's drain began meanwhile: the protocol chosen says goodbye too.
+        draining: bool,
     },
     H1(HttpSession),
     H2(Box<h2::H2Session>),
@@ -337,7 +340,12 @@ enum HttpConnection {
 
 impl SessionHandler for HttpConnection {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
-        if let HttpConnection::Sniffing { shared, seen } = self {
+        if let HttpConnection::Sniffing {
+            shared,
+            seen,
+            draining,
+        } = self
+        {
             let preface = h2::PREFACE;
             let offered = seen.len() + data.len();
             let matches = {
@@ -354,16 +362,26 @@ impl SessionHandler for HttpConnection {
             }
             let seen = std::mem::take(seen);
             let shared = Arc::clone(shared);
+            let draining = *draining;
             if !seen.is_empty() {
                 session.cancel_timer();
             }
             *self = if matches {
                 HttpConnection::H2(Box::new(h2::H2Session::new(shared, session)))
             } else {
-                HttpConnection::H1(HttpSession::new(shared))
+                let mut h1 = HttpSession::new(shared);
+                // Its first response says `Connection: close`.
+                h1.draining = draining;
+                HttpConnection::H1(h1)
             };
             if !seen.is_empty() {
                 self.on_data(session, &seen);
+            }
+            if let (true, HttpConnection::H2(h2)) = (draining, &mut *self) {
+                // After its first streams are in: they are served, later ones refused.
+                h2.on_data(session, data);
+                h2.on_server_drain(session);
+                return;
             }
         }
         match self {
@@ -395,11 +413,12 @@ impl SessionHandler for HttpConnection {
     }
 
     /// A graceful drain began: HTTP/2 sends GOAWAY; HTTP/1.1 closes between requests (see
-    /// [`HttpSession::on_server_drain`]); a connection that has sent nothing yet closes.
+    /// [`HttpSession::on_server_drain`]). A connection that has sent nothing yet is left to the
+    /// drain's idle close: its first request may be on the way, and clients retry a request
+    /// lost to a closing keep-alive connection, not one lost on a fresh connection.
     fn on_server_drain(&mut self, session: &mut Session<'_>) {
         match self {
-            HttpConnection::Sniffing { seen, .. } if seen.is_empty() => session.close(),
-            HttpConnection::Sniffing { .. } => {}
+            HttpConnection::Sniffing { draining, .. } => *draining = true,
             HttpConnection::H1(h1) => h1.on_server_drain(session),
             HttpConnection::H2(h2) => h2.on_server_drain(session),
         }
@@ -824,6 +843,8 @@ struct HttpSession {
     http10: bool,
     /// The server is draining: the response in progress says `Connection: close`.
     draining: bool,
+    /// A response was written: the connection is a keep-alive one between requests when idle.
+    answered: bool,
 }
 
 impl HttpSession {
@@ -836,6 +857,7 @@ impl HttpSession {
             done: false,
             http10: false,
             draining: false,
+            answered: false,
         }
     }
 
@@ -949,6 +971,7 @@ impl HttpSession {
         };
         let response = self.shared.respond(session, &request);
         let keep_alive = head.keep_alive && !response.close && !self.draining;
+        self.answered = true;
         let open = self.write(session, response, keep_alive);
         self.shared.stats.latency(started.elapsed());
         keep_alive && open
@@ -1054,15 +1077,16 @@ impl SessionHandler for HttpSession {
         self.process(session);
     }
 
-    /// A graceful drain began. Between requests (nothing of a next one received) the
-    /// connection closes now, after the response still queued, if any, is written — what a
-    /// `Connection: close` on the last response would have done, without waiting for the
-    /// drain's idle close. With a request in progress (its head or body arriving, or
-    /// pipelined requests waiting for the peer to read), that request is answered with
-    /// `Connection: close` and nothing after it is parsed.
+    /// A graceful drain began. A keep-alive connection between requests (one answered,
+    /// nothing of the next received) closes now, after the response still queued, if any, is
+    /// written — what a `Connection: close` on the last response would have done, without
+    /// waiting for the drain's idle close (a client whose next request crosses the close
+    /// retries it, as with any keep-alive close). With a request in progress (its head or
+    /// body arriving, or pipelined requests waiting for the peer to read), or none yet, the
+    /// next response says `Connection: close` and nothing after it is parsed.
     fn on_server_drain(&mut self, session: &mut Session<'_>) {
         self.draining = true;
-        if !self.done && self.current.is_none() && self.decoder.is_idle() {
+        if self.answered && !self.done && self.current.is_none() && self.decoder.is_idle() {
             self.done = true;
             if self.header_timer_armed {
                 session.cancel_timer();

@@ -731,6 +731,20 @@ mod tests {
         let sent = frames(&h.take_sent());
         assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
         assert!(h.closed().is_some(), "closed once GOAWAY is written");
+
+        // A connection whose preface arrives after the drain began: its first request is
+        // served, GOAWAY names it, and the session closes.
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut fresh = Harness::builder_shared(service as _).open();
+        fresh.start_server_drain();
+        assert!(fresh.closed().is_none());
+        fresh.receive(&request("/healthz"));
+        let sent = frames(&fresh.take_sent());
+        assert!(sent
+            .iter()
+            .any(|f| f.0 == kind::DATA && f.1 == 1 && f.2 == b"ok"));
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(fresh.closed().is_some());
     }
 
     /// A drain while a body is still going out: GOAWAY now, the body finishes as the window
@@ -844,8 +858,9 @@ mod tests {
         }
     }
 
-    /// HTTP/1.1 at a drain: a keep-alive connection between requests closes at once; one
-    /// whose next request head is arriving gets it answered with `Connection: close`.
+    /// HTTP/1.1 at a drain: a keep-alive connection between requests closes at once; a fresh
+    /// one, or one whose next request head is arriving, gets its request answered with
+    /// `Connection: close`.
     #[test]
     fn http11_closes_between_requests_and_answers_the_one_in_progress_with_close() {
         let service = Arc::new(Http::new(&HttpConfig::default()));
@@ -857,6 +872,16 @@ mod tests {
         idle.start_server_drain();
         assert!(idle.take_sent().is_empty());
         assert!(idle.closed().is_some());
+
+        // Nothing received yet: the first request may be on the way; the drain's idle close
+        // ends it if not.
+        let mut fresh = Harness::builder_shared(Arc::clone(&service) as _).open();
+        fresh.start_server_drain();
+        assert!(fresh.closed().is_none() && !fresh.is_closing());
+        fresh.receive(get);
+        let sent = String::from_utf8(fresh.take_sent()).unwrap();
+        assert!(sent.contains("Connection: close"), "{sent}");
+        assert!(fresh.closed().is_some());
 
         let mut busy = Harness::builder_shared(service as _).open();
         busy.receive(b"GET /healthz HTTP/1.1\r\nHo");
