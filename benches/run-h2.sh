@@ -139,7 +139,7 @@ EOF
 
 wait_port() {
     for _ in $(seq 100); do
-        if curl -s --http2-prior-knowledge -o /dev/null "http://127.0.0.1:$1/small.bin"; then return 0; fi
+        if curl -s --max-time 2 --http2-prior-knowledge -o /dev/null "http://127.0.0.1:$1/small.bin"; then return 0; fi
         sleep 0.1
     done
     echo "error: nothing answers h2c on port $1; the server said:" >&2
@@ -166,12 +166,27 @@ stop_server() {
 # utime + stime of the server process (every thread), in clock ticks.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"; }
 
-# Prints "<requests/s> <MB/s of body> <server CPU µs/request>" for one h2load run.
+# Prints "<requests/s> <MB/s of body> <server CPU µs/request>" for one h2load run. h2load's
+# timing mode waits for every connection to finish: a run that outlives DURATION + 20 s (a
+# connection stuck under a loaded machine) is killed and retried, at most 3 attempts.
 run_h2load() {
-    local url=$1 conns=$2 streams=$3 bytes=$4 out before after
-    taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -D 1 "$url" >/dev/null 2>&1 || true
+    local attempt
+    for attempt in 1 2 3; do
+        if run_h2load_once "$@"; then return 0; fi
+        echo "warning: $1: attempt $attempt failed or timed out (see $RAW)" >&2
+    done
+    echo "error: $1: 3 attempts failed" >&2
+    exit 1
+}
+
+run_h2load_once() {
+    local url=$1 conns=$2 streams=$3 bytes=$4 out before after limit=$((DURATION + 20))
+    timeout 30 taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -D 1 "$url" >/dev/null 2>&1 || true
     before=$(cpu_ticks)
-    out=$(taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -D "$DURATION" "$url" 2>&1)
+    out=$(timeout "$limit" taskset -c 1 h2load -t 1 -c "$conns" -m "$streams" -D "$DURATION" "$url" 2>&1) || {
+        { echo "== $url (-c $conns -m $streams): h2load failed or was killed after ${limit}s"; echo "$out"; } >> "$RAW"
+        return 1
+    }
     after=$(cpu_ticks)
     { echo "== $url (-c $conns -m $streams)"; echo "$out"; } >> "$RAW"
     local line ok failed errored rps
@@ -181,8 +196,8 @@ run_h2load() {
     errored=$(awk '{ for (i = 1; i <= NF; i++) if ($(i+1) ~ /^errored/) print $i }' <<<"$line")
     rps=$(awk '/^finished in/ { gsub(",", "", $4); print $4 }' <<<"$out")
     if [[ -z $ok || $ok -eq 0 || $failed -ne 0 || $errored -ne 0 ]] || ! grep -qE '^status codes: [0-9]+ 2xx, 0 3xx, 0 4xx, 0 5xx' <<<"$out"; then
-        echo "error: $url: $line (see $RAW)" >&2
-        exit 1
+        echo "$url: $line" >&2
+        return 1
     fi
     awk -v rps="$rps" -v bytes="$bytes" -v ticks=$((after - before)) -v tck="$CLK_TCK" -v n="$ok" \
         'BEGIN { printf "%.0f %.1f %.1f\n", rps, rps * bytes / 1e6, ticks * 1e6 / tck / n }'
