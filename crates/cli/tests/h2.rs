@@ -274,6 +274,120 @@ fn nghttp_with_a_slow_window_and_h2load_are_served() {
     assert!(text.contains("40 succeeded, 0 failed, 0 errored"), "{text}");
 }
 
+/// The 4 MiB file over h2c goes out with sendfile: byte-exact to curl, nghttp, nghttp with
+/// 16 KiB windows it reopens as it reads, and a hand-written client that opens its window
+/// 4 KiB at a time; `plexus_http2_file_bytes_total{via="sendfile"}` counts every one of those
+/// bytes (and `via="read"` none), while over TLS the same file is read in chunks.
+#[test]
+fn big_files_over_h2c_use_sendfile_byte_exact_also_through_slow_windows() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let server = Server::start(&config(&root));
+    let addr = server.addr("h2c");
+    let sendfile = |server: &Server| {
+        metric(
+            server.addr("h2c"),
+            "plexus_http2_file_bytes_total{via=\"sendfile\"}",
+        )
+    };
+    let read = |server: &Server| {
+        metric(
+            server.addr("h2c"),
+            "plexus_http2_file_bytes_total{via=\"read\"}",
+        )
+    };
+    assert_eq!((sendfile(&server), read(&server)), (0, 0));
+    let mut expected = 0;
+    let base = format!("http://{addr}");
+    if have("curl") {
+        let (ok, out, err) = run(&format!(
+            "curl -sS --max-time 60 --http2-prior-knowledge {base}/big.bin"
+        ));
+        assert!(ok, "{err}");
+        assert!(
+            out == big(),
+            "curl: 4 MiB body differs ({} bytes)",
+            out.len()
+        );
+        expected += 4 * MIB;
+    }
+    if have("nghttp") {
+        for flags in ["", "-w 14 -W 14"] {
+            let (ok, out, err) = run(&format!("nghttp {flags} {base}/big.bin"));
+            assert!(ok, "{err}");
+            assert!(
+                out == big(),
+                "nghttp {flags}: body differs ({} bytes)",
+                out.len()
+            );
+            expected += 4 * MIB;
+        }
+    }
+    // A window of 4 KiB, reopened 4 KiB at a time once each 4 KiB arrived.
+    let mut slow = Raw::connect(
+        addr,
+        &[
+            (setting::INITIAL_WINDOW_SIZE, 4096),
+            (setting::MAX_FRAME_SIZE, 16_384),
+        ],
+    );
+    slow.get(1, "/big.bin");
+    let mut body = Vec::new();
+    let mut unacked = 0usize;
+    let mut ended = false;
+    while !ended {
+        let (h, payload) = slow.frame().expect("the slow stream");
+        match h.kind {
+            kind::SETTINGS if h.flags & flag::ACK == 0 => {
+                let mut ack = Vec::new();
+                frame::write_settings_ack(&mut ack);
+                slow.send(&ack);
+            }
+            kind::DATA if h.stream == 1 => {
+                assert!(payload.len() <= 4096, "a frame past the window");
+                body.extend_from_slice(&payload);
+                ended = h.flags & flag::END_STREAM != 0;
+                unacked += payload.len();
+                if unacked >= 4096 && !ended {
+                    let mut update = Vec::new();
+                    frame::write_window_update(&mut update, 0, unacked as u32);
+                    frame::write_window_update(&mut update, 1, unacked as u32);
+                    slow.send(&update);
+                    unacked = 0;
+                }
+            }
+            kind::GOAWAY | kind::RST_STREAM => panic!("the slow stream was ended"),
+            _ => {}
+        }
+    }
+    assert!(
+        body == big(),
+        "slow window: body differs ({} bytes)",
+        body.len()
+    );
+    expected += 4 * MIB;
+    assert_eq!(
+        sendfile(&server),
+        expected,
+        "every h2c file byte went by sendfile"
+    );
+    assert_eq!(read(&server), 0);
+    if have("curl") {
+        let (ok, out, err) = run(&format!(
+            "curl -sS --max-time 60 --http2 -k https://{}/big.bin",
+            server.addr("h2")
+        ));
+        assert!(ok, "{err}");
+        assert!(
+            out == big(),
+            "h2 over TLS: body differs ({} bytes)",
+            out.len()
+        );
+        assert_eq!(read(&server), 4 * MIB, "TLS reads the file");
+        assert_eq!(sendfile(&server), expected);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // A hand-written HTTP/2 client (raw frames), for the well-behaved and the abusive sides
 // ---------------------------------------------------------------------------------------------
@@ -763,6 +877,80 @@ fn graceful_drain_sends_goaway_and_the_stream_in_flight_finishes() {
     assert!(
         client.closed(),
         "the connection closes once its streams are done"
+    );
+    let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(status.success(), "{status:?}");
+}
+
+/// Reads until GOAWAY (acknowledging SETTINGS): its (last stream, code); `None` if the
+/// connection ended without one.
+fn read_goaway(client: &mut Raw) -> Option<(u32, ErrorCode)> {
+    loop {
+        let (h, payload) = client.frame()?;
+        match h.kind {
+            kind::SETTINGS if h.flags & flag::ACK == 0 => {
+                let mut ack = Vec::new();
+                frame::write_settings_ack(&mut ack);
+                client.send(&ack);
+            }
+            kind::GOAWAY => {
+                let last = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
+                let code = u32::from_be_bytes(payload.get(4..8)?.try_into().ok()?);
+                return Some((last, ErrorCode(code)));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// SIGTERM reaches idle HTTP/2 connections when the drain starts (`on_server_drain`): an idle
+/// connection reads GOAWAY (NO_ERROR, its last stream) and then the close — before, it saw
+/// only the FIN of the drain's idle close —, and a connection whose response is blocked on a
+/// closed window gets GOAWAY too, then its whole body once it reopens the window.
+#[test]
+fn a_drain_sends_goaway_to_idle_connections_and_lets_the_blocked_stream_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let mut server = Server::start(&config(&root).replace(
+        "idle_timeout = \"30s\"",
+        "idle_timeout = \"30s\"\nshutdown_grace = \"60s\"",
+    ));
+    let addr = server.addr("h2c");
+    let mut idle = Raw::connect(addr, &[]);
+    assert_served(&mut idle, 1, "the start");
+    let mut busy = Raw::connect(addr, &[(setting::INITIAL_WINDOW_SIZE, 16_384)]);
+    busy.get(1, "/big.bin");
+    let mut body = Vec::new();
+    while body.len() < 16_384 {
+        let (h, payload) = busy.frame().expect("the first DATA");
+        if h.kind == kind::SETTINGS && h.flags & flag::ACK == 0 {
+            let mut ack = Vec::new();
+            frame::write_settings_ack(&mut ack);
+            busy.send(&ack);
+        }
+        if h.kind == kind::DATA && h.stream == 1 {
+            body.extend_from_slice(&payload);
+        }
+    }
+    server.signal("TERM");
+    assert_eq!(read_goaway(&mut idle), Some((1, ErrorCode::NO_ERROR)));
+    assert!(idle.closed(), "the idle connection closes after its GOAWAY");
+    // The blocked stream: GOAWAY while nothing of it moves, then the rest as windows open.
+    assert_eq!(read_goaway(&mut busy), Some((1, ErrorCode::NO_ERROR)));
+    let mut update = Vec::new();
+    frame::write_window_update(&mut update, 0, 16_384);
+    frame::write_window_update(&mut update, 1, 16_384);
+    busy.send(&update);
+    let rest = busy.answer(1).expect("the stream in flight finishes");
+    body.extend_from_slice(&rest.body);
+    assert!(
+        body == big(),
+        "the body in flight differs ({} bytes)",
+        body.len()
+    );
+    assert!(
+        busy.closed(),
+        "the connection closes once its stream is done"
     );
     let status = server.wait_exit(Duration::from_secs(30)).expect("exits");
     assert!(status.success(), "{status:?}");

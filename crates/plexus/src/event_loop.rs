@@ -1495,6 +1495,22 @@ impl EventLoop {
                     kind: TimerKind::Idle,
                 },
             );
+            // The protocol's goodbye (HTTP/2 GOAWAY), also for sessions that are idle now.
+            if session.closing.is_none() {
+                let mut context = CallbackContext {
+                    now,
+                    locals: &mut self.locals,
+                    broadcasts: &mut self.broadcasts,
+                    limits: &self.limits,
+                    stats: &self.stats,
+                    metrics: self.metrics.as_deref(),
+                };
+                session.callback(&mut context, |handler, handle| {
+                    handler.on_server_drain(handle)
+                });
+                self.after_callback(key, now);
+                self.flush(key, now);
+            }
         }
         debug!(
             event_loop = self.index,

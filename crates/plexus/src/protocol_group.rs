@@ -625,6 +625,12 @@ impl SessionHandler for GroupSession {
         }
     }
 
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        if let Some(chosen) = self.chosen.as_mut() {
+            chosen.on_server_drain(session);
+        }
+    }
+
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
         if let Some(chosen) = self.chosen.as_mut() {
             chosen.on_close(info, reason);

@@ -50,6 +50,19 @@ pub trait SessionHandler: Send {
         let _ = session;
     }
 
+    /// The server began a graceful drain (SIGTERM once `drain_delay` passed, SIGINT, or the
+    /// old process of an upgrade handing over): called once on every open stream session (tcp
+    /// and tls, whose service is open) when its event loop stops taking sessions. This is the
+    /// moment to say goodbye in the protocol's own terms, also on a session that is idle and
+    /// would get no other callback: HTTP/2 sends GOAWAY (in-flight streams finish, new ones
+    /// are refused), HTTP/1.1 closes keep-alive connections between requests. A session that
+    /// does nothing here is closed once it has been idle for a second, or at
+    /// `shutdown_grace`. Sessions opened after the drain began (none are accepted) and udp or
+    /// dtls sessions (they end at the drain) are not called. The default does nothing.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        let _ = session;
+    }
+
     /// The session ended; nothing can be sent any more. The default does nothing.
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
         let _ = (info, reason);

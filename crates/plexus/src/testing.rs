@@ -34,6 +34,8 @@
 //!   order, on the calling thread; their replies are queued in that order.
 //! - [`Session::broadcast`] calls are captured ([`Harness::take_broadcasts`]);
 //!   [`Harness::deliver_broadcast`] is another member's broadcast arriving.
+//! - [`Harness::start_server_drain`] is the server beginning a graceful drain
+//!   ([`SessionHandler::on_server_drain`]).
 //! - A panic in a handler or a job closes the session with [`CloseReason::Panic`], as in the
 //!   runtime; [`Harness::closed`] says how the session ended, after `on_close` ran.
 //!
@@ -403,6 +405,18 @@ impl Harness {
         if self.closed.is_none() {
             self.close(CloseReason::Io(std::io::ErrorKind::ConnectionReset));
         }
+    }
+
+    /// The server begins a graceful drain: [`SessionHandler::on_server_drain`] is called, as
+    /// the event loop calls it on every stream session (ignored on a datagram session, or one
+    /// closing or closed). [`Session::server_draining`] stays false in the harness (it has no
+    /// server), so this tests the hook alone.
+    pub fn start_server_drain(&mut self) {
+        if self.datagram || self.closed.is_some() || self.closing.is_some() {
+            return;
+        }
+        self.callback(|handler, session| handler.on_server_drain(session));
+        self.settle();
     }
 
     /// Bytes the handler queued and the peer has not read yet (what

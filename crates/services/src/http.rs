@@ -342,6 +342,7 @@ impl Service for Http {
             _ => Box::new(HttpConnection::Sniffing {
                 shared,
                 seen: Vec::new(),
+                draining: false,
             }),
         }
     }
@@ -357,6 +358,8 @@ enum HttpConnection {
     Sniffing {
         shared: Arc<Shared>,
         seen: Vec<u8>,
+        /// The server's drain began meanwhile: the protocol chosen says goodbye too.
+        draining: bool,
     },
     H1(HttpSession),
     H2(Box<h2::H2Session>),
@@ -364,7 +367,12 @@ enum HttpConnection {
 
 impl SessionHandler for HttpConnection {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
-        if let HttpConnection::Sniffing { shared, seen } = self {
+        if let HttpConnection::Sniffing {
+            shared,
+            seen,
+            draining,
+        } = self
+        {
             let preface = h2::PREFACE;
             let offered = seen.len() + data.len();
             let matches = {
@@ -381,16 +389,26 @@ impl SessionHandler for HttpConnection {
             }
             let seen = std::mem::take(seen);
             let shared = Arc::clone(shared);
+            let draining = *draining;
             if !seen.is_empty() {
                 session.cancel_timer();
             }
             *self = if matches {
                 HttpConnection::H2(Box::new(h2::H2Session::new(shared, session)))
             } else {
-                HttpConnection::H1(HttpSession::new(shared))
+                let mut h1 = HttpSession::new(shared);
+                // Its first response says `Connection: close`.
+                h1.draining = draining;
+                HttpConnection::H1(h1)
             };
             if !seen.is_empty() {
                 self.on_data(session, &seen);
+            }
+            if let (true, HttpConnection::H2(h2)) = (draining, &mut *self) {
+                // After its first streams are in: they are served, later ones refused.
+                h2.on_data(session, data);
+                h2.on_server_drain(session);
+                return;
             }
         }
         match self {
@@ -418,6 +436,18 @@ impl SessionHandler for HttpConnection {
             HttpConnection::Sniffing { .. } => {}
             HttpConnection::H1(h1) => h1.on_drain(session),
             HttpConnection::H2(h2) => h2.on_drain(session),
+        }
+    }
+
+    /// A graceful drain began: HTTP/2 sends GOAWAY; HTTP/1.1 closes between requests (see
+    /// [`HttpSession::on_server_drain`]). A connection that has sent nothing yet is left to the
+    /// drain's idle close: its first request may be on the way, and clients retry a request
+    /// lost to a closing keep-alive connection, not one lost on a fresh connection.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        match self {
+            HttpConnection::Sniffing { draining, .. } => *draining = true,
+            HttpConnection::H1(h1) => h1.on_server_drain(session),
+            HttpConnection::H2(h2) => h2.on_server_drain(session),
         }
     }
 }
@@ -919,6 +949,10 @@ struct HttpSession {
     done: bool,
     /// The request being answered is HTTP/1.0: keeping the connection open must be said.
     http10: bool,
+    /// The server is draining: the response in progress says `Connection: close`.
+    draining: bool,
+    /// A response was written: the connection is a keep-alive one between requests when idle.
+    answered: bool,
 }
 
 impl HttpSession {
@@ -930,6 +964,8 @@ impl HttpSession {
             header_timer_armed: false,
             done: false,
             http10: false,
+            draining: false,
+            answered: false,
         }
     }
 
@@ -1048,8 +1084,9 @@ impl HttpSession {
             headers: &head.headers,
         };
         let response = self.shared.respond(session, &request);
-        let keep_alive = head.keep_alive && !response.close;
+        let keep_alive = head.keep_alive && !response.close && !self.draining;
         let sent = (response.status, response.sent_len());
+        self.answered = true;
         let open = self.write(session, response, keep_alive);
         self.shared.stats.latency(started.elapsed());
         let protocol = if self.http10 { "HTTP/1.0" } else { "HTTP/1.1" };
@@ -1156,6 +1193,25 @@ impl SessionHandler for HttpSession {
 
     fn on_drain(&mut self, session: &mut Session<'_>) {
         self.process(session);
+    }
+
+    /// A graceful drain began. A keep-alive connection between requests (one answered,
+    /// nothing of the next received) closes now, after the response still queued, if any, is
+    /// written — what a `Connection: close` on the last response would have done, without
+    /// waiting for the drain's idle close (a client whose next request crosses the close
+    /// retries it, as with any keep-alive close). With a request in progress (its head or
+    /// body arriving, or pipelined requests waiting for the peer to read), or none yet, the
+    /// next response says `Connection: close` and nothing after it is parsed.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        self.draining = true;
+        if self.answered && !self.done && self.current.is_none() && self.decoder.is_idle() {
+            self.done = true;
+            if self.header_timer_armed {
+                session.cancel_timer();
+                self.header_timer_armed = false;
+            }
+            session.close();
+        }
     }
 }
 

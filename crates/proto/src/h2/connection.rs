@@ -1223,6 +1223,62 @@ impl ServerConnection {
         Ok(n)
     }
 
+    /// Starts one DATA frame whose payload the caller sends itself (a file region that the
+    /// transport writes with `sendfile`), and returns its length: at most `len`, the stream's
+    /// and the connection's send windows (charged here) and the peer's
+    /// SETTINGS_MAX_FRAME_SIZE; 0 when a window is closed (wait for
+    /// [`Event::SendReady`]). Only the 9-byte frame header is queued: the caller must send
+    /// exactly that many payload bytes right after what the next
+    /// [`poll_transmit`](Self::poll_transmit) hands out, before any later output of this
+    /// connection. `end_stream` applies only if the frame takes all of `len`; a `len` of 0
+    /// with `end_stream` just ends the stream.
+    pub fn send_data_header(
+        &mut self,
+        stream: u32,
+        len: u64,
+        end_stream: bool,
+    ) -> Result<usize, SendError> {
+        if self.phase == Phase::Closed {
+            return Err(SendError::ConnectionClosed);
+        }
+        let max_frame = (self.peer_max_frame_size as usize).max(1);
+        let conn_window = self.conn_send_window;
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .filter(|s| !s.send_closed)
+            .ok_or(SendError::StreamClosed(stream))?;
+        if !s.headers_sent {
+            return Err(SendError::HeadersNotSent(stream));
+        }
+        let window = usize::try_from(s.send_window.min(conn_window).max(0)).unwrap_or(0);
+        let want = usize::try_from(len).unwrap_or(usize::MAX);
+        let n = want.min(window).min(max_frame);
+        let end = end_stream && n == want;
+        if n == 0 && !end {
+            s.blocked = true;
+            return Ok(0);
+        }
+        frame::write_data_header(
+            &mut self.output,
+            stream,
+            u32::try_from(n).unwrap_or(u32::MAX),
+            end,
+        );
+        let sent = i64::try_from(n).unwrap_or(i64::MAX);
+        s.send_window = s.send_window.saturating_sub(sent);
+        self.conn_send_window = self.conn_send_window.saturating_sub(sent);
+        if n < want && n < max_frame {
+            // The window, not the frame size, cut it short.
+            s.blocked = true;
+        }
+        if end {
+            s.send_closed = true;
+            self.remove_if_done(stream);
+        }
+        Ok(n)
+    }
+
     /// Resets `stream` with `code` (e.g. CANCEL, INTERNAL_ERROR); no event follows.
     pub fn reset(&mut self, stream: u32, code: ErrorCode) {
         if self.phase == Phase::Closed {
@@ -2329,6 +2385,54 @@ mod tests {
         }
         let e = conn.recv(&b, c.t0).unwrap_err();
         assert_eq!(e.code, ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    /// `send_data_header` frames a body the caller writes itself: frames no larger than the
+    /// peer's max frame size, the windows charged (the stream stops at 65,535 and goes on after
+    /// WINDOW_UPDATE), END_STREAM on the last, and the byte stream is valid HTTP/2.
+    #[test]
+    fn data_headers_for_caller_sent_payloads_respect_windows_and_frame_size() {
+        let (mut conn, mut client) = open();
+        let request = client.get(1, "/f");
+        conn.recv(&request, Instant::now()).unwrap();
+        let _ = events(&mut conn);
+        conn.send_headers(1, 200, &[], false).unwrap();
+        let body: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let mut wire = Vec::new();
+        let mut sent = 0usize;
+        let send_all = |conn: &mut ServerConnection, sent: &mut usize, wire: &mut Vec<u8>| loop {
+            let left = (body.len() - *sent) as u64;
+            let n = conn.send_data_header(1, left, true).unwrap();
+            conn.poll_transmit(wire);
+            wire.extend_from_slice(&body[*sent..*sent + n]);
+            *sent += n;
+            if n == 0 || *sent == body.len() {
+                break;
+            }
+        };
+        send_all(&mut conn, &mut sent, &mut wire);
+        assert_eq!(sent, 65_535, "the initial window");
+        let mut update = Vec::new();
+        frame::write_window_update(&mut update, 0, 65_535);
+        frame::write_window_update(&mut update, 1, 65_535);
+        conn.recv(&update, Instant::now()).unwrap();
+        send_all(&mut conn, &mut sent, &mut wire);
+        assert_eq!(sent, body.len());
+        assert!(
+            conn.send_data_header(1, 0, true).is_err(),
+            "the stream ended"
+        );
+        let frames = split(&wire);
+        let data: Vec<&Out> = frames.iter().filter(|f| f.kind == kind::DATA).collect();
+        assert!(data.iter().all(|f| f.payload.len() <= 16_384));
+        let got: Vec<u8> = data.iter().flat_map(|f| f.payload.clone()).collect();
+        assert!(got == body);
+        let ends: Vec<bool> = data
+            .iter()
+            .map(|f| f.flags & flag::END_STREAM != 0)
+            .collect();
+        assert_eq!(ends.iter().filter(|e| **e).count(), 1);
+        assert_eq!(ends.last(), Some(&true));
     }
 
     #[test]

@@ -6,13 +6,19 @@
 //! [`Session::now`], turning each request into the protocol-neutral [`Request`] that
 //! [`Shared::respond`] answers (the same core as HTTP/1.1: files, HEAD, ETag/304, Range,
 //! `/healthz`, `/metrics`, the status page, the limits), and writing the [`Response`] back as
-//! HEADERS and DATA. Bodies leave as the windows allow: a file is read in chunks no larger
-//! than what the stream and connection windows accept (and at most [`CHUNK`]), never whole,
-//! and only while the session's outbound queue is under its high watermark — the rest waits
-//! for the peer's WINDOW_UPDATE (the next `on_data`) or for the queue to drain (`on_drain`).
+//! HEADERS and DATA. Bodies leave as the windows allow, never whole, and only while the
+//! session's outbound queue is under its high watermark — the rest waits for the peer's
+//! WINDOW_UPDATE (the next `on_data`) or for the queue to drain (`on_drain`). On plain TCP
+//! (h2c) a file goes out without a copy: each DATA frame is its 9-byte header, then the file
+//! region queued with [`Session::send_file`] (the loop writes it with `sendfile`, as for
+//! HTTP/1.1), a frame no larger than the windows and the peer's max frame size allow. On TLS
+//! the file is read in chunks no larger than the windows accept (and at most [`CHUNK`]),
+//! since its bytes must pass through rustls anyway.
 //!
-//! On a graceful drain (SIGTERM, an upgrade) the next callback sends GOAWAY: streams already
-//! opened finish, new ones are refused, and the session closes once the last one ended. A
+//! On a graceful drain (SIGTERM, an upgrade) GOAWAY goes out when the drain begins
+//! (`SessionHandler::on_server_drain`, so idle connections get it too), or on the first
+//! callback during the `drain_delay` lameduck before it: streams already opened finish, new
+//! ones are refused, and the session closes once the last one ended. A
 //! connection error (a protocol violation, a flood past its budget) sends GOAWAY with its
 //! code, is counted by reason in `/metrics` and logged at most once a second, and closes the
 //! session.
@@ -40,6 +46,10 @@ pub(super) const PREFACE: &[u8] = plexus_proto::h2::frame::PREFACE;
 /// The most file bytes read for one stream at a time (the windows may allow less).
 pub(super) const CHUNK: usize = 64 * 1024;
 
+/// Output up to this size is copied into the session's queue rather than moved (a copy of a
+/// few frames is cheaper than an allocation per write).
+const SMALL_OUTPUT: usize = 4096;
+
 /// Why connections ended with an error, as `/metrics` labels them.
 const ERROR_REASONS: [&str; 9] = [
     "rapid_reset",
@@ -61,6 +71,9 @@ pub(super) struct H2Shared {
     connections: AtomicU64,
     streams: AtomicU64,
     stalled: AtomicU64,
+    /// File body bytes queued as file regions (sendfile) and read into memory.
+    file_bytes_sendfile: AtomicU64,
+    file_bytes_read: AtomicU64,
     errors: [AtomicU64; ERROR_REASONS.len()],
     log: Mutex<LogThrottle>,
 }
@@ -82,6 +95,8 @@ impl H2Shared {
             connections: AtomicU64::new(0),
             streams: AtomicU64::new(0),
             stalled: AtomicU64::new(0),
+            file_bytes_sendfile: AtomicU64::new(0),
+            file_bytes_read: AtomicU64::new(0),
             errors: Default::default(),
             log: Mutex::new(LogThrottle::new()),
         }
@@ -137,6 +152,25 @@ impl H2Shared {
         );
         family(
             out,
+            "http2_file_bytes_total",
+            "counter",
+            "HTTP/2 response body bytes from files, by how they left: sendfile (plain TCP: \
+             DATA frame headers, then the file regions the loop writes with sendfile) or read \
+             (TLS: read into memory in window-sized chunks).",
+        );
+        for (via, count) in [
+            ("sendfile", &self.file_bytes_sendfile),
+            ("read", &self.file_bytes_read),
+        ] {
+            sample(
+                out,
+                "http2_file_bytes_total",
+                &[("via", via)],
+                count.load(Relaxed),
+            );
+        }
+        family(
+            out,
             "http2_connection_errors_total",
             "counter",
             "HTTP/2 connections closed with an error GOAWAY, by reason (floods past their \
@@ -161,8 +195,15 @@ struct Sending {
 }
 
 enum Pending {
-    Memory { bytes: Bytes, sent: usize },
-    File { file: File, offset: u64, left: u64 },
+    Memory {
+        bytes: Bytes,
+        sent: usize,
+    },
+    File {
+        file: Arc<File>,
+        offset: u64,
+        left: u64,
+    },
 }
 
 /// One HTTP/2 connection.
@@ -171,8 +212,13 @@ pub(super) struct H2Session {
     conn: ServerConnection,
     /// Bodies being sent, in the order their responses started (served round-robin).
     sending: Vec<Sending>,
-    /// The buffer files are read into, one chunk at a time (allocated on first use).
+    /// The buffer files are read into, one chunk at a time (allocated on first use; TLS).
     chunk: Vec<u8>,
+    /// The frames handed to the session when they are few: the codec's output buffer and
+    /// this one swap, so small writes allocate nothing.
+    scratch: Vec<u8>,
+    /// File bodies leave as file regions (sendfile): the session is plain TCP.
+    sendfile: bool,
     /// GOAWAY was sent for a graceful drain.
     draining: bool,
     /// The connection failed (counted and logged once); nothing more is done.
@@ -192,6 +238,8 @@ impl H2Session {
             shared,
             sending: Vec::new(),
             chunk: Vec::new(),
+            scratch: Vec::new(),
+            sendfile: !session.is_tls(),
             draining: false,
             failed: false,
             last_progress: session.now(),
@@ -214,6 +262,22 @@ impl H2Session {
 
     pub(super) fn on_drain(&mut self, session: &mut Session<'_>) {
         self.run(session);
+    }
+
+    /// The server began a graceful drain: GOAWAY (NO_ERROR, the last stream the peer opened)
+    /// goes out now, also on an idle connection; streams in flight finish, new ones are
+    /// refused, and the session closes once the last one ended — at once when none is open.
+    pub(super) fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        self.goaway();
+        self.run(session);
+    }
+
+    /// Starts the graceful GOAWAY (once).
+    fn goaway(&mut self) {
+        if !self.draining && !self.failed {
+            self.draining = true;
+            self.conn.goaway(true);
+        }
     }
 
     /// The stall timer: bodies that could send nothing for `h2_stall_timeout` are reset.
@@ -246,9 +310,9 @@ impl H2Session {
         if self.failed {
             return;
         }
-        if !self.draining && session.server_draining() {
-            self.draining = true;
-            self.conn.goaway(true);
+        if session.server_draining() {
+            // Also covers the `drain_delay` lameduck, before `on_server_drain`.
+            self.goaway();
         }
         while let Some(event) = self.conn.poll_event() {
             match event {
@@ -368,7 +432,7 @@ impl H2Session {
         let body = match response.body {
             Body::Memory(bytes) => Pending::Memory { bytes, sent: 0 },
             Body::File { file, start, count } => Pending::File {
-                file,
+                file: Arc::new(file),
                 offset: start,
                 left: count,
             },
@@ -417,7 +481,7 @@ impl H2Session {
     }
 
     /// Sends what the windows allow of body `index`: (whether bytes moved, whether done).
-    fn send_some(&mut self, session: &Session<'_>, index: usize) -> (bool, bool) {
+    fn send_some(&mut self, session: &mut Session<'_>, index: usize) -> (bool, bool) {
         let Some(sending) = self.sending.get_mut(index) else {
             return (false, true);
         };
@@ -432,6 +496,24 @@ impl H2Session {
                     }
                     Err(_) => (false, true),
                 }
+            }
+            Pending::File { file, offset, left } if self.sendfile => {
+                let n = match self.conn.send_data_header(stream, *left, true) {
+                    Ok(0) => return (false, false),
+                    Ok(n) => n,
+                    Err(_) => return (false, true),
+                };
+                // The frame header (and whatever the codec queued before it), then its
+                // payload as a file region: nothing of this connection may come between.
+                Self::transmit_into(&mut self.conn, &mut self.scratch, session);
+                session.send_file(Arc::clone(file), *offset, n as u64);
+                self.shared
+                    .h2
+                    .file_bytes_sendfile
+                    .fetch_add(n as u64, Relaxed);
+                *offset += n as u64;
+                *left -= n as u64;
+                (true, *left == 0)
             }
             Pending::File { file, offset, left } => {
                 let room = self.conn.send_capacity(stream).min(CHUNK);
@@ -454,6 +536,10 @@ impl H2Session {
                 let last = n as u64 == *left;
                 match self.conn.send_data(stream, buf, last) {
                     Ok(sent) => {
+                        self.shared
+                            .h2
+                            .file_bytes_read
+                            .fetch_add(sent as u64, Relaxed);
                         *offset += sent as u64;
                         *left -= sent as u64;
                         (sent > 0, *left == 0)
@@ -464,10 +550,28 @@ impl H2Session {
         }
     }
 
-    /// Hands the codec's queued frames to the session (no copy: the buffer moves).
+    /// Hands the codec's queued frames to the session.
     fn transmit(&mut self, session: &mut Session<'_>) {
+        Self::transmit_into(&mut self.conn, &mut self.scratch, session);
+    }
+
+    /// [`H2Session::transmit`], for callers holding a borrow of another field: a few frames
+    /// are copied into the session's staging buffer (the codec's buffer and `scratch` swap,
+    /// nothing is allocated); many move to the session without a copy.
+    fn transmit_into(
+        conn: &mut ServerConnection,
+        scratch: &mut Vec<u8>,
+        session: &mut Session<'_>,
+    ) {
+        if conn.pending_output() <= SMALL_OUTPUT {
+            scratch.clear();
+            if conn.poll_transmit(scratch) {
+                session.send(scratch);
+            }
+            return;
+        }
         let mut out = Vec::new();
-        if self.conn.poll_transmit(&mut out) {
+        if conn.poll_transmit(&mut out) {
             session.send_bytes(Bytes::from(out));
         }
     }
@@ -604,6 +708,194 @@ mod tests {
         h.receive(b"OST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
         let sent = String::from_utf8(h.take_sent()).unwrap();
         assert!(sent.starts_with("HTTP/1.1 405"), "{sent}");
+    }
+
+    /// GOAWAY (type, last stream, code) frames in `sent`.
+    fn goaways(sent: &[(u8, u32, Vec<u8>)]) -> Vec<(u32, u32)> {
+        sent.iter()
+            .filter(|f| f.0 == kind::GOAWAY)
+            .map(|f| {
+                let last = u32::from_be_bytes(f.2[..4].try_into().unwrap());
+                let code = u32::from_be_bytes(f.2[4..8].try_into().unwrap());
+                (last, code)
+            })
+            .collect()
+    }
+
+    /// A drain reaching an idle HTTP/2 connection: GOAWAY(last stream 1, NO_ERROR) at once,
+    /// and the session closes (nothing is in flight).
+    #[test]
+    fn an_idle_connection_gets_goaway_when_the_drain_starts_and_closes() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut h = Harness::builder_shared(service as _).open();
+        h.receive(&request("/healthz"));
+        let _ = h.take_sent();
+        assert!(h.closed().is_none());
+        h.start_server_drain();
+        let sent = frames(&h.take_sent());
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(h.closed().is_some(), "closed once GOAWAY is written");
+
+        // A connection whose preface arrives after the drain began: its first request is
+        // served, GOAWAY names it, and the session closes.
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let mut fresh = Harness::builder_shared(service as _).open();
+        fresh.start_server_drain();
+        assert!(fresh.closed().is_none());
+        fresh.receive(&request("/healthz"));
+        let sent = frames(&fresh.take_sent());
+        assert!(sent
+            .iter()
+            .any(|f| f.0 == kind::DATA && f.1 == 1 && f.2 == b"ok"));
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(fresh.closed().is_some());
+    }
+
+    /// A drain while a body is still going out: GOAWAY now, the body finishes as the window
+    /// opens, a new stream is refused, then the session closes.
+    #[test]
+    fn a_drain_lets_the_stream_in_flight_finish_and_refuses_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(dir.path().join("big.bin"), &body).unwrap();
+        let config = HttpConfig {
+            root: Some(dir.path().to_owned()),
+            ..HttpConfig::default()
+        };
+        let service = Arc::new(Http::new(&config));
+        let mut h = Harness::builder_shared(service as _).open();
+        h.receive(&request("/big.bin"));
+        let mut got: Vec<u8> = Vec::new();
+        let data = |sent: &[(u8, u32, Vec<u8>)]| -> Vec<u8> {
+            sent.iter()
+                .filter(|f| f.0 == kind::DATA && f.1 == 1)
+                .flat_map(|f| f.2.clone())
+                .collect()
+        };
+        got.extend(data(&frames(&h.take_sent())));
+        assert_eq!(got.len(), 65_535, "the first window's worth");
+        h.start_server_drain();
+        let sent = frames(&h.take_sent());
+        assert_eq!(goaways(&sent), vec![(1, 0)], "{sent:?}");
+        assert!(h.closed().is_none(), "stream 1 is still in flight");
+        // A new stream is refused.
+        let mut block = Vec::new();
+        hpack::Encoder::new().encode(
+            [
+                (&b":method"[..], &b"GET"[..]),
+                (b":scheme", b"http"),
+                (b":path", b"/healthz"),
+            ],
+            &mut block,
+        );
+        let mut more = Vec::new();
+        frame::write_headers(&mut more, 3, &block, true, 16_384);
+        h.receive(&more);
+        let sent = frames(&h.take_sent());
+        assert!(
+            sent.iter().any(|f| f.0 == kind::RST_STREAM && f.1 == 3),
+            "{sent:?}"
+        );
+        while h.closed().is_none() {
+            let mut update = Vec::new();
+            frame::write_window_update(&mut update, 0, 65_535);
+            frame::write_window_update(&mut update, 1, 65_535);
+            h.receive(&update);
+            let sent = frames(&h.take_sent());
+            assert!(!sent.iter().any(|f| f.1 == 3 && f.0 != kind::RST_STREAM));
+            got.extend(data(&sent));
+        }
+        assert!(
+            got == body,
+            "the body in flight differs ({} bytes)",
+            got.len()
+        );
+    }
+
+    /// A file over h2c leaves as DATA frame headers and file regions (sendfile), within the
+    /// windows and the 16 KiB frame size, byte-exact; over TLS it is read in chunks.
+    #[test]
+    fn file_bodies_use_sendfile_on_plain_tcp_and_reads_on_tls() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(dir.path().join("big.bin"), &body).unwrap();
+        let config = HttpConfig {
+            root: Some(dir.path().to_owned()),
+            ..HttpConfig::default()
+        };
+        for tls in [false, true] {
+            let service = Arc::new(Http::new(&config));
+            let mut builder = Harness::builder_shared(Arc::clone(&service) as _);
+            if tls {
+                builder = builder.alpn(b"h2");
+            }
+            let mut h = builder.open();
+            h.receive(&request("/big.bin"));
+            let mut got = Vec::new();
+            while got.len() < body.len() {
+                let sent = frames(&h.take_sent());
+                let mut update = Vec::new();
+                for (kind_, stream, payload) in &sent {
+                    if *kind_ == kind::DATA && *stream == 1 {
+                        assert!(payload.len() <= 16_384);
+                        got.extend_from_slice(payload);
+                        let n = payload.len() as u32;
+                        frame::write_window_update(&mut update, 0, n);
+                        frame::write_window_update(&mut update, 1, n);
+                    }
+                }
+                assert!(!update.is_empty(), "stuck at {} bytes", got.len());
+                h.receive(&update);
+            }
+            assert!(got == body, "tls={tls}: {} bytes differ", got.len());
+            let h2 = &service.shared.h2;
+            let (sendfile, read) = (
+                h2.file_bytes_sendfile.load(Relaxed),
+                h2.file_bytes_read.load(Relaxed),
+            );
+            if tls {
+                assert_eq!((sendfile, read), (0, body.len() as u64));
+            } else {
+                assert_eq!((sendfile, read), (body.len() as u64, 0));
+            }
+        }
+    }
+
+    /// HTTP/1.1 at a drain: a keep-alive connection between requests closes at once; a fresh
+    /// one, or one whose next request head is arriving, gets its request answered with
+    /// `Connection: close`.
+    #[test]
+    fn http11_closes_between_requests_and_answers_the_one_in_progress_with_close() {
+        let service = Arc::new(Http::new(&HttpConfig::default()));
+        let get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let mut idle = Harness::builder_shared(Arc::clone(&service) as _).open();
+        idle.receive(get);
+        let sent = String::from_utf8(idle.take_sent()).unwrap();
+        assert!(!sent.contains("Connection: close"), "{sent}");
+        idle.start_server_drain();
+        assert!(idle.take_sent().is_empty());
+        assert!(idle.closed().is_some());
+
+        // Nothing received yet: the first request may be on the way; the drain's idle close
+        // ends it if not.
+        let mut fresh = Harness::builder_shared(Arc::clone(&service) as _).open();
+        fresh.start_server_drain();
+        assert!(fresh.closed().is_none() && !fresh.is_closing());
+        fresh.receive(get);
+        let sent = String::from_utf8(fresh.take_sent()).unwrap();
+        assert!(sent.contains("Connection: close"), "{sent}");
+        assert!(fresh.closed().is_some());
+
+        let mut busy = Harness::builder_shared(service as _).open();
+        busy.receive(b"GET /healthz HTTP/1.1\r\nHo");
+        busy.start_server_drain();
+        assert!(busy.closed().is_none(), "a head in progress is answered");
+        busy.receive(b"st: x\r\n\r\n");
+        let sent = String::from_utf8(busy.take_sent()).unwrap();
+        assert!(sent.starts_with("HTTP/1.1 200"), "{sent}");
+        assert!(sent.contains("Connection: close"), "{sent}");
+        assert!(busy.closed().is_some());
     }
 
     /// Garbage after the preface is a connection error: GOAWAY, then the session closes.
