@@ -407,10 +407,8 @@ impl OutboundQueue {
                 n = 0;
             }
         }
-        if self.len == 0 {
-            if self.chunks.capacity() > 0 {
-                self.chunks = VecDeque::new();
-            }
+        if self.len == 0 && self.chunks.capacity() > 0 {
+            self.chunks = VecDeque::new();
         }
     }
 }

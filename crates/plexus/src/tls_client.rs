@@ -187,10 +187,13 @@ pub fn verifier(
             TrustVerifier::shared(Arc::new(roots), certs, provider)?
         }
         ServerTrust::Pinned(cert) => Arc::new(PinnedCertificate {
-            cert: cert.clone(),
+            cert: Some(cert.clone()),
             provider,
         }),
-        ServerTrust::AnyCertificate => Arc::new(AnyCertificate { provider }),
+        ServerTrust::AnyCertificate => Arc::new(PinnedCertificate {
+            cert: None,
+            provider,
+        }),
     })
 }
 
@@ -299,31 +302,11 @@ fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls
     Ok(())
 }
 
-/// Accepts any certificate; the handshake's signatures are still verified.
-#[derive(Debug)]
-struct AnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    handshake_signatures_checked_by_provider!();
-}
-
-/// Accepts exactly one certificate (the handshake's signatures still verified).
+/// Accepts exactly one certificate, or any with `cert: None` (the handshake's signatures are
+/// verified either way).
 #[derive(Debug)]
 struct PinnedCertificate {
-    cert: CertificateDer<'static>,
+    cert: Option<CertificateDer<'static>>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -336,7 +319,11 @@ impl ServerCertVerifier for PinnedCertificate {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match end_entity.as_ref() == self.cert.as_ref() {
+        let accepted = match &self.cert {
+            Some(cert) => end_entity.as_ref() == cert.as_ref(),
+            None => true,
+        };
+        match accepted {
             true => Ok(ServerCertVerified::assertion()),
             false => Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::ApplicationVerificationFailure,
