@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Forward relay throughput: splice vs read/write copy, in the same run.
+"""Forward relay throughput: plexus `forward` against HAProxy (`mode tcp`, one thread), same run.
 
-client --> plexus forward listener --> plexus echo listener --> back the same way.
-Both listeners live in one plexus process (event_loops = 1, pinned to CPU 0 with taskset when
-available); the client (this script, CPU 1) streams SIZE MiB and reads the echo concurrently,
-verifying the byte count. Run from the repository root after
+client --> relay --> plexus echo listener --> back the same way. The relay is plexus
+(event_loops = 1) or haproxy (nbthread 1; once plain, once with `option splice-auto`); relay and
+echo are pinned to CPU 0 (taskset, when available), the client (this script) to CPU 1. It
+streams SIZE MiB and reads the echo concurrently, verifying the byte count; the figure is the
+relay process's own CPU per MiB relayed each way. Run from the repository root after
 `cargo build --release -p plexus-cli`. Usage: benches/forward-throughput.py [SIZE_MIB=1024]
+(haproxy rows are skipped when it is not installed).
 """
 import os
 import re
@@ -22,7 +24,41 @@ PLEXUS = "target/release/plexus"
 TASKSET = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() >= 2 else []
 
 
-def run(splice):
+def start_relay(kind, echo_port):
+    """The relay process and its port."""
+    if kind == "plexus":
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg2:
+            cfg2.write('[server]\nevent_loops = 1\n[[listener]]\nname = "fwd"\ntransport = "tcp"\n'
+                       f'addr = "127.0.0.1:0"\nservice = "forward"\nupstream = "127.0.0.1:{echo_port}"\n')
+        relay = subprocess.Popen(TASKSET + [PLEXUS, "serve", "--config", cfg2.name],
+                                 stderr=subprocess.PIPE, text=True)
+        port = None
+        while port is None:
+            match = re.search(r"listening name=fwd transport=tcp addr=127\.0\.0\.1:(\d+)", relay.stderr.readline())
+            port = match and int(match.group(1))
+        return relay, port
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    splice = "    option splice-auto\n" if kind == "haproxy-splice" else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg", delete=False) as cfg2:
+        cfg2.write("global\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s\n"
+                   f"    timeout client 600s\n    timeout server 600s\n{splice}"
+                   f"frontend relay\n    bind 127.0.0.1:{port}\n    default_backend up\n"
+                   f"backend up\n    server echo 127.0.0.1:{echo_port}\n")
+    relay = subprocess.Popen(TASKSET + [HAPROXY, "-db", "-f", cfg2.name],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return relay, port
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("haproxy did not start")
+
+
+def run(kind):
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
         cfg.write('[server]\nevent_loops = 1\n[[listener]]\nname = "echo"\ntransport = "tcp"\n'
                   'addr = "127.0.0.1:0"\nservice = "echo"\n')
@@ -32,16 +68,7 @@ def run(splice):
     while echo_port is None:
         match = re.search(r"listening name=echo transport=tcp addr=127\.0\.0\.1:(\d+)", first.stderr.readline())
         echo_port = match and int(match.group(1))
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg2:
-        cfg2.write('[server]\nevent_loops = 1\n[[listener]]\nname = "fwd"\ntransport = "tcp"\n'
-                   f'addr = "127.0.0.1:0"\nservice = "forward"\nupstream = "127.0.0.1:{echo_port}"\n'
-                   f'splice = {"true" if splice else "false"}\n')
-    relay = subprocess.Popen(TASKSET + [PLEXUS, "serve", "--config", cfg2.name],
-                             stderr=subprocess.PIPE, text=True)
-    port = None
-    while port is None:
-        match = re.search(r"listening name=fwd transport=tcp addr=127\.0\.0\.1:(\d+)", relay.stderr.readline())
-        port = match and int(match.group(1))
+    relay, port = start_relay(kind, echo_port)
     try:
         sock = socket.create_connection(("127.0.0.1", port))
         chunk = b"x" * (1 << 20)
@@ -65,13 +92,19 @@ def run(splice):
         elapsed = time.time() - start
         assert received == SIZE, (received, SIZE)
         relay_cpu = sum(int(x) for x in open(f"/proc/{relay.pid}/stat").read().rsplit(")", 1)[1].split()[11:13])
-        return SIZE / elapsed / 1e6, relay_cpu / os.sysconf("SC_CLK_TCK") / elapsed * 100
+        relay_secs = relay_cpu / os.sysconf("SC_CLK_TCK")
+        return SIZE / elapsed / 1e6, relay_secs / elapsed * 100, relay_secs * 1e6 / (SIZE >> 20)
     finally:
         for proc in (relay, first):
             proc.terminate()
             proc.wait(timeout=30)
 
 
-for mode, splice in (("splice", True), ("copy", False), ("splice", True), ("copy", False)):
-    mbps, cpu = run(splice)
-    print(f"{mode:6}: {SIZE >> 20} MiB each way in both directions at {mbps:7.1f} MB/s; relay process CPU {cpu:5.1f}%")
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+KINDS = ["plexus"] + (["haproxy", "haproxy-splice"] if HAPROXY else [])
+if not HAPROXY:
+    print("haproxy not found: its rows are skipped")
+for kind in KINDS + KINDS:
+    mbps, cpu, us_per_mib = run(kind)
+    print(f"{kind:14}: {SIZE >> 20} MiB each way at {mbps:7.1f} MB/s; relay CPU {cpu:5.1f}%, "
+          f"{us_per_mib:7.1f} µs per MiB each way")

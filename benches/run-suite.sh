@@ -17,6 +17,10 @@
 #   http small / 1 MiB       http (keep-alive GET)   nginx, worker_processes 1; h2o, num-threads 1
 #   https small              https                   nginx, worker_processes 1
 #   idle TCP / TLS sessions  RSS growth per session  tokio-echo / tokio-rustls-echo
+#   forward (not default)    tcp forward listener    haproxy `mode tcp`, nbthread 1; both relay to
+#                            one mio-echo upstream (on the server CPU too): connect-rate through
+#                            the relay, 64 B and 16 KiB echoes through it. CPU µs/op is the
+#                            relay's own (the upstream's CPU is not counted on either side).
 #
 # Rows whose plexus side does not exist in this build (checked with `plexus serve --check`)
 # print "n/a" and the reason. nginx and h2o are installed from the distribution's packages when
@@ -45,7 +49,8 @@
 #       UDP_PIPELINE=16          udp: the second on/off pair's datagrams in flight per socket
 #                                (runs of replies to one peer are what GSO can coalesce)
 #       SCENARIOS="tcp half tls connect udp dtls http idle"   which groups, in this order
-#                                (udpsock: the socket-topology pair, not in the default list)
+#                                (udpsock: the socket-topology pair, and forward: plexus
+#                                forward vs haproxy, are not in the default list)
 #       SKIP_BUILD=1             use the existing release binaries
 #       PLEXUS_BIN=path          default <repo>/target/release/plexus
 set -euo pipefail
@@ -105,8 +110,18 @@ stop_server() {
     SERVER_PID=""
 }
 
+UPSTREAM_PID=""
+stop_upstream() {
+    if [[ -n $UPSTREAM_PID ]]; then
+        kill -TERM "$UPSTREAM_PID" 2>/dev/null || true
+        wait "$UPSTREAM_PID" 2>/dev/null || true
+    fi
+    UPSTREAM_PID=""
+}
+
 cleanup() {
     stop_server
+    stop_upstream
     if [[ ${KEEP_WORK:-0} == 1 ]]; then
         echo "work directory kept: $WORK" >&2
     else
@@ -127,7 +142,7 @@ fi
 # The reference servers the chosen scenario groups run (http's reference is nginx).
 declare -A REFERENCES=([tcp]="tokio-echo mio-echo monoio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
     [connect]="tokio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
-    [udpsock]=udp-sockets-echo
+    [udpsock]=udp-sockets-echo [forward]=mio-echo
     [http]="" [idle]="tokio-echo tokio-rustls-echo")
 for group in $SCENARIOS; do
     for b in ${REFERENCES[$group]:-}; do
@@ -184,6 +199,22 @@ if [[ " $SCENARIOS " == *" http "* ]]; then
         H2O=$(command -v h2o)
     else
         H2O_WHY="h2o not installed (needs root and apt-get; see $WORK/apt.log)"
+    fi
+fi
+
+HAPROXY=""
+HAPROXY_WHY=""
+if [[ " $SCENARIOS " == *" forward "* ]]; then
+    if ! command -v haproxy >/dev/null && [[ -x /usr/sbin/haproxy ]]; then PATH=$PATH:/usr/sbin; fi
+    if ! command -v haproxy >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing haproxy (apt-get install haproxy)"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy \
+            >>"$WORK/apt.log" 2>&1 || true
+    fi
+    if command -v haproxy >/dev/null; then
+        HAPROXY=$(command -v haproxy)
+    else
+        HAPROXY_WHY="haproxy not installed (needs root and apt-get; see $WORK/apt.log)"
     fi
 fi
 
@@ -371,6 +402,42 @@ EOF
         sleep 0.1
     done
     log "h2o did not start:"; sed 's/^/    /' "$WORK/h2o.log" "$WORK/h2o/error.log" >&2 || true
+    SERVER_PID=""
+    return 1
+}
+
+# start_haproxy UPSTREAM: haproxy (Debian's 2.6) as a plain TCP relay, one thread, to UPSTREAM.
+start_haproxy() {
+    local port
+    port=$(free_port)
+    mkdir -p "$WORK/haproxy"
+    cat >"$WORK/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 30000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+frontend relay
+    bind 127.0.0.1:$port
+    default_backend upstream
+backend upstream
+    server echo $1
+EOF
+    NO_COLOR=1 taskset -c "$SERVER_CPU" "$HAPROXY" -db -f "$WORK/haproxy/haproxy.cfg" \
+        >"$WORK/haproxy.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            ADDR=([relay]="127.0.0.1:$port")
+            return 0
+        fi
+        kill -0 "$SERVER_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    log "haproxy did not start:"; sed 's/^/    /' "$WORK/haproxy.log" >&2 || true
     SERVER_PID=""
     return 1
 }
@@ -646,8 +713,37 @@ for group in $SCENARIOS; do
             row "idle $kind session, $IDLE_N open (RSS B/session)" lower "$p" "$rname" "$t" rss_per_session_bytes
         done
         ;;
+    forward)
+        # One upstream for both relays: mio-echo, started once, on the server CPU.
+        start_server upstream "$BIN_DIR/mio-echo" --addr 127.0.0.1:0
+        UPSTREAM_PID=$SERVER_PID; SERVER_PID=""
+        upstream=${ADDR[main]:-}
+        printf '[server]\nevent_loops = 1\nmax_connections = 30000\nidle_timeout = "600s"\n\n[[listener]]\nname = "relay"\ntransport = "tcp"\naddr = "127.0.0.1:0"\nservice = "forward"\nupstream = "%s"\n' \
+            "$upstream" >"$WORK/forward.toml"
+        for kind in connect echo64 echo16k; do
+            case $kind in
+            connect) label="forward: connect-rate through the relay (per s)"
+                load=(connect-rate --connections "$HS_CONNECTIONS") ;;
+            echo64) label="forward: tcp-echo 64 B, $CONNECTIONS conns through the relay (msgs/s)"
+                load=(tcp-echo --connections "$CONNECTIONS" --size 64) ;;
+            echo16k) label="forward: tcp-echo 16 KiB, 10 conns through the relay (msgs/s)"
+                load=(tcp-echo --connections 10 --size 16384) ;;
+            esac
+            log "$label"
+            start_server plexus-forward "$PLEXUS_BIN" serve --config "$WORK/forward.toml"
+            p=$(bench plexus "forward-$kind" "${load[@]}" --addr "${ADDR[relay]:-}" "${ECHO_ARGS[@]}")
+            stop_server
+            h=""
+            if [[ -n $HAPROXY ]] && start_haproxy "$upstream"; then
+                h=$(bench haproxy "forward-$kind" "${load[@]}" --addr "${ADDR[relay]:-}" "${ECHO_ARGS[@]}")
+                stop_server
+            fi
+            row "$label" higher "$p" "haproxy mode tcp${HAPROXY_WHY:+: $HAPROXY_WHY}" "$h" throughput_per_s
+        done
+        stop_upstream
+        ;;
     *)
-        echo "error: unknown scenario group '$group' (tcp half tls connect udp udpsock dtls http idle)" >&2
+        echo "error: unknown scenario group '$group' (tcp half tls connect udp udpsock dtls http idle forward)" >&2
         exit 2
         ;;
     esac

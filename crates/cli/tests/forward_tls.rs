@@ -223,3 +223,55 @@ fn tls_keys_are_refused_outside_forward_and_without_upstream_tls() {
     out.assert_code(2);
     out.assert_stderr_contains("listener[0].upstream_sni");
 }
+
+#[test]
+fn an_upstream_whose_tls_handshake_fails_is_skipped_for_the_next_one() {
+    // Two s_servers: one with a certificate from a CA the relay does not trust, one it does.
+    let (bad_dir, good_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    make_ca(bad_dir.path(), "other");
+    make_server_cert(bad_dir.path(), "other");
+    make_ca(good_dir.path(), "good");
+    make_server_cert(good_dir.path(), "good");
+    let (bad, good) = (
+        SServer::start(bad_dir.path()),
+        SServer::start(good_dir.path()),
+    );
+    let relay = Server::start(&format!(
+        "[[listener]]\nname = \"fwd\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"forward\"\nupstreams = [\"127.0.0.1:{}\", \"127.0.0.1:{}\"]\n\
+         upstream_tls = true\nupstream_sni = \"localhost\"\nupstream_ca = {:?}\n\
+         upstream_fail_timeout = \"1h\"\n",
+        bad.port,
+        good.port,
+        s(&good_dir.path().join("good.pem"))
+    ));
+    let mark = relay.log_mark();
+    // Round robin would give the untrusted upstream every other client: each is served by the
+    // trusted one instead, the first after a failover, the rest because it is skipped.
+    for n in 0..4 {
+        let mut client = connect(relay.addr("fwd"));
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        client.write_all(b"failover\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(client.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(
+            line, "revoliaf\n",
+            "client {n} reached the trusted upstream"
+        );
+    }
+    relay.assert_log(
+        mark,
+        Duration::from_secs(10),
+        "marking the untrusted upstream down",
+        |line| {
+            line.contains("failed to connect")
+                && line.contains("tls error")
+                && line.contains(&bad.port.to_string())
+                && line.contains("skipped")
+        },
+    );
+}

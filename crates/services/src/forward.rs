@@ -24,7 +24,8 @@
 //! in turn, with a cursor per event loop (a [`LoopLocal`]: no shared write on the hot path), or
 //! `least_conn`, the one with the fewest upstream sessions open on every loop (each upstream's
 //! open-session counter, which the runtime keeps anyway: relaxed loads, no lock). Passive health
-//! check: an upstream whose connect is refused, fails or times out is marked down for
+//! check: an upstream whose connect is refused, fails or times out (or, with `upstream_tls`,
+//! whose handshake fails or times out: a wrong certificate too) is marked down for
 //! `upstream_fail_timeout` (one relaxed atomic per upstream, written only on a failure or the
 //! first success after one), skipped by every loop meanwhile, and the connection moves on to
 //! the next upstream it has not tried, what the client sent so far replayed to it (that copy
@@ -427,17 +428,14 @@ impl SessionHandler for ClientSide {
                 else {
                     return;
                 };
-                let never_connected = matches!(
-                    reason,
-                    CloseReason::UpstreamFailed(_) | CloseReason::UpstreamTimeout
-                );
-                if !self.connected && never_connected {
+                if !self.connected {
+                    // It ended before `Connected`: refused, timed out, or (upstream_tls) its
+                    // handshake failed or timed out. Either way this upstream cannot serve:
+                    // the next one is tried.
                     self.failover(session, index, &reason);
                     return;
                 }
-                if !self.connected
-                    || !matches!(reason, CloseReason::PeerClosed | CloseReason::Requested)
-                {
+                if !matches!(reason, CloseReason::PeerClosed | CloseReason::Requested) {
                     let name = self.pool.upstream(index).map_or("", Upstream::name);
                     info!(
                         session = %session.id(), peer = %session.peer(), upstream = name,
