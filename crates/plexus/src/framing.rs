@@ -23,7 +23,7 @@ use std::fmt;
 use bytes::{BufMut, Bytes, BytesMut};
 use tracing::info;
 
-use crate::service::{CloseReason, Session, SessionHandler, SessionInfo};
+use crate::service::{CloseReason, LinkEvent, Session, SessionHandler, SessionInfo};
 
 /// Why bytes could not be framed. After any of these the stream cannot be resynchronised: the
 /// session should be closed (which [`Framed`] does).
@@ -599,6 +599,26 @@ pub trait FrameHandler<Frame>: Send {
         let _ = session;
     }
 
+    /// As [`SessionHandler::on_server_drain`]: the server began a graceful drain (the moment
+    /// for a protocol's own goodbye). The default does nothing.
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        let _ = session;
+    }
+
+    /// As [`SessionHandler::on_link`]. The default closes the session (after flushing) when a
+    /// linked one ends.
+    fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
+        if let LinkEvent::Closed { .. } = event {
+            session.close();
+        }
+    }
+
+    /// As [`SessionHandler::on_eof`] (only sessions with links are asked). The default closes
+    /// the session after flushing.
+    fn on_eof(&mut self, session: &mut Session<'_>) {
+        session.close();
+    }
+
     /// As [`SessionHandler::on_close`].
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
         let _ = (info, reason);
@@ -737,6 +757,18 @@ where
 
     fn on_drain(&mut self, session: &mut Session<'_>) {
         self.handler.on_drain(session);
+    }
+
+    fn on_server_drain(&mut self, session: &mut Session<'_>) {
+        self.handler.on_server_drain(session);
+    }
+
+    fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
+        self.handler.on_link(session, event);
+    }
+
+    fn on_eof(&mut self, session: &mut Session<'_>) {
+        self.handler.on_eof(session);
     }
 
     fn on_close(&mut self, info: &SessionInfo, reason: &CloseReason) {
@@ -969,6 +1001,37 @@ mod tests {
             self.errors.push(error.clone());
             self.pending.extend_from_slice(b"error;");
         }
+        fn on_server_drain(&mut self, session: &mut Session<'_>) {
+            session.send(b"goodbye;");
+        }
+    }
+
+    #[test]
+    fn framed_passes_the_server_drain_link_and_eof_callbacks_to_its_handler() {
+        let mut harness = Harness::new();
+        let mut framed = Framed::new(Lines::new(8), Recorder::default());
+        harness.with_session(|session| framed.on_server_drain(session));
+        assert_eq!(
+            harness.sent(),
+            b"goodbye;",
+            "the handler's own drain goodbye"
+        );
+        assert_eq!(harness.closing, None);
+        // FrameHandler's defaults are SessionHandler's: a linked session's end closes...
+        harness.with_session(|session| {
+            framed.on_link(
+                session,
+                LinkEvent::Closed {
+                    peer: SessionId(2),
+                    reason: CloseReason::PeerClosed,
+                },
+            );
+        });
+        assert_eq!(harness.closing, Some(CloseReason::Requested));
+        // ...and so does the peer's end of data.
+        let mut harness = Harness::new();
+        harness.with_session(|session| framed.on_eof(session));
+        assert_eq!(harness.closing, Some(CloseReason::Requested));
     }
 
     /// One session's state outside its handler, as the event loop keeps it.
@@ -1006,6 +1069,11 @@ mod tests {
         }
 
         fn feed(&mut self, handler: &mut dyn SessionHandler, data: &[u8]) {
+            self.with_session(|session| handler.on_data(session, data));
+        }
+
+        /// Runs `callback` on a session built over this harness's state.
+        fn with_session(&mut self, callback: impl FnOnce(&mut Session<'_>)) {
             let mut broadcasts = Vec::new();
             let mut drain_wanted = false;
             let mut session = Session {
@@ -1025,7 +1093,7 @@ mod tests {
                 alpn: None,
                 tls: false,
             };
-            handler.on_data(&mut session, data);
+            callback(&mut session);
         }
 
         fn sent(&mut self) -> Vec<u8> {
