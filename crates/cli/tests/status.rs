@@ -346,8 +346,11 @@ impl Drop for Devtools {
 /// Loads `url` in headless Chromium with JavaScript disabled (`--blink-settings=
 /// scriptEnabled=false` and `Emulation.setScriptExecutionDisabled`) and returns the rendered
 /// DOM, read with the DevTools protocol's `DOM.getOuterHTML` (which runs no script in the
-/// page; `--dump-dom` does, so it prints nothing with JavaScript off).
-fn dom_without_javascript(url: &str) -> String {
+/// page; `--dump-dom` does, so it prints nothing with JavaScript off), and the computed
+/// `border-top-left-radius` of its first `<section>` (`CSS.getComputedStyleForNode`): the
+/// page's style sheet set it, so it says whether the browser applied the sheet under the
+/// page's Content-Security-Policy.
+fn dom_without_javascript(url: &str) -> (String, String) {
     let mut browser = Devtools::start(&["--blink-settings=scriptEnabled=false"]);
     let target = browser.call(
         "Target.createTarget",
@@ -375,7 +378,30 @@ fn dom_without_javascript(url: &str) -> String {
         serde_json::json!({"nodeId": document["root"]["nodeId"]}),
         session,
     );
-    html["outerHTML"].as_str().expect("outerHTML").to_owned()
+    browser.call("DOM.enable", serde_json::json!({}), session);
+    browser.call("CSS.enable", serde_json::json!({}), session);
+    let section = browser.call(
+        "DOM.querySelector",
+        serde_json::json!({"nodeId": document["root"]["nodeId"], "selector": "section"}),
+        session,
+    );
+    let computed = browser.call(
+        "CSS.getComputedStyleForNode",
+        serde_json::json!({"nodeId": section["nodeId"]}),
+        session,
+    );
+    let radius = computed["computedStyle"]
+        .as_array()
+        .expect("computedStyle")
+        .iter()
+        .find(|p| p["name"] == "border-top-left-radius")
+        .and_then(|p| p["value"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    (
+        html["outerHTML"].as_str().expect("outerHTML").to_owned(),
+        radius,
+    )
 }
 
 /// The `data-sessions` value of the element with `id` in a dumped DOM.
@@ -453,7 +479,13 @@ fn headless_chromium_shows_every_listener_and_the_sessions_opened_with_and_witho
 
     // Without JavaScript the numbers are there all the same (server-rendered). `--dump-dom`
     // itself needs script, so this DOM is read over the DevTools protocol instead.
-    let dom = dom_without_javascript(&url);
+    let (dom, radius) = dom_without_javascript(&url);
+    // The Content-Security-Policy admits the page's one style sheet by its hash (no
+    // 'unsafe-inline'): had the hash been wrong, the sections would have square corners.
+    assert_eq!(
+        radius, "10px",
+        "the style sheet applies under the page's CSP"
+    );
     assert_eq!(
         sessions_in_dom(&dom, "listener-tcp-echo"),
         N as u64,

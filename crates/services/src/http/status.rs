@@ -445,16 +445,14 @@ impl Shared {
                 render_html(&report).into_bytes(),
             )
         };
-        // No script, no external asset, ever: the page is inline CSS and server-rendered text.
+        // No script, no external asset, ever: the page is one inline style sheet (allowed by
+        // its hash, nothing else inline is) and server-rendered text.
         let headers = vec![
             ("Content-Type", Cow::Borrowed(mime)),
             ("Cache-Control", Cow::Borrowed("no-store")),
             (
                 "Content-Security-Policy",
-                Cow::Borrowed(
-                    "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; \
-                     form-action 'none'; frame-ancestors 'none'",
-                ),
+                Cow::Borrowed(CONTENT_SECURITY_POLICY),
             ),
         ];
         Response::with(200, headers, body, head_only)
@@ -594,6 +592,8 @@ background:var(--bg);border:1px solid var(--line);color:var(--muted)}\
 .bar{display:inline-block;vertical-align:middle;width:120px;height:8px;border-radius:4px;\
 background:var(--line);overflow:hidden;margin-right:8px}\
 .bar i{display:block;height:100%;background:var(--accent)}\
+.w0{width:0%}.w5{width:5%}.w10{width:10%}.w15{width:15%}.w20{width:20%}.w25{width:25%}.w30{width:30%}.w35{width:35%}.w40{width:40%}.w45{width:45%}.w50{width:50%}.w55{width:55%}.w60{width:60%}.w65{width:65%}.w70{width:70%}.w75{width:75%}.w80{width:80%}.w85{width:85%}.w90{width:90%}.w95{width:95%}.w100{width:100%}\
+#reload-message{margin:0 0 12px;color:var(--muted)}\
 .grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:18px}\
 .grid2 section{margin-bottom:0}\
 footer{color:var(--muted);font-size:12px;margin-top:18px}a{color:var(--accent)}\
@@ -608,6 +608,24 @@ table.stack td:first-child{grid-column:1/-1;font-size:15px}\
 table.stack td.wide{grid-column:span 2}\
 table.stack td[data-label]::before{content:attr(data-label);display:block;color:var(--muted);\
 font-size:11px;text-transform:uppercase;letter-spacing:.4px}}";
+
+/// The page's policy: nothing may load or run but the one `<style>` element, named by the
+/// SHA-256 of [`STYLE`] (a unit test recomputes it: edit `STYLE`, and that test gives the new
+/// hash). No `'unsafe-inline'`: the page has no `style=` attribute either (bar widths are
+/// the `w0`…`w100` classes).
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; \
+     style-src 'sha256-RtuwL6tR9S3TqQQ/X+cEH+3c1A4YrajPQsxCW7RdX60='; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+/// The class of a busy bar `percent` wide: `w0`, `w5` … `w100` (rounded to 5 %).
+fn bar_step(percent: f64) -> u32 {
+    let clamped = if percent.is_finite() {
+        percent.clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    // 0..=20 steps: the cast cannot truncate.
+    (clamped / 5.0).round() as u32 * 5
+}
 
 fn render_html(report: &Report) -> String {
     let mut out = String::with_capacity(16 * 1024);
@@ -641,7 +659,7 @@ fn render_html(report: &Report) -> String {
     if let Some(r) = &report.last_reload {
         let _ = write!(
             out,
-            "<p class=\"meta\" id=\"reload-message\" style=\"margin:0 0 12px;color:var(--muted)\">\
+            "<p class=\"meta\" id=\"reload-message\">\
              Last reload: {}</p>",
             esc(&r.message)
         );
@@ -761,12 +779,13 @@ fn render_html(report: &Report) -> String {
         let _ = write!(
             out,
             "<tr id=\"loop-{}\" data-sessions=\"{}\"><td>#{}</td><td>{}</td>\
-             <td class=\"left\"><span class=\"bar\"><i style=\"width:{percent:.1}%\"></i></span>\
+             <td class=\"left\"><span class=\"bar\"><i class=\"w{}\"></i></span>\
              {percent:.1}%</td></tr>",
             l.index,
             l.sessions_open,
             l.index,
             count(l.sessions_open),
+            bar_step(percent),
         );
     }
     out.push_str("</tbody></table></div></section>");
@@ -897,6 +916,9 @@ mod tests {
         assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"), "{html}");
         assert!(!html.contains("<script"), "{html}");
         assert!(!html.contains("src=") && !html.contains("@import"));
+        // The policy admits one style sheet by its hash: no style attribute, one <style>.
+        assert!(!html.contains(" style="), "{html}");
+        assert_eq!(html.matches("<style>").count(), 1);
         assert!(html.contains("<meta http-equiv=\"refresh\" content=\"5\">"));
     }
 
@@ -912,5 +934,56 @@ mod tests {
             ..HttpConfig::default()
         });
         assert!(!closed.permits("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn the_policy_allows_exactly_the_page_style_sheet_by_its_hash() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        // base64(SHA-256(STYLE)), computed by openssl, not by code of ours.
+        let mut digest = Command::new("openssl")
+            .args(["dgst", "-sha256", "-binary"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        digest
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(STYLE.as_bytes())
+            .unwrap();
+        let binary = digest.wait_with_output().unwrap().stdout;
+        let mut encode = Command::new("openssl")
+            .args(["base64", "-A"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        encode.stdin.take().unwrap().write_all(&binary).unwrap();
+        let hash = String::from_utf8(encode.wait_with_output().unwrap().stdout).unwrap();
+        assert_eq!(hash.len(), 44, "{hash:?}");
+        assert!(
+            CONTENT_SECURITY_POLICY.contains(&format!("style-src 'sha256-{hash}';")),
+            "STYLE changed: its hash is now sha256-{hash}"
+        );
+        assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+    }
+
+    #[test]
+    fn the_page_has_no_inline_style_attribute_and_bars_step_by_five_percent() {
+        assert_eq!(bar_step(0.0), 0);
+        assert_eq!(bar_step(2.4), 0);
+        assert_eq!(bar_step(2.6), 5);
+        assert_eq!(bar_step(99.0), 100);
+        assert_eq!(bar_step(250.0), 100);
+        assert_eq!(bar_step(-1.0), 0);
+        assert_eq!(bar_step(f64::NAN), 0);
+        for step in (0..=100).step_by(5) {
+            assert!(
+                STYLE.contains(&format!(".w{step}{{width:{step}%}}")),
+                "{step}"
+            );
+        }
     }
 }
