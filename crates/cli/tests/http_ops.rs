@@ -628,11 +628,16 @@ fn ocsp_response(dir: &Path, index: &str, out: &str) {
     );
 }
 
-/// `openssl s_client -status` against `addr`: its stdout.
+/// `openssl s_client -status` against `addr` (SNI `localhost`): its stdout.
 fn s_client_status(addr: std::net::SocketAddr, extra: &[&str]) -> String {
+    s_client_status_as(addr, "localhost", extra)
+}
+
+/// `openssl s_client -status -servername NAME` against `addr`: its stdout.
+fn s_client_status_as(addr: std::net::SocketAddr, name: &str, extra: &[&str]) -> String {
     let mut child = Command::new("timeout")
         .args(["20", "openssl", "s_client", "-connect", &addr.to_string()])
-        .args(["-servername", "localhost", "-status"])
+        .args(["-servername", name, "-status"])
         .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -717,4 +722,67 @@ fn ocsp_response_from_a_file_is_stapled_and_reloaded_on_sighup() {
     out.assert_code(2);
     out.assert_stderr_contains("tls.ocsp");
     out.assert_stderr_contains("missing.der");
+}
+
+/// An `[[tls.sni]]` entry staples its own OCSP response: a client naming it gets that
+/// response with the entry's certificate; a client naming another host gets the default
+/// certificate, which has none, and nothing stapled.
+#[test]
+fn an_sni_certificate_staples_its_own_ocsp_response() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_root(dir.path());
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    make_pki_with_ocsp(&pki);
+    // The default certificate: self-signed for another name, no OCSP response.
+    openssl(
+        &pki,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "default.key",
+            "-out",
+            "default.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=default.test",
+        ],
+    );
+    let tls = format!(
+        "[tls]\ncert = \"{0}/default.pem\"\nkey = \"{0}/default.key\"\n\n\
+         [[tls.sni]]\nnames = [\"localhost\"]\ncert = \"{0}/server.pem\"\n\
+         key = \"{0}/server.key\"\nocsp = \"{0}/ocsp.der\"\n",
+        pki.display()
+    );
+    let server = Server::start(&config(&root, "", &tls));
+    let addr = server.addr("https");
+    let ca = format!("{}/ca.pem", pki.display());
+    for version in ["-tls1_3", "-tls1_2"] {
+        let out = s_client_status_as(addr, "localhost", &[version, "-CAfile", &ca]);
+        assert!(
+            out.contains("OCSP Response Status: successful"),
+            "{version}: {out}"
+        );
+        assert!(out.contains("Cert Status: good"), "{version}: {out}");
+        assert!(
+            out.contains("CN=localhost") || out.contains("CN = localhost"),
+            "{out}"
+        );
+        let other = s_client_status_as(addr, "other.test", &[version]);
+        assert!(
+            other.contains("OCSP response: no response sent"),
+            "{version}: the default certificate staples nothing: {other}"
+        );
+        assert!(
+            other.contains("CN=default.test") || other.contains("CN = default.test"),
+            "{version}: {other}"
+        );
+    }
 }
