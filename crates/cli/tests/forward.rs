@@ -27,6 +27,12 @@ fn pattern(i: u64) -> u8 {
 /// Sends `total` bytes through `stream` while reading the echo back, verifying every byte;
 /// then half-closes and expects EOF. Returns the bytes received.
 fn transfer_both_ways(stream: TcpStream, total: u64) -> u64 {
+    transfer_both_ways_reading_late(stream, total, Duration::ZERO)
+}
+
+/// [`transfer_both_ways`], the reader starting only `late` after the writer: meanwhile every
+/// queue and socket buffer on the way fills up, and the relay's pauses all engage.
+fn transfer_both_ways_reading_late(stream: TcpStream, total: u64, late: Duration) -> u64 {
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
@@ -45,6 +51,7 @@ fn transfer_both_ways(stream: TcpStream, total: u64) -> u64 {
         writer.shutdown(Shutdown::Write).unwrap();
     });
     let mut reader = stream;
+    thread::sleep(late);
     let mut buf = vec![0u8; 256 * 1024];
     let mut received = 0u64;
     loop {
@@ -87,6 +94,30 @@ fn copy_mode_is_byte_exact_too() {
     let relay = Server::start(&config);
     let total = 20 * MIB;
     assert_eq!(transfer_both_ways(connect(relay.addr("fwd")), total), total);
+}
+
+/// An upstream that stops reading while its replies wait (an echo server past its own high
+/// watermark) must not stop the relay from reading those replies: the relay's upstream session
+/// is kept from reading only by where its bytes go (the client's queue), never by its own queue,
+/// which the client side fills. Small watermarks on both servers and a client that reads late
+/// make the cycle certain: before the fix every transfer stalled (both sockets' send queues
+/// full, neither read, until the idle timeout; here the read timeout).
+#[test]
+fn a_relay_keeps_reading_an_upstream_that_stopped_reading_it() {
+    let small = "outbound_high_watermark = 16384\noutbound_low_watermark = 4096";
+    let upstream = Server::start(&echo_config(small));
+    let config = forward_config(upstream.addr("tcp-echo"), "tcp", "")
+        .replace("event_loops = 2", &format!("event_loops = 1\n{small}"));
+    let relay = Server::start(&config);
+    let total = 32 * MIB;
+    for round in 0..2 {
+        // The client reads late: the relay's client queue passes its high watermark, the
+        // upstream session waits for it, the echo's replies back up until the echo stops
+        // reading, and the relay's queue to it fills too. Then the client reads.
+        let stream = connect(relay.addr("fwd"));
+        let received = transfer_both_ways_reading_late(stream, total, Duration::from_millis(500));
+        assert_eq!(received, total, "round {round}");
+    }
 }
 
 #[test]

@@ -1570,19 +1570,26 @@ fn may_read(
     {
         return false;
     }
-    if session.outbound.len() > high_watermark || session.work.len() > WORK_HIGH_WATERMARK {
+    let links = session
+        .extras
+        .as_deref()
+        .and_then(|extras| extras.links.as_deref());
+    // A session's own full queue stops reading it (what it reads, it answers), except on a
+    // relay: a session with live links sends what it reads to its peer, whose queue is what
+    // `link_wait` watches. Pausing it for its own queue too — which the *peer* fills — makes
+    // a cycle with any upstream that stops reading while its replies are not read (an echo
+    // server): both directions stall for good. Its own sends stay bounded by outbound_limit.
+    let relaying = links.is_some_and(|links| !links.peers.is_empty());
+    if (session.outbound.len() > high_watermark && !relaying)
+        || session.work.len() > WORK_HIGH_WATERMARK
+    {
         session.read_paused = true;
         LoopStats::add(&stats.read_pauses, 1);
         return false;
     }
     // Bytes for a linked session wait in the handler's requests until the callback returns:
     // past the high watermark, stop and let the loop hand them over (and pause if need be).
-    let sending = session.extras.as_deref().is_some_and(|extras| {
-        extras
-            .links
-            .as_deref()
-            .is_some_and(|links| links.pending > high_watermark)
-    });
+    let sending = links.is_some_and(|links| links.pending > high_watermark);
     if reads == MAX_READS_PER_TURN || sending {
         ready.push(key);
         return false;
