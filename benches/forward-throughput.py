@@ -24,19 +24,24 @@ PLEXUS = "target/release/plexus"
 TASKSET = ["taskset", "-c", "0"] if shutil.which("taskset") and os.cpu_count() >= 2 else []
 
 
+def start_plexus(name, listener_keys):
+    """A one-loop plexus with one tcp listener NAME (its other keys given): process and port."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
+        cfg.write(f'[server]\nevent_loops = 1\n[[listener]]\nname = "{name}"\ntransport = "tcp"\n'
+                  f'addr = "127.0.0.1:0"\n{listener_keys}')
+    proc = subprocess.Popen(TASKSET + [PLEXUS, "serve", "--config", cfg.name],
+                            stderr=subprocess.PIPE, text=True)
+    port = None
+    while port is None:
+        match = re.search(rf"listening name={name} transport=tcp addr=127\.0\.0\.1:(\d+)", proc.stderr.readline())
+        port = match and int(match.group(1))
+    return proc, port
+
+
 def start_relay(kind, echo_port):
     """The relay process and its port."""
     if kind == "plexus":
-        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg2:
-            cfg2.write('[server]\nevent_loops = 1\n[[listener]]\nname = "fwd"\ntransport = "tcp"\n'
-                       f'addr = "127.0.0.1:0"\nservice = "forward"\nupstream = "127.0.0.1:{echo_port}"\n')
-        relay = subprocess.Popen(TASKSET + [PLEXUS, "serve", "--config", cfg2.name],
-                                 stderr=subprocess.PIPE, text=True)
-        port = None
-        while port is None:
-            match = re.search(r"listening name=fwd transport=tcp addr=127\.0\.0\.1:(\d+)", relay.stderr.readline())
-            port = match and int(match.group(1))
-        return relay, port
+        return start_plexus("fwd", f'service = "forward"\nupstream = "127.0.0.1:{echo_port}"\n')
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -59,15 +64,7 @@ def start_relay(kind, echo_port):
 
 
 def run(kind):
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as cfg:
-        cfg.write('[server]\nevent_loops = 1\n[[listener]]\nname = "echo"\ntransport = "tcp"\n'
-                  'addr = "127.0.0.1:0"\nservice = "echo"\n')
-    first = subprocess.Popen(TASKSET + [PLEXUS, "serve", "--config", cfg.name],
-                             stderr=subprocess.PIPE, text=True)
-    echo_port = None
-    while echo_port is None:
-        match = re.search(r"listening name=echo transport=tcp addr=127\.0\.0\.1:(\d+)", first.stderr.readline())
-        echo_port = match and int(match.group(1))
+    first, echo_port = start_plexus("echo", 'service = "echo"\n')
     relay, port = start_relay(kind, echo_port)
     try:
         sock = socket.create_connection(("127.0.0.1", port))

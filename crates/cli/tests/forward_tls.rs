@@ -148,6 +148,18 @@ impl Drop for SServer {
     }
 }
 
+/// Sends `line` through the relay at `addr` on a new connection: the line that comes back.
+fn line_through(addr: std::net::SocketAddr, line: &[u8]) -> String {
+    let mut client = connect(addr);
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    client.write_all(line).unwrap();
+    let mut back = String::new();
+    BufReader::new(client).read_line(&mut back).unwrap();
+    back
+}
+
 fn config(port: u16, ca: &Path, sni: &str) -> String {
     format!(
         "[[listener]]\nname = \"fwd\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
@@ -171,20 +183,11 @@ fn tls_origination_verifies_the_upstream_against_the_ca_file() {
         &dir.path().join("good.pem"),
         "upstream_sni = \"localhost\"",
     ));
-    let mut client = connect(relay.addr("fwd"));
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    client.write_all(b"through tls\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(client.try_clone().unwrap())
-        .read_line(&mut line)
-        .unwrap();
     assert_eq!(
-        line, "slt hguorht\n",
+        line_through(relay.addr("fwd"), b"through tls\n"),
+        "slt hguorht\n",
         "s_server -rev answered through the relay"
     );
-    drop(client);
 
     // Another CA: the certificate is refused, the client closed without a byte.
     let refusing = Server::start(&config(upstream.port, &dir.path().join("other.pem"), ""));
@@ -249,17 +252,9 @@ fn an_upstream_whose_tls_handshake_fails_is_skipped_for_the_next_one() {
     // Round robin would give the untrusted upstream every other client: each is served by the
     // trusted one instead, the first after a failover, the rest because it is skipped.
     for n in 0..4 {
-        let mut client = connect(relay.addr("fwd"));
-        client
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap();
-        client.write_all(b"failover\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(client.try_clone().unwrap())
-            .read_line(&mut line)
-            .unwrap();
         assert_eq!(
-            line, "revoliaf\n",
+            line_through(relay.addr("fwd"), b"failover\n"),
+            "revoliaf\n",
             "client {n} reached the trusted upstream"
         );
     }

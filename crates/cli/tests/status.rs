@@ -481,7 +481,7 @@ fn headless_chromium_shows_every_listener_and_the_sessions_opened_with_and_witho
     // itself needs script, so this DOM is read over the DevTools protocol instead.
     let (dom, radius) = dom_without_javascript(&url);
     // The Content-Security-Policy admits the page's one style sheet by its hash (no
-    // 'unsafe-inline'): had the hash been wrong, the sections would have square corners.
+    // inline allowance): had the hash been wrong, the sections would have square corners.
     assert_eq!(
         radius, "10px",
         "the style sheet applies under the page's CSP"
