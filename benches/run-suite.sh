@@ -407,6 +407,7 @@ EOF
 }
 
 # start_haproxy UPSTREAM: haproxy (Debian's 2.6) as a plain TCP relay, one thread, to UPSTREAM.
+# maxconn 9000: haproxy raises its fd limit to 2 x maxconn + a margin, and the hard limit here is 20000.
 start_haproxy() {
     local port
     port=$(free_port)
@@ -414,7 +415,7 @@ start_haproxy() {
     cat >"$WORK/haproxy/haproxy.cfg" <<EOF
 global
     nbthread 1
-    maxconn 30000
+    maxconn 9000
 defaults
     mode tcp
     timeout connect 5s
