@@ -2,7 +2,8 @@
 """Forward relay throughput: plexus `forward` against HAProxy (`mode tcp`, one thread), same run.
 
 client --> relay --> plexus echo listener --> back the same way. The relay is plexus
-(event_loops = 1) or haproxy (nbthread 1; once plain, once with `option splice-auto`); relay and
+(event_loops = 1; `splice = true`, then `splice = false`) or haproxy (nbthread 1; once
+plain, once with `option splice-auto`); relay and
 echo are pinned to CPU 0 (taskset, when available), the client (this script) to CPU 1. It
 streams SIZE MiB and reads the echo concurrently, verifying the byte count; the figure is the
 relay process's own CPU per MiB relayed each way. Run from the repository root after
@@ -40,8 +41,10 @@ def start_plexus(name, listener_keys):
 
 def start_relay(kind, echo_port):
     """The relay process and its port."""
-    if kind == "plexus":
-        return start_plexus("fwd", f'service = "forward"\nupstream = "127.0.0.1:{echo_port}"\n')
+    if kind.startswith("plexus"):
+        splice = "false" if kind == "plexus-copy" else "true"
+        return start_plexus("fwd", f'service = "forward"\nupstream = "127.0.0.1:{echo_port}"\n'
+                                   f'splice = {splice}\n')
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -98,7 +101,7 @@ def run(kind):
 
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
-KINDS = ["plexus"] + (["haproxy", "haproxy-splice"] if HAPROXY else [])
+KINDS = ["plexus-splice", "plexus-copy"] + (["haproxy", "haproxy-splice"] if HAPROXY else [])
 if not HAPROXY:
     print("haproxy not found: its rows are skipped")
 for kind in KINDS + KINDS:

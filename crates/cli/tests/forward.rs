@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{connect, echo_config, Server, MIB};
+use common::{connect, echo_config, metric, Server, MIB};
 
 fn forward_config(upstream: SocketAddr, transport: &str, extra: &str) -> String {
     format!(
@@ -69,16 +69,68 @@ fn transfer_both_ways_reading_late(stream: TcpStream, total: u64, late: Duration
     received
 }
 
+/// A forward listener plus an http listener for its `/metrics`.
+fn forward_config_with_metrics(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "{}\n[[listener]]\nname = \"http\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"http\"\n",
+        forward_config(upstream, "tcp", extra)
+    )
+}
+
 #[test]
 fn hundred_mib_both_ways_through_splice() {
     let upstream = Server::start(&echo_config(""));
-    let relay = Server::start(&forward_config(upstream.addr("tcp-echo"), "tcp", ""));
+    let relay = Server::start(&forward_config_with_metrics(upstream.addr("tcp-echo"), ""));
     let total = 100 * MIB;
     let received = transfer_both_ways(connect(relay.addr("fwd")), total);
     assert_eq!(
         received, total,
         "every byte back, then EOF (half-close travelled both ways)"
     );
+    // Both directions went socket to socket (a few bytes may have been copied before the
+    // switch, while the upstream connected).
+    let http = relay.addr("http");
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 1);
+    let spliced = metric(http, "plexus_spliced_bytes_total");
+    assert!(
+        spliced > 2 * total - MIB,
+        "spliced {spliced} of {}",
+        2 * total
+    );
+}
+
+/// Splicing keeps the relay's backpressure and half-close: the client reads only half a second
+/// after it started sending, so every pipe and socket buffer on the way fills and each
+/// direction stops and resumes (a lost wake-up stalls the transfer until the read timeout);
+/// then the client's FIN travels through and the upstream's comes back after the last byte.
+#[test]
+fn a_spliced_relay_survives_a_client_that_reads_late() {
+    let small = "outbound_high_watermark = 16384\noutbound_low_watermark = 4096";
+    let upstream = Server::start(&echo_config(small));
+    let relay = Server::start(&forward_config_with_metrics(upstream.addr("tcp-echo"), ""));
+    let total = 16 * MIB;
+    for round in 0..2 {
+        let stream = connect(relay.addr("fwd"));
+        let received = transfer_both_ways_reading_late(stream, total, Duration::from_millis(500));
+        assert_eq!(received, total, "round {round}");
+    }
+    let http = relay.addr("http");
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 2);
+    // Nothing of the relayed bytes was queued in user space to be copied.
+    assert!(metric(http, "plexus_spliced_bytes_total") > 4 * total - MIB);
+}
+
+#[test]
+fn splice_false_copies() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config_with_metrics(
+        upstream.addr("tcp-echo"),
+        "splice = false",
+    ));
+    assert_eq!(transfer_both_ways(connect(relay.addr("fwd")), MIB), MIB);
+    assert_eq!(metric(relay.addr("http"), "plexus_spliced_pairs_total"), 0);
+    assert_eq!(metric(relay.addr("http"), "plexus_spliced_bytes_total"), 0);
 }
 
 #[test]
@@ -106,7 +158,7 @@ fn copy_mode_is_byte_exact_too() {
 fn a_relay_keeps_reading_an_upstream_that_stopped_reading_it() {
     let small = "outbound_high_watermark = 16384\noutbound_low_watermark = 4096";
     let upstream = Server::start(&echo_config(small));
-    let config = forward_config(upstream.addr("tcp-echo"), "tcp", "")
+    let config = forward_config(upstream.addr("tcp-echo"), "tcp", "splice = false")
         .replace("event_loops = 2", &format!("event_loops = 1\n{small}"));
     let relay = Server::start(&config);
     let total = 32 * MIB;

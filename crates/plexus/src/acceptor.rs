@@ -857,7 +857,11 @@ impl Acceptor {
         let info = SessionInfo {
             id: SessionId::next(),
             peer,
-            local: stream.local_addr().unwrap_or(listener.local),
+            // A listener bound to one address accepts on that address: no getsockname(2).
+            local: match listener.local.ip().is_unspecified() {
+                true => stream.local_addr().unwrap_or(listener.local),
+                false => listener.local,
+            },
             listener: Arc::clone(&listener.info),
         };
         let tls = match (&listener.tls, handshake) {

@@ -39,6 +39,7 @@ use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
+use links::links_of;
 
 const WAKER: Token = Token(usize::MAX);
 /// Reads per session per turn before the loop moves on to other sessions.
@@ -206,6 +207,8 @@ pub(crate) struct EventLoop {
     metrics: Option<Arc<Metrics>>,
     tls_failures: LogThrottle,
     proxy_failures: LogThrottle,
+    /// `splice_with` that found no descriptor for its pipes.
+    pipe_failures: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
     // datagram: this loop's udp/dtls sockets and their sessions.
@@ -263,6 +266,7 @@ impl EventLoop {
             metrics: None,
             tls_failures: LogThrottle::new(),
             proxy_failures: LogThrottle::new(),
+            pipe_failures: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
         };
@@ -582,6 +586,13 @@ impl EventLoop {
             self.serve_tls(key, now);
             return;
         }
+        let spliced = links_of(&mut session.extras).is_some_and(|links| links.splice.is_some());
+        if spliced && self.serve_splice(key, now) {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         let mut reads = 0;
         while may_read(
             session,
@@ -1688,5 +1699,6 @@ fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
 }
 
 mod links;
+mod splice;
 #[cfg(test)]
 mod tests;

@@ -35,6 +35,9 @@ pub(crate) struct LoopStats {
     pub(crate) closed_upstream_timeout: AtomicU64,
     pub(crate) closed_worker_pool_full: AtomicU64,
     pub(crate) read_pauses: AtomicU64,
+    /// Bytes relayed socket to socket by spliced pairs, and the pairs made.
+    pub(crate) spliced_bytes: AtomicU64,
+    pub(crate) spliced_pairs: AtomicU64,
     /// Times a session stopped being read because its broadcasts waited for another loop.
     pub(crate) broadcast_stalls: AtomicU64,
     pub(crate) handshakes_ok: AtomicU64,
@@ -201,6 +204,8 @@ impl Metrics {
             closed_forced: sum(|s| &s.closed_forced),
             closed_upstream_timeout: sum(|s| &s.closed_upstream_timeout),
             read_pauses: sum(|s| &s.read_pauses),
+            spliced_bytes: sum(|s| &s.spliced_bytes),
+            spliced_pairs: sum(|s| &s.spliced_pairs),
             broadcast_stalls: sum(|s| &s.broadcast_stalls),
             closed_worker_pool_full: sum(|s| &s.closed_worker_pool_full),
             closed_frame_too_large: self.closed_frame_too_large.load(Relaxed),
@@ -265,6 +270,10 @@ pub struct MetricsSnapshot {
     pub closed_upstream_timeout: u64,
     /// Times a session stopped being read because its outbound queue passed the high watermark.
     pub read_pauses: u64,
+    /// Bytes linked sessions relayed socket to socket with splice(2) ([`crate::Session::splice_with`]).
+    pub spliced_bytes: u64,
+    /// Linked pairs switched to splice(2).
+    pub spliced_pairs: u64,
     /// Times a session stopped being read because its broadcasts waited for room on another
     /// event loop (nothing is dropped; the sender waits).
     pub broadcast_stalls: u64,
@@ -448,6 +457,20 @@ impl MetricsSnapshot {
             "Times a session stopped being read because its peer was not reading.",
         );
         sample(out, "read_pauses_total", &[], self.read_pauses);
+        family(
+            out,
+            "spliced_bytes_total",
+            "counter",
+            "Bytes linked sessions relayed socket to socket with splice(2), without a copy to user space.",
+        );
+        sample(out, "spliced_bytes_total", &[], self.spliced_bytes);
+        family(
+            out,
+            "spliced_pairs_total",
+            "counter",
+            "Linked session pairs switched to splice(2).",
+        );
+        sample(out, "spliced_pairs_total", &[], self.spliced_pairs);
         family(
             out,
             "broadcast_stalls_total",

@@ -291,6 +291,18 @@ pub(crate) struct Links {
     /// A TLS upstream session whose TCP connect succeeded: the opener hears `Connected` (with
     /// this address) once the TLS handshake is done, not before.
     pub(crate) announce: Option<SocketAddr>,
+    /// What this session reads goes to a linked session inside the kernel
+    /// ([`Session::splice_with`]).
+    pub(crate) splice: Option<Box<SpliceOut>>,
+}
+
+/// One direction of a spliced pair: this session's socket → `pipe` → the peer's socket.
+pub(crate) struct SpliceOut {
+    /// The linked session the bytes go to: key in the loop's table, and id.
+    pub(crate) peer: (usize, SessionId),
+    pub(crate) pipe: plexus_sys::splice::Pipe,
+    /// Bytes in the pipe not yet written to the peer (at most the pipe's capacity).
+    pub(crate) pending: usize,
 }
 
 /// What a callback asked of a linked session.
@@ -299,6 +311,7 @@ pub(crate) enum LinkOp {
     Send(SessionId, bytes::BytesMut),
     Finish(SessionId),
     Close(SessionId),
+    Splice(SessionId),
 }
 
 /// An upstream session to open.
@@ -593,6 +606,17 @@ impl Session<'_> {
     /// [`Session::close`] would).
     pub fn close_to(&mut self, peer: SessionId) {
         self.links().ops.push(LinkOp::Close(peer));
+    }
+
+    /// From now on, the bytes between this session and the linked session `peer` move socket
+    /// to socket inside the kernel, both ways (`splice(2)` through a pipe per direction): the
+    /// two handlers see no more `on_data`, and each still hears `on_eof` once its side's bytes
+    /// are all across (a relay answers it with [`Session::finish_to`], as it would when
+    /// copying). Bytes already queued for either side are written first. Only between two
+    /// plain TCP sessions (no TLS on either, `peer` connected); otherwise, or when no pipe can
+    /// be made (descriptor limit), nothing changes and the bytes keep coming to `on_data`.
+    pub fn splice_with(&mut self, peer: SessionId) {
+        self.links().ops.push(LinkOp::Splice(peer));
     }
 
     /// Closes this session's write side once its queue is flushed (FIN, or close_notify on

@@ -320,6 +320,18 @@ impl SessionTable {
             .filter(|session| session.info.id == id)
     }
 
+    /// Two distinct sessions at once (a linked pair).
+    pub(crate) fn pair_mut(
+        &mut self,
+        first: usize,
+        second: usize,
+    ) -> Option<(&mut TcpSession, &mut TcpSession)> {
+        if first == second {
+            return None;
+        }
+        self.sessions.get2_mut(first, second)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.sessions.len()
     }

@@ -10,8 +10,11 @@
 //! is written ([`Session::finish_to`]), and the upstream's FIN comes back the same way (as
 //! close_notify to a TLS client). The pair ends when both directions have.
 //!
-//! Bytes are copied through user space (read into the loop's buffer, queued, written):
-//! `splice = true` is accepted and has no effect any more.
+//! On a tcp listener with a plain upstream and `splice = true` (the default), the pair is
+//! switched to splice(2) once the upstream connected ([`Session::splice_with`]): from then on
+//! the bytes move socket to socket inside the kernel, and the handlers only see the ends.
+//! Otherwise (TLS on either side, `splice = false`, no descriptor for a pipe) bytes are copied
+//! through user space (read into the loop's buffer, queued, written).
 //!
 //! The upstream (`upstream = "HOST:PORT"`, or several: `upstreams = [...]`) is resolved when
 //! the listener is built (at start or when a reload adds or changes it), never on a loop; its
@@ -42,7 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plexus::config::{Balance, ProxyVersion};
+use plexus::config::{Balance, ProxyVersion, Transport};
 use plexus::tls_client::{self, ServerTrust};
 use plexus::{
     BoxError, CloseReason, LinkEvent, ListenerContext, LoopLocal, Service, ServiceFactory, Session,
@@ -102,8 +105,12 @@ impl ServiceFactory for ForwardFactory {
                 config.upstream_fail_timeout,
             )),
         };
+        // Plain on both sides: a tcp listener and a plain upstream.
+        let splice = config.splice && config.transport == Transport::Tcp && !config.upstream_tls;
         Ok(Arc::new(
-            forward.with_proxy_protocol(config.upstream_proxy_protocol),
+            forward
+                .with_proxy_protocol(config.upstream_proxy_protocol)
+                .with_splice(splice),
         ))
     }
 }
@@ -243,6 +250,8 @@ pub struct Forward {
     /// Each event loop's round-robin turn.
     cursor: LoopLocal<usize>,
     proxy: Option<ProxyVersion>,
+    /// Ask the runtime to splice each connected pair ([`Session::splice_with`]).
+    splice: bool,
 }
 
 impl Forward {
@@ -261,6 +270,7 @@ impl Forward {
             pool: Arc::new(pool),
             cursor: LoopLocal::new(),
             proxy: None,
+            splice: false,
         }
     }
 
@@ -269,6 +279,14 @@ impl Forward {
     #[must_use]
     pub fn with_proxy_protocol(mut self, version: Option<ProxyVersion>) -> Self {
         self.proxy = version;
+        self
+    }
+
+    /// The same relay moving the bytes of each connected pair with splice(2), socket to socket
+    /// inside the kernel (only plain TCP on both sides; see [`Session::splice_with`]).
+    #[must_use]
+    pub fn with_splice(mut self, splice: bool) -> Self {
+        self.splice = splice;
         self
     }
 }
@@ -297,6 +315,7 @@ impl Service for Forward {
             replay: (self.pool.len() > 1).then(Vec::new),
             header,
             finished: false,
+            splice: self.splice,
         };
         if !client.start(session) {
             info!(
@@ -332,6 +351,8 @@ struct ClientSide {
     header: Option<Vec<u8>>,
     /// The client finished sending (its FIN travels to the upstream).
     finished: bool,
+    /// Splice the pair once the upstream connected.
+    splice: bool,
 }
 
 impl ClientSide {
@@ -414,6 +435,9 @@ impl SessionHandler for ClientSide {
                 self.replay = None;
                 self.header = None;
                 self.pool.connected(attempt.index);
+                if self.splice {
+                    session.splice_with(upstream);
+                }
                 if let Some(target) = self.pool.upstream(attempt.index) {
                     let elapsed = session.now().saturating_duration_since(attempt.asked);
                     target.record_connect_time(elapsed);

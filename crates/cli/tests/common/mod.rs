@@ -954,3 +954,23 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
     let stime: u64 = fields[12].parse().expect("stime");
     utime + stime
 }
+
+/// The value of the `/metrics` sample whose line starts with `sample` (a family name, with its
+/// labels if it has any), from the http listener at `http`; 0 when it is absent.
+pub(crate) fn metric(http: SocketAddr, sample: &str) -> u64 {
+    let mut stream = connect(http);
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(sample)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}

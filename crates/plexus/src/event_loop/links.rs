@@ -24,7 +24,7 @@ use crate::service::{
 use crate::session::{CallbackContext, TcpSession, TlsState};
 
 /// The links in a session's extras, if any.
-fn links_of(extras: &mut Option<Box<SessionExtras>>) -> Option<&mut Links> {
+pub(super) fn links_of(extras: &mut Option<Box<SessionExtras>>) -> Option<&mut Links> {
     extras.as_deref_mut()?.links.as_deref_mut()
 }
 
@@ -102,7 +102,10 @@ impl EventLoop {
         for op in ops {
             let to = match &op {
                 LinkOp::Connect(_) => None,
-                LinkOp::Send(to, _) | LinkOp::Finish(to) | LinkOp::Close(to) => Some(*to),
+                LinkOp::Send(to, _)
+                | LinkOp::Finish(to)
+                | LinkOp::Close(to)
+                | LinkOp::Splice(to) => Some(*to),
             };
             let Some(to) = to else {
                 if let LinkOp::Connect(request) = op {
@@ -152,6 +155,7 @@ impl EventLoop {
                 LinkOp::Close(_) => {
                     target.closing.get_or_insert(CloseReason::Requested);
                 }
+                LinkOp::Splice(_) => self.start_splice(key, target_key),
                 LinkOp::Connect(_) => {}
             }
             self.list_for_flush(target_key);
