@@ -39,7 +39,6 @@ use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
-use links::links_of;
 
 const WAKER: Token = Token(usize::MAX);
 /// Reads per session per turn before the loop moves on to other sessions.
@@ -586,8 +585,7 @@ impl EventLoop {
             self.serve_tls(key, now);
             return;
         }
-        let spliced = links_of(&mut session.extras).is_some_and(|links| links.splice.is_some());
-        if spliced && self.serve_splice(key, now) {
+        if session.extras.is_some() && self.serve_splice(key, now) {
             return;
         }
         let Some(session) = self.sessions.get_mut(key) else {

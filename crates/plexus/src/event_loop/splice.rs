@@ -161,7 +161,7 @@ impl EventLoop {
 
     /// `serve` for a session of a spliced pair: moves both directions. Returns `false` (and
     /// reads nothing of session `key`) while its own direction must go on copying, because
-    /// bytes copied before the switch are still queued for its peer.
+    /// bytes copied before the switch are still queued for its peer, or when `key` is not spliced.
     pub(super) fn serve_splice(&mut self, key: usize, now: Instant) -> bool {
         let Some(session) = self.sessions.get_mut(key) else {
             return false;
