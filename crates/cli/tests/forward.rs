@@ -121,6 +121,33 @@ fn a_spliced_relay_survives_a_client_that_reads_late() {
     assert!(metric(http, "plexus_spliced_bytes_total") > 4 * total - MIB);
 }
 
+/// Splice is for bulk: a connection exchanging small messages stays copied (two pipes and two
+/// splices per message would cost more), and switches once a read of 16 KiB or more shows
+/// bulk; the bytes before and after the switch arrive in order.
+#[test]
+fn small_messages_are_copied_until_bulk_switches_the_pair_to_splice() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config_with_metrics(upstream.addr("tcp-echo"), ""));
+    let http = relay.addr("http");
+    let mut stream = connect(relay.addr("fwd"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    for round in 0..200u32 {
+        let message = format!("message {round:>53}\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        stream.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message.as_bytes(), "round {round}");
+    }
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 0);
+    assert_eq!(metric(http, "plexus_spliced_bytes_total"), 0);
+    let total = 8 * MIB;
+    assert_eq!(transfer_both_ways(stream, total), total);
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 1);
+    assert!(metric(http, "plexus_spliced_bytes_total") > 2 * total - MIB);
+}
+
 #[test]
 fn splice_false_copies() {
     let upstream = Server::start(&echo_config(""));
