@@ -466,6 +466,12 @@ impl SessionHandler for ClientSide {
                 else {
                     return;
                 };
+                if reason == CloseReason::DescriptorsExhausted {
+                    // Not the upstream's fault (no health mark), and every other upstream
+                    // would need a descriptor too. The runtime logged it, throttled.
+                    session.close();
+                    return;
+                }
                 if !self.connected {
                     // It ended before `Connected`: refused, timed out, or (upstream_tls) its
                     // handshake failed or timed out. Either way this upstream cannot serve:
