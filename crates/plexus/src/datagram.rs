@@ -1056,6 +1056,7 @@ impl DatagramEndpoint {
             locals: &mut *parts.locals,
             alpn: None,
             tls: false,
+            direct: None,
         };
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");

@@ -1092,6 +1092,7 @@ mod tests {
                 locals: &mut self.locals,
                 alpn: None,
                 tls: false,
+                direct: None,
             };
             callback(&mut session);
         }

@@ -100,6 +100,7 @@ pub use registry::{BoxError, ListenerContext, ReopenHook, ServiceFactory};
 pub use server::{Server, ServerBuilder, ServerHandle};
 pub use service::{
     CloseReason, LinkEvent, Service, Session, SessionHandler, SessionId, SessionInfo,
+    WRITE_THROUGH_MIN,
 };
 pub use tls::TlsError;
 pub use upgrade::{Handover, UpgradeOptions};

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::fs::File;
+use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,7 @@ use bytes::Bytes;
 
 use crate::connector::{Connecting, Upstream};
 use crate::loop_local::{LoopLocal, LoopLocals};
-use crate::metrics::ServerStatus;
+use crate::metrics::{LoopStats, ServerStatus};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::outbound::OutboundQueue;
 use crate::worker::{Reply, WorkQueue};
@@ -369,6 +370,23 @@ pub struct Session<'a> {
     pub(crate) alpn: Option<&'a [u8]>,
     /// The bytes arrive decrypted from TLS.
     pub(crate) tls: bool,
+    /// A plain TCP session's socket, for [`Session::send`]'s write-through (`None`: TLS,
+    /// datagram, test harness).
+    pub(crate) direct: Option<DirectWrite<'a>>,
+}
+
+/// Sends of at least this many bytes onto an empty queue are written to the socket at once
+/// ([`Session::send`]). Below it, copying into the queue costs less than the system call a
+/// second send in the same callback would add (small replies leave together, in one `writev`).
+pub const WRITE_THROUGH_MIN: usize = 8 * 1024;
+
+/// What [`Session::send`] needs to write a plain TCP session's socket directly.
+pub(crate) struct DirectWrite<'a> {
+    pub(crate) stream: &'a mut mio::net::TcpStream,
+    /// The session's "last write would block" flag, kept as the loop's flush keeps it.
+    pub(crate) write_blocked: &'a mut bool,
+    pub(crate) last_activity: &'a mut Instant,
+    pub(crate) stats: &'a LoopStats,
 }
 
 impl Session<'_> {
@@ -403,11 +421,76 @@ impl Session<'_> {
     /// Queues bytes for the peer. If the queue would pass `outbound_limit` the session is
     /// closed instead (its peer is not reading) and the bytes are dropped with it. On a udp or
     /// dtls session, each call sends exactly one datagram.
+    ///
+    /// On a plain TCP session, a send of [`WRITE_THROUGH_MIN`] bytes or more with nothing
+    /// queued before it is written to the socket at once, and only what the socket did not
+    /// take is queued: a large reply costs no copy into the queue (the order of bytes is the
+    /// same either way).
     #[inline]
     pub fn send(&mut self, data: &[u8]) {
+        let mut data = data;
+        if data.len() >= WRITE_THROUGH_MIN {
+            match self.write_through(data) {
+                Some([]) | None => return,
+                Some(rest) => data = rest,
+            }
+        }
         if self.admits(data.len()) {
             self.outbound.push_copy(data);
         }
+    }
+
+    /// Writes `data` to the socket now if this session may ([`DirectWrite`]): a plain TCP
+    /// session with nothing queued, its socket not known to be full, its write side open and
+    /// nothing pending that must go first (a connect, a TLS upgrade, a splice). Returns what
+    /// is left to queue, or `None` when the write failed (the session closes, as when the
+    /// queue's own write fails).
+    fn write_through<'d>(&mut self, data: &'d [u8]) -> Option<&'d [u8]> {
+        if self.closing.is_some() || !self.outbound.is_empty() || !self.extras_allow_direct() {
+            return Some(data);
+        }
+        let Some(direct) = self.direct.as_mut() else {
+            return Some(data);
+        };
+        if *direct.write_blocked {
+            return Some(data);
+        }
+        match direct.stream.write(data) {
+            Ok(written) => {
+                if written > 0 {
+                    *direct.last_activity = self.now;
+                    direct.stats.sent(&self.info.listener, written);
+                }
+                let rest = data.get(written..).unwrap_or_default();
+                // A short write filled the socket: its writable edge says when to go on.
+                *direct.write_blocked = !rest.is_empty();
+                Some(rest)
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                *direct.write_blocked = true;
+                Some(data)
+            }
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => Some(data),
+            Err(err) => {
+                *self.closing = Some(CloseReason::Io(err.kind()));
+                None
+            }
+        }
+    }
+
+    /// Whether nothing in the session's extras must reach the socket before new bytes.
+    fn extras_allow_direct(&self) -> bool {
+        let Some(extras) = self.extras.as_deref() else {
+            return true;
+        };
+        extras.tls_upgrade.is_none()
+            && extras.proxy.is_none()
+            && extras.links.as_deref().is_none_or(|links| {
+                links.connecting.is_none()
+                    && links.splice.is_none()
+                    && !links.finish
+                    && !links.write_shut
+            })
     }
 
     /// Like [`Session::send`], for bytes the caller already owns (no copy).

@@ -24,7 +24,7 @@ use crate::connector::UPSTREAM_LISTENER;
 use crate::loop_local::LoopLocals;
 use crate::metrics::{LoopStats, Metrics};
 use crate::outbound::OutboundQueue;
-use crate::service::{Broadcast, Session, SessionExtras};
+use crate::service::{Broadcast, DirectWrite, Session, SessionExtras};
 use crate::service::{CloseReason, Service, SessionHandler, SessionId, SessionInfo};
 use crate::worker::WorkQueue;
 
@@ -155,6 +155,7 @@ impl TcpSession {
         call: impl FnOnce(&mut Box<dyn SessionHandler>, &mut Session<'_>),
     ) {
         let TcpSession {
+            stream,
             info,
             handler,
             outbound,
@@ -163,8 +164,16 @@ impl TcpSession {
             extras,
             drain_wanted,
             tls,
+            write_blocked,
+            last_activity,
             ..
         } = self;
+        let direct = tls.is_none().then_some(DirectWrite {
+            stream,
+            write_blocked,
+            last_activity,
+            stats: context.stats,
+        });
         let alpn = tls
             .as_deref()
             .and_then(|tls| tls.transport.connection().alpn_protocol());
@@ -184,6 +193,7 @@ impl TcpSession {
             locals: &mut *context.locals,
             alpn,
             tls: tls.is_some(),
+            direct,
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
         if outcome.is_err() {

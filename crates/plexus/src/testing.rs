@@ -616,6 +616,7 @@ impl Harness {
             locals: &mut self.locals,
             alpn: self.alpn.as_deref(),
             tls: self.alpn.is_some(),
+            direct: None,
         };
         let handler = &mut self.handler;
         if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {

@@ -29,7 +29,17 @@ const WAIT: Duration = Duration::from_secs(10);
 enum Seen {
     Opened(SessionId),
     Data(SessionId, Vec<u8>),
+    /// `session.queued()` right after the sends of a `big` or `small+big` command.
+    Queued(usize),
     Closed(SessionId, CloseReason),
+}
+
+/// The payload of the `big` commands: larger than `WRITE_THROUGH_MIN`, smaller than what a
+/// loopback socket takes at once.
+const BIG: usize = 64 * 1024;
+
+fn big_payload() -> Vec<u8> {
+    (0..BIG).map(|i| (i % 253) as u8).collect()
 }
 
 /// Echoes, and obeys a few commands: `panic` panics in `on_data`, `bye` answers then closes.
@@ -62,6 +72,15 @@ impl SessionHandler for RecorderSession {
             b"bye" => {
                 session.send(b"later\n");
                 session.close();
+            }
+            b"big" => {
+                session.send(&big_payload());
+                let _ = self.seen.send(Seen::Queued(session.queued()));
+            }
+            b"small+big" => {
+                session.send(b"first\n");
+                session.send(&big_payload());
+                let _ = self.seen.send(Seen::Queued(session.queued()));
             }
             _ => session.send(data),
         }
@@ -270,6 +289,27 @@ fn a_large_echo_comes_back_whole_under_backpressure() {
     let collector = std::thread::spawn(move || read_exactly(&mut reader, expected));
     client.write_all(&payload).unwrap();
     assert!(collector.join().unwrap() == payload);
+    running.stop().unwrap();
+}
+
+/// A large send onto an empty queue goes straight to the socket (nothing is left queued, so
+/// nothing was copied into the queue); behind bytes already queued it is queued too, so the
+/// peer gets everything in order.
+#[test]
+fn a_large_send_is_written_through_unless_bytes_wait_before_it() {
+    let running = Running::start(Duration::from_secs(60), false);
+    let (mut client, _) = running.connect();
+    let queued = |running: &Running| match running.take(|seen| matches!(seen, Seen::Queued(_))) {
+        Seen::Queued(queued) => queued,
+        _ => unreachable!(),
+    };
+    client.write_all(b"big").unwrap();
+    assert_eq!(queued(&running), 0, "written through, not queued");
+    assert!(read_exactly(&mut client, BIG) == big_payload());
+    client.write_all(b"small+big").unwrap();
+    assert_eq!(queued(&running), 6 + BIG, "queued behind the small send");
+    assert_eq!(read_exactly(&mut client, 6), b"first\n");
+    assert!(read_exactly(&mut client, BIG) == big_payload());
     running.stop().unwrap();
 }
 
