@@ -165,9 +165,10 @@ impl TcpSession {
             tls,
             ..
         } = self;
-        let alpn = tls
+        let tls_state = tls
             .as_deref()
-            .and_then(|tls| tls.transport.connection().alpn_protocol());
+            .map(|tls| -> &rustls::CommonState { tls.transport.connection() });
+        let alpn = tls_state.and_then(rustls::CommonState::alpn_protocol);
         let mut handle = Session {
             info,
             outbound,
@@ -183,6 +184,7 @@ impl TcpSession {
             now: context.now,
             locals: &mut *context.locals,
             alpn,
+            tls_state,
             tls: tls.is_some(),
         };
         let outcome = catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle)));
