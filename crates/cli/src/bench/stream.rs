@@ -357,7 +357,7 @@ fn worker<E: Exchange>(
             tally.tls = conns
                 .iter()
                 .flatten()
-                .find_map(|c| c.transport.tls.as_ref().map(describe));
+                .find_map(|c| c.transport.tls.as_ref().map(|tls| describe(tls)));
         }
     }
     // Every thread starts measuring at the same moment, setup done.
@@ -499,7 +499,7 @@ fn drop_conn<E>(poll: &Poll, slot: &mut Option<Conn<E>>) {
 }
 
 /// Negotiated version, suite and group, e.g. `TLSv1_3/TLS13_AES_256_GCM_SHA384/X25519`.
-pub(crate) fn describe(conn: &ClientConnection) -> String {
+pub(crate) fn describe(conn: &rustls::CommonState) -> String {
     let version = conn
         .protocol_version()
         .map_or_else(|| "?".to_owned(), |v| format!("{v:?}"));

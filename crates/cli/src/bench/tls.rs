@@ -70,6 +70,11 @@ impl TlsPlan {
             .map_err(|err| option_error(&self.trust, err))
     }
 
+    /// The name sent (SNI) and verified.
+    pub(crate) fn name(&self) -> ServerName<'static> {
+        self.name.clone()
+    }
+
     /// Whether certificates are checked (for the report).
     pub(crate) fn verifies_certificates(&self) -> bool {
         !self.insecure

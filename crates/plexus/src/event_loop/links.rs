@@ -4,13 +4,14 @@
 //! telling each side when the other connected or ended.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use plexus_proto::deadline_after;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::{client_token, upstream_token, EventLoop};
@@ -43,9 +44,29 @@ fn upstream_info(id: SessionId, upstream: &Upstream, addr: Option<&SocketAddr>) 
     }
 }
 
-/// Starts a non-blocking connect to `addr`, registered under `token`.
-fn open_stream(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(addr)?;
+/// Starts a non-blocking connect to `addr` (from `source`, if given), registered under
+/// `token`.
+fn open_stream(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    registry: &Registry,
+    token: Token,
+) -> io::Result<TcpStream> {
+    let mut stream = match source {
+        None => TcpStream::connect(addr)?,
+        Some(ip) => {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+            match socket.connect(&SockAddr::from(addr)) {
+                Ok(()) => {}
+                Err(err) if plexus_sys::is_connect_in_progress(&err) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+            TcpStream::from_std(socket.into())
+        }
+    };
     stream.set_nodelay(true)?;
     registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
     Ok(stream)
@@ -221,7 +242,12 @@ impl EventLoop {
                 return;
             };
             upstream.count(UpstreamEvent::Attempt);
-            match open_stream(addr, self.poll.registry(), upstream_token(key)) {
+            match open_stream(
+                addr,
+                upstream.source(),
+                self.poll.registry(),
+                upstream_token(key),
+            ) {
                 Ok(stream) => break (stream, addr),
                 Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
                     // A local shortage: every other address would fail the same way, and the
@@ -484,7 +510,12 @@ impl EventLoop {
         debug!(session = %id, upstream = upstream.name(), addr = ?connecting.addr(), "connect attempt failed: {reason}");
         while let Some(addr) = connecting.advance() {
             upstream.count(UpstreamEvent::Attempt);
-            match open_stream(addr, self.poll.registry(), upstream_token(key)) {
+            match open_stream(
+                addr,
+                upstream.source(),
+                self.poll.registry(),
+                upstream_token(key),
+            ) {
                 Ok(stream) => {
                     connecting.timer = Some(self.timers.insert(
                         deadline_after(now, upstream.connect_timeout()),
