@@ -21,6 +21,7 @@ mod flood;
 mod http;
 mod report;
 mod stream;
+mod stream_rt;
 mod tls;
 mod udp;
 

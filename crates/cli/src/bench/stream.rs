@@ -233,17 +233,17 @@ impl<E: Exchange> Conn<E> {
     }
 }
 
-/// One thread's figures.
+/// One thread's (or event loop's) figures.
 #[derive(Default)]
-struct Tally {
-    latency: Latency,
-    count: u64,
-    bytes: u64,
-    errors: Errors,
-    scheduled: u64,
-    unanswered: u64,
-    tls: Option<String>,
-    max_backlog: usize,
+pub(super) struct Tally {
+    pub(super) latency: Latency,
+    pub(super) count: u64,
+    pub(super) bytes: u64,
+    pub(super) errors: Errors,
+    pub(super) scheduled: u64,
+    pub(super) unanswered: u64,
+    pub(super) tls: Option<String>,
+    pub(super) max_backlog: usize,
 }
 
 /// Runs tcp-echo, tls-echo or http.
@@ -266,12 +266,28 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     }
 }
 
-fn engine<E: Exchange>(
+fn engine<E: Exchange + Send + 'static>(
     plan: &Plan,
     unit: &'static str,
     tls_config: Option<&Arc<ClientConfig>>,
     make: &(dyn Fn(usize) -> E + Sync),
 ) -> anyhow::Result<Outcome> {
+    let tallies = match plan.rate {
+        // Closed loop: on plexus' client runtime.
+        None => super::stream_rt::engine(plan, unit, tls_config, make)?,
+        // Open loop: sends on a schedule finer than the runtime's 10 ms timer tick.
+        Some(_) => threads(plan, unit, tls_config, make),
+    };
+    Ok(summary(plan, unit, &tallies))
+}
+
+/// The mio engine: `--threads` threads, each a `Poll` over its share of the connections.
+fn threads<E: Exchange>(
+    plan: &Plan,
+    unit: &'static str,
+    tls_config: Option<&Arc<ClientConfig>>,
+    make: &(dyn Fn(usize) -> E + Sync),
+) -> Vec<Tally> {
     let barrier = Barrier::new(plan.threads);
     let progress = Arc::new(Progress::default());
     let line = ProgressLine::start(Arc::clone(&progress), unit);
@@ -289,11 +305,15 @@ fn engine<E: Exchange>(
             .collect()
     });
     drop(line);
+    tallies
+}
 
+/// The outcome of a run from the tallies of its threads (or loops).
+fn summary(plan: &Plan, unit: &'static str, tallies: &[Tally]) -> Outcome {
     let mut outcome = Outcome::new(unit);
     outcome.window = plan.duration;
     let (mut scheduled, mut unanswered, mut max_backlog, mut tls_desc) = (0, 0, 0, None);
-    for tally in &tallies {
+    for tally in tallies {
         outcome.latency.merge(&tally.latency);
         outcome.count += tally.count;
         outcome.bytes += tally.bytes;
@@ -319,7 +339,7 @@ fn engine<E: Exchange>(
     if plan.mode == Mode::Http {
         outcome.extra("path", json!(plan.path));
     }
-    Ok(outcome)
+    outcome
 }
 
 /// One load thread: connects its share, waits for every thread at the barrier, runs.
