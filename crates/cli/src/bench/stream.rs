@@ -1,5 +1,9 @@
 //! The stream engine: tcp-echo, tls-echo and http over TCP (or TLS) connections.
 //!
+//! The closed loop runs on plexus' client runtime ([`super::stream_rt`]); this module holds
+//! the [`Exchange`]s both engines use, the summary of a run, and the mio engine the open loop
+//! (`--rate`) runs on: its schedule is finer than the runtime's 10 ms timer tick.
+//!
 //! `--threads` std threads each run a mio `Poll` over their share of the connections. Every
 //! connection is connected (and, with TLS, handshaken) before a barrier; then all threads
 //! start together. An [`Exchange`] turns the stream into messages: it writes requests and
