@@ -29,9 +29,11 @@
 //!   [`ClientError::Busy`] when its loop's channel is full, while [`Connection::send`] and
 //!   [`Connection::run`] wait for room;
 //! - [`Connection::send`] waits while the bytes it handed in and the loop has not queued yet
-//!   pass the high watermark, and while the connection's outbound queue is past the high
-//!   watermark (until it drains to the low one): a peer that stops reading stops the sender,
-//!   and a connection holds at most about twice the high watermark plus one send.
+//!   pass the high watermark (or half the room `outbound_limit` leaves above it, if less), and
+//!   while the connection's outbound queue is past the high watermark (until it drains to the
+//!   low one): a peer that stops reading stops the sender, and a connection holds at most
+//!   about twice the high watermark plus one send — within `outbound_limit`, unless one send
+//!   alone is larger than the room above the high watermark.
 //!
 //! Neither may be called on a loop thread (from a handler): they may wait for that very loop.
 //! A handler uses its [`Session`] instead.
@@ -194,7 +196,9 @@ struct Shared {
     /// The loop the next connection goes to (round robin).
     next: AtomicUsize,
     live: Arc<Liveness>,
-    high_watermark: usize,
+    /// Bytes [`Connection::send`] may have in flight to the loop: the high watermark, less if
+    /// `outbound_limit` leaves less room above it (so the flow control never overflows it).
+    send_budget: usize,
 }
 
 /// Open connections, and how `run` hears that they are all gone (or that it should stop).
@@ -295,7 +299,13 @@ impl ClientRuntime {
                     stopped: AtomicBool::new(false),
                     waker,
                 }),
-                high_watermark: options.limits.high_watermark,
+                send_budget: options.limits.high_watermark.min(
+                    options
+                        .limits
+                        .outbound_limit
+                        .saturating_sub(options.limits.high_watermark)
+                        / 2,
+                ),
             }),
             poll,
             threads,
@@ -524,7 +534,7 @@ impl Connection {
             return Ok(());
         }
         let len = data.len();
-        let budget = self.shared.high_watermark;
+        let budget = self.shared.send_budget;
         self.flow.reserve(len, budget).map_err(|()| self.ended())?;
         let flow = Arc::clone(&self.flow);
         self.deliver(Box::new(move |session: &mut Session<'_>| {
