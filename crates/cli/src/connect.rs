@@ -2,24 +2,39 @@
 //! go to standard output; when standard input ends the write side is shut down and the
 //! command exits once the peer has closed (every reply has arrived).
 //!
-//! This module parses the peer URL and dispatches on its scheme: `tcp://` is relayed here,
-//! `tls://` by [`crate::tls_client`], `udp://` and `dtls://` by [`crate::dgram_client`] (one
-//! datagram per line).
+//! This module parses the peer URL and dispatches on its scheme. `tcp://` and `tls://` run on
+//! plexus' client runtime ([`plexus::ClientRuntime`], one event loop): the library's connector
+//! (connect timeout, fallback across the resolved addresses, the TLS client of
+//! [`plexus::tls_client`], whose options [`crate::tls_client`] maps), a thread feeding standard
+//! input through the connection's [`Connection`] handle with backpressure, and the peer's bytes
+//! written to standard output by the runtime's worker thread. `udp://` and `dtls://` stay on
+//! [`crate::dgram_client`] (one datagram per line): the library has no datagram connector yet.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use anyhow::{bail, Context as _};
 use clap::Args;
+use plexus::{
+    ClientRuntime, CloseReason, Connection, LinkEvent, Session, SessionHandler, SessionInfo,
+    Upstream,
+};
+use rustls::pki_types::ServerName;
 
 use crate::dgram_client::{self, DtlsOptions};
 use crate::tls_client::{self, TlsOptions};
 use crate::EXIT_USAGE;
 
+/// Bound on each connect attempt (each resolved address in turn).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on the TLS handshake, from the TCP connection on.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest chunk read from standard input at once.
+const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Args)]
 pub(crate) struct ConnectArgs {
@@ -93,56 +108,159 @@ pub(crate) fn run(args: ConnectArgs) -> ExitCode {
     if scheme == "udp" {
         return dgram_client::run_udp(target);
     }
-    match connect_tcp(target) {
+    relay(target, None)
+}
+
+/// Connects to `target` (`HOST:PORT`) on a client runtime — over TLS when `tls` says so —
+/// and relays standard input and output until the peer closes. Exit 0 on a clean end, 1 on a
+/// connection (or TLS) failure.
+pub(crate) fn relay(target: &str, tls: Option<TlsUpstream>) -> ExitCode {
+    match relay_on_runtime(target, tls) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {target}: {err}");
+            eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
 }
 
-/// Resolves `target` (`HOST:PORT`) and connects to the first address that accepts, with a
-/// connect timeout; the error is the last address's.
-pub(crate) fn dial(target: &str) -> io::Result<TcpStream> {
-    let addrs: Vec<_> = target.to_socket_addrs()?.collect();
-    let mut last_error = io::Error::new(io::ErrorKind::NotFound, "no address resolved");
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(stream) => return Ok(stream),
-            Err(err) => last_error = err,
-        }
+/// What `tls://` adds to a connection: the client configuration and the name to verify.
+pub(crate) struct TlsUpstream {
+    pub(crate) config: Arc<rustls::ClientConfig>,
+    pub(crate) name: ServerName<'static>,
+}
+
+/// How the connection ended, as its handler saw it.
+#[derive(Default)]
+struct Ending {
+    connected: bool,
+    reason: Option<CloseReason>,
+    stdout: Option<io::Error>,
+}
+
+fn relay_on_runtime(target: &str, tls: Option<TlsUpstream>) -> anyhow::Result<()> {
+    let scheme = if tls.is_some() { "tls" } else { "tcp" };
+    let mut upstream = Upstream::resolve(target)
+        .with_context(|| format!("{scheme}://{target}"))?
+        .with_connect_timeout(CONNECT_TIMEOUT);
+    let name = tls.as_ref().map(|tls| tls.name.clone());
+    if let Some(TlsUpstream { config, name }) = tls {
+        upstream = upstream.with_tls(config, name);
     }
-    Err(last_error)
-}
-
-fn connect_tcp(target: &str) -> io::Result<()> {
-    relay(dial(target)?)
-}
-
-fn relay(stream: TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    let mut to_peer = stream.try_clone()?;
-    // Standard input to the peer; at its end, half-close so the peer knows we are done.
-    thread::spawn(move || {
-        let copied = io::copy(&mut io::stdin().lock(), &mut to_peer);
-        let _ = to_peer.shutdown(Shutdown::Write);
-        if let Err(err) = copied {
-            eprintln!("error: sending to peer: {err}");
+    let runtime = ClientRuntime::builder()
+        .event_loops(1)
+        .handshake_timeout(HANDSHAKE_TIMEOUT)
+        .build()
+        .context("starting the client runtime")?;
+    let ending = Arc::new(Mutex::new(Ending::default()));
+    let handler = StdioRelay {
+        ending: Arc::clone(&ending),
+        tls: name.is_some(),
+    };
+    let connection = runtime
+        .connect(&upstream, Box::new(handler))
+        .context("opening the connection")?;
+    thread::Builder::new()
+        .name("plexus-stdin".to_owned())
+        .spawn(move || feed_stdin(&connection))
+        .context("starting the standard input thread")?;
+    runtime.run().context("client runtime")?;
+    let ending = std::mem::take(&mut *ending.lock().unwrap_or_else(PoisonError::into_inner));
+    if let Some(err) = ending.stdout {
+        bail!("writing to standard output: {err}");
+    }
+    let handshaking = !ending.connected;
+    match ending.reason {
+        None | Some(CloseReason::PeerClosed) if ending.connected => Ok(()),
+        Some(CloseReason::UpstreamFailed(kind)) => {
+            bail!("{scheme}://{target}: {}", io::Error::from(kind))
         }
-    });
-    let mut from_peer = stream;
-    let mut stdout = io::stdout().lock();
-    let mut buf = vec![0u8; 64 * 1024];
+        Some(CloseReason::UpstreamTimeout) => {
+            bail!("{scheme}://{target}: connect timed out after {CONNECT_TIMEOUT:?}")
+        }
+        Some(CloseReason::Tls(err)) => match &name {
+            Some(name) => bail!(
+                "{scheme}://{target}: {}",
+                tls_client::describe_tls_error(&err, handshaking, name)
+            ),
+            None => bail!("{scheme}://{target}: {err}"),
+        },
+        Some(CloseReason::HandshakeTimeout) => {
+            bail!("{scheme}://{target}: TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}")
+        }
+        Some(CloseReason::PeerClosed) => {
+            bail!("{scheme}://{target}: the peer closed the connection during the TLS handshake")
+        }
+        Some(reason) => bail!("{scheme}://{target}: {reason}"),
+        None => bail!("{scheme}://{target}: the connection ended before it was established"),
+    }
+}
+
+/// Standard input to the connection, in chunks: [`Connection::send`] blocks while the
+/// connection is backlogged, so a peer that does not read stops this thread (nothing piles up
+/// in memory). At the end of standard input the connection's write side is closed.
+fn feed_stdin(connection: &Connection) {
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; CHUNK];
     loop {
-        match from_peer.read(&mut buf) {
-            Ok(0) => return stdout.flush(),
+        match stdin.read(&mut buf) {
+            Ok(0) => break,
             Ok(n) => {
-                stdout.write_all(&buf[..n])?;
-                stdout.flush()?;
+                let chunk = buf.get(..n).unwrap_or_default().to_vec();
+                if connection.send(chunk).is_err() {
+                    return; // the connection ended
+                }
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
+            Err(err) => {
+                eprintln!("error: reading standard input: {err}");
+                break;
+            }
         }
+    }
+    let _ = connection.finish();
+}
+
+/// The connection's handler: the peer's bytes to standard output — written by the runtime's
+/// worker thread, in order (`spawn_blocking`), so the loop never blocks on a slow standard
+/// output and stops reading the peer while writes are pending — and how it ended.
+struct StdioRelay {
+    ending: Arc<Mutex<Ending>>,
+    tls: bool,
+}
+
+impl StdioRelay {
+    fn ending(&self) -> std::sync::MutexGuard<'_, Ending> {
+        self.ending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl SessionHandler for StdioRelay {
+    fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
+        if let LinkEvent::Connected { .. } = event {
+            self.ending().connected = true;
+            if self.tls {
+                if let Some(state) = session.tls_state() {
+                    tls_client::announce(state);
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        let data = data.to_vec();
+        let ending = Arc::clone(&self.ending);
+        session.spawn_blocking(move |reply| {
+            let mut stdout = io::stdout().lock();
+            if let Err(err) = stdout.write_all(&data).and_then(|()| stdout.flush()) {
+                let mut ending = ending.lock().unwrap_or_else(PoisonError::into_inner);
+                ending.stdout.get_or_insert(err);
+                reply.close();
+            }
+        });
+    }
+
+    fn on_close(&mut self, _: &SessionInfo, reason: &CloseReason) {
+        self.ending().reason = Some(reason.clone());
     }
 }

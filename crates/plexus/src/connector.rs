@@ -41,7 +41,7 @@
 //! summed. Bytes are the upstream sessions' own (read from and written to the upstream);
 //! connect time is what the opener reports with [`Upstream::record_connect_time`].
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -81,6 +81,8 @@ pub struct Upstream {
     addrs: Arc<[SocketAddr]>,
     connect_timeout: Duration,
     tls: Option<UpstreamTls>,
+    /// The local address connections are made from (`None`: the system picks).
+    source: Option<IpAddr>,
     shared: Arc<Shared>,
 }
 
@@ -123,6 +125,7 @@ impl std::fmt::Debug for Upstream {
             .field("addrs", &self.addrs)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
+            .field("source", &self.source)
             .finish()
     }
 }
@@ -186,6 +189,7 @@ impl Upstream {
             addrs: addrs.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: None,
+            source: None,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -244,6 +248,20 @@ impl Upstream {
             name: server_name,
         });
         self
+    }
+
+    /// The same upstream (sharing its counters), connected to from the local address `ip`
+    /// (bound with port 0 before each connect): to spread many connections over several
+    /// source addresses (127.0.0.x), past one address' ephemeral ports.
+    #[must_use]
+    pub fn with_source(mut self, ip: IpAddr) -> Upstream {
+        self.source = Some(ip);
+        self
+    }
+
+    /// The local address connections are made from, if one was set.
+    pub fn source(&self) -> Option<IpAddr> {
+        self.source
     }
 
     /// The TLS origination settings, if any.

@@ -1055,6 +1055,7 @@ impl DatagramEndpoint {
             now: parts.now,
             locals: &mut *parts.locals,
             alpn: None,
+            tls_state: None,
             tls: false,
             direct: None,
         };

@@ -34,7 +34,7 @@ use crate::loop_local::LoopLocals;
 pub(crate) use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::{LoopStats, Metrics};
 use crate::service::ProxyWait;
-use crate::service::{Broadcast, CloseReason, Service, SessionInfo};
+use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
@@ -80,6 +80,11 @@ pub(crate) enum Command {
     },
     /// Upgrade, new process: the old one has handed over; read the datagram sockets.
     ResumeDatagrams,
+    /// Open a client connection that no session asked for (a [`crate::client`] runtime's):
+    /// its handler hears `Connected` itself, and [`Command::Deliver`] reaches it by id.
+    Connect(Box<crate::service::ConnectRequest>),
+    /// Run a closure from another thread on such a connection (dropped if it ended).
+    Deliver(SessionId, links::Delivery),
 }
 
 /// An admitted TCP connection on its way to a loop.
@@ -156,6 +161,18 @@ impl LoopHandle {
             Err(TrySendError::Full(command) | TrySendError::Disconnected(command)) => Err(command),
         }
     }
+
+    /// Like [`LoopHandle::send`], but waits while the queue is full (never call it on a loop
+    /// thread). Fails only when the loop is gone.
+    pub(crate) fn send_waiting(&self, command: Command) -> Result<(), Command> {
+        match self.commands.send(command) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(crossbeam_channel::SendError(command)) => Err(command),
+        }
+    }
 }
 
 /// Tells the controlling thread that a loop has exited, when dropped.
@@ -216,6 +233,8 @@ pub(crate) struct EventLoop {
     datagram: DatagramEndpoint,
     /// Services' per-loop state ([`crate::LoopLocal`]).
     locals: LoopLocals,
+    /// Sessions opened by [`Command::Connect`], by id: where [`Command::Deliver`] goes.
+    clients: std::collections::HashMap<SessionId, usize>,
 }
 
 impl EventLoop {
@@ -262,6 +281,7 @@ impl EventLoop {
             // datagram:
             datagram: DatagramEndpoint::new(limits.clone(), Arc::clone(&stats)),
             locals: LoopLocals::default(),
+            clients: std::collections::HashMap::new(),
             limits,
             stats,
             metrics: None,
@@ -462,6 +482,8 @@ impl EventLoop {
                     };
                     self.datagram.resume(now, &mut parts);
                 }
+                Command::Connect(request) => self.start_connect(None, *request, now),
+                Command::Deliver(id, call) => self.deliver(id, call, now),
                 Command::SetLimits(limits) => {
                     if self.drain_deadline.is_none() {
                         self.idle_limit = limits.idle_timeout;
@@ -1700,6 +1722,7 @@ fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
 }
 
 mod links;
+pub(crate) use links::Delivery;
 mod splice;
 #[cfg(test)]
 mod tests;

@@ -1091,6 +1091,7 @@ mod tests {
                 now: std::time::Instant::now(),
                 locals: &mut self.locals,
                 alpn: None,
+                tls_state: None,
                 tls: false,
                 direct: None,
             };

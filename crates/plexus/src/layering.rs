@@ -43,6 +43,8 @@ const LAYERS: &[&[&str]] = &[
     &["reload"],
     // Listener setup (binding, per-listener service and options), and the library's errors.
     &["error"],
+    // The client runtime: event loops without listeners.
+    &["client"],
     &["listen"],
     &["acceptor"],
     &["server"],

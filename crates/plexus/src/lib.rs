@@ -54,6 +54,7 @@ mod acceptor;
 mod admission;
 mod breakdown;
 mod broadcast;
+pub mod client;
 pub mod config;
 mod connection;
 pub mod connector;
@@ -88,6 +89,7 @@ mod worker;
 
 pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, ReloadOutcome};
+pub use client::{ClientError, ClientHandle, ClientRuntime, ClientRuntimeBuilder, Connection};
 pub use config::{Config, ConfigError};
 pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
 pub use dtls::DtlsError;

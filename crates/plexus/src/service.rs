@@ -301,6 +301,9 @@ pub(crate) struct Links {
     /// What this session reads goes to a linked session inside the kernel
     /// ([`Session::splice_with`]).
     pub(crate) splice: Option<Box<SpliceOut>>,
+    /// A client runtime's connection ([`crate::ClientRuntime::connect`]): no session opened
+    /// it, so its own handler hears `Connected`, and [`Session::finish`] half-closes it.
+    pub(crate) client: bool,
 }
 
 /// One direction of a spliced pair: this session's socket → `pipe` → the peer's socket.
@@ -368,6 +371,8 @@ pub struct Session<'a> {
     pub(crate) locals: &'a mut LoopLocals,
     /// The protocol the TLS handshake agreed on by ALPN (read from the TLS stage).
     pub(crate) alpn: Option<&'a [u8]>,
+    /// The TLS connection's state, on a TLS stream session.
+    pub(crate) tls_state: Option<&'a rustls::CommonState>,
     /// The bytes arrive decrypted from TLS.
     pub(crate) tls: bool,
     /// A plain TCP session's socket, for [`Session::send`]'s write-through (`None`: TLS,
@@ -632,6 +637,14 @@ impl Session<'_> {
         self.alpn
     }
 
+    /// The TLS connection of a tls stream session (a tls listener's, one an `auto` group
+    /// upgraded, or a TLS upstream / client connection): its protocol version, cipher suite
+    /// and the peer's certificates, once the handshake is done. `None` on plain, udp and dtls
+    /// sessions.
+    pub fn tls_state(&self) -> Option<&rustls::CommonState> {
+        self.tls_state
+    }
+
     /// Whether the session's bytes travel inside TLS: a tls listener's session, or one a
     /// protocol group upgraded with [`Session::start_tls`] (from the service's
     /// [`Service::open`] on). False on plain, udp and dtls sessions.
@@ -709,14 +722,16 @@ impl Session<'_> {
     }
 
     /// Closes this session's write side once its queue is flushed (FIN, or close_notify on
-    /// TLS) and goes on reading. On a session without links this is [`Session::close`].
+    /// TLS) and goes on reading: on a session with links, and on a client runtime's
+    /// connection ([`crate::ClientRuntime::connect`]), which then closes once the peer has
+    /// finished too. On any other session this is [`Session::close`].
     pub fn finish(&mut self) {
         match self
             .extras
             .as_deref_mut()
             .and_then(|e| e.links.as_deref_mut())
         {
-            Some(links) if !links.peers.is_empty() => links.finish = true,
+            Some(links) if !links.peers.is_empty() || links.client => links.finish = true,
             _ => self.close(),
         }
     }

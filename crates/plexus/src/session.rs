@@ -174,9 +174,10 @@ impl TcpSession {
             last_activity,
             stats: context.stats,
         });
-        let alpn = tls
+        let tls_state = tls
             .as_deref()
-            .and_then(|tls| tls.transport.connection().alpn_protocol());
+            .map(|tls| -> &rustls::CommonState { tls.transport.connection() });
+        let alpn = tls_state.and_then(rustls::CommonState::alpn_protocol);
         let mut handle = Session {
             info,
             outbound,
@@ -192,6 +193,7 @@ impl TcpSession {
             now: context.now,
             locals: &mut *context.locals,
             alpn,
+            tls_state,
             tls: tls.is_some(),
             direct,
         };

@@ -615,6 +615,7 @@ impl Harness {
             now: self.now,
             locals: &mut self.locals,
             alpn: self.alpn.as_deref(),
+            tls_state: None,
             tls: self.alpn.is_some(),
             direct: None,
         };

@@ -198,22 +198,44 @@ pub fn verifier(
 }
 
 /// A client configuration that trusts as `trust` says and offers `alpn` (in order of
-/// preference; empty = no ALPN). Reads files (and the system store): call it at start-up.
+/// preference; empty = no ALPN), TLS 1.3 and 1.2, with rustls' in-memory session cache
+/// (resumption). Reads files (and the system store): call it at start-up.
 pub fn client_config(
     trust: &ServerTrust,
     alpn: &[Vec<u8>],
+) -> Result<Arc<ClientConfig>, TlsClientError> {
+    client_config_with(
+        trust,
+        alpn,
+        &[&rustls::version::TLS13, &rustls::version::TLS12],
+        true,
+    )
+}
+
+/// [`client_config`] with a choice of protocol `versions`, and of `resumption`: `true` keeps
+/// rustls' in-memory session cache (shared by every connection made from the returned
+/// configuration), `false` makes every handshake a full one (a load generator measuring
+/// handshakes).
+pub fn client_config_with(
+    trust: &ServerTrust,
+    alpn: &[Vec<u8>],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    resumption: bool,
 ) -> Result<Arc<ClientConfig>, TlsClientError> {
     if alpn.iter().any(|p| p.is_empty() || p.len() > 255) {
         return Err(TlsClientError::Alpn);
     }
     let provider = Arc::new(aws_lc_rs::default_provider());
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        .with_protocol_versions(versions)?;
     let mut config = builder
         .dangerous()
         .with_custom_certificate_verifier(verifier(trust, provider)?)
         .with_no_client_auth();
     config.alpn_protocols = alpn.to_vec();
+    if !resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     Ok(Arc::new(config))
 }
 

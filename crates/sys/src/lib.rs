@@ -38,3 +38,9 @@ pub mod splice;
 pub fn is_descriptor_exhaustion(err: &std::io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
 }
+
+/// Whether a non-blocking `connect` error only says the connect is under way (`EINPROGRESS`):
+/// its result comes with the socket's writable edge.
+pub fn is_connect_in_progress(err: &std::io::Error) -> bool {
+    err.raw_os_error() == Some(libc::EINPROGRESS)
+}

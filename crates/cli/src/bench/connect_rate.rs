@@ -1,53 +1,41 @@
 //! connect-rate: connections (and TLS handshakes, full or resumed) per second.
 //!
-//! Each of `--connections` slots repeats a cycle: non-blocking connect, TLS handshake (with
-//! `--tls`), one echo of `--size` pattern bytes (verified), close (close_notify first with
-//! TLS). A cycle's latency runs from the connect call to the verified echo. With `--resume`
-//! all slots share one client configuration and its session cache, so after the first
-//! handshakes the server sees resumptions; the JSON says how many handshakes were each kind.
-//! A cycle that takes longer than [`CYCLE_TIMEOUT`] is a `timeout` error; a failed slot waits
-//! [`BACKOFF`] before its next attempt, so a refusing server is not hammered in a tight loop.
+//! Each of `--connections` slots repeats a cycle: connect, TLS handshake (with `--tls`), one
+//! echo of `--size` pattern bytes (verified), close (close_notify first with TLS). A cycle's
+//! latency runs from the connect request to the verified echo. With `--resume` all slots
+//! share one client configuration and its session cache, so after the first handshakes the
+//! server sees resumptions; the JSON says how many handshakes were each kind. A cycle that
+//! takes longer than [`CYCLE_TIMEOUT`] is a `timeout` error; a failed slot waits [`BACKOFF`]
+//! before its next attempt, so a refusing server is not hammered in a tight loop.
+//!
+//! The cycles run on plexus' client runtime ([`plexus::ClientRuntime`], `--threads` event
+//! loops): each is a connection with a [`Cycle`] handler, made with the library's connector
+//! (non-blocking connect bounded by [`CYCLE_TIMEOUT`], the `--sources` address bound first,
+//! the TLS client of [`plexus::tls_client`]); a cycle that ends starts the slot's next one
+//! from its `on_close`, and the calling thread restarts the slots whose backoff is over.
 
-use std::io;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Barrier};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
-use rustls::{ClientConfig, HandshakeKind};
+use anyhow::Context as _;
+use plexus::{
+    ClientError, ClientHandle, ClientRuntime, CloseReason, LinkEvent, Session, SessionHandler,
+    SessionInfo, Upstream,
+};
+use rustls::HandshakeKind;
 use serde_json::json;
 
-use super::stream::{describe, EchoExchange, Exchange, Transport};
-use super::tls::Peer;
-use super::{
-    seed_of, tcp_connect_nonblocking, Errors, Fail, Latency, Outcome, Plan, Progress, ProgressLine,
-};
+use super::stream::{describe, EchoExchange, Exchange};
+use super::{seed_of, Errors, Fail, Latency, Outcome, Plan, Progress, ProgressLine};
 
 /// Longest a connect + handshake + echo may take.
 const CYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause of a slot after a failed cycle.
 const BACKOFF: Duration = Duration::from_millis(10);
-
-enum Phase {
-    Connecting,
-    Handshaking,
-    Echoing,
-}
-
-struct Cycle {
-    transport: Transport,
-    phase: Phase,
-    started: Instant,
-    echo: EchoExchange,
-    out: Vec<u8>,
-    pos: usize,
-}
-
-enum Slot {
-    Busy(Box<Cycle>),
-    Waiting(Instant),
-}
+/// How often the calling thread looks for slots to restart.
+const SCHEDULER_TICK: Duration = Duration::from_millis(5);
 
 #[derive(Default)]
 struct Tally {
@@ -64,27 +52,72 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
         Some(tls) => Some(tls.config(plan.resume)?),
         None => None,
     };
-    let barrier = Barrier::new(plan.threads);
+    let runtime = ClientRuntime::builder()
+        .event_loops(plan.threads)
+        .worker_threads(0)
+        .idle_timeout(CYCLE_TIMEOUT)
+        .handshake_timeout(CYCLE_TIMEOUT)
+        .build()
+        .context("starting the client runtime")?;
+    let mut upstreams = Vec::with_capacity(plan.sources.len());
+    for source in &plan.sources {
+        let mut upstream = Upstream::new("bench", vec![plan.addr])
+            .context("target address")?
+            .with_connect_timeout(CYCLE_TIMEOUT);
+        if let Some(ip) = source {
+            upstream = upstream.with_source(*ip);
+        }
+        if let (Some(config), Some(tls)) = (&tls_config, &plan.tls) {
+            upstream = upstream.with_tls(Arc::clone(config), tls.name());
+        }
+        upstreams.push(upstream);
+    }
     let progress = Arc::new(Progress::default());
     let line = ProgressLine::start(Arc::clone(&progress), "handshakes");
-    let tallies: Vec<Tally> = thread::scope(|scope| {
-        let handles: Vec<_> = (0..plan.threads)
-            .map(|t| {
-                let slots: Vec<usize> = (t..plan.connections).step_by(plan.threads).collect();
-                let (barrier, progress, config) = (&barrier, &progress, tls_config.as_ref());
-                scope.spawn(move || worker(plan, &slots, config, barrier, progress))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_default())
-            .collect()
+    let start = Instant::now();
+    let measure_from = start + plan.warmup;
+    let bench = Arc::new(Bench {
+        handle: runtime.handle(),
+        upstreams,
+        size: plan.size,
+        measure_from,
+        end: measure_from + plan.duration,
+        tallies: (0..plan.threads.max(1))
+            .map(|_| Mutex::new(Tally::default()))
+            .collect(),
+        progress: Arc::clone(&progress),
+        waiting: Mutex::new(Vec::new()),
+        seq: AtomicUsize::new(0),
     });
+    for slot in 0..plan.connections {
+        Bench::begin(&bench, slot, start);
+    }
+    loop {
+        let now = Instant::now();
+        if now >= bench.end {
+            break;
+        }
+        thread::sleep(SCHEDULER_TICK.min(bench.end - now));
+        let due: Vec<usize> = {
+            let mut waiting = lock(&bench.waiting);
+            let now = Instant::now();
+            let (due, later): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(at, _)| *at <= now);
+            *waiting = later;
+            due.into_iter().map(|(_, slot)| slot).collect()
+        };
+        for slot in due {
+            Bench::begin(&bench, slot, Instant::now());
+        }
+    }
+    // Cycles still running at the end are not counted (as before: the window is over).
+    runtime.shutdown();
+    runtime.run().context("client runtime")?;
     drop(line);
     let mut outcome = Outcome::new("handshakes");
     outcome.window = plan.duration;
     let (mut resumed, mut full, mut desc) = (0, 0, None);
-    for tally in &tallies {
+    for tally in &bench.tallies {
+        let tally = lock(tally);
         outcome.latency.merge(&tally.latency);
         outcome.count += tally.count;
         outcome.errors.merge(&tally.errors);
@@ -112,198 +145,157 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     Ok(outcome)
 }
 
-fn worker(
-    plan: &Plan,
-    slots: &[usize],
-    tls_config: Option<&Arc<ClientConfig>>,
-    barrier: &Barrier,
-    progress: &Progress,
-) -> Tally {
-    let mut tally = Tally::default();
-    let poll = Poll::new();
-    barrier.wait();
-    let mut poll = match poll {
-        Ok(poll) => poll,
-        Err(err) => {
-            tally.errors.add(slots[0], &Fail::from_io(err));
-            return tally;
-        }
-    };
-    let mut events = Events::with_capacity(1024);
-    let mut buf = vec![0u8; 16 * 1024];
-    let start = Instant::now();
-    let measure_from = start + plan.warmup;
-    let end = measure_from + plan.duration;
-    let mut table: Vec<Slot> = slots.iter().map(|_| Slot::Waiting(start)).collect();
-    let mut seq = 0usize;
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
-    loop {
-        let now = Instant::now();
-        if now >= end {
-            break;
+/// What every cycle shares.
+struct Bench {
+    handle: ClientHandle,
+    /// One per source address (`--sources`), used round robin.
+    upstreams: Vec<Upstream>,
+    size: usize,
+    measure_from: Instant,
+    end: Instant,
+    /// One per loop's share of the slots (slot % tallies), so errors print as before.
+    tallies: Vec<Mutex<Tally>>,
+    progress: Arc<Progress>,
+    /// Slots waiting for their backoff to end.
+    waiting: Mutex<Vec<(Instant, usize)>>,
+    /// Cycles started (picks the source address and the pattern).
+    seq: AtomicUsize,
+}
+
+impl Bench {
+    /// Starts slot `slot`'s next cycle, unless the window is over.
+    fn begin(bench: &Arc<Bench>, slot: usize, now: Instant) {
+        if now >= bench.end {
+            return;
         }
-        // Start waiting slots whose backoff is over; time out stuck cycles.
-        for (k, slot) in table.iter_mut().enumerate() {
-            let restart = match slot {
-                Slot::Waiting(at) => *at <= now,
-                Slot::Busy(cycle) if now - cycle.started > CYCLE_TIMEOUT => {
-                    tally.errors.add(slots[k], &Fail::Timeout);
-                    true
-                }
-                Slot::Busy(_) => false,
-            };
-            if restart {
-                close(&poll, slot, now);
-                seq += 1;
-                *slot = begin(plan, &poll, k, slots[k], seq, tls_config, &mut tally, now);
-            }
+        let seq = bench.seq.fetch_add(1, Ordering::Relaxed);
+        let Some(upstream) = bench.upstreams.get(seq % bench.upstreams.len().max(1)) else {
+            return;
+        };
+        let cycle = Cycle {
+            bench: Arc::clone(bench),
+            slot,
+            started: now,
+            echo: EchoExchange::new(seed_of(slot) ^ ((seq as u64) << 8), bench.size),
+            done: false,
+            failed: None,
+        };
+        match bench.handle.connect(upstream, Box::new(cycle)) {
+            Ok(_) => {}
+            Err(ClientError::Stopped) => {}
+            Err(_) => bench.later(slot, now),
         }
-        match poll.poll(
-            &mut events,
-            Some((end - now).min(Duration::from_millis(50))),
-        ) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-            Err(err) => {
-                tally.errors.add(slots[0], &Fail::from_io(err));
-                break;
-            }
+    }
+
+    fn later(&self, slot: usize, now: Instant) {
+        lock(&self.waiting).push((now + BACKOFF, slot));
+    }
+
+    fn tally(&self, slot: usize) -> MutexGuard<'_, Tally> {
+        let index = slot % self.tallies.len().max(1);
+        // `tallies` is never empty (one per loop, at least one loop).
+        #[allow(clippy::indexing_slicing)]
+        lock(&self.tallies[index])
+    }
+}
+
+/// One cycle of a slot: connect (+ handshake), one echo, close.
+struct Cycle {
+    bench: Arc<Bench>,
+    slot: usize,
+    started: Instant,
+    echo: EchoExchange,
+    done: bool,
+    failed: Option<Fail>,
+}
+
+impl SessionHandler for Cycle {
+    fn on_link(&mut self, session: &mut Session<'_>, event: LinkEvent) {
+        if let LinkEvent::Connected { .. } = event {
+            let spent = session.now().saturating_duration_since(self.started);
+            session.set_timer(CYCLE_TIMEOUT.saturating_sub(spent));
+            let mut out = Vec::with_capacity(self.bench.size);
+            self.echo.request(&mut out);
+            session.send(&out);
         }
-        let mut done = 0;
-        for event in events.iter() {
-            let k = event.token().0;
-            let Some(Slot::Busy(cycle)) = table.get_mut(k) else {
-                continue;
-            };
-            match step(cycle, &mut buf) {
-                Ok(false) => {}
-                Ok(true) => {
-                    let now = Instant::now();
-                    if cycle.started >= measure_from && now < end {
-                        tally.latency.record(now - cycle.started);
-                        tally.count += 1;
-                        match cycle
-                            .transport
-                            .tls
-                            .as_ref()
-                            .and_then(|t| t.handshake_kind())
-                        {
-                            Some(HandshakeKind::Resumed) => tally.resumed += 1,
-                            Some(_) => tally.full += 1,
-                            None => {}
-                        }
+    }
+
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        if self.done || self.failed.is_some() {
+            return;
+        }
+        match self.echo.receive(data) {
+            Ok(0) => {}
+            Ok(_) => {
+                self.done = true;
+                let now = Instant::now();
+                let bench = &self.bench;
+                if self.started >= bench.measure_from && now < bench.end {
+                    let mut tally = bench.tally(self.slot);
+                    tally.latency.record(now - self.started);
+                    tally.count += 1;
+                    let tls = session.tls_state();
+                    match tls.and_then(|t| t.handshake_kind()) {
+                        Some(HandshakeKind::Resumed) => tally.resumed += 1,
+                        Some(_) => tally.full += 1,
+                        None => {}
                     }
                     if tally.tls.is_none() {
-                        tally.tls = cycle.transport.tls.as_ref().map(describe);
+                        tally.tls = tls.map(describe);
                     }
-                    done += 1;
-                    close(&poll, &mut table[k], now);
-                    seq += 1;
-                    table[k] = begin(plan, &poll, k, slots[k], seq, tls_config, &mut tally, now);
                 }
-                Err(fail) => {
-                    tally.errors.add(slots[k], &fail);
-                    let now = Instant::now();
-                    close(&poll, &mut table[k], now);
-                    table[k] = Slot::Waiting(now + BACKOFF);
-                }
+                bench.progress.done.fetch_add(1, Ordering::Relaxed);
+                session.close();
+            }
+            Err(fail) => {
+                self.failed = Some(fail);
+                session.close();
             }
         }
-        progress.done.fetch_add(done, Ordering::Relaxed);
-        progress
-            .errors
-            .store(tally.errors.total(), Ordering::Relaxed);
     }
-    for slot in &mut table {
-        close(&poll, slot, Instant::now());
-    }
-    tally
-}
 
-/// Starts a cycle in slot `k` (token `k`), or a backoff if the socket cannot even be made.
-#[allow(clippy::too_many_arguments)]
-fn begin(
-    plan: &Plan,
-    poll: &Poll,
-    k: usize,
-    index: usize,
-    seq: usize,
-    tls_config: Option<&Arc<ClientConfig>>,
-    tally: &mut Tally,
-    now: Instant,
-) -> Slot {
-    let cycle = (|| -> Result<Cycle, Fail> {
-        let mut sock = tcp_connect_nonblocking(plan.addr, plan.source(seq))?;
-        poll.registry()
-            .register(&mut sock, Token(k), Interest::READABLE | Interest::WRITABLE)?;
-        let tls = match (tls_config, &plan.tls) {
-            (Some(config), Some(tls)) => Some(tls.connect(config)?),
-            _ => None,
-        };
-        Ok(Cycle {
-            transport: Transport { sock, tls },
-            phase: Phase::Connecting,
-            started: now,
-            echo: EchoExchange::new(seed_of(index) ^ ((seq as u64) << 8), plan.size),
-            out: Vec::new(),
-            pos: 0,
-        })
-    })();
-    match cycle {
-        Ok(cycle) => Slot::Busy(Box::new(cycle)),
-        Err(fail) => {
-            tally.errors.add(index, &fail);
-            Slot::Waiting(now + BACKOFF)
+    fn on_timer(&mut self, session: &mut Session<'_>) {
+        if !self.done {
+            self.failed.get_or_insert(Fail::Timeout);
+            session.close();
         }
+    }
+
+    fn on_close(&mut self, _: &SessionInfo, reason: &CloseReason) {
+        let now = Instant::now();
+        if *reason == CloseReason::ShutdownForced {
+            return; // the window is over
+        }
+        if self.done {
+            Bench::begin(&self.bench, self.slot, now);
+            return;
+        }
+        let fail = self.failed.take().unwrap_or_else(|| fail_of(reason));
+        self.bench.tally(self.slot).errors.add(self.slot, &fail);
+        count_error(&self.bench.progress.errors);
+        self.bench.later(self.slot, now);
     }
 }
 
-/// Ends a slot's cycle (close_notify with TLS, then the socket is closed).
-fn close(poll: &Poll, slot: &mut Slot, now: Instant) {
-    if let Slot::Busy(cycle) = std::mem::replace(slot, Slot::Waiting(now)) {
-        let mut cycle = *cycle;
-        if let Some(tls) = &mut cycle.transport.tls {
-            if !tls.is_handshaking() {
-                tls.send_close_notify();
-                let _ = super::tls::flush(tls, &mut cycle.transport.sock);
-            }
-        }
-        let _ = poll.registry().deregister(&mut cycle.transport.sock);
-    }
+fn count_error(errors: &AtomicU64) {
+    errors.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Advances a cycle after a readiness event; `true` once its echo came back verified.
-fn step(cycle: &mut Cycle, buf: &mut [u8]) -> Result<bool, Fail> {
-    if let Phase::Connecting = cycle.phase {
-        if let Some(err) = cycle.transport.sock.take_error()? {
-            return Err(Fail::from_io(err));
+/// The bench's name for why a connection ended before its echo came back.
+fn fail_of(reason: &CloseReason) -> Fail {
+    match reason {
+        CloseReason::UpstreamFailed(kind) | CloseReason::Io(kind) => {
+            Fail::from_io(std::io::Error::from(*kind))
         }
-        match cycle.transport.sock.peer_addr() {
-            Ok(_) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotConnected => return Ok(false),
-            Err(err) => return Err(Fail::from_io(err)),
+        CloseReason::UpstreamTimeout | CloseReason::IdleTimeout | CloseReason::HandshakeTimeout => {
+            Fail::Timeout
         }
-        cycle.phase = Phase::Handshaking;
+        CloseReason::Tls(err) => Fail::Tls(err.to_string()),
+        CloseReason::PeerClosed => Fail::Eof,
+        other => Fail::Io(std::io::Error::other(other.to_string())),
     }
-    if let Phase::Handshaking = cycle.phase {
-        if !cycle.transport.handshake(buf)? {
-            return Ok(false);
-        }
-        cycle.phase = Phase::Echoing;
-        cycle.echo.request(&mut cycle.out);
-    }
-    cycle.transport.send(&cycle.out, &mut cycle.pos)?;
-    let mut completed = 0;
-    let echo = &mut cycle.echo;
-    let peer = cycle.transport.recv(buf, |data| {
-        completed += echo.receive(data)?;
-        Ok(())
-    })?;
-    if completed > 0 {
-        return Ok(true);
-    }
-    if peer == Peer::Closed {
-        return Err(Fail::Eof);
-    }
-    Ok(false)
 }

@@ -21,6 +21,7 @@ mod flood;
 mod http;
 mod report;
 mod stream;
+mod stream_rt;
 mod tls;
 mod udp;
 
@@ -472,26 +473,6 @@ pub(crate) fn tcp_connect(
     socket.connect_timeout(&SockAddr::from(addr), CONNECT_TIMEOUT)?;
     socket.set_nodelay(true)?;
     Ok(socket.into())
-}
-
-/// A non-blocking TCP socket whose connect to `addr` is in progress (completion: writable).
-pub(crate) fn tcp_connect_nonblocking(
-    addr: SocketAddr,
-    source: Option<IpAddr>,
-) -> io::Result<mio::net::TcpStream> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    socket.set_nodelay(true)?;
-    if let Some(ip) = source {
-        socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
-    }
-    match socket.connect(&SockAddr::from(addr)) {
-        Ok(()) => {}
-        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-        Err(err) => return Err(err),
-    }
-    Ok(mio::net::TcpStream::from_std(socket.into()))
 }
 
 /// Counters the progress line reads while the engines run.

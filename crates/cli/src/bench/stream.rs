@@ -1,5 +1,9 @@
 //! The stream engine: tcp-echo, tls-echo and http over TCP (or TLS) connections.
 //!
+//! The closed loop runs on plexus' client runtime ([`super::stream_rt`]); this module holds
+//! the [`Exchange`]s both engines use, the summary of a run, and the mio engine the open loop
+//! (`--rate`) runs on: its schedule is finer than the runtime's 10 ms timer tick.
+//!
 //! `--threads` std threads each run a mio `Poll` over their share of the connections. Every
 //! connection is connected (and, with TLS, handshaken) before a barrier; then all threads
 //! start together. An [`Exchange`] turns the stream into messages: it writes requests and
@@ -233,17 +237,17 @@ impl<E: Exchange> Conn<E> {
     }
 }
 
-/// One thread's figures.
+/// One thread's (or event loop's) figures.
 #[derive(Default)]
-struct Tally {
-    latency: Latency,
-    count: u64,
-    bytes: u64,
-    errors: Errors,
-    scheduled: u64,
-    unanswered: u64,
-    tls: Option<String>,
-    max_backlog: usize,
+pub(super) struct Tally {
+    pub(super) latency: Latency,
+    pub(super) count: u64,
+    pub(super) bytes: u64,
+    pub(super) errors: Errors,
+    pub(super) scheduled: u64,
+    pub(super) unanswered: u64,
+    pub(super) tls: Option<String>,
+    pub(super) max_backlog: usize,
 }
 
 /// Runs tcp-echo, tls-echo or http.
@@ -266,12 +270,28 @@ pub(crate) fn run(plan: &Plan) -> anyhow::Result<Outcome> {
     }
 }
 
-fn engine<E: Exchange>(
+fn engine<E: Exchange + Send + 'static>(
     plan: &Plan,
     unit: &'static str,
     tls_config: Option<&Arc<ClientConfig>>,
     make: &(dyn Fn(usize) -> E + Sync),
 ) -> anyhow::Result<Outcome> {
+    let tallies = match plan.rate {
+        // Closed loop: on plexus' client runtime.
+        None => super::stream_rt::engine(plan, unit, tls_config, make)?,
+        // Open loop: sends on a schedule finer than the runtime's 10 ms timer tick.
+        Some(_) => threads(plan, unit, tls_config, make),
+    };
+    Ok(summary(plan, unit, &tallies))
+}
+
+/// The mio engine: `--threads` threads, each a `Poll` over its share of the connections.
+fn threads<E: Exchange>(
+    plan: &Plan,
+    unit: &'static str,
+    tls_config: Option<&Arc<ClientConfig>>,
+    make: &(dyn Fn(usize) -> E + Sync),
+) -> Vec<Tally> {
     let barrier = Barrier::new(plan.threads);
     let progress = Arc::new(Progress::default());
     let line = ProgressLine::start(Arc::clone(&progress), unit);
@@ -289,11 +309,15 @@ fn engine<E: Exchange>(
             .collect()
     });
     drop(line);
+    tallies
+}
 
+/// The outcome of a run from the tallies of its threads (or loops).
+fn summary(plan: &Plan, unit: &'static str, tallies: &[Tally]) -> Outcome {
     let mut outcome = Outcome::new(unit);
     outcome.window = plan.duration;
     let (mut scheduled, mut unanswered, mut max_backlog, mut tls_desc) = (0, 0, 0, None);
-    for tally in &tallies {
+    for tally in tallies {
         outcome.latency.merge(&tally.latency);
         outcome.count += tally.count;
         outcome.bytes += tally.bytes;
@@ -319,7 +343,7 @@ fn engine<E: Exchange>(
     if plan.mode == Mode::Http {
         outcome.extra("path", json!(plan.path));
     }
-    Ok(outcome)
+    outcome
 }
 
 /// One load thread: connects its share, waits for every thread at the barrier, runs.
@@ -357,7 +381,7 @@ fn worker<E: Exchange>(
             tally.tls = conns
                 .iter()
                 .flatten()
-                .find_map(|c| c.transport.tls.as_ref().map(describe));
+                .find_map(|c| c.transport.tls.as_ref().map(|tls| describe(tls)));
         }
     }
     // Every thread starts measuring at the same moment, setup done.
@@ -499,7 +523,7 @@ fn drop_conn<E>(poll: &Poll, slot: &mut Option<Conn<E>>) {
 }
 
 /// Negotiated version, suite and group, e.g. `TLSv1_3/TLS13_AES_256_GCM_SHA384/X25519`.
-pub(crate) fn describe(conn: &ClientConnection) -> String {
+pub(crate) fn describe(conn: &rustls::CommonState) -> String {
     let version = conn
         .protocol_version()
         .map_or_else(|| "?".to_owned(), |v| format!("{v:?}"));

@@ -7,13 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail};
-use rustls::client::Resumption;
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, SupportedProtocolVersion};
 
 use super::Fail;
-use crate::tls_client::{trust_of, verifier_of};
+use crate::tls_client::{option_error, trust_of};
 use plexus::tls_client::ServerTrust;
 
 static BOTH: [&SupportedProtocolVersion; 2] = [&rustls::version::TLS13, &rustls::version::TLS12];
@@ -54,7 +53,8 @@ impl TlsPlan {
         };
         let trust = trust_of(insecure, ca);
         // A --ca file that cannot be used is a usage error now, not at the first connection.
-        verifier_of(&trust, Arc::new(aws_lc_rs::default_provider()))?;
+        plexus::tls_client::verifier(&trust, Arc::new(aws_lc_rs::default_provider()))
+            .map_err(|err| option_error(&trust, err))?;
         Ok(TlsPlan {
             name,
             insecure,
@@ -66,19 +66,13 @@ impl TlsPlan {
     /// A client configuration; `resume` keeps rustls' in-memory session cache (shared by
     /// every connection made from the returned `Arc`), otherwise every handshake is full.
     pub(crate) fn config(&self, resume: bool) -> anyhow::Result<Arc<ClientConfig>> {
-        let provider = Arc::new(aws_lc_rs::default_provider());
-        let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
-            .with_protocol_versions(self.versions)
-            .map_err(|err| anyhow!("TLS configuration: {err}"))?;
-        let verifier = verifier_of(&self.trust, provider)?;
-        let mut config = builder
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth();
-        if !resume {
-            config.resumption = Resumption::disabled();
-        }
-        Ok(Arc::new(config))
+        plexus::tls_client::client_config_with(&self.trust, &[], self.versions, resume)
+            .map_err(|err| option_error(&self.trust, err))
+    }
+
+    /// The name sent (SNI) and verified.
+    pub(crate) fn name(&self) -> ServerName<'static> {
+        self.name.clone()
     }
 
     /// Whether certificates are checked (for the report).

@@ -4,18 +4,19 @@
 //! telling each side when the other connected or ended.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use plexus_proto::deadline_after;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::{client_token, upstream_token, EventLoop};
 use crate::connection::tls::TlsTransport;
-use crate::connector::{Connecting, UpstreamEvent};
+use crate::connector::{Connecting, Upstream, UpstreamEvent};
 use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::LoopStats;
 use crate::service::{
@@ -28,9 +29,44 @@ pub(super) fn links_of(extras: &mut Option<Box<SessionExtras>>) -> Option<&mut L
     extras.as_deref_mut()?.links.as_deref_mut()
 }
 
-/// Starts a non-blocking connect to `addr`, registered under `token`.
-fn open_stream(addr: SocketAddr, registry: &Registry, token: Token) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(addr)?;
+/// A closure another thread runs on a client connection ([`super::Command::Deliver`]).
+pub(crate) type Delivery = Box<dyn FnOnce(&mut crate::Session<'_>) + Send>;
+
+/// What an upstream session knows of itself before it connects: `addr` is the address tried.
+fn upstream_info(id: SessionId, upstream: &Upstream, addr: Option<&SocketAddr>) -> SessionInfo {
+    SessionInfo {
+        id,
+        peer: addr
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+        local: SocketAddr::from(([0, 0, 0, 0], 0)),
+        listener: Arc::clone(upstream.info()),
+    }
+}
+
+/// Starts a non-blocking connect to `addr` (from `source`, if given), registered under
+/// `token`.
+fn open_stream(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    registry: &Registry,
+    token: Token,
+) -> io::Result<TcpStream> {
+    let mut stream = match source {
+        None => TcpStream::connect(addr)?,
+        Some(ip) => {
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&SockAddr::from(SocketAddr::new(ip, 0)))?;
+            match socket.connect(&SockAddr::from(addr)) {
+                Ok(()) => {}
+                Err(err) if plexus_sys::is_connect_in_progress(&err) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err),
+            }
+            TcpStream::from_std(socket.into())
+        }
+    };
     stream.set_nodelay(true)?;
     registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
     Ok(stream)
@@ -109,7 +145,7 @@ impl EventLoop {
             };
             let Some(to) = to else {
                 if let LinkOp::Connect(request) = op {
-                    self.start_connect(key, *request, now);
+                    self.start_connect(Some(key), *request, now);
                 }
                 continue;
             };
@@ -170,17 +206,28 @@ impl EventLoop {
         }
     }
 
-    /// Opens the upstream session `request` asks for, linked with session `opener`: the first
-    /// address whose connect starts (the others follow on failure or timeout). If none does,
-    /// the opener hears at once that it ended.
-    fn start_connect(&mut self, opener: usize, request: ConnectRequest, now: Instant) {
+    /// Opens the upstream session `request` asks for, linked with session `opener` (`None`:
+    /// a client runtime's connection, linked with nothing, that hears of its own connect):
+    /// the first address whose connect starts (the others follow on failure or timeout). If
+    /// none does, the opener hears at once that it ended (without an opener, the handler's
+    /// `on_close` does).
+    pub(super) fn start_connect(
+        &mut self,
+        opener: Option<usize>,
+        request: ConnectRequest,
+        now: Instant,
+    ) {
         let ConnectRequest {
             id,
             upstream,
             handler,
         } = request;
-        let Some(opener_id) = self.sessions.get_mut(opener).map(|s| s.info.id) else {
-            return;
+        let opener = match opener {
+            Some(key) => match self.sessions.get_mut(key) {
+                Some(session) => Some((key, session.info.id)),
+                None => return,
+            },
+            None => None,
         };
         let key = self.sessions.vacant_key();
         let mut connecting = Connecting::new(upstream.clone());
@@ -190,13 +237,17 @@ impl EventLoop {
                 upstream.count(UpstreamEvent::Unreachable);
                 let reason = CloseReason::UpstreamFailed(failure);
                 info!(session = %id, upstream = upstream.name(), "upstream unreachable: {reason}");
-                self.link_callback(opener, opener_id, now, |handler, session| {
-                    handler.on_link(session, LinkEvent::Closed { peer: id, reason })
-                });
+                let info = upstream_info(id, &upstream, upstream.addrs().first());
+                self.never_opened(opener, handler, &info, reason, now);
                 return;
             };
             upstream.count(UpstreamEvent::Attempt);
-            match open_stream(addr, self.poll.registry(), upstream_token(key)) {
+            match open_stream(
+                addr,
+                upstream.source(),
+                self.poll.registry(),
+                upstream_token(key),
+            ) {
                 Ok(stream) => break (stream, addr),
                 Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
                     // A local shortage: every other address would fail the same way, and the
@@ -208,9 +259,8 @@ impl EventLoop {
                             "cannot open an upstream socket: {err} (+{also} more in the last second)"
                         );
                     }
-                    self.link_callback(opener, opener_id, now, |handler, session| {
-                        handler.on_link(session, LinkEvent::Closed { peer: id, reason })
-                    });
+                    let info = upstream_info(id, &upstream, Some(&addr));
+                    self.never_opened(opener, handler, &info, reason, now);
                     return;
                 }
                 Err(err) => {
@@ -238,34 +288,69 @@ impl EventLoop {
                 kind: TimerKind::Idle,
             },
         );
-        let info = SessionInfo {
-            id,
-            peer: addr,
-            local: SocketAddr::from(([0, 0, 0, 0], 0)),
-            listener: Arc::clone(upstream.info()),
-        };
+        let info = upstream_info(id, &upstream, Some(&addr));
         let mut session = TcpSession::new(stream, info, None, idle_timer, now);
         session.handler = handler;
         // Nothing is written before the connect completes (its writable edge clears this).
         session.write_blocked = true;
         session.extras.get_or_insert_with(Box::default).links = Some(Box::new(Links {
-            peers: vec![(opener, opener_id)],
+            peers: opener.into_iter().collect(),
             connecting: Some(Box::new(connecting)),
             upstream: Some(upstream.clone()),
+            client: opener.is_none(),
             ..Links::default()
         }));
         self.stats.opened(&session.info.listener);
         upstream.count(UpstreamEvent::Opened);
         let inserted = self.sessions.insert(session);
         debug_assert_eq!(inserted, key);
-        if let Some(links) = self
-            .sessions
-            .get_mut(opener)
-            .and_then(|s| links_of(&mut s.extras))
-        {
-            links.peers.push((key, id));
+        match opener {
+            Some((opener, _)) => {
+                if let Some(links) = self
+                    .sessions
+                    .get_mut(opener)
+                    .and_then(|s| links_of(&mut s.extras))
+                {
+                    links.peers.push((key, id));
+                }
+            }
+            None => {
+                self.clients.insert(id, key);
+            }
         }
-        debug!(session = %id, opener = %opener_id, upstream = upstream.name(), %addr, "upstream connecting");
+        debug!(session = %id, opener = ?opener.map(|(_, id)| id), upstream = upstream.name(), %addr, "upstream connecting");
+    }
+
+    /// An upstream session that could not even start connecting: its opener hears that it
+    /// ended, or — a client runtime's connection, without opener — its own handler's
+    /// `on_close` does.
+    fn never_opened(
+        &mut self,
+        opener: Option<(usize, SessionId)>,
+        mut handler: Box<dyn crate::SessionHandler>,
+        info: &SessionInfo,
+        reason: CloseReason,
+        now: Instant,
+    ) {
+        let id = info.id;
+        match opener {
+            Some((opener, opener_id)) => {
+                self.link_callback(opener, opener_id, now, |handler, session| {
+                    handler.on_link(session, LinkEvent::Closed { peer: id, reason })
+                });
+            }
+            None => handler.on_close(info, &reason),
+        }
+    }
+
+    /// Runs `call` on the client connection `id` (a [`Command::Deliver`]); dropped if it ended.
+    ///
+    /// [`Command::Deliver`]: super::Command::Deliver
+    pub(super) fn deliver(&mut self, id: SessionId, call: Delivery, now: Instant) {
+        let Some(&key) = self.clients.get(&id) else {
+            return;
+        };
+        self.link_callback(key, id, now, |_, session| call(session));
     }
 
     /// Readiness of an upstream session's socket while its connect runs.
@@ -314,6 +399,7 @@ impl EventLoop {
         }
         connecting.upstream.count(UpstreamEvent::Connected);
         let opener = links.peers.first().copied();
+        let client = links.client;
         let id = session.info.id;
         let addr = session.info.peer;
         if let Ok(local) = session.stream.local_addr() {
@@ -358,8 +444,8 @@ impl EventLoop {
             if let Some(links) = links_of(&mut session.extras) {
                 links.announce = Some(addr);
             }
-        } else if let Some((opener_key, opener_id)) = opener {
-            self.link_callback(opener_key, opener_id, now, |handler, session| {
+        } else if let Some((told, told_id)) = opener.or(client.then_some((key, id))) {
+            self.link_callback(told, told_id, now, |handler, session| {
                 handler.on_link(session, LinkEvent::Connected { upstream: id, addr })
             });
         }
@@ -385,7 +471,11 @@ impl EventLoop {
             return;
         };
         debug!(session = %id, %addr, "upstream tls handshake complete");
-        if let Some((opener_key, opener_id)) = links.peers.first().copied() {
+        let told = match links.client {
+            true => Some((key, id)),
+            false => links.peers.first().copied(),
+        };
+        if let Some((opener_key, opener_id)) = told {
             self.link_callback(opener_key, opener_id, now, |handler, session| {
                 handler.on_link(session, LinkEvent::Connected { upstream: id, addr })
             });
@@ -420,7 +510,12 @@ impl EventLoop {
         debug!(session = %id, upstream = upstream.name(), addr = ?connecting.addr(), "connect attempt failed: {reason}");
         while let Some(addr) = connecting.advance() {
             upstream.count(UpstreamEvent::Attempt);
-            match open_stream(addr, self.poll.registry(), upstream_token(key)) {
+            match open_stream(
+                addr,
+                upstream.source(),
+                self.poll.registry(),
+                upstream_token(key),
+            ) {
                 Ok(stream) => {
                     connecting.timer = Some(self.timers.insert(
                         deadline_after(now, upstream.connect_timeout()),
@@ -488,9 +583,12 @@ impl EventLoop {
             true => std::mem::take(&mut links.waiters),
             false => Vec::new(),
         };
+        // A TLS session's write side closes with close_notify, which must wait for the
+        // handshake (a client finished before its upstream's handshake completed).
         if links.finish
             && !links.write_shut
             && links.connecting.is_none()
+            && tls.as_deref().is_none_or(|tls| !tls.handshaking())
             && outbound.is_empty()
             && work.is_idle()
             && !*drain_due
@@ -538,6 +636,9 @@ impl EventLoop {
         let Some(upstream) = links.upstream.as_ref() else {
             return;
         };
+        if links.client {
+            self.clients.remove(&info.id);
+        }
         upstream.count(UpstreamEvent::Closed);
         let Some(connecting) = links.connecting.as_deref() else {
             if matches!(reason, CloseReason::Tls(_) | CloseReason::HandshakeTimeout) {
