@@ -34,6 +34,27 @@
 //! `max_connections` nor in any listener's sessions, and are members of no listener for
 //! broadcasts.
 //!
+//! # Datagram upstreams
+//!
+//! From a udp or dtls session, [`crate::Session::connect`] opens a *connected UDP socket* to
+//! the upstream instead (bound to an ephemeral port of the address's family, `connect(2)`ed to
+//! the first address that takes it: no resolution, nothing blocks), registered on the same
+//! loop. [`crate::LinkEvent::Connected`] comes at once (UDP has no handshake). Each
+//! [`crate::Session::send_to`] from the opener is one datagram to the upstream; each datagram
+//! the upstream sends back is one `on_data` of the upstream's handler, which passes it on with
+//! `send_to` (the opener sends it to its peer — encrypted on a dtls session). Bounded: a
+//! link's datagrams wait in a queue of at most `outbound_high_watermark` bytes (one datagram
+//! always fits) until the socket takes them (`sendmmsg`, after each receive batch); UDP drops
+//! rather than blocks, so a datagram that does not fit is dropped and counted
+//! (`plexus_upstream_datagrams_dropped_total{reason="overflow"}`), as is one the kernel
+//! refuses (`reason="error"`). The upstream socket has no timer of its own: it lives and
+//! ends with the session that opened it (whose `idle_timeout` counts the datagrams of both
+//! directions). An ICMP error the kernel reports on the connected socket (`ECONNREFUSED`:
+//! nothing listens there; host or network unreachable) is counted as refused and ends the
+//! upstream session with [`crate::CloseReason::UpstreamFailed`], after
+//! [`crate::LinkEvent::Connected`]: the opener hears `Closed` and decides (forward marks that
+//! upstream down and moves on, or closes its client).
+//!
 //! Metrics: an upstream joins the server's `/metrics` (`plexus_upstream_*`, labelled with its
 //! name) the first time a session of a [`crate::Server`] connects to it, and leaves when the
 //! last clone of it is dropped (a reload replaced the listener that held it and its sessions
@@ -101,6 +122,9 @@ struct Shared {
     timed_out: AtomicU64,
     unreachable: AtomicU64,
     open: AtomicU64,
+    /// Datagrams (UDP upstreams) dropped: their link's queue was full; the kernel refused them.
+    dropped_overflow: AtomicU64,
+    dropped_error: AtomicU64,
     /// Connect times by [`CONNECT_BUCKETS`] (one more slot: above the last bound), their sum
     /// in microseconds and their number.
     connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
@@ -148,6 +172,12 @@ pub struct UpstreamSnapshot {
     pub bytes_received: u64,
     /// Bytes written to the upstream.
     pub bytes_sent: u64,
+    /// Datagrams to a UDP upstream dropped because their link's queue was full (UDP drops
+    /// rather than blocks).
+    pub datagrams_dropped_overflow: u64,
+    /// Datagrams to or from a UDP upstream the kernel refused or cut (too large, a send
+    /// error, a truncated reply).
+    pub datagrams_dropped_error: u64,
     /// Connect times recorded with [`Upstream::record_connect_time`], per bucket of
     /// [`CONNECT_BUCKETS`] (not cumulative; the last slot: longer than every bound).
     pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
@@ -168,6 +198,12 @@ impl UpstreamSnapshot {
         self.open = self.open.wrapping_add(other.open);
         self.bytes_received = self.bytes_received.wrapping_add(other.bytes_received);
         self.bytes_sent = self.bytes_sent.wrapping_add(other.bytes_sent);
+        self.datagrams_dropped_overflow = self
+            .datagrams_dropped_overflow
+            .wrapping_add(other.datagrams_dropped_overflow);
+        self.datagrams_dropped_error = self
+            .datagrams_dropped_error
+            .wrapping_add(other.datagrams_dropped_error);
         for (sum, n) in self.connect_buckets.iter_mut().zip(other.connect_buckets) {
             *sum = sum.wrapping_add(n);
         }
@@ -198,6 +234,8 @@ impl Upstream {
                 timed_out: AtomicU64::new(0),
                 unreachable: AtomicU64::new(0),
                 open: AtomicU64::new(0),
+                dropped_overflow: AtomicU64::new(0),
+                dropped_error: AtomicU64::new(0),
                 connect_buckets: Default::default(),
                 connect_micros: AtomicU64::new(0),
                 connects_timed: AtomicU64::new(0),
@@ -284,6 +322,8 @@ impl Shared {
             open: s.open.load(Relaxed),
             bytes_received: s.info.stats.bytes_received(),
             bytes_sent: s.info.stats.bytes_sent(),
+            datagrams_dropped_overflow: s.dropped_overflow.load(Relaxed),
+            datagrams_dropped_error: s.dropped_error.load(Relaxed),
             connect_buckets: std::array::from_fn(|at| {
                 s.connect_buckets.get(at).map_or(0, |n| n.load(Relaxed))
             }),
@@ -340,6 +380,8 @@ impl Upstream {
             UpstreamEvent::TimedOut => &s.timed_out,
             UpstreamEvent::Unreachable => &s.unreachable,
             UpstreamEvent::Opened => &s.open,
+            UpstreamEvent::DroppedOverflow => &s.dropped_overflow,
+            UpstreamEvent::DroppedError => &s.dropped_error,
             UpstreamEvent::Closed => {
                 s.open.fetch_sub(1, Relaxed);
                 return;
@@ -406,6 +448,10 @@ pub(crate) enum UpstreamEvent {
     Unreachable,
     Opened,
     Closed,
+    /// A datagram for a UDP upstream found its link's queue full.
+    DroppedOverflow,
+    /// A datagram to or from a UDP upstream was refused by the kernel or truncated.
+    DroppedError,
 }
 
 /// An upstream session while its connect runs: which address is being tried, and its timer.

@@ -36,6 +36,15 @@
 //! past the high watermark). When every upstream is down, or every one failed, the client is
 //! closed and the log says why.
 //!
+//! On udp and dtls listeners (a datagram relay; DTLS termination on dtls ones) each client
+//! peer's session opens its own connected UDP socket to the upstream (so replies go back to
+//! the right peer); each datagram is relayed as one datagram both ways, bounded per link (UDP
+//! drops and counts rather than blocks), and the upstream socket ends with the client
+//! session (`idle_timeout`). An ICMP error on it (`ECONNREFUSED`: nothing listens) marks that
+//! upstream down like a refused TCP connect, and the client moves on to the next upstream or
+//! is closed. `upstream_tls` and `upstream_proxy_protocol` are stream features there
+//! (refused by the configuration).
+//!
 //! With `upstream_proxy_protocol = "v1" | "v2"` the first bytes to the upstream are a PROXY
 //! header naming the client (the session's peer: on a `proxy_protocol` listener, the client
 //! the balancer's header named) and the address it connected to.
@@ -312,7 +321,9 @@ impl Service for Forward {
             current: None,
             tried: Vec::new(),
             connected: false,
-            replay: (self.pool.len() > 1).then(Vec::new),
+            // Replaying concatenated bytes would merge datagrams: a datagram client's earlier
+            // datagrams are simply lost with the upstream that failed (UDP is lossy).
+            replay: (self.pool.len() > 1 && !session.is_datagram()).then(Vec::new),
             header,
             finished: false,
             splice: self.splice,
@@ -434,7 +445,11 @@ impl SessionHandler for ClientSide {
                 self.connected = true;
                 self.replay = None;
                 self.header = None;
-                self.pool.connected(attempt.index);
+                if !session.is_datagram() {
+                    // A UDP upstream "connects" without a packet: that proves nothing, so
+                    // only the fail timeout brings a failed one back.
+                    self.pool.connected(attempt.index);
+                }
                 if self.splice {
                     session.splice_with(upstream);
                 }
@@ -456,6 +471,14 @@ impl SessionHandler for ClientSide {
                     // It ended before `Connected`: refused, timed out, or (upstream_tls) its
                     // handshake failed or timed out. Either way this upstream cannot serve:
                     // the next one is tried.
+                    self.failover(session, index, &reason);
+                    return;
+                }
+                if let CloseReason::UpstreamFailed(_) = reason {
+                    // A UDP upstream is "connected" at once; the kernel reports an ICMP
+                    // error (nothing listens there) later: the same health check, and the
+                    // client's next datagrams go to the next upstream, if any.
+                    self.connected = false;
                     self.failover(session, index, &reason);
                     return;
                 }
