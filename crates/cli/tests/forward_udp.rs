@@ -448,3 +448,88 @@ fn udp_and_dtls_forward_refuse_stream_only_keys() {
     );
     out.assert_code(0);
 }
+
+/// The upstream socket lives as long as its client session: once the client is idle for
+/// `idle_timeout` both are gone (no upstream session left open).
+#[test]
+fn the_upstream_socket_expires_with_its_client_session() {
+    let upstream = EchoUpstream::start(Duration::ZERO);
+    let server = Server::start(
+        &config("", &[("fwd", "udp", upstream.addr, "")])
+            .replace("idle_timeout = \"60s\"", "idle_timeout = \"1s\""),
+    );
+    let socket = client();
+    let mut buf = [0u8; 16];
+    socket.send_to(b"ping", server.addr("fwd")).unwrap();
+    let (n, _) = socket.recv_from(&mut buf).expect("relayed");
+    assert_eq!(&buf[..n], b"ping");
+    let open = format!(
+        "plexus_upstream_sessions_open{{upstream=\"{}\"}}",
+        upstream.addr
+    );
+    assert_eq!(get(&scrape(&server), &open), 1.0);
+    wait_metrics(&server, "the client and its upstream idled out", |s| {
+        s.get(&open) == Some(&0.0)
+            && s.get("plexus_listener_sessions_open{listener=\"fwd\",transport=\"udp\"}")
+                == Some(&0.0)
+    });
+}
+
+/// With `upstreams = [dead, live]` the refused upstream is marked down (passive health
+/// check) and the client's next datagrams go to the live one; later clients skip the dead
+/// one from the start.
+#[test]
+fn udp_forward_skips_a_refusing_upstream_of_several() {
+    let dead = {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let live = EchoUpstream::start(Duration::ZERO);
+    let extra = format!(
+        "upstreams = [\"{dead}\", \"{}\"]\nupstream_fail_timeout = \"60s\"",
+        live.addr
+    );
+    let text = format!(
+        "[server]\nevent_loops = 1\nidle_timeout = \"60s\"\n\n[[listener]]\nname = \"fwd\"\n\
+         transport = \"udp\"\naddr = \"127.0.0.1:0\"\nservice = \"forward\"\n{extra}\n\n\
+         [[listener]]\nname = \"web\"\ntransport = \"tcp\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"http\"\n"
+    );
+    let server = Server::start(&text);
+    let to = server.addr("fwd");
+    let first = client();
+    first
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    // The first datagram may be lost with the dead upstream; resend until one comes back.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        first.send_to(b"hello", to).unwrap();
+        if let Ok((n, _)) = first.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"hello");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never relayed to the live upstream"
+        );
+    }
+    let refused =
+        format!("plexus_upstream_connect_failures_total{{upstream=\"{dead}\",reason=\"refused\"}}");
+    assert_eq!(get(&scrape(&server), &refused), 1.0, "refused once");
+    // Later clients go straight to the live upstream (the dead one is down for 60 s).
+    for _ in 0..4 {
+        let socket = client();
+        socket.send_to(b"next", to).unwrap();
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .expect("relayed by the live upstream");
+        assert_eq!(&buf[..n], b"next");
+    }
+    assert_eq!(
+        get(&scrape(&server), &refused),
+        1.0,
+        "the dead upstream was skipped"
+    );
+}
