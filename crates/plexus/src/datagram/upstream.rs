@@ -581,6 +581,7 @@ impl DatagramEndpoint {
             own.push(datagram);
         }
         let (client_key, client_id) = up.client;
+        let id = up.info.id;
         let ops = match up.extras.as_deref_mut() {
             Some(extras) => {
                 extras.timer_request = Default::default();
@@ -618,7 +619,10 @@ impl DatagramEndpoint {
                 _ => {}
             }
         }
-        let closing = self.upstreams.get(slot).and_then(|up| up.closing.clone());
+        // The slot may have been freed (its client closed) and taken by another upstream.
+        let closing = (self.upstreams.get(slot))
+            .filter(|up| up.info.id == id)
+            .and_then(|up| up.closing.clone());
         if let Some(reason) = closing {
             self.close_upstream(slot, reason, now, parts);
         }
