@@ -403,17 +403,12 @@ fn a_flood_to_a_slow_udp_upstream_stays_bounded_and_counts_drops() {
 }
 
 /// What a udp/dtls forward cannot do is refused by `plexus serve --check` (exit 2, the key
-/// named); a plain udp forward passes.
+/// named); plain udp and dtls forwards pass, and so does DTLS origination (`upstream_tls`).
 #[test]
 fn udp_and_dtls_forward_refuse_stream_only_keys() {
     let dir = tempfile::tempdir().unwrap();
     let up: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let cases: &[(&str, &str, &[&str])] = &[
-        (
-            "udp",
-            "upstream_tls = true",
-            &["listener[0].upstream_tls", "udp/dtls forward"],
-        ),
         (
             "dtls",
             "upstream_proxy_protocol = \"v2\"",
@@ -438,7 +433,14 @@ fn udp_and_dtls_forward_refuse_stream_only_keys() {
     let path = dir.path().join("good.toml");
     std::fs::write(
         &path,
-        config("", &[("f", "udp", up, ""), ("g", "dtls", up, "")]),
+        config(
+            "",
+            &[
+                ("f", "udp", up, ""),
+                ("g", "dtls", up, ""),
+                ("h", "udp", up, "upstream_tls = true"),
+            ],
+        ),
     )
     .unwrap();
     let out = run_plexus(
@@ -532,4 +534,84 @@ fn udp_forward_skips_a_refusing_upstream_of_several() {
         1.0,
         "the dead upstream was skipped"
     );
+}
+
+/// `plexus cert` into `dir`: (cert.pem, key.pem), for localhost, 127.0.0.1 and ::1.
+fn make_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let out = run_plexus(&["cert", "--out", dir.to_str().unwrap()], None, CMD_TIMEOUT);
+    out.assert_code(0);
+    (dir.join("cert.pem"), dir.join("key.pem"))
+}
+
+/// DTLS origination: a udp forward with `upstream_tls = true` speaks DTLS 1.2 to a dtls echo
+/// listener (a second plexus), its certificate verified against `upstream_ca`; datagrams
+/// come back byte-exact (and several clients each get their own). With a CA that did not
+/// sign the upstream's certificate the handshake is refused and the client is closed.
+#[test]
+fn udp_forward_originates_dtls_verified_against_upstream_ca() {
+    let good = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let (cert, key) = make_cert(good.path());
+    let (wrong_ca, _) = make_cert(other.path());
+    let upstream = Server::start(&format!(
+        "[server]\nevent_loops = 1\nidle_timeout = \"60s\"\n\n[tls]\ncert = {cert:?}\nkey = {key:?}\n\n\
+         [[listener]]\nname = \"dtls-echo\"\ntransport = \"dtls\"\naddr = \"127.0.0.1:0\"\n\
+         service = \"echo\"\n"
+    ));
+    let target = upstream.addr("dtls-echo");
+    let ca = |path: &std::path::Path| format!("upstream_tls = true\nupstream_ca = {path:?}");
+    let (good_ca, bad_ca) = (ca(&cert), ca(&wrong_ca));
+    let server = Server::start(&config(
+        "",
+        &[
+            ("fwd", "udp", target, &good_ca),
+            ("wrong", "udp", target, &bad_ca),
+        ],
+    ));
+    let clients: Vec<UdpSocket> = (0..3).map(|_| client()).collect();
+    let mut buf = vec![0u8; 2000];
+    for (at, socket) in clients.iter().enumerate() {
+        for len in [1usize, 100, 1000] {
+            let payload = pattern(len, at as u8);
+            socket.send_to(&payload, server.addr("fwd")).unwrap();
+            let (n, _) = socket.recv_from(&mut buf).expect("a reply through DTLS");
+            assert!(
+                buf[..n] == payload[..],
+                "client {at}: byte-exact through DTLS, {len} bytes"
+            );
+        }
+    }
+    let samples = scrape(&server);
+    assert_eq!(
+        get(
+            &samples,
+            &format!("plexus_upstream_sessions_open{{upstream=\"{target}\"}}")
+        ),
+        3.0,
+        "one DTLS session per client"
+    );
+    // The wrong CA: the handshake fails, the client session is closed, nothing comes back.
+    let mark = server.log_mark();
+    let refused = client();
+    refused
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    refused.send_to(b"hello?", server.addr("wrong")).unwrap();
+    server.assert_log(
+        mark,
+        Duration::from_secs(10),
+        "dtls handshake refused",
+        |l| l.contains("dtls upstream handshake failed"),
+    );
+    assert!(
+        refused.recv_from(&mut buf).is_err(),
+        "nothing relayed without a verified upstream"
+    );
+    wait_metrics(&server, "the refused client closed", |s| {
+        s.get("plexus_listener_sessions_open{listener=\"wrong\",transport=\"udp\"}") == Some(&0.0)
+    });
+    // The verified clients are unaffected.
+    clients[0].send_to(b"still", server.addr("fwd")).unwrap();
+    let (n, _) = clients[0].recv_from(&mut buf).expect("still relayed");
+    assert_eq!(&buf[..n], b"still");
 }

@@ -102,6 +102,8 @@ pub struct Upstream {
     addrs: Arc<[SocketAddr]>,
     connect_timeout: Duration,
     tls: Option<UpstreamTls>,
+    /// DTLS origination for datagram sessions' upstreams.
+    dtls: Option<Arc<crate::dtls::DtlsClientConfig>>,
     shared: Arc<Shared>,
 }
 
@@ -147,6 +149,7 @@ impl std::fmt::Debug for Upstream {
             .field("addrs", &self.addrs)
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
+            .field("dtls", &self.dtls)
             .finish()
     }
 }
@@ -222,6 +225,7 @@ impl Upstream {
             addrs: addrs.into(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: None,
+            dtls: None,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -282,6 +286,27 @@ impl Upstream {
             name: server_name,
         });
         self
+    }
+
+    /// The same upstream spoken to over DTLS 1.2, for connections opened from udp or dtls
+    /// sessions (a UDP upstream): once the socket is open the upstream session runs a client
+    /// handshake with `config` (see [`crate::DtlsClientConfig`]), bounded by
+    /// `handshake_timeout`, OpenSSL's retransmissions on the loop's timer wheel. Datagrams sent
+    /// to it before the handshake completes wait (bounded like its queue), each is then one
+    /// record; the opener's [`crate::LinkEvent::Connected`] comes after the handshake, and a
+    /// refused certificate or a failed handshake ends the upstream session with
+    /// [`crate::CloseReason::UpstreamFailed`] (`InvalidData`), a handshake past its timeout or
+    /// retransmission limit with [`crate::CloseReason::UpstreamTimeout`]. Stream sessions
+    /// ignore it (use [`Upstream::with_tls`]).
+    #[must_use]
+    pub fn with_dtls(mut self, config: crate::dtls::DtlsClientConfig) -> Upstream {
+        self.dtls = Some(Arc::new(config));
+        self
+    }
+
+    /// The DTLS origination settings, if any.
+    pub(crate) fn dtls(&self) -> Option<&Arc<crate::dtls::DtlsClientConfig>> {
+        self.dtls.as_ref()
     }
 
     /// The TLS origination settings, if any.

@@ -1301,10 +1301,19 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
+        if matches!(
+            kind,
+            DatagramTimer::UpstreamRetransmit | DatagramTimer::UpstreamHandshake
+        ) {
+            // A DTLS upstream's: `key` is its slot among the upstream sockets.
+            self.upstream_timer(key, id, kind, now, parts);
+            return;
+        }
         let Some(session) = self.sessions.get_mut(key).filter(|s| s.info.id == id) else {
             return;
         };
         match kind {
+            DatagramTimer::UpstreamRetransmit | DatagramTimer::UpstreamHandshake => {}
             DatagramTimer::Idle => {
                 session.idle_timer = None;
                 let due = deadline_after(session.last_activity, self.limits.idle_timeout);
@@ -1365,7 +1374,7 @@ impl DatagramEndpoint {
         self.release_peers(index, &[session.info.peer]);
         // Its upstream sockets end with it.
         if let Some(links) = session.extras.as_deref_mut().and_then(|e| e.links.take()) {
-            self.close_upstreams_of(&links.peers, &reason);
+            self.close_upstreams_of(&links.peers, &reason, parts);
         }
         let mut cancel = |timer: Option<TimerKey>| {
             if let Some(timer) = timer {

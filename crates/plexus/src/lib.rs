@@ -90,7 +90,7 @@ pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, ReloadOutcome};
 pub use config::{Config, ConfigError};
 pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
-pub use dtls::DtlsError;
+pub use dtls::{DtlsClientConfig, DtlsError};
 pub use error::Error;
 pub use log_throttle::LogThrottle;
 pub use loop_local::LoopLocal;

@@ -42,8 +42,10 @@
 //! drops and counts rather than blocks), and the upstream socket ends with the client
 //! session (`idle_timeout`). An ICMP error on it (`ECONNREFUSED`: nothing listens) marks that
 //! upstream down like a refused TCP connect, and the client moves on to the next upstream or
-//! is closed. `upstream_tls` and `upstream_proxy_protocol` are stream features there
-//! (refused by the configuration).
+//! is closed. There `upstream_tls = true` is DTLS 1.2 origination (OpenSSL; the certificate
+//! checked against `upstream_ca` or the system's roots, for `upstream_sni` or the host), the
+//! client's datagrams waiting for the handshake; `upstream_proxy_protocol` is a stream
+//! feature (refused by the configuration).
 //!
 //! With `upstream_proxy_protocol = "v1" | "v2"` the first bytes to the upstream are a PROXY
 //! header naming the client (the session's peer: on a `proxy_protocol` listener, the client
@@ -57,8 +59,8 @@ use std::time::{Duration, Instant};
 use plexus::config::{Balance, ProxyVersion, Transport};
 use plexus::tls_client::{self, ServerTrust};
 use plexus::{
-    BoxError, CloseReason, LinkEvent, ListenerContext, LoopLocal, Service, ServiceFactory, Session,
-    SessionHandler, SessionId, Upstream,
+    BoxError, CloseReason, DtlsClientConfig, LinkEvent, ListenerContext, LoopLocal, Service,
+    ServiceFactory, Session, SessionHandler, SessionId, Upstream,
 };
 use plexus_proto::{encode_proxy_v1, encode_proxy_v2};
 use tracing::info;
@@ -77,30 +79,32 @@ impl ServiceFactory for ForwardFactory {
         if names.is_empty() {
             return Err(format!("listener {}: forward needs an upstream", listener.name()).into());
         }
-        let client = match config.upstream_tls {
-            true => {
-                let trust = match &config.upstream_ca {
-                    Some(path) => ServerTrust::CaFile(path.clone()),
-                    None => ServerTrust::SystemRoots,
-                };
-                Some(tls_client::client_config(&trust, &[])?)
-            }
+        let trust = match &config.upstream_ca {
+            Some(path) => ServerTrust::CaFile(path.clone()),
+            None => ServerTrust::SystemRoots,
+        };
+        // A udp/dtls listener's upstream is UDP: `upstream_tls` means DTLS there.
+        let datagram = !matches!(config.transport, Transport::Tcp | Transport::Tls);
+        let client = match config.upstream_tls && !datagram {
+            true => Some(tls_client::client_config(&trust, &[])?),
             false => None,
         };
         let mut upstreams = Vec::with_capacity(names.len());
         for upstream in names {
             let mut resolved =
                 Upstream::resolve(upstream)?.with_connect_timeout(listener.handshake_timeout());
+            // The host of HOST:PORT unless upstream_sni names another (validated with the
+            // configuration).
+            let host = upstream
+                .rsplit_once(':')
+                .map_or(upstream, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = config.upstream_sni.as_deref().unwrap_or(host);
             if let Some(client) = &client {
-                // The host of HOST:PORT unless upstream_sni names another (validated with the
-                // configuration).
-                let host = upstream
-                    .rsplit_once(':')
-                    .map_or(upstream, |(host, _)| host)
-                    .trim_start_matches('[')
-                    .trim_end_matches(']');
-                let name = config.upstream_sni.as_deref().unwrap_or(host);
                 resolved = resolved.with_tls(Arc::clone(client), tls_client::server_name(name)?);
+            } else if config.upstream_tls && datagram {
+                resolved = resolved.with_dtls(DtlsClientConfig::new(&trust, name)?);
             }
             upstreams.push(resolved);
         }

@@ -121,12 +121,6 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         "only forward listeners send a PROXY header to an upstream",
     );
     rule(
-        datagram && listener.upstream_tls,
-        "upstream_tls",
-        "a udp/dtls forward relays datagrams to a udp upstream: TLS origination is for tcp \
-         and tls listeners",
-    );
-    rule(
         datagram && listener.upstream_proxy_protocol.is_some(),
         "upstream_proxy_protocol",
         "a PROXY header precedes a byte stream: a udp/dtls forward sends datagrams",

@@ -24,11 +24,15 @@ use std::time::Instant;
 use bytes::Bytes;
 use mio::net::UdpSocket;
 use mio::{Interest, Registry, Token};
+use openssl::ssl::SslStream;
+use plexus_proto::{deadline_after, TimerKey};
 use plexus_sys::dgram::send_batch;
 use tracing::{debug, error, info};
 
-use super::{socket_token, DatagramEndpoint, LoopParts, RECV_BATCHES_PER_TURN};
+use super::{socket_token, timer_entry, DatagramEndpoint, LoopParts, RECV_BATCHES_PER_TURN};
+use super::{DatagramTimer, RECV_SLOT};
 use crate::connector::{Upstream, UpstreamEvent};
+use crate::dtls::{self, DatagramIo, DtlsClientConfig, Progress};
 use crate::metrics::LoopStats;
 use crate::outbound::OutboundQueue;
 use crate::service::{
@@ -88,6 +92,13 @@ impl DatagramQueue {
         bytes
     }
 
+    /// Removes and returns the oldest datagram.
+    pub(crate) fn pop(&mut self) -> Option<Bytes> {
+        let datagram = self.pending.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(datagram.len());
+        Some(datagram)
+    }
+
     /// Datagrams queued.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -129,6 +140,19 @@ pub(super) struct DatagramUpstream {
     dirty: bool,
     /// A send reported an ICMP error: the upstream ends at its next read.
     failed: Option<io::ErrorKind>,
+    /// DTLS origination ([`Upstream::with_dtls`]).
+    dtls: Option<Box<UpstreamDtls>>,
+}
+
+/// A DTLS upstream's client state.
+struct UpstreamDtls {
+    config: Arc<DtlsClientConfig>,
+    stream: SslStream<DatagramIo>,
+    established: bool,
+    /// Plaintext datagrams sent before the handshake completed (bounded like the queue).
+    early: DatagramQueue,
+    handshake_timer: Option<TimerKey>,
+    retransmit_timer: Option<TimerKey>,
 }
 
 /// Binds an ephemeral port of `addr`'s family, connects it to `addr` (no packet is sent:
@@ -257,6 +281,25 @@ impl DatagramEndpoint {
                 }
             }
         }
+        let dtls = match (opened.is_some(), upstream.dtls()) {
+            (true, Some(config)) => match config.stream() {
+                Ok(stream) => Some(Box::new(UpstreamDtls {
+                    config: Arc::clone(config),
+                    stream,
+                    established: false,
+                    early: DatagramQueue::default(),
+                    handshake_timer: None,
+                    retransmit_timer: None,
+                })),
+                Err(err) => {
+                    error!(session = %id, "dtls: cannot create a client SSL object: {err}");
+                    failure = io::ErrorKind::Other;
+                    opened = None;
+                    None
+                }
+            },
+            _ => None,
+        };
         let Some((socket, addr)) = opened else {
             upstream.count(UpstreamEvent::Unreachable);
             let reason = CloseReason::UpstreamFailed(failure);
@@ -299,12 +342,27 @@ impl DatagramEndpoint {
             write_blocked: false,
             dirty: false,
             failed: None,
+            dtls,
         });
         debug_assert_eq!(inserted, slot);
         if let Some(client) = self.sessions.get_mut(client_key) {
             let extras = client.extras.get_or_insert_with(Box::default);
             let links = extras.links.get_or_insert_with(Box::<Links>::default);
             links.peers.push((slot, id));
+        }
+        if self.upstreams.get(slot).is_some_and(|up| up.dtls.is_some()) {
+            // The opener hears `Connected` once the handshake is done.
+            debug!(session = %id, opener = %client_id, upstream = upstream.name(), %addr, "dtls upstream handshaking");
+            let entry = timer_entry(slot, id, DatagramTimer::UpstreamHandshake);
+            let timer = parts
+                .timers
+                .insert(deadline_after(now, self.limits.handshake_timeout), entry);
+            if let Some(dtls) = self.upstreams.get_mut(slot).and_then(|up| up.dtls.as_mut()) {
+                dtls.handshake_timer = Some(timer);
+            }
+            self.dtls_upstream_drive(slot, now, parts);
+            self.flush_upstream(slot);
+            return;
         }
         debug!(session = %id, opener = %client_id, upstream = upstream.name(), %addr, "udp upstream connected");
         self.client_link_event(
@@ -335,8 +393,36 @@ impl DatagramEndpoint {
         self.after_callback(key, now, parts);
     }
 
-    /// Queues one datagram for upstream `slot` (dropped and counted when its queue is full).
+    /// Sends one datagram to upstream `slot`: queued (dropped and counted when its queue is
+    /// full); on a DTLS upstream encrypted first, or held until its handshake is done.
     fn queue_upstream(&mut self, slot: usize, datagram: Bytes) {
+        let limit = self.limits.high_watermark;
+        let Some(up) = self.upstreams.get_mut(slot) else {
+            return;
+        };
+        if let Some(dtls) = up.dtls.as_mut() {
+            if !dtls.established {
+                if !dtls.early.push(datagram, limit) {
+                    up.upstream.count(UpstreamEvent::DroppedOverflow);
+                }
+                return;
+            }
+            if let Err(why) = dtls::write(&mut dtls.stream, &datagram, up.info.peer, Instant::now())
+            {
+                debug!(session = %up.info.id, "dtls upstream write failed: {why}");
+                up.upstream.count(UpstreamEvent::DroppedError);
+            }
+            let records = std::mem::take(&mut dtls.stream.get_mut().outbound);
+            for record in records {
+                self.queue_raw(slot, Bytes::from(record));
+            }
+            return;
+        }
+        self.queue_raw(slot, datagram);
+    }
+
+    /// Queues one datagram as it is for upstream `slot`'s socket.
+    fn queue_raw(&mut self, slot: usize, datagram: Bytes) {
         let limit = self.limits.high_watermark;
         let Some(up) = self.upstreams.get_mut(slot) else {
             return;
@@ -475,6 +561,10 @@ impl DatagramEndpoint {
                 self.stats.received(&up.info.listener, received.data.len());
                 if received.truncated {
                     up.upstream.count(UpstreamEvent::DroppedError);
+                    continue;
+                }
+                if up.dtls.is_some() {
+                    self.dtls_upstream_input(slot, received.data, now, parts);
                     continue;
                 }
                 self.upstream_callback(slot, parts, |handler, session| {
@@ -648,6 +738,185 @@ impl DatagramEndpoint {
         self.after_callback(key, now, parts);
     }
 
+    /// One datagram from a DTLS upstream: the handshake's next step, or records whose
+    /// plaintext goes to the upstream's handler (one `on_data` per record).
+    fn dtls_upstream_input(
+        &mut self,
+        slot: usize,
+        data: &[u8],
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(dtls) = self.upstreams.get_mut(slot).and_then(|up| up.dtls.as_mut()) else {
+            return;
+        };
+        dtls.stream.get_mut().put(data);
+        self.dtls_upstream_drive(slot, now, parts);
+    }
+
+    /// Lets OpenSSL process what arrived for DTLS upstream `slot`: the handshake (its end
+    /// announced to the client, the early datagrams then sent), then application records;
+    /// sends what OpenSSL wrote and re-arms its retransmission timer.
+    fn dtls_upstream_drive(&mut self, slot: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let Some(up) = self.upstreams.get_mut(slot) else {
+            return;
+        };
+        let (id, peer, client) = (up.info.id, up.info.peer, up.client);
+        let Some(dtls) = up.dtls.as_mut() else {
+            return;
+        };
+        if !dtls.established {
+            match dtls::handshake(&mut dtls.stream, peer, now) {
+                Progress::Waiting => {}
+                Progress::Established if !dtls.config.accepts(&dtls.stream) => {
+                    info!(session = %id, upstream = up.upstream.name(), %peer, "dtls upstream refused: not the pinned certificate");
+                    self.dtls_upstream_output(slot, now, parts);
+                    let reason = CloseReason::UpstreamFailed(io::ErrorKind::InvalidData);
+                    self.close_upstream(slot, reason, now, parts);
+                    return;
+                }
+                Progress::Established => {
+                    dtls.established = true;
+                    if let Some(timer) = dtls.handshake_timer.take() {
+                        parts.timers.cancel(timer);
+                    }
+                    LoopStats::add(&self.stats.handshakes_ok, 1);
+                    debug!(session = %id, upstream = up.upstream.name(), %peer, "dtls upstream handshake complete");
+                    let mut early = Vec::new();
+                    while let Some(datagram) = dtls.early.pop() {
+                        early.push(datagram);
+                    }
+                    for datagram in early {
+                        self.queue_upstream(slot, datagram);
+                    }
+                    self.dtls_upstream_output(slot, now, parts);
+                    let (client_key, client_id) = client;
+                    self.client_link_event(
+                        client_key,
+                        client_id,
+                        LinkEvent::Connected {
+                            upstream: id,
+                            addr: peer,
+                        },
+                        now,
+                        parts,
+                    );
+                    if !self.upstream_is(slot, id) {
+                        return;
+                    }
+                }
+                Progress::Closed => {
+                    self.close_upstream(slot, CloseReason::PeerClosed, now, parts);
+                    return;
+                }
+                Progress::Failed(why) => {
+                    info!(session = %id, upstream = up.upstream.name(), %peer, "dtls upstream handshake failed: {why}");
+                    // OpenSSL's alert goes out; the upstream cannot serve.
+                    self.dtls_upstream_output(slot, now, parts);
+                    let reason = CloseReason::UpstreamFailed(io::ErrorKind::InvalidData);
+                    self.close_upstream(slot, reason, now, parts);
+                    return;
+                }
+            }
+        }
+        if self.plain.is_empty() {
+            self.plain = vec![0; RECV_SLOT].into_boxed_slice();
+        }
+        while let Some(dtls) = (self.upstreams.get_mut(slot))
+            .filter(|up| up.info.id == id)
+            .and_then(|up| up.dtls.as_mut())
+            .filter(|dtls| dtls.established)
+        {
+            match dtls::read(&mut dtls.stream, &mut self.plain, peer, now) {
+                Ok(n) => {
+                    let plain = std::mem::take(&mut self.plain);
+                    self.upstream_callback(slot, parts, |handler, session| {
+                        handler.on_data(session, plain.get(..n).unwrap_or_default())
+                    });
+                    self.plain = plain;
+                    self.upstream_after_callback(slot, now, parts);
+                }
+                Err(Progress::Closed) => {
+                    self.close_upstream(slot, CloseReason::PeerClosed, now, parts);
+                    return;
+                }
+                Err(Progress::Failed(why)) => {
+                    debug!(session = %id, "dtls upstream failed: {why}");
+                    let reason = CloseReason::Io(io::ErrorKind::InvalidData);
+                    self.close_upstream(slot, reason, now, parts);
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        if self.upstream_is(slot, id) {
+            self.dtls_upstream_output(slot, now, parts);
+        }
+    }
+
+    /// Queues what OpenSSL wrote for DTLS upstream `slot` and re-arms its retransmission
+    /// timer.
+    fn dtls_upstream_output(&mut self, slot: usize, now: Instant, parts: &mut LoopParts<'_>) {
+        let Some(up) = self.upstreams.get_mut(slot) else {
+            return;
+        };
+        let (id, peer) = (up.info.id, up.info.peer);
+        let Some(dtls) = up.dtls.as_mut() else {
+            return;
+        };
+        let records = std::mem::take(&mut dtls.stream.get_mut().outbound);
+        if dtls.established {
+            dtls::free_buffers(&dtls.stream, peer, now);
+        }
+        if let Some(timer) = dtls.retransmit_timer.take() {
+            parts.timers.cancel(timer);
+        }
+        if let Some(wait) = dtls::retransmit_after(&dtls.stream, peer, now) {
+            let entry = timer_entry(slot, id, DatagramTimer::UpstreamRetransmit);
+            dtls.retransmit_timer = Some(parts.timers.insert(deadline_after(now, wait), entry));
+        }
+        for record in records {
+            self.queue_raw(slot, Bytes::from(record));
+        }
+    }
+
+    /// A DTLS upstream's timer fired: a retransmission (the handshake fails past OpenSSL's
+    /// limit), or the end of its handshake time.
+    pub(super) fn upstream_timer(
+        &mut self,
+        slot: usize,
+        id: SessionId,
+        kind: DatagramTimer,
+        now: Instant,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let Some(up) = self.upstreams.get_mut(slot).filter(|up| up.info.id == id) else {
+            return;
+        };
+        let peer = up.info.peer;
+        let Some(dtls) = up.dtls.as_mut() else {
+            return;
+        };
+        match kind {
+            DatagramTimer::UpstreamHandshake => {
+                dtls.handshake_timer = None;
+                if !dtls.established {
+                    LoopStats::add(&self.stats.handshake_timeouts, 1);
+                    self.close_upstream(slot, CloseReason::UpstreamTimeout, now, parts);
+                }
+            }
+            _ => {
+                dtls.retransmit_timer = None;
+                if !dtls::handle_timeout(&mut dtls.stream, peer, now) {
+                    self.close_upstream(slot, CloseReason::UpstreamTimeout, now, parts);
+                    return;
+                }
+                self.dtls_upstream_output(slot, now, parts);
+                self.flush_upstream(slot);
+            }
+        }
+    }
+
     /// Ends upstream `slot`: its queue flushed once (best effort), its socket closed, its
     /// handler and its client told.
     fn close_upstream(
@@ -657,7 +926,7 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
-        let Some((id, (client_key, client_id))) = self.end_upstream(slot, &reason) else {
+        let Some((id, (client_key, client_id))) = self.end_upstream(slot, &reason, parts) else {
             return;
         };
         if let Some(links) = self
@@ -683,10 +952,11 @@ impl DatagramEndpoint {
         &mut self,
         peers: &[(usize, SessionId)],
         reason: &CloseReason,
+        parts: &mut LoopParts<'_>,
     ) {
         for &(slot, id) in peers {
             if self.upstream_is(slot, id) {
-                self.end_upstream(slot, reason);
+                self.end_upstream(slot, reason, parts);
             }
         }
     }
@@ -697,7 +967,31 @@ impl DatagramEndpoint {
         &mut self,
         slot: usize,
         reason: &CloseReason,
+        parts: &mut LoopParts<'_>,
     ) -> Option<(SessionId, (usize, SessionId))> {
+        if let Some(up) = self.upstreams.get_mut(slot) {
+            if let Some(dtls) = up.dtls.as_mut() {
+                for timer in [dtls.handshake_timer.take(), dtls.retransmit_timer.take()]
+                    .into_iter()
+                    .flatten()
+                {
+                    parts.timers.cancel(timer);
+                }
+                // An orderly end of an established session says so (close_notify).
+                let orderly =
+                    !matches!(reason, CloseReason::UpstreamFailed(_) | CloseReason::Io(_));
+                let records = match dtls.established && orderly {
+                    true => {
+                        dtls::close_notify(&mut dtls.stream, up.info.peer, parts.now);
+                        std::mem::take(&mut dtls.stream.get_mut().outbound)
+                    }
+                    false => Vec::new(),
+                };
+                for record in records {
+                    self.queue_raw(slot, Bytes::from(record));
+                }
+            }
+        }
         self.flush_upstream(slot);
         let mut up = self.upstreams.try_remove(slot)?;
         self.upstream_ready.retain(|&ready| ready != slot);
