@@ -53,7 +53,10 @@
 //! nothing listens there; host or network unreachable) is counted as refused and ends the
 //! upstream session with [`crate::CloseReason::UpstreamFailed`], after
 //! [`crate::LinkEvent::Connected`]: the opener hears `Closed` and decides (forward marks that
-//! upstream down and moves on, or closes its client).
+//! upstream down and moves on, or closes its client). With [`Upstream::with_dtls`] the socket
+//! speaks DTLS 1.2 to the upstream ([`crate::DtlsClientConfig`]): `Connected` then waits for
+//! the handshake, and each datagram is one record. A [`Upstream::with_tls`] upstream is
+//! refused from a datagram session (`UpstreamFailed(Unsupported)`).
 //!
 //! Metrics: an upstream joins the server's `/metrics` (`plexus_upstream_*`, labelled with its
 //! name) the first time a session of a [`crate::Server`] connects to it, and leaves when the

@@ -684,4 +684,127 @@ mod tests {
             Err(Progress::Waiting)
         ));
     }
+
+    /// Runs a client and a server SSL object against each other in memory (the server with
+    /// the cookie exchange, as a dtls listener does) until both are done or stuck; returns
+    /// whether the client's handshake completed, and the client.
+    fn handshake_in_memory(
+        client: &DtlsClientConfig,
+        tls: &TlsContext,
+    ) -> (bool, SslStream<DatagramIo>) {
+        let server = DtlsContext::new(tls, &[], 1200).unwrap();
+        let now = Instant::now();
+        let (cp, sp) = (peer(6000), peer(6001));
+        let mut c = client.stream().unwrap();
+        let mut lobby = server.stream().unwrap();
+        let mut session: Option<SslStream<DatagramIo>> = None;
+        let mut client_done = false;
+        assert!(matches!(handshake(&mut c, sp, now), Progress::Waiting));
+        for _ in 0..20 {
+            let to_server = std::mem::take(&mut c.get_mut().outbound);
+            for datagram in to_server {
+                match session.as_mut() {
+                    None => {
+                        lobby.get_mut().reset();
+                        lobby.get_mut().put(&datagram);
+                        if listen(&mut lobby, cp, now).0 == ListenOutcome::Verified {
+                            let mut s = std::mem::replace(&mut lobby, server.stream().unwrap());
+                            let _ = handshake(&mut s, cp, now);
+                            session = Some(s);
+                        }
+                    }
+                    Some(s) => {
+                        s.get_mut().put(&datagram);
+                        let _ = handshake(s, cp, now);
+                    }
+                }
+            }
+            let to_client = match session.as_mut() {
+                Some(s) => std::mem::take(&mut s.get_mut().outbound),
+                None => std::mem::take(&mut lobby.get_mut().outbound),
+            };
+            if to_client.is_empty() && client_done {
+                break;
+            }
+            for datagram in to_client {
+                c.get_mut().put(&datagram);
+                match handshake(&mut c, sp, now) {
+                    Progress::Established => client_done = true,
+                    Progress::Failed(_) => return (false, c),
+                    _ => {}
+                }
+            }
+        }
+        (client_done, c)
+    }
+
+    #[test]
+    fn a_dtls_client_verifies_by_ca_file_and_name_or_by_pin() {
+        use crate::tls_client::ServerTrust;
+        let tls = TlsContext::new(None).unwrap();
+        // Each ephemeral context has its own certificate: `other`'s is not `tls`'s.
+        let other = TlsContext::new(None).unwrap();
+        let (chain, _) = tls.default_identity();
+        let leaf = chain[0].clone();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            X509::from_der(leaf.as_ref()).unwrap().to_pem().unwrap(),
+        )
+        .unwrap();
+        let trust = ServerTrust::CaFile(ca);
+        let by_ca = DtlsClientConfig::new(&trust, "localhost").unwrap();
+        assert!(
+            handshake_in_memory(&by_ca, &tls).0,
+            "the CA file's certificate, its name"
+        );
+        assert!(
+            !handshake_in_memory(&by_ca, &other).0,
+            "a certificate the file lacks"
+        );
+        let wrong_name = DtlsClientConfig::new(&trust, "other.example").unwrap();
+        assert!(
+            !handshake_in_memory(&wrong_name, &tls).0,
+            "a name it is not valid for"
+        );
+        let by_ip = DtlsClientConfig::new(&trust, "127.0.0.1").unwrap();
+        assert!(
+            handshake_in_memory(&by_ip, &tls).0,
+            "an IP address it names"
+        );
+        let pinned = DtlsClientConfig::new(&ServerTrust::Pinned(leaf), "ignored").unwrap();
+        let (done, stream) = handshake_in_memory(&pinned, &tls);
+        assert!(done && pinned.accepts(&stream), "the pinned certificate");
+        let (done, stream) = handshake_in_memory(&pinned, &other);
+        assert!(done, "a pin is checked after the handshake");
+        assert!(
+            !pinned.accepts(&stream),
+            "another certificate than the pinned one"
+        );
+        let any = DtlsClientConfig::new(&ServerTrust::AnyCertificate, "x").unwrap();
+        let (done, stream) = handshake_in_memory(&any, &other);
+        assert!(done && any.accepts(&stream), "any certificate");
+    }
+
+    #[test]
+    fn dtls_client_trust_errors_are_precise() {
+        use crate::tls_client::ServerTrust;
+        let roots = ServerTrust::Roots(Arc::new(rustls::RootCertStore::empty()));
+        assert!(matches!(
+            DtlsClientConfig::new(&roots, "x"),
+            Err(DtlsError::UnsupportedTrust)
+        ));
+        let missing = ServerTrust::CaFile("/nonexistent/ca.pem".into());
+        assert!(matches!(
+            DtlsClientConfig::new(&missing, "x"),
+            Err(DtlsError::CaFile { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(DtlsClientConfig::new(&ServerTrust::CaFile(empty), "x").is_err());
+        let psk = DtlsClientConfig::psk("client", vec![7; 32]).unwrap();
+        assert!(psk.stream().is_ok());
+    }
 }

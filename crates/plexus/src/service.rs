@@ -566,9 +566,10 @@ impl Session<'_> {
     /// [`Upstream::with_tls`]). From a udp or dtls session it is a *connected UDP socket*
     /// (see "Datagram upstreams" in [`crate::connector`]): each `send_to` is one datagram to
     /// the upstream, each datagram the upstream sends is one `on_data` of `handler`, and the
-    /// socket closes with this session; a TLS upstream is refused there
-    /// ([`LinkEvent::Closed`] with [`CloseReason::UpstreamFailed`]). On a closing session the
-    /// request is dropped, and the handler's `on_link` is never called.
+    /// socket closes with this session; DTLS with [`Upstream::with_dtls`], while a
+    /// [`Upstream::with_tls`] upstream is refused there ([`LinkEvent::Closed`] with
+    /// [`CloseReason::UpstreamFailed`]). On a closing session the request is dropped, and the
+    /// handler's `on_link` is never called.
     pub fn connect(&mut self, upstream: &Upstream, handler: Box<dyn SessionHandler>) -> SessionId {
         let id = SessionId::next();
         if let Some(metrics) = self.metrics {
