@@ -552,7 +552,13 @@ impl DatagramEndpoint {
                     continue;
                 }
             };
-            let client_key = up.client.0;
+            // A short batch emptied the socket: on Linux every datagram that arrives later
+            // wakes epoll again (edge-triggered sockets signal each arrival), so the extra
+            // `recvmmsg` that would only say EAGAIN is saved — it was one syscall per reply.
+            if count < recv.capacity() {
+                up.readable = false;
+            }
+            let drained = !up.readable;
             for position in 0..count {
                 let received = recv.get(position);
                 let Some(up) = self.upstreams.get(slot).filter(|up| up.info.id == id) else {
@@ -572,12 +578,13 @@ impl DatagramEndpoint {
                 });
                 self.upstream_after_callback(slot, now, parts);
             }
-            // Send what the client side queued for its peer with this batch.
-            if let Some(index) = self.sessions.get(client_key).map(|s| s.socket) {
-                self.flush(index);
-            }
+            // What the client side queued for its peer leaves with the socket's next flush
+            // (at the latest the end of this turn: one sendmmsg for every upstream's replies).
             self.flush_upstreams();
             budget_left = round.saturating_add(1) == RECV_BATCHES_PER_TURN;
+            if drained {
+                break;
+            }
         }
         self.recv = Some(recv);
         let still = self
