@@ -229,29 +229,33 @@ impl DtlsClientConfig {
         Ok(builder)
     }
 
+    /// A client SSL object in connect state (SNI, name verification and MTU set), for a
+    /// caller that runs the handshake over its own socket — `plexus connect dtls://` and
+    /// `plexus bench dtls-echo` do, blocking. With a pinned certificate, check
+    /// [`DtlsClientConfig::accepts`] once the handshake is done.
+    pub fn ssl(&self) -> Result<openssl::ssl::Ssl, ErrorStack> {
+        let mut config = self.connector.configure()?;
+        config.set_verify_hostname(self.verify_hostname);
+        config.set_use_server_name_indication(!self.name.is_empty());
+        let mut ssl = config.into_ssl(&self.name)?;
+        ssl.set_mtu(self.mtu)?;
+        ssl.set_connect_state();
+        Ok(ssl)
+    }
+
     /// A fresh client-side SSL object over an empty [`DatagramIo`], its handshake not started.
     pub(crate) fn stream(&self) -> Result<SslStream<DatagramIo>, ErrorStack> {
-        let build = || {
-            let mut config = self.connector.configure()?;
-            config.set_verify_hostname(self.verify_hostname);
-            config.set_use_server_name_indication(!self.name.is_empty());
-            let mut ssl = config.into_ssl(&self.name)?;
-            ssl.set_mtu(self.mtu)?;
-            ssl.set_connect_state();
-            SslStream::new(ssl, DatagramIo::default())
-        };
+        let build = || SslStream::new(self.ssl()?, DatagramIo::default());
         let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
         isolated(unspecified, Instant::now(), build).0
     }
 
-    /// Whether an established `stream` shows the pinned certificate (true without a pin).
-    pub(crate) fn accepts(&self, stream: &SslStream<DatagramIo>) -> bool {
+    /// Whether an established session shows the pinned certificate (true without a pin).
+    pub fn accepts(&self, ssl: &openssl::ssl::SslRef) -> bool {
         let Some(pinned) = &self.pinned else {
             return true;
         };
-        stream
-            .ssl()
-            .peer_certificate()
+        ssl.peer_certificate()
             .and_then(|cert| cert.to_der().ok())
             .is_some_and(|der| der.as_slice() == pinned.as_ref())
     }
@@ -775,16 +779,19 @@ mod tests {
         );
         let pinned = DtlsClientConfig::new(&ServerTrust::Pinned(leaf), "ignored").unwrap();
         let (done, stream) = handshake_in_memory(&pinned, &tls);
-        assert!(done && pinned.accepts(&stream), "the pinned certificate");
+        assert!(
+            done && pinned.accepts(stream.ssl()),
+            "the pinned certificate"
+        );
         let (done, stream) = handshake_in_memory(&pinned, &other);
         assert!(done, "a pin is checked after the handshake");
         assert!(
-            !pinned.accepts(&stream),
+            !pinned.accepts(stream.ssl()),
             "another certificate than the pinned one"
         );
         let any = DtlsClientConfig::new(&ServerTrust::AnyCertificate, "x").unwrap();
         let (done, stream) = handshake_in_memory(&any, &other);
-        assert!(done && any.accepts(&stream), "any certificate");
+        assert!(done && any.accepts(stream.ssl()), "any certificate");
     }
 
     #[test]

@@ -224,7 +224,7 @@ impl DatagramEndpoint {
                 continue;
             };
             match op {
-                LinkOp::Send(_, data) => self.queue_upstream(slot, data.freeze()),
+                LinkOp::Send(_, data) => self.queue_upstream(slot, data.freeze(), now),
                 LinkOp::Close(_) => self.close_upstream(slot, CloseReason::Requested, now, parts),
                 _ => {}
             }
@@ -395,7 +395,7 @@ impl DatagramEndpoint {
 
     /// Sends one datagram to upstream `slot`: queued (dropped and counted when its queue is
     /// full); on a DTLS upstream encrypted first, or held until its handshake is done.
-    fn queue_upstream(&mut self, slot: usize, datagram: Bytes) {
+    fn queue_upstream(&mut self, slot: usize, datagram: Bytes, now: Instant) {
         let limit = self.limits.high_watermark;
         let Some(up) = self.upstreams.get_mut(slot) else {
             return;
@@ -407,8 +407,7 @@ impl DatagramEndpoint {
                 }
                 return;
             }
-            if let Err(why) = dtls::write(&mut dtls.stream, &datagram, up.info.peer, Instant::now())
-            {
+            if let Err(why) = dtls::write(&mut dtls.stream, &datagram, up.info.peer, now) {
                 debug!(session = %up.info.id, "dtls upstream write failed: {why}");
                 up.upstream.count(UpstreamEvent::DroppedError);
             }
@@ -695,7 +694,7 @@ impl DatagramEndpoint {
             None => Vec::new(),
         };
         for datagram in own {
-            self.queue_upstream(slot, datagram);
+            self.queue_upstream(slot, datagram, now);
         }
         for op in ops {
             match op {
@@ -775,7 +774,7 @@ impl DatagramEndpoint {
         if !dtls.established {
             match dtls::handshake(&mut dtls.stream, peer, now) {
                 Progress::Waiting => {}
-                Progress::Established if !dtls.config.accepts(&dtls.stream) => {
+                Progress::Established if !dtls.config.accepts(dtls.stream.ssl()) => {
                     info!(session = %id, upstream = up.upstream.name(), %peer, "dtls upstream refused: not the pinned certificate");
                     self.dtls_upstream_output(slot, now, parts);
                     let reason = CloseReason::UpstreamFailed(io::ErrorKind::InvalidData);
@@ -794,7 +793,7 @@ impl DatagramEndpoint {
                         early.push(datagram);
                     }
                     for datagram in early {
-                        self.queue_upstream(slot, datagram);
+                        self.queue_upstream(slot, datagram, now);
                     }
                     self.dtls_upstream_output(slot, now, parts);
                     let (client_key, client_id) = client;
