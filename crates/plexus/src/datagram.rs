@@ -286,6 +286,8 @@ pub(crate) struct DatagramEndpoint {
     upstream_dirty: Vec<usize>,
     /// The loop's poll registry (for upstream sockets), cloned when the first socket is added.
     registry: Option<Registry>,
+    /// Upstream sockets that found no descriptor (logged at most once a second).
+    descriptor_shortages: LogThrottle,
 }
 
 impl DatagramEndpoint {
@@ -310,6 +312,7 @@ impl DatagramEndpoint {
             upstream_ready: Vec::new(),
             upstream_dirty: Vec::new(),
             registry: None,
+            descriptor_shortages: LogThrottle::new(),
         }
     }
 

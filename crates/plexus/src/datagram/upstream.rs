@@ -27,7 +27,7 @@ use mio::{Interest, Registry, Token};
 use openssl::ssl::SslStream;
 use plexus_proto::{deadline_after, TimerKey};
 use plexus_sys::dgram::send_batch;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use super::{socket_token, timer_entry, DatagramEndpoint, LoopParts, RECV_BATCHES_PER_TURN};
 use super::{DatagramTimer, RECV_SLOT};
@@ -259,6 +259,7 @@ impl DatagramEndpoint {
             .map_or(1, |socket| socket.listener.batch.max(1));
         let slot = self.upstreams.vacant_key();
         let mut failure = io::ErrorKind::AddrNotAvailable;
+        let mut exhausted = false;
         let mut opened = None;
         if upstream.tls().is_some() {
             // TLS origination is a stream feature: a datagram session cannot speak it.
@@ -271,6 +272,18 @@ impl DatagramEndpoint {
                 match open_socket(addr, registry, upstream_token(slot)) {
                     Ok(socket) => {
                         opened = Some((socket, addr));
+                        break;
+                    }
+                    Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
+                        // A local shortage: every other address would fail the same way, and
+                        // the upstream is not to blame (a health check must not mark it down).
+                        if let Some(also) = self.descriptor_shortages.allow(now) {
+                            warn!(
+                                session = %id, upstream = upstream.name(), %addr,
+                                "cannot open a udp upstream socket: {err} (+{also} more in the last second)"
+                            );
+                        }
+                        exhausted = true;
                         break;
                     }
                     Err(err) => {
@@ -301,9 +314,15 @@ impl DatagramEndpoint {
             _ => None,
         };
         let Some((socket, addr)) = opened else {
-            upstream.count(UpstreamEvent::Unreachable);
-            let reason = CloseReason::UpstreamFailed(failure);
-            info!(session = %id, upstream = upstream.name(), "udp upstream unreachable: {reason}");
+            let reason = match exhausted {
+                true => CloseReason::DescriptorsExhausted,
+                false => {
+                    upstream.count(UpstreamEvent::Unreachable);
+                    let reason = CloseReason::UpstreamFailed(failure);
+                    info!(session = %id, upstream = upstream.name(), "udp upstream unreachable: {reason}");
+                    reason
+                }
+            };
             self.client_link_event(
                 client_key,
                 client_id,
