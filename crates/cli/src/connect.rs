@@ -8,7 +8,7 @@
 //! [`plexus::tls_client`], whose options [`crate::tls_client`] maps), a thread feeding standard
 //! input through the connection's [`Connection`] handle with backpressure, and the peer's bytes
 //! written to standard output by the runtime's worker thread. `udp://` and `dtls://` stay on
-//! [`crate::dgram_client`] (one datagram per line): the library has no datagram connector yet.
+//! [`crate::dgram_client`] (one datagram per line): the client runtime has no datagram sessions yet.
 
 use std::io::{self, Read, Write};
 use std::path::PathBuf;

@@ -19,7 +19,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use openssl::ssl::{ErrorCode, SslConnector, SslMethod, SslOptions, SslStream, SslVerifyMode};
+use openssl::ssl::{ErrorCode, SslStream};
+use plexus::tls_client::ServerTrust;
 
 /// How long to wait for outstanding replies after standard input ended.
 const REPLY_WAIT: Duration = Duration::from_secs(2);
@@ -160,75 +161,54 @@ impl Datagrams for SslStream<PlainUdp> {
 }
 
 /// A DTLS 1.2 client configuration: trust (or PSK) from [`DtlsOptions`] and the server name
-/// to send and verify. Built once; every session of `plexus connect` or `plexus bench
-/// dtls-echo` is started from it.
-#[derive(Clone)]
+/// to send and verify, as the library's [`plexus::DtlsClientConfig`] (one DTLS client setup,
+/// shared with forward's DTLS origination). Built once; every session of `plexus connect` or
+/// `plexus bench dtls-echo` is started from it.
+#[derive(Clone, Debug)]
 pub(crate) struct DtlsClient {
-    connector: SslConnector,
-    name: String,
-    verify_hostname: bool,
-}
-
-impl std::fmt::Debug for DtlsClient {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DtlsClient")
-            .field("name", &self.name)
-            .field("verify_hostname", &self.verify_hostname)
-            .finish_non_exhaustive()
-    }
+    config: plexus::DtlsClientConfig,
 }
 
 impl DtlsClient {
     /// The configuration for `target` (HOST:PORT; HOST is the name verified unless `--sni`).
     pub(crate) fn new(target: &str, options: &DtlsOptions) -> anyhow::Result<DtlsClient> {
-        let mut builder = SslConnector::builder(SslMethod::dtls()).context("OpenSSL")?;
-        builder.set_options(SslOptions::NO_QUERY_MTU);
-        if let Some((identity, key_file)) = &options.psk {
+        let config = if let Some((identity, key_file)) = &options.psk {
             let key = plexus::config::PskConfig {
                 identity: identity.clone(),
                 key_file: key_file.clone(),
             }
             .load_key()
             .map_err(|err| anyhow!("--psk-key-file: {err}"))?;
-            let mut id = identity.clone().into_bytes();
-            id.push(0);
             // PSK suites only: the key authenticates the server, there is no certificate.
-            builder.set_cipher_list("PSK").context("OpenSSL")?;
-            builder.set_psk_client_callback(move |_, _hint, identity_out, key_out| {
-                if id.len() > identity_out.len() || key.len() > key_out.len() {
-                    return Ok(0);
-                }
-                identity_out[..id.len()].copy_from_slice(&id);
-                key_out[..key.len()].copy_from_slice(&key);
-                Ok(key.len())
-            });
-        } else if options.insecure {
-            eprintln!("warning: --insecure: the server's certificate is not verified");
-            builder.set_verify(SslVerifyMode::NONE);
-        } else if let Some(ca) = &options.ca {
-            builder
-                .set_ca_file(ca)
-                .with_context(|| format!("--ca {}: cannot load certificates", ca.display()))?;
-        }
-        let host = target
-            .rsplit_once(':')
-            .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
-            .unwrap_or(target);
+            plexus::DtlsClientConfig::psk(identity, key).context("OpenSSL")?
+        } else {
+            let trust = if options.insecure {
+                eprintln!("warning: --insecure: the server's certificate is not verified");
+                ServerTrust::AnyCertificate
+            } else if let Some(ca) = &options.ca {
+                ServerTrust::CaFile(ca.clone())
+            } else {
+                ServerTrust::SystemRoots
+            };
+            let host = target
+                .rsplit_once(':')
+                .map(|(host, _)| host.trim_start_matches('[').trim_end_matches(']'))
+                .unwrap_or(target);
+            let name = options.sni.clone().unwrap_or_else(|| host.to_owned());
+            plexus::DtlsClientConfig::new(&trust, &name).map_err(|err| match &options.ca {
+                Some(ca) => anyhow!("--ca {}: {err}", ca.display()),
+                None => anyhow!("{err}"),
+            })?
+        };
         Ok(DtlsClient {
-            connector: builder.build(),
-            name: options.sni.clone().unwrap_or_else(|| host.to_owned()),
-            verify_hostname: !(options.insecure || options.psk.is_some()),
+            config: config.with_mtu(MTU),
         })
     }
 
     /// A client session over the connected `socket` (records of at most [`MTU`] bytes), its
     /// handshake not started yet: see [`handshake`].
     pub(crate) fn session(&self, socket: UdpSocket) -> anyhow::Result<SslStream<PlainUdp>> {
-        let mut config = self.connector.configure().context("OpenSSL")?;
-        config.set_verify_hostname(self.verify_hostname);
-        let mut ssl = config.into_ssl(&self.name).context("OpenSSL")?;
-        ssl.set_mtu(MTU).context("OpenSSL")?;
-        ssl.set_connect_state();
+        let ssl = self.config.ssl().context("OpenSSL")?;
         SslStream::new(ssl, PlainUdp(socket)).context("OpenSSL")
     }
 }

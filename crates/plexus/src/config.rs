@@ -996,9 +996,10 @@ impl Config {
                     ),
                 );
             }
-            // datagram: udp/dtls listeners carry datagram services (echo, or your own).
+            // datagram: udp/dtls listeners carry datagram services (echo, forward to a udp
+            // upstream, or your own).
             if !listener.transport.is_stream() {
-                if matches!(listener.service.as_str(), "forward" | "chat") {
+                if listener.service == "chat" {
                     problem(
                         key("service"),
                         format!(

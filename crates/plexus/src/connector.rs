@@ -34,6 +34,30 @@
 //! `max_connections` nor in any listener's sessions, and are members of no listener for
 //! broadcasts.
 //!
+//! # Datagram upstreams
+//!
+//! From a udp or dtls session, [`crate::Session::connect`] opens a *connected UDP socket* to
+//! the upstream instead (bound to an ephemeral port of the address's family, `connect(2)`ed to
+//! the first address that takes it: no resolution, nothing blocks), registered on the same
+//! loop. [`crate::LinkEvent::Connected`] comes at once (UDP has no handshake). Each
+//! [`crate::Session::send_to`] from the opener is one datagram to the upstream; each datagram
+//! the upstream sends back is one `on_data` of the upstream's handler, which passes it on with
+//! `send_to` (the opener sends it to its peer — encrypted on a dtls session). Bounded: a
+//! link's datagrams wait in a queue of at most `outbound_high_watermark` bytes (one datagram
+//! always fits) until the socket takes them (`sendmmsg`, after each receive batch); UDP drops
+//! rather than blocks, so a datagram that does not fit is dropped and counted
+//! (`plexus_upstream_datagrams_dropped_total{reason="overflow"}`), as is one the kernel
+//! refuses (`reason="error"`). The upstream socket has no timer of its own: it lives and
+//! ends with the session that opened it (whose `idle_timeout` counts the datagrams of both
+//! directions). An ICMP error the kernel reports on the connected socket (`ECONNREFUSED`:
+//! nothing listens there; host or network unreachable) is counted as refused and ends the
+//! upstream session with [`crate::CloseReason::UpstreamFailed`], after
+//! [`crate::LinkEvent::Connected`]: the opener hears `Closed` and decides (forward marks that
+//! upstream down and moves on, or closes its client). With [`Upstream::with_dtls`] the socket
+//! speaks DTLS 1.2 to the upstream ([`crate::DtlsClientConfig`]): `Connected` then waits for
+//! the handshake, and each datagram is one record. A [`Upstream::with_tls`] upstream is
+//! refused from a datagram session (`UpstreamFailed(Unsupported)`).
+//!
 //! Metrics: an upstream joins the server's `/metrics` (`plexus_upstream_*`, labelled with its
 //! name) the first time a session of a [`crate::Server`] connects to it, and leaves when the
 //! last clone of it is dropped (a reload replaced the listener that held it and its sessions
@@ -83,6 +107,8 @@ pub struct Upstream {
     tls: Option<UpstreamTls>,
     /// The local address connections are made from (`None`: the system picks).
     source: Option<IpAddr>,
+    /// DTLS origination for datagram sessions' upstreams.
+    dtls: Option<Arc<crate::dtls::DtlsClientConfig>>,
     shared: Arc<Shared>,
 }
 
@@ -103,6 +129,9 @@ struct Shared {
     timed_out: AtomicU64,
     unreachable: AtomicU64,
     open: AtomicU64,
+    /// Datagrams (UDP upstreams) dropped: their link's queue was full; the kernel refused them.
+    dropped_overflow: AtomicU64,
+    dropped_error: AtomicU64,
     /// Connect times by [`CONNECT_BUCKETS`] (one more slot: above the last bound), their sum
     /// in microseconds and their number.
     connect_buckets: [AtomicU64; CONNECT_BUCKETS.len() + 1],
@@ -126,6 +155,7 @@ impl std::fmt::Debug for Upstream {
             .field("connect_timeout", &self.connect_timeout)
             .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
             .field("source", &self.source)
+            .field("dtls", &self.dtls)
             .finish()
     }
 }
@@ -151,6 +181,12 @@ pub struct UpstreamSnapshot {
     pub bytes_received: u64,
     /// Bytes written to the upstream.
     pub bytes_sent: u64,
+    /// Datagrams to a UDP upstream dropped because their link's queue was full (UDP drops
+    /// rather than blocks).
+    pub datagrams_dropped_overflow: u64,
+    /// Datagrams to or from a UDP upstream the kernel refused or cut (too large, a send
+    /// error, a truncated reply).
+    pub datagrams_dropped_error: u64,
     /// Connect times recorded with [`Upstream::record_connect_time`], per bucket of
     /// [`CONNECT_BUCKETS`] (not cumulative; the last slot: longer than every bound).
     pub connect_buckets: [u64; CONNECT_BUCKETS.len() + 1],
@@ -171,6 +207,12 @@ impl UpstreamSnapshot {
         self.open = self.open.wrapping_add(other.open);
         self.bytes_received = self.bytes_received.wrapping_add(other.bytes_received);
         self.bytes_sent = self.bytes_sent.wrapping_add(other.bytes_sent);
+        self.datagrams_dropped_overflow = self
+            .datagrams_dropped_overflow
+            .wrapping_add(other.datagrams_dropped_overflow);
+        self.datagrams_dropped_error = self
+            .datagrams_dropped_error
+            .wrapping_add(other.datagrams_dropped_error);
         for (sum, n) in self.connect_buckets.iter_mut().zip(other.connect_buckets) {
             *sum = sum.wrapping_add(n);
         }
@@ -190,6 +232,7 @@ impl Upstream {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             tls: None,
             source: None,
+            dtls: None,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -202,6 +245,8 @@ impl Upstream {
                 timed_out: AtomicU64::new(0),
                 unreachable: AtomicU64::new(0),
                 open: AtomicU64::new(0),
+                dropped_overflow: AtomicU64::new(0),
+                dropped_error: AtomicU64::new(0),
                 connect_buckets: Default::default(),
                 connect_micros: AtomicU64::new(0),
                 connects_timed: AtomicU64::new(0),
@@ -264,6 +309,27 @@ impl Upstream {
         self.source
     }
 
+    /// The same upstream spoken to over DTLS 1.2, for connections opened from udp or dtls
+    /// sessions (a UDP upstream): once the socket is open the upstream session runs a client
+    /// handshake with `config` (see [`crate::DtlsClientConfig`]), bounded by
+    /// `handshake_timeout`, OpenSSL's retransmissions on the loop's timer wheel. Datagrams sent
+    /// to it before the handshake completes wait (bounded like its queue), each is then one
+    /// record; the opener's [`crate::LinkEvent::Connected`] comes after the handshake, and a
+    /// refused certificate or a failed handshake ends the upstream session with
+    /// [`crate::CloseReason::UpstreamFailed`] (`InvalidData`), a handshake past its timeout or
+    /// retransmission limit with [`crate::CloseReason::UpstreamTimeout`]. Stream sessions
+    /// ignore it (use [`Upstream::with_tls`]).
+    #[must_use]
+    pub fn with_dtls(mut self, config: crate::dtls::DtlsClientConfig) -> Upstream {
+        self.dtls = Some(Arc::new(config));
+        self
+    }
+
+    /// The DTLS origination settings, if any.
+    pub(crate) fn dtls(&self) -> Option<&Arc<crate::dtls::DtlsClientConfig>> {
+        self.dtls.as_ref()
+    }
+
     /// The TLS origination settings, if any.
     pub(crate) fn tls(&self) -> Option<&UpstreamTls> {
         self.tls.as_ref()
@@ -302,6 +368,8 @@ impl Shared {
             open: s.open.load(Relaxed),
             bytes_received: s.info.stats.bytes_received(),
             bytes_sent: s.info.stats.bytes_sent(),
+            datagrams_dropped_overflow: s.dropped_overflow.load(Relaxed),
+            datagrams_dropped_error: s.dropped_error.load(Relaxed),
             connect_buckets: std::array::from_fn(|at| {
                 s.connect_buckets.get(at).map_or(0, |n| n.load(Relaxed))
             }),
@@ -358,6 +426,8 @@ impl Upstream {
             UpstreamEvent::TimedOut => &s.timed_out,
             UpstreamEvent::Unreachable => &s.unreachable,
             UpstreamEvent::Opened => &s.open,
+            UpstreamEvent::DroppedOverflow => &s.dropped_overflow,
+            UpstreamEvent::DroppedError => &s.dropped_error,
             UpstreamEvent::Closed => {
                 s.open.fetch_sub(1, Relaxed);
                 return;
@@ -424,6 +494,10 @@ pub(crate) enum UpstreamEvent {
     Unreachable,
     Opened,
     Closed,
+    /// A datagram for a UDP upstream found its link's queue full.
+    DroppedOverflow,
+    /// A datagram to or from a UDP upstream was refused by the kernel or truncated.
+    DroppedError,
 }
 
 /// An upstream session while its connect runs: which address is being tried, and its timer.

@@ -73,6 +73,9 @@ use crate::service::{SessionId, SessionInfo};
 use crate::session::SessionLimits;
 use crate::worker::WorkQueue;
 
+mod upstream;
+use upstream::{DatagramUpstream, MAX_DATAGRAM_UPSTREAMS, UPSTREAM_BASE};
+
 /// Receive slot per datagram: anything up to the largest UDP payload arrives whole.
 const RECV_SLOT: usize = 64 * 1024;
 /// Batched receives per socket per turn before other sockets and sessions get their turn.
@@ -94,8 +97,10 @@ fn relay_token(index: usize) -> Token {
 /// The datagram socket a token names, if it is in the datagram range.
 pub(crate) fn token_socket(token: Token) -> Option<usize> {
     let index = (usize::MAX - 1).checked_sub(token.0)?;
-    // Indexes from MAX_DATAGRAM_SOCKETS on are the upgrade relays of the sockets.
-    (token.0 != usize::MAX && index < 2 * MAX_DATAGRAM_SOCKETS).then_some(index)
+    // Indexes from MAX_DATAGRAM_SOCKETS on are the upgrade relays of the sockets, from
+    // UPSTREAM_BASE on the connected sockets of datagram upstreams (`datagram/upstream.rs`).
+    let end = UPSTREAM_BASE.saturating_add(MAX_DATAGRAM_UPSTREAMS);
+    (token.0 != usize::MAX && index < end).then_some(index)
 }
 
 /// What every loop needs to know about one udp/dtls listener.
@@ -273,6 +278,16 @@ pub(crate) struct DatagramEndpoint {
     /// Sessions that asked for `on_drain` (key and id), told once their socket's send queue
     /// is down to the low watermark. At most one entry per session (`drain_wanted`).
     drain_waiters: Vec<(usize, SessionId)>,
+    /// Connected UDP sockets to upstreams, opened by this loop's datagram sessions.
+    upstreams: Slab<DatagramUpstream>,
+    /// Upstreams left with datagrams to read (the per-turn budget) or a failure to report.
+    upstream_ready: Vec<usize>,
+    /// Upstreams whose queue waits for a flush.
+    upstream_dirty: Vec<usize>,
+    /// The loop's poll registry (for upstream sockets), cloned when the first socket is added.
+    registry: Option<Registry>,
+    /// Upstream sockets that found no descriptor (logged at most once a second).
+    descriptor_shortages: LogThrottle,
 }
 
 impl DatagramEndpoint {
@@ -293,6 +308,11 @@ impl DatagramEndpoint {
             held: false,
             released: false,
             drain_waiters: Vec::new(),
+            upstreams: Slab::new(),
+            upstream_ready: Vec::new(),
+            upstream_dirty: Vec::new(),
+            registry: None,
+            descriptor_shortages: LogThrottle::new(),
         }
     }
 
@@ -312,6 +332,9 @@ impl DatagramEndpoint {
             ));
         }
         socket.set_nonblocking(true)?;
+        if self.registry.is_none() {
+            self.registry = Some(registry.try_clone()?);
+        }
         let local = socket.local_addr()?;
         let gso_below = if udp_offload(&socket, &listener) {
             MAX_UDP_PAYLOAD
@@ -381,6 +404,7 @@ impl DatagramEndpoint {
             (socket.readable && !socket.read_paused && !socket.retired && !self.held)
                 || socket.relay.as_ref().is_some_and(|relay| relay.readable)
         }) || self.drain_due()
+            || !self.upstream_ready.is_empty()
     }
 
     /// Datagram sessions open on this loop.
@@ -397,6 +421,10 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
+        if let Some(slot) = index.checked_sub(UPSTREAM_BASE) {
+            self.upstream_event(slot, readable, writable, now, parts);
+            return;
+        }
         if let Some(index) = index.checked_sub(MAX_DATAGRAM_SOCKETS) {
             if let Some(relay) = self.sockets.get_mut(index).and_then(|s| s.relay.as_mut()) {
                 relay.readable |= readable;
@@ -417,6 +445,7 @@ impl DatagramEndpoint {
     /// Serves every socket with unread datagrams (after the loop's events of a turn).
     pub(crate) fn serve_ready(&mut self, now: Instant, parts: &mut LoopParts<'_>) {
         self.deliver_drains(now, parts);
+        self.serve_upstreams(now, parts);
         for index in 0..self.sockets.len() {
             let relay_ready =
                 |socket: &DatagramSocket| socket.relay.as_ref().is_some_and(|r| r.readable);
@@ -484,6 +513,8 @@ impl DatagramEndpoint {
                 self.receive(index, peer, received.data, now, parts);
             }
             self.flush(index);
+            // What this batch's sessions sent to their upstreams: one sendmmsg each.
+            self.flush_upstreams();
         }
         self.recv = Some(recv);
         self.flush(index);
@@ -1079,7 +1110,7 @@ impl DatagramEndpoint {
             );
             session.closing = Some(CloseReason::WorkOverflow);
         }
-        let (peer, index) = (session.info.peer, session.socket);
+        let (peer, index, session_id) = (session.info.peer, session.socket, session.info.id);
         let mut datagrams = Vec::new();
         while let Some(datagram) = session.outbound.pop_datagram() {
             datagrams.push(datagram);
@@ -1111,7 +1142,11 @@ impl DatagramEndpoint {
             }
         }
         self.apply_handler_requests(key, now, parts);
-        let closing = self.sessions.get(key).and_then(|s| s.closing.clone());
+        let id = session_id;
+        self.apply_link_ops(key, now, parts);
+        let closing = (self.sessions.get(key))
+            .filter(|s| s.info.id == id)
+            .and_then(|s| s.closing.clone());
         if let Some(reason) = closing {
             self.close(key, reason, parts);
         }
@@ -1250,6 +1285,7 @@ impl DatagramEndpoint {
 
     /// Flushes every socket whose queue is not empty (end of a loop turn).
     pub(crate) fn flush_all(&mut self) {
+        self.flush_upstreams();
         for index in 0..self.sockets.len() {
             if self
                 .sockets
@@ -1270,10 +1306,19 @@ impl DatagramEndpoint {
         now: Instant,
         parts: &mut LoopParts<'_>,
     ) {
+        if matches!(
+            kind,
+            DatagramTimer::UpstreamRetransmit | DatagramTimer::UpstreamHandshake
+        ) {
+            // A DTLS upstream's: `key` is its slot among the upstream sockets.
+            self.upstream_timer(key, id, kind, now, parts);
+            return;
+        }
         let Some(session) = self.sessions.get_mut(key).filter(|s| s.info.id == id) else {
             return;
         };
         match kind {
+            DatagramTimer::UpstreamRetransmit | DatagramTimer::UpstreamHandshake => {}
             DatagramTimer::Idle => {
                 session.idle_timer = None;
                 let due = deadline_after(session.last_activity, self.limits.idle_timeout);
@@ -1332,6 +1377,10 @@ impl DatagramEndpoint {
         }
         self.idle.remove(key);
         self.release_peers(index, &[session.info.peer]);
+        // Its upstream sockets end with it.
+        if let Some(links) = session.extras.as_deref_mut().and_then(|e| e.links.take()) {
+            self.close_upstreams_of(&links.peers, &reason, parts);
+        }
         let mut cancel = |timer: Option<TimerKey>| {
             if let Some(timer) = timer {
                 parts.timers.cancel(timer);
@@ -1664,7 +1713,11 @@ mod tests {
             token_socket(socket_token(MAX_DATAGRAM_SOCKETS)),
             Some(MAX_DATAGRAM_SOCKETS)
         );
-        assert_eq!(token_socket(socket_token(2 * MAX_DATAGRAM_SOCKETS)), None);
+        assert_eq!(
+            token_socket(socket_token(UPSTREAM_BASE)),
+            Some(UPSTREAM_BASE),
+            "the first upstream socket"
+        );
     }
 
     #[test]

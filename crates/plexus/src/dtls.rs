@@ -74,6 +74,191 @@ pub enum DtlsError {
     /// A `[[tls.psk]]` key file could not be used.
     #[error("tls.psk: {0}")]
     Psk(#[from] crate::config::PskKeyError),
+    /// A DTLS client's CA file could not be read.
+    #[error("cannot read CA file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The CA file holds no certificate.
+    #[error("CA file {0} holds no PEM certificate")]
+    EmptyCaFile(std::path::PathBuf),
+    /// A trust choice a DTLS client cannot make (a rustls root store holds no certificates
+    /// OpenSSL could use: give a CA file or the system roots instead).
+    #[error("a DTLS client cannot use a rustls root store (ServerTrust::Roots)")]
+    UnsupportedTrust,
+}
+
+/// A DTLS 1.2 client configuration (OpenSSL) for UDP upstreams
+/// ([`crate::Upstream::with_dtls`]): how the server's certificate is checked — the same
+/// choices as [`crate::tls_client::ServerTrust`] — or a pre-shared key, and the name sent
+/// (SNI) and verified. Build it once, at start-up (it may read files).
+#[derive(Clone)]
+pub struct DtlsClientConfig {
+    connector: openssl::ssl::SslConnector,
+    name: String,
+    verify_hostname: bool,
+    /// `ServerTrust::Pinned`: the certificate the server must present (DER).
+    pinned: Option<Arc<[u8]>>,
+    mtu: u32,
+}
+
+impl std::fmt::Debug for DtlsClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsClientConfig")
+            .field("name", &self.name)
+            .field("verify_hostname", &self.verify_hostname)
+            .field("pinned", &self.pinned.is_some())
+            .field("mtu", &self.mtu)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The record size of DTLS client connections unless set otherwise (as dtls listeners').
+pub(crate) const DEFAULT_CLIENT_MTU: u32 = 1200;
+
+impl DtlsClientConfig {
+    /// A client that verifies the server by `trust` for `server_name` (a DNS name or an IP
+    /// address; sent as SNI when it is a name). `SystemRoots` reads the system's roots (as
+    /// the TLS client does), `CaFile` trusts that PEM file's certificates (as roots, or as
+    /// the server's own certificate), `Pinned` accepts exactly that certificate (name and
+    /// chain not checked), `AnyCertificate` anything (the `--insecure` choice).
+    pub fn new(
+        trust: &crate::tls_client::ServerTrust,
+        server_name: &str,
+    ) -> Result<DtlsClientConfig, DtlsError> {
+        use crate::tls_client::ServerTrust;
+        use openssl::ssl::SslVerifyMode;
+        use openssl::x509::verify::X509VerifyFlags;
+        let mut builder = Self::builder()?;
+        let mut verify_hostname = true;
+        let mut pinned = None;
+        match trust {
+            ServerTrust::SystemRoots => {
+                for cert in rustls_native_certs::load_native_certs().certs {
+                    if let Ok(cert) = X509::from_der(cert.as_ref()) {
+                        // A duplicate is refused by the store: harmless.
+                        let _ = builder.cert_store_mut().add_cert(cert);
+                    }
+                }
+            }
+            ServerTrust::Roots(_) => return Err(DtlsError::UnsupportedTrust),
+            ServerTrust::CaFile(path) => {
+                let pem = std::fs::read(path).map_err(|source| DtlsError::CaFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                let certs = X509::stack_from_pem(&pem)?;
+                if certs.is_empty() {
+                    return Err(DtlsError::EmptyCaFile(path.clone()));
+                }
+                for cert in certs {
+                    let _ = builder.cert_store_mut().add_cert(cert);
+                }
+                // A certificate of the file is trusted as it is, self-signed or not.
+                builder
+                    .verify_param_mut()
+                    .set_flags(X509VerifyFlags::PARTIAL_CHAIN)?;
+            }
+            ServerTrust::Pinned(der) => {
+                builder.set_verify(SslVerifyMode::NONE);
+                verify_hostname = false;
+                pinned = Some(Arc::from(der.as_ref()));
+            }
+            _ => {
+                builder.set_verify(SslVerifyMode::NONE);
+                verify_hostname = false;
+            }
+        }
+        Ok(DtlsClientConfig {
+            connector: builder.build(),
+            name: server_name.to_owned(),
+            verify_hostname,
+            pinned,
+            mtu: DEFAULT_CLIENT_MTU,
+        })
+    }
+
+    /// A client that authenticates with a pre-shared key (`identity`, `key`: PSK suites only,
+    /// no certificate), as a dtls listener's `[[tls.psk]]` entry expects.
+    pub fn psk(identity: &str, key: Vec<u8>) -> Result<DtlsClientConfig, DtlsError> {
+        let mut builder = Self::builder()?;
+        let mut id = identity.as_bytes().to_vec();
+        id.push(0);
+        builder.set_cipher_list("PSK")?;
+        builder.set_psk_client_callback(move |_, _hint, identity_out, key_out| {
+            let slots = (
+                identity_out.get_mut(..id.len()),
+                key_out.get_mut(..key.len()),
+            );
+            Ok(match slots {
+                (Some(identity_out), Some(key_out)) => {
+                    identity_out.copy_from_slice(&id);
+                    key_out.copy_from_slice(&key);
+                    key.len()
+                }
+                // 0 = no PSK: the handshake fails.
+                _ => 0,
+            })
+        });
+        Ok(DtlsClientConfig {
+            connector: builder.build(),
+            name: String::new(),
+            verify_hostname: false,
+            pinned: None,
+            mtu: DEFAULT_CLIENT_MTU,
+        })
+    }
+
+    /// The same configuration with records of at most `mtu` bytes.
+    #[must_use]
+    pub fn with_mtu(mut self, mtu: u32) -> DtlsClientConfig {
+        self.mtu = mtu;
+        self
+    }
+
+    fn builder() -> Result<openssl::ssl::SslConnectorBuilder, DtlsError> {
+        let mut builder = openssl::ssl::SslConnector::builder(SslMethod::dtls())?;
+        builder.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
+        builder.set_max_proto_version(Some(SslVersion::DTLS1_2))?;
+        builder.set_options(SslOptions::NO_QUERY_MTU);
+        builder.set_mode(SslMode::RELEASE_BUFFERS);
+        Ok(builder)
+    }
+
+    /// A client SSL object in connect state (SNI, name verification and MTU set), for a
+    /// caller that runs the handshake over its own socket — `plexus connect dtls://` and
+    /// `plexus bench dtls-echo` do, blocking. With a pinned certificate, check
+    /// [`DtlsClientConfig::accepts`] once the handshake is done.
+    pub fn ssl(&self) -> Result<openssl::ssl::Ssl, ErrorStack> {
+        let mut config = self.connector.configure()?;
+        config.set_verify_hostname(self.verify_hostname);
+        config.set_use_server_name_indication(!self.name.is_empty());
+        let mut ssl = config.into_ssl(&self.name)?;
+        ssl.set_mtu(self.mtu)?;
+        ssl.set_connect_state();
+        Ok(ssl)
+    }
+
+    /// A fresh client-side SSL object over an empty [`DatagramIo`], its handshake not started.
+    pub(crate) fn stream(&self) -> Result<SslStream<DatagramIo>, ErrorStack> {
+        let build = || SslStream::new(self.ssl()?, DatagramIo::default());
+        let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+        isolated(unspecified, Instant::now(), build).0
+    }
+
+    /// Whether an established session shows the pinned certificate (true without a pin).
+    pub fn accepts(&self, ssl: &openssl::ssl::SslRef) -> bool {
+        let Some(pinned) = &self.pinned else {
+            return true;
+        };
+        ssl.peer_certificate()
+            .and_then(|cert| cert.to_der().ok())
+            .is_some_and(|der| der.as_slice() == pinned.as_ref())
+    }
 }
 
 /// The keyed MAC behind cookies, with its rotating secret.
@@ -502,5 +687,131 @@ mod tests {
             read(&mut session, &mut buf, peer(5001), now),
             Err(Progress::Waiting)
         ));
+    }
+
+    /// Runs a client and a server SSL object against each other in memory (the server with
+    /// the cookie exchange, as a dtls listener does) until both are done or stuck; returns
+    /// whether the client's handshake completed, and the client.
+    fn handshake_in_memory(
+        client: &DtlsClientConfig,
+        tls: &TlsContext,
+    ) -> (bool, SslStream<DatagramIo>) {
+        let server = DtlsContext::new(tls, &[], 1200).unwrap();
+        let now = Instant::now();
+        let (cp, sp) = (peer(6000), peer(6001));
+        let mut c = client.stream().unwrap();
+        let mut lobby = server.stream().unwrap();
+        let mut session: Option<SslStream<DatagramIo>> = None;
+        let mut client_done = false;
+        assert!(matches!(handshake(&mut c, sp, now), Progress::Waiting));
+        for _ in 0..20 {
+            let to_server = std::mem::take(&mut c.get_mut().outbound);
+            for datagram in to_server {
+                match session.as_mut() {
+                    None => {
+                        lobby.get_mut().reset();
+                        lobby.get_mut().put(&datagram);
+                        if listen(&mut lobby, cp, now).0 == ListenOutcome::Verified {
+                            let mut s = std::mem::replace(&mut lobby, server.stream().unwrap());
+                            let _ = handshake(&mut s, cp, now);
+                            session = Some(s);
+                        }
+                    }
+                    Some(s) => {
+                        s.get_mut().put(&datagram);
+                        let _ = handshake(s, cp, now);
+                    }
+                }
+            }
+            let to_client = match session.as_mut() {
+                Some(s) => std::mem::take(&mut s.get_mut().outbound),
+                None => std::mem::take(&mut lobby.get_mut().outbound),
+            };
+            if to_client.is_empty() && client_done {
+                break;
+            }
+            for datagram in to_client {
+                c.get_mut().put(&datagram);
+                match handshake(&mut c, sp, now) {
+                    Progress::Established => client_done = true,
+                    Progress::Failed(_) => return (false, c),
+                    _ => {}
+                }
+            }
+        }
+        (client_done, c)
+    }
+
+    #[test]
+    fn a_dtls_client_verifies_by_ca_file_and_name_or_by_pin() {
+        use crate::tls_client::ServerTrust;
+        let tls = TlsContext::new(None).unwrap();
+        // Each ephemeral context has its own certificate: `other`'s is not `tls`'s.
+        let other = TlsContext::new(None).unwrap();
+        let (chain, _) = tls.default_identity();
+        let leaf = chain[0].clone();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(
+            &ca,
+            X509::from_der(leaf.as_ref()).unwrap().to_pem().unwrap(),
+        )
+        .unwrap();
+        let trust = ServerTrust::CaFile(ca);
+        let by_ca = DtlsClientConfig::new(&trust, "localhost").unwrap();
+        assert!(
+            handshake_in_memory(&by_ca, &tls).0,
+            "the CA file's certificate, its name"
+        );
+        assert!(
+            !handshake_in_memory(&by_ca, &other).0,
+            "a certificate the file lacks"
+        );
+        let wrong_name = DtlsClientConfig::new(&trust, "other.example").unwrap();
+        assert!(
+            !handshake_in_memory(&wrong_name, &tls).0,
+            "a name it is not valid for"
+        );
+        let by_ip = DtlsClientConfig::new(&trust, "127.0.0.1").unwrap();
+        assert!(
+            handshake_in_memory(&by_ip, &tls).0,
+            "an IP address it names"
+        );
+        let pinned = DtlsClientConfig::new(&ServerTrust::Pinned(leaf), "ignored").unwrap();
+        let (done, stream) = handshake_in_memory(&pinned, &tls);
+        assert!(
+            done && pinned.accepts(stream.ssl()),
+            "the pinned certificate"
+        );
+        let (done, stream) = handshake_in_memory(&pinned, &other);
+        assert!(done, "a pin is checked after the handshake");
+        assert!(
+            !pinned.accepts(stream.ssl()),
+            "another certificate than the pinned one"
+        );
+        let any = DtlsClientConfig::new(&ServerTrust::AnyCertificate, "x").unwrap();
+        let (done, stream) = handshake_in_memory(&any, &other);
+        assert!(done && any.accepts(stream.ssl()), "any certificate");
+    }
+
+    #[test]
+    fn dtls_client_trust_errors_are_precise() {
+        use crate::tls_client::ServerTrust;
+        let roots = ServerTrust::Roots(Arc::new(rustls::RootCertStore::empty()));
+        assert!(matches!(
+            DtlsClientConfig::new(&roots, "x"),
+            Err(DtlsError::UnsupportedTrust)
+        ));
+        let missing = ServerTrust::CaFile("/nonexistent/ca.pem".into());
+        assert!(matches!(
+            DtlsClientConfig::new(&missing, "x"),
+            Err(DtlsError::CaFile { .. })
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        assert!(DtlsClientConfig::new(&ServerTrust::CaFile(empty), "x").is_err());
+        let psk = DtlsClientConfig::psk("client", vec![7; 32]).unwrap();
+        assert!(psk.stream().is_ok());
     }
 }

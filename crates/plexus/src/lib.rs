@@ -92,7 +92,7 @@ pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, Reloa
 pub use client::{ClientError, ClientHandle, ClientRuntime, ClientRuntimeBuilder, Connection};
 pub use config::{Config, ConfigError};
 pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
-pub use dtls::DtlsError;
+pub use dtls::{DtlsClientConfig, DtlsError};
 pub use error::Error;
 pub use log_throttle::LogThrottle;
 pub use loop_local::LoopLocal;

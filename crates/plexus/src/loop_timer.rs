@@ -40,4 +40,8 @@ pub(crate) enum DatagramTimer {
     Retransmit,
     /// The handler's deadline ([`crate::Session::set_timer`]).
     Handler,
+    /// A DTLS upstream's (the key is its slot among the upstream sockets) retransmission timer.
+    UpstreamRetransmit,
+    /// A DTLS upstream's handshake must be done by now.
+    UpstreamHandshake,
 }

@@ -683,6 +683,21 @@ fn write_upstreams(out: &mut String, upstreams: &[(String, UpstreamSnapshot)]) {
             sample(out, metric, &[("upstream", name)], value);
         }
     }
+    family(
+        out,
+        "upstream_datagrams_dropped_total",
+        "counter",
+        "Datagrams of a UDP upstream link dropped, by reason (overflow: the link's queue was past outbound_high_watermark, UDP drops rather than blocks; error: refused by the kernel or truncated).",
+    );
+    for (name, u) in upstreams {
+        for (reason, count) in [
+            ("overflow", u.datagrams_dropped_overflow),
+            ("error", u.datagrams_dropped_error),
+        ] {
+            let labels = [("upstream", name.as_str()), ("reason", reason)];
+            sample(out, "upstream_datagrams_dropped_total", &labels, count);
+        }
+    }
     use std::fmt::Write;
     let metric = "plexus_upstream_connect_seconds";
     let _ = writeln!(

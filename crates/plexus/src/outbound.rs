@@ -198,6 +198,11 @@ impl OutboundQueue {
         }
     }
 
+    /// Whether the queue is in datagram mode (each push one datagram, never merged).
+    pub(crate) fn is_framed(&self) -> bool {
+        self.framed
+    }
+
     /// The oldest queued datagram (datagram mode), removed from the queue.
     pub(crate) fn pop_datagram(&mut self) -> Option<Bytes> {
         loop {

@@ -645,6 +645,12 @@ impl Session<'_> {
         self.tls_state
     }
 
+    /// Whether this is a datagram session (a udp or dtls listener's, or the UDP upstream one
+    /// of those opened): each `on_data` is one datagram and each send one datagram.
+    pub fn is_datagram(&self) -> bool {
+        self.outbound.is_framed()
+    }
+
     /// Whether the session's bytes travel inside TLS: a tls listener's session, or one a
     /// protocol group upgraded with [`Session::start_tls`] (from the service's
     /// [`Service::open`] on). False on plain, udp and dtls sessions.
@@ -652,14 +658,20 @@ impl Session<'_> {
         self.tls
     }
 
-    /// Opens a TCP connection to `upstream` on this session's event loop, handled by
-    /// `handler`, linked with this session (see [`crate::connector`]); returns the new
-    /// session's id, for [`Session::send_to`]. The connect starts when this callback returns;
+    /// Opens a connection to `upstream` on this session's event loop, handled by `handler`,
+    /// linked with this session (see [`crate::connector`]); returns the new session's id, for
+    /// [`Session::send_to`]. The connect starts when this callback returns;
     /// [`SessionHandler::on_link`] reports [`LinkEvent::Connected`] or
     /// [`LinkEvent::Closed`]. Bytes sent to it meanwhile wait in its queue.
     ///
-    /// On tcp and tls sessions only: on a udp or dtls session (or a closing one) the request
-    /// is dropped, and the handler's `on_link` is never called.
+    /// From a tcp or tls session this is a TCP connection (TLS with
+    /// [`Upstream::with_tls`]). From a udp or dtls session it is a *connected UDP socket*
+    /// (see "Datagram upstreams" in [`crate::connector`]): each `send_to` is one datagram to
+    /// the upstream, each datagram the upstream sends is one `on_data` of `handler`, and the
+    /// socket closes with this session; DTLS with [`Upstream::with_dtls`], while a
+    /// [`Upstream::with_tls`] upstream is refused there ([`LinkEvent::Closed`] with
+    /// [`CloseReason::UpstreamFailed`]). On a closing session the request is dropped, and the
+    /// handler's `on_link` is never called.
     pub fn connect(&mut self, upstream: &Upstream, handler: Box<dyn SessionHandler>) -> SessionId {
         let id = SessionId::next();
         if let Some(metrics) = self.metrics {
@@ -680,14 +692,19 @@ impl Session<'_> {
     /// Queues `data` for the linked session `peer` (the upstream this session opened, or the
     /// session that opened this one). Dropped if `peer` is not linked or already ended. If
     /// `peer`'s queue would pass `outbound_limit`, `peer` is closed (`OutboundOverflow`);
-    /// past its high watermark, this session is not read until it drains.
+    /// past its high watermark, this session is not read until it drains. Between datagram
+    /// sessions (a udp/dtls session and its UDP upstream) each call is one datagram, and
+    /// UDP drops rather than blocks: a datagram that finds its link's queue past the high
+    /// watermark is dropped and counted (`plexus_upstream_datagrams_dropped_total`).
     pub fn send_to(&mut self, peer: SessionId, data: &[u8]) {
-        if data.is_empty() || self.closing.is_some() {
+        let datagrams = self.outbound.is_framed();
+        if (data.is_empty() && !datagrams) || self.closing.is_some() {
             return;
         }
         let links = self.links();
         links.pending = links.pending.saturating_add(data.len());
-        if let Some(LinkOp::Send(to, buf)) = links.ops.last_mut() {
+        // A datagram session's sends stay one datagram each: never merged.
+        if let Some(LinkOp::Send(to, buf)) = links.ops.last_mut().filter(|_| !datagrams) {
             if *to == peer {
                 buf.extend_from_slice(data);
                 return;

@@ -40,6 +40,17 @@
 //! past the high watermark). When every upstream is down, or every one failed, the client is
 //! closed and the log says why.
 //!
+//! On udp and dtls listeners (a datagram relay; DTLS termination on dtls ones) each client
+//! peer's session opens its own connected UDP socket to the upstream (so replies go back to
+//! the right peer); each datagram is relayed as one datagram both ways, bounded per link (UDP
+//! drops and counts rather than blocks), and the upstream socket ends with the client
+//! session (`idle_timeout`). An ICMP error on it (`ECONNREFUSED`: nothing listens) marks that
+//! upstream down like a refused TCP connect, and the client moves on to the next upstream or
+//! is closed. There `upstream_tls = true` is DTLS 1.2 origination (OpenSSL; the certificate
+//! checked against `upstream_ca` or the system's roots, for `upstream_sni` or the host), the
+//! client's datagrams waiting for the handshake; `upstream_proxy_protocol` is a stream
+//! feature (refused by the configuration).
+//!
 //! With `upstream_proxy_protocol = "v1" | "v2"` the first bytes to the upstream are a PROXY
 //! header naming the client (the session's peer: on a `proxy_protocol` listener, the client
 //! the balancer's header named) and the address it connected to.
@@ -52,8 +63,8 @@ use std::time::{Duration, Instant};
 use plexus::config::{Balance, ProxyVersion, Transport};
 use plexus::tls_client::{self, ServerTrust};
 use plexus::{
-    BoxError, CloseReason, LinkEvent, ListenerContext, LoopLocal, Service, ServiceFactory, Session,
-    SessionHandler, SessionId, Upstream,
+    BoxError, CloseReason, DtlsClientConfig, LinkEvent, ListenerContext, LoopLocal, Service,
+    ServiceFactory, Session, SessionHandler, SessionId, Upstream,
 };
 use plexus_proto::{encode_proxy_v1, encode_proxy_v2};
 use tracing::info;
@@ -72,30 +83,32 @@ impl ServiceFactory for ForwardFactory {
         if names.is_empty() {
             return Err(format!("listener {}: forward needs an upstream", listener.name()).into());
         }
-        let client = match config.upstream_tls {
-            true => {
-                let trust = match &config.upstream_ca {
-                    Some(path) => ServerTrust::CaFile(path.clone()),
-                    None => ServerTrust::SystemRoots,
-                };
-                Some(tls_client::client_config(&trust, &[])?)
-            }
+        let trust = match &config.upstream_ca {
+            Some(path) => ServerTrust::CaFile(path.clone()),
+            None => ServerTrust::SystemRoots,
+        };
+        // A udp/dtls listener's upstream is UDP: `upstream_tls` means DTLS there.
+        let datagram = !matches!(config.transport, Transport::Tcp | Transport::Tls);
+        let client = match config.upstream_tls && !datagram {
+            true => Some(tls_client::client_config(&trust, &[])?),
             false => None,
         };
         let mut upstreams = Vec::with_capacity(names.len());
         for upstream in names {
             let mut resolved =
                 Upstream::resolve(upstream)?.with_connect_timeout(listener.handshake_timeout());
+            // The host of HOST:PORT unless upstream_sni names another (validated with the
+            // configuration).
+            let host = upstream
+                .rsplit_once(':')
+                .map_or(upstream, |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = config.upstream_sni.as_deref().unwrap_or(host);
             if let Some(client) = &client {
-                // The host of HOST:PORT unless upstream_sni names another (validated with the
-                // configuration).
-                let host = upstream
-                    .rsplit_once(':')
-                    .map_or(upstream, |(host, _)| host)
-                    .trim_start_matches('[')
-                    .trim_end_matches(']');
-                let name = config.upstream_sni.as_deref().unwrap_or(host);
                 resolved = resolved.with_tls(Arc::clone(client), tls_client::server_name(name)?);
+            } else if config.upstream_tls && datagram {
+                resolved = resolved.with_dtls(DtlsClientConfig::new(&trust, name)?);
             }
             upstreams.push(resolved);
         }
@@ -324,7 +337,9 @@ impl Service for Forward {
             current: None,
             tried: Vec::new(),
             connected: false,
-            replay: (self.pool.len() > 1).then(Vec::new),
+            // Replaying concatenated bytes would merge datagrams: a datagram client's earlier
+            // datagrams are simply lost with the upstream that failed (UDP is lossy).
+            replay: (self.pool.len() > 1 && !session.is_datagram()).then(Vec::new),
             header,
             finished: false,
             splice: self.splice,
@@ -451,7 +466,11 @@ impl SessionHandler for ClientSide {
                 self.connected = true;
                 self.replay = None;
                 self.header = None;
-                self.pool.connected(attempt.index);
+                if !session.is_datagram() {
+                    // A UDP upstream "connects" without a packet: that proves nothing, so
+                    // only the fail timeout brings a failed one back.
+                    self.pool.connected(attempt.index);
+                }
                 if let Some(target) = self.pool.upstream(attempt.index) {
                     let elapsed = session.now().saturating_duration_since(attempt.asked);
                     target.record_connect_time(elapsed);
@@ -476,6 +495,14 @@ impl SessionHandler for ClientSide {
                     // It ended before `Connected`: refused, timed out, or (upstream_tls) its
                     // handshake failed or timed out. Either way this upstream cannot serve:
                     // the next one is tried.
+                    self.failover(session, index, &reason);
+                    return;
+                }
+                if let CloseReason::UpstreamFailed(_) = reason {
+                    // A UDP upstream is "connected" at once; the kernel reports an ICMP
+                    // error (nothing listens there) later: the same health check, and the
+                    // client's next datagrams go to the next upstream, if any.
+                    self.connected = false;
                     self.failover(session, index, &reason);
                     return;
                 }

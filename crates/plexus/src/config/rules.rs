@@ -5,7 +5,7 @@
 //! explicit default from an absent key, and an explicit default changes nothing). The table
 //! is mirrored in docs/CONFIG.md ("Where each key applies"). Rules checked elsewhere in
 //! `validate`, next to the key's other checks: `upstream` (forward only), `alpn` (tls, or auto
-//! on tcp), `upstreams` (forward only, not with `upstream`), chat/forward on udp/dtls.
+//! on tcp), `upstreams` (forward only, not with `upstream`), chat on udp/dtls.
 
 use super::{default_backlog, default_datagram_batch, default_mtu, default_proxy_trusted};
 use super::{default_upstream_fail_timeout, Balance};
@@ -119,6 +119,11 @@ fn listener_rules(listener: &ListenerConfig) -> Vec<(&'static str, &'static str)
         listener.upstream_proxy_protocol.is_some() && listener.service != "forward",
         "upstream_proxy_protocol",
         "only forward listeners send a PROXY header to an upstream",
+    );
+    rule(
+        datagram && listener.upstream_proxy_protocol.is_some(),
+        "upstream_proxy_protocol",
+        "a PROXY header precedes a byte stream: a udp/dtls forward sends datagrams",
     );
     rule(
         listener.balance != Balance::default() && listener.upstreams.is_empty(),
