@@ -28,7 +28,10 @@
 //! not answer within the connect timeout (armed on the loop's timer wheel), the next is tried
 //! — the sequential fallback of happy eyeballs (RFC 8305) without the parallel race. When none
 //! is left the upstream session ends with the last failure as its close reason, logged and
-//! counted ([`UpstreamSnapshot`]).
+//! counted ([`UpstreamSnapshot`]) — unless the upstream has a [`Retry`]
+//! ([`Upstream::with_retry`]): then it waits a backoff (doubling per round, capped, with
+//! jitter, on the loop's timer wheel; the failed socket out of the poll) and tries every address
+//! again, and ends only after its last round.
 //!
 //! Upstream sessions are not admitted connections: they count neither towards
 //! `max_connections` nor in any listener's sessions, and are members of no listener for
@@ -109,7 +112,51 @@ pub struct Upstream {
     source: Option<IpAddr>,
     /// DTLS origination for datagram sessions' upstreams.
     dtls: Option<Arc<crate::dtls::DtlsClientConfig>>,
+    /// Rounds over every address again after they all failed (`None`: give up at once).
+    retry: Option<Retry>,
     shared: Arc<Shared>,
+}
+
+/// Connect retries of an [`Upstream`] ([`Upstream::with_retry`]): when every address failed
+/// (refused, reset, timed out), the connection waits a backoff and tries them all again, up to
+/// `rounds` more times. The backoff doubles each round from `backoff` up to `max_backoff`,
+/// and each wait is drawn at random from its upper half ("equal jitter"), so clients that
+/// failed together do not come back together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    rounds: u32,
+    backoff: Duration,
+    max_backoff: Duration,
+}
+
+impl Retry {
+    /// `rounds` more rounds after the first, the first wait `backoff` (at most `max_backoff`).
+    pub fn new(rounds: u32, backoff: Duration, max_backoff: Duration) -> Retry {
+        Retry {
+            rounds,
+            backoff,
+            max_backoff: max_backoff.max(backoff),
+        }
+    }
+
+    /// How long to wait before round `done + 1` when `done` rounds (after the first) were
+    /// made already, `None` when none is left; `random` is any random number (it picks the
+    /// point in the upper half of the backoff).
+    pub fn delay(&self, done: u32, random: u64) -> Option<Duration> {
+        if done >= self.rounds {
+            return None;
+        }
+        let factor = 1u32.checked_shl(done.min(31)).unwrap_or(u32::MAX);
+        let ceiling = self
+            .backoff
+            .checked_mul(factor)
+            .unwrap_or(self.max_backoff)
+            .min(self.max_backoff);
+        let half = ceiling.checked_div(2).unwrap_or_default();
+        let spread = u64::try_from(ceiling.saturating_sub(half).as_micros()).unwrap_or(u64::MAX);
+        let jitter = random.checked_rem(spread.saturating_add(1)).unwrap_or(0);
+        Some(half.saturating_add(Duration::from_micros(jitter)))
+    }
 }
 
 /// TLS origination: the client configuration and the name sent (SNI) and verified.
@@ -128,6 +175,7 @@ struct Shared {
     refused: AtomicU64,
     timed_out: AtomicU64,
     unreachable: AtomicU64,
+    retries: AtomicU64,
     open: AtomicU64,
     /// Datagrams (UDP upstreams) dropped: their link's queue was full; the kernel refused them.
     dropped_overflow: AtomicU64,
@@ -156,6 +204,7 @@ impl std::fmt::Debug for Upstream {
             .field("tls", &self.tls.as_ref().map(|tls| &tls.name))
             .field("source", &self.source)
             .field("dtls", &self.dtls)
+            .field("retry", &self.retry)
             .finish()
     }
 }
@@ -175,6 +224,8 @@ pub struct UpstreamSnapshot {
     /// Connections that failed on every address: the session that asked got
     /// [`crate::LinkEvent::Closed`] without ever being connected.
     pub unreachable: u64,
+    /// Rounds over the addresses started again after every one failed ([`Upstream::with_retry`]).
+    pub retries: u64,
     /// Upstream sessions open now (connecting or connected).
     pub open: u64,
     /// Bytes read from the upstream (by its sessions).
@@ -204,6 +255,7 @@ impl UpstreamSnapshot {
         self.refused = self.refused.wrapping_add(other.refused);
         self.timed_out = self.timed_out.wrapping_add(other.timed_out);
         self.unreachable = self.unreachable.wrapping_add(other.unreachable);
+        self.retries = self.retries.wrapping_add(other.retries);
         self.open = self.open.wrapping_add(other.open);
         self.bytes_received = self.bytes_received.wrapping_add(other.bytes_received);
         self.bytes_sent = self.bytes_sent.wrapping_add(other.bytes_sent);
@@ -233,6 +285,7 @@ impl Upstream {
             tls: None,
             source: None,
             dtls: None,
+            retry: None,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -244,6 +297,7 @@ impl Upstream {
                 refused: AtomicU64::new(0),
                 timed_out: AtomicU64::new(0),
                 unreachable: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
                 open: AtomicU64::new(0),
                 dropped_overflow: AtomicU64::new(0),
                 dropped_error: AtomicU64::new(0),
@@ -274,6 +328,22 @@ impl Upstream {
     pub fn with_connect_timeout(mut self, timeout: Duration) -> Upstream {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// The same upstream (sharing its counters) whose connections, when every address
+    /// failed, wait and try again as `retry` says, rather than ending at once (stream
+    /// sessions; a UDP connect does not fail). While it waits the connection is still
+    /// connecting: what the opener sends is queued (bounded by the watermarks), and its idle
+    /// timeout runs. Each new round is counted (`plexus_upstream_connect_retries_total`).
+    #[must_use]
+    pub fn with_retry(mut self, retry: Retry) -> Upstream {
+        self.retry = Some(retry);
+        self
+    }
+
+    /// The retry policy, if one was set.
+    pub fn retry(&self) -> Option<Retry> {
+        self.retry
     }
 
     /// The same upstream spoken to over TLS: once connected, the upstream session runs a
@@ -365,6 +435,7 @@ impl Shared {
             refused: s.refused.load(Relaxed),
             timed_out: s.timed_out.load(Relaxed),
             unreachable: s.unreachable.load(Relaxed),
+            retries: s.retries.load(Relaxed),
             open: s.open.load(Relaxed),
             bytes_received: s.info.stats.bytes_received(),
             bytes_sent: s.info.stats.bytes_sent(),
@@ -425,6 +496,7 @@ impl Upstream {
             UpstreamEvent::Refused => &s.refused,
             UpstreamEvent::TimedOut => &s.timed_out,
             UpstreamEvent::Unreachable => &s.unreachable,
+            UpstreamEvent::Retry => &s.retries,
             UpstreamEvent::Opened => &s.open,
             UpstreamEvent::DroppedOverflow => &s.dropped_overflow,
             UpstreamEvent::DroppedError => &s.dropped_error,
@@ -492,6 +564,8 @@ pub(crate) enum UpstreamEvent {
     Refused,
     TimedOut,
     Unreachable,
+    /// Every address failed and the connection will try them again after a backoff.
+    Retry,
     Opened,
     Closed,
     /// A datagram for a UDP upstream found its link's queue full.
@@ -506,6 +580,10 @@ pub(crate) struct Connecting {
     /// Index in `upstream.addrs()` of the address being tried.
     pub(crate) attempt: usize,
     pub(crate) timer: Option<TimerKey>,
+    /// Rounds over the addresses started again so far ([`Retry`]).
+    pub(crate) retries: u32,
+    /// Every address failed: `timer` ends the backoff, then the first address is tried again.
+    pub(crate) waiting: bool,
 }
 
 impl Connecting {
@@ -514,7 +592,16 @@ impl Connecting {
             upstream,
             attempt: 0,
             timer: None,
+            retries: 0,
+            waiting: false,
         }
+    }
+
+    /// Starts a new round at the first address (after a backoff).
+    pub(crate) fn restart(&mut self) -> Option<SocketAddr> {
+        self.attempt = 0;
+        self.waiting = false;
+        self.addr()
     }
 
     /// The address being tried.
@@ -532,6 +619,32 @@ impl Connecting {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_up_to_its_ceiling_with_jitter_in_the_upper_half() {
+        let ms = Duration::from_millis;
+        let retry = Retry::new(6, ms(100), ms(1000));
+        for random in [0, 1, 12_345, u64::MAX] {
+            let ceilings = [100, 200, 400, 800, 1000, 1000];
+            for (done, ceiling) in ceilings.into_iter().enumerate() {
+                let delay = retry.delay(done as u32, random).unwrap();
+                assert!(
+                    delay >= ms(ceiling / 2) && delay <= ms(ceiling),
+                    "round {done}: {delay:?} outside [{}, {ceiling}] ms",
+                    ceiling / 2
+                );
+            }
+            assert_eq!(retry.delay(6, random), None, "no round left");
+        }
+        // Different random numbers spread the waits.
+        let spread: std::collections::HashSet<_> =
+            (0..50u64).map(|r| retry.delay(2, r * 7919)).collect();
+        assert!(spread.len() > 10);
+        // Huge rounds and backoffs saturate at the ceiling instead of overflowing.
+        let long = Retry::new(u32::MAX, Duration::MAX, Duration::MAX);
+        assert!(long.delay(40, 3).is_some());
+        assert_eq!(Retry::new(0, ms(1), ms(1)).delay(0, 0), None);
+    }
 
     #[test]
     fn an_upstream_needs_an_address_and_tries_them_in_order() {

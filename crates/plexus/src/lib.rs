@@ -91,7 +91,7 @@ pub use admission::RefusalReason;
 pub use breakdown::{ListenerSnapshot, LoopSnapshot, ProtocolGroupSnapshot, ReloadOutcome};
 pub use client::{ClientError, ClientHandle, ClientRuntime, ClientRuntimeBuilder, Connection};
 pub use config::{Config, ConfigError};
-pub use connector::{Upstream, UpstreamError, UpstreamSnapshot};
+pub use connector::{Retry, Upstream, UpstreamError, UpstreamSnapshot};
 pub use dtls::{DtlsClientConfig, DtlsError};
 pub use error::Error;
 pub use log_throttle::LogThrottle;

@@ -655,6 +655,20 @@ fn write_upstreams(out: &mut String, upstreams: &[(String, UpstreamSnapshot)]) {
     }
     family(
         out,
+        "upstream_connect_retries_total",
+        "counter",
+        "Rounds over an upstream's addresses started again after every one failed (Upstream::with_retry).",
+    );
+    for (name, u) in upstreams {
+        sample(
+            out,
+            "upstream_connect_retries_total",
+            &[("upstream", name)],
+            u.retries,
+        );
+    }
+    family(
+        out,
         "upstream_sessions_open",
         "gauge",
         "Upstream sessions open now (connecting or connected).",

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use plexus::tls_client::{client_config, server_name, ServerTrust};
 use plexus::{
-    ClientRuntime, CloseReason, Config, LinkEvent, Server, ServerHandle, Session, SessionHandler,
-    SessionInfo, Upstream,
+    ClientRuntime, CloseReason, Config, LinkEvent, Retry, Server, ServerHandle, Session,
+    SessionHandler, SessionInfo, Upstream,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -458,4 +458,75 @@ fn closures_from_another_thread_run_on_the_connection() {
     finished.recv_timeout(WAIT).unwrap().unwrap();
     assert!(connection.is_ended());
     assert!(connection.send(b"late".to_vec()).is_err());
+}
+
+/// With `Upstream::with_retry`, a connection whose every address refuses waits a backoff and
+/// tries them again: a server that starts listening meanwhile is reached; with nobody ever
+/// listening the connection ends after its last round with `UpstreamFailed`, each round
+/// counted.
+#[test]
+fn a_retrying_connection_reaches_a_server_that_starts_late_and_gives_up_after_its_rounds() {
+    let free_port = || {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let (late_addr, never_addr) = (free_port(), free_port());
+    let runtime = ClientRuntime::builder().build().unwrap();
+    let patient = Retry::new(100, Duration::from_millis(10), Duration::from_millis(100));
+    let late = Upstream::new("late", vec![late_addr])
+        .unwrap()
+        .with_retry(patient);
+    let (probe, events) = Probe::new(b"ping\n");
+    runtime.connect(&late, probe).unwrap();
+    let brief = Retry::new(3, Duration::from_millis(1), Duration::from_millis(4));
+    let never = Upstream::new("never", vec![never_addr])
+        .unwrap()
+        .with_retry(brief);
+    let (lonely, refusals) = Probe::new(b"ping\n");
+    runtime.connect(&never, lonely).unwrap();
+    let finished = run_bounded(runtime);
+
+    let (seen, _) = collect(&refusals);
+    assert_eq!(
+        seen,
+        vec![Seen::Closed(CloseReason::UpstreamFailed(
+            std::io::ErrorKind::ConnectionRefused
+        ))]
+    );
+    let snapshot = never.snapshot();
+    assert_eq!(
+        (snapshot.attempts, snapshot.retries, snapshot.unreachable),
+        (4, 3, 1),
+        "the first round and three more, then given up once"
+    );
+
+    // The late server starts only once the connection has been refused and is waiting.
+    let deadline = Instant::now() + WAIT;
+    while late.snapshot().retries == 0 {
+        assert!(Instant::now() < deadline, "no retry within the bound");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let listener = TcpListener::bind(late_addr).unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).unwrap();
+        stream.write_all(b"pong\n").unwrap();
+        request
+    });
+    let (seen, data) = collect(&events);
+    assert_eq!(
+        seen,
+        vec![
+            Seen::Connected(late_addr),
+            Seen::Closed(CloseReason::PeerClosed)
+        ]
+    );
+    assert_eq!(data, b"pong\n");
+    assert_eq!(server.join().unwrap(), b"ping\n");
+    finished.recv_timeout(WAIT).unwrap().unwrap();
+    let snapshot = late.snapshot();
+    assert!(snapshot.retries >= 1);
+    assert_eq!((snapshot.connected, snapshot.unreachable), (1, 0));
 }

@@ -72,6 +72,16 @@ fn open_stream(
     Ok(stream)
 }
 
+/// A random number for the jitter of a connection's `round`-th retry (std's per-process random
+/// hash keys, over the session id and the round: no generator to keep).
+fn retry_jitter(id: SessionId, round: u32) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    id.hash(&mut hasher);
+    round.hash(&mut hasher);
+    hasher.finish()
+}
+
 /// After a writable (or error) edge on a connecting socket: did the connect succeed?
 fn check_connected(stream: &TcpStream) -> io::Result<bool> {
     if let Some(err) = stream.take_error()? {
@@ -379,6 +389,13 @@ impl EventLoop {
             return;
         };
         connecting.timer = None;
+        if connecting.waiting {
+            // The backoff after a failed round is over: the addresses again, from the first.
+            let first = connecting.restart();
+            let id = session.info.id;
+            self.open_next(key, id, first, CloseReason::UpstreamTimeout, now);
+            return;
+        }
         self.attempt_failed(key, None, now);
     }
 
@@ -497,7 +514,7 @@ impl EventLoop {
             self.timers.cancel(timer);
         }
         let upstream = connecting.upstream.clone();
-        let mut reason = match failure {
+        let reason = match failure {
             Some(kind) => {
                 upstream.count(UpstreamEvent::Refused);
                 CloseReason::UpstreamFailed(kind)
@@ -508,7 +525,32 @@ impl EventLoop {
             }
         };
         debug!(session = %id, upstream = upstream.name(), addr = ?connecting.addr(), "connect attempt failed: {reason}");
-        while let Some(addr) = connecting.advance() {
+        let next = connecting.advance();
+        self.open_next(key, id, next, reason, now);
+    }
+
+    /// Starts the connect to `next` (or, should its socket fail at once, to the addresses
+    /// after it); when none is left, a backoff before the next round if the upstream's
+    /// [`crate::Retry`] allows one, else the session ends with `reason` (the last failure).
+    fn open_next(
+        &mut self,
+        key: usize,
+        id: SessionId,
+        next: Option<SocketAddr>,
+        mut reason: CloseReason,
+        now: Instant,
+    ) {
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
+        let Some(connecting) =
+            links_of(&mut session.extras).and_then(|l| l.connecting.as_deref_mut())
+        else {
+            return;
+        };
+        let upstream = connecting.upstream.clone();
+        let mut next = next;
+        while let Some(addr) = next {
             upstream.count(UpstreamEvent::Attempt);
             match open_stream(
                 addr,
@@ -536,6 +578,32 @@ impl EventLoop {
                     reason = CloseReason::UpstreamFailed(err.kind());
                 }
             }
+            next = connecting.advance();
+        }
+        let random = retry_jitter(id, connecting.retries);
+        if let Some(delay) = upstream
+            .retry()
+            .and_then(|retry| retry.delay(connecting.retries, random))
+        {
+            connecting.retries = connecting.retries.saturating_add(1);
+            connecting.waiting = true;
+            connecting.timer = Some(self.timers.insert(
+                deadline_after(now, delay),
+                TimerEntry {
+                    key,
+                    id,
+                    kind: TimerKind::Connect,
+                },
+            ));
+            upstream.count(UpstreamEvent::Retry);
+            debug!(
+                session = %id, upstream = upstream.name(), retry = connecting.retries,
+                "every address failed ({reason}); trying again in {delay:?}"
+            );
+            // The failed socket stays the session's until the next one replaces it, but
+            // leaves the poll: nothing is to be heard from it.
+            let _ = self.poll.registry().deregister(&mut session.stream);
+            return;
         }
         self.close(key, reason);
     }
