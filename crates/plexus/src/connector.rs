@@ -24,10 +24,12 @@
 //!   [`crate::Session::finish_to`] (the other side's write end closes once its queue is
 //!   flushed); a session closes once its peer finished and its own write end is closed.
 //!
-//! The connect is non-blocking. Addresses are tried in order: when one refuses, fails or does
-//! not answer within the connect timeout (armed on the loop's timer wheel), the next is tried
-//! — the sequential fallback of happy eyeballs (RFC 8305) without the parallel race. When none
-//! is left the upstream session ends with the last failure as its close reason, logged and
+//! The connect is non-blocking. Addresses are tried in order, happy-eyeballs style (RFC 8305
+//! §5): when one refuses or fails the next is tried at once, and when one has not connected
+//! after the attempt delay ([`DEFAULT_ATTEMPT_DELAY`], 250 ms; [`Upstream::with_attempt_delay`])
+//! the next is started next to it — the first to connect wins and the others are closed. Each
+//! attempt ends at its own connect timeout (all on the loop's timer wheel). When none is
+//! left the upstream session ends with the last failure as its close reason, logged and
 //! counted ([`UpstreamSnapshot`]) — unless the upstream has a [`Retry`]
 //! ([`Upstream::with_retry`]): then it waits a backoff (doubling per round, capped, with
 //! jitter, on the loop's timer wheel; the failed socket out of the poll) and tries every address
@@ -71,7 +73,7 @@
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use plexus_proto::TimerKey;
 
@@ -79,6 +81,10 @@ use crate::breakdown::{ListenerInfo, ListenerStats};
 
 /// The connect timeout of an [`Upstream`] unless set otherwise.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an attempt runs alone before the next address is tried alongside it (RFC 8305's
+/// "Connection Attempt Delay", its recommended value): [`Upstream::with_attempt_delay`].
+pub const DEFAULT_ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 /// The listener index of upstream sessions: no listener has it, so they belong to none.
 pub(crate) const UPSTREAM_LISTENER: usize = usize::MAX;
@@ -114,6 +120,8 @@ pub struct Upstream {
     dtls: Option<Arc<crate::dtls::DtlsClientConfig>>,
     /// Rounds over every address again after they all failed (`None`: give up at once).
     retry: Option<Retry>,
+    /// How long an attempt runs before the next address races it (zero: one at a time).
+    attempt_delay: Duration,
     shared: Arc<Shared>,
 }
 
@@ -205,6 +213,7 @@ impl std::fmt::Debug for Upstream {
             .field("source", &self.source)
             .field("dtls", &self.dtls)
             .field("retry", &self.retry)
+            .field("attempt_delay", &self.attempt_delay)
             .finish()
     }
 }
@@ -286,6 +295,7 @@ impl Upstream {
             source: None,
             dtls: None,
             retry: None,
+            attempt_delay: DEFAULT_ATTEMPT_DELAY,
             shared: Arc::new(Shared {
                 info: Arc::new(ListenerInfo {
                     index: UPSTREAM_LISTENER,
@@ -344,6 +354,24 @@ impl Upstream {
     /// The retry policy, if one was set.
     pub fn retry(&self) -> Option<Retry> {
         self.retry
+    }
+
+    /// The same upstream (sharing its counters) racing its addresses after `delay` rather
+    /// than [`DEFAULT_ATTEMPT_DELAY`]: an attempt that has not connected after `delay` keeps
+    /// running while the next address is tried too (happy eyeballs, RFC 8305 §5), and the
+    /// first to connect wins; an attempt that fails starts the next one at once. Each attempt
+    /// still ends at its own connect timeout. `Duration::ZERO` (or a delay not shorter than
+    /// the connect timeout): one attempt at a time, the next only when it failed.
+    #[must_use]
+    pub fn with_attempt_delay(mut self, delay: Duration) -> Upstream {
+        self.attempt_delay = delay;
+        self
+    }
+
+    /// How long an attempt runs alone before the next address races it (`None`: no race).
+    pub(crate) fn race_delay(&self) -> Option<Duration> {
+        (!self.attempt_delay.is_zero() && self.attempt_delay < self.connect_timeout)
+            .then_some(self.attempt_delay)
     }
 
     /// The same upstream spoken to over TLS: once connected, the upstream session runs a
@@ -584,6 +612,19 @@ pub(crate) struct Connecting {
     pub(crate) retries: u32,
     /// Every address failed: `timer` ends the backoff, then the first address is tried again.
     pub(crate) waiting: bool,
+    /// When the current attempt (the session's socket) times out.
+    pub(crate) deadline: Option<Instant>,
+    /// When the next address starts alongside the current attempt (happy eyeballs).
+    pub(crate) race_at: Option<Instant>,
+    /// Earlier attempts still running next to the current one (the first to connect wins).
+    pub(crate) racing: Vec<Racer>,
+}
+
+/// An earlier connect attempt still in flight while a later address is tried too.
+pub(crate) struct Racer {
+    pub(crate) stream: mio::net::TcpStream,
+    pub(crate) addr: SocketAddr,
+    pub(crate) deadline: Instant,
 }
 
 impl Connecting {
@@ -594,7 +635,26 @@ impl Connecting {
             timer: None,
             retries: 0,
             waiting: false,
+            deadline: None,
+            race_at: None,
+            racing: Vec::new(),
         }
+    }
+
+    /// Whether an address after the current one is left to try.
+    pub(crate) fn has_next(&self) -> bool {
+        self.attempt.saturating_add(1) < self.upstream.addrs().len()
+    }
+
+    /// When the connect timer must fire next: the current attempt's timeout, the next race,
+    /// or a racer's timeout, whichever comes first.
+    pub(crate) fn next_wake(&self) -> Option<Instant> {
+        let racers = self.racing.iter().map(|racer| racer.deadline);
+        self.deadline
+            .into_iter()
+            .chain(self.race_at)
+            .chain(racers)
+            .min()
     }
 
     /// Starts a new round at the first address (after a backoff).

@@ -530,3 +530,85 @@ fn a_retrying_connection_reaches_a_server_that_starts_late_and_gives_up_after_it
     assert!(snapshot.retries >= 1);
     assert_eq!((snapshot.connected, snapshot.unreachable), (1, 0));
 }
+
+/// A listening address that never answers a new connect: its accept queue (backlog 0) is
+/// full with one connection nobody accepts, so the kernel drops further SYNs. Returns the
+/// listener and that connection (both must stay open), or `None` if this kernel answers anyway.
+fn silent_address() -> Option<(socket2::Socket, std::net::TcpStream, SocketAddr)> {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    listener.bind(&any.into()).unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let filler = std::net::TcpStream::connect(addr).unwrap();
+    let probe = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300));
+    probe.is_err().then_some((listener, filler, addr))
+}
+
+/// Happy eyeballs: the first address never answers and the connect timeout is far longer than
+/// the test's own bound; after the attempt delay the second address is tried next to it, and
+/// it connects and is used (the sequential fallback would wait out the first attempt).
+#[test]
+fn a_silent_first_address_is_raced_by_the_next_after_the_attempt_delay() {
+    let Some((_listener, _filler, silent)) = silent_address() else {
+        eprintln!("skipped: this kernel answers connects to a full accept queue");
+        return;
+    };
+    let echo = Echo::start();
+    let runtime = ClientRuntime::builder().build().unwrap();
+    let upstream = Upstream::new("eyeballs", vec![silent, echo.addr])
+        .unwrap()
+        .with_connect_timeout(Duration::from_secs(600))
+        .with_attempt_delay(Duration::from_millis(50));
+    let (probe, events) = Probe::new(b"ping\n");
+    runtime.connect(&upstream, probe).unwrap();
+    let finished = run_bounded(runtime);
+    let (seen, data) = collect(&events);
+    assert_eq!(
+        seen,
+        vec![
+            Seen::Connected(echo.addr),
+            Seen::Closed(CloseReason::PeerClosed)
+        ]
+    );
+    assert_eq!(data, b"ping\n");
+    finished.recv_timeout(WAIT).unwrap().unwrap();
+    let snapshot = upstream.snapshot();
+    assert_eq!((snapshot.attempts, snapshot.connected), (2, 1));
+}
+
+/// The racing attempt fails at once (refused): the earlier attempt, still running, carries on
+/// as the current one and ends at its own connect timeout; then the connection gives up.
+#[test]
+fn when_the_racing_attempt_is_refused_the_earlier_one_runs_to_its_timeout() {
+    let Some((_listener, _filler, silent)) = silent_address() else {
+        eprintln!("skipped: this kernel answers connects to a full accept queue");
+        return;
+    };
+    let refused = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let runtime = ClientRuntime::builder().build().unwrap();
+    let upstream = Upstream::new("eyeballs", vec![silent, refused])
+        .unwrap()
+        .with_connect_timeout(Duration::from_millis(400))
+        .with_attempt_delay(Duration::from_millis(50));
+    let (probe, events) = Probe::new(b"ping\n");
+    runtime.connect(&upstream, probe).unwrap();
+    let finished = run_bounded(runtime);
+    let (seen, _) = collect(&events);
+    assert_eq!(seen, vec![Seen::Closed(CloseReason::UpstreamTimeout)]);
+    finished.recv_timeout(WAIT).unwrap().unwrap();
+    let snapshot = upstream.snapshot();
+    assert_eq!(
+        (
+            snapshot.attempts,
+            snapshot.refused,
+            snapshot.timed_out,
+            snapshot.unreachable
+        ),
+        (2, 1, 1, 1)
+    );
+}

@@ -10,13 +10,13 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
-use plexus_proto::deadline_after;
+use plexus_proto::{deadline_after, TimerWheel};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::{client_token, upstream_token, EventLoop};
 use crate::connection::tls::TlsTransport;
-use crate::connector::{Connecting, Upstream, UpstreamEvent};
+use crate::connector::{Connecting, Racer, Upstream, UpstreamEvent};
 use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::LoopStats;
 use crate::service::{
@@ -70,6 +70,38 @@ fn open_stream(
     stream.set_nodelay(true)?;
     registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
     Ok(stream)
+}
+
+/// A connect attempt (the session's socket) just started: its timeout, and when the next
+/// address races it (only if one is left and the upstream races).
+fn begin_attempt(connecting: &mut Connecting, now: Instant) {
+    let upstream = &connecting.upstream;
+    connecting.deadline = Some(deadline_after(now, upstream.connect_timeout()));
+    connecting.race_at = upstream
+        .race_delay()
+        .filter(|_| connecting.has_next())
+        .map(|delay| deadline_after(now, delay));
+}
+
+/// (Re)arms an upstream session's connect timer for the next thing due
+/// ([`Connecting::next_wake`]).
+fn arm_connect_timer(
+    timers: &mut TimerWheel<TimerEntry>,
+    connecting: &mut Connecting,
+    key: usize,
+    id: SessionId,
+) {
+    if let Some(timer) = connecting.timer.take() {
+        timers.cancel(timer);
+    }
+    if let Some(wake) = connecting.next_wake() {
+        let entry = TimerEntry {
+            key,
+            id,
+            kind: TimerKind::Connect,
+        };
+        connecting.timer = Some(timers.insert(wake, entry));
+    }
 }
 
 /// A random number for the jitter of a connection's `round`-th retry (std's per-process random
@@ -281,15 +313,8 @@ impl EventLoop {
                 }
             }
         };
-        let timer = self.timers.insert(
-            deadline_after(now, upstream.connect_timeout()),
-            TimerEntry {
-                key,
-                id,
-                kind: TimerKind::Connect,
-            },
-        );
-        connecting.timer = Some(timer);
+        begin_attempt(&mut connecting, now);
+        arm_connect_timer(&mut self.timers, &mut connecting, key, id);
         let idle_timer = self.timers.insert(
             deadline_after(now, self.idle_limit),
             TimerEntry {
@@ -368,8 +393,37 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let connecting = links_of(&mut session.extras).is_some_and(|l| l.connecting.is_some());
-        if !connecting || !(event.is_writable() || event.is_error() || event.is_read_closed()) {
+        if !(event.is_writable() || event.is_error() || event.is_read_closed()) {
+            return;
+        }
+        let Some(connecting) =
+            links_of(&mut session.extras).and_then(|l| l.connecting.as_deref_mut())
+        else {
+            return;
+        };
+        // Earlier attempts still racing share the token: the first one connected wins.
+        let mut winner = None;
+        let upstream = &connecting.upstream;
+        connecting.racing.retain(|racer| match check_connected(&racer.stream) {
+            Ok(false) => true,
+            Ok(true) => {
+                winner = winner.or(Some(racer.addr));
+                true
+            }
+            Err(err) => {
+                upstream.count(UpstreamEvent::Refused);
+                debug!(session = %session.info.id, addr = %racer.addr, "racing connect attempt failed: {err}");
+                false
+            }
+        });
+        if let Some(addr) = winner {
+            if let Some(at) = connecting.racing.iter().position(|r| r.addr == addr) {
+                let racer = connecting.racing.swap_remove(at);
+                // The attempt that lost closes (and leaves the poll) as it is dropped.
+                session.stream = racer.stream;
+                session.info.peer = racer.addr;
+            }
+            self.connected(key, now);
             return;
         }
         match check_connected(&session.stream) {
@@ -379,12 +433,15 @@ impl EventLoop {
         }
     }
 
-    /// An upstream session's connect attempt timer fired.
+    /// An upstream session's connect timer fired: the end of a retry backoff, the time to race
+    /// the next address, or the timeout of the current attempt or of a racing one.
     pub(super) fn connect_timed_out(&mut self, key: usize, now: Instant) {
         let Some(session) = self.sessions.get_mut(key) else {
             return;
         };
-        let Some(connecting) = links_of(&mut session.extras).and_then(|l| l.connecting.as_mut())
+        let id = session.info.id;
+        let Some(connecting) =
+            links_of(&mut session.extras).and_then(|l| l.connecting.as_deref_mut())
         else {
             return;
         };
@@ -392,11 +449,30 @@ impl EventLoop {
         if connecting.waiting {
             // The backoff after a failed round is over: the addresses again, from the first.
             let first = connecting.restart();
-            let id = session.info.id;
-            self.open_next(key, id, first, CloseReason::UpstreamTimeout, now);
+            self.open_next(key, id, first, CloseReason::UpstreamTimeout, false, now);
             return;
         }
-        self.attempt_failed(key, None, now);
+        let upstream = connecting.upstream.clone();
+        connecting.racing.retain(|racer| {
+            let alive = racer.deadline > now;
+            if !alive {
+                upstream.count(UpstreamEvent::TimedOut);
+            }
+            alive
+        });
+        if connecting.deadline.is_some_and(|deadline| deadline <= now) {
+            self.attempt_failed(key, None, now);
+            return;
+        }
+        if connecting.race_at.is_some_and(|at| at <= now) {
+            // The current attempt goes on, and the next address starts next to it.
+            connecting.race_at = None;
+            let next = connecting.advance();
+            debug!(session = %id, upstream = upstream.name(), addr = ?next, "racing the next address");
+            self.open_next(key, id, next, CloseReason::UpstreamTimeout, true, now);
+            return;
+        }
+        arm_connect_timer(&mut self.timers, connecting, key, id);
     }
 
     /// The connect succeeded: the session becomes an ordinary one (its socket under its
@@ -526,18 +602,23 @@ impl EventLoop {
         };
         debug!(session = %id, upstream = upstream.name(), addr = ?connecting.addr(), "connect attempt failed: {reason}");
         let next = connecting.advance();
-        self.open_next(key, id, next, reason, now);
+        self.open_next(key, id, next, reason, false, now);
     }
 
     /// Starts the connect to `next` (or, should its socket fail at once, to the addresses
-    /// after it); when none is left, a backoff before the next round if the upstream's
-    /// [`crate::Retry`] allows one, else the session ends with `reason` (the last failure).
+    /// after it). With `race`, the session's current attempt goes on next to the new one
+    /// (happy eyeballs); without, it is over. When no new attempt starts, the current one (if
+    /// it races on) or the latest racing one carries on; with none, a backoff before the next
+    /// round if the upstream's [`crate::Retry`] allows one, else the session ends with
+    /// `reason` (the last failure).
+    #[allow(clippy::too_many_arguments)]
     fn open_next(
         &mut self,
         key: usize,
         id: SessionId,
         next: Option<SocketAddr>,
         mut reason: CloseReason,
+        race: bool,
         now: Instant,
     ) {
         let Some(session) = self.sessions.get_mut(key) else {
@@ -548,6 +629,9 @@ impl EventLoop {
         else {
             return;
         };
+        if let Some(timer) = connecting.timer.take() {
+            self.timers.cancel(timer);
+        }
         let upstream = connecting.upstream.clone();
         let mut next = next;
         while let Some(addr) = next {
@@ -559,17 +643,19 @@ impl EventLoop {
                 upstream_token(key),
             ) {
                 Ok(stream) => {
-                    connecting.timer = Some(self.timers.insert(
-                        deadline_after(now, upstream.connect_timeout()),
-                        TimerEntry {
-                            key,
-                            id,
-                            kind: TimerKind::Connect,
-                        },
-                    ));
-                    // The failed socket closes (and leaves the poll) as it is dropped.
-                    session.stream = stream;
-                    session.info.peer = addr;
+                    let previous = std::mem::replace(&mut session.stream, stream);
+                    let previous_addr = std::mem::replace(&mut session.info.peer, addr);
+                    match (race, connecting.deadline) {
+                        (true, Some(deadline)) => connecting.racing.push(Racer {
+                            stream: previous,
+                            addr: previous_addr,
+                            deadline,
+                        }),
+                        // The failed socket closes (and leaves the poll) as it is dropped.
+                        _ => drop(previous),
+                    }
+                    begin_attempt(connecting, now);
+                    arm_connect_timer(&mut self.timers, connecting, key, id);
                     return;
                 }
                 Err(err) => {
@@ -580,6 +666,22 @@ impl EventLoop {
             }
             next = connecting.advance();
         }
+        if race {
+            // No address left to race with: the current attempt runs to its own end.
+            arm_connect_timer(&mut self.timers, connecting, key, id);
+            return;
+        }
+        if let Some(racer) = connecting.racing.pop() {
+            // The current attempt failed; an earlier one still runs and becomes current.
+            session.stream = racer.stream;
+            session.info.peer = racer.addr;
+            connecting.deadline = Some(racer.deadline);
+            connecting.race_at = None;
+            arm_connect_timer(&mut self.timers, connecting, key, id);
+            return;
+        }
+        connecting.deadline = None;
+        connecting.race_at = None;
         let random = retry_jitter(id, connecting.retries);
         if let Some(delay) = upstream
             .retry()
