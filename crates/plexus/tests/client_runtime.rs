@@ -28,6 +28,8 @@ enum Seen {
     Connected(SocketAddr),
     /// TLS connections: the protocol version and the peer certificate's length.
     Tls(String, usize),
+    /// TLS connections: `Full`, `FullWithHelloRetryRequest` or `Resumed`.
+    Handshake(String),
     Data(Vec<u8>),
     Closed(CloseReason),
 }
@@ -62,6 +64,8 @@ impl SessionHandler for Probe {
                 let version = format!("{:?}", tls.protocol_version());
                 let cert = tls.peer_certificates().map_or(0, |c| c.len());
                 let _ = self.seen.send(Seen::Tls(version, cert));
+                let kind = tls.handshake_kind().map(|kind| format!("{kind:?}"));
+                let _ = self.seen.send(Seen::Handshake(kind.unwrap_or_default()));
             }
             if !self.hello.is_empty() {
                 session.send(&self.hello);
@@ -611,4 +615,46 @@ fn when_the_racing_attempt_is_refused_the_earlier_one_runs_to_its_timeout() {
         ),
         (2, 1, 1, 1)
     );
+}
+
+/// TLS session resumption: connections through one `Upstream` share its client configuration
+/// and so its session cache; after a full handshake with `openssl s_server`, the next
+/// connection resumes (TLS 1.3 ticket).
+#[test]
+fn a_second_tls_connection_to_the_same_upstream_resumes_its_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path(), "server");
+    let server = OpensslServer::start(&cert, &key);
+    let upstream = Upstream::new("openssl", vec![server.addr])
+        .unwrap()
+        .with_tls(
+            client_config(&ServerTrust::CaFile(cert.clone()), &[]).unwrap(),
+            server_name("localhost").unwrap(),
+        );
+    // A connection that stays open keeps the runtime running between the two.
+    let idle = TcpListener::bind("127.0.0.1:0").unwrap();
+    let runtime = ClientRuntime::builder().build().unwrap();
+    let handle = runtime.handle();
+    let (keeper, _) = Probe::new(b"");
+    let keeper = runtime
+        .connect(
+            &Upstream::new("idle", vec![idle.local_addr().unwrap()]).unwrap(),
+            keeper,
+        )
+        .unwrap();
+    let finished = run_bounded(runtime);
+    let mut kinds = Vec::new();
+    for round in 0..2 {
+        let (probe, events) = Probe::new(b"hello\n");
+        handle.connect(&upstream, probe).unwrap();
+        let (seen, data) = collect(&events);
+        assert_eq!(String::from_utf8_lossy(&data), "olleh\n", "round {round}");
+        kinds.extend(seen.into_iter().filter_map(|seen| match seen {
+            Seen::Handshake(kind) => Some(kind),
+            _ => None,
+        }));
+    }
+    assert_eq!(kinds, ["Full", "Resumed"]);
+    keeper.close().unwrap();
+    finished.recv_timeout(WAIT).unwrap().unwrap();
 }
