@@ -445,8 +445,10 @@ impl Ring {
     }
 
     /// Reports [`Completion::Watched`] whenever `fd` becomes readable, until the ring is
-    /// dropped. The kernel holds its own reference to the file while watching.
-    pub fn watch(&mut self, fd: BorrowedFd<'_>, token: u64) {
+    /// dropped. The kernel takes its own reference to the file when the request is submitted
+    /// (a descriptor closed before that completes the request with `EBADF`): no memory is
+    /// involved, so any descriptor is safe to pass.
+    pub fn watch(&mut self, fd: &impl AsRawFd, token: u64) {
         let fd = fd.as_raw_fd();
         let entry = watch_entry(fd);
         let _ = self.start_op(None, OpKind::Watch { fd, token }, entry);
@@ -1008,7 +1010,7 @@ mod tests {
     fn watching_a_descriptor_reports_readability() {
         let mut ring = ring();
         let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.watch(a.as_fd(), 42);
+        ring.watch(&a, 42);
         b.write_all(b"x").unwrap();
         run_until(&mut ring, |events| events.contains(&Event::Watched(42)));
     }

@@ -4,7 +4,7 @@
 //! telling each side when the other connected or ended.
 
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,14 +48,14 @@ fn check_connected(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    match stream.shutdown(Shutdown::Write) {
-        Err(err) if err.kind() != io::ErrorKind::NotConnected => Err(err),
-        _ => Ok(()),
-    }
-}
-
 impl EventLoop {
+    /// Whether session `key` is served by epoll (not by the io_uring ring).
+    fn on_epoll(&mut self, key: usize) -> bool {
+        self.sessions
+            .get_mut(key)
+            .is_some_and(|session| session.stream.mio().is_some())
+    }
+
     /// Calls `call` on session `key`'s handler (if it is still session `id`), then applies
     /// what the handler asked.
     fn link_callback(
@@ -125,6 +125,9 @@ impl EventLoop {
                 debug!(session = %from, to = %to, "dropped a request for a session that is not linked (or ended)");
                 continue;
             };
+            // Splicing reads the sockets itself: io_uring sessions (whose bytes the ring
+            // receives) go on copying.
+            let may_splice = self.on_epoll(key) && self.on_epoll(target_key);
             let Some(target) = self.sessions.get_if(target_key, to) else {
                 continue;
             };
@@ -155,7 +158,10 @@ impl EventLoop {
                 LinkOp::Close(_) => {
                     target.closing.get_or_insert(CloseReason::Requested);
                 }
-                LinkOp::Splice(_) => self.start_splice(key, target_key),
+                LinkOp::Splice(_) if may_splice => self.start_splice(key, target_key),
+                LinkOp::Splice(_) => {
+                    debug!(session = %from, "splice_with: an io_uring session; copying");
+                }
                 LinkOp::Connect(_) => {}
             }
             self.list_for_flush(target_key);
@@ -229,7 +235,7 @@ impl EventLoop {
             local: SocketAddr::from(([0, 0, 0, 0], 0)),
             listener: Arc::clone(upstream.info()),
         };
-        let mut session = TcpSession::new(stream, info, None, idle_timer, now);
+        let mut session = TcpSession::new(stream.into(), info, None, idle_timer, now);
         session.handler = handler;
         // Nothing is written before the connect completes (its writable edge clears this).
         session.write_blocked = true;
@@ -262,7 +268,10 @@ impl EventLoop {
         if !connecting || !(event.is_writable() || event.is_error() || event.is_read_closed()) {
             return;
         }
-        match check_connected(&session.stream) {
+        let Some(stream) = session.stream.mio() else {
+            return;
+        };
+        match check_connected(stream) {
             Ok(false) => {}
             Ok(true) => self.connected(key, now),
             Err(err) => self.attempt_failed(key, Some(err.kind()), now),
@@ -305,11 +314,14 @@ impl EventLoop {
             session.info.local = local;
         }
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(err) =
-            self.poll
+        let registered = match session.stream.mio() {
+            Some(stream) => self
+                .poll
                 .registry()
-                .reregister(&mut session.stream, client_token(key), interest)
-        {
+                .reregister(stream, client_token(key), interest),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        };
+        if let Err(err) = registered {
             self.close(key, CloseReason::Io(err.kind()));
             return;
         }
@@ -416,7 +428,7 @@ impl EventLoop {
                         },
                     ));
                     // The failed socket closes (and leaves the poll) as it is dropped.
-                    session.stream = stream;
+                    session.stream = stream.into();
                     session.info.peer = addr;
                     return;
                 }
@@ -477,6 +489,7 @@ impl EventLoop {
             && !links.write_shut
             && links.connecting.is_none()
             && outbound.is_empty()
+            && !stream.sending()
             && work.is_idle()
             && !*drain_due
             && closing.is_none()
@@ -492,7 +505,7 @@ impl EventLoop {
                         }),
                     }
                 }
-                None => shutdown_write(stream),
+                None => stream.shutdown_write(),
             };
             if let Err(err) = shut {
                 *closing = Some(CloseReason::Io(err.kind()));
