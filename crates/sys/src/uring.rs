@@ -68,7 +68,7 @@ impl Default for RingConfig {
     fn default() -> Self {
         RingConfig {
             entries: 1024,
-            buffers: 256,
+            buffers: 128,
             buffer_size: 16 * 1024,
         }
     }
@@ -160,6 +160,12 @@ impl BufferRing {
             // SAFETY: allocated just above with this layout, not shared with anyone yet.
             unsafe { alloc::dealloc(entries.cast(), entries_layout) };
             return Err(io::ErrorKind::OutOfMemory.into());
+        }
+        // Touch every page now: the area is a fixed cost of the ring, paid (and visible in
+        // the process's RSS) at setup rather than as the first bytes arrive.
+        for page in (0..memory_size).step_by(PAGE) {
+            // SAFETY: `page < memory_size`: inside the allocation, which nobody else uses yet.
+            unsafe { memory.add(page).write_volatile(0) };
         }
         Ok(BufferRing {
             entries,

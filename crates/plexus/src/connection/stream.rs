@@ -25,17 +25,18 @@ use crate::outbound::FileSink;
 /// Bytes received and not yet read past which the ring stops receiving for the session (the
 /// socket's own buffer, then TCP, hold the rest): one read's worth, like epoll's read buffer.
 const INBOX_HIGH: usize = 64 * 1024;
-/// Bytes a session's next send takes before `write` returns `WouldBlock` (a socket buffer's
-/// worth: the outbound queue, and its watermarks, count the rest).
-const SEND_CAP: usize = 256 * 1024;
+/// Bytes one send takes before `write` returns `WouldBlock` (a socket buffer's worth; the
+/// outbound queue, and its watermarks, count the rest). One send is in flight at a time, and
+/// `write` takes nothing while it is: a turn moves up to this much per session.
+const SEND_CAP: usize = 1024 * 1024;
 
 /// A stream session's socket.
 #[derive(Debug)]
 pub(crate) enum SessionStream {
     /// Registered with the loop's mio `Poll` (edge-triggered readiness).
     Epoll(TcpStream),
-    /// Served by the loop's io_uring ring.
-    Uring(UringStream),
+    /// Served by the loop's io_uring ring (boxed: an epoll session's entry stays small).
+    Uring(Box<UringStream>),
 }
 
 impl From<TcpStream> for SessionStream {
@@ -137,8 +138,14 @@ impl FileSink for SessionStream {
                 }
                 // The ring has nothing in flight to write: the kernel copies the file now.
                 let sent = plexus_sys::sendfile::sendfile(&stream.socket, file, offset, len);
-                if matches!(&sent, Err(err) if err.kind() == io::ErrorKind::WouldBlock) {
-                    stream.want_writable = true;
+                // A short or blocked `sendfile` means the socket buffer is full: the ring
+                // says when it has room (what an epoll writable edge says).
+                match &sent {
+                    Ok(n) if *n < len => stream.want_writable = true,
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        stream.want_writable = true
+                    }
+                    _ => {}
                 }
                 sent
             }
@@ -180,12 +187,16 @@ pub(crate) struct UringStream {
 
 impl UringStream {
     /// Registers `stream` with `ring` (completions carry `tag`) and starts receiving.
-    pub(crate) fn register(stream: TcpStream, ring: &mut Ring, tag: usize) -> io::Result<Self> {
+    pub(crate) fn register(
+        stream: TcpStream,
+        ring: &mut Ring,
+        tag: usize,
+    ) -> io::Result<Box<Self>> {
         let socket = std::net::TcpStream::from(OwnedFd::from(stream));
         let for_ring = OwnedFd::from(socket.try_clone()?);
         let conn = ring.register(for_ring, tag);
         ring.start_recv(conn);
-        Ok(UringStream {
+        Ok(Box::new(UringStream {
             socket,
             conn,
             inbox: BytesMut::new(),
@@ -196,7 +207,7 @@ impl UringStream {
             write_error: None,
             want_writable: false,
             notified: false,
-        })
+        }))
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -224,7 +235,7 @@ impl UringStream {
             return Err(kind.into());
         }
         let mut room = SEND_CAP.saturating_sub(self.next_send.len());
-        if room == 0 {
+        if room == 0 || self.in_flight {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut taken = 0usize;
@@ -286,7 +297,7 @@ impl UringStream {
     /// Ends the session's use of the ring: a last send of what was accepted (best effort, as
     /// a non-blocking write would be), then every operation cancelled; the ring closes its
     /// descriptor once their completions arrived.
-    pub(crate) fn retire(mut self, ring: &mut Ring) {
+    pub(crate) fn retire(mut self: Box<Self>, ring: &mut Ring) {
         if !self.in_flight && !self.next_send.is_empty() {
             let _ = ring.send(self.conn, std::mem::take(&mut self.next_send));
         }
