@@ -49,6 +49,8 @@ const EPOLL_WATCH: u64 = 0;
 const EVENTS: usize = 1024;
 /// The operator's switch that turns io_uring off (the loops then serve on epoll).
 pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
+/// The backend's startup line is logged once per process, not once per loop.
+static RING_LOG: std::sync::Once = std::sync::Once::new();
 /// What io_uring covers, logged once at startup.
 const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners; listeners, \
     udp/dtls, upstream connections and spliced pairs on epoll";
@@ -225,8 +227,6 @@ pub(crate) struct EventLoop {
     datagram: DatagramEndpoint,
     /// Services' per-loop state ([`crate::LoopLocal`]).
     locals: LoopLocals,
-    /// The configured backend (`[server] backend`).
-    backend: Backend,
     /// The io_uring ring, when `backend = "io_uring"` and it could be set up (on the loop's
     /// thread: the ring is single-issuer).
     ring: Option<Ring>,
@@ -288,7 +288,6 @@ impl EventLoop {
             pipe_failures: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
-            backend: Backend::Epoll,
             ring: None,
             mio_backlog: false,
             ring_touched: Vec::new(),
@@ -314,9 +313,25 @@ impl EventLoop {
         self.metrics = Some(metrics);
     }
 
-    /// Sets the backend its stream sessions use (the ring is set up when the loop starts).
+    /// Sets the backend its stream sessions use. For io_uring the ring (and its receive
+    /// buffers) is set up now, before the server says it listens; when it cannot be, the
+    /// reason is logged once per process and the loop serves on epoll.
     pub(crate) fn set_backend(&mut self, backend: Backend) {
-        self.backend = backend;
+        self.ring = None;
+        if backend != Backend::IoUring {
+            return;
+        }
+        let ring = match std::env::var(IO_URING_SWITCH).as_deref() {
+            Ok("off") => Err(RingError::Disabled("PLEXUS_IO_URING=off")),
+            _ => Ring::new(RingConfig::default()),
+        };
+        match ring {
+            Ok(ring) => {
+                self.ring = Some(ring);
+                RING_LOG.call_once(|| info!("{IO_URING_COVERS}"));
+            }
+            Err(err) => ring_unavailable(&err),
+        }
     }
 
     /// Gives the loop the worker pool's queue.
@@ -343,26 +358,22 @@ impl EventLoop {
         result
     }
 
-    /// Sets up the io_uring ring if the configuration asks for it; when it cannot be had,
-    /// says why once (per process) and serves on epoll.
+    /// Enables the io_uring ring on the loop's own thread (its single issuer) and watches the
+    /// epoll descriptor with it; if that fails, says why once and serves on epoll.
     fn start_ring(&mut self) {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        if self.backend != Backend::IoUring {
+        let Some(ring) = self.ring.as_mut() else {
             return;
-        }
-        let ring = match std::env::var(IO_URING_SWITCH).as_deref() {
-            Ok("off") => Err(RingError::Disabled("PLEXUS_IO_URING=off")),
-            _ => Ring::new(RingConfig::default()),
         };
-        match ring {
-            Ok(mut ring) => {
+        match ring.enable() {
+            Ok(()) => {
                 ring.watch(&self.poll, EPOLL_WATCH);
-                self.ring = Some(ring);
                 // Whatever is ready before the watch was armed.
                 self.mio_backlog = true;
-                ONCE.call_once(|| info!("{IO_URING_COVERS}"));
             }
-            Err(err) => ONCE.call_once(|| info!("io_uring unavailable ({err}): serving on epoll")),
+            Err(err) => {
+                self.ring = None;
+                ring_unavailable(&RingError::Setup(err));
+            }
         }
     }
 
@@ -703,7 +714,7 @@ impl EventLoop {
                     error!(session = %id, "cannot start a TLS session: {err}");
                     self.timers.cancel(idle_timer);
                     if let (Some(ring), SessionStream::Uring(stream)) =
-                        (self.ring.as_mut(), session.stream)
+                        (self.ring.as_mut(), &mut session.stream)
                     {
                         stream.retire(ring);
                     }
@@ -1589,7 +1600,9 @@ impl EventLoop {
         // Dropping the stream closes the socket (and deregisters it); the ticket gives back
         // the session's admission place. An io_uring socket goes to the ring, which closes
         // it once its operations completed.
-        if let (Some(ring), SessionStream::Uring(stream)) = (self.ring.as_mut(), session.stream) {
+        if let (Some(ring), SessionStream::Uring(stream)) =
+            (self.ring.as_mut(), &mut session.stream)
+        {
             stream.retire(ring);
         }
     }
@@ -1749,6 +1762,11 @@ impl EventLoop {
         };
         self.datagram.close_all(reason, &mut parts);
     }
+}
+
+/// Logs (once per process) that io_uring cannot be had, and why.
+fn ring_unavailable(err: &RingError) {
+    RING_LOG.call_once(|| info!("io_uring unavailable ({err}): serving on epoll"));
 }
 
 /// A session's client socket is token `2k`, its upstream (forward) socket `2k + 1`.

@@ -272,6 +272,8 @@ pub struct Ring {
     /// Entries that found the submission queue full, pushed after the next submit.
     backlog: Vec<squeue::Entry>,
     in_flight: usize,
+    /// [`Ring::enable`] was called (a disabled ring submits nothing).
+    enabled: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -284,9 +286,12 @@ impl std::fmt::Debug for Ring {
 
 impl Ring {
     /// Sets up a ring: the kernel ring (single issuer, deferred task work where the kernel
-    /// has them), a probe for the operations used, and the provided-buffer ring.
+    /// has them), a probe for the operations used, and the provided-buffer ring. The ring
+    /// starts disabled, so that it can be made on one thread and used on another: the thread
+    /// that calls [`Ring::enable`] is its single issuer.
     pub fn new(config: RingConfig) -> Result<Ring, RingError> {
         let ring = IoUring::builder()
+            .setup_r_disabled()
             .setup_single_issuer()
             .setup_coop_taskrun()
             .setup_defer_taskrun()
@@ -295,6 +300,7 @@ impl Ring {
             .or_else(|_| {
                 // Older kernels (< 6.1) reject the newer setup flags: try without them.
                 IoUring::builder()
+                    .setup_r_disabled()
                     .setup_cqsize(config.entries.saturating_mul(2))
                     .build(config.entries)
             })
@@ -341,7 +347,18 @@ impl Ring {
             free_conns: Vec::new(),
             backlog: Vec::new(),
             in_flight: 0,
+            enabled: false,
         })
+    }
+
+    /// Enables the ring: from now on the calling thread is the only one that submits.
+    pub fn enable(&mut self) -> io::Result<()> {
+        if self.enabled {
+            return Ok(());
+        }
+        self.ring.submitter().register_enable_rings()?;
+        self.enabled = true;
+        Ok(())
     }
 
     /// Takes ownership of a socket's descriptor; completions for it carry `tag`.
@@ -779,12 +796,19 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
+        if !self.enabled {
+            // Nothing was ever submitted: the kernel refers to no buffer.
+            self.in_flight = 0;
+        }
         // Cancel everything and wait for the completions: only then does nothing in the
         // kernel refer to the buffers the fields free.
         let all = types::CancelBuilder::any();
         let limit = types::Timespec::from(Duration::from_millis(100));
         let _ = self.ring.submitter().register_sync_cancel(Some(limit), all);
         for _ in 0..DROP_WAITS {
+            if !self.enabled {
+                break;
+            }
             self.complete(|_| {});
             if self.in_flight == 0 {
                 break;
@@ -840,12 +864,14 @@ mod tests {
     }
 
     fn ring() -> Ring {
-        Ring::new(RingConfig {
+        let mut ring = Ring::new(RingConfig {
             entries: 64,
             buffers: 8,
             buffer_size: 4096,
         })
-        .expect("io_uring is available on the test machine")
+        .expect("io_uring is available on the test machine");
+        ring.enable().expect("enable");
+        ring
     }
 
     /// Waits (at most 10 s) until `done` says so, collecting owned copies of completions.
@@ -1039,6 +1065,23 @@ mod tests {
         ring.submit_and_wait(Some(Duration::ZERO)).unwrap();
         assert_eq!(ring.in_flight(), 1);
         drop(ring);
+    }
+
+    #[test]
+    fn a_ring_made_on_one_thread_serves_on_another() {
+        let ring = Ring::new(RingConfig::default()).unwrap();
+        std::thread::spawn(move || {
+            let mut ring = ring;
+            ring.enable().unwrap();
+            let (fd, mut peer) = pair();
+            let conn = ring.register(fd, 5);
+            ring.start_recv(conn);
+            peer.write_all(b"moved").unwrap();
+            let events = run_until(&mut ring, |events| received(events, 5).len() == 5);
+            assert_eq!(received(&events, 5), b"moved");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

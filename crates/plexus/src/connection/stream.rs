@@ -297,7 +297,7 @@ impl UringStream {
     /// Ends the session's use of the ring: a last send of what was accepted (best effort, as
     /// a non-blocking write would be), then every operation cancelled; the ring closes its
     /// descriptor once their completions arrived.
-    pub(crate) fn retire(mut self: Box<Self>, ring: &mut Ring) {
+    pub(crate) fn retire(&mut self, ring: &mut Ring) {
         if !self.in_flight && !self.next_send.is_empty() {
             let _ = ring.send(self.conn, std::mem::take(&mut self.next_send));
         }
