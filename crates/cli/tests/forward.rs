@@ -121,6 +121,110 @@ fn a_spliced_relay_survives_a_client_that_reads_late() {
     assert!(metric(http, "plexus_spliced_bytes_total") > 4 * total - MIB);
 }
 
+/// Splice is for bulk: a connection exchanging small messages stays copied (two pipes and two
+/// splices per message would cost more), and switches once a read of 16 KiB or more shows
+/// bulk; the bytes before and after the switch arrive in order.
+#[test]
+fn small_messages_are_copied_until_bulk_switches_the_pair_to_splice() {
+    let upstream = Server::start(&echo_config(""));
+    let relay = Server::start(&forward_config_with_metrics(upstream.addr("tcp-echo"), ""));
+    let http = relay.addr("http");
+    let mut stream = connect(relay.addr("fwd"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    for round in 0..200u32 {
+        let message = format!("message {round:>53}\n");
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut echo = vec![0u8; message.len()];
+        stream.read_exact(&mut echo).unwrap();
+        assert_eq!(echo, message.as_bytes(), "round {round}");
+    }
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 0);
+    assert_eq!(metric(http, "plexus_spliced_bytes_total"), 0);
+    let total = 8 * MIB;
+    assert_eq!(transfer_both_ways(stream, total), total);
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 1);
+    assert!(metric(http, "plexus_spliced_bytes_total") > 2 * total - MIB);
+}
+
+/// Out of descriptors (`prlimit --nofile=64`, every descriptor held by relayed connections):
+/// a new client whose upstream socket cannot be made is closed and logged, without marking the
+/// upstream down (with `upstream_fail_timeout = "1h"` it would stay skipped); a pair that
+/// asks for splice then keeps copying, byte-exact, and the relay logs why; once descriptors
+/// are free again new clients are relayed and the next bulk pair is spliced.
+#[test]
+fn out_of_descriptors_a_pair_keeps_copying_and_the_upstream_is_not_blamed() {
+    let upstream = Server::start(&echo_config(""));
+    let config = forward_config_with_metrics(upstream.addr("tcp-echo"), "").replace(
+        &format!("upstream = \"{}\"", upstream.addr("tcp-echo")),
+        &format!(
+            "upstreams = [\"{}\"]\nupstream_fail_timeout = \"1h\"",
+            upstream.addr("tcp-echo")
+        ),
+    );
+    let relay = Server::start_with_prefix(&["prlimit", "--nofile=64:64"], &config);
+    let fwd = relay.addr("fwd");
+    let echoes = |stream: &mut TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        stream.write_all(b"x").is_ok() && matches!(stream.read(&mut byte), Ok(1))
+    };
+    let mut first = connect(fwd);
+    assert!(echoes(&mut first));
+    let mark = relay.log_mark();
+    // One relayed connection at a time, each checked, until one is not relayed: then every
+    // descriptor is taken (at most one is free again: the refused client's).
+    let mut held = Vec::new();
+    loop {
+        let mut next = connect(fwd);
+        if !echoes(&mut next) {
+            break;
+        }
+        held.push(next);
+        assert!(
+            held.len() < 64,
+            "64 relayed connections under a limit of 64 descriptors"
+        );
+    }
+    relay.assert_log(
+        mark,
+        Duration::from_secs(5),
+        "saying no descriptor was left for an upstream socket",
+        |line| {
+            line.contains("cannot open an upstream socket")
+                || line.contains("descriptors_exhausted")
+        },
+    );
+    let total = 4 * MIB;
+    assert_eq!(transfer_both_ways(first, total), total);
+    relay.assert_log(
+        mark,
+        Duration::from_secs(5),
+        "saying the pair copies for want of a pipe",
+        |line| line.contains("cannot make a pipe to splice with"),
+    );
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        let mut fresh = connect(fwd);
+        if echoes(&mut fresh) {
+            break fresh;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no client relayed after the descriptors were freed: the upstream was marked down?"
+        );
+        thread::sleep(Duration::from_millis(100));
+    };
+    let http = relay.addr("http");
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 0);
+    assert_eq!(transfer_both_ways(fresh, total), total);
+    assert_eq!(metric(http, "plexus_spliced_pairs_total"), 1);
+}
+
 #[test]
 fn splice_false_copies() {
     let upstream = Server::start(&echo_config(""));

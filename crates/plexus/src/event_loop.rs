@@ -221,6 +221,8 @@ pub(crate) struct EventLoop {
     proxy_failures: LogThrottle,
     /// `splice_with` that found no descriptor for its pipes.
     pipe_failures: LogThrottle,
+    /// Throttles the warning for an upstream socket that found no descriptor left.
+    descriptor_shortages: LogThrottle,
     drain_deadline: Option<Instant>,
     stopping: bool,
     // datagram: this loop's udp/dtls sockets and their sessions.
@@ -286,6 +288,7 @@ impl EventLoop {
             tls_failures: LogThrottle::new(),
             proxy_failures: LogThrottle::new(),
             pipe_failures: LogThrottle::new(),
+            descriptor_shortages: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
             ring: None,

@@ -179,6 +179,9 @@ pub enum CloseReason {
     UpstreamFailed(std::io::ErrorKind),
     /// An upstream session's last address did not accept within the connect timeout.
     UpstreamTimeout,
+    /// An upstream session needed a socket and the process (or the system) had no file
+    /// descriptor left (EMFILE/ENFILE): the upstream was not tried, so it is not to blame.
+    DescriptorsExhausted,
     /// A `proxy_protocol` session's PROXY header was missing, malformed or late.
     ProxyHeader,
     /// A datagram session cap was full and this was the longest-idle session in its scope:
@@ -220,6 +223,9 @@ impl fmt::Display for CloseReason {
             CloseReason::Panic => f.write_str("service panicked"),
             CloseReason::UpstreamFailed(kind) => write!(f, "upstream failed: {kind}"),
             CloseReason::UpstreamTimeout => f.write_str("upstream connect timed out"),
+            CloseReason::DescriptorsExhausted => {
+                f.write_str("no file descriptor left for the upstream socket (EMFILE/ENFILE)")
+            }
             CloseReason::ProxyHeader => f.write_str("missing or malformed PROXY header"),
             CloseReason::Reclaimed => {
                 f.write_str("reclaimed for a new peer (datagram session cap full)")

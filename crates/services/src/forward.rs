@@ -11,8 +11,12 @@
 //! close_notify to a TLS client). The pair ends when both directions have.
 //!
 //! On a tcp listener with a plain upstream and `splice = true` (the default), the pair is
-//! switched to splice(2) once the upstream connected ([`Session::splice_with`]): from then on
-//! the bytes move socket to socket inside the kernel, and the handlers only see the ends.
+//! switched to splice(2) ([`Session::splice_with`]) once it carries bulk: the first read of at
+//! least [`SPLICE_AFTER_READ`] bytes in either direction after the upstream connected (what
+//! HAProxy's `splice-auto` does with a full buffer). From then on the bytes move socket to
+//! socket inside the kernel, and the handlers only see the ends. Short connections and small
+//! messages never switch: for them two pipes and two splices per message cost more than a
+//! read and a write.
 //! Otherwise (TLS on either side, `splice = false`, no descriptor for a pipe) bytes are copied
 //! through user space (read into the loop's buffer, queued, written).
 //!
@@ -243,6 +247,12 @@ impl Pool {
     }
 }
 
+/// The smallest read (bytes) that makes a connected pair switch to splice: a read this large
+/// says the stream carries bulk, where splice(2) costs less CPU than copying (BENCHMARKS.md
+/// "Forward vs HAProxy": a 64 B echo costs 1.2x more spliced, 1 GiB 0.35x). A quarter of the
+/// loop's 64 KiB read buffer, so a sender writing 16 KiB messages is spliced too.
+pub const SPLICE_AFTER_READ: usize = 16 * 1024;
+
 /// The forward service: a relay to one upstream of a [`Pool`].
 #[derive(Debug, Clone)]
 pub struct Forward {
@@ -250,7 +260,8 @@ pub struct Forward {
     /// Each event loop's round-robin turn.
     cursor: LoopLocal<usize>,
     proxy: Option<ProxyVersion>,
-    /// Ask the runtime to splice each connected pair ([`Session::splice_with`]).
+    /// Ask the runtime to splice a connected pair once it carries bulk
+    /// ([`Session::splice_with`], [`SPLICE_AFTER_READ`]).
     splice: bool,
 }
 
@@ -282,8 +293,9 @@ impl Forward {
         self
     }
 
-    /// The same relay moving the bytes of each connected pair with splice(2), socket to socket
-    /// inside the kernel (only plain TCP on both sides; see [`Session::splice_with`]).
+    /// The same relay moving the bytes of a connected pair with splice(2), socket to socket
+    /// inside the kernel, once it carries bulk (a read of [`SPLICE_AFTER_READ`] bytes or more;
+    /// only plain TCP on both sides; see [`Session::splice_with`]).
     #[must_use]
     pub fn with_splice(mut self, splice: bool) -> Self {
         self.splice = splice;
@@ -351,7 +363,7 @@ struct ClientSide {
     header: Option<Vec<u8>>,
     /// The client finished sending (its FIN travels to the upstream).
     finished: bool,
-    /// Splice the pair once the upstream connected.
+    /// Splice the pair once a bulk read is seen (cleared once asked).
     splice: bool,
 }
 
@@ -367,7 +379,8 @@ impl ClientSide {
             return false;
         };
         let client = session.id();
-        let id = session.connect(upstream, Box::new(UpstreamSide { client }));
+        let splice = self.splice;
+        let id = session.connect(upstream, Box::new(UpstreamSide { client, splice }));
         if let Some(header) = &self.header {
             session.send_to(id, header);
         }
@@ -412,6 +425,10 @@ impl SessionHandler for ClientSide {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
         if let Some(attempt) = &self.current {
             session.send_to(attempt.id, data);
+            if self.splice && self.connected && data.len() >= SPLICE_AFTER_READ {
+                self.splice = false;
+                session.splice_with(attempt.id);
+            }
         }
         if let Some(replay) = &mut self.replay {
             replay.extend_from_slice(data);
@@ -435,9 +452,6 @@ impl SessionHandler for ClientSide {
                 self.replay = None;
                 self.header = None;
                 self.pool.connected(attempt.index);
-                if self.splice {
-                    session.splice_with(upstream);
-                }
                 if let Some(target) = self.pool.upstream(attempt.index) {
                     let elapsed = session.now().saturating_duration_since(attempt.asked);
                     target.record_connect_time(elapsed);
@@ -452,6 +466,12 @@ impl SessionHandler for ClientSide {
                 else {
                     return;
                 };
+                if reason == CloseReason::DescriptorsExhausted {
+                    // Not the upstream's fault (no health mark), and every other upstream
+                    // would need a descriptor too. The runtime logged it, throttled.
+                    session.close();
+                    return;
+                }
                 if !self.connected {
                     // It ended before `Connected`: refused, timed out, or (upstream_tls) its
                     // handshake failed or timed out. Either way this upstream cannot serve:
@@ -476,11 +496,18 @@ impl SessionHandler for ClientSide {
 /// The upstream's half: its bytes go back to the client.
 struct UpstreamSide {
     client: SessionId,
+    /// Splice the pair once a bulk read is seen (cleared once asked).
+    splice: bool,
 }
 
 impl SessionHandler for UpstreamSide {
     fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
         session.send_to(self.client, data);
+        // Data from the upstream means it connected.
+        if self.splice && data.len() >= SPLICE_AFTER_READ {
+            self.splice = false;
+            session.splice_with(self.client);
+        }
     }
 
     fn on_eof(&mut self, session: &mut Session<'_>) {

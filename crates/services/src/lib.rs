@@ -31,7 +31,7 @@ mod http;
 pub use auto::{Auto, AutoFactory};
 pub use chat::Chat;
 pub use echo::Echo;
-pub use forward::{Forward, ForwardFactory, Pool};
+pub use forward::{Forward, ForwardFactory, Pool, SPLICE_AFTER_READ};
 pub use http::Http;
 
 /// Registers `echo`, `chat`, `http`, `forward` and `auto` on `builder`, configured from its

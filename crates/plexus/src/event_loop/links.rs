@@ -11,7 +11,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use plexus_proto::deadline_after;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{client_token, upstream_token, EventLoop};
 use crate::connection::tls::TlsTransport;
@@ -204,6 +204,21 @@ impl EventLoop {
             upstream.count(UpstreamEvent::Attempt);
             match open_stream(addr, self.poll.registry(), upstream_token(key)) {
                 Ok(stream) => break (stream, addr),
+                Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
+                    // A local shortage: every other address would fail the same way, and the
+                    // upstream is not to blame (a health check must not mark it down).
+                    let reason = CloseReason::DescriptorsExhausted;
+                    if let Some(also) = self.descriptor_shortages.allow(now) {
+                        warn!(
+                            session = %id, upstream = upstream.name(), %addr,
+                            "cannot open an upstream socket: {err} (+{also} more in the last second)"
+                        );
+                    }
+                    self.link_callback(opener, opener_id, now, |handler, session| {
+                        handler.on_link(session, LinkEvent::Closed { peer: id, reason })
+                    });
+                    return;
+                }
                 Err(err) => {
                     upstream.count(UpstreamEvent::Refused);
                     debug!(session = %id, upstream = upstream.name(), %addr, "connect failed: {err}");
