@@ -86,7 +86,8 @@ PID=""
 msgs=$(sed -n 's/.*"messages":\([0-9]*\).*/\1/p' <<<"$out")
 errors=$(sed -n 's/.*"errors":\([0-9]*\).*/\1/p' <<<"$out")
 profile=$(ls "$WORK"/callgrind.out.* | sort | head -1)
-ir=$(callgrind_annotate --auto=no "$profile" | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }')
+# awk reads to the end: an early `exit` would SIGPIPE callgrind_annotate and fail the pipeline.
+ir=$(callgrind_annotate --auto=no "$profile" | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }')
 [[ ${errors:-1} == 0 && -n $msgs && $msgs -gt 0 ]] || { echo "error: echo-load: $out" >&2; exit 1; }
 awk -v l="$LABEL" -v s="$SIZE" -v c="$CONNECTIONS" -v t="$TLS" -v m="$msgs" -v i="$ir" \
     'BEGIN { printf "%s size=%s conns=%s tls=%s msgs=%d Ir=%d Ir/msg=%.0f\n", l, s, c, t, m, i, i / m }'

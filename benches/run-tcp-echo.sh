@@ -11,7 +11,9 @@
 #          WARMUP=2      warm-up seconds per run (not measured)
 #          REPEATS=3     rounds over all servers (median is reported)
 #          CONNECTIONS=100 SIZE=64 PIPELINE=1
-#          SERVERS="tokio mio monoio plexus"   which servers, in this order
+#          SERVERS="tokio mio monoio plexus plexus-uring"   which servers, in this order
+#                                       (plexus-uring: plexus with PLEXUS_BACKEND=io_uring,
+#                                       i.e. `[server] backend = "io_uring"`)
 #                                       (monoio is skipped, with a message, when the
 #                                       kernel refuses io_uring: `monoio-echo --probe`)
 #          SKIP_PLEXUS_BUILD=1          use the existing plexus binary as is
@@ -31,7 +33,7 @@ REPEATS=${REPEATS:-3}
 CONNECTIONS=${CONNECTIONS:-100}
 SIZE=${SIZE:-64}
 PIPELINE=${PIPELINE:-1}
-SERVERS=${SERVERS:-tokio mio monoio plexus}
+SERVERS=${SERVERS:-tokio mio monoio plexus plexus-uring}
 SERVER_CPU=0
 LOAD_CPU=1
 
@@ -75,7 +77,7 @@ locked=()
 (cd "$BENCH_DIR" && env -u CARGO_TARGET_DIR timeout 900 cargo build --release "${locked[@]}" --quiet)
 
 PLEXUS_OK=0
-if [[ " $SERVERS " == *" plexus "* ]]; then
+if [[ " $SERVERS " == *" plexus "* || " $SERVERS " == *" plexus-uring "* ]]; then
     if [[ ${SKIP_PLEXUS_BUILD:-0} != 1 ]]; then
         log "building plexus (cargo build --release -p plexus-cli in $MAIN_DIR)"
         if ! (cd "$MAIN_DIR" && env -u CARGO_TARGET_DIR timeout 1200 cargo build --release -p plexus-cli --quiet); then
@@ -186,6 +188,11 @@ run_one() {
         ready='listening name=tcp-echo transport=tcp addr=127\.0\.0\.1:[0-9]+'
         start_server plexus "$logf" "$ready" \
             "$PLEXUS_BIN" serve --config "$WORK/plexus.toml" || return 1 ;;
+    plexus-uring)
+        ready='listening name=tcp-echo transport=tcp addr=127\.0\.0\.1:[0-9]+'
+        start_server plexus-uring "$logf" "$ready" \
+            env PLEXUS_BACKEND=io_uring "$PLEXUS_BIN" serve --config "$WORK/plexus.toml" || return 1
+        grep -q 'io_uring: tcp' "$logf" || log "plexus-uring: io_uring did not start (see $logf)" ;;
     *) log "unknown server '$name'"; return 1 ;;
     esac
 
@@ -240,7 +247,7 @@ log "servers: $SERVERS; ${CONNECTIONS} conns x ${SIZE} B, pipeline $PIPELINE, ${
 
 ran=()
 for name in $SERVERS; do
-    if [[ $name == plexus && $PLEXUS_OK != 1 ]]; then continue; fi
+    if [[ $name == plexus* && $PLEXUS_OK != 1 ]]; then continue; fi
     if [[ $name == monoio && $MONOIO_OK != 1 ]]; then continue; fi
     ran+=("$name")
 done

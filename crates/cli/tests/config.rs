@@ -80,6 +80,13 @@ fn unknown_key_is_rejected() {
     assert_rejected(&config, &["max_conections"]);
 }
 
+/// A backend that does not exist is an error naming the key and the values it takes.
+#[test]
+fn bad_backend_is_rejected() {
+    let config = good_config().replace("[server]\n", "[server]\nbackend = \"kqueue\"\n");
+    assert_rejected(&config, &["backend", "kqueue", "io_uring"]);
+}
+
 /// An unparsable listener address is an error naming `addr`.
 #[test]
 fn bad_address_is_rejected() {

@@ -99,6 +99,52 @@ pub struct ServerConfig {
     pub outbound_low_watermark: usize,
     /// Queued outbound bytes beyond which a session is closed.
     pub outbound_limit: usize,
+    /// How event loops do stream sessions' socket I/O; the default comes from the
+    /// `PLEXUS_BACKEND` environment variable (`epoll` when unset).
+    pub backend: Backend,
+}
+
+/// `[server] backend`: the event loops' I/O model for stream sessions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Readiness: epoll (through mio), then `read`/`writev` per session.
+    #[default]
+    Epoll,
+    /// Completions: io_uring (multishot receive into provided buffers, owned sends) for the
+    /// TCP and TLS sessions of tcp/tls listeners; falls back to epoll when io_uring cannot
+    /// be set up.
+    IoUring,
+}
+
+/// The environment variable that sets the default of `[server] backend` (the test matrix).
+pub const BACKEND_ENV: &str = "PLEXUS_BACKEND";
+
+impl Backend {
+    /// The value's name in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Epoll => "epoll",
+            Backend::IoUring => "io_uring",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Backend> {
+        match value {
+            "epoll" => Some(Backend::Epoll),
+            "io_uring" => Some(Backend::IoUring),
+            _ => None,
+        }
+    }
+
+    /// The default: `PLEXUS_BACKEND` if it names a backend (validation reports one that does
+    /// not), else epoll.
+    pub fn from_env() -> Backend {
+        std::env::var(BACKEND_ENV)
+            .ok()
+            .and_then(|value| Backend::parse(&value))
+            .unwrap_or_default()
+    }
 }
 
 impl ServerConfig {
@@ -131,6 +177,7 @@ impl Default for ServerConfig {
             outbound_high_watermark: 1024 * 1024,
             outbound_low_watermark: 256 * 1024,
             outbound_limit: 4 * 1024 * 1024,
+            backend: Backend::from_env(),
         }
     }
 }
@@ -845,6 +892,18 @@ impl Config {
         }
         // Values of the access-log, precompressed and OCSP keys.
         http_keys::check(self, &mut problem);
+        if let Some(value) = std::env::var_os(BACKEND_ENV) {
+            let value = value.to_string_lossy();
+            if Backend::parse(&value).is_none() {
+                problem(
+                    "server.backend".into(),
+                    format!(
+                        "{BACKEND_ENV}={value:?} in the environment is not a backend \
+                         (expected \"epoll\" or \"io_uring\")"
+                    ),
+                );
+            }
+        }
         if server.outbound_low_watermark >= server.outbound_high_watermark {
             problem(
                 "server.outbound_low_watermark".into(),

@@ -20,12 +20,14 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::{deadline_after, Acl, TimerWheel};
 use tracing::{debug, error, info};
 
+use plexus_sys::uring::{self, Ring, RingConfig, RingError};
 use rustls::ServerConfig;
 
 use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
 use crate::broadcast::{self, BroadcastTarget, InFlight, NotSent, Outbox};
-use crate::config::READ_CHUNK;
+use crate::config::{Backend, READ_CHUNK};
 use crate::connection::proxy_header::{ProxyDone, ProxyFailure, ProxyPreamble};
+use crate::connection::stream::{SessionStream, UringStream};
 use crate::connection::tls::{TlsEvent, TlsFailure, TlsTransport, TLS_PLAINTEXT_CHUNK};
 // datagram: udp/dtls sockets and sessions of this loop.
 use crate::datagram::{self, DatagramEndpoint, DatagramListener, LoopParts};
@@ -41,6 +43,17 @@ use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
 use crate::worker::{Completion, CompletionSink, Origin, PoolWaiters, Submitter, Task};
 
 const WAKER: Token = Token(usize::MAX);
+/// The io_uring ring's watch of the loop's epoll descriptor.
+const EPOLL_WATCH: u64 = 0;
+/// Capacity of one `Poll::poll`: a full batch means more may be waiting.
+const EVENTS: usize = 1024;
+/// The operator's switch that turns io_uring off (the loops then serve on epoll).
+pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
+/// The backend's startup line is logged once per process, not once per loop.
+static RING_LOG: std::sync::Once = std::sync::Once::new();
+/// What io_uring covers, logged once at startup.
+const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners; listeners, \
+    udp/dtls, upstream connections and spliced pairs on epoll";
 /// Reads per session per turn before the loop moves on to other sessions.
 const MAX_READS_PER_TURN: usize = 16;
 /// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
@@ -235,6 +248,13 @@ pub(crate) struct EventLoop {
     locals: LoopLocals,
     /// Sessions opened by [`Command::Connect`], by id: where [`Command::Deliver`] goes.
     clients: std::collections::HashMap<SessionId, usize>,
+    /// The io_uring ring, when `backend = "io_uring"` and it could be set up (on the loop's
+    /// thread: the ring is single-issuer).
+    ring: Option<Ring>,
+    /// The last `Poll::poll` filled its batch: poll again without waiting for the ring.
+    mio_backlog: bool,
+    /// io_uring sessions with completions in this batch, served after it.
+    ring_touched: Vec<usize>,
 }
 
 impl EventLoop {
@@ -291,6 +311,9 @@ impl EventLoop {
             descriptor_shortages: LogThrottle::new(),
             drain_deadline: None,
             stopping: false,
+            ring: None,
+            mio_backlog: false,
+            ring_touched: Vec::new(),
         };
         Ok((event_loop, handle))
     }
@@ -313,6 +336,27 @@ impl EventLoop {
         self.metrics = Some(metrics);
     }
 
+    /// Sets the backend its stream sessions use. For io_uring the ring (and its receive
+    /// buffers) is set up now, before the server says it listens; when it cannot be, the
+    /// reason is logged once per process and the loop serves on epoll.
+    pub(crate) fn set_backend(&mut self, backend: Backend) {
+        self.ring = None;
+        if backend != Backend::IoUring {
+            return;
+        }
+        let ring = match std::env::var(IO_URING_SWITCH).as_deref() {
+            Ok("off") => Err(RingError::Disabled("PLEXUS_IO_URING=off")),
+            _ => Ring::new(RingConfig::default()),
+        };
+        match ring {
+            Ok(ring) => {
+                self.ring = Some(ring);
+                RING_LOG.call_once(|| info!("{IO_URING_COVERS}"));
+            }
+            Err(err) => ring_unavailable(&err),
+        }
+    }
+
     /// Gives the loop the worker pool's queue.
     pub(crate) fn set_pool(&mut self, pool: Submitter) {
         self.pool = Some(pool);
@@ -328,6 +372,7 @@ impl EventLoop {
     /// loop died: [`Server::run`](crate::Server::run) fails, so the process exits 1.
     pub(crate) fn run(mut self, exit: ExitSignal) -> io::Result<()> {
         let _exit = exit;
+        self.start_ring();
         let result = self.turns();
         if let Err(err) = &result {
             error!(event_loop = self.index, "event loop failed: {err}");
@@ -336,58 +381,61 @@ impl EventLoop {
         result
     }
 
+    /// Enables the io_uring ring on the loop's own thread (its single issuer) and watches the
+    /// epoll descriptor with it; if that fails, says why once and serves on epoll.
+    fn start_ring(&mut self) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        match ring.enable() {
+            Ok(()) => {
+                ring.watch(&self.poll, EPOLL_WATCH);
+                // Whatever is ready before the watch was armed.
+                self.mio_backlog = true;
+            }
+            Err(err) => {
+                self.ring = None;
+                ring_unavailable(&RingError::Setup(err));
+            }
+        }
+    }
+
     fn turns(&mut self) -> io::Result<()> {
-        let mut events = Events::with_capacity(1024);
+        let mut events = Events::with_capacity(EVENTS);
         loop {
             let timeout = self.poll_timeout();
-            match self.stats.waiting(|| self.poll.poll(&mut events, timeout)) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                Err(err) => return Err(err),
-            }
-            let now = Instant::now();
-            let mut woken = false;
-            for event in events.iter() {
-                if event.token() == WAKER {
-                    woken = true;
-                    continue;
+            let (now, woken) = match self.ring.as_mut() {
+                Some(ring) => {
+                    match self.stats.waiting(|| ring.submit_and_wait(timeout)) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(err) => return Err(err),
+                    }
+                    let now = Instant::now();
+                    let epoll_ready = self.ring_completions();
+                    let mut woken = false;
+                    if epoll_ready || self.mio_backlog {
+                        match self.poll.poll(&mut events, Some(Duration::ZERO)) {
+                            Ok(()) => {}
+                            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                            Err(err) => return Err(err),
+                        }
+                        self.mio_backlog = events.iter().count() >= EVENTS;
+                        woken = self.mio_events(&events, now);
+                    }
+                    self.serve_ring_touched(now);
+                    (now, woken)
                 }
-                // datagram: a udp/dtls socket's readiness.
-                if let Some(index) = datagram::token_socket(event.token()) {
-                    let mut parts = LoopParts {
-                        now,
-                        locals: &mut self.locals,
-                        timers: &mut self.timers,
-                        broadcasts: &mut self.broadcasts,
-                        metrics: self.metrics.as_deref(),
-                    };
-                    let readable = event.is_readable() || event.is_error();
-                    let writable = event.is_writable() || event.is_error();
-                    self.datagram
-                        .event(index, readable, writable, now, &mut parts);
-                    continue;
+                None => {
+                    match self.stats.waiting(|| self.poll.poll(&mut events, timeout)) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(err) => return Err(err),
+                    }
+                    let now = Instant::now();
+                    (now, self.mio_events(&events, now))
                 }
-                let (key, upstream_side) = token_session(event.token());
-                let Some(session) = self.sessions.get_mut(key) else {
-                    continue;
-                };
-                if upstream_side {
-                    // An upstream session's socket while its connect runs.
-                    self.connect_event(key, event, now);
-                    continue;
-                }
-                if event.is_readable() || event.is_read_closed() || event.is_error() {
-                    session.readable = true;
-                }
-                if event.is_read_closed() || event.is_error() {
-                    // Final states: read until the socket says so, never infer "drained".
-                    session.read_closed = true;
-                }
-                if event.is_writable() || event.is_error() {
-                    session.write_blocked = false;
-                }
-                self.serve(key, now);
-            }
+            };
             if woken {
                 self.run_commands(now);
                 self.take_completions(now);
@@ -431,11 +479,147 @@ impl EventLoop {
         }
     }
 
+    /// Handles a batch of mio readiness events; `true` if the waker was among them.
+    fn mio_events(&mut self, events: &Events, now: Instant) -> bool {
+        let mut woken = false;
+        for event in events.iter() {
+            if event.token() == WAKER {
+                woken = true;
+                continue;
+            }
+            // datagram: a udp/dtls socket's readiness.
+            if let Some(index) = datagram::token_socket(event.token()) {
+                let mut parts = LoopParts {
+                    now,
+                    locals: &mut self.locals,
+                    timers: &mut self.timers,
+                    broadcasts: &mut self.broadcasts,
+                    metrics: self.metrics.as_deref(),
+                };
+                let readable = event.is_readable() || event.is_error();
+                let writable = event.is_writable() || event.is_error();
+                self.datagram
+                    .event(index, readable, writable, now, &mut parts);
+                continue;
+            }
+            let (key, upstream_side) = token_session(event.token());
+            let Some(session) = self.sessions.get_mut(key) else {
+                continue;
+            };
+            if upstream_side {
+                // An upstream session's socket while its connect runs.
+                self.connect_event(key, event, now);
+                continue;
+            }
+            if event.is_readable() || event.is_read_closed() || event.is_error() {
+                session.readable = true;
+            }
+            if event.is_read_closed() || event.is_error() {
+                // Final states: read until the socket says so, never infer "drained".
+                session.read_closed = true;
+            }
+            if event.is_writable() || event.is_error() {
+                session.write_blocked = false;
+            }
+            self.serve(key, now);
+        }
+        woken
+    }
+
+    /// Takes the ring's completions: received bytes into their sessions' inboxes, ends of
+    /// receiving and sends as the flags epoll edges set. Returns whether the epoll descriptor
+    /// became readable (mio's sources have events).
+    fn ring_completions(&mut self) -> bool {
+        let Some(ring) = self.ring.as_mut() else {
+            return false;
+        };
+        let sessions = &mut self.sessions;
+        let touched = &mut self.ring_touched;
+        let mut epoll_ready = false;
+        ring.complete(|completion| {
+            let key = match &completion {
+                uring::Completion::Watched { .. } => {
+                    epoll_ready = true;
+                    return;
+                }
+                uring::Completion::Received { tag, .. }
+                | uring::Completion::ReadClosed { tag }
+                | uring::Completion::ReadFailed { tag, .. }
+                | uring::Completion::Sent { tag, .. }
+                | uring::Completion::Writable { tag } => *tag,
+            };
+            let Some(session) = sessions.get_mut(key) else {
+                return;
+            };
+            let Some(stream) = session.stream.uring() else {
+                return;
+            };
+            match completion {
+                uring::Completion::Received { data, .. } => {
+                    stream.received(data);
+                    session.readable = true;
+                }
+                uring::Completion::ReadClosed { .. } => {
+                    stream.read_ended(Ok(()));
+                    session.readable = true;
+                    session.read_closed = true;
+                }
+                uring::Completion::ReadFailed { error, .. } => {
+                    stream.read_ended(Err(error.kind()));
+                    session.readable = true;
+                    session.read_closed = true;
+                }
+                uring::Completion::Sent { result, .. } => {
+                    stream.sent(result);
+                    session.write_blocked = false;
+                }
+                uring::Completion::Writable { .. } => session.write_blocked = false,
+                uring::Completion::Watched { .. } => {}
+            }
+            if !stream.notified {
+                stream.notified = true;
+                touched.push(key);
+            }
+        });
+        epoll_ready
+    }
+
+    /// Serves the io_uring sessions that had completions, as epoll edges would have.
+    fn serve_ring_touched(&mut self, now: Instant) {
+        let mut touched = std::mem::take(&mut self.ring_touched);
+        for key in touched.drain(..) {
+            let Some(stream) = self
+                .sessions
+                .get_mut(key)
+                .and_then(|session| session.stream.uring())
+            else {
+                continue;
+            };
+            stream.notified = false;
+            self.serve(key, now);
+        }
+        self.ring_touched = touched;
+    }
+
+    /// Hands an io_uring session's next send and receive state to the ring.
+    fn sync_ring(&mut self, key: usize) {
+        let (Some(ring), Some(session)) = (self.ring.as_mut(), self.sessions.get_mut(key)) else {
+            return;
+        };
+        if let Some(stream) = session.stream.uring() {
+            stream.sync(ring);
+        }
+    }
+
     fn poll_timeout(&self) -> Option<Duration> {
         // datagram: a socket with unread datagrams counts as ready. Sessions listed for a
         // flush by the timers that just fired (a linked session told its upstream timed out)
         // are flushed at the start of the next turn, without waiting for another event.
-        if !self.ready.is_empty() || !self.flush_list.is_empty() || self.datagram.has_ready() {
+        if !self.ready.is_empty()
+            || !self.flush_list.is_empty()
+            || self.datagram.has_ready()
+            || self.mio_backlog
+        {
             return Some(Duration::ZERO);
         }
         let now = Instant::now();
@@ -498,7 +682,7 @@ impl EventLoop {
 
     fn adopt(&mut self, new: NewSession, now: Instant) {
         let NewSession {
-            mut stream,
+            stream,
             info,
             service,
             ticket,
@@ -506,15 +690,25 @@ impl EventLoop {
             proxy,
         } = new;
         let key = self.sessions.vacant_key();
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(err) = self
-            .poll
-            .registry()
-            .register(&mut stream, client_token(key), interest)
-        {
-            error!(session = %info.id, "cannot register session with the event loop: {err}");
-            return;
-        }
+        let stream = match self.ring.as_mut() {
+            // The ring receives from the start (what arrived before is in the socket).
+            Some(ring) => UringStream::register(stream, ring, key).map(SessionStream::Uring),
+            None => {
+                let mut stream = stream;
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                self.poll
+                    .registry()
+                    .register(&mut stream, client_token(key), interest)
+                    .map(|()| SessionStream::Epoll(stream))
+            }
+        };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(err) => {
+                error!(session = %info.id, "cannot register session with the event loop: {err}");
+                return;
+            }
+        };
         let id = info.id;
         let idle_check = TimerEntry {
             key,
@@ -544,6 +738,11 @@ impl EventLoop {
                 Err(err) => {
                     error!(session = %id, "cannot start a TLS session: {err}");
                     self.timers.cancel(idle_timer);
+                    if let (Some(ring), SessionStream::Uring(stream)) =
+                        (self.ring.as_mut(), &mut session.stream)
+                    {
+                        stream.retire(ring);
+                    }
                     return;
                 }
             },
@@ -1285,6 +1484,10 @@ impl EventLoop {
                 }
             }
         }
+        self.sync_ring(key);
+        let Some(session) = self.sessions.get_mut(key) else {
+            return;
+        };
         let links_done = match session.extras.is_some() {
             true => self.flush_links(key),
             false => true,
@@ -1341,6 +1544,16 @@ impl EventLoop {
                 // close_notify still queued: the writable edge brings us back.
                 return;
             }
+        }
+        // io_uring: what was accepted must be written before the socket closes; the send's
+        // completion brings us back.
+        self.sync_ring(key);
+        if self
+            .sessions
+            .get_mut(key)
+            .is_some_and(|session| session.stream.sending())
+        {
+            return;
         }
         self.close(key, reason);
     }
@@ -1410,7 +1623,13 @@ impl EventLoop {
             self.tell_links_closed(session.info.id, *links, &reason, Instant::now());
         }
         // Dropping the stream closes the socket (and deregisters it); the ticket gives back
-        // the session's admission place.
+        // the session's admission place. An io_uring socket goes to the ring, which closes
+        // it once its operations completed.
+        if let (Some(ring), SessionStream::Uring(stream)) =
+            (self.ring.as_mut(), &mut session.stream)
+        {
+            stream.retire(ring);
+        }
     }
 
     fn expire_timers(&mut self, now: Instant) {
@@ -1568,6 +1787,11 @@ impl EventLoop {
         };
         self.datagram.close_all(reason, &mut parts);
     }
+}
+
+/// Logs (once per process) that io_uring cannot be had, and why.
+fn ring_unavailable(err: &RingError) {
+    RING_LOG.call_once(|| info!("io_uring unavailable ({err}): serving on epoll"));
 }
 
 /// A session's client socket is token `2k`, its upstream (forward) socket `2k + 1`.

@@ -65,6 +65,10 @@ pub(crate) fn plan(running: &ValidConfig, new: &ValidConfig) -> ReloadPlan {
         "server.event_loops".into(),
     );
     restart(
+        old.server.backend != next.server.backend,
+        "server.backend".into(),
+    );
+    restart(
         old.server.workers != next.server.workers,
         "server.workers".into(),
     );
@@ -171,6 +175,7 @@ pub(crate) fn in_effect(
     let (old, config) = (&running.config, &mut effect.config);
     config.server.event_loops = old.server.event_loops;
     config.server.workers = old.server.workers;
+    config.server.backend = old.server.backend;
     config.server.worker_queue = old.server.worker_queue;
     let old_tickets = old.tls.as_ref().is_none_or(|tls| tls.session_tickets);
     if let Some(tls) = config.tls.as_mut() {

@@ -286,6 +286,7 @@ impl ServerBuilder {
         for event_loop in &mut loops {
             event_loop.set_peers(handles.clone());
             event_loop.set_pool(pool.submitter());
+            event_loop.set_backend(server.backend);
         }
         let metrics = Arc::new(Metrics {
             loops: handles

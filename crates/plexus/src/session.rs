@@ -8,7 +8,6 @@
 
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
 use plexus_proto::TimerKey;
 use slab::Slab;
 
@@ -19,6 +18,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use tracing::error;
 
 use crate::admission::{HandshakeSlot, Ticket};
+use crate::connection::stream::SessionStream;
 use crate::connection::tls::TlsTransport;
 use crate::connector::UPSTREAM_LISTENER;
 use crate::loop_local::LoopLocals;
@@ -42,7 +42,7 @@ pub(crate) struct SessionLimits {
 
 /// One TCP connection owned by an event loop.
 pub(crate) struct TcpSession {
-    pub(crate) stream: TcpStream,
+    pub(crate) stream: SessionStream,
     pub(crate) info: SessionInfo,
     pub(crate) handler: Box<dyn SessionHandler>,
     pub(crate) outbound: OutboundQueue,
@@ -84,7 +84,7 @@ pub(crate) struct TcpSession {
 
 impl TcpSession {
     pub(crate) fn new(
-        stream: TcpStream,
+        stream: SessionStream,
         info: SessionInfo,
         ticket: Option<Ticket>,
         idle_timer: TimerKey,
@@ -168,12 +168,17 @@ impl TcpSession {
             last_activity,
             ..
         } = self;
-        let direct = tls.is_none().then_some(DirectWrite {
-            stream,
-            write_blocked,
-            last_activity,
-            stats: context.stats,
-        });
+        // Write-through needs the socket itself: plain TCP on epoll (an io_uring session's
+        // bytes go through its ring, in order, from the queue).
+        let direct = match (tls.is_none(), stream.mio()) {
+            (true, Some(stream)) => Some(DirectWrite {
+                stream,
+                write_blocked,
+                last_activity,
+                stats: context.stats,
+            }),
+            _ => None,
+        };
         let tls_state = tls
             .as_deref()
             .map(|tls| -> &rustls::CommonState { tls.transport.connection() });

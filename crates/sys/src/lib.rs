@@ -32,6 +32,7 @@ pub mod sendfile;
 pub mod signal;
 pub mod spawn;
 pub mod splice;
+pub mod uring;
 
 /// Whether an `accept` error means the process or the system ran out of file descriptors
 /// (`EMFILE` / `ENFILE`), the case a server must handle without spinning.

@@ -9,4 +9,5 @@
 //! between them and the stack.
 
 pub(crate) mod proxy_header;
+pub(crate) mod stream;
 pub(crate) mod tls;

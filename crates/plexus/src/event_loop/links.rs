@@ -4,7 +4,7 @@
 //! telling each side when the other connected or ended.
 
 use std::io;
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tracing::{debug, info, warn};
 
 use super::{client_token, upstream_token, EventLoop};
+use crate::connection::stream::SessionStream;
 use crate::connection::tls::TlsTransport;
 use crate::connector::{Connecting, Racer, Upstream, UpstreamEvent};
 use crate::loop_timer::{TimerEntry, TimerKind};
@@ -126,14 +127,14 @@ fn check_connected(stream: &TcpStream) -> io::Result<bool> {
     }
 }
 
-fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
-    match stream.shutdown(Shutdown::Write) {
-        Err(err) if err.kind() != io::ErrorKind::NotConnected => Err(err),
-        _ => Ok(()),
-    }
-}
-
 impl EventLoop {
+    /// Whether session `key` is served by epoll (not by the io_uring ring).
+    fn on_epoll(&mut self, key: usize) -> bool {
+        self.sessions
+            .get_mut(key)
+            .is_some_and(|session| session.stream.mio().is_some())
+    }
+
     /// Calls `call` on session `key`'s handler (if it is still session `id`), then applies
     /// what the handler asked.
     fn link_callback(
@@ -203,6 +204,9 @@ impl EventLoop {
                 debug!(session = %from, to = %to, "dropped a request for a session that is not linked (or ended)");
                 continue;
             };
+            // Splicing reads the sockets itself: io_uring sessions (whose bytes the ring
+            // receives) go on copying.
+            let may_splice = self.on_epoll(key) && self.on_epoll(target_key);
             let Some(target) = self.sessions.get_if(target_key, to) else {
                 continue;
             };
@@ -233,7 +237,10 @@ impl EventLoop {
                 LinkOp::Close(_) => {
                     target.closing.get_or_insert(CloseReason::Requested);
                 }
-                LinkOp::Splice(_) => self.start_splice(key, target_key),
+                LinkOp::Splice(_) if may_splice => self.start_splice(key, target_key),
+                LinkOp::Splice(_) => {
+                    debug!(session = %from, "splice_with: an io_uring session; copying");
+                }
                 LinkOp::Connect(_) => {}
             }
             self.list_for_flush(target_key);
@@ -324,7 +331,7 @@ impl EventLoop {
             },
         );
         let info = upstream_info(id, &upstream, Some(&addr));
-        let mut session = TcpSession::new(stream, info, None, idle_timer, now);
+        let mut session = TcpSession::new(stream.into(), info, None, idle_timer, now);
         session.handler = handler;
         // Nothing is written before the connect completes (its writable edge clears this).
         session.write_blocked = true;
@@ -420,13 +427,16 @@ impl EventLoop {
             if let Some(at) = connecting.racing.iter().position(|r| r.addr == addr) {
                 let racer = connecting.racing.swap_remove(at);
                 // The attempt that lost closes (and leaves the poll) as it is dropped.
-                session.stream = racer.stream;
+                session.stream = racer.stream.into();
                 session.info.peer = racer.addr;
             }
             self.connected(key, now);
             return;
         }
-        match check_connected(&session.stream) {
+        let Some(stream) = session.stream.mio() else {
+            return;
+        };
+        match check_connected(stream) {
             Ok(false) => {}
             Ok(true) => self.connected(key, now),
             Err(err) => self.attempt_failed(key, Some(err.kind()), now),
@@ -499,11 +509,14 @@ impl EventLoop {
             session.info.local = local;
         }
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(err) =
-            self.poll
+        let registered = match session.stream.mio() {
+            Some(stream) => self
+                .poll
                 .registry()
-                .reregister(&mut session.stream, client_token(key), interest)
-        {
+                .reregister(stream, client_token(key), interest),
+            None => Err(io::ErrorKind::Unsupported.into()),
+        };
+        if let Err(err) = registered {
             self.close(key, CloseReason::Io(err.kind()));
             return;
         }
@@ -643,16 +656,18 @@ impl EventLoop {
                 upstream_token(key),
             ) {
                 Ok(stream) => {
-                    let previous = std::mem::replace(&mut session.stream, stream);
+                    let previous = std::mem::replace(&mut session.stream, stream.into());
                     let previous_addr = std::mem::replace(&mut session.info.peer, addr);
-                    match (race, connecting.deadline) {
-                        (true, Some(deadline)) => connecting.racing.push(Racer {
-                            stream: previous,
-                            addr: previous_addr,
-                            deadline,
-                        }),
+                    match (race, connecting.deadline, previous) {
+                        (true, Some(deadline), SessionStream::Epoll(previous)) => {
+                            connecting.racing.push(Racer {
+                                stream: previous,
+                                addr: previous_addr,
+                                deadline,
+                            });
+                        }
                         // The failed socket closes (and leaves the poll) as it is dropped.
-                        _ => drop(previous),
+                        _ => {}
                     }
                     begin_attempt(connecting, now);
                     arm_connect_timer(&mut self.timers, connecting, key, id);
@@ -673,7 +688,7 @@ impl EventLoop {
         }
         if let Some(racer) = connecting.racing.pop() {
             // The current attempt failed; an earlier one still runs and becomes current.
-            session.stream = racer.stream;
+            session.stream = racer.stream.into();
             session.info.peer = racer.addr;
             connecting.deadline = Some(racer.deadline);
             connecting.race_at = None;
@@ -704,7 +719,9 @@ impl EventLoop {
             );
             // The failed socket stays the session's until the next one replaces it, but
             // leaves the poll: nothing is to be heard from it.
-            let _ = self.poll.registry().deregister(&mut session.stream);
+            if let Some(stream) = session.stream.mio() {
+                let _ = self.poll.registry().deregister(stream);
+            }
             return;
         }
         self.close(key, reason);
@@ -760,6 +777,7 @@ impl EventLoop {
             && links.connecting.is_none()
             && tls.as_deref().is_none_or(|tls| !tls.handshaking())
             && outbound.is_empty()
+            && !stream.sending()
             && work.is_idle()
             && !*drain_due
             && closing.is_none()
@@ -775,7 +793,7 @@ impl EventLoop {
                         }),
                     }
                 }
-                None => shutdown_write(stream),
+                None => stream.shutdown_write(),
             };
             if let Err(err) = shut {
                 *closing = Some(CloseReason::Io(err.kind()));
