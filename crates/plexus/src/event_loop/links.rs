@@ -658,16 +658,16 @@ impl EventLoop {
                 Ok(stream) => {
                     let previous = std::mem::replace(&mut session.stream, stream.into());
                     let previous_addr = std::mem::replace(&mut session.info.peer, addr);
-                    match (race, connecting.deadline, previous) {
-                        (true, Some(deadline), SessionStream::Epoll(previous)) => {
-                            connecting.racing.push(Racer {
-                                stream: previous,
-                                addr: previous_addr,
-                                deadline,
-                            });
-                        }
-                        // The failed socket closes (and leaves the poll) as it is dropped.
-                        _ => {}
+                    // Racing, the attempt before goes on; else it failed, and its socket
+                    // closes (and leaves the poll) as it is dropped here.
+                    if let (true, Some(deadline), SessionStream::Epoll(previous)) =
+                        (race, connecting.deadline, previous)
+                    {
+                        connecting.racing.push(Racer {
+                            stream: previous,
+                            addr: previous_addr,
+                            deadline,
+                        });
                     }
                     begin_attempt(connecting, now);
                     arm_connect_timer(&mut self.timers, connecting, key, id);
