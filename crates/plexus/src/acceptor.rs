@@ -43,6 +43,8 @@ const SIGNALS: Token = Token(usize::MAX - 1);
 const UPGRADE: Token = Token(usize::MAX - 2);
 /// Accepts per listener per turn, so one busy listener cannot starve the others.
 const ACCEPT_BUDGET: usize = 64;
+/// Rounds of accepts that take the listeners' queues before a graceful drain closes them.
+const BACKLOG_SWEEPS: usize = 64;
 /// Waiting connections shed per turn while descriptors are exhausted.
 const SHED_BUDGET: usize = 64;
 const BACKOFF_START: Duration = Duration::from_millis(10);
@@ -712,6 +714,10 @@ impl Acceptor {
                 // After an upgrade the notifier is gone: the new process is the main one.
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
+                // Connections the kernel completed but nobody accepted yet would be reset
+                // when the listener closes — after their client sent its request. They are
+                // taken first, and drained like every other session.
+                self.accept_backlog(Instant::now());
                 self.close_listeners();
                 let deadline = deadline_after(Instant::now(), self.shutdown_grace);
                 info!(
@@ -742,6 +748,20 @@ impl Acceptor {
                     event_loop = index,
                     "event loop did not take the shutdown command (queue full or gone)"
                 );
+            }
+        }
+    }
+
+    /// Accepts what waits in every listener's queue (bounded: `BACKLOG_SWEEPS` rounds of
+    /// `ACCEPT_BUDGET` each), edge or not.
+    fn accept_backlog(&mut self, now: Instant) {
+        for listener in &mut self.listeners {
+            listener.ready = true;
+        }
+        for _ in 0..BACKLOG_SWEEPS {
+            self.accept_ready(now);
+            if self.listeners.iter().all(|listener| !listener.ready) {
+                return;
             }
         }
     }

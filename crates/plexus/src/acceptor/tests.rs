@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use plexus_proto::Acl;
 
-use super::{Acceptor, BACKOFF_MAX, BACKOFF_START};
+use super::{Acceptor, StopRequest, BACKOFF_MAX, BACKOFF_START};
 use crate::admission::{Admission, RefusalReason};
 use crate::config::{Config, ValidConfig};
 use crate::event_loop::{EventLoop, LoopHandle};
@@ -136,6 +136,38 @@ fn an_admitted_connection_goes_to_the_least_loaded_loop_and_ties_rotate() {
     assert_eq!(refused(&admission, RefusalReason::EventLoopBusy), 0);
     assert_eq!(admission.open_count(), 2);
     assert_eq!(acceptor.backoff, BACKOFF_START);
+}
+
+/// A graceful stop takes the connections waiting in the accept queue before it closes the
+/// listener (closing it would reset them, after their clients may have sent a request): they
+/// are handed to the loops like any other and drained there.
+#[test]
+fn a_graceful_stop_takes_the_accept_queue_before_closing_the_listener() {
+    let (mut acceptor, addr, admission) = acceptor(100);
+    let (_loops, handles) = idle_loops(1);
+    acceptor.set_loops(handles);
+    let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
+    let mut clients: Vec<StdStream> = (0..3)
+        .map(|_| StdStream::connect(addr).expect("connect"))
+        .collect();
+    wait_for_backlog(&mut tcp, addr, 3);
+    acceptor.stop_loops(StopRequest::Graceful);
+    assert_eq!(admission.metrics().accepted.load(Ordering::Relaxed), 3);
+    assert!(acceptor.listeners.is_empty(), "the listener is closed");
+    for client in &mut clients {
+        client
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("read timeout");
+        let mut byte = [0u8; 1];
+        match client.read(&mut byte) {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("a queued connection was not kept open: {other:?}"),
+        }
+    }
 }
 
 #[test]
