@@ -1071,26 +1071,16 @@ impl DatagramEndpoint {
         } = session;
         // A TLS upgrade request (a stream feature) lands in `extras` and is dropped by
         // `after_callback`; timers and drain requests are applied there.
-        let mut handle = Session {
+        let fields = HandleFields {
             info,
+            handler,
             outbound,
-            closing: &mut *closing,
-            broadcasts: &mut *parts.broadcasts,
-            outbound_limit: self.limits.outbound_limit,
+            closing,
             work,
-            work_limit: self.limits.work_limit,
             extras,
             drain_wanted,
-            high_watermark: self.limits.high_watermark,
-            metrics: parts.metrics,
-            now: parts.now,
-            locals: &mut *parts.locals,
-            alpn: None,
-            tls_state: None,
-            tls: false,
-            direct: None,
         };
-        if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
+        if !run_callback(fields, &self.limits, parts, call) {
             error!(session = %info.id, peer = %info.peer, "service handler panicked; closing this session only");
             LoopStats::add(&self.stats.handler_panics, 1);
             *closing = Some(CloseReason::Panic);
@@ -1686,6 +1676,57 @@ fn timer_entry(key: usize, id: SessionId, kind: DatagramTimer) -> TimerEntry {
         id,
         kind: TimerKind::Datagram(kind),
     }
+}
+
+/// The parts of a datagram session (or of a UDP upstream session) a callback's [`Session`]
+/// handle borrows.
+pub(super) struct HandleFields<'a> {
+    pub(super) info: &'a SessionInfo,
+    pub(super) handler: &'a mut Box<dyn SessionHandler>,
+    pub(super) outbound: &'a mut OutboundQueue,
+    pub(super) closing: &'a mut Option<CloseReason>,
+    pub(super) work: &'a mut WorkQueue,
+    pub(super) extras: &'a mut Option<Box<SessionExtras>>,
+    pub(super) drain_wanted: &'a mut bool,
+}
+
+/// Runs `call` with a datagram [`Session`] handle over `fields`; `false` if it panicked (the
+/// caller logs and closes that session only).
+pub(super) fn run_callback(
+    fields: HandleFields<'_>,
+    limits: &SessionLimits,
+    parts: &mut LoopParts<'_>,
+    call: impl FnOnce(&mut Box<dyn SessionHandler>, &mut Session<'_>),
+) -> bool {
+    let HandleFields {
+        info,
+        handler,
+        outbound,
+        closing,
+        work,
+        extras,
+        drain_wanted,
+    } = fields;
+    let mut handle = Session {
+        info,
+        outbound,
+        closing,
+        broadcasts: &mut *parts.broadcasts,
+        outbound_limit: limits.outbound_limit,
+        work,
+        work_limit: limits.work_limit,
+        extras,
+        drain_wanted,
+        high_watermark: limits.high_watermark,
+        metrics: parts.metrics,
+        now: parts.now,
+        locals: &mut *parts.locals,
+        alpn: None,
+        tls_state: None,
+        tls: false,
+        direct: None,
+    };
+    catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_ok()
 }
 
 #[cfg(test)]

@@ -29,8 +29,8 @@ use plexus_proto::{deadline_after, TimerKey};
 use plexus_sys::dgram::send_batch;
 use tracing::{debug, error, info, warn};
 
+use super::{run_callback, DatagramTimer, HandleFields, RECV_SLOT};
 use super::{socket_token, timer_entry, DatagramEndpoint, LoopParts, RECV_BATCHES_PER_TURN};
-use super::{DatagramTimer, RECV_SLOT};
 use crate::connector::{Upstream, UpstreamEvent};
 use crate::dtls::{self, DatagramIo, DtlsClientConfig, Progress};
 use crate::metrics::LoopStats;
@@ -655,26 +655,16 @@ impl DatagramEndpoint {
             drain_wanted,
             ..
         } = up;
-        let mut handle = Session {
+        let fields = HandleFields {
             info,
+            handler,
             outbound,
-            closing: &mut *closing,
-            broadcasts: &mut *parts.broadcasts,
-            outbound_limit: self.limits.outbound_limit,
+            closing,
             work,
-            work_limit: self.limits.work_limit,
             extras,
             drain_wanted,
-            high_watermark: self.limits.high_watermark,
-            metrics: parts.metrics,
-            now: parts.now,
-            locals: &mut *parts.locals,
-            alpn: None,
-            tls_state: None,
-            tls: false,
-            direct: None,
         };
-        if catch_unwind(AssertUnwindSafe(|| call(handler, &mut handle))).is_err() {
+        if !run_callback(fields, &self.limits, parts, call) {
             error!(session = %info.id, upstream = %info.peer, "upstream handler panicked; closing this upstream session only");
             LoopStats::add(&self.stats.handler_panics, 1);
             *closing = Some(CloseReason::Panic);
