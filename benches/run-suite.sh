@@ -51,6 +51,9 @@
 #       SCENARIOS="tcp half tls connect udp dtls http idle"   which groups, in this order
 #                                (udpsock: the socket-topology pair, and forward: plexus
 #                                forward vs haproxy, are not in the default list)
+#       BACKENDS=epoll           the plexus side of every row runs once per backend listed
+#                                (`BACKENDS="epoll io_uring"`: both in one run, each row twice,
+#                                its label tagged [epoll] / [io_uring]; the reference runs once)
 #       SKIP_BUILD=1             use the existing release binaries
 #       PLEXUS_BIN=path          default <repo>/target/release/plexus
 set -euo pipefail
@@ -68,6 +71,13 @@ HTTP_CONNECTIONS=${HTTP_CONNECTIONS:-50}
 IDLE_N=${IDLE_N:-10000}
 SCENARIOS=${SCENARIOS:-tcp half tls connect udp dtls http idle}
 UDP_PIPELINE=${UDP_PIPELINE:-16}
+BACKENDS=${BACKENDS:-epoll}
+for backend in $BACKENDS; do
+    case $backend in
+    epoll | io_uring) ;;
+    *) echo "error: unknown backend '$backend' in BACKENDS (epoll io_uring)" >&2; exit 2 ;;
+    esac
+done
 SERVER_CPU=0
 LOAD_CPU=1
 
@@ -537,6 +547,52 @@ except Exception: print(v if v else "n/a")' "$1"; }
     log "  => $scenario: plexus ${pv:-n/a} vs $rname ${rv:-n/a} ($ratio); CPU µs/op ${pc:-n/a} vs ${rc:-n/a}"
 }
 
+# The plexus results of the current scenario, by "KEY/BACKEND".
+declare -A PJ
+
+# plexus_run KEY NAME CONFIG LISTENER SCENARIO MODE ARGS...: the plexus side of SCENARIO, once
+# per backend in BACKENDS (the server reads PLEXUS_BACKEND as the default of `[server] backend`):
+# starts the server on CONFIG, runs `plexus bench MODE --addr <LISTENER's address> ARGS...`
+# (an argument `@SERVER_PID@` becomes the server's PID) and keeps its JSON line in
+# PJ[KEY/backend]. NAME is the server's name in the JSON lines ("-io_uring" added on io_uring).
+plexus_run() {
+    local key=$1 name=$2 config=$3 listener=$4 scenario=$5 mode=$6
+    shift 6
+    local backend arg args
+    for backend in $BACKENDS; do
+        PJ["$key/$backend"]=""
+        export PLEXUS_BACKEND=$backend
+        start_server "$name" "$PLEXUS_BIN" serve --config "$config"
+        args=()
+        for arg in "$@"; do
+            [[ $arg == @SERVER_PID@ ]] && arg=$SERVER_PID
+            args+=("$arg")
+        done
+        local server=$name
+        [[ $backend == epoll ]] || server="$name-$backend"
+        [[ $server == plexus-forward ]] && server=plexus
+        [[ $server == plexus-forward-* ]] && server=plexus-${server#plexus-forward-}
+        PJ["$key/$backend"]=$(bench "$server" "$scenario" "$mode" --addr "${ADDR[$listener]:-}" "${args[@]}")
+        stop_server
+        unset PLEXUS_BACKEND
+    done
+}
+
+# prow LABEL BETTER KEY REF_NAME REF_JSON VALUE_PATH [NOTE]: `row` for each backend's result
+# (PJ[KEY/backend]); the label is tagged with the backend unless BACKENDS is just epoll.
+prow() {
+    local label=$1 better=$2 key=$3
+    shift 3
+    local backend tag
+    for backend in $BACKENDS; do
+        tag=""; [[ $BACKENDS == epoll ]] || tag=" [$backend]"
+        row "$label$tag" "$better" "${PJ[$key/$backend]:-}" "$@"
+    done
+}
+
+# first_plexus KEY: the first backend's result (for the rates later scenarios derive).
+first_plexus() { local b; for b in $BACKENDS; do echo "${PJ[$1/$b]:-}"; return; done; }
+
 ECHO_ARGS=(--duration "${DURATION}s" --warmup "${WARMUP}s")
 
 # --- scenarios -------------------------------------------------------------------------------
@@ -545,9 +601,7 @@ for group in $SCENARIOS; do
     case $group in
     tcp)
         log "tcp-echo ${SIZE} B x $CONNECTIONS connections"
-        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-        p=$(bench plexus tcp-echo tcp-echo --addr "${ADDR[tcp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
-        stop_server
+        plexus_run p plexus "$WORK/plexus.toml" tcp-echo tcp-echo tcp-echo --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}"
         start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
         t=$(bench tokio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
         stop_server
@@ -560,9 +614,9 @@ for group in $SCENARIOS; do
             u=$(bench monoio tcp-echo tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
             stop_server
         fi
-        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" tokio-echo "$t" throughput_per_s
-        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" mio-echo "$m" throughput_per_s
-        row "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" "monoio-echo, io_uring${MONOIO_WHY:+: $MONOIO_WHY}" "$u" throughput_per_s
+        prow "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher p tokio-echo "$t" throughput_per_s
+        prow "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher p mio-echo "$m" throughput_per_s
+        prow "tcp-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher p "monoio-echo, io_uring${MONOIO_WHY:+: $MONOIO_WHY}" "$u" throughput_per_s
         TCP_RATE=$(field "$t" throughput_per_s)
         ;;
     half)
@@ -570,23 +624,19 @@ for group in $SCENARIOS; do
         # loop, the same rate for both: the latency comparison DESIGN.md asks for.
         rate=$(python3 -c 'import sys; v=sys.argv[1]; print(int(float(v)/2) if v else 20000)' "$TCP_RATE")
         log "tcp-echo open loop at $rate msgs/s"
-        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-        p=$(bench plexus tcp-half tcp-echo --addr "${ADDR[tcp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" --rate "$rate" "${ECHO_ARGS[@]}")
-        stop_server
+        plexus_run p plexus "$WORK/plexus.toml" tcp-echo tcp-half tcp-echo --connections "$CONNECTIONS" --size "$SIZE" --rate "$rate" "${ECHO_ARGS[@]}"
         start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
         t=$(bench tokio tcp-half tcp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" --rate "$rate" "${ECHO_ARGS[@]}")
         stop_server
-        row "tcp-echo open loop $rate/s (p99 µs)" lower "$p" tokio-echo "$t" latency_us.p99
+        prow "tcp-echo open loop $rate/s (p99 µs)" lower p tokio-echo "$t" latency_us.p99
         ;;
     tls)
         log "tls-echo ${SIZE} B x $CONNECTIONS connections"
-        start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-        p=$(bench plexus tls-echo tls-echo --addr "${ADDR[tls-echo]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
-        stop_server
+        plexus_run p plexus "$WORK/plexus.toml" tls-echo tls-echo tls-echo --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}"
         start_server tokio-rustls "$BIN_DIR/tokio-rustls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
         t=$(bench tokio-rustls tls-echo tls-echo --addr "${ADDR[main]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
         stop_server
-        row "tls-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher "$p" tokio-rustls "$t" throughput_per_s
+        prow "tls-echo $SIZE B, $CONNECTIONS conns (msgs/s)" higher p tokio-rustls "$t" throughput_per_s
         ;;
     connect)
         for kind in tcp full resumed; do
@@ -597,9 +647,7 @@ for group in $SCENARIOS; do
             resumed) extra=(--tls --resume --ca "$CERT" --sni localhost) ;;
             esac
             listener=tcp-echo; [[ $kind != tcp ]] && listener=tls-echo
-            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-            p=$(bench plexus "connect-$kind" connect-rate --addr "${ADDR[$listener]:-}" --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}")
-            stop_server
+            plexus_run p plexus "$WORK/plexus.toml" "$listener" "connect-$kind" connect-rate --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}"
             if [[ $kind == tcp ]]; then
                 rname=tokio-echo
                 start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
@@ -609,20 +657,20 @@ for group in $SCENARIOS; do
             fi
             t=$(bench "$rname" "connect-$kind" connect-rate --addr "${ADDR[main]:-}" --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}")
             stop_server
-            row "connect-rate $kind (per s)" higher "$p" "$rname" "$t" throughput_per_s
+            prow "connect-rate $kind (per s)" higher p "$rname" "$t" throughput_per_s
         done
         ;;
     udp)
         for depth in 1 "$UDP_PIPELINE"; do
             log "udp-echo ${SIZE} B x $CONNECTIONS sockets, pipeline $depth"
             pipe=(--pipeline "$depth")
-            p=""; q=""
+            PJ=()
             if [[ $HAS_UDP == 1 ]]; then
-                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-                p=$(bench plexus "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-echo]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
-                stop_server
+                plexus_run p plexus "$WORK/plexus.toml" udp-echo "udp-echo-p$depth" udp-echo --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}"
             fi
+            q=""
             if [[ $HAS_OFFLOAD == 1 ]]; then
+                # The offload pair compares like with like: the first backend only.
                 start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
                 q=$(bench plexus-no-offload "udp-echo-p$depth" udp-echo --addr "${ADDR[udp-plain]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
                 stop_server
@@ -631,8 +679,8 @@ for group in $SCENARIOS; do
             t=$(bench tokio-udp "udp-echo-p$depth" udp-echo --addr "${ADDR[main]:-}" --connections "$CONNECTIONS" --size "$SIZE" "${pipe[@]}" "${ECHO_ARGS[@]}")
             stop_server
             label="udp-echo $SIZE B, $CONNECTIONS sockets, pipeline $depth (msgs/s)"
-            row "$label" higher "$p" tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
-            row "$label" higher "$p" "plexus udp_offload = false" "$q" throughput_per_s "no udp transport in this build"
+            prow "$label" higher p tokio-udp-echo "$t" throughput_per_s "no udp transport in this build"
+            row "$label" higher "$(first_plexus p)" "plexus udp_offload = false" "$q" throughput_per_s "no udp transport in this build"
             [[ $UDP_PIPELINE == 1 ]] && break
         done
         ;;
@@ -649,16 +697,14 @@ for group in $SCENARIOS; do
         ;;
     dtls)
         log "dtls-echo ${SIZE} B x $CONNECTIONS sessions"
-        p=""
+        PJ=()
         if [[ $HAS_DTLS == 1 ]]; then
-            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-            p=$(bench plexus dtls-echo dtls-echo --addr "${ADDR[dtls-echo]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
-            stop_server
+            plexus_run p plexus "$WORK/plexus.toml" dtls-echo dtls-echo dtls-echo --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}"
         fi
         start_server openssl-dtls "$BIN_DIR/openssl-dtls-echo" --addr 127.0.0.1:0 --cert "$CERT" --key "$KEY"
         t=$(bench openssl-dtls dtls-echo dtls-echo --addr "${ADDR[main]:-}" --ca "$CERT" --sni localhost --connections "$CONNECTIONS" --size "$SIZE" "${ECHO_ARGS[@]}")
         stop_server
-        row "dtls-echo $SIZE B, $CONNECTIONS sessions (msgs/s)" higher "$p" openssl-dtls-echo "$t" throughput_per_s "no dtls transport in this build"
+        prow "dtls-echo $SIZE B, $CONNECTIONS sessions (msgs/s)" higher p openssl-dtls-echo "$t" throughput_per_s "no dtls transport in this build"
         ;;
     http)
         for kind in small 1mib https; do
@@ -669,25 +715,23 @@ for group in $SCENARIOS; do
             [[ $kind == 1mib ]] && label="http 1 MiB file keep-alive (req/s)"
             [[ $kind == https ]] && label="https 1 KiB file keep-alive (req/s)"
             log "$label"
-            p=""
+            PJ=()
             if [[ $HAS_HTTP == 1 ]]; then
-                start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-                p=$(bench plexus "http-$kind" http --addr "${ADDR[$listener]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${tls[@]}" "${ECHO_ARGS[@]}")
-                stop_server
+                plexus_run p plexus "$WORK/plexus.toml" "$listener" "http-$kind" http --path "$path" --connections "$HTTP_CONNECTIONS" "${tls[@]}" "${ECHO_ARGS[@]}"
             fi
             t=""
             if [[ -n $NGINX ]] && start_nginx; then
                 t=$(bench nginx "http-$kind" http --addr "${ADDR[$listener]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${tls[@]}" "${ECHO_ARGS[@]}")
                 stop_server
             fi
-            row "$label" higher "$p" "nginx${NGINX_WHY:+: $NGINX_WHY}" "$t" throughput_per_s "no http service in this build"
+            prow "$label" higher p "nginx${NGINX_WHY:+: $NGINX_WHY}" "$t" throughput_per_s "no http service in this build"
             if [[ $kind != https ]]; then
                 h=""
                 if [[ -n $H2O ]] && start_h2o; then
                     h=$(bench h2o "http-$kind" http --addr "${ADDR[http]:-}" --path "$path" --connections "$HTTP_CONNECTIONS" "${ECHO_ARGS[@]}")
                     stop_server
                 fi
-                row "$label" higher "$p" "h2o${H2O_WHY:+: $H2O_WHY}" "$h" throughput_per_s "no http service in this build"
+                prow "$label" higher p "h2o${H2O_WHY:+: $H2O_WHY}" "$h" throughput_per_s "no http service in this build"
             fi
         done
         ;;
@@ -699,9 +743,7 @@ for group in $SCENARIOS; do
             [[ $kind == tls ]] && { listener=tls-echo; extra=(--tls --ca "$CERT" --sni localhost); }
             # Four source addresses: the ports left in TIME_WAIT by connect-rate never matter.
             idle=(idle-flood --connections "$IDLE_N" --echo-first 64 --duration 1s --sources 4 "${extra[@]}")
-            start_server plexus "$PLEXUS_BIN" serve --config "$WORK/plexus.toml"
-            p=$(bench plexus "idle-$kind" "${idle[@]}" --addr "${ADDR[$listener]:-}" --server-pid "$SERVER_PID")
-            stop_server
+            plexus_run p plexus "$WORK/plexus.toml" "$listener" "idle-$kind" "${idle[@]}" --server-pid @SERVER_PID@
             if [[ $kind == tcp ]]; then
                 rname=tokio-echo
                 start_server tokio "$BIN_DIR/tokio-echo" --addr 127.0.0.1:0
@@ -711,7 +753,7 @@ for group in $SCENARIOS; do
             fi
             t=$(bench "$rname" "idle-$kind" "${idle[@]}" --addr "${ADDR[main]:-}" --server-pid "$SERVER_PID")
             stop_server
-            row "idle $kind session, $IDLE_N open (RSS B/session)" lower "$p" "$rname" "$t" rss_per_session_bytes
+            prow "idle $kind session, $IDLE_N open (RSS B/session)" lower p "$rname" "$t" rss_per_session_bytes
         done
         ;;
     forward)
@@ -731,15 +773,13 @@ for group in $SCENARIOS; do
                 load=(tcp-echo --connections 10 --size 16384) ;;
             esac
             log "$label"
-            start_server plexus-forward "$PLEXUS_BIN" serve --config "$WORK/forward.toml"
-            p=$(bench plexus "forward-$kind" "${load[@]}" --addr "${ADDR[relay]:-}" "${ECHO_ARGS[@]}")
-            stop_server
+            plexus_run p plexus-forward "$WORK/forward.toml" relay "forward-$kind" "${load[@]}" "${ECHO_ARGS[@]}"
             h=""
             if [[ -n $HAPROXY ]] && start_haproxy "$upstream"; then
                 h=$(bench haproxy "forward-$kind" "${load[@]}" --addr "${ADDR[relay]:-}" "${ECHO_ARGS[@]}")
                 stop_server
             fi
-            row "$label" higher "$p" "haproxy mode tcp${HAPROXY_WHY:+: $HAPROXY_WHY}" "$h" throughput_per_s
+            prow "$label" higher p "haproxy mode tcp${HAPROXY_WHY:+: $HAPROXY_WHY}" "$h" throughput_per_s
         done
         stop_upstream
         ;;
