@@ -53,7 +53,7 @@ pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
 static RING_LOG: std::sync::Once = std::sync::Once::new();
 /// What io_uring covers, logged once at startup.
 const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners; listeners, \
-    udp/dtls, upstream connections and spliced pairs on epoll";
+    udp/dtls, upstream connections on epoll; spliced pairs move to epoll";
 /// Reads per session per turn before the loop moves on to other sessions.
 const MAX_READS_PER_TURN: usize = 16;
 /// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
