@@ -53,7 +53,7 @@ pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
 static RING_LOG: std::sync::Once = std::sync::Once::new();
 /// What io_uring covers, logged once at startup.
 const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners; listeners, \
-    udp/dtls, upstream connections and spliced pairs on epoll";
+    udp/dtls, upstream connections on epoll; spliced pairs move to epoll";
 /// Reads per session per turn before the loop moves on to other sessions.
 const MAX_READS_PER_TURN: usize = 16;
 /// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
@@ -546,7 +546,8 @@ impl EventLoop {
                 | uring::Completion::ReadClosed { tag }
                 | uring::Completion::ReadFailed { tag, .. }
                 | uring::Completion::Sent { tag, .. }
-                | uring::Completion::Writable { tag } => *tag,
+                | uring::Completion::Writable { tag }
+                | uring::Completion::Detached { tag, .. } => *tag,
             };
             let Some(session) = sessions.get_mut(key) else {
                 return;
@@ -574,6 +575,12 @@ impl EventLoop {
                     session.write_blocked = false;
                 }
                 uring::Completion::Writable { .. } => session.write_blocked = false,
+                uring::Completion::Detached { fd, .. } => {
+                    // Serving it reads the rest of the inbox, then moves it to epoll.
+                    stream.detached(fd);
+                    session.readable = true;
+                    session.write_blocked = false;
+                }
                 uring::Completion::Watched { .. } => {}
             }
             if !stream.notified {
@@ -601,13 +608,40 @@ impl EventLoop {
         self.ring_touched = touched;
     }
 
-    /// Hands an io_uring session's next send and receive state to the ring.
+    /// Hands an io_uring session's next send and receive state to the ring; a session leaving
+    /// the ring (to splice) moves to epoll once the ring let go of it and its inbox was read.
     fn sync_ring(&mut self, key: usize) {
         let (Some(ring), Some(session)) = (self.ring.as_mut(), self.sessions.get_mut(key)) else {
             return;
         };
-        if let Some(stream) = session.stream.uring() {
-            stream.sync(ring);
+        let Some(stream) = session.stream.uring() else {
+            return;
+        };
+        stream.sync(ring);
+        let splice_peer = stream.splice_peer;
+        let Some(mut mio) = stream.take_for_epoll() else {
+            return;
+        };
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(err) = self
+            .poll
+            .registry()
+            .register(&mut mio, client_token(key), interest)
+        {
+            error!(session = %session.info.id, "cannot move a session to epoll to splice it: {err}");
+            session.stream = SessionStream::Epoll(mio);
+            session.closing.get_or_insert(CloseReason::Io(err.kind()));
+            self.ready.push(key);
+            return;
+        }
+        session.stream = SessionStream::Epoll(mio);
+        // What the socket holds was announced to the ring, not to epoll: read it.
+        session.readable = true;
+        session.write_blocked = false;
+        debug!(session = %session.info.id, "moved from io_uring to epoll to splice");
+        self.ready.push(key);
+        if let Some((peer_key, peer_id)) = splice_peer {
+            self.splice_when_on_epoll(key, peer_key, peer_id);
         }
     }
 

@@ -113,6 +113,15 @@ pub enum Completion<'a> {
         /// The socket's tag.
         tag: usize,
     },
+    /// A socket given to [`Ring::detach`] has no operation in flight any more: the ring
+    /// hands its descriptor back and forgets the socket (its [`ConnId`] is not to be used
+    /// again).
+    Detached {
+        /// The socket's tag.
+        tag: usize,
+        /// The descriptor given to [`Ring::register`].
+        fd: OwnedFd,
+    },
     /// A watched descriptor became readable ([`Ring::watch`]).
     Watched {
         /// The token given to `watch`.
@@ -256,6 +265,9 @@ struct Conn {
     writable: Option<u64>,
     /// Closed by its user: report nothing, close the descriptor after the last completion.
     retired: bool,
+    /// Leaving the ring ([`Ring::detach`]): report [`Completion::Detached`] after the last
+    /// completion.
+    detaching: bool,
 }
 
 /// A completion ring for stream sockets (see the module docs for the ownership rule).
@@ -372,6 +384,7 @@ impl Ring {
             send: None,
             writable: None,
             retired: false,
+            detaching: false,
         };
         match self.free_conns.pop() {
             Some(index) => {
@@ -396,7 +409,7 @@ impl Ring {
     /// Receives on the socket (multishot, into the provided buffers) until
     /// [`Ring::stop_recv`], the peer's end or an error.
     pub fn start_recv(&mut self, conn: ConnId) {
-        let Some(state) = self.conn_mut(conn) else {
+        let Some(state) = self.conn_mut(conn).filter(|state| !state.detaching) else {
             return;
         };
         state.want_recv = true;
@@ -433,7 +446,7 @@ impl Ring {
         let Some(state) = self.conn(conn) else {
             return Err(data);
         };
-        if state.send.is_some() || state.retired || data.is_empty() {
+        if state.send.is_some() || state.retired || state.detaching || data.is_empty() {
             return Err(data);
         }
         let fd = state.fd.as_raw_fd();
@@ -494,6 +507,25 @@ impl Ring {
         for user_data in pending.into_iter().flatten() {
             self.cancel(user_data);
         }
+    }
+
+    /// Moves a socket off the ring (its user goes on with readiness, e.g. to `splice(2)` it):
+    /// stops receiving and cancels a writability poll, lets a send in flight finish, and once
+    /// the last completion arrived hands the descriptor back in [`Completion::Detached`].
+    /// Bytes received until then are reported as usual. Returns the descriptor at once if
+    /// nothing was in flight (no `Detached` follows then).
+    pub fn detach(&mut self, conn: ConnId) -> Option<OwnedFd> {
+        let state = self.conn_mut(conn)?;
+        state.detaching = true;
+        state.want_recv = false;
+        let pending = [state.recv, state.writable];
+        if state.ops == 0 {
+            return self.release_conn(conn).map(|state| state.fd);
+        }
+        for user_data in pending.into_iter().flatten() {
+            self.cancel(user_data);
+        }
+        None
     }
 
     /// Operations in flight (cancelled ones included, until their completion arrives).
@@ -615,7 +647,7 @@ impl Ring {
                     }
                     _ => {}
                 }
-                self.maybe_release(id);
+                self.maybe_release(id, report);
             }
             OpKind::Send { data, done } => {
                 if result > 0 && !retired {
@@ -641,7 +673,7 @@ impl Ring {
                     };
                     report(Completion::Sent { tag, result });
                 }
-                self.maybe_release(id);
+                self.maybe_release(id, report);
             }
             OpKind::Writable => {
                 self.finish_op(index);
@@ -652,7 +684,7 @@ impl Ring {
                 if !retired {
                     report(Completion::Writable { tag });
                 }
-                self.maybe_release(id);
+                self.maybe_release(id, report);
             }
             OpKind::Watch { fd, token } => {
                 let (fd, token) = (*fd, *token);
@@ -687,22 +719,30 @@ impl Ring {
         self.conns.get_mut(conn.0).and_then(Option::as_mut)
     }
 
-    /// Closes a retired socket's descriptor once nothing is in flight for it.
-    fn maybe_release(&mut self, conn: ConnId) {
-        if self
-            .conn(conn)
-            .is_some_and(|conn| conn.retired && conn.ops == 0)
-        {
-            self.release_conn(conn);
+    /// Closes a retired or detached socket's descriptor once nothing is in flight for it
+    /// (a detached one's user hears of it).
+    fn maybe_release(&mut self, conn: ConnId, report: &mut impl FnMut(Completion<'_>)) {
+        let Some(state) = self.conn(conn) else {
+            return;
+        };
+        if state.ops > 0 || !(state.retired || state.detaching) {
+            return;
+        }
+        let detached = state.detaching && !state.retired;
+        // Dropping the OwnedFd closes the socket: no operation refers to it any more.
+        if let Some(state) = self.release_conn(conn).filter(|_| detached) {
+            report(Completion::Detached {
+                tag: state.tag,
+                fd: state.fd,
+            });
         }
     }
 
-    fn release_conn(&mut self, conn: ConnId) {
-        if let Some(slot) = self.conns.get_mut(conn.0) {
-            // Dropping the OwnedFd closes the socket: no operation refers to it any more.
-            *slot = None;
-            self.free_conns.push(conn.0);
-        }
+    /// Forgets a socket no operation refers to any more (dropping it closes the descriptor).
+    fn release_conn(&mut self, conn: ConnId) -> Option<Conn> {
+        let state = self.conns.get_mut(conn.0)?.take()?;
+        self.free_conns.push(conn.0);
+        Some(state)
     }
 
     /// Records an operation and queues its entry; `None` if the table cannot grow.
@@ -897,6 +937,7 @@ mod tests {
         ReadFailed(usize),
         Sent(usize, usize),
         Writable(usize),
+        Detached(usize),
         Watched(u64),
     }
 
@@ -908,6 +949,7 @@ mod tests {
                 Completion::ReadFailed { tag, .. } => Event::ReadFailed(tag),
                 Completion::Sent { tag, result } => Event::Sent(tag, result.unwrap()),
                 Completion::Writable { tag } => Event::Writable(tag),
+                Completion::Detached { tag, .. } => Event::Detached(tag),
                 Completion::Watched { token } => Event::Watched(token),
             }
         }
@@ -1043,6 +1085,45 @@ mod tests {
                 assert!(matches!(peer.read(&mut buf), Ok(0) | Err(_)));
             }
         }
+    }
+
+    #[test]
+    fn a_detached_socket_leaves_the_ring_after_its_last_completion() {
+        // Detached mid-receive with a send in flight: the send finishes, bytes received before
+        // the cancel are reported, then `Detached`; the user's own descriptor still works.
+        let mut ring = ring();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut peer = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mine, _) = listener.accept().unwrap();
+        mine.set_nonblocking(true).unwrap();
+        let conn = ring.register(OwnedFd::from(mine.try_clone().unwrap()), 4);
+        ring.start_recv(conn);
+        peer.write_all(b"before").unwrap();
+        let events = run_until(&mut ring, |events| received(events, 4).len() == 6);
+        assert_eq!(received(&events, 4), b"before");
+        ring.send(conn, vec![7u8; 1 << 20]).unwrap();
+        assert!(ring.detach(conn).is_none());
+        assert_eq!(ring.send(conn, vec![1]), Err(vec![1]));
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; 1 << 20];
+            peer.read_exact(&mut got).map(|()| peer)
+        });
+        let events = run_until(&mut ring, |events| events.contains(&Event::Detached(4)));
+        assert!(events.contains(&Event::Sent(4, 1 << 20)), "{events:?}");
+        assert_eq!(ring.in_flight(), 0);
+        assert_eq!(ring.sockets(), 0);
+        let mut peer = reader.join().unwrap().unwrap();
+        peer.write_all(b"after").unwrap();
+        let mut mine = mine;
+        mine.set_nonblocking(false).unwrap();
+        let mut got = [0u8; 5];
+        mine.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+        // Nothing in flight: detached at once.
+        let (fd, _peer) = pair();
+        let idle = ring.register(fd, 5);
+        assert!(ring.detach(idle).is_some());
+        assert_eq!(ring.sockets(), 0);
     }
 
     #[test]

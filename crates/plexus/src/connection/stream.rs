@@ -21,6 +21,7 @@ use mio::net::TcpStream;
 use plexus_sys::uring::{ConnId, Ring};
 
 use crate::outbound::FileSink;
+use crate::service::SessionId;
 
 /// Bytes received and not yet read past which the ring stops receiving for the session (the
 /// socket's own buffer, then TCP, hold the rest): one read's worth, like epoll's read buffer.
@@ -181,8 +182,26 @@ pub(crate) struct UringStream {
     write_error: Option<io::ErrorKind>,
     /// `sendfile` would block: ask the ring for a writable completion.
     want_writable: bool,
+    /// Moving back to readiness (to splice): how far.
+    leaving: Leaving,
+    /// The linked session (slab key, id) to splice with once on epoll.
+    pub(crate) splice_peer: Option<(usize, SessionId)>,
     /// Listed for serving after this batch of completions.
     pub(crate) notified: bool,
+}
+
+/// How far an io_uring session is on its way back to epoll ([`UringStream::leave`]).
+#[derive(Debug)]
+enum Leaving {
+    /// Served by the ring.
+    No,
+    /// Asked to leave: the receive is stopped, what was accepted is still being sent.
+    Draining,
+    /// Given to [`Ring::detach`]: waiting for the ring's last completion.
+    Detaching,
+    /// The ring let go of the socket and handed its descriptor back: the session may move to
+    /// epoll with it once the inbox is read.
+    Detached(Option<OwnedFd>),
 }
 
 impl UringStream {
@@ -206,6 +225,8 @@ impl UringStream {
             in_flight: false,
             write_error: None,
             want_writable: false,
+            leaving: Leaving::No,
+            splice_peer: None,
             notified: false,
         }))
     }
@@ -235,7 +256,8 @@ impl UringStream {
             return Err(kind.into());
         }
         let mut room = SEND_CAP.saturating_sub(self.next_send.len());
-        if room == 0 || self.in_flight {
+        // A session leaving the ring takes nothing more: the outbound queue keeps it for epoll.
+        if room == 0 || self.in_flight || !matches!(self.leaving, Leaving::No) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut taken = 0usize;
@@ -273,6 +295,9 @@ impl UringStream {
     /// Moves the loop's side to the ring: the next send (if none is in flight), a request
     /// for writability, and receiving on or off by how full the inbox is.
     pub(crate) fn sync(&mut self, ring: &mut Ring) {
+        if matches!(self.leaving, Leaving::Detaching | Leaving::Detached(_)) {
+            return;
+        }
         if !self.in_flight && !self.next_send.is_empty() {
             let data = std::mem::take(&mut self.next_send);
             match ring.send(self.conn, data) {
@@ -283,6 +308,19 @@ impl UringStream {
         if self.want_writable {
             self.want_writable = false;
             ring.poll_writable(self.conn);
+        }
+        if matches!(self.leaving, Leaving::Draining) {
+            if self.receiving {
+                self.receiving = false;
+                ring.stop_recv(self.conn);
+            }
+            if !self.in_flight && self.next_send.is_empty() && !self.want_writable {
+                self.leaving = match ring.detach(self.conn) {
+                    Some(fd) => Leaving::Detached(Some(fd)),
+                    None => Leaving::Detaching,
+                };
+            }
+            return;
         }
         let full = self.inbox.len() >= INBOX_HIGH;
         if self.receiving && full {
@@ -298,9 +336,45 @@ impl UringStream {
     /// a non-blocking write would be), then every operation cancelled; the ring closes its
     /// descriptor once their completions arrived.
     pub(crate) fn retire(&mut self, ring: &mut Ring) {
+        if matches!(self.leaving, Leaving::Detached(_)) {
+            // The ring let go of the socket (its ConnId may be another socket's by now).
+            return;
+        }
         if !self.in_flight && !self.next_send.is_empty() {
             let _ = ring.send(self.conn, std::mem::take(&mut self.next_send));
         }
         ring.retire(self.conn);
+    }
+}
+
+impl UringStream {
+    /// Starts moving the session back to readiness (to splice its socket): no more receiving,
+    /// what was accepted is sent, then the ring lets go of its descriptor
+    /// ([`UringStream::detached`]).
+    pub(crate) fn leave(&mut self, peer: (usize, SessionId)) {
+        self.splice_peer = Some(peer);
+        if matches!(self.leaving, Leaving::No) {
+            self.leaving = Leaving::Draining;
+        }
+    }
+
+    /// The ring reported [`plexus_sys::uring::Completion::Detached`] with its descriptor.
+    pub(crate) fn detached(&mut self, fd: OwnedFd) {
+        self.leaving = Leaving::Detached(Some(fd));
+    }
+
+    /// The socket, as a mio stream for epoll, once the ring let go of it and every byte it
+    /// received was read (a received end stays with the socket: reading it again says so).
+    pub(crate) fn take_for_epoll(&mut self) -> Option<TcpStream> {
+        if !self.inbox.is_empty() {
+            return None;
+        }
+        let Leaving::Detached(fd) = &mut self.leaving else {
+            return None;
+        };
+        // The ring's descriptor (no new one is needed: a session out of descriptors moves
+        // too); the session's own closes with this `UringStream`.
+        let fd = fd.take()?;
+        Some(TcpStream::from_std(std::net::TcpStream::from(fd)))
     }
 }

@@ -129,6 +129,50 @@ fn check_connected(stream: &TcpStream) -> io::Result<bool> {
 
 impl EventLoop {
     /// Whether session `key` is served by epoll (not by the io_uring ring).
+    /// `splice_with` between `key` and `target_key` with one or both on the ring: each plain
+    /// TCP one starts moving to epoll ([`UringStream::leave`]); the last to arrive starts the
+    /// splice ([`EventLoop::splice_when_on_epoll`]). TLS or PROXY-pending sessions stay
+    /// (`start_splice` refuses them anyway) and the pair copies.
+    ///
+    /// [`UringStream::leave`]: crate::connection::stream::UringStream
+    fn leave_ring_to_splice(
+        &mut self,
+        key: usize,
+        id: SessionId,
+        target_key: usize,
+        target_id: SessionId,
+    ) {
+        let plain = |session: &TcpSession| session.tls.is_none() && !session.proxy_pending();
+        let both_plain = self.sessions.get_mut(key).is_some_and(|s| plain(s))
+            && self.sessions.get_mut(target_key).is_some_and(|s| plain(s));
+        if !both_plain {
+            debug!(session = %id, "splice_with: not two plain TCP sessions; copying");
+            return;
+        }
+        for (this, peer) in [(key, (target_key, target_id)), (target_key, (key, id))] {
+            if let Some(stream) = self
+                .sessions
+                .get_mut(this)
+                .and_then(|session| session.stream.uring())
+            {
+                stream.leave(peer);
+            }
+            self.list_for_flush(this);
+        }
+    }
+
+    /// Session `key` arrived on epoll wanting to splice with `peer_key`: starts the splice if
+    /// the peer (still session `peer_id`) is on epoll too (else the peer's arrival does).
+    pub(super) fn splice_when_on_epoll(&mut self, key: usize, peer_key: usize, peer_id: SessionId) {
+        let peer_here = self
+            .sessions
+            .get_mut(peer_key)
+            .is_some_and(|peer| peer.info.id == peer_id);
+        if peer_here && self.on_epoll(key) && self.on_epoll(peer_key) {
+            self.start_splice(key, peer_key);
+        }
+    }
+
     fn on_epoll(&mut self, key: usize) -> bool {
         self.sessions
             .get_mut(key)
@@ -205,7 +249,7 @@ impl EventLoop {
                 continue;
             };
             // Splicing reads the sockets itself: io_uring sessions (whose bytes the ring
-            // receives) go on copying.
+            // receives) move to epoll first, and the pair copies until they did.
             let may_splice = self.on_epoll(key) && self.on_epoll(target_key);
             let Some(target) = self.sessions.get_if(target_key, to) else {
                 continue;
@@ -239,7 +283,8 @@ impl EventLoop {
                 }
                 LinkOp::Splice(_) if may_splice => self.start_splice(key, target_key),
                 LinkOp::Splice(_) => {
-                    debug!(session = %from, "splice_with: an io_uring session; copying");
+                    debug!(session = %from, "splice_with: io_uring sessions move to epoll first");
+                    self.leave_ring_to_splice(key, from, target_key, to);
                 }
                 LinkOp::Connect(_) => {}
             }
