@@ -50,8 +50,9 @@ use plexus_proto::dtls::{
 };
 use plexus_proto::{deadline_after, Acl, TimerKey, TimerWheel};
 use plexus_sys::dgram::{
-    enable_gro, offload, send_batch_segmented, GsoRefusal, RecvBatch, MAX_UDP_PAYLOAD,
+    enable_gro, gso_runs, offload, send_batch_segmented, GsoRefusal, RecvBatch, MAX_UDP_PAYLOAD,
 };
+use plexus_sys::uring::{self, DgramId, Ring};
 use slab::Slab;
 use tracing::{debug, error, info, warn};
 
@@ -82,6 +83,8 @@ const RECV_SLOT: usize = 64 * 1024;
 const RECV_BATCHES_PER_TURN: usize = 8;
 /// Most datagram sockets one loop may own (the size of the token range they use).
 pub(crate) const MAX_DATAGRAM_SOCKETS: usize = 4096;
+/// io_uring: sends in flight per socket; the rest of its queue waits (as after `EAGAIN`).
+const RING_SENDS_PER_SOCKET: usize = 128;
 
 /// The token of datagram socket `index`: counting down from just below the waker's.
 pub(crate) fn socket_token(index: usize) -> Token {
@@ -148,6 +151,9 @@ struct DatagramSocket {
     relay: Option<Relay>,
     /// Old process after an upgrade: the new process reads this socket; this one only sends.
     retired: bool,
+    /// io_uring backend: the socket is served by the loop's ring (a duplicate of its
+    /// descriptor, held by the ring until its last operation completed), not by epoll.
+    ring: Option<DgramId>,
 }
 
 /// The relay of one shared socket during an upgrade (see `crate::upgrade`).
@@ -288,6 +294,8 @@ pub(crate) struct DatagramEndpoint {
     registry: Option<Registry>,
     /// Upstream sockets that found no descriptor (logged at most once a second).
     descriptor_shortages: LogThrottle,
+    /// io_uring: a socket could not join the ring; the sockets stay on epoll.
+    ring_refused: bool,
 }
 
 impl DatagramEndpoint {
@@ -313,6 +321,7 @@ impl DatagramEndpoint {
             upstream_dirty: Vec::new(),
             registry: None,
             descriptor_shortages: LogThrottle::new(),
+            ring_refused: false,
         }
     }
 
@@ -394,6 +403,7 @@ impl DatagramEndpoint {
             ordinal,
             relay,
             retired: false,
+            ring: None,
         });
         Ok(())
     }
@@ -460,7 +470,9 @@ impl DatagramEndpoint {
     }
 
     fn serve(&mut self, index: usize, now: Instant, parts: &mut LoopParts<'_>) {
-        if self.held || self.sockets.get(index).is_none_or(|s| s.retired) {
+        // A socket on the ring is read by its multishot receive (`ring_completion`).
+        let off_epoll = |s: &DatagramSocket| s.retired || s.ring.is_some();
+        if self.held || self.sockets.get(index).is_none_or(off_epoll) {
             return;
         }
         let Some(mut recv) = self.recv.take() else {
@@ -1227,6 +1239,10 @@ impl DatagramEndpoint {
         let Some(socket) = self.sockets.get_mut(index) else {
             return;
         };
+        if socket.ring.is_some() {
+            // Handed to the ring by `sync_ring`, before the loop waits.
+            return;
+        }
         let batch = socket.listener.batch.max(1);
         while !socket.pending.is_empty() && !socket.write_blocked {
             let (front, back) = socket.pending.as_slices();
@@ -1270,6 +1286,185 @@ impl DatagramEndpoint {
         if socket.read_paused && socket.pending_bytes <= self.limits.low_watermark {
             // Reading resumes; `has_ready` brings the loop back without blocking.
             socket.read_paused = false;
+        }
+    }
+
+    /// io_uring backend, before the loop waits: moves the sockets onto the ring (the first
+    /// time), turns their send queues into `SENDMSG` operations (`UDP_SEGMENT` runs as
+    /// `sendmmsg` would have, at most [`RING_SENDS_PER_SOCKET`] in flight each), and arms or
+    /// cancels their multishot receive as backpressure, an upgrade's hold or release say.
+    pub(crate) fn sync_ring(&mut self, ring: &mut Ring) {
+        for index in 0..self.sockets.len() {
+            if self.sockets.get(index).is_some_and(|s| s.ring.is_none()) {
+                self.join_ring(index, ring);
+            }
+            let Some(socket) = self.sockets.get_mut(index) else {
+                continue;
+            };
+            let Some(id) = socket.ring else {
+                continue;
+            };
+            let batch = socket.listener.batch.max(1);
+            'queue: while !socket.pending.is_empty()
+                && ring.datagram_sends(id) < RING_SENDS_PER_SOCKET
+            {
+                let (mut taken, mut bytes) = (0usize, 0usize);
+                {
+                    let (front, back) = socket.pending.as_slices();
+                    let slice = if front.is_empty() { back } else { front };
+                    let messages: Vec<(SocketAddr, &[u8])> = slice
+                        .iter()
+                        .take(batch)
+                        .map(|(peer, data)| (*peer, data.as_ref()))
+                        .collect();
+                    for (first, count) in gso_runs(&messages, socket.gso_below) {
+                        if ring.datagram_sends(id) >= RING_SENDS_PER_SOCKET {
+                            break;
+                        }
+                        let Some(run) = messages.get(first..first.saturating_add(count)) else {
+                            break;
+                        };
+                        let Some(&(dest, head)) = run.first() else {
+                            break;
+                        };
+                        let size: usize = run.iter().map(|(_, data)| data.len()).sum();
+                        let mut payload = Vec::with_capacity(size);
+                        for (_, data) in run {
+                            payload.extend_from_slice(data);
+                        }
+                        let segment = match run.len() {
+                            1 => None,
+                            _ => u16::try_from(head.len()).ok(),
+                        };
+                        if ring.send_datagrams(id, dest, payload, segment).is_err() {
+                            break 'queue;
+                        }
+                        taken = taken.saturating_add(run.len());
+                        bytes = bytes.saturating_add(size);
+                    }
+                }
+                if taken == 0 {
+                    break;
+                }
+                socket.pending.drain(..taken.min(socket.pending.len()));
+                socket.pending_bytes = socket.pending_bytes.saturating_sub(bytes);
+            }
+            if socket.read_paused && socket.pending_bytes <= self.limits.low_watermark {
+                socket.read_paused = false;
+            }
+            let want = !socket.retired && !self.held && !socket.read_paused;
+            if want != ring.receiving_datagrams(id) {
+                match want {
+                    true => ring.start_datagrams(id),
+                    false => ring.stop_datagrams(id),
+                }
+            }
+        }
+    }
+
+    /// Moves socket `index` from epoll onto the ring: the ring gets a duplicate of its
+    /// descriptor (closed once the ring's last operation on it completed), epoll forgets it.
+    fn join_ring(&mut self, index: usize, ring: &mut Ring) {
+        static LOGGED: std::sync::Once = std::sync::Once::new();
+        if self.ring_refused || !ring.datagrams_supported() {
+            LOGGED.call_once(|| {
+                info!("io_uring: udp/dtls sockets stay on epoll (the kernel lacks RECVMSG/SENDMSG on the ring)")
+            });
+            return;
+        }
+        let Some(socket) = self.sockets.get_mut(index) else {
+            return;
+        };
+        let joined = std::os::fd::AsFd::as_fd(&socket.socket)
+            .try_clone_to_owned()
+            .map_err(|err| err.to_string())
+            .and_then(|fd| {
+                ring.register_datagrams(fd, index)
+                    .map_err(|err| err.to_string())
+            });
+        match joined {
+            Ok(id) => {
+                if let Some(registry) = self.registry.as_ref() {
+                    // Readiness events would only wake the loop for nothing now.
+                    let _ = registry.deregister(&mut socket.socket);
+                }
+                socket.ring = Some(id);
+                socket.readable = false;
+                socket.write_blocked = false;
+            }
+            Err(err) => {
+                self.ring_refused = true;
+                LOGGED.call_once(|| info!("io_uring: udp/dtls sockets stay on epoll: {err}"));
+            }
+        }
+    }
+
+    /// A datagram completion of the ring: a received datagram goes where `serve` would have
+    /// sent it (its session, a new session, the DTLS listener, an upgrade's relay); a send's
+    /// completion is counted.
+    pub(crate) fn ring_completion(
+        &mut self,
+        completion: uring::Completion<'_>,
+        parts: &mut LoopParts<'_>,
+    ) {
+        let now = parts.now;
+        match completion {
+            uring::Completion::Datagram {
+                tag,
+                source,
+                data,
+                truncated,
+            } => {
+                let index = tag;
+                let Some(socket) = self.sockets.get_mut(index) else {
+                    return;
+                };
+                LoopStats::add(&self.stats.datagrams_in, 1);
+                self.stats.received(&socket.listener.info, data.len());
+                let Some(peer) = source else {
+                    return;
+                };
+                if truncated {
+                    LoopStats::add(&self.stats.datagrams_dropped_truncated, 1);
+                    return;
+                }
+                if !socket.read_paused && socket.pending_bytes > self.limits.high_watermark {
+                    // The receive is cancelled before the loop waits; what the kernel had
+                    // read already is still served.
+                    socket.read_paused = true;
+                    LoopStats::add(&self.stats.read_pauses, 1);
+                }
+                self.receive(index, peer, data, now, parts);
+            }
+            uring::Completion::DatagramsSent {
+                tag,
+                datagrams,
+                bytes,
+                result,
+                refused,
+            } => {
+                let Some(socket) = self.sockets.get_mut(tag) else {
+                    return;
+                };
+                if let Some(refusal) = refused {
+                    socket.gso_below = match refusal {
+                        GsoRefusal::SegmentTooLarge(size) => size.min(socket.gso_below),
+                        GsoRefusal::Unsupported => 0,
+                    };
+                    log_gso_refusal(socket.listener.info.name.as_ref(), refusal);
+                }
+                match result {
+                    Ok(()) => {
+                        LoopStats::add(&self.stats.datagrams_out, datagrams as u64);
+                        self.stats.sent(&socket.listener.info, bytes);
+                    }
+                    Err(err) => {
+                        debug!("udp send: {err}");
+                        LoopStats::add(&self.stats.datagrams_dropped_send_error, datagrams as u64);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 

@@ -52,8 +52,9 @@ pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
 /// The backend's startup line is logged once per process, not once per loop.
 static RING_LOG: std::sync::Once = std::sync::Once::new();
 /// What io_uring covers, logged once at startup.
-const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners; listeners, \
-    udp/dtls, upstream connections on epoll; spliced pairs move to epoll";
+const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners, udp/dtls \
+    listener sockets; listeners, upstream connections (tcp and udp) on epoll; spliced pairs move \
+    to epoll";
 /// Reads per session per turn before the loop moves on to other sessions.
 const MAX_READS_PER_TURN: usize = 16;
 /// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
@@ -406,13 +407,15 @@ impl EventLoop {
             let timeout = self.poll_timeout();
             let (now, woken) = match self.ring.as_mut() {
                 Some(ring) => {
+                    // datagram: udp/dtls sends and receive arming, submitted by this wait.
+                    self.datagram.sync_ring(ring);
                     match self.stats.waiting(|| ring.submit_and_wait(timeout)) {
                         Ok(()) => {}
                         Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
                         Err(err) => return Err(err),
                     }
                     let now = Instant::now();
-                    let epoll_ready = self.ring_completions();
+                    let epoll_ready = self.ring_completions(now);
                     let mut woken = false;
                     if epoll_ready || self.mio_backlog {
                         match self.poll.poll(&mut events, Some(Duration::ZERO)) {
@@ -529,9 +532,18 @@ impl EventLoop {
     /// Takes the ring's completions: received bytes into their sessions' inboxes, ends of
     /// receiving and sends as the flags epoll edges set. Returns whether the epoll descriptor
     /// became readable (mio's sources have events).
-    fn ring_completions(&mut self) -> bool {
+    fn ring_completions(&mut self, now: Instant) -> bool {
         let Some(ring) = self.ring.as_mut() else {
             return false;
+        };
+        // datagram: udp/dtls sockets on the ring.
+        let datagram = &mut self.datagram;
+        let mut parts = LoopParts {
+            now,
+            locals: &mut self.locals,
+            timers: &mut self.timers,
+            broadcasts: &mut self.broadcasts,
+            metrics: self.metrics.as_deref(),
         };
         let sessions = &mut self.sessions;
         let touched = &mut self.ring_touched;
@@ -540,6 +552,10 @@ impl EventLoop {
             let key = match &completion {
                 uring::Completion::Watched { .. } => {
                     epoll_ready = true;
+                    return;
+                }
+                uring::Completion::Datagram { .. } | uring::Completion::DatagramsSent { .. } => {
+                    datagram.ring_completion(completion, &mut parts);
                     return;
                 }
                 uring::Completion::Received { tag, .. }
@@ -581,7 +597,9 @@ impl EventLoop {
                     session.readable = true;
                     session.write_blocked = false;
                 }
-                uring::Completion::Watched { .. } => {}
+                uring::Completion::Watched { .. }
+                | uring::Completion::Datagram { .. }
+                | uring::Completion::DatagramsSent { .. } => {}
             }
             if !stream.notified {
                 stream.notified = true;

@@ -420,6 +420,13 @@ pub fn send_batch_segmented(
     }
 }
 
+/// The GSO runs [`send_batch_segmented`] would form of `datagrams`: `(first index, count)`
+/// per message (a run of one is a plain datagram). For senders that build their own
+/// messages, such as the io_uring ring ([`crate::uring::Ring::send_datagrams`]).
+pub fn gso_runs(datagrams: &[(SocketAddr, &[u8])], max_segment: usize) -> Vec<(usize, usize)> {
+    gso_groups(datagrams, max_segment)
+}
+
 /// Splits `datagrams` into GSO runs: `(first index, count)` for each run of consecutive
 /// datagrams to one destination with one non-zero size below `max_segment`, where only the
 /// last may be shorter, capped at [`MAX_GSO_SEGMENTS`] datagrams and [`MAX_UDP_PAYLOAD`] bytes.
@@ -481,7 +488,7 @@ fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn to_storage(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn to_storage(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let len = match addr {

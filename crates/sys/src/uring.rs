@@ -22,6 +22,10 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 
+#[path = "uring_dgram.rs"]
+mod dgram;
+pub use dgram::{DgramId, DgramRingError};
+
 /// user_data of cancel requests: their completions carry nothing to do.
 const CANCEL: u64 = u64::MAX;
 /// The provided-buffer group of the ring's receive buffers.
@@ -126,6 +130,31 @@ pub enum Completion<'a> {
     Watched {
         /// The token given to `watch`.
         token: u64,
+    },
+    /// One datagram received on a datagram socket ([`Ring::start_datagrams`]); valid only
+    /// during the callback. A buffer coalesced by `UDP_GRO` is reported datagram by datagram.
+    Datagram {
+        /// The socket's tag (given to [`Ring::register_datagrams`]).
+        tag: usize,
+        /// The sender (`None` for a family other than IPv4/IPv6).
+        source: Option<std::net::SocketAddr>,
+        /// The datagram's bytes.
+        data: &'a [u8],
+        /// Longer than the receive buffer: its tail is lost.
+        truncated: bool,
+    },
+    /// A send of [`Ring::send_datagrams`] completed.
+    DatagramsSent {
+        /// The socket's tag.
+        tag: usize,
+        /// Datagrams the send carried (0 for a refused segmentation, sent again one by one).
+        datagrams: usize,
+        /// Their bytes.
+        bytes: usize,
+        /// Whether they went out.
+        result: io::Result<()>,
+        /// The kernel refused `UDP_SEGMENT` for this send.
+        refused: Option<crate::dgram::GsoRefusal>,
     },
 }
 
@@ -247,6 +276,8 @@ enum OpKind {
     Writable,
     /// A multishot POLLIN on a foreign descriptor.
     Watch { fd: RawFd, token: u64 },
+    /// A datagram socket's receive or send (`uring_dgram.rs`).
+    Dgram(dgram::DgramOp),
 }
 
 struct Op {
@@ -286,6 +317,8 @@ pub struct Ring {
     in_flight: usize,
     /// [`Ring::enable`] was called (a disabled ring submits nothing).
     enabled: bool,
+    /// Datagram sockets and their buffer group (`uring_dgram.rs`).
+    dgram: dgram::Datagrams,
 }
 
 impl std::fmt::Debug for Ring {
@@ -360,6 +393,7 @@ impl Ring {
             backlog: Vec::new(),
             in_flight: 0,
             enabled: false,
+            dgram: dgram::Datagrams::new(dgram::Datagrams::probe(&probe)),
         })
     }
 
@@ -585,6 +619,7 @@ impl Ring {
         }
         self.cqes = cqes;
         self.buffers.publish();
+        self.dgram.publish();
         self.push_backlog();
     }
 
@@ -609,6 +644,14 @@ impl Ring {
             Some(conn) => (conn.tag, conn.retired, conn.fd.as_raw_fd()),
             None => (0, true, -1),
         };
+        if let Some(Some(Op {
+            kind: OpKind::Dgram(_),
+            ..
+        })) = self.ops.get(index)
+        {
+            self.handle_dgram(index, &cqe, report);
+            return;
+        }
         let Some(op) = self.ops.get_mut(index).and_then(Option::as_mut) else {
             return;
         };
@@ -686,6 +729,7 @@ impl Ring {
                 }
                 self.maybe_release(id, report);
             }
+            OpKind::Dgram(_) => {}
             OpKind::Watch { fd, token } => {
                 let (fd, token) = (*fd, *token);
                 if result >= 0 {
@@ -777,10 +821,9 @@ impl Ring {
         Some(user_data)
     }
 
-    fn finish_op(&mut self, index: usize) {
-        let Some(op) = self.ops.get_mut(index).and_then(Option::take) else {
-            return;
-        };
+    /// Takes a completed operation out of the table (its buffers are the kernel's no more).
+    fn finish_op(&mut self, index: usize) -> Option<Op> {
+        let op = self.ops.get_mut(index).and_then(Option::take)?;
         self.free_ops.push(index);
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(id) = op.conn {
@@ -788,7 +831,8 @@ impl Ring {
                 state.ops = state.ops.saturating_sub(1);
             }
         }
-        // `op` (and a send's bytes) is dropped here: the kernel completed it.
+        // `op` (and a send's bytes) is dropped by the caller: the kernel completed it.
+        Some(op)
     }
 
     fn cancel(&mut self, user_data: u64) {
@@ -868,6 +912,9 @@ impl Drop for Ring {
             // SAFETY: no operation is in flight and the buffer ring is unregistered: the
             // kernel refers to no buffer any more. `buffers` is not used after this.
             unsafe { ManuallyDrop::drop(&mut self.buffers) };
+            self.dgram.free(&self.ring);
+        } else {
+            self.dgram.leak();
         }
         // Otherwise the kernel may still use the buffers: they are leaked, not freed.
     }
@@ -951,6 +998,7 @@ mod tests {
                 Completion::Writable { tag } => Event::Writable(tag),
                 Completion::Detached { tag, .. } => Event::Detached(tag),
                 Completion::Watched { token } => Event::Watched(token),
+                other => panic!("a datagram completion in a stream test: {other:?}"),
             }
         }
     }
