@@ -21,7 +21,7 @@ use mio::net::TcpStream;
 use plexus_sys::uring::{ConnId, Ring};
 
 use crate::outbound::FileSink;
-use crate::service::SessionId;
+use crate::session_id::SessionId;
 
 /// Bytes received and not yet read past which the ring stops receiving for the session (the
 /// socket's own buffer, then TCP, hold the rest): one read's worth, like epoll's read buffer.
