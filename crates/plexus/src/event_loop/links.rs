@@ -128,7 +128,6 @@ fn check_connected(stream: &TcpStream) -> io::Result<bool> {
 }
 
 impl EventLoop {
-    /// Whether session `key` is served by epoll (not by the io_uring ring).
     /// `splice_with` between `key` and `target_key` with one or both on the ring: each plain
     /// TCP one starts moving to epoll ([`UringStream::leave`]); the last to arrive starts the
     /// splice ([`EventLoop::splice_when_on_epoll`]). TLS or PROXY-pending sessions stay
@@ -173,6 +172,7 @@ impl EventLoop {
         }
     }
 
+    /// Whether session `key` is served by epoll (not by the io_uring ring).
     fn on_epoll(&mut self, key: usize) -> bool {
         self.sessions
             .get_mut(key)
