@@ -72,6 +72,31 @@ fn listeners_are_added_and_removed_live_and_sessions_of_a_removed_one_continue()
     );
 }
 
+/// Listener indexes are positions in the configuration, datagram listeners included: a tcp
+/// listener added next to a udp one that comes first must not take the index (and the loops'
+/// registration) of the tcp listener after it.
+#[test]
+fn a_listener_added_after_a_datagram_one_serves_next_to_the_listeners_it_joins() {
+    let udp = "\n[[listener]]\nname = \"dgram\"\ntransport = \"udp\"\naddr = \"127.0.0.1:0\"\nservice = \"echo\"\n";
+    let start = server_table("") + udp + &listener("first", "127.0.0.1:0");
+    let server = Server::start(&start);
+    let first = server.addr("first");
+    let mark = reload(
+        &server,
+        &(start.clone() + &listener("second", "127.0.0.1:0")),
+    );
+    let added = server.assert_log(mark, LOG_WAIT, "listening on the added listener", |l| {
+        l.contains("listening name=second") && l.contains("added by reload")
+    });
+    let (_, second) = parse_listening(&added).expect("listening line");
+    for round in 0..4 {
+        let mut on_first = connect(first);
+        assert_echo(&mut on_first, format!("first {round}\n").as_bytes());
+        let mut on_second = connect(second);
+        assert_echo(&mut on_second, format!("second {round}\n").as_bytes());
+    }
+}
+
 #[test]
 fn max_connections_lowered_by_reload_refuses_new_connections_and_keeps_open_ones() {
     let config = |max: usize| {

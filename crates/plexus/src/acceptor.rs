@@ -1,54 +1,33 @@
-//! The acceptor: the thread that owns the TCP listeners, admits connections, hands them to
-//! event loops, and turns signals and shutdown requests into commands for the loops.
-//!
-//! Descriptor exhaustion (EMFILE/ENFILE) is handled the way nginx and libev advise: a spare
-//! descriptor is kept open; when `accept` fails for lack of descriptors the spare is closed,
-//! the waiting connections are accepted and closed at once (the client sees a clean close
-//! instead of hanging in the backlog), the spare is reopened, and accepting pauses with an
-//! exponential backoff. The listener is never polled in a tight loop.
+//! The acceptor: the control plane's thread. It owns the TCP listeners' lifecycle (the event
+//! loops accept from them, `event_loop/accept.rs`; a reload adds, changes and removes them
+//! with commands to the loops; a binary upgrade passes their sockets on) and turns signals and
+//! shutdown requests into commands for the loops.
 
-use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 use plexus_proto::deadline_after;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use tracing::{debug, error, info, warn};
 
-use crate::admission::{Admission, RefusalReason};
+use crate::admission::Admission;
 use crate::config::{Transport, ValidConfig, ValidListener};
-use crate::event_loop::{Command, LoopHandle, NewSession, TlsStart};
+use crate::event_loop::{Command, LoopHandle};
 use crate::listen::{self, BoundListener};
 use crate::metrics::Metrics;
 use crate::reload::{self, Reloader};
-use crate::service::{SessionId, SessionInfo};
 use crate::tls::TlsContext;
 
-mod admit;
-#[cfg(test)]
-mod tests;
 mod upgrade_flow;
-
-use admit::{Admitted, Gate, RefusalLog};
 
 const WAKER: Token = Token(usize::MAX);
 const SIGNALS: Token = Token(usize::MAX - 1);
 /// The readiness channel of a binary upgrade (either side).
 const UPGRADE: Token = Token(usize::MAX - 2);
-/// Accepts per listener per turn, so one busy listener cannot starve the others.
-const ACCEPT_BUDGET: usize = 64;
-/// Rounds of accepts that take the listeners' queues before a graceful drain closes them.
-const BACKLOG_SWEEPS: usize = 64;
-/// Waiting connections shed per turn while descriptors are exhausted.
-const SHED_BUDGET: usize = 64;
-const BACKOFF_START: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A request to stop, from a signal or a [`crate::ServerHandle`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -94,13 +73,8 @@ pub(crate) struct Acceptor {
     signals: Option<Signals>,
     control: Arc<Control>,
     loops: Vec<LoopHandle>,
-    next_loop: usize,
     admission: Arc<Admission>,
     tls: Option<Arc<TlsContext>>,
-    reserve: Option<File>,
-    paused_until: Option<Instant>,
-    backoff: Duration,
-    refusals: RefusalLog,
     live_loops: Arc<AtomicUsize>,
     started_loops: usize,
     shutdown_grace: Duration,
@@ -129,8 +103,11 @@ pub(crate) struct Acceptor {
 }
 
 impl Acceptor {
+    /// `configured` is how many listeners the configuration has (datagram ones too: indexes
+    /// are positions in it), so the first one a reload adds gets an index none of them has.
     pub(crate) fn new(
-        mut listeners: Vec<BoundListener>,
+        listeners: Vec<BoundListener>,
+        configured: usize,
         handle_signals: bool,
         admission: Arc<Admission>,
         tls: Option<Arc<TlsContext>>,
@@ -138,12 +115,10 @@ impl Acceptor {
     ) -> io::Result<(Acceptor, Arc<Control>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let next_listener_index = listeners.len();
-        for listener in listeners.iter_mut() {
-            let token = Token(listener.info.index);
-            poll.registry()
-                .register(&mut listener.socket, token, Interest::READABLE)?;
-        }
+        let next_listener_index = listeners
+            .iter()
+            .map(|listener| listener.info.index.saturating_add(1))
+            .fold(configured, usize::max);
         let signals = if handle_signals {
             let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])?;
             poll.registry()
@@ -162,13 +137,8 @@ impl Acceptor {
             signals,
             control: Arc::clone(&control),
             loops: Vec::new(),
-            next_loop: 0,
             admission,
             tls,
-            reserve: open_reserve(),
-            paused_until: None,
-            backoff: BACKOFF_START,
-            refusals: RefusalLog::new(),
             live_loops: Arc::new(AtomicUsize::new(0)),
             started_loops: 0,
             shutdown_grace,
@@ -317,14 +287,7 @@ impl Acceptor {
                     WAKER => {}
                     SIGNALS => self.read_signals(),
                     UPGRADE => self.upgrade_event(),
-                    // Tokens are listener indexes, stable across reloads (positions are not).
-                    Token(index) => {
-                        if let Some(listener) =
-                            self.listeners.iter_mut().find(|l| l.info.index == index)
-                        {
-                            listener.ready = true;
-                        }
-                    }
+                    _ => {}
                 }
             }
             let request = self.control.take();
@@ -337,10 +300,6 @@ impl Acceptor {
             if self.phase == Phase::Running && self.lameduck_until.is_some_and(|at| now >= at) {
                 info!("drain_delay over");
                 self.stop_loops(StopRequest::Graceful);
-            }
-            if self.phase == Phase::Running && self.paused_until.is_none_or(|until| now >= until) {
-                self.paused_until = None;
-                self.accept_ready(now);
             }
         }
         // The last loop dying ends the `while` above before the check at its top runs.
@@ -357,16 +316,6 @@ impl Acceptor {
         let watchdog = self
             .watchdog
             .map(|(_, due)| due.saturating_duration_since(now));
-        let accept = if self.phase != Phase::Running {
-            None
-        } else if let Some(until) = self.paused_until {
-            Some(until.saturating_duration_since(now))
-        } else {
-            self.listeners
-                .iter()
-                .any(|l| l.ready)
-                .then_some(Duration::ZERO)
-        };
         let lameduck = self
             .lameduck_until
             .filter(|_| self.phase == Phase::Running)
@@ -375,10 +324,7 @@ impl Acceptor {
             .upgrade
             .deadline()
             .map(|at| at.saturating_duration_since(now));
-        [accept, watchdog, lameduck, upgrade]
-            .into_iter()
-            .flatten()
-            .min()
+        [watchdog, lameduck, upgrade].into_iter().flatten().min()
     }
 
     fn read_signals(&mut self) {
@@ -478,8 +424,9 @@ impl Acceptor {
         }
         for name in &plan.removed {
             if let Some(position) = self.listeners.iter().position(|l| &*l.info.name == name) {
-                let mut listener = self.listeners.remove(position);
-                let _ = self.poll.registry().deregister(&mut listener.socket);
+                let listener = self.listeners.remove(position);
+                let index = listener.info.index;
+                self.send_to_loops(name, || Command::Unlisten(index));
                 self.admission.metrics().facts.remove_listener(name);
                 info!(
                     "reload: listener '{name}' removed (addr {}); its sessions stay until they end",
@@ -613,6 +560,8 @@ impl Acceptor {
         if listener.tls.is_some() {
             listener.tls = tls;
         }
+        let listener = listener.clone();
+        self.send_listener(&listener);
     }
 
     /// A kept listener whose `upstream` (or its TLS keys) changed gets its service built again (forward
@@ -627,7 +576,11 @@ impl Acceptor {
             return;
         };
         match service {
-            Ok(service) => listener.service = service,
+            Ok(service) => {
+                listener.service = service;
+                let listener = listener.clone();
+                self.send_listener(&listener);
+            }
             Err(err) => error!(
                 "reload: listener '{}': {err}; keeping its previous service",
                 new.config.name
@@ -650,14 +603,8 @@ impl Acceptor {
         )?;
         let tls = self.tls_config_for(new)?;
         let index = self.next_listener_index;
-        let mut listener = listen::bind(index, new, service, tls, None)?;
-        self.poll
-            .registry()
-            .register(&mut listener.socket, Token(index), Interest::READABLE)
-            .map_err(|source| crate::Error::Runtime {
-                what: "cannot register the listener",
-                source,
-            })?;
+        let listener = listen::bind(index, new, service, tls, None)?;
+        self.send_listener(&listener);
         self.next_listener_index = self.next_listener_index.saturating_add(1);
         self.admission
             .metrics()
@@ -714,10 +661,9 @@ impl Acceptor {
                 // After an upgrade the notifier is gone: the new process is the main one.
                 self.notify("STOPPING=1\nSTATUS=draining sessions");
                 self.phase = Phase::Draining;
-                // Connections the kernel completed but nobody accepted yet would be reset
-                // when the listener closes — after their client sent its request. They are
-                // taken first, and drained like every other session.
-                self.accept_backlog(Instant::now());
+                // Each loop takes what waits in the listeners' queues (connections the
+                // kernel completed would be reset when the socket closes, after their client
+                // sent its request) and drains them like every other session.
                 self.close_listeners();
                 let deadline = deadline_after(Instant::now(), self.shutdown_grace);
                 info!(
@@ -752,201 +698,29 @@ impl Acceptor {
         }
     }
 
-    /// Accepts what waits in every listener's queue (bounded: `BACKLOG_SWEEPS` rounds of
-    /// `ACCEPT_BUDGET` each), edge or not.
-    fn accept_backlog(&mut self, now: Instant) {
-        for listener in &mut self.listeners {
-            listener.ready = true;
-        }
-        for _ in 0..BACKLOG_SWEEPS {
-            self.accept_ready(now);
-            if self.listeners.iter().all(|listener| !listener.ready) {
-                return;
-            }
-        }
-    }
-
+    /// The listeners go: each loop lets its share go when it drains or stops (a drain first
+    /// takes what waits in their queues).
     fn close_listeners(&mut self) {
-        for mut listener in self.listeners.drain(..) {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
-        }
+        self.listeners.clear();
     }
 
-    fn accept_ready(&mut self, now: Instant) {
-        for index in 0..self.listeners.len() {
-            for _ in 0..ACCEPT_BUDGET {
-                let Some(listener) = self.listeners.get_mut(index) else {
-                    break;
-                };
-                if !listener.ready {
-                    break;
-                }
-                match listener.socket.accept() {
-                    Ok((stream, peer)) => self.dispatch(index, stream, peer, now),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        listener.ready = false;
-                    }
-                    Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
-                        self.shed(index, &err, now);
-                        return;
-                    }
-                    Err(err) if is_transient_accept_error(&err) => {}
-                    Err(err) => {
-                        warn!(listener = %listener.info.name, "accept failed: {err}; pausing");
-                        self.pause(now);
-                        return;
-                    }
-                }
+    /// Tells every loop to accept on `listener` (a new one, or new settings of a kept one).
+    fn send_listener(&self, listener: &BoundListener) {
+        self.send_to_loops(&listener.info.name, || {
+            Command::Listen(Box::new(listener.clone()))
+        });
+    }
+
+    fn send_to_loops(&self, listener: &str, command: impl Fn() -> Command) {
+        for (index, handle) in self.loops.iter().enumerate() {
+            if handle.send(command()).is_err() {
+                warn!(
+                    event_loop = index,
+                    listener, "reload: event loop did not take the listener's change (queue full)"
+                );
             }
         }
-        self.backoff = BACKOFF_START;
     }
-
-    /// Out of descriptors: close waiting connections with the help of the spare descriptor,
-    /// then pause accepting.
-    fn shed(&mut self, index: usize, err: &io::Error, now: Instant) {
-        let Some(listener) = self.listeners.get(index) else {
-            return;
-        };
-        let name = Arc::clone(&listener.info.name);
-        self.reserve = None;
-        let mut shed = 0usize;
-        for _ in 0..SHED_BUDGET {
-            match listener.socket.accept() {
-                Ok((stream, peer)) => {
-                    drop(stream);
-                    shed = shed.saturating_add(1);
-                    self.admission
-                        .record_refusal(RefusalReason::DescriptorsExhausted);
-                    listener
-                        .info
-                        .stats
-                        .refused(RefusalReason::DescriptorsExhausted);
-                    self.refusals.record(
-                        RefusalReason::DescriptorsExhausted,
-                        Some(peer),
-                        &name,
-                        now,
-                    );
-                }
-                Err(_) => break,
-            }
-        }
-        if shed == 0 {
-            self.admission
-                .record_refusal(RefusalReason::DescriptorsExhausted);
-            listener
-                .info
-                .stats
-                .refused(RefusalReason::DescriptorsExhausted);
-            self.refusals
-                .record(RefusalReason::DescriptorsExhausted, None, &name, now);
-        }
-        self.reserve = open_reserve();
-        self.pause(now);
-        warn!(
-            listener = %name,
-            "out of file descriptors ({err}); closed {shed} waiting connection(s), \
-             accepting again in {}",
-            humantime::format_duration(self.backoff)
-        );
-    }
-
-    fn pause(&mut self, now: Instant) {
-        self.paused_until = Some(deadline_after(now, self.backoff));
-        self.backoff = self.backoff.saturating_mul(2).min(BACKOFF_MAX);
-    }
-
-    fn dispatch(&mut self, index: usize, stream: TcpStream, peer: SocketAddr, now: Instant) {
-        let Some(listener) = self.listeners.get(index) else {
-            return;
-        };
-        let gate = Gate {
-            admission: &self.admission,
-            acl: &listener.acl,
-            proxy_trusted: listener.proxy_trusted.as_ref(),
-            tls: listener.tls.is_some(),
-            listener: &listener.info,
-        };
-        let Ok(Admitted { ticket, handshake }) = gate.admit(peer, now, &mut self.refusals) else {
-            return;
-        };
-        if let Err(err) = listener.options.apply(&stream) {
-            debug!(peer = %peer, "cannot set socket options: {err}");
-        }
-        let info = SessionInfo {
-            id: SessionId::next(),
-            peer,
-            // A listener bound to one address accepts on that address: no getsockname(2).
-            local: match listener.local.ip().is_unspecified() {
-                true => stream.local_addr().unwrap_or(listener.local),
-                false => listener.local,
-            },
-            listener: Arc::clone(&listener.info),
-        };
-        let tls = match (&listener.tls, handshake) {
-            (Some(config), Some(slot)) => Some(TlsStart {
-                config: Arc::clone(config),
-                slot,
-            }),
-            _ => None,
-        };
-        let new = NewSession {
-            stream,
-            info,
-            service: Arc::clone(&listener.service),
-            ticket,
-            tls,
-            proxy: listener
-                .proxy_trusted
-                .as_ref()
-                .map(|_| Arc::clone(&listener.acl)),
-        };
-        let target = self.least_loaded();
-        let command = Command::Adopt(Box::new(new));
-        let sent = match self.loops.get(target) {
-            Some(handle) => handle.send(command),
-            None => Err(command),
-        };
-        if let Err(Command::Adopt(new)) = sent {
-            // The loop's command queue is full (or the loop is gone): the connection is closed
-            // (its ticket and handshake slot go with it), counted and logged as a refusal.
-            let reason = RefusalReason::EventLoopBusy;
-            self.admission.record_refusal(reason);
-            new.info.listener.stats.refused(reason);
-            self.refusals
-                .record(reason, Some(new.info.peer), &new.info.listener.name, now);
-        }
-    }
-
-    /// The loop with the fewest sessions, starting after the last choice so ties rotate.
-    fn least_loaded(&mut self) -> usize {
-        let start = self.next_loop.min(self.loops.len());
-        let loops = self.loops.iter().enumerate();
-        let best = loops
-            .clone()
-            .skip(start)
-            .chain(loops.take(start))
-            .min_by_key(|(_, handle)| handle.stats.sessions_open.load(Ordering::Relaxed))
-            .map_or(0, |(index, _)| index);
-        self.next_loop = best.saturating_add(1);
-        best
-    }
-}
-
-fn open_reserve() -> Option<File> {
-    File::open("/dev/null").ok()
-}
-
-/// Errors that concern one connection that died in the backlog, not the listener.
-fn is_transient_accept_error(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::PermissionDenied
-    )
 }
 
 /// The keys a forward listener's service is built from.

@@ -474,6 +474,9 @@ pub struct LoopSnapshot {
     pub index: usize,
     /// Sessions the loop owns now (every transport).
     pub sessions_open: u64,
+    /// Connections this loop accepted and passed to a less loaded loop (it had clearly more
+    /// sessions than that one).
+    pub sessions_passed_on: u64,
     /// Nanoseconds the loop spent waiting in `epoll_wait` since start (a wait in progress
     /// included): the rest of its life it was busy.
     pub poll_wait_nanos: u64,
@@ -582,6 +585,21 @@ pub(crate) fn write_prometheus(
             "event_loop_sessions_open",
             &[("loop", &index)],
             l.sessions_open,
+        );
+    }
+    family(
+        out,
+        "event_loop_sessions_passed_on_total",
+        "counter",
+        "Connections each event loop accepted and passed to a less loaded loop.",
+    );
+    for l in loops {
+        let index = l.index.to_string();
+        sample(
+            out,
+            "event_loop_sessions_passed_on_total",
+            &[("loop", &index)],
+            l.sessions_passed_on,
         );
     }
     use std::fmt::Write;
@@ -764,6 +782,7 @@ mod tests {
         let event_loop = LoopSnapshot {
             index: 0,
             sessions_open: 2,
+            sessions_passed_on: 3,
             poll_wait_nanos: 1_500_000_000,
         };
         let mut out = String::new();
@@ -778,6 +797,7 @@ mod tests {
             "plexus_listener_connections_refused_total{listener=\"we\\\"b\",reason=\"acl\"} 1\n"
         ));
         assert!(out.contains("plexus_event_loop_poll_wait_seconds_total{loop=\"0\"} 1.500000\n"));
+        assert!(out.contains("plexus_event_loop_sessions_passed_on_total{loop=\"0\"} 3\n"));
         assert!(out.contains("plexus_start_time_seconds 42\n"));
     }
 }

@@ -97,13 +97,16 @@ fn relay_token(index: usize) -> Token {
     socket_token(MAX_DATAGRAM_SOCKETS.saturating_add(index))
 }
 
+/// How many tokens below the waker's the datagram sockets, relays and upstreams take (the
+/// tokens below these are the listeners', `event_loop/accept.rs`).
+pub(crate) const TOKEN_SPAN: usize = UPSTREAM_BASE + MAX_DATAGRAM_UPSTREAMS;
+
 /// The datagram socket a token names, if it is in the datagram range.
 pub(crate) fn token_socket(token: Token) -> Option<usize> {
     let index = (usize::MAX - 1).checked_sub(token.0)?;
     // Indexes from MAX_DATAGRAM_SOCKETS on are the upgrade relays of the sockets, from
     // UPSTREAM_BASE on the connected sockets of datagram upstreams (`datagram/upstream.rs`).
-    let end = UPSTREAM_BASE.saturating_add(MAX_DATAGRAM_UPSTREAMS);
-    (token.0 != usize::MAX && index < end).then_some(index)
+    (token.0 != usize::MAX && index < TOKEN_SPAN).then_some(index)
 }
 
 /// What every loop needs to know about one udp/dtls listener.

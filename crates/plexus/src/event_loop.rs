@@ -7,6 +7,8 @@
 //! session's handler, and flushes each touched session once with `writev`. A session whose
 //! outbound queue passes the high watermark is not read until it drains below the low one.
 //! Other threads talk to a loop only through its [`LoopHandle`] (channel + `mio::Waker`).
+//! Every loop accepts from the TCP listeners itself (`accept.rs`): a connection becomes a
+//! session on the loop that accepted it.
 
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,15 +17,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
-use plexus_proto::{deadline_after, Acl, TimerWheel};
+use plexus_proto::{deadline_after, TimerWheel};
 use tracing::{debug, error, info};
 
 use plexus_sys::uring::{self, Ring, RingConfig, RingError};
-use rustls::ServerConfig;
 
-use crate::admission::{HandshakeSlot, RefusalReason, Ticket};
+use crate::accept::{BoundListener, NewSession, TlsStart};
+use crate::admission::RefusalReason;
 use crate::broadcast::{self, BroadcastTarget, InFlight, NotSent, Outbox};
 use crate::config::{Backend, READ_CHUNK};
 use crate::connection::proxy_header::{ProxyDone, ProxyFailure, ProxyPreamble};
@@ -36,7 +37,7 @@ use crate::loop_local::LoopLocals;
 pub(crate) use crate::loop_timer::{TimerEntry, TimerKind};
 use crate::metrics::{LoopStats, Metrics};
 use crate::service::ProxyWait;
-use crate::service::{Broadcast, CloseReason, Service, SessionId, SessionInfo};
+use crate::service::{Broadcast, CloseReason, SessionId, SessionInfo};
 use crate::service::{TimerRequest, TlsUpgrade};
 pub(crate) use crate::session::SessionLimits;
 use crate::session::{CallbackContext, SessionTable, TcpSession, TlsState};
@@ -74,8 +75,13 @@ const WORK_LOW_WATERMARK: usize = 16;
 
 /// Work handed to a loop by another thread.
 pub(crate) enum Command {
-    /// Take ownership of an admitted connection.
+    /// Take ownership of a connection another loop accepted (it had clearly more sessions;
+    /// `accept.rs`).
     Adopt(Box<NewSession>),
+    /// Accept on this listener from now on, or (same index) take its new settings: a reload.
+    Listen(Box<BoundListener>),
+    /// Stop accepting on the listener of this index (a reload removed it).
+    Unlisten(usize),
     /// Deliver a broadcast from a session on another loop to this loop's members.
     Broadcast(Broadcast),
     /// Stop taking new sessions; finish the current ones, at the latest by `deadline`.
@@ -99,25 +105,6 @@ pub(crate) enum Command {
     Connect(Box<crate::service::ConnectRequest>),
     /// Run a closure from another thread on such a connection (dropped if it ended).
     Deliver(SessionId, links::Delivery),
-}
-
-/// An admitted TCP connection on its way to a loop.
-pub(crate) struct NewSession {
-    pub(crate) stream: TcpStream,
-    pub(crate) info: SessionInfo,
-    pub(crate) service: Arc<dyn Service>,
-    pub(crate) ticket: Ticket,
-    /// Present for tls listeners: the handshake runs on the loop before the service opens.
-    pub(crate) tls: Option<TlsStart>,
-    /// Present for `proxy_protocol` listeners: a PROXY header comes first; the listener's ACL
-    /// then applies to the client it names.
-    pub(crate) proxy: Option<Arc<Acl>>,
-}
-
-/// What a TLS session needs to start its handshake.
-pub(crate) struct TlsStart {
-    pub(crate) config: Arc<ServerConfig>,
-    pub(crate) slot: HandshakeSlot,
 }
 
 /// How other threads reach a loop.
@@ -208,6 +195,9 @@ impl Drop for ExitSignal {
 /// One event-loop thread's state.
 pub(crate) struct EventLoop {
     index: usize,
+    /// The TCP listeners this loop accepts on. Declared before `poll`: fields drop in order,
+    /// and a listener leaves the epoll instance while it is still open.
+    listening: accept::LoopListeners,
     poll: Poll,
     commands: Receiver<Command>,
     completions: Receiver<Completion>,
@@ -283,6 +273,7 @@ impl EventLoop {
         let now = Instant::now();
         let event_loop = EventLoop {
             index,
+            listening: accept::LoopListeners::default(),
             poll,
             commands: receiver,
             completions: completion_receiver,
@@ -378,6 +369,7 @@ impl EventLoop {
         if let Err(err) = &result {
             error!(event_loop = self.index, "event loop failed: {err}");
         }
+        self.stop_listening(Instant::now(), false);
         self.close_all(CloseReason::ShutdownForced);
         result
     }
@@ -443,6 +435,7 @@ impl EventLoop {
                 self.run_commands(now);
                 self.take_completions(now);
             }
+            self.accept_turn(now);
             self.retry_pool(now, false);
             for key in std::mem::take(&mut self.ready) {
                 self.serve(key, now);
@@ -488,6 +481,10 @@ impl EventLoop {
         for event in events.iter() {
             if event.token() == WAKER {
                 woken = true;
+                continue;
+            }
+            if let Some(index) = accept::token_listener(event.token()) {
+                self.listener_ready(index);
                 continue;
             }
             // datagram: a udp/dtls socket's readiness.
@@ -676,6 +673,9 @@ impl EventLoop {
         }
         let now = Instant::now();
         let mut timer = self.timers.next_wakeup();
+        if let Some(accept) = self.listening.wakeup(now) {
+            timer = Some(timer.map_or(accept, |at| at.min(accept)));
+        }
         if self.outbox.is_stalled() {
             let retry = now.checked_add(broadcast::RETRY_INTERVAL).unwrap_or(now);
             timer = Some(timer.map_or(retry, |at| at.min(retry)));
@@ -696,7 +696,14 @@ impl EventLoop {
                 return;
             };
             match command {
-                Command::Adopt(new) => self.adopt(*new, now),
+                Command::Adopt(new) => self.adopt_passed_on(*new, now),
+                Command::Listen(listener) => {
+                    let name = std::sync::Arc::clone(&listener.info.name);
+                    if let Err(err) = self.listen(*listener) {
+                        error!(event_loop = self.index, listener = %name, "cannot accept on the listener: {err}");
+                    }
+                }
+                Command::Unlisten(index) => self.unlisten(index),
                 Command::Broadcast(broadcast) => {
                     self.deliver_local(&broadcast);
                     self.broadcasts_in_flight
@@ -732,7 +739,9 @@ impl EventLoop {
         let _ = self.peers.get(self.index).map(|me| me.waker.wake());
     }
 
-    fn adopt(&mut self, new: NewSession, now: Instant) {
+    /// Makes `new` a session of this loop; fails (and drops the connection) only when the
+    /// socket cannot be registered with the loop — the caller logs it.
+    fn adopt(&mut self, new: NewSession, now: Instant) -> io::Result<()> {
         let NewSession {
             stream,
             info,
@@ -754,13 +763,7 @@ impl EventLoop {
                     .map(|()| SessionStream::Epoll(stream))
             }
         };
-        let stream = match stream {
-            Ok(stream) => stream,
-            Err(err) => {
-                error!(session = %info.id, "cannot register session with the event loop: {err}");
-                return;
-            }
-        };
+        let stream = stream?;
         let id = info.id;
         let idle_check = TimerEntry {
             key,
@@ -795,7 +798,7 @@ impl EventLoop {
                     {
                         stream.retire(ring);
                     }
-                    return;
+                    return Ok(());
                 }
             },
             None => Some(service),
@@ -827,7 +830,7 @@ impl EventLoop {
             LoopStats::add(&self.stats.tls_sessions_open, 1);
         }
         let Some(session) = self.sessions.get_mut(key) else {
-            return; // just inserted: always there
+            return Ok(()); // just inserted: always there
         };
         debug!(session = %id, peer = %session.info.peer, listener = session.info.listener(), "session opened");
         if let Some(service) = tls_service {
@@ -845,6 +848,7 @@ impl EventLoop {
             self.after_callback(key, now);
         }
         self.ready.push(key);
+        Ok(())
     }
 
     /// Reads what the session has (within its budget), hands it to the handler, then flushes.
@@ -1776,6 +1780,8 @@ impl EventLoop {
         }
         self.drain_deadline = Some(deadline);
         self.idle_limit = self.idle_limit.min(DRAIN_IDLE);
+        // What waits in the listeners' queues becomes sessions drained like the others.
+        self.stop_listening(now, true);
         // datagram: no new peers; datagram sessions end now (DTLS with close_notify).
         let mut parts = LoopParts {
             now,
@@ -1997,6 +2003,7 @@ fn tls_failed(session: &mut TcpSession, failure: TlsFailure) {
     session.closing = Some(reason);
 }
 
+mod accept;
 mod links;
 pub(crate) use links::Delivery;
 mod splice;

@@ -37,7 +37,7 @@ const LAYERS: &[&[&str]] = &[
     // The per-connection state an event loop keeps.
     &["session", "loop_timer"],
     // The loops: the datagram part below the stream loop that drives it.
-    &["datagram"],
+    &["datagram", "accept"],
     &["event_loop"],
     // The control plane.
     &["reload"],

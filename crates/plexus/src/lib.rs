@@ -50,6 +50,7 @@
     )
 )]
 
+mod accept;
 mod acceptor;
 mod admission;
 mod breakdown;

@@ -2,69 +2,19 @@
 //! reload): binding or adopting a TCP listener's socket, the options each accepted
 //! connection gets, and what a listener's sessions need (service, TLS, relay target, limits).
 
-use std::io;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use mio::net::{TcpListener, TcpStream};
-use plexus_proto::Acl;
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use mio::net::TcpListener;
+use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
+pub(crate) use crate::accept::{BoundListener, SocketOptions};
 use crate::config::{ConfigError, ServerConfig, Transport, ValidListener};
 use crate::error::Error;
 use crate::event_loop::SessionLimits;
 use crate::registry::{ServiceLookupError, ServiceRegistry};
 use crate::service::{ListenerInfo, Service};
 use crate::tls::TlsContext;
-
-/// Socket options applied to each accepted connection.
-#[derive(Debug, Clone)]
-pub(crate) struct SocketOptions {
-    pub(crate) nodelay: bool,
-    pub(crate) recv_buffer: usize,
-    pub(crate) send_buffer: usize,
-    pub(crate) keepalive: Option<Duration>,
-    pub(crate) linger: Option<Duration>,
-}
-
-impl SocketOptions {
-    pub(crate) fn apply(&self, stream: &TcpStream) -> io::Result<()> {
-        stream.set_nodelay(self.nodelay)?;
-        let socket = SockRef::from(stream);
-        if self.recv_buffer > 0 {
-            socket.set_recv_buffer_size(self.recv_buffer)?;
-        }
-        if self.send_buffer > 0 {
-            socket.set_send_buffer_size(self.send_buffer)?;
-        }
-        if let Some(idle) = self.keepalive {
-            socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle))?;
-        }
-        if let Some(linger) = self.linger {
-            socket.set_linger(Some(linger))?;
-        }
-        Ok(())
-    }
-}
-
-/// A bound TCP listener and what its sessions need.
-pub(crate) struct BoundListener {
-    pub(crate) socket: TcpListener,
-    pub(crate) local: SocketAddr,
-    pub(crate) info: Arc<ListenerInfo>,
-    pub(crate) service: Arc<dyn Service>,
-    pub(crate) acl: Arc<Acl>,
-    /// For `proxy_protocol` listeners: the sources trusted to send a PROXY header.
-    pub(crate) proxy_trusted: Option<Acl>,
-    pub(crate) options: SocketOptions,
-    /// The rustls configuration of a tls listener.
-    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
-    /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`
-    /// (start with `true`: connections may be waiting before the first edge).
-    pub(crate) ready: bool,
-}
 
 /// Whether a listener needs the TLS context: a tls or dtls listener, or a plain one whose
 /// service factory detects and terminates TLS itself.
@@ -171,7 +121,7 @@ pub(crate) fn bind(
         stats: Default::default(),
     });
     Ok(BoundListener {
-        socket: TcpListener::from_std(std_listener),
+        socket: Arc::new(TcpListener::from_std(std_listener)),
         local,
         info,
         service,

@@ -25,6 +25,8 @@ pub(crate) struct LoopStats {
     pub(crate) poll_wait_nanos: AtomicU64,
     pub(crate) waiting_since: AtomicU64,
     pub(crate) sessions_open: AtomicU64,
+    /// Connections accepted here and passed to a less loaded loop (`event_loop/accept.rs`).
+    pub(crate) sessions_passed_on: AtomicU64,
     pub(crate) tls_sessions_open: AtomicU64,
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
@@ -128,6 +130,7 @@ impl LoopStats {
         LoopSnapshot {
             index: self.index,
             sessions_open: self.sessions_open.load(Relaxed),
+            sessions_passed_on: self.sessions_passed_on.load(Relaxed),
             poll_wait_nanos: self.poll_wait_nanos.load(Relaxed).saturating_add(current),
         }
     }

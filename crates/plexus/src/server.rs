@@ -10,6 +10,7 @@ use std::thread;
 use socket2::{Domain, Protocol, Socket, Type};
 use tracing::info;
 
+use crate::accept::{Intake, RefusalLog};
 use crate::acceptor::{Acceptor, Control, StopRequest};
 use crate::admission::Admission;
 use crate::breakdown::ListenerEntry;
@@ -394,8 +395,20 @@ impl ServerBuilder {
             }
         }
 
+        // Every loop accepts from every tcp/tls listener (shared sockets, `EPOLLEXCLUSIVE`),
+        // admitting as strictly as one acceptor would: one admission, one refusal log.
+        let refusals = Arc::new(RefusalLog::new());
+        for event_loop in &mut loops {
+            event_loop.set_intake(Intake::new(Arc::clone(&admission), Arc::clone(&refusals)));
+            for listener in &bound {
+                event_loop.listen(listener.clone()).map_err(Error::runtime(
+                    "cannot register a listener with an event loop",
+                ))?;
+            }
+        }
         let (acceptor, control) = Acceptor::new(
             bound,
+            valid.listeners.len(),
             self.handle_signals,
             admission,
             tls,

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use plexus::{Config, Server, ServerHandle, Service, Session, SessionHandler};
+use plexus_testkit::sessions_on_loops;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Lets the blocked loop go on.
 static RELEASE: AtomicBool = AtomicBool::new(false);
@@ -82,19 +85,6 @@ fn start() -> Running {
     }
 }
 
-fn join(server: &Running, sessions: u64) -> TcpStream {
-    let stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server.handle.metrics().sessions_open < sessions {
-        assert!(Instant::now() < deadline, "session {sessions} never opened");
-        thread::sleep(Duration::from_millis(5));
-    }
-    stream
-}
-
 fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
 }
@@ -103,12 +93,11 @@ fn pattern(len: usize) -> Vec<u8> {
 fn a_flood_of_broadcasts_to_another_loop_arrives_whole_and_in_order() {
     const TOTAL: usize = 512 * 1024;
     let server = start();
-    // Sessions go to the least loaded loop: the sender and `near` on loop 0, `far` and
-    // `blocker` on loop 1.
-    let mut sender = join(&server, 1);
-    let far = join(&server, 2);
-    let near = join(&server, 3);
-    let mut blocker = join(&server, 4);
+    // The sender and `near` on loop 0, `far` and `blocker` on loop 1.
+    let placed = sessions_on_loops(&server.handle, server.addr, &[2, 2], READ_TIMEOUT);
+    let [on_0, on_1]: [Vec<TcpStream>; 2] = placed.try_into().expect("two loops");
+    let [mut sender, near]: [TcpStream; 2] = on_0.try_into().expect("two on loop 0");
+    let [far, mut blocker]: [TcpStream; 2] = on_1.try_into().expect("two on loop 1");
     let expected = pattern(TOTAL);
     let readers: Vec<_> = [("far", far), ("near", near)]
         .into_iter()

@@ -2,9 +2,9 @@
 //! for a completion on that loop, and a session whose job cannot be queued within
 //! `idle_timeout` is closed with a clear reason instead of hanging on to its place for ever.
 //!
-//! Setup (one worker, a pool queue of one, two loops; sessions go to the least loaded loop, so
-//! the 1st and 3rd connection land on loop 0, the 2nd and 4th on loop 1): session 1 (loop 0)
-//! holds the only worker, session 3 (loop 0) fills the queue, session 4 (loop 1) finds it full.
+//! Setup (one worker, a pool queue of one, two loops; sessions 1 and 3 placed on loop 0, 2 and 4
+//! on loop 1, see `plexus_testkit::sessions_on_loops`): session 1 (loop 0) holds the only
+//! worker, session 3 (loop 0) fills the queue, session 4 (loop 1) finds it full.
 //! Every completion then goes to loop 0: loop 1 never hears of one.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use plexus::{Config, Reply, Server, ServerHandle, Service, Session, SessionHandler};
 use plexus_proto::LineFramer;
+use plexus_testkit::sessions_on_loops;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Released by the test: `hold` jobs wait for it.
 #[derive(Default)]
@@ -130,18 +133,6 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// Connects, and waits until the server has the session (so the next one's loop is known).
-fn join(server: &Running, sessions: u64) -> TcpStream {
-    let stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    wait_until("the session to open", || {
-        server.handle.metrics().sessions_open >= sessions
-    });
-    stream
-}
-
 fn read_line(stream: &TcpStream) -> String {
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).unwrap();
@@ -150,16 +141,16 @@ fn read_line(stream: &TcpStream) -> String {
 
 /// Fills the pool (worker held, queue full) so that session 4 (loop 1) finds it full.
 fn fill_the_pool(server: &Running) -> [TcpStream; 4] {
-    let mut first = join(server, 1);
+    let placed = sessions_on_loops(&server.handle, server.addr, &[2, 2], READ_TIMEOUT);
+    let [on_0, on_1]: [Vec<TcpStream>; 2] = placed.try_into().expect("two loops");
+    let [mut first, mut third]: [TcpStream; 2] = on_0.try_into().expect("two on loop 0");
+    let [second, mut fourth]: [TcpStream; 2] = on_1.try_into().expect("two on loop 1");
     first.write_all(b"hold\n").unwrap();
     server.gate.wait_held(1);
-    let second = join(server, 2);
-    let mut third = join(server, 3);
     third.write_all(b"fill\n").unwrap();
     wait_until("the queue to fill", || {
         server.handle.metrics().jobs_queued == 1
     });
-    let mut fourth = join(server, 4);
     fourth.write_all(b"waits\n").unwrap();
     [first, second, third, fourth]
 }

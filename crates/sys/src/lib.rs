@@ -22,6 +22,7 @@ macro_rules! syscall {
 pub mod daemon;
 pub mod dgram;
 pub mod dtls;
+pub mod epoll;
 pub mod fs;
 pub mod listen_fds;
 pub mod notify;

@@ -1,16 +1,17 @@
 //! Helpers shared by the end-to-end tests of `plexus` and `plexus-cli` (a dev-dependency only):
 //! a TLS client configuration that accepts the server's ephemeral certificate, bounded reads,
-//! and the real peers the tests drive (`curl`, `openssl s_client`), each bounded in time and
-//! killed by PID.
+//! the real peers the tests drive (`curl`, `openssl s_client`), each bounded in time and
+//! killed by PID, and sessions placed on chosen event loops ([`sessions_on_loops`]).
 
 use std::io::{Read, Write};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use plexus::tls_client::ServerTrust;
+use plexus::ServerHandle;
 use rustls::ClientConfig;
 
 /// A rustls client configuration (TLS 1.2 and 1.3, aws-lc-rs) that accepts any server
@@ -100,4 +101,62 @@ pub fn through_openssl(
     let _ = child.kill();
     let _ = child.wait();
     got.expect("openssl answered in time").expect("reader")
+}
+
+/// Every event loop's open sessions, once they add up to `total` (within 20 s, or a panic).
+pub fn sessions_per_loop(handle: &ServerHandle, total: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let loops = handle.metrics().event_loops;
+        let per_loop: Vec<u64> = loops.iter().map(|l| l.sessions_open).collect();
+        if per_loop.iter().sum::<u64>() == total {
+            return per_loop;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never {total} sessions: {per_loop:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// TCP sessions to `addr` on chosen event loops of a server that has no other sessions:
+/// `wanted[i]` on loop `i`, returned in that shape. Where a new connection goes is the
+/// loops' business (the one the kernel wakes keeps it unless it has clearly more sessions
+/// than another), so sessions open one by one — each placed by the loop whose count grew —
+/// until every loop has its share; the ones beyond it close again. Every stream has
+/// `read_timeout`.
+pub fn sessions_on_loops(
+    handle: &ServerHandle,
+    addr: SocketAddr,
+    wanted: &[usize],
+    read_timeout: Duration,
+) -> Vec<Vec<TcpStream>> {
+    const MOST: u64 = 500;
+    let mut placed: Vec<Vec<TcpStream>> = wanted.iter().map(|_| Vec::new()).collect();
+    let mut others = Vec::new();
+    let mut opened = 0;
+    let short = |placed: &[Vec<TcpStream>]| placed.iter().zip(wanted).any(|(p, &w)| p.len() < w);
+    while short(&placed) {
+        assert!(
+            opened < MOST,
+            "{MOST} sessions and not {wanted:?} on the loops"
+        );
+        let before = sessions_per_loop(handle, opened);
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(read_timeout))
+            .expect("set a read timeout");
+        opened += 1;
+        let after = sessions_per_loop(handle, opened);
+        let grown = (0..after.len()).find(|&i| after[i] > before.get(i).copied().unwrap_or(0));
+        let on_loop = grown.expect("one loop has the new session");
+        match (placed.get_mut(on_loop), wanted.get(on_loop)) {
+            (Some(on_loop), Some(&want)) if on_loop.len() < want => on_loop.push(stream),
+            _ => others.push(stream),
+        }
+    }
+    drop(others);
+    sessions_per_loop(handle, wanted.iter().sum::<usize>() as u64);
+    placed
 }

@@ -15,6 +15,7 @@ use mio::{Poll, Token, Waker};
 use plexus_proto::Acl;
 
 use super::{Command, EventLoop, ExitSignal, LoopHandle, NewSession, SessionLimits};
+use crate::accept::{BoundListener, Intake, RefusalLog, SocketOptions};
 use crate::admission::Admission;
 use crate::breakdown::ListenerStats;
 use crate::metrics::Metrics;
@@ -122,6 +123,15 @@ fn limits(idle_timeout: Duration) -> SessionLimits {
 
 impl Running {
     fn start(idle_timeout: Duration, panic_on_close: bool) -> Running {
+        Running::start_with(idle_timeout, panic_on_close, |_, _| {})
+    }
+
+    /// Starts the loop once `before` has set it up (its handle's commands wait until then).
+    fn start_with(
+        idle_timeout: Duration,
+        panic_on_close: bool,
+        before: impl FnOnce(&mut EventLoop, &Running),
+    ) -> Running {
         let (mut event_loop, handle) = EventLoop::new(0, 1, limits(idle_timeout), 64).unwrap();
         event_loop.set_peers(vec![handle.clone()]);
         let exit_poll = Poll::new().unwrap();
@@ -130,11 +140,10 @@ impl Running {
             live_loops: Arc::clone(&live_loops),
             waker: Arc::new(Waker::new(exit_poll.registry(), Token(0)).unwrap()),
         };
-        let thread = std::thread::spawn(move || event_loop.run(exit));
         let (sender, seen) = mpsc::channel();
-        Running {
+        let mut running = Running {
             handle,
-            thread: Some(thread),
+            thread: None,
             admission: Arc::new(Admission::new(
                 Acl::default(),
                 100,
@@ -155,7 +164,45 @@ impl Running {
             }),
             live_loops,
             _exit_poll: exit_poll,
-        }
+        };
+        before(&mut event_loop, &running);
+        running.thread = Some(std::thread::spawn(move || event_loop.run(exit)));
+        running
+    }
+
+    /// A loop that accepts from a loopback listener of the recording service itself, and
+    /// that listener (the test's share of its socket keeps it open).
+    fn listening(
+        before_start: impl FnOnce(&LoopHandle, &BoundListener),
+    ) -> (Running, BoundListener) {
+        let mut shared = None;
+        let running = Running::start_with(Duration::from_secs(60), false, |event_loop, running| {
+            let socket = StdListener::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
+            let listener = BoundListener {
+                local: socket.local_addr().unwrap(),
+                socket: Arc::new(mio::net::TcpListener::from_std(socket)),
+                info: Arc::clone(&running.listener),
+                service: Arc::clone(&running.service),
+                acl: Arc::new(Acl::default()),
+                proxy_trusted: None,
+                options: SocketOptions {
+                    nodelay: true,
+                    recv_buffer: 0,
+                    send_buffer: 0,
+                    keepalive: None,
+                    linger: None,
+                },
+                tls: None,
+                ready: true,
+            };
+            let refusals = Arc::new(RefusalLog::new());
+            event_loop.set_intake(Intake::new(Arc::clone(&running.admission), refusals));
+            event_loop.listen(listener.clone()).unwrap();
+            before_start(&running.handle, &listener);
+            shared = Some(listener);
+        });
+        (running, shared.unwrap())
     }
 
     /// A loopback connection whose server side the loop adopts; returns the client side and
@@ -419,4 +466,70 @@ fn drain_ends_idle_sessions_and_the_loop_exits() {
     let thread = running.thread.take().unwrap();
     thread.join().expect("loop thread panicked").unwrap();
     assert_eq!(running.live_loops.load(Ordering::Acquire), 0);
+}
+
+/// Connect to a listener the loop accepts from: the connections become the loop's sessions
+/// (admitted: their tickets are held), with no acceptor thread in between.
+#[test]
+fn connections_to_a_listener_of_the_loop_become_its_sessions() {
+    let (running, listener) = Running::listening(|_, _| {});
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut client = StdStream::connect(listener.local).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(b"ping").unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"ping");
+        clients.push(client);
+    }
+    let mut opened: Vec<Seen> = (0..3)
+        .map(|_| running.take(|seen| matches!(seen, Seen::Opened(_))))
+        .collect();
+    opened.dedup();
+    assert_eq!(opened.len(), 3, "three sessions: {opened:?}");
+    assert_eq!(
+        running.handle.stats.sessions_open.load(Ordering::Relaxed),
+        3
+    );
+    assert_eq!(running.admission.open_count(), 3);
+    assert_eq!(listener.info.stats.accepted_count(), 3);
+    let admission = Arc::clone(&running.admission);
+    running.stop().unwrap();
+    assert_eq!(
+        admission.open_count(),
+        0,
+        "the sessions gave their places back"
+    );
+}
+
+/// A graceful drain first takes the connections waiting in the listener's queue (closing the
+/// socket would reset them, after their clients may have sent a request): they become
+/// sessions, are drained like the others, and their clients see a clean end.
+#[test]
+fn a_drain_takes_the_connections_waiting_in_the_listeners_queue_and_drains_them() {
+    let mut clients = Vec::new();
+    let (mut running, _listener) = Running::listening(|handle, listener| {
+        // Queued before the loop runs: its first turn takes the drain command first.
+        let mut tcp = std::fs::File::open("/proc/net/tcp").unwrap();
+        for _ in 0..3 {
+            let mut client = StdStream::connect(listener.local).unwrap();
+            client.set_read_timeout(Some(WAIT)).unwrap();
+            client.write_all(b"request").unwrap();
+            clients.push(client);
+        }
+        crate::accept::tests::wait_for_backlog(&mut tcp, listener.local, 3);
+        let deadline = Instant::now() + WAIT;
+        assert!(handle.send(Command::Drain { deadline }).is_ok());
+    });
+    for client in &mut clients {
+        // Served (the request is echoed), then ended cleanly by the drain.
+        assert_eq!(read_exactly(client, 7), b"request");
+        assert!(read_to_eof(client).is_empty());
+    }
+    let mut opened: Vec<Seen> = (0..3)
+        .map(|_| running.take(|seen| matches!(seen, Seen::Opened(_))))
+        .collect();
+    opened.dedup();
+    assert_eq!(opened.len(), 3, "three sessions: {opened:?}");
+    let thread = running.thread.take().unwrap();
+    thread.join().expect("loop thread panicked").unwrap();
 }

@@ -1,4 +1,4 @@
-//! The acceptor's decision about one accepted connection, sans IO: given the listener's
+//! The decision about one accepted connection, sans IO: given the listener's
 //! policy, the peer's address and `now`, whether the connection becomes a session — with its
 //! admission [`Ticket`] and, on a tls listener, its [`HandshakeSlot`] — or why not. The
 //! decision also counts what it decided (the process-wide counters through [`Admission`], the
@@ -16,7 +16,7 @@
 //!   first: the listener counts it as accepted and as refused.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use plexus_proto::Acl;
@@ -26,30 +26,37 @@ use crate::admission::{Admission, HandshakeSlot, RefusalReason, Ticket};
 use crate::log_throttle::LogThrottle;
 use crate::service::ListenerInfo;
 
-/// Logs refusals of each reason at most once per interval, with a count of the rest.
+/// Logs refusals of each reason at most once per interval, with a count of the rest; shared
+/// by every loop that accepts (the lock is only taken for a refusal).
 #[derive(Debug)]
-pub(super) struct RefusalLog {
-    throttles: [LogThrottle; RefusalReason::ALL.len()],
+pub(crate) struct RefusalLog {
+    throttles: Mutex<[LogThrottle; RefusalReason::ALL.len()]>,
 }
 
 impl RefusalLog {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         RefusalLog {
-            throttles: [LogThrottle::new(); RefusalReason::ALL.len()],
+            throttles: Mutex::new([LogThrottle::new(); RefusalReason::ALL.len()]),
         }
     }
 
     /// Logs one refusal unless this reason was logged within the interval. `Some(n)` when it
     /// logged, `n` being the refusals of this reason it had kept quiet about since.
     pub(super) fn record(
-        &mut self,
+        &self,
         reason: RefusalReason,
         peer: Option<SocketAddr>,
         listener: &str,
         now: Instant,
     ) -> Option<u64> {
-        let throttle = self.throttles.get_mut(reason as usize);
-        let also = throttle.and_then(|throttle| throttle.allow(now))?;
+        let also = {
+            let mut throttles = self
+                .throttles
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let throttle = throttles.get_mut(reason as usize);
+            throttle.and_then(|throttle| throttle.allow(now))?
+        };
         let peer = peer.map_or_else(|| "-".to_owned(), |peer| peer.to_string());
         warn!(
             "refused connection reason={reason} peer={peer} listener={listener} \
@@ -87,7 +94,7 @@ impl Gate<'_> {
         &self,
         peer: SocketAddr,
         now: Instant,
-        log: &mut RefusalLog,
+        log: &RefusalLog,
     ) -> Result<Admitted, RefusalReason> {
         let result = self.decide(peer);
         if let Err(reason) = result {
@@ -183,14 +190,14 @@ mod tests {
             tls: false,
             listener: &info,
         };
-        let mut log = RefusalLog::new();
+        let log = RefusalLog::new();
         let now = Instant::now();
-        let admitted = gate.admit(addr("10.0.0.1:5000"), now, &mut log).unwrap();
+        let admitted = gate.admit(addr("10.0.0.1:5000"), now, &log).unwrap();
         assert!(admitted.handshake.is_none(), "no handshake off tls");
         // Denied by the global ACL, then outside the listener's allow list.
         for peer in ["10.0.0.9:5000", "10.0.1.1:5000", "[::ffff:10.0.0.9]:1"] {
             assert_eq!(
-                gate.admit(addr(peer), now, &mut log).unwrap_err(),
+                gate.admit(addr(peer), now, &log).unwrap_err(),
                 RefusalReason::Acl,
                 "{peer}"
             );
@@ -216,22 +223,22 @@ mod tests {
             tls: false,
             listener: &info,
         };
-        let mut log = RefusalLog::new();
+        let log = RefusalLog::new();
         let now = Instant::now();
-        let a1 = gate.admit(addr("127.0.0.1:1"), now, &mut log).unwrap();
-        let _a2 = gate.admit(addr("127.0.0.1:2"), now, &mut log).unwrap();
+        let a1 = gate.admit(addr("127.0.0.1:1"), now, &log).unwrap();
+        let _a2 = gate.admit(addr("127.0.0.1:2"), now, &log).unwrap();
         assert_eq!(
-            gate.admit(addr("127.0.0.1:3"), now, &mut log).unwrap_err(),
+            gate.admit(addr("127.0.0.1:3"), now, &log).unwrap_err(),
             RefusalReason::MaxConnectionsPerIp
         );
-        let _b1 = gate.admit(addr("127.0.0.2:1"), now, &mut log).unwrap();
+        let _b1 = gate.admit(addr("127.0.0.2:1"), now, &log).unwrap();
         assert_eq!(
-            gate.admit(addr("127.0.0.3:1"), now, &mut log).unwrap_err(),
+            gate.admit(addr("127.0.0.3:1"), now, &log).unwrap_err(),
             RefusalReason::MaxConnections
         );
         // A session's end gives both its places back.
         drop(a1);
-        let _a3 = gate.admit(addr("127.0.0.1:4"), now, &mut log).unwrap();
+        let _a3 = gate.admit(addr("127.0.0.1:4"), now, &log).unwrap();
         assert_eq!(
             refusals(&metrics(&admission).refused),
             [
@@ -255,24 +262,24 @@ mod tests {
             tls: true,
             listener: &info,
         };
-        let mut log = RefusalLog::new();
+        let log = RefusalLog::new();
         let now = Instant::now();
         let mut held: Vec<Admitted> = (1..=2)
             .map(|port| {
                 let peer = SocketAddr::from(([127, 0, 0, 2], port));
-                gate.admit(peer, now, &mut log).unwrap()
+                gate.admit(peer, now, &log).unwrap()
             })
             .collect();
         assert!(held.iter().all(|a| a.handshake.is_some()));
         assert_eq!(
-            gate.admit(addr("127.0.0.2:3"), now, &mut log).unwrap_err(),
+            gate.admit(addr("127.0.0.2:3"), now, &log).unwrap_err(),
             RefusalReason::HandshakeCapacityPerIp
         );
         // Another host still gets its share; then the pool is full for everyone.
-        held.push(gate.admit(addr("127.0.0.3:1"), now, &mut log).unwrap());
-        held.push(gate.admit(addr("127.0.0.4:1"), now, &mut log).unwrap());
+        held.push(gate.admit(addr("127.0.0.3:1"), now, &log).unwrap());
+        held.push(gate.admit(addr("127.0.0.4:1"), now, &log).unwrap());
         assert_eq!(
-            gate.admit(addr("127.0.0.5:1"), now, &mut log).unwrap_err(),
+            gate.admit(addr("127.0.0.5:1"), now, &log).unwrap_err(),
             RefusalReason::HandshakeCapacity
         );
         // A refused handshake was admitted first: accepted and refused, and its global place
@@ -289,7 +296,7 @@ mod tests {
         // A handshake that ends (the slot dropped, the session goes on) frees its place.
         let first = held.first_mut().unwrap();
         first.handshake = None;
-        assert!(gate.admit(addr("127.0.0.2:4"), now, &mut log).is_ok());
+        assert!(gate.admit(addr("127.0.0.2:4"), now, &log).is_ok());
     }
 
     #[test]
@@ -306,19 +313,18 @@ mod tests {
             tls: false,
             listener: &info,
         };
-        let mut log = RefusalLog::new();
+        let log = RefusalLog::new();
         let now = Instant::now();
         // Two from the same balancer: the per-IP cap waits for the client addresses.
-        let _a = gate.admit(addr("192.0.2.1:1"), now, &mut log).unwrap();
-        let _b = gate.admit(addr("192.0.2.1:2"), now, &mut log).unwrap();
+        let _a = gate.admit(addr("192.0.2.1:1"), now, &log).unwrap();
+        let _b = gate.admit(addr("192.0.2.1:2"), now, &log).unwrap();
         assert_eq!(
-            gate.admit(addr("192.0.2.1:3"), now, &mut log).unwrap_err(),
+            gate.admit(addr("192.0.2.1:3"), now, &log).unwrap_err(),
             RefusalReason::MaxConnections,
             "max_connections applies at once"
         );
         assert_eq!(
-            gate.admit(addr("198.51.100.7:1"), now, &mut log)
-                .unwrap_err(),
+            gate.admit(addr("198.51.100.7:1"), now, &log).unwrap_err(),
             RefusalReason::ProxyHeader,
             "an untrusted source"
         );
@@ -340,7 +346,7 @@ mod tests {
 
     #[test]
     fn refusals_are_logged_once_per_interval_per_reason_with_the_rest_counted() {
-        let mut log = RefusalLog::new();
+        let log = RefusalLog::new();
         let start = Instant::now();
         let peer = Some(addr("127.0.0.1:1"));
         assert_eq!(log.record(RefusalReason::Acl, peer, "l", start), Some(0));
