@@ -572,35 +572,26 @@ pub(crate) fn write_prometheus(
         }
     }
     write_protocol_groups(out, listeners);
-    family(
-        out,
-        "event_loop_sessions_open",
-        "gauge",
-        "Sessions each event loop owns now.",
-    );
-    for l in loops {
-        let index = l.index.to_string();
-        sample(
-            out,
+    let open: fn(&LoopSnapshot) -> u64 = |l| l.sessions_open;
+    let passed_on: fn(&LoopSnapshot) -> u64 = |l| l.sessions_passed_on;
+    for (name, kind, help, pick) in [
+        (
             "event_loop_sessions_open",
-            &[("loop", &index)],
-            l.sessions_open,
-        );
-    }
-    family(
-        out,
-        "event_loop_sessions_passed_on_total",
-        "counter",
-        "Connections each event loop accepted and passed to a less loaded loop.",
-    );
-    for l in loops {
-        let index = l.index.to_string();
-        sample(
-            out,
+            "gauge",
+            "Sessions each event loop owns now.",
+            open,
+        ),
+        (
             "event_loop_sessions_passed_on_total",
-            &[("loop", &index)],
-            l.sessions_passed_on,
-        );
+            "counter",
+            "Connections each event loop accepted and passed to a less loaded loop.",
+            passed_on,
+        ),
+    ] {
+        family(out, name, kind, help);
+        for l in loops {
+            sample(out, name, &[("loop", &l.index.to_string())], pick(l));
+        }
     }
     use std::fmt::Write;
     let name = "plexus_event_loop_poll_wait_seconds_total";

@@ -47,15 +47,24 @@ fn connect(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
-#[test]
-fn custom_service_serves_and_stops_through_its_handle() {
+/// A server of `Count` on [`config`] without extras, running on its own thread.
+fn start_counting() -> (
+    std::net::SocketAddr,
+    plexus::ServerHandle,
+    thread::JoinHandle<Result<(), plexus::Error>>,
+) {
     let server = Server::builder(config(""))
         .service("count", Count)
         .build()
         .unwrap();
     let addr = server.local_addr("count").unwrap();
     let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    (addr, handle, thread::spawn(move || server.run()))
+}
+
+#[test]
+fn custom_service_serves_and_stops_through_its_handle() {
+    let (addr, handle, running) = start_counting();
 
     let mut stream = connect(addr);
     stream.write_all(b"12345").unwrap();
@@ -131,13 +140,7 @@ fn refusals_are_counted_by_reason() {
 #[test]
 fn long_lived_sessions_spread_over_the_loops_within_the_margin() {
     const SESSIONS: u64 = 100;
-    let server = Server::builder(config(""))
-        .service("count", Count)
-        .build()
-        .unwrap();
-    let addr = server.local_addr("count").unwrap();
-    let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    let (addr, handle, running) = start_counting();
     let mut streams = Vec::new();
     for opened in 1..=SESSIONS {
         streams.push(connect(addr));

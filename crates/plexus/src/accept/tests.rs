@@ -42,17 +42,27 @@ impl SessionHandler for SilentSession {
 
 /// A plain listener on a loopback port, with `tcp_nodelay` (as configured by default).
 fn loopback_listener() -> BoundListener {
+    let info = Arc::new(ListenerInfo {
+        index: 0,
+        name: "one".into(),
+        stats: ListenerStats::default(),
+    });
+    listener_on_loopback(info, Arc::new(Silent))
+}
+
+/// A plain listener of `service` on a loopback port, with `tcp_nodelay` (as configured by
+/// default), ready (connections may wait).
+pub(crate) fn listener_on_loopback(
+    info: Arc<ListenerInfo>,
+    service: Arc<dyn Service>,
+) -> BoundListener {
     let socket = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     socket.set_nonblocking(true).expect("non-blocking");
     BoundListener {
         local: socket.local_addr().expect("addr"),
         socket: Arc::new(mio::net::TcpListener::from_std(socket)),
-        info: Arc::new(ListenerInfo {
-            index: 0,
-            name: "one".into(),
-            stats: ListenerStats::default(),
-        }),
-        service: Arc::new(Silent),
+        info,
+        service,
         acl: Arc::new(Acl::default()),
         proxy_trusted: None,
         options: SocketOptions {

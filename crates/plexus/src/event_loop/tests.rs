@@ -15,7 +15,7 @@ use mio::{Poll, Token, Waker};
 use plexus_proto::Acl;
 
 use super::{Command, EventLoop, ExitSignal, LoopHandle, NewSession, SessionLimits};
-use crate::accept::{BoundListener, Intake, RefusalLog, SocketOptions};
+use crate::accept::{BoundListener, Intake, RefusalLog};
 use crate::admission::Admission;
 use crate::breakdown::ListenerStats;
 use crate::metrics::Metrics;
@@ -177,25 +177,10 @@ impl Running {
     ) -> (Running, BoundListener) {
         let mut shared = None;
         let running = Running::start_with(Duration::from_secs(60), false, |event_loop, running| {
-            let socket = StdListener::bind("127.0.0.1:0").unwrap();
-            socket.set_nonblocking(true).unwrap();
-            let listener = BoundListener {
-                local: socket.local_addr().unwrap(),
-                socket: Arc::new(mio::net::TcpListener::from_std(socket)),
-                info: Arc::clone(&running.listener),
-                service: Arc::clone(&running.service),
-                acl: Arc::new(Acl::default()),
-                proxy_trusted: None,
-                options: SocketOptions {
-                    nodelay: true,
-                    recv_buffer: 0,
-                    send_buffer: 0,
-                    keepalive: None,
-                    linger: None,
-                },
-                tls: None,
-                ready: true,
-            };
+            let listener = crate::accept::tests::listener_on_loopback(
+                Arc::clone(&running.listener),
+                Arc::clone(&running.service),
+            );
             let refusals = Arc::new(RefusalLog::new());
             event_loop.set_intake(Intake::new(Arc::clone(&running.admission), refusals));
             event_loop.listen(listener.clone()).unwrap();
