@@ -6,7 +6,7 @@
 #   tcp-echo 64 B            tcp echo                tokio-echo (and mio-echo, monoio-echo)
 #   tcp-echo at half load    tcp echo (open loop)    tokio-echo (same rate)
 #   tls-echo 64 B            tls echo                tokio-rustls-echo
-#   connect-rate tcp         tcp echo                tokio-echo
+#   connect-rate tcp         tcp echo                tokio-echo, mio-echo
 #   connect-rate tls full    tls echo                tokio-rustls-echo
 #   connect-rate tls resumed tls echo                tokio-rustls-echo
 #   udp-echo 64 B            udp echo                tokio-udp-echo, and plexus with udp_offload = false
@@ -151,7 +151,7 @@ fi
 [[ -x $PLEXUS_BIN ]] || { echo "error: $PLEXUS_BIN not found" >&2; exit 1; }
 # The reference servers the chosen scenario groups run (http's reference is nginx).
 declare -A REFERENCES=([tcp]="tokio-echo mio-echo monoio-echo" [half]=tokio-echo [tls]=tokio-rustls-echo
-    [connect]="tokio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
+    [connect]="tokio-echo mio-echo tokio-rustls-echo" [udp]=tokio-udp-echo [dtls]=openssl-dtls-echo
     [udpsock]=udp-sockets-echo [forward]=mio-echo
     [http]="" [idle]="tokio-echo tokio-rustls-echo")
 for group in $SCENARIOS; do
@@ -658,6 +658,13 @@ for group in $SCENARIOS; do
             t=$(bench "$rname" "connect-$kind" connect-rate --addr "${ADDR[main]:-}" --connections "$HS_CONNECTIONS" "${extra[@]}" "${ECHO_ARGS[@]}")
             stop_server
             prow "connect-rate $kind (per s)" higher p "$rname" "$t" throughput_per_s
+            if [[ $kind == tcp ]]; then
+                # The hand-written mio loop: the floor issue 17 measures new connections against.
+                start_server mio "$BIN_DIR/mio-echo" --addr 127.0.0.1:0
+                m=$(bench mio connect-tcp connect-rate --addr "${ADDR[main]:-}" --connections "$HS_CONNECTIONS" "${ECHO_ARGS[@]}")
+                stop_server
+                prow "connect-rate tcp (per s)" higher p mio-echo "$m" throughput_per_s
+            fi
         done
         ;;
     udp)
