@@ -115,10 +115,6 @@ impl Acceptor {
     ) -> io::Result<(Acceptor, Arc<Control>)> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let next_listener_index = listeners
-            .iter()
-            .map(|listener| listener.info.index.saturating_add(1))
-            .fold(configured, usize::max);
         let signals = if handle_signals {
             let mut signals = Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2])?;
             poll.registry()
@@ -146,7 +142,7 @@ impl Acceptor {
             notifier: None,
             watchdog: None,
             reloader: None,
-            next_listener_index,
+            next_listener_index: configured,
             drain_delay: Duration::ZERO,
             metrics: None,
             lameduck_until: None,
