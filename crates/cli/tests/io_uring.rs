@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners";
+const COVERS: &str = "io_uring: accepts (multishot) and tcp/tls sessions of tcp/tls listeners";
 const FALLBACK: &str = "io_uring unavailable (turned off by PLEXUS_IO_URING=off): serving on epoll";
 
 fn uring_config(server_extra: &str) -> String {

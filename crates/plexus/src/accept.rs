@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use plexus_proto::{deadline_after, Acl};
+use plexus_sys::uring::AcceptId;
 use rustls::ServerConfig;
 use socket2::{SockRef, TcpKeepalive};
 use tracing::{debug, warn};
@@ -91,6 +92,9 @@ pub(crate) struct BoundListener {
     /// An edge reported pending connections and `accept` has not yet returned `WouldBlock`
     /// (start with `true`: connections may be waiting before the first edge).
     pub(crate) ready: bool,
+    /// With `backend = "io_uring"`: this loop's multishot accept of the listener, while one is
+    /// armed (per loop, like `ready`).
+    pub(crate) ring_accept: Option<AcceptId>,
 }
 
 /// An admitted TCP connection on its way to becoming a session.
@@ -153,9 +157,8 @@ impl Intake {
 
     /// Accepts from every ready listener, up to `budget` connections each; each admitted one
     /// goes to `adopt`. Refused ones are closed at once, counted and logged (throttled). An
-    /// `adopt` that fails (the connection is dropped) for lack of descriptors — an io_uring
-    /// session needs a second one — counts as running out of them; another failure pauses
-    /// accepting like a failed `accept`.
+    /// `adopt` that fails (the connection is dropped) for lack of descriptors counts as
+    /// running out of them; another failure pauses accepting like a failed `accept`.
     pub(crate) fn accept_ready(
         &mut self,
         listeners: &mut [BoundListener],
@@ -171,44 +174,100 @@ impl Intake {
                 if !listener.ready {
                     break;
                 }
-                match listener.socket.accept() {
-                    Ok((stream, peer)) => {
-                        let Some(new) = self.admit(listener, stream, peer, now) else {
-                            continue;
-                        };
-                        match adopt(new) {
-                            Ok(()) => {}
-                            Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
-                                self.shed(listener, &err, now);
-                                return;
-                            }
-                            Err(err) => {
-                                warn!(
-                                    listener = %listener.info.name,
-                                    "cannot serve an accepted connection: {err}; pausing"
-                                );
-                                self.pause(now);
-                                return;
-                            }
-                        }
-                    }
+                let going_on = match listener.socket.accept() {
+                    Ok((stream, peer)) => self.take(listener, stream, peer, now, adopt),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
                         listener.ready = false;
+                        true
                     }
-                    Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
-                        self.shed(listener, &err, now);
-                        return;
-                    }
-                    Err(err) if is_transient_accept_error(&err) => {}
-                    Err(err) => {
-                        warn!(listener = %listener.info.name, "accept failed: {err}; pausing");
-                        self.pause(now);
-                        return;
-                    }
+                    Err(err) => self.accept_failed(listener, &err, now),
+                };
+                if !going_on {
+                    return;
                 }
             }
         }
         self.backoff = BACKOFF_START;
+    }
+
+    /// Admits and adopts a connection the io_uring ring accepted on `listener` (its peer's
+    /// address is asked for here: a multishot accept has none). `false` when accepting is
+    /// paused now (the caller stops the ring's accepts until [`Intake::paused_until`]).
+    pub(crate) fn take_accepted(
+        &mut self,
+        listener: &BoundListener,
+        stream: TcpStream,
+        now: Instant,
+        adopt: &mut impl FnMut(NewSession) -> io::Result<()>,
+    ) -> bool {
+        match stream.peer_addr() {
+            Ok(peer) => {
+                let going_on = self.take(listener, stream, peer, now, adopt);
+                if going_on {
+                    self.backoff = BACKOFF_START;
+                }
+                going_on
+            }
+            // Reset before it could be looked at (ENOTCONN): like a connection that died in
+            // the backlog, it concerns nobody else.
+            Err(err) => {
+                debug!(listener = %listener.info.name, "an accepted connection is gone: {err}");
+                true
+            }
+        }
+    }
+
+    /// An accept of `listener` failed with `err` (by `accept(2)` or on the io_uring ring).
+    /// `false` when accepting must stop: out of descriptors (the queue is shed, accepting
+    /// pauses) or an error that concerns the listener (accepting pauses); errors about one
+    /// connection that died in the backlog go by.
+    pub(crate) fn accept_failed(
+        &mut self,
+        listener: &BoundListener,
+        err: &io::Error,
+        now: Instant,
+    ) -> bool {
+        if plexus_sys::is_descriptor_exhaustion(err) {
+            self.shed(listener, err, now);
+            return false;
+        }
+        if is_transient_accept_error(err) {
+            return true;
+        }
+        warn!(listener = %listener.info.name, "accept failed: {err}; pausing");
+        self.pause(now);
+        false
+    }
+
+    /// Admits one accepted connection and hands it to `adopt`. Refused ones are closed at
+    /// once, counted and logged (throttled). `false` when `adopt` failed and accepting
+    /// paused: for lack of descriptors the queue is shed first.
+    fn take(
+        &mut self,
+        listener: &BoundListener,
+        stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+        adopt: &mut impl FnMut(NewSession) -> io::Result<()>,
+    ) -> bool {
+        let Some(new) = self.admit(listener, stream, peer, now) else {
+            return true;
+        };
+        match adopt(new) {
+            Ok(()) => true,
+            Err(err) if plexus_sys::is_descriptor_exhaustion(&err) => {
+                self.shed(listener, &err, now);
+                false
+            }
+            Err(err) => {
+                warn!(
+                    listener = %listener.info.name,
+                    "cannot serve an accepted connection: {err}; pausing"
+                );
+                self.pause(now);
+                false
+            }
+        }
     }
 
     /// Takes what waits in the listeners' queues (bounded: [`BACKLOG_SWEEPS`] rounds of

@@ -53,9 +53,9 @@ pub(crate) const IO_URING_SWITCH: &str = "PLEXUS_IO_URING";
 /// The backend's startup line is logged once per process, not once per loop.
 static RING_LOG: std::sync::Once = std::sync::Once::new();
 /// What io_uring covers, logged once at startup.
-const IO_URING_COVERS: &str = "io_uring: tcp and tls sessions of tcp/tls listeners, udp/dtls \
-    listener sockets; listeners, upstream connections (tcp and udp) on epoll; spliced pairs move \
-    to epoll";
+const IO_URING_COVERS: &str = "io_uring: accepts (multishot) and tcp/tls sessions of tcp/tls \
+    listeners, udp/dtls listener sockets; upstream connections (tcp and udp) on epoll; spliced \
+    pairs move to epoll";
 /// Reads per session per turn before the loop moves on to other sessions.
 const MAX_READS_PER_TURN: usize = 16;
 /// Commands taken from the channel per turn, so a broadcast storm cannot starve socket I/O.
@@ -343,6 +343,7 @@ impl EventLoop {
         match ring {
             Ok(ring) => {
                 self.ring = Some(ring);
+                self.listening.set_on_ring(true);
                 RING_LOG.call_once(|| info!("{IO_URING_COVERS}"));
             }
             Err(err) => ring_unavailable(&err),
@@ -389,6 +390,7 @@ impl EventLoop {
             Err(err) => {
                 self.ring = None;
                 ring_unavailable(&RingError::Setup(err));
+                self.listeners_to_epoll();
             }
         }
     }
@@ -401,6 +403,7 @@ impl EventLoop {
                 Some(ring) => {
                     // datagram: udp/dtls sends and receive arming, submitted by this wait.
                     self.datagram.sync_ring(ring);
+                    self.listening.arm_ring_accepts(ring);
                     match self.stats.waiting(|| ring.submit_and_wait(timeout)) {
                         Ok(()) => {}
                         Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
@@ -544,9 +547,10 @@ impl EventLoop {
         };
         let sessions = &mut self.sessions;
         let touched = &mut self.ring_touched;
+        let listening = &mut self.listening;
         let mut epoll_ready = false;
         ring.complete(|completion| {
-            let key = match &completion {
+            let key = match completion {
                 uring::Completion::Watched { .. } => {
                     epoll_ready = true;
                     return;
@@ -555,12 +559,23 @@ impl EventLoop {
                     datagram.ring_completion(completion, &mut parts);
                     return;
                 }
+                // The listeners' completions, taken after the batch (`accept_turn`).
+                uring::Completion::Accepted { token, fd } => {
+                    let index = usize::try_from(token).unwrap_or(usize::MAX);
+                    listening.ring_reported(accept::FromRing::Accepted(index, fd));
+                    return;
+                }
+                uring::Completion::AcceptEnded { token, error } => {
+                    let index = usize::try_from(token).unwrap_or(usize::MAX);
+                    listening.ring_reported(accept::FromRing::Ended(index, error));
+                    return;
+                }
                 uring::Completion::Received { tag, .. }
                 | uring::Completion::ReadClosed { tag }
                 | uring::Completion::ReadFailed { tag, .. }
                 | uring::Completion::Sent { tag, .. }
                 | uring::Completion::Writable { tag }
-                | uring::Completion::Detached { tag, .. } => *tag,
+                | uring::Completion::Detached { tag, .. } => tag,
             };
             let Some(session) = sessions.get_mut(key) else {
                 return;
@@ -588,15 +603,17 @@ impl EventLoop {
                     session.write_blocked = false;
                 }
                 uring::Completion::Writable { .. } => session.write_blocked = false,
-                uring::Completion::Detached { fd, .. } => {
+                uring::Completion::Detached { .. } => {
                     // Serving it reads the rest of the inbox, then moves it to epoll.
-                    stream.detached(fd);
+                    stream.detached();
                     session.readable = true;
                     session.write_blocked = false;
                 }
                 uring::Completion::Watched { .. }
                 | uring::Completion::Datagram { .. }
-                | uring::Completion::DatagramsSent { .. } => {}
+                | uring::Completion::DatagramsSent { .. }
+                | uring::Completion::Accepted { .. }
+                | uring::Completion::AcceptEnded { .. } => {}
             }
             if !stream.notified {
                 stream.notified = true;
@@ -753,7 +770,9 @@ impl EventLoop {
         let key = self.sessions.vacant_key();
         let stream = match self.ring.as_mut() {
             // The ring receives from the start (what arrived before is in the socket).
-            Some(ring) => UringStream::register(stream, ring, key).map(SessionStream::Uring),
+            Some(ring) => Ok(SessionStream::Uring(UringStream::register(
+                stream, ring, key,
+            ))),
             None => {
                 let mut stream = stream;
                 let interest = Interest::READABLE | Interest::WRITABLE;

@@ -130,6 +130,7 @@ pub(crate) fn bind(
         options: socket_options(config),
         tls,
         ready: true,
+        ring_accept: None,
     })
 }
 

@@ -5,19 +5,23 @@
 //! of the operations in flight. The ownership rule that makes the `unsafe` sound: **every
 //! buffer the kernel may read or write belongs to the ring until the operation's completion
 //! arrives** — a send's bytes are a `Vec` moved into the operation table, receive buffers are
-//! slots of the ring's own buffer area, and a socket's descriptor is held by the ring until
-//! its last operation completed ([`Ring::retire`] cancels them; the descriptor is closed when
-//! the last completion arrives). Dropping the ring cancels everything and waits for the
+//! slots of the ring's own buffer area, and the ring holds a reference to a socket's
+//! descriptor (an `Arc<OwnedFd>`, shared with the socket's user: one descriptor per socket)
+//! until its last operation completed ([`Ring::retire`] cancels them; the descriptor is closed
+//! when both the last completion arrived and the user let go of it). Dropping the ring cancels everything and waits for the
 //! completions; if that fails the buffers are leaked rather than freed under the kernel.
 //!
-//! The ring also watches foreign descriptors ([`Ring::watch`], e.g. mio's epoll descriptor),
+//! The ring also accepts connections on listening sockets ([`Ring::accept`]: one multishot
+//! accept per socket, which keeps the socket open until its last completion) and watches
+//! foreign descriptors ([`Ring::watch`], e.g. mio's epoll descriptor),
 //! so that a loop blocks in one place: [`Ring::submit_and_wait`].
 
 use std::alloc::{self, Layout};
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
@@ -82,6 +86,16 @@ impl Default for RingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnId(usize);
 
+/// A listening socket's multishot accept on a [`Ring`] ([`Ring::accept`]); valid until its
+/// [`Completion::AcceptEnded`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptId(u64);
+
+/// A listening socket handed to [`Ring::accept`]: the operation keeps it (and so the socket)
+/// until its last completion, so its descriptor cannot be closed, and its number reused,
+/// under the kernel.
+pub type Listening = Arc<dyn AsRawFd + Send + Sync>;
+
 /// What a completion means for the ring's user. `tag` is the value given to
 /// [`Ring::register`].
 #[derive(Debug)]
@@ -118,13 +132,32 @@ pub enum Completion<'a> {
         tag: usize,
     },
     /// A socket given to [`Ring::detach`] has no operation in flight any more: the ring
-    /// hands its descriptor back and forgets the socket (its [`ConnId`] is not to be used
-    /// again).
+    /// hands its reference to the descriptor back and forgets the socket (its [`ConnId`] is
+    /// not to be used again).
     Detached {
         /// The socket's tag.
         tag: usize,
         /// The descriptor given to [`Ring::register`].
+        fd: Arc<OwnedFd>,
+    },
+    /// A connection accepted on a listening socket ([`Ring::accept`]): its descriptor,
+    /// non-blocking and close-on-exec (the peer's address is `getpeername(2)`'s: a multishot
+    /// accept has no address buffer of its own).
+    Accepted {
+        /// The token given to `accept`.
+        token: u64,
+        /// The connection's descriptor.
         fd: OwnedFd,
+    },
+    /// A listening socket's accept ended, and nothing more is accepted until [`Ring::accept`]
+    /// is called again: after [`Ring::stop_accept`] (`error` is `None`), an accept that failed
+    /// (`EMFILE`…: the connection stays in the socket's queue), or the kernel ending the
+    /// multishot on its own (a full completion queue; `None`).
+    AcceptEnded {
+        /// The token given to `accept`.
+        token: u64,
+        /// Why, when an accept failed.
+        error: Option<io::Error>,
     },
     /// A watched descriptor became readable ([`Ring::watch`]).
     Watched {
@@ -276,6 +309,8 @@ enum OpKind {
     Writable,
     /// A multishot POLLIN on a foreign descriptor.
     Watch { fd: RawFd, token: u64 },
+    /// A multishot accept on a listening socket, kept open (never read) until it ends.
+    Accept { _listener: Listening, token: u64 },
     /// A datagram socket's receive or send (`uring_dgram.rs`).
     Dgram(dgram::DgramOp),
 }
@@ -286,7 +321,8 @@ struct Op {
 }
 
 struct Conn {
-    fd: OwnedFd,
+    /// Shared with the socket's user; the ring's reference goes when its last operation did.
+    fd: Arc<OwnedFd>,
     tag: usize,
     /// Operations in flight for this socket.
     ops: usize,
@@ -363,6 +399,7 @@ impl Ring {
             (opcode::RecvMulti::CODE, "RECV"),
             (opcode::Send::CODE, "SEND"),
             (opcode::PollAdd::CODE, "POLL_ADD"),
+            (opcode::AcceptMulti::CODE, "ACCEPT"),
             (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
         ] {
             if !probe.is_supported(code) {
@@ -407,10 +444,12 @@ impl Ring {
         Ok(())
     }
 
-    /// Takes ownership of a socket's descriptor; completions for it carry `tag`.
-    pub fn register(&mut self, fd: OwnedFd, tag: usize) -> ConnId {
+    /// Takes a reference to a socket's descriptor (its user may keep another one, for the
+    /// calls that stay synchronous: no second descriptor is needed); completions for it carry
+    /// `tag`.
+    pub fn register(&mut self, fd: impl Into<Arc<OwnedFd>>, tag: usize) -> ConnId {
         let conn = Conn {
-            fd,
+            fd: fd.into(),
             tag,
             ops: 0,
             recv: None,
@@ -524,8 +563,36 @@ impl Ring {
         let _ = self.start_op(None, OpKind::Watch { fd, token }, entry);
     }
 
-    /// Ends a socket: cancels its operations and closes its descriptor once the last one
-    /// completed (at once if none is in flight). Nothing more is reported for it. Bytes of a
+    /// Accepts connections on `listener` (one multishot accept, reported as
+    /// [`Completion::Accepted`] with `token`) until [`Ring::stop_accept`] or an error
+    /// ([`Completion::AcceptEnded`]). The operation holds `listener` until it ended: no memory
+    /// is involved (no address buffer), and the descriptor stays open under the kernel.
+    pub fn accept(&mut self, listener: Listening, token: u64) -> AcceptId {
+        let fd = listener.as_raw_fd();
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+            .build();
+        let kind = OpKind::Accept {
+            _listener: listener,
+            token,
+        };
+        // `start_op` fails only for an index past u64::MAX; `stop_accept` then finds nothing.
+        AcceptId(self.start_op(None, kind, entry).unwrap_or(CANCEL))
+    }
+
+    /// Stops an accept: its [`Completion::AcceptEnded`] follows (connections it accepted
+    /// before the cancel reached it are reported first).
+    pub fn stop_accept(&mut self, accept: AcceptId) {
+        let index = usize::try_from(accept.0).unwrap_or(usize::MAX);
+        let accepting = self.ops.get(index).and_then(Option::as_ref);
+        if accepting.is_some_and(|op| matches!(op.kind, OpKind::Accept { .. })) {
+            self.cancel(accept.0);
+        }
+    }
+
+    /// Ends a socket: cancels its operations and lets go of the ring's reference to its
+    /// descriptor once the last one completed (at once if none is in flight); the descriptor
+    /// closes when its user's reference is gone too. Nothing more is reported for it. Bytes of a
     /// send in flight go out only if the socket takes them before the cancel reaches it.
     pub fn retire(&mut self, conn: ConnId) {
         let Some(state) = self.conn_mut(conn) else {
@@ -545,10 +612,10 @@ impl Ring {
 
     /// Moves a socket off the ring (its user goes on with readiness, e.g. to `splice(2)` it):
     /// stops receiving and cancels a writability poll, lets a send in flight finish, and once
-    /// the last completion arrived hands the descriptor back in [`Completion::Detached`].
-    /// Bytes received until then are reported as usual. Returns the descriptor at once if
-    /// nothing was in flight (no `Detached` follows then).
-    pub fn detach(&mut self, conn: ConnId) -> Option<OwnedFd> {
+    /// the last completion arrived hands its reference to the descriptor back in
+    /// [`Completion::Detached`]. Bytes received until then are reported as usual. Returns it
+    /// at once if nothing was in flight (no `Detached` follows then).
+    pub fn detach(&mut self, conn: ConnId) -> Option<Arc<OwnedFd>> {
         let state = self.conn_mut(conn)?;
         state.detaching = true;
         state.want_recv = false;
@@ -730,6 +797,22 @@ impl Ring {
                 self.maybe_release(id, report);
             }
             OpKind::Dgram(_) => {}
+            OpKind::Accept { token, .. } => {
+                let token = *token;
+                if result >= 0 {
+                    // SAFETY: a successful accept's result is a descriptor the kernel has just
+                    // installed in this process for us; nothing else owns it.
+                    let fd = unsafe { OwnedFd::from_raw_fd(result) };
+                    report(Completion::Accepted { token, fd });
+                }
+                if !more {
+                    // Dropping the operation lets go of the listening socket.
+                    self.finish_op(index);
+                    let failed = result < 0 && result != -libc::ECANCELED;
+                    let error = failed.then(|| io::Error::from_raw_os_error(-result));
+                    report(Completion::AcceptEnded { token, error });
+                }
+            }
             OpKind::Watch { fd, token } => {
                 let (fd, token) = (*fd, *token);
                 if result >= 0 {
@@ -773,7 +856,8 @@ impl Ring {
             return;
         }
         let detached = state.detaching && !state.retired;
-        // Dropping the OwnedFd closes the socket: no operation refers to it any more.
+        // Dropping the ring's reference closes the socket unless its user holds one: no
+        // operation refers to it any more.
         if let Some(state) = self.release_conn(conn).filter(|_| detached) {
             report(Completion::Detached {
                 tag: state.tag,
@@ -782,7 +866,8 @@ impl Ring {
         }
     }
 
-    /// Forgets a socket no operation refers to any more (dropping it closes the descriptor).
+    /// Forgets a socket no operation refers to any more (dropping it lets go of the ring's
+    /// reference to the descriptor).
     fn release_conn(&mut self, conn: ConnId) -> Option<Conn> {
         let state = self.conns.get_mut(conn.0)?.take()?;
         self.free_conns.push(conn.0);
@@ -986,6 +1071,8 @@ mod tests {
         Writable(usize),
         Detached(usize),
         Watched(u64),
+        Accepted(u64, std::net::SocketAddr),
+        AcceptEnded(u64, Option<i32>),
     }
 
     impl From<Completion<'_>> for Event {
@@ -998,6 +1085,20 @@ mod tests {
                 Completion::Writable { tag } => Event::Writable(tag),
                 Completion::Detached { tag, .. } => Event::Detached(tag),
                 Completion::Watched { token } => Event::Watched(token),
+                Completion::Accepted { token, fd } => {
+                    // SAFETY: F_GETFL only reads the flags of a descriptor this test owns.
+                    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+                    assert_ne!(
+                        flags & libc::O_NONBLOCK,
+                        0,
+                        "an accepted socket is non-blocking"
+                    );
+                    let stream = TcpStream::from(fd);
+                    Event::Accepted(token, stream.peer_addr().unwrap())
+                }
+                Completion::AcceptEnded { token, error } => {
+                    Event::AcceptEnded(token, error.and_then(|err| err.raw_os_error()))
+                }
                 other => panic!("a datagram completion in a stream test: {other:?}"),
             }
         }
@@ -1057,6 +1158,59 @@ mod tests {
     }
 
     #[test]
+    fn one_accept_takes_every_connection_until_stopped_and_keeps_the_socket_open_until_then() {
+        let mut ring = ring();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Two connections wait in the queue before the accept is armed, three come after.
+        let mut clients: Vec<TcpStream> =
+            (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let accept = ring.accept(Arc::new(listener), 42);
+        let accepted = |events: &[Event]| {
+            events
+                .iter()
+                .filter(|event| matches!(event, Event::Accepted(42, _)))
+                .count()
+        };
+        run_until(&mut ring, |events| accepted(events) == 2);
+        clients.extend((0..3).map(|_| TcpStream::connect(addr).unwrap()));
+        let events = run_until(&mut ring, |events| accepted(events) == 3);
+        let mut peers: Vec<_> = events
+            .iter()
+            .filter_map(|event| match event {
+                Event::Accepted(_, peer) => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        peers.sort();
+        let mut locals: Vec<_> = clients
+            .iter()
+            .skip(2)
+            .map(|client| client.local_addr().unwrap())
+            .collect();
+        locals.sort();
+        assert_eq!(peers, locals, "each completion is one client's connection");
+        // The ring holds the only reference to the socket: it still listens.
+        let late = TcpStream::connect(addr).unwrap();
+        let events = run_until(&mut ring, |events| accepted(events) == 1);
+        assert!(
+            matches!(events.as_slice(), [Event::Accepted(42, peer)] if *peer == late.local_addr().unwrap())
+        );
+        ring.stop_accept(accept);
+        let events = run_until(&mut ring, |events| {
+            events.contains(&Event::AcceptEnded(42, None))
+        });
+        assert_eq!(events, vec![Event::AcceptEnded(42, None)]);
+        assert_eq!(ring.in_flight(), 0);
+        // Ended, the operation let go of the last reference: the socket is closed.
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "nothing listens any more"
+        );
+    }
+
+    #[test]
     fn a_large_send_is_continued_until_complete() {
         let mut ring = ring();
         let (fd, peer) = pair();
@@ -1074,6 +1228,56 @@ mod tests {
             events.contains(&Event::Sent(3, 8 << 20))
         });
         assert_eq!(reader.join().unwrap().unwrap(), data);
+    }
+
+    #[test]
+    fn a_descriptor_shared_with_its_user_closes_only_when_both_let_go() {
+        // The user keeps a reference (as a session does for `shutdown`, `sendfile`): retiring
+        // the socket with a receive in flight lets go of the ring's, not of the descriptor.
+        let mut ring = ring();
+        let (fd, mut peer) = pair();
+        let fd = Arc::new(fd);
+        let conn = ring.register(Arc::clone(&fd), 4);
+        ring.start_recv(conn);
+        ring.submit_and_wait(Some(Duration::ZERO)).unwrap();
+        assert_eq!(Arc::strong_count(&fd), 2, "the ring holds a reference");
+        ring.retire(conn);
+        let start = Instant::now();
+        while ring.in_flight() > 0 || ring.sockets() > 0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            ring.submit_and_wait(Some(Duration::from_millis(50)))
+                .unwrap();
+            ring.complete(|completion| panic!("completion for a retired socket: {completion:?}"));
+        }
+        assert_eq!(
+            Arc::strong_count(&fd),
+            1,
+            "the ring let go of its reference"
+        );
+        // Still open: the peer sees no end, and the user's reference still writes.
+        peer.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let err = peer
+            .read(&mut buf)
+            .expect_err("no end while the user holds the socket");
+        assert!(matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ));
+        let mut user = TcpStream::from(Arc::into_inner(fd).expect("the only reference"));
+        user.write_all(b"still open").unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        peer.read_exact(&mut buf[..5]).unwrap();
+        assert_eq!(&buf[..5], b"still");
+        drop(user);
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).unwrap();
+        assert_eq!(
+            rest, b" open",
+            "the end comes when the last reference is gone"
+        );
     }
 
     #[test]

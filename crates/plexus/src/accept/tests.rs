@@ -74,6 +74,7 @@ pub(crate) fn listener_on_loopback(
         },
         tls: None,
         ready: true,
+        ring_accept: None,
     }
 }
 
@@ -267,8 +268,8 @@ fn a_refused_connection_is_closed_at_once_and_counted_per_listener() {
     assert_eq!(stats.refusals().get(RefusalReason::MaxConnections), 1);
 }
 
-/// A loop that cannot register an accepted connection for lack of descriptors (an io_uring
-/// session needs a second one) is out of descriptors as surely as a failed `accept`: the
+/// A loop that cannot register an accepted connection for lack of descriptors (a
+/// registration that needs one) is out of descriptors as surely as a failed `accept`: the
 /// waiting connections are closed, counted, and accepting pauses.
 #[test]
 fn an_adoption_that_runs_out_of_descriptors_sheds_the_queue_and_pauses() {

@@ -7,14 +7,16 @@
 //! it is empty), `write` copies into the stream's next send (`WouldBlock` once a send's worth
 //! is waiting). The event loop moves the inbox and the next send to and from the ring
 //! ([`UringStream::sync`]) and turns completions into the same flags epoll edges set
-//! (`readable`, `write_blocked`). The ring owns the bytes of a send in flight and its own
-//! descriptor of the socket until the last completion (see `plexus_sys::uring`): dropping a
-//! session frees nothing the kernel still uses.
+//! (`readable`, `write_blocked`). The ring owns the bytes of a send in flight and a reference
+//! to the socket's one descriptor (shared with the stream) until the last completion (see
+//! `plexus_sys::uring`): dropping a session frees nothing the kernel still uses, and closes
+//! nothing the ring still uses.
 
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use mio::net::TcpStream;
@@ -76,7 +78,10 @@ impl SessionStream {
     pub(crate) fn local_addr(&self) -> io::Result<SocketAddr> {
         match self {
             SessionStream::Epoll(stream) => stream.local_addr(),
-            SessionStream::Uring(stream) => stream.socket.local_addr(),
+            SessionStream::Uring(stream) => socket2::SockRef::from(&stream.socket)
+                .local_addr()?
+                .as_socket()
+                .ok_or_else(|| io::ErrorKind::Unsupported.into()),
         }
     }
 
@@ -84,7 +89,9 @@ impl SessionStream {
     pub(crate) fn shutdown_write(&self) -> io::Result<()> {
         let result = match self {
             SessionStream::Epoll(stream) => stream.shutdown(Shutdown::Write),
-            SessionStream::Uring(stream) => stream.socket.shutdown(Shutdown::Write),
+            SessionStream::Uring(stream) => {
+                socket2::SockRef::from(&stream.socket).shutdown(Shutdown::Write)
+            }
         };
         match result {
             Err(err) if err.kind() != io::ErrorKind::NotConnected => Err(err),
@@ -164,9 +171,9 @@ impl FileSink for SessionStream {
 /// An io_uring session's socket state on the loop's side.
 #[derive(Debug)]
 pub(crate) struct UringStream {
-    /// The session's own descriptor (the ring holds a duplicate for its operations): for the
-    /// calls that stay synchronous (`sendfile`, `shutdown`, addresses).
-    socket: std::net::TcpStream,
+    /// The socket's descriptor, shared with the ring (which holds it until its operations
+    /// completed): for the calls that stay synchronous (`sendfile`, `shutdown`, addresses).
+    socket: Arc<OwnedFd>,
     conn: ConnId,
     /// Received, not yet read.
     inbox: BytesMut,
@@ -184,6 +191,8 @@ pub(crate) struct UringStream {
     want_writable: bool,
     /// Moving back to readiness (to splice): how far.
     leaving: Leaving,
+    /// The epoll side's descriptor of the socket, made when the move starts.
+    for_epoll: Option<OwnedFd>,
     /// The linked session (slab key, id) to splice with once on epoll.
     pub(crate) splice_peer: Option<(usize, SessionId)>,
     /// Listed for serving after this batch of completions.
@@ -199,23 +208,19 @@ enum Leaving {
     Draining,
     /// Given to [`Ring::detach`]: waiting for the ring's last completion.
     Detaching,
-    /// The ring let go of the socket and handed its descriptor back: the session may move to
-    /// epoll with it once the inbox is read.
-    Detached(Option<OwnedFd>),
+    /// The ring let go of the socket (its operations are over): the session may move to epoll
+    /// once the inbox is read.
+    Detached,
 }
 
 impl UringStream {
-    /// Registers `stream` with `ring` (completions carry `tag`) and starts receiving.
-    pub(crate) fn register(
-        stream: TcpStream,
-        ring: &mut Ring,
-        tag: usize,
-    ) -> io::Result<Box<Self>> {
-        let socket = std::net::TcpStream::from(OwnedFd::from(stream));
-        let for_ring = OwnedFd::from(socket.try_clone()?);
-        let conn = ring.register(for_ring, tag);
+    /// Registers `stream` with `ring` (completions carry `tag`) and starts receiving. The
+    /// ring shares the socket's descriptor: no second one is made.
+    pub(crate) fn register(stream: TcpStream, ring: &mut Ring, tag: usize) -> Box<Self> {
+        let socket = Arc::new(OwnedFd::from(stream));
+        let conn = ring.register(Arc::clone(&socket), tag);
         ring.start_recv(conn);
-        Ok(Box::new(UringStream {
+        Box::new(UringStream {
             socket,
             conn,
             inbox: BytesMut::new(),
@@ -226,9 +231,10 @@ impl UringStream {
             write_error: None,
             want_writable: false,
             leaving: Leaving::No,
+            for_epoll: None,
             splice_peer: None,
             notified: false,
-        }))
+        })
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -295,7 +301,7 @@ impl UringStream {
     /// Moves the loop's side to the ring: the next send (if none is in flight), a request
     /// for writability, and receiving on or off by how full the inbox is.
     pub(crate) fn sync(&mut self, ring: &mut Ring) {
-        if matches!(self.leaving, Leaving::Detaching | Leaving::Detached(_)) {
+        if matches!(self.leaving, Leaving::Detaching | Leaving::Detached) {
             return;
         }
         if !self.in_flight && !self.next_send.is_empty() {
@@ -316,7 +322,7 @@ impl UringStream {
             }
             if !self.in_flight && self.next_send.is_empty() && !self.want_writable {
                 self.leaving = match ring.detach(self.conn) {
-                    Some(fd) => Leaving::Detached(Some(fd)),
+                    Some(_ring_reference) => Leaving::Detached,
                     None => Leaving::Detaching,
                 };
             }
@@ -336,7 +342,7 @@ impl UringStream {
     /// a non-blocking write would be), then every operation cancelled; the ring closes its
     /// descriptor once their completions arrived.
     pub(crate) fn retire(&mut self, ring: &mut Ring) {
-        if matches!(self.leaving, Leaving::Detached(_)) {
+        if matches!(self.leaving, Leaving::Detached) {
             // The ring let go of the socket (its ConnId may be another socket's by now).
             return;
         }
@@ -350,31 +356,33 @@ impl UringStream {
 impl UringStream {
     /// Starts moving the session back to readiness (to splice its socket): no more receiving,
     /// what was accepted is sent, then the ring lets go of its descriptor
-    /// ([`UringStream::detached`]).
-    pub(crate) fn leave(&mut self, peer: (usize, SessionId)) {
-        self.splice_peer = Some(peer);
+    /// ([`UringStream::detached`]). The epoll side gets a descriptor of its own, made here:
+    /// the one shared with the ring cannot be moved out of the stream while it lives. `Err`
+    /// (nothing changes: the session stays on the ring, and its pair copies) when no
+    /// descriptor is left.
+    pub(crate) fn leave(&mut self, peer: (usize, SessionId)) -> io::Result<()> {
         if matches!(self.leaving, Leaving::No) {
+            self.for_epoll = Some(self.socket.try_clone()?);
             self.leaving = Leaving::Draining;
         }
+        self.splice_peer = Some(peer);
+        Ok(())
     }
 
-    /// The ring reported [`plexus_sys::uring::Completion::Detached`] with its descriptor.
-    pub(crate) fn detached(&mut self, fd: OwnedFd) {
-        self.leaving = Leaving::Detached(Some(fd));
+    /// The ring reported [`plexus_sys::uring::Completion::Detached`] (and dropped its
+    /// reference to the descriptor with it).
+    pub(crate) fn detached(&mut self) {
+        self.leaving = Leaving::Detached;
     }
 
     /// The socket, as a mio stream for epoll, once the ring let go of it and every byte it
     /// received was read (a received end stays with the socket: reading it again says so).
+    /// It is the descriptor made by [`UringStream::leave`]; this stream's closes with it.
     pub(crate) fn take_for_epoll(&mut self) -> Option<TcpStream> {
-        if !self.inbox.is_empty() {
+        if !self.inbox.is_empty() || !matches!(self.leaving, Leaving::Detached) {
             return None;
         }
-        let Leaving::Detached(fd) = &mut self.leaving else {
-            return None;
-        };
-        // The ring's descriptor (no new one is needed: a session out of descriptors moves
-        // too); the session's own closes with this `UringStream`.
-        let fd = fd.take()?;
+        let fd = self.for_epoll.take()?;
         Some(TcpStream::from_std(std::net::TcpStream::from(fd)))
     }
 }

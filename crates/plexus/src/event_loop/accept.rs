@@ -19,17 +19,26 @@
 //! epoll forgets a registration only when every descriptor of the open file is closed, and a
 //! binary upgrade gives the same listening sockets to the new process.
 //!
-//! With `backend = "io_uring"` the listeners stay on the loop's epoll instance, which the ring
-//! watches: no loop waits in `epoll_wait` there, so the kernel reports a new connection to
-//! every loop and the ones that come second find the queue empty (`WouldBlock`).
+//! With `backend = "io_uring"` a loop accepts through its ring instead: one multishot accept
+//! per listener (`IORING_OP_ACCEPT`, kept armed until accepting pauses or the listener goes),
+//! so a connection costs neither a readiness event nor an `accept(2)` of its own, only the
+//! `getpeername(2)` that a multishot accept leaves to its user. The kernel hands each
+//! connection to one waiting accept (accept requests wait exclusively, like `EPOLLEXCLUSIVE`),
+//! and the completions go through the same [`Intake`]: admission, the descriptor reserve and
+//! the pause are exactly those of epoll. A pause stops the ring's accepts (connections wait in
+//! the kernel's queue); the loop arms them again when it is over.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Instant;
 
+use mio::net::TcpStream;
 use mio::Token;
 use plexus_sys::epoll::{self, Sharing};
-use tracing::{error, info, warn};
+use plexus_sys::uring::Ring;
+use tracing::{debug, error, info, warn};
 
 use super::{Command, EventLoop};
 use crate::accept::{BoundListener, Intake, NewSession};
@@ -84,6 +93,21 @@ pub(super) struct LoopListeners {
     intake: Option<Intake>,
     /// Sessions passed on by another loop that this one could not register.
     failed_adoptions: LogThrottle,
+    /// The loop accepts through its io_uring ring (multishot accepts), not epoll.
+    on_ring: bool,
+    /// A listener has no ring accept armed (new, ended, or stopped by a pause).
+    unarmed: bool,
+    /// What the ring reported for the listeners in the last batch of completions, taken
+    /// after it (adopting needs the whole loop).
+    from_ring: Vec<FromRing>,
+}
+
+/// A listener's completion on the ring, queued for [`EventLoop::accept_turn`].
+pub(super) enum FromRing {
+    /// A connection accepted on listener `index`.
+    Accepted(usize, OwnedFd),
+    /// Listener `index`'s accept ended (with the accept's error, if one failed).
+    Ended(usize, Option<io::Error>),
 }
 
 impl LoopListeners {
@@ -91,10 +115,56 @@ impl LoopListeners {
     /// (unless accepting is paused: then when the pause ends), never when none has.
     pub(super) fn wakeup(&self, now: Instant) -> Option<Instant> {
         let intake = self.intake.as_ref()?;
+        if self.on_ring {
+            // Unpaused, the ring's accepts are armed before the loop waits: only the end of a
+            // pause needs a wake-up.
+            return intake.paused_until().filter(|_| self.unarmed);
+        }
         self.listeners
             .iter()
             .any(|listener| listener.ready)
             .then(|| intake.paused_until().unwrap_or(now))
+    }
+
+    /// Whether the loop accepts through its io_uring ring.
+    pub(super) fn set_on_ring(&mut self, on_ring: bool) {
+        self.on_ring = on_ring;
+    }
+
+    /// Queues a listener's completion (from the ring's completion callback).
+    pub(super) fn ring_reported(&mut self, event: FromRing) {
+        self.from_ring.push(event);
+    }
+
+    /// Arms a multishot accept on every listener that has none, unless accepting is paused;
+    /// called before the loop waits on its ring.
+    pub(super) fn arm_ring_accepts(&mut self, ring: &mut Ring) {
+        if !self.unarmed {
+            return;
+        }
+        let Some(intake) = self.intake.as_mut() else {
+            return;
+        };
+        if !intake.may_accept(Instant::now()) {
+            return;
+        }
+        for listener in &mut self.listeners {
+            if listener.ring_accept.is_none() {
+                let token = u64::try_from(listener.info.index).unwrap_or(u64::MAX);
+                let socket: plexus_sys::uring::Listening = Arc::clone(&listener.socket) as _;
+                listener.ring_accept = Some(ring.accept(socket, token));
+            }
+        }
+        self.unarmed = false;
+    }
+
+    /// Stops the ring's accepts (a pause): each one's end is reported, and it is armed again
+    /// once the pause is over.
+    fn stop_ring_accepts(&self, ring: Option<&mut Ring>) {
+        let Some(ring) = ring else { return };
+        for accept in self.listeners.iter().filter_map(|l| l.ring_accept) {
+            ring.stop_accept(accept);
+        }
     }
 }
 
@@ -111,12 +181,35 @@ impl EventLoop {
         let index = listener.info.index;
         let known = self.listening.listeners.iter_mut();
         if let Some(kept) = known.into_iter().find(|kept| kept.info.index == index) {
-            let ready = kept.ready;
+            let (ready, ring_accept) = (kept.ready, kept.ring_accept);
             *kept = listener;
             kept.ready = ready;
+            kept.ring_accept = ring_accept;
             return Ok(());
         }
-        let token = listener_token(index).0 as u64;
+        if self.listening.on_ring {
+            // Armed on the ring before the loop waits next.
+            self.listening.listeners.push(listener);
+            self.listening.unarmed = true;
+            return Ok(());
+        }
+        self.register_listener(listener)
+    }
+
+    /// The ring could not be started: the listeners go to epoll instead.
+    pub(super) fn listeners_to_epoll(&mut self) {
+        self.listening.on_ring = false;
+        for listener in std::mem::take(&mut self.listening.listeners) {
+            let name = Arc::clone(&listener.info.name);
+            if let Err(err) = self.register_listener(listener) {
+                error!(event_loop = self.index, listener = %name, "cannot accept on the listener: {err}");
+            }
+        }
+    }
+
+    /// Registers `listener` with the loop's epoll instance and starts accepting on it.
+    fn register_listener(&mut self, listener: BoundListener) -> io::Result<()> {
+        let token = listener_token(listener.info.index).0 as u64;
         let sharing = epoll::add_shared(&self.poll, &*listener.socket, token)?;
         if sharing == Sharing::Shared {
             SHARED_WAKEUPS_LOGGED.call_once(|| {
@@ -138,7 +231,11 @@ impl EventLoop {
         let listeners = &mut self.listening.listeners;
         if let Some(position) = listeners.iter().position(|l| l.info.index == index) {
             let listener = listeners.remove(position);
-            self.deregister_listener(&listener);
+            if let (Some(ring), Some(accept)) = (self.ring.as_mut(), listener.ring_accept) {
+                // The operation keeps the socket open until its cancel completes.
+                ring.stop_accept(accept);
+            }
+            self.deregister_listener(&listener, self.listening.on_ring);
         }
     }
 
@@ -150,8 +247,12 @@ impl EventLoop {
         }
     }
 
-    /// Accepts, admits and adopts what waits on the ready listeners (a budget per listener).
+    /// Accepts, admits and adopts what waits on the ready listeners (a budget per listener),
+    /// and what the ring accepted.
     pub(super) fn accept_turn(&mut self, now: Instant) {
+        if !self.listening.from_ring.is_empty() {
+            self.take_from_ring(now);
+        }
         if !self.listening.listeners.iter().any(|l| l.ready) {
             return;
         }
@@ -165,16 +266,63 @@ impl EventLoop {
         self.listening = listening;
     }
 
+    /// Admits and adopts the connections the ring accepted, and re-arms or pauses for the
+    /// accepts that ended. Connections of a listener this loop let go of are closed.
+    fn take_from_ring(&mut self, now: Instant) {
+        let mut listening = std::mem::take(&mut self.listening);
+        let mut events = std::mem::take(&mut listening.from_ring);
+        let mut paused = false;
+        for event in events.drain(..) {
+            let (FromRing::Accepted(index, _) | FromRing::Ended(index, _)) = &event;
+            let index = *index;
+            let listeners = listening.listeners.iter_mut();
+            let (Some(listener), Some(intake)) = (
+                listeners.into_iter().find(|l| l.info.index == index),
+                listening.intake.as_mut(),
+            ) else {
+                if let FromRing::Accepted(..) = event {
+                    debug!(
+                        event_loop = self.index,
+                        "closed a connection accepted for a listener that is gone"
+                    );
+                }
+                continue;
+            };
+            let going_on = match event {
+                FromRing::Accepted(_, fd) => {
+                    let stream = TcpStream::from_std(std::net::TcpStream::from(fd));
+                    let mut adopt = |new: NewSession| self.adopt_or_pass_on(new, now);
+                    intake.take_accepted(listener, stream, now, &mut adopt)
+                }
+                FromRing::Ended(_, error) => {
+                    listener.ring_accept = None;
+                    listening.unarmed = true;
+                    error.is_none_or(|err| intake.accept_failed(listener, &err, now))
+                }
+            };
+            paused |= !going_on;
+        }
+        if paused {
+            listening.stop_ring_accepts(self.ring.as_mut());
+        }
+        listening.from_ring = events;
+        self.listening = listening;
+    }
+
     /// Lets every listener go; with `sweep` (a graceful drain) after taking what waits in
     /// their queues, so those connections are drained like the others instead of reset.
     pub(super) fn stop_listening(&mut self, now: Instant, sweep: bool) {
+        if sweep && !self.listening.from_ring.is_empty() {
+            self.take_from_ring(now);
+        }
         let mut listening = std::mem::take(&mut self.listening);
         if let (true, Some(intake)) = (sweep, listening.intake.as_mut()) {
             let mut adopt = |new: NewSession| self.adopt(new, now);
             intake.accept_backlog(&mut listening.listeners, ACCEPT_BUDGET, now, &mut adopt);
         }
+        listening.stop_ring_accepts(self.ring.as_mut());
         for listener in listening.listeners.drain(..) {
-            self.deregister_listener(&listener);
+            self.deregister_listener(&listener, listening.on_ring);
         }
         // The intake stays: nothing is accepted without listeners.
         self.listening = listening;
@@ -217,7 +365,10 @@ impl EventLoop {
         }
     }
 
-    fn deregister_listener(&self, listener: &BoundListener) {
+    fn deregister_listener(&self, listener: &BoundListener, on_ring: bool) {
+        if on_ring {
+            return;
+        }
         if let Err(err) = epoll::remove(&self.poll, &*listener.socket) {
             warn!(
                 event_loop = self.index,

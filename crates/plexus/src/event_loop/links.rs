@@ -149,12 +149,19 @@ impl EventLoop {
             return;
         }
         for (this, peer) in [(key, (target_key, target_id)), (target_key, (key, id))] {
-            if let Some(stream) = self
+            let left = self
                 .sessions
                 .get_mut(this)
                 .and_then(|session| session.stream.uring())
-            {
-                stream.leave(peer);
+                .map(|stream| stream.leave(peer));
+            if let Some(Err(err)) = left {
+                if let Some(also) = self.pipe_failures.allow(Instant::now()) {
+                    warn!(
+                        session = %id, peer = %target_id,
+                        "cannot make a descriptor to move the session to epoll to splice with \
+                         ({err}); copying (+{also} more in the last second)"
+                    );
+                }
             }
             self.list_for_flush(this);
         }

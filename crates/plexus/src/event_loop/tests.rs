@@ -18,6 +18,7 @@ use super::{Command, EventLoop, ExitSignal, LoopHandle, NewSession, SessionLimit
 use crate::accept::{BoundListener, Intake, RefusalLog};
 use crate::admission::Admission;
 use crate::breakdown::ListenerStats;
+use crate::config::Backend;
 use crate::metrics::Metrics;
 use crate::service::{CloseReason, ListenerInfo, Service, Session, SessionHandler};
 use crate::service::{SessionId, SessionInfo};
@@ -170,13 +171,30 @@ impl Running {
         running
     }
 
-    /// A loop that accepts from a loopback listener of the recording service itself, and
-    /// that listener (the test's share of its socket keeps it open).
+    /// A loop on `backend` that accepts from a loopback listener of the recording service
+    /// itself, and that listener (the test's share of its socket keeps it open).
     fn listening(
+        backend: Backend,
         before_start: impl FnOnce(&LoopHandle, &BoundListener),
+    ) -> (Running, BoundListener) {
+        Running::listening_with(backend, |_, handle, listener| {
+            before_start(handle, listener)
+        })
+    }
+
+    /// [`Running::listening`], with the loop itself given to `before_start` too.
+    fn listening_with(
+        backend: Backend,
+        before_start: impl FnOnce(&mut EventLoop, &LoopHandle, &BoundListener),
     ) -> (Running, BoundListener) {
         let mut shared = None;
         let running = Running::start_with(Duration::from_secs(60), false, |event_loop, running| {
+            event_loop.set_backend(backend);
+            assert_eq!(
+                event_loop.ring.is_some(),
+                backend == Backend::IoUring,
+                "io_uring is available on the test machine"
+            );
             let listener = crate::accept::tests::listener_on_loopback(
                 Arc::clone(&running.listener),
                 Arc::clone(&running.service),
@@ -184,7 +202,7 @@ impl Running {
             let refusals = Arc::new(RefusalLog::new());
             event_loop.set_intake(Intake::new(Arc::clone(&running.admission), refusals));
             event_loop.listen(listener.clone()).unwrap();
-            before_start(&running.handle, &listener);
+            before_start(event_loop, &running.handle, &listener);
             shared = Some(listener);
         });
         (running, shared.unwrap())
@@ -457,7 +475,74 @@ fn drain_ends_idle_sessions_and_the_loop_exits() {
 /// (admitted: their tickets are held), with no acceptor thread in between.
 #[test]
 fn connections_to_a_listener_of_the_loop_become_its_sessions() {
-    let (running, listener) = Running::listening(|_, _| {});
+    connections_become_sessions(Backend::Epoll);
+}
+
+/// The same through the io_uring ring's multishot accept.
+#[test]
+fn connections_the_ring_accepts_become_the_loops_sessions() {
+    connections_become_sessions(Backend::IoUring);
+}
+
+/// The descriptors registered with epoll instance `epoll` (its `/proc` fdinfo `tfd` lines).
+fn epoll_targets(epoll: i32) -> Vec<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")).unwrap();
+    info.lines()
+        .filter_map(|line| line.strip_prefix("tfd:"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// On epoll the listener sits in the loop's epoll instance; on io_uring it does not (the
+/// ring accepts on it), yet connections are accepted either way.
+#[test]
+fn a_ring_loop_accepts_without_registering_the_listener_with_epoll() {
+    use std::os::fd::AsRawFd;
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let mut epoll = None;
+        let (running, listener) = Running::listening_with(backend, |event_loop, _, _| {
+            epoll = Some(event_loop.poll.as_raw_fd());
+        });
+        let mut client = StdStream::connect(listener.local).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(b"ping").unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"ping");
+        let registered = epoll_targets(epoll.unwrap()).contains(&listener.socket.as_raw_fd());
+        assert_eq!(registered, backend == Backend::Epoll, "{backend:?}");
+        running.stop().unwrap();
+    }
+}
+
+/// A listener removed by a reload stops listening once every share of its socket is gone —
+/// on io_uring too, where the ring's accept holds the socket until it is cancelled.
+#[test]
+fn an_unlistened_listener_closes_once_its_shares_are_gone_on_both_backends() {
+    for backend in [Backend::Epoll, Backend::IoUring] {
+        let (running, listener) = Running::listening(backend, |_, _| {});
+        let addr = listener.local;
+        let mut client = StdStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client.write_all(b"ping").unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"ping");
+        assert!(running.handle.send(Command::Unlisten(0)).is_ok());
+        drop(listener);
+        let deadline = Instant::now() + WAIT;
+        while StdStream::connect(addr).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{backend:?}: {addr} still listens"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The session accepted before goes on.
+        client.write_all(b"pong").unwrap();
+        assert_eq!(read_exactly(&mut client, 4), b"pong");
+        running.stop().unwrap();
+    }
+}
+
+fn connections_become_sessions(backend: Backend) {
+    let (running, listener) = Running::listening(backend, |_, _| {});
     let mut clients = Vec::new();
     for _ in 0..3 {
         let mut client = StdStream::connect(listener.local).unwrap();
@@ -491,8 +576,18 @@ fn connections_to_a_listener_of_the_loop_become_its_sessions() {
 /// sessions, are drained like the others, and their clients see a clean end.
 #[test]
 fn a_drain_takes_the_connections_waiting_in_the_listeners_queue_and_drains_them() {
+    drain_takes_the_queue(Backend::Epoll);
+}
+
+/// The same with the ring's accepts armed.
+#[test]
+fn a_drain_on_the_ring_takes_the_connections_waiting_in_the_listeners_queue() {
+    drain_takes_the_queue(Backend::IoUring);
+}
+
+fn drain_takes_the_queue(backend: Backend) {
     let mut clients = Vec::new();
-    let (mut running, _listener) = Running::listening(|handle, listener| {
+    let (mut running, _listener) = Running::listening(backend, |handle, listener| {
         // Queued before the loop runs: its first turn takes the drain command first.
         let mut tcp = std::fs::File::open("/proc/net/tcp").unwrap();
         for _ in 0..3 {
