@@ -1916,6 +1916,7 @@ pub(super) fn run_callback(
         extras,
         drain_wanted,
         high_watermark: limits.high_watermark,
+        unsent: 0,
         metrics: parts.metrics,
         now: parts.now,
         locals: &mut *parts.locals,

@@ -1571,7 +1571,7 @@ impl EventLoop {
             return;
         };
         if session.read_paused
-            && session.outbound.len() <= self.limits.low_watermark
+            && session.queued() <= self.limits.low_watermark
             && session.work.len() <= WORK_LOW_WATERMARK
         {
             session.read_paused = false;
@@ -1580,7 +1580,7 @@ impl EventLoop {
         }
         if session.drain_wanted
             && session.closing.is_none()
-            && session.outbound.len() <= self.limits.low_watermark
+            && session.queued() <= self.limits.low_watermark
         {
             // The producer that paused may go on: `serve` calls its on_drain next turn.
             session.drain_wanted = false;
@@ -1915,8 +1915,7 @@ fn may_read(
     // a cycle with any upstream that stops reading while its replies are not read (an echo
     // server): both directions stall for good. Its own sends stay bounded by outbound_limit.
     let relaying = links.is_some_and(|links| !links.peers.is_empty());
-    if (session.outbound.len() > high_watermark && !relaying)
-        || session.work.len() > WORK_HIGH_WATERMARK
+    if (session.queued() > high_watermark && !relaying) || session.work.len() > WORK_HIGH_WATERMARK
     {
         session.read_paused = true;
         LoopStats::add(&stats.read_pauses, 1);

@@ -1087,6 +1087,7 @@ mod tests {
                 extras: &mut self.extras,
                 drain_wanted: &mut drain_wanted,
                 high_watermark: 1 << 16,
+                unsent: 0,
                 metrics: Some(&self.metrics),
                 now: std::time::Instant::now(),
                 locals: &mut self.locals,

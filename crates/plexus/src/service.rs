@@ -364,6 +364,9 @@ pub struct Session<'a> {
     pub(crate) extras: &'a mut Option<Box<SessionExtras>>,
     pub(crate) drain_wanted: &'a mut bool,
     pub(crate) high_watermark: usize,
+    /// Bytes the socket took and has not written yet (an io_uring session's send): counted
+    /// with the queue by [`Session::is_backlogged`] and [`Session::queued`].
+    pub(crate) unsent: usize,
     pub(crate) metrics: Option<&'a Metrics>,
     /// The loop's clock for this callback.
     pub(crate) now: Instant,
@@ -574,7 +577,7 @@ impl Session<'_> {
     /// producing, call [`Session::notify_when_drained`], and go on in
     /// [`SessionHandler::on_drain`].
     pub fn is_backlogged(&self) -> bool {
-        self.outbound.len() > self.high_watermark
+        self.queued() > self.high_watermark
     }
 
     /// Asks for one [`SessionHandler::on_drain`] call once the outbound queue is down to the
@@ -765,9 +768,10 @@ impl Session<'_> {
         self.closing.get_or_insert(CloseReason::Requested);
     }
 
-    /// Bytes queued for the peer and not yet written.
+    /// Bytes queued for the peer and not yet written (with `backend = "io_uring"` this counts
+    /// the bytes of the send on the ring too).
     pub fn queued(&self) -> usize {
-        self.outbound.len()
+        self.outbound.len().saturating_add(self.unsent)
     }
 
     #[inline]

@@ -118,6 +118,12 @@ impl TcpSession {
 }
 
 impl TcpSession {
+    /// Bytes on their way to the peer that the watermarks count: the outbound queue and what
+    /// the socket took but has not written (an io_uring session's send).
+    pub(crate) fn queued(&self) -> usize {
+        self.outbound.len().saturating_add(self.stream.unsent())
+    }
+
     /// The session's admission ticket (`None` for an upstream session).
     pub(crate) fn ticket(&self) -> Option<&Ticket> {
         self.ticket.as_ref()
@@ -168,6 +174,7 @@ impl TcpSession {
             last_activity,
             ..
         } = self;
+        let unsent = stream.unsent();
         // Write-through needs the socket itself: plain TCP on epoll (an io_uring session's
         // bytes go through its ring, in order, from the queue).
         let direct = match (tls.is_none(), stream.mio()) {
@@ -194,6 +201,7 @@ impl TcpSession {
             extras,
             drain_wanted,
             high_watermark: context.limits.high_watermark,
+            unsent,
             metrics: context.metrics,
             now: context.now,
             locals: &mut *context.locals,

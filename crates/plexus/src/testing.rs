@@ -611,6 +611,7 @@ impl Harness {
             extras,
             drain_wanted,
             high_watermark: self.limits.high_watermark,
+            unsent: 0,
             metrics: None,
             now: self.now,
             locals: &mut self.locals,

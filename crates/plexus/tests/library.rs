@@ -289,3 +289,72 @@ fn loop_local_state_is_shared_by_the_sessions_of_one_loop_only() {
     handle.stop();
     running.join().unwrap().unwrap();
 }
+
+/// Sends [`UNSENT_PROBE`] bytes when a session opens, then answers every chunk with what
+/// `Session::queued` says.
+struct Bulk;
+struct BulkSession;
+
+/// One io_uring send's worth (its cap): more than a small socket buffer and a client that does
+/// not read can take.
+const UNSENT_PROBE: usize = 256 * 1024;
+
+impl Service for Bulk {
+    fn open(&self, session: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        session.send(&vec![b'x'; UNSENT_PROBE]);
+        Box::new(BulkSession)
+    }
+}
+
+impl SessionHandler for BulkSession {
+    fn on_data(&mut self, session: &mut Session<'_>, _: &[u8]) {
+        session.send(format!("\n{}\n", session.queued()).as_bytes());
+    }
+}
+
+/// Bytes the socket has taken but not written count as queued: on io_uring a session's send
+/// holds them in user space (up to 256 KiB per session) as the outbound queue would, so the
+/// watermarks and `Session::queued` must see them — on epoll they are the queue's.
+#[test]
+fn bytes_the_socket_has_not_written_yet_count_as_queued_on_both_backends() {
+    let text = "[server]\nevent_loops = 1\n[[listener]]\nname = \"bulk\"\ntransport = \"tcp\"\n\
+                addr = \"127.0.0.1:0\"\nservice = \"bulk\"\nsend_buffer = 16384\n";
+    let server = Server::builder(Config::parse(text, "test").unwrap())
+        .service("bulk", Bulk)
+        .build()
+        .unwrap();
+    let addr = server.local_addr("bulk").unwrap();
+    let handle = server.handle();
+    let running = thread::spawn(move || server.run());
+    let mut client = connect(addr);
+    // Not read yet: the server's small send buffer and the client's receive buffer hold far
+    // less than the probe, so most of it waits in the server.
+    thread::sleep(Duration::from_millis(200));
+    client.write_all(b"?").unwrap();
+    let mut everything = Vec::new();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    reader
+        .read_until(b'\n', &mut everything)
+        .expect("the probe and the first answer");
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    assert_eq!(
+        everything.len(),
+        UNSENT_PROBE + 1,
+        "the probe, then the answer"
+    );
+    let queued: usize = answer.trim().parse().unwrap();
+    assert!(
+        queued >= 64 * 1024,
+        "most of the probe was still in the server when the client spoke, yet queued() = {queued}"
+    );
+    // Everything read: nothing is on its way any more.
+    client.write_all(b"?").unwrap();
+    let mut blank = String::new();
+    reader.read_line(&mut blank).unwrap();
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    assert_eq!((blank.as_str(), answer.trim()), ("\n", "0"));
+    handle.stop();
+    running.join().unwrap().unwrap();
+}

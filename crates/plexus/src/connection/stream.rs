@@ -28,10 +28,12 @@ use crate::session_id::SessionId;
 /// Bytes received and not yet read past which the ring stops receiving for the session (the
 /// socket's own buffer, then TCP, hold the rest): one read's worth, like epoll's read buffer.
 const INBOX_HIGH: usize = 64 * 1024;
-/// Bytes one send takes before `write` returns `WouldBlock` (a socket buffer's worth; the
-/// outbound queue, and its watermarks, count the rest). One send is in flight at a time, and
-/// `write` takes nothing while it is: a turn moves up to this much per session.
-const SEND_CAP: usize = 1024 * 1024;
+/// Bytes one send takes before `write` returns `WouldBlock` (a quarter of the default high
+/// watermark: enough to keep a socket buffer full, and what bounds the user-space memory a
+/// session holds for the ring). One send is in flight at a time, and `write` takes nothing while it
+/// is: a turn moves up to this much per session. The watermarks count these bytes with the
+/// outbound queue ([`SessionStream::unsent`]).
+const SEND_CAP: usize = 256 * 1024;
 
 /// A stream session's socket.
 #[derive(Debug)]
@@ -62,6 +64,19 @@ impl SessionStream {
         match self {
             SessionStream::Epoll(_) => None,
             SessionStream::Uring(stream) => Some(stream),
+        }
+    }
+
+    /// Bytes accepted by `write` and not yet written (io_uring: the next send and the one in
+    /// flight; epoll: none, `write` hands them to the kernel). The watermarks count them with
+    /// the outbound queue: they are the session's memory as much as the queue is.
+    pub(crate) fn unsent(&self) -> usize {
+        match self {
+            SessionStream::Epoll(_) => 0,
+            SessionStream::Uring(stream) => stream
+                .next_send
+                .len()
+                .saturating_add(stream.in_flight_bytes),
         }
     }
 
@@ -185,6 +200,8 @@ pub(crate) struct UringStream {
     next_send: Vec<u8>,
     /// A send is in flight.
     in_flight: bool,
+    /// Its bytes.
+    in_flight_bytes: usize,
     /// A send failed: the next `write` reports it.
     write_error: Option<io::ErrorKind>,
     /// `sendfile` would block: ask the ring for a writable completion.
@@ -228,6 +245,7 @@ impl UringStream {
             receiving: true,
             next_send: Vec::new(),
             in_flight: false,
+            in_flight_bytes: 0,
             write_error: None,
             want_writable: false,
             leaving: Leaving::No,
@@ -293,6 +311,7 @@ impl UringStream {
     /// The send in flight completed.
     pub(crate) fn sent(&mut self, result: io::Result<usize>) {
         self.in_flight = false;
+        self.in_flight_bytes = 0;
         if let Err(err) = result {
             self.write_error.get_or_insert(err.kind());
         }
@@ -306,8 +325,12 @@ impl UringStream {
         }
         if !self.in_flight && !self.next_send.is_empty() {
             let data = std::mem::take(&mut self.next_send);
+            let len = data.len();
             match ring.send(self.conn, data) {
-                Ok(()) => self.in_flight = true,
+                Ok(()) => {
+                    self.in_flight = true;
+                    self.in_flight_bytes = len;
+                }
                 Err(data) => self.next_send = data,
             }
         }

@@ -270,7 +270,7 @@ impl EventLoop {
                         target.closing = Some(CloseReason::OutboundOverflow);
                     } else {
                         target.outbound.push_shared(data.freeze());
-                        if target.outbound.len() > high {
+                        if target.queued() > high {
                             if let Some(links) = links_of(&mut target.extras) {
                                 if !links.waiters.contains(&(key, from)) {
                                     links.waiters.push((key, from));
@@ -818,7 +818,8 @@ impl EventLoop {
         let Some(links) = links_of(extras) else {
             return true;
         };
-        let waiters = match !links.waiters.is_empty() && outbound.len() <= low {
+        let queued = outbound.len().saturating_add(stream.unsent());
+        let waiters = match !links.waiters.is_empty() && queued <= low {
             true => std::mem::take(&mut links.waiters),
             false => Vec::new(),
         };
