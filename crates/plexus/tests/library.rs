@@ -295,8 +295,8 @@ fn loop_local_state_is_shared_by_the_sessions_of_one_loop_only() {
 struct Bulk;
 struct BulkSession;
 
-/// One io_uring send's worth (its cap): more than a small socket buffer and a client that does
-/// not read can take.
+/// Taken whole by one io_uring send (at most 1 MiB), and more than a small socket buffer and a
+/// client that does not read can hold.
 const UNSENT_PROBE: usize = 256 * 1024;
 
 impl Service for Bulk {
@@ -313,7 +313,7 @@ impl SessionHandler for BulkSession {
 }
 
 /// Bytes the socket has taken but not written count as queued: on io_uring a session's send
-/// holds them in user space (up to 256 KiB per session) as the outbound queue would, so the
+/// holds them in user space (up to 1 MiB per session) as the outbound queue would, so the
 /// watermarks and `Session::queued` must see them — on epoll they are the queue's.
 #[test]
 fn bytes_the_socket_has_not_written_yet_count_as_queued_on_both_backends() {

@@ -28,12 +28,13 @@ use crate::session_id::SessionId;
 /// Bytes received and not yet read past which the ring stops receiving for the session (the
 /// socket's own buffer, then TCP, hold the rest): one read's worth, like epoll's read buffer.
 const INBOX_HIGH: usize = 64 * 1024;
-/// Bytes one send takes before `write` returns `WouldBlock` (a quarter of the default high
-/// watermark: enough to keep a socket buffer full, and what bounds the user-space memory a
-/// session holds for the ring). One send is in flight at a time, and `write` takes nothing while it
-/// is: a turn moves up to this much per session. The watermarks count these bytes with the
+/// Bytes one send takes before `write` returns `WouldBlock` (the default high watermark's
+/// worth; what bounds the user-space memory a session holds for the ring). One send is in
+/// flight at a time, and `write` takes nothing while it is: a turn moves up to this much per
+/// session — a quarter of it was measured too little for a member of a chat flood of one-byte
+/// lines to keep up (`chat::one_byte_lines_…`). The watermarks count these bytes with the
 /// outbound queue ([`SessionStream::unsent`]).
-const SEND_CAP: usize = 256 * 1024;
+const SEND_CAP: usize = 1024 * 1024;
 
 /// A stream session's socket.
 #[derive(Debug)]
