@@ -1587,8 +1587,9 @@ impl EventLoop {
             session.drain_due = true;
             self.ready.push(key);
         }
-        if !session.outbound.is_empty() || (!session.work.is_idle() && session.closing.is_none()) {
-            // Replies of blocking jobs still to come are part of what the peer is owed.
+        if session.queued() != 0 || (!session.work.is_idle() && session.closing.is_none()) {
+            // Replies of blocking jobs still to come are part of what the peer is owed, and a
+            // wanted drain is due only once the bytes of an io_uring send are written too.
             return;
         }
         // The peer's end (FIN or close_notify) waits for what the handler still holds back for
