@@ -358,3 +358,89 @@ fn bytes_the_socket_has_not_written_yet_count_as_queued_on_both_backends() {
     handle.stop();
     running.join().unwrap().unwrap();
 }
+
+/// `hold` keeps the loop busy for a while (so that the next messages arrive together), `fast`
+/// is answered at once, `slow` after a while of work; each answer is `ok`. Counts the `slow`
+/// callbacks that finished.
+struct Stall {
+    slow_done: Arc<AtomicU64>,
+}
+struct StallSession {
+    slow_done: Arc<AtomicU64>,
+}
+
+impl Service for Stall {
+    fn open(&self, _: &mut Session<'_>) -> Box<dyn SessionHandler> {
+        Box::new(StallSession {
+            slow_done: Arc::clone(&self.slow_done),
+        })
+    }
+}
+
+impl SessionHandler for StallSession {
+    fn on_data(&mut self, session: &mut Session<'_>, data: &[u8]) {
+        match data {
+            b"hold" => thread::sleep(Duration::from_millis(300)),
+            b"slow" => {
+                thread::sleep(Duration::from_millis(100));
+                self.slow_done.fetch_add(1, Ordering::SeqCst);
+                session.send(b"ok");
+            }
+            _ => session.send(b"ok"),
+        }
+    }
+}
+
+/// A turn of expensive callbacks does not hold back the replies of the sessions it served
+/// first: on io_uring, where a turn's sends go to the kernel with the loop's next wait, the
+/// loop submits them once it has been busy for a while (TLS handshakes: 16 at ~200 µs each
+/// would delay the first reply by the whole batch, and the clients idle meanwhile). The first
+/// client's reply arrives while later sessions of the same batch are still being served.
+#[test]
+fn replies_go_out_while_the_loop_is_still_busy_with_the_rest_of_its_batch() {
+    let slow_done = Arc::new(AtomicU64::new(0));
+    let text = "[server]\nevent_loops = 1\n[[listener]]\nname = \"stall\"\ntransport = \"tcp\"\n\
+                addr = \"127.0.0.1:0\"\nservice = \"stall\"\n";
+    let server = Server::builder(Config::parse(text, "test").unwrap())
+        .service(
+            "stall",
+            Stall {
+                slow_done: Arc::clone(&slow_done),
+            },
+        )
+        .build()
+        .unwrap();
+    let addr = server.local_addr("stall").unwrap();
+    let handle = server.handle();
+    let running = thread::spawn(move || server.run());
+    let mut holder = connect(addr);
+    let mut fast = connect(addr);
+    let mut slow: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
+    // Every session open (answered once) before the batch is made.
+    for client in std::iter::once(&mut fast).chain(slow.iter_mut()) {
+        client.write_all(b"ping").unwrap();
+        let mut ok = [0u8; 2];
+        client.read_exact(&mut ok).unwrap();
+    }
+    // While the loop holds, the fast message and then the slow ones arrive: one batch.
+    holder.write_all(b"hold").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    fast.write_all(b"fast").unwrap();
+    for client in &mut slow {
+        thread::sleep(Duration::from_millis(5));
+        client.write_all(b"slow").unwrap();
+    }
+    let mut ok = [0u8; 2];
+    fast.read_exact(&mut ok).unwrap();
+    let finished = slow_done.load(Ordering::SeqCst);
+    assert!(
+        finished < 4,
+        "the fast reply came only after the loop had served the whole batch ({finished} of 4 \
+         slow callbacks done)"
+    );
+    for client in &mut slow {
+        client.read_exact(&mut ok).unwrap();
+    }
+    handle.stop();
+    running.join().unwrap().unwrap();
+}

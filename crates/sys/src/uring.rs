@@ -639,6 +639,21 @@ impl Ring {
         self.conns.iter().filter(|conn| conn.is_some()).count()
     }
 
+    /// Submits what was queued without waiting for anything (no system call when nothing
+    /// is queued): a user busy for a while gets its sends going before its next wait.
+    pub fn submit(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() && self.backlog.is_empty() {
+            return Ok(());
+        }
+        match self.ring.submit() {
+            Ok(_) => {}
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(err) => return Err(err),
+        }
+        self.push_backlog();
+        Ok(())
+    }
+
     /// Submits what was queued and waits for at least one completion, at most `timeout`
     /// (`None`: no limit, zero: no wait).
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
