@@ -47,19 +47,28 @@ fn connect(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
-/// A server of `Count` on [`config`] without extras, running on its own thread.
-fn start_counting() -> (
+/// A running server: the address of its listener, its handle, its thread.
+type Running = (
     std::net::SocketAddr,
     plexus::ServerHandle,
     thread::JoinHandle<Result<(), plexus::Error>>,
-) {
-    let server = Server::builder(config(""))
-        .service("count", Count)
+);
+
+/// A server of `config` with `service` registered as `name` (also the listener's name),
+/// running on its own thread.
+fn start(config: Config, name: &str, service: impl Service) -> Running {
+    let server = Server::builder(config)
+        .service(name, service)
         .build()
         .unwrap();
-    let addr = server.local_addr("count").unwrap();
+    let addr = server.local_addr(name).unwrap();
     let handle = server.handle();
     (addr, handle, thread::spawn(move || server.run()))
+}
+
+/// A server of `Count` on [`config`] without extras, running on its own thread.
+fn start_counting() -> Running {
+    start(config(""), "count", Count)
 }
 
 #[test]
@@ -90,13 +99,8 @@ fn custom_service_serves_and_stops_through_its_handle() {
 
 #[test]
 fn refusals_are_counted_by_reason() {
-    let server = Server::builder(config("max_connections = 1\n[acl]\ndeny = [\"127.0.0.9\"]"))
-        .service("count", Count)
-        .build()
-        .unwrap();
-    let addr = server.local_addr("count").unwrap();
-    let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    let limits = config("max_connections = 1\n[acl]\ndeny = [\"127.0.0.9\"]");
+    let (addr, handle, running) = start(limits, "count", Count);
 
     let mut first = connect(addr);
     first.write_all(b"abc").unwrap();
@@ -221,20 +225,12 @@ impl SessionHandler for PerLoopSession {
 fn loop_local_state_is_shared_by_the_sessions_of_one_loop_only() {
     let text = "[server]\nevent_loops = 2\n[[listener]]\nname = \"count\"\ntransport = \"tcp\"\n\
                 addr = \"127.0.0.1:0\"\nservice = \"count\"\n";
-    let server = Server::builder(Config::parse(text, "test").unwrap())
-        .service(
-            "count",
-            PerLoop {
-                total: plexus::LoopLocal::new(),
-                tag: plexus::LoopLocal::new(),
-                tags: Arc::new(AtomicU64::new(0)),
-            },
-        )
-        .build()
-        .unwrap();
-    let addr = server.local_addr("count").unwrap();
-    let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    let per_loop = PerLoop {
+        total: plexus::LoopLocal::new(),
+        tag: plexus::LoopLocal::new(),
+        tags: Arc::new(AtomicU64::new(0)),
+    };
+    let (addr, handle, running) = start(Config::parse(text, "test").unwrap(), "count", per_loop);
     struct Member {
         stream: TcpStream,
         reader: BufReader<TcpStream>,
@@ -319,13 +315,7 @@ impl SessionHandler for BulkSession {
 fn bytes_the_socket_has_not_written_yet_count_as_queued_on_both_backends() {
     let text = "[server]\nevent_loops = 1\n[[listener]]\nname = \"bulk\"\ntransport = \"tcp\"\n\
                 addr = \"127.0.0.1:0\"\nservice = \"bulk\"\nsend_buffer = 16384\n";
-    let server = Server::builder(Config::parse(text, "test").unwrap())
-        .service("bulk", Bulk)
-        .build()
-        .unwrap();
-    let addr = server.local_addr("bulk").unwrap();
-    let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    let (addr, handle, running) = start(Config::parse(text, "test").unwrap(), "bulk", Bulk);
     let mut client = connect(addr);
     // Not read yet: the server's small send buffer and the client's receive buffer hold far
     // less than the probe, so most of it waits in the server.
@@ -401,18 +391,10 @@ fn replies_go_out_while_the_loop_is_still_busy_with_the_rest_of_its_batch() {
     let slow_done = Arc::new(AtomicU64::new(0));
     let text = "[server]\nevent_loops = 1\n[[listener]]\nname = \"stall\"\ntransport = \"tcp\"\n\
                 addr = \"127.0.0.1:0\"\nservice = \"stall\"\n";
-    let server = Server::builder(Config::parse(text, "test").unwrap())
-        .service(
-            "stall",
-            Stall {
-                slow_done: Arc::clone(&slow_done),
-            },
-        )
-        .build()
-        .unwrap();
-    let addr = server.local_addr("stall").unwrap();
-    let handle = server.handle();
-    let running = thread::spawn(move || server.run());
+    let stall = Stall {
+        slow_done: Arc::clone(&slow_done),
+    };
+    let (addr, handle, running) = start(Config::parse(text, "test").unwrap(), "stall", stall);
     let mut holder = connect(addr);
     let mut fast = connect(addr);
     let mut slow: Vec<TcpStream> = (0..4).map(|_| connect(addr)).collect();
