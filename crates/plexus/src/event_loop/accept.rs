@@ -188,7 +188,10 @@ impl EventLoop {
             return Ok(());
         }
         if self.listening.on_ring {
-            // Armed on the ring before the loop waits next.
+            // Armed on the ring before the loop waits next; the multishot accept takes what
+            // waits already (no `accept(2)` round for it).
+            let mut listener = listener;
+            listener.ready = false;
             self.listening.listeners.push(listener);
             self.listening.unarmed = true;
             return Ok(());
