@@ -86,7 +86,7 @@ impl SessionStream {
     pub(crate) fn sending(&self) -> bool {
         match self {
             SessionStream::Epoll(_) => false,
-            SessionStream::Uring(stream) => stream.in_flight || !stream.next_send.is_empty(),
+            SessionStream::Uring(stream) => stream.in_flight() || !stream.next_send.is_empty(),
         }
     }
 
@@ -157,7 +157,7 @@ impl FileSink for SessionStream {
             SessionStream::Epoll(stream) => stream.send_file(file, offset, len),
             SessionStream::Uring(stream) => {
                 // Bytes accepted before the file go first: wait for them.
-                if stream.in_flight || !stream.next_send.is_empty() {
+                if stream.in_flight() || !stream.next_send.is_empty() {
                     return Err(io::ErrorKind::WouldBlock.into());
                 }
                 // The ring has nothing in flight to write: the kernel copies the file now.
@@ -199,9 +199,8 @@ pub(crate) struct UringStream {
     receiving: bool,
     /// Accepted by `write`, handed to the ring by the next `sync`.
     next_send: Vec<u8>,
-    /// A send is in flight.
-    in_flight: bool,
-    /// Its bytes.
+    /// The bytes of the send in flight (the ring holds them until it completes; 0: none is,
+    /// as a send is never empty).
     in_flight_bytes: usize,
     /// A send failed: the next `write` reports it.
     write_error: Option<io::ErrorKind>,
@@ -245,7 +244,6 @@ impl UringStream {
             read_end: None,
             receiving: true,
             next_send: Vec::new(),
-            in_flight: false,
             in_flight_bytes: 0,
             write_error: None,
             want_writable: false,
@@ -254,6 +252,11 @@ impl UringStream {
             splice_peer: None,
             notified: false,
         })
+    }
+
+    /// Whether a send is in flight.
+    fn in_flight(&self) -> bool {
+        self.in_flight_bytes > 0
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -282,7 +285,7 @@ impl UringStream {
         }
         let mut room = SEND_CAP.saturating_sub(self.next_send.len());
         // A session leaving the ring takes nothing more: the outbound queue keeps it for epoll.
-        if room == 0 || self.in_flight || !matches!(self.leaving, Leaving::No) {
+        if room == 0 || self.in_flight() || !matches!(self.leaving, Leaving::No) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let mut taken = 0usize;
@@ -311,7 +314,6 @@ impl UringStream {
 
     /// The send in flight completed.
     pub(crate) fn sent(&mut self, result: io::Result<usize>) {
-        self.in_flight = false;
         self.in_flight_bytes = 0;
         if let Err(err) = result {
             self.write_error.get_or_insert(err.kind());
@@ -324,14 +326,11 @@ impl UringStream {
         if matches!(self.leaving, Leaving::Detaching | Leaving::Detached) {
             return;
         }
-        if !self.in_flight && !self.next_send.is_empty() {
+        if !self.in_flight() && !self.next_send.is_empty() {
             let data = std::mem::take(&mut self.next_send);
             let len = data.len();
             match ring.send(self.conn, data) {
-                Ok(()) => {
-                    self.in_flight = true;
-                    self.in_flight_bytes = len;
-                }
+                Ok(()) => self.in_flight_bytes = len,
                 Err(data) => self.next_send = data,
             }
         }
@@ -344,7 +343,7 @@ impl UringStream {
                 self.receiving = false;
                 ring.stop_recv(self.conn);
             }
-            if !self.in_flight && self.next_send.is_empty() && !self.want_writable {
+            if !self.in_flight() && self.next_send.is_empty() && !self.want_writable {
                 self.leaving = match ring.detach(self.conn) {
                     Some(_ring_reference) => Leaving::Detached,
                     None => Leaving::Detaching,
@@ -363,14 +362,15 @@ impl UringStream {
     }
 
     /// Ends the session's use of the ring: a last send of what was accepted (best effort, as
-    /// a non-blocking write would be), then every operation cancelled; the ring closes its
-    /// descriptor once their completions arrived.
+    /// a non-blocking write would be), then every operation cancelled; the ring drops its
+    /// reference to the descriptor once their completions arrived (the descriptor closes when
+    /// this stream's goes too).
     pub(crate) fn retire(&mut self, ring: &mut Ring) {
         if matches!(self.leaving, Leaving::Detached) {
             // The ring let go of the socket (its ConnId may be another socket's by now).
             return;
         }
-        if !self.in_flight && !self.next_send.is_empty() {
+        if !self.in_flight() && !self.next_send.is_empty() {
             let _ = ring.send(self.conn, std::mem::take(&mut self.next_send));
         }
         ring.retire(self.conn);
