@@ -25,6 +25,8 @@ use crate::tls::TlsContext;
 mod upgrade_flow;
 
 const WAKER: Token = Token(usize::MAX);
+/// How long a reload waits for room in a loop's command queue to tell it of a listener's change.
+const LISTENER_CHANGE_PATIENCE: Duration = Duration::from_secs(2);
 const SIGNALS: Token = Token(usize::MAX - 1);
 /// The readiness channel of a binary upgrade (either side).
 const UPGRADE: Token = Token(usize::MAX - 2);
@@ -707,12 +709,21 @@ impl Acceptor {
         });
     }
 
+    /// Sends a listener's change to every loop, waiting up to [`LISTENER_CHANGE_PATIENCE`]
+    /// for room in a loop's command queue: a loop that missed it would keep the old settings,
+    /// or go on accepting on a removed listener, until the next reload.
     fn send_to_loops(&self, listener: &str, command: impl Fn() -> Command) {
         for (index, handle) in self.loops.iter().enumerate() {
-            if handle.send(command()).is_err() {
+            if handle
+                .send_within(command(), LISTENER_CHANGE_PATIENCE)
+                .is_err()
+            {
                 warn!(
                     event_loop = index,
-                    listener, "reload: event loop did not take the listener's change (queue full)"
+                    listener,
+                    "reload: event loop did not take the listener's change (queue full for {}, \
+                     or the loop is gone); it keeps the old one until the next reload",
+                    humantime::format_duration(LISTENER_CHANGE_PATIENCE)
                 );
             }
         }

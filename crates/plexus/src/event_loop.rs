@@ -169,6 +169,22 @@ impl LoopHandle {
         }
     }
 
+    /// Like [`LoopHandle::send`], but waits up to `patience` while the queue is full (never
+    /// call it on a loop thread): a loop takes its commands every turn, so a full queue is
+    /// a burst, not a state. Fails when the queue stayed full that long or the loop is gone.
+    pub(crate) fn send_within(&self, command: Command, patience: Duration) -> Result<(), Command> {
+        match self.commands.send_timeout(command, patience) {
+            Ok(()) => {
+                let _ = self.waker.wake();
+                Ok(())
+            }
+            Err(
+                crossbeam_channel::SendTimeoutError::Timeout(command)
+                | crossbeam_channel::SendTimeoutError::Disconnected(command),
+            ) => Err(command),
+        }
+    }
+
     /// Like [`LoopHandle::send`], but waits while the queue is full (never call it on a loop
     /// thread). Fails only when the loop is gone.
     pub(crate) fn send_waiting(&self, command: Command) -> Result<(), Command> {

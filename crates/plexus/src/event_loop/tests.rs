@@ -613,3 +613,28 @@ fn drain_takes_the_queue(backend: Backend) {
     let thread = running.thread.take().unwrap();
     thread.join().expect("loop thread panicked").unwrap();
 }
+
+/// A command that finds the loop's queue full waits for room within its patience (a reload's
+/// listener change), and fails once the patience is over.
+#[test]
+fn a_command_waits_for_room_in_a_full_queue_within_its_patience() {
+    let (event_loop, handle) = EventLoop::new(0, 1, limits(Duration::from_secs(60)), 64).unwrap();
+    while handle.send(Command::Stop).is_ok() {}
+    assert!(
+        handle
+            .send_within(Command::Stop, Duration::from_millis(20))
+            .is_err(),
+        "the queue stays full: the patience runs out"
+    );
+    let drainer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        let taken = event_loop.commands.try_recv().is_ok();
+        (taken, event_loop)
+    });
+    assert!(
+        handle.send_within(Command::Stop, WAIT).is_ok(),
+        "room was made while it waited"
+    );
+    let (taken, _event_loop) = drainer.join().unwrap();
+    assert!(taken);
+}
