@@ -424,7 +424,7 @@ impl Acceptor {
             if let Some(position) = self.listeners.iter().position(|l| &*l.info.name == name) {
                 let listener = self.listeners.remove(position);
                 let index = listener.info.index;
-                self.send_to_loops(name, || Command::Unlisten(index));
+                send_to_loops(&self.loops, name, || Command::Unlisten(index));
                 self.admission.metrics().facts.remove_listener(name);
                 info!(
                     "reload: listener '{name}' removed (addr {}); its sessions stay until they end",
@@ -558,8 +558,7 @@ impl Acceptor {
         if listener.tls.is_some() {
             listener.tls = tls;
         }
-        let listener = listener.clone();
-        self.send_listener(&listener);
+        send_listener(&self.loops, listener);
     }
 
     /// A kept listener whose `upstream` (or its TLS keys) changed gets its service built again (forward
@@ -576,8 +575,7 @@ impl Acceptor {
         match service {
             Ok(service) => {
                 listener.service = service;
-                let listener = listener.clone();
-                self.send_listener(&listener);
+                send_listener(&self.loops, listener);
             }
             Err(err) => error!(
                 "reload: listener '{}': {err}; keeping its previous service",
@@ -602,7 +600,7 @@ impl Acceptor {
         let tls = self.tls_config_for(new)?;
         let index = self.next_listener_index;
         let listener = listen::bind(index, new, service, tls, None)?;
-        self.send_listener(&listener);
+        send_listener(&self.loops, &listener);
         self.next_listener_index = self.next_listener_index.saturating_add(1);
         self.admission
             .metrics()
@@ -701,31 +699,32 @@ impl Acceptor {
     fn close_listeners(&mut self) {
         self.listeners.clear();
     }
+}
 
-    /// Tells every loop to accept on `listener` (a new one, or new settings of a kept one).
-    fn send_listener(&self, listener: &BoundListener) {
-        self.send_to_loops(&listener.info.name, || {
-            Command::Listen(Box::new(listener.clone()))
-        });
-    }
+/// Tells every loop to accept on `listener` (a new one, or new settings of a kept one).
+/// Free of the acceptor, so that a listener of its table can be sent as it is.
+fn send_listener(loops: &[LoopHandle], listener: &BoundListener) {
+    send_to_loops(loops, &listener.info.name, || {
+        Command::Listen(Box::new(listener.clone()))
+    });
+}
 
-    /// Sends a listener's change to every loop, waiting up to [`LISTENER_CHANGE_PATIENCE`]
-    /// for room in a loop's command queue: a loop that missed it would keep the old settings,
-    /// or go on accepting on a removed listener, until the next reload.
-    fn send_to_loops(&self, listener: &str, command: impl Fn() -> Command) {
-        for (index, handle) in self.loops.iter().enumerate() {
-            if handle
-                .send_within(command(), LISTENER_CHANGE_PATIENCE)
-                .is_err()
-            {
-                warn!(
-                    event_loop = index,
-                    listener,
-                    "reload: event loop did not take the listener's change (queue full for {}, \
-                     or the loop is gone); it keeps the old one until the next reload",
-                    humantime::format_duration(LISTENER_CHANGE_PATIENCE)
-                );
-            }
+/// Sends a listener's change to every loop, waiting up to [`LISTENER_CHANGE_PATIENCE`] for
+/// room in a loop's command queue: a loop that missed it would keep the old settings, or go on
+/// accepting on a removed listener, until the next reload.
+fn send_to_loops(loops: &[LoopHandle], listener: &str, command: impl Fn() -> Command) {
+    for (index, handle) in loops.iter().enumerate() {
+        if handle
+            .send_within(command(), LISTENER_CHANGE_PATIENCE)
+            .is_err()
+        {
+            warn!(
+                event_loop = index,
+                listener,
+                "reload: event loop did not take the listener's change (queue full for {}, or \
+                 the loop is gone); it keeps the old one until the next reload",
+                humantime::format_duration(LISTENER_CHANGE_PATIENCE)
+            );
         }
     }
 }

@@ -177,19 +177,24 @@ mod tests {
         admission.metrics()
     }
 
+    /// The gate of a plain listener (no TLS, no PROXY trust) with `acl`.
+    fn gate<'a>(admission: &'a Arc<Admission>, acl: &'a Acl, info: &'a ListenerInfo) -> Gate<'a> {
+        Gate {
+            admission,
+            acl,
+            proxy_trusted: None,
+            tls: false,
+            listener: info,
+        }
+    }
+
     #[test]
     fn the_acls_admit_and_refuse_and_both_counters_see_it() {
         let global = Acl::new(Vec::new(), vec![net("10.0.0.9/32")]);
         let admission = admission(global, 100, 0, 8, 8);
         let acl = Acl::new(vec![net("10.0.0.0/24")], Vec::new());
         let info = listener();
-        let gate = Gate {
-            admission: &admission,
-            acl: &acl,
-            proxy_trusted: None,
-            tls: false,
-            listener: &info,
-        };
+        let gate = gate(&admission, &acl, &info);
         let log = RefusalLog::new();
         let now = Instant::now();
         let admitted = gate.admit(addr("10.0.0.1:5000"), now, &log).unwrap();
@@ -216,13 +221,7 @@ mod tests {
         let admission = admission(Acl::default(), 3, 2, 8, 8);
         let acl = Acl::default();
         let info = listener();
-        let gate = Gate {
-            admission: &admission,
-            acl: &acl,
-            proxy_trusted: None,
-            tls: false,
-            listener: &info,
-        };
+        let gate = gate(&admission, &acl, &info);
         let log = RefusalLog::new();
         let now = Instant::now();
         let a1 = gate.admit(addr("127.0.0.1:1"), now, &log).unwrap();
@@ -256,11 +255,8 @@ mod tests {
         let acl = Acl::default();
         let info = listener();
         let gate = Gate {
-            admission: &admission,
-            acl: &acl,
-            proxy_trusted: None,
             tls: true,
-            listener: &info,
+            ..gate(&admission, &acl, &info)
         };
         let log = RefusalLog::new();
         let now = Instant::now();
@@ -307,11 +303,8 @@ mod tests {
         let trusted = Acl::new(vec![net("192.0.2.1/32")], Vec::new());
         let info = listener();
         let gate = Gate {
-            admission: &admission,
-            acl: &acl,
             proxy_trusted: Some(&trusted),
-            tls: false,
-            listener: &info,
+            ..gate(&admission, &acl, &info)
         };
         let log = RefusalLog::new();
         let now = Instant::now();

@@ -109,6 +109,16 @@ fn accepting(max_connections: usize) -> Accepting {
 }
 
 impl Accepting {
+    /// `count` clients whose connections wait in the listener's accept queue.
+    fn queued_clients(&self, count: usize) -> Vec<StdStream> {
+        let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
+        let clients = (0..count)
+            .map(|_| StdStream::connect(self.addr).expect("connect"))
+            .collect();
+        wait_for_backlog(&mut tcp, self.addr, count);
+        clients
+    }
+
     fn accept_ready(&mut self, now: Instant) {
         let admitted = &mut self.admitted;
         let mut adopt = |new: NewSession| {
@@ -206,11 +216,7 @@ fn an_admitted_connection_is_handed_on_with_its_ticket_its_identity_and_its_opti
 #[test]
 fn the_backlog_sweep_takes_every_waiting_connection_without_an_edge() {
     let mut accepting = accepting(100);
-    let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
-    let mut clients: Vec<StdStream> = (0..40)
-        .map(|_| StdStream::connect(accepting.addr).expect("connect"))
-        .collect();
-    wait_for_backlog(&mut tcp, accepting.addr, 40);
+    let mut clients = accepting.queued_clients(40);
     accepting.listeners[0].ready = false;
     let admitted = &mut accepting.admitted;
     let mut adopt = |new: NewSession| {
@@ -239,11 +245,7 @@ fn the_backlog_sweep_takes_every_waiting_connection_without_an_edge() {
 #[test]
 fn a_turn_takes_at_most_its_budget_and_the_listener_stays_ready_for_the_next() {
     let mut accepting = accepting(100);
-    let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
-    let _clients: Vec<StdStream> = (0..BUDGET + 3)
-        .map(|_| StdStream::connect(accepting.addr).expect("connect"))
-        .collect();
-    wait_for_backlog(&mut tcp, accepting.addr, BUDGET + 3);
+    let _clients = accepting.queued_clients(BUDGET + 3);
     accepting.accept_ready(Instant::now());
     assert_eq!(accepting.admitted.len(), BUDGET);
     assert!(
@@ -274,11 +276,7 @@ fn a_refused_connection_is_closed_at_once_and_counted_per_listener() {
 #[test]
 fn an_adoption_that_runs_out_of_descriptors_sheds_the_queue_and_pauses() {
     let mut accepting = accepting(100);
-    let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
-    let mut clients: Vec<StdStream> = (0..4)
-        .map(|_| StdStream::connect(accepting.addr).expect("connect"))
-        .collect();
-    wait_for_backlog(&mut tcp, accepting.addr, 4);
+    let mut clients = accepting.queued_clients(4);
     let mut attempts = 0;
     let mut adopt = |_: NewSession| {
         attempts += 1;
@@ -315,9 +313,7 @@ fn an_adoption_that_runs_out_of_descriptors_sheds_the_queue_and_pauses() {
 #[test]
 fn an_adoption_that_fails_otherwise_pauses_accepting() {
     let mut accepting = accepting(100);
-    let _client = StdStream::connect(accepting.addr).expect("connect");
-    let mut tcp = File::open("/proc/net/tcp").expect("open /proc/net/tcp");
-    wait_for_backlog(&mut tcp, accepting.addr, 1);
+    let _client = accepting.queued_clients(1);
     let mut adopt = |_: NewSession| Err(io::Error::from_raw_os_error(12 /* ENOMEM */));
     let now = Instant::now();
     accepting

@@ -110,6 +110,15 @@ pub(super) enum FromRing {
     Ended(usize, Option<io::Error>),
 }
 
+impl FromRing {
+    /// The index of the listener it concerns.
+    fn listener(&self) -> usize {
+        match self {
+            FromRing::Accepted(index, _) | FromRing::Ended(index, _) => *index,
+        }
+    }
+}
+
 impl LoopListeners {
     /// When the loop should look at its listeners again: now when one has connections waiting
     /// (unless accepting is paused: then when the pause ends), never when none has.
@@ -254,7 +263,7 @@ impl EventLoop {
     /// and what the ring accepted.
     pub(super) fn accept_turn(&mut self, now: Instant) {
         if !self.listening.from_ring.is_empty() {
-            self.take_from_ring(now);
+            self.take_from_ring(now, true);
         }
         if !self.listening.listeners.iter().any(|l| l.ready) {
             return;
@@ -269,15 +278,16 @@ impl EventLoop {
         self.listening = listening;
     }
 
-    /// Admits and adopts the connections the ring accepted, and re-arms or pauses for the
-    /// accepts that ended. Connections of a listener this loop let go of are closed.
-    fn take_from_ring(&mut self, now: Instant) {
+    /// Admits and adopts the connections the ring accepted (passed on to a less loaded loop
+    /// by the usual rule with `pass_on`; not during a drain, where that loop may be gone
+    /// before it takes them), and re-arms or pauses for the accepts that ended. Connections of
+    /// a listener this loop let go of are closed.
+    fn take_from_ring(&mut self, now: Instant, pass_on: bool) {
         let mut listening = std::mem::take(&mut self.listening);
         let mut events = std::mem::take(&mut listening.from_ring);
         let mut paused = false;
         for event in events.drain(..) {
-            let (FromRing::Accepted(index, _) | FromRing::Ended(index, _)) = &event;
-            let index = *index;
+            let index = event.listener();
             let listeners = listening.listeners.iter_mut();
             let (Some(listener), Some(intake)) = (
                 listeners.into_iter().find(|l| l.info.index == index),
@@ -294,7 +304,10 @@ impl EventLoop {
             let going_on = match event {
                 FromRing::Accepted(_, fd) => {
                     let stream = TcpStream::from_std(std::net::TcpStream::from(fd));
-                    let mut adopt = |new: NewSession| self.adopt_or_pass_on(new, now);
+                    let mut adopt = |new: NewSession| match pass_on {
+                        true => self.adopt_or_pass_on(new, now),
+                        false => self.adopt(new, now),
+                    };
                     intake.take_accepted(listener, stream, now, &mut adopt)
                 }
                 FromRing::Ended(_, error) => {
@@ -316,7 +329,7 @@ impl EventLoop {
     /// their queues, so those connections are drained like the others instead of reset.
     pub(super) fn stop_listening(&mut self, now: Instant, sweep: bool) {
         if sweep && !self.listening.from_ring.is_empty() {
-            self.take_from_ring(now);
+            self.take_from_ring(now, false);
         }
         let mut listening = std::mem::take(&mut self.listening);
         if let (true, Some(intake)) = (sweep, listening.intake.as_mut()) {

@@ -301,6 +301,16 @@ fn read_exactly(client: &mut StdStream, want: usize) -> Vec<u8> {
     got
 }
 
+/// A client of the loop's listener at `addr` whose session answered (the recording service
+/// echoes): accepted, admitted and adopted.
+fn served_client(addr: std::net::SocketAddr) -> StdStream {
+    let mut client = StdStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.write_all(b"ping").unwrap();
+    assert_eq!(read_exactly(&mut client, 4), b"ping");
+    client
+}
+
 fn read_to_eof(client: &mut StdStream) -> Vec<u8> {
     let mut rest = Vec::new();
     client.read_to_end(&mut rest).expect("EOF from the loop");
@@ -503,10 +513,7 @@ fn a_ring_loop_accepts_without_registering_the_listener_with_epoll() {
         let (running, listener) = Running::listening_with(backend, |event_loop, _, _| {
             epoll = Some(event_loop.poll.as_raw_fd());
         });
-        let mut client = StdStream::connect(listener.local).unwrap();
-        client.set_read_timeout(Some(WAIT)).unwrap();
-        client.write_all(b"ping").unwrap();
-        assert_eq!(read_exactly(&mut client, 4), b"ping");
+        let _client = served_client(listener.local);
         let registered = epoll_targets(epoll.unwrap()).contains(&listener.socket.as_raw_fd());
         assert_eq!(registered, backend == Backend::Epoll, "{backend:?}");
         running.stop().unwrap();
@@ -520,10 +527,7 @@ fn an_unlistened_listener_closes_once_its_shares_are_gone_on_both_backends() {
     for backend in [Backend::Epoll, Backend::IoUring] {
         let (running, listener) = Running::listening(backend, |_, _| {});
         let addr = listener.local;
-        let mut client = StdStream::connect(addr).unwrap();
-        client.set_read_timeout(Some(WAIT)).unwrap();
-        client.write_all(b"ping").unwrap();
-        assert_eq!(read_exactly(&mut client, 4), b"ping");
+        let mut client = served_client(addr);
         assert!(running.handle.send(Command::Unlisten(0)).is_ok());
         drop(listener);
         let deadline = Instant::now() + WAIT;
@@ -545,11 +549,7 @@ fn connections_become_sessions(backend: Backend) {
     let (running, listener) = Running::listening(backend, |_, _| {});
     let mut clients = Vec::new();
     for _ in 0..3 {
-        let mut client = StdStream::connect(listener.local).unwrap();
-        client.set_read_timeout(Some(WAIT)).unwrap();
-        client.write_all(b"ping").unwrap();
-        assert_eq!(read_exactly(&mut client, 4), b"ping");
-        clients.push(client);
+        clients.push(served_client(listener.local));
     }
     let mut opened: Vec<Seen> = (0..3)
         .map(|_| running.take(|seen| matches!(seen, Seen::Opened(_))))
